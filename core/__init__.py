@@ -1,0 +1,1 @@
+"""mmcurate core: pure algorithms and I/O for multimodal data curation. Never imports flytekit."""
