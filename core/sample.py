@@ -66,6 +66,7 @@ class Sample:
     source: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     image_bytes: list[bytes] = field(default_factory=list, repr=False, compare=False)
+    shard: str = field(default="", compare=False)  # name of the shard it was read from (not exported)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
