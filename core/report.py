@@ -1,0 +1,70 @@
+"""Small HTML building blocks for Flyte Decks and standalone reports (matplotlib figures, tables, images).
+
+Flyte-free: tasks pass the returned HTML strings to `flytekit.Deck`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def figure_html(fig: Any, title: str = "", dpi: int = 90) -> str:
+    """Render a matplotlib figure to an inline base64 PNG <img> and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    head = f"<h3>{html.escape(title)}</h3>" if title else ""
+    return f'{head}<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def new_figure(width: float = 6.0, height: float = 3.5) -> tuple[Any, Any]:
+    """A (fig, ax) pair on the non-interactive Agg backend (safe on headless workers)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def image_html(data: bytes, max_px: int = 160, caption: str = "") -> str:
+    """An encoded image (any PIL-readable bytes) as an inline thumbnail with an optional caption."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        im.thumbnail((max_px, max_px))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+        tag = f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+    except Exception as e:  # a thumbnail must never sink a report; say why it is missing
+        tag = f"<i>[image not renderable: {html.escape(type(e).__name__)}]</i>"
+    cap = f"<br/><small>{html.escape(caption)}</small>" if caption else ""
+    return f'<div style="display:inline-block;margin:4px;vertical-align:top">{tag}{cap}</div>'
+
+
+def table_html(rows: Sequence[Mapping[str, Any]] | Any, title: str = "", max_rows: int = 200) -> str:
+    """A list of dicts or a pandas DataFrame as an HTML table (escaped, truncated to max_rows)."""
+    import pandas as pd
+
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    head = f"<h3>{html.escape(title)}</h3>" if title else ""
+    more = f"<p><i>{len(df) - max_rows} more rows not shown</i></p>" if len(df) > max_rows else ""
+    return head + df.head(max_rows).to_html(index=False, escape=True, float_format=lambda x: f"{x:.4g}") + more
+
+
+def text_html(text: str, title: str = "") -> str:
+    """Preformatted, escaped text block (sample conversations, logs)."""
+    head = f"<h4>{html.escape(title)}</h4>" if title else ""
+    return f'{head}<pre style="white-space:pre-wrap;max-width:900px">{html.escape(text)}</pre>'
+
+
+def page(*parts: str) -> str:
+    """Join report parts into one HTML fragment."""
+    return "\n".join(parts)
