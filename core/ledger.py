@@ -53,6 +53,7 @@ class LedgerWriter:
         self._writer: pq.ParquetWriter | None = None
         self.counts: dict[str, int] = {d: 0 for d in DECISIONS}
         self.reasons: dict[str, int] = {}
+        self.decided: set[str] = set()  # one decision per sample and step: enforced here
 
     def add(
         self,
@@ -68,10 +69,14 @@ class LedgerWriter:
             raise ValueError(f"decision {decision!r} not in {DECISIONS}")
         if decision in ("drop", "quarantine") and not reason:
             raise ValueError(f"a {decision} needs a reason (sample {sample_id})")
+        sample_id = str(sample_id)
+        if sample_id in self.decided:
+            raise ValueError(f"sample {sample_id} already decided in step {self.step}")
+        self.decided.add(sample_id)
         if score is not None:
             score = float(score)
         r = self._rows
-        r["sample_id"].append(str(sample_id))
+        r["sample_id"].append(sample_id)
         r["step"].append(self.step)
         r["decision"].append(decision)
         r["reason"].append(reason)

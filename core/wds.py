@@ -1,0 +1,379 @@
+"""Lossless WebDataset shard I/O.
+
+Writer: `ShardWriter` / `write_shards` write `key.json` (LLaVA record) plus `key.<ext>` (one image) or
+`key.<i>.<ext>` (several), image bytes untouched, with fixed tar metadata so equal inputs give
+byte-identical shards. Reader: `iter_shard` / `iter_samples` stream a shard from a local path or any
+fsspec URL (s3://...) and turn every bad record into a ledger quarantine row with a reason; nothing
+crashes the job and nothing vanishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, decode_image, image_ext
+from core.ledger import LedgerWriter
+from core.sample import MAX_TEXT_CHARS, Sample, SampleError
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 8 << 20  # a key.json larger than this is quarantined as oversize_text unparsed
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_SUFFIX_RE = re.compile(r"^(?:json|(?:(\d{1,4})\.)?([a-z]{3,4}))$")
+
+
+@dataclass
+class ShardInfo:
+    """What one written shard holds."""
+
+    path: str
+    n_samples: int
+    n_bytes: int
+    sha256: str
+    ids: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.path)
+
+
+def shard_name(url: str) -> str:
+    """`s3://b/x/shard-000001.tar` -> `shard-000001` (used for ledger parts and per-shard outputs)."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    return base[:-4] if base.endswith(".tar") else base
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
+    """The (member name, bytes) pairs of one sample in write order: json first, then images."""
+    if len(sample.image_bytes) != len(sample.images):
+        raise ValueError(f"sample {sample.id}: {len(sample.images)} images named, {len(sample.image_bytes)} loaded")
+    key = sample.key
+    out = [(f"{key}.json", sample.to_json_bytes())]
+    multi = len(sample.image_bytes) > 1
+    for i, (data, name) in enumerate(zip(sample.image_bytes, sample.images)):
+        ext = image_ext(data, name)
+        out.append((f"{key}.{i}.{ext}" if multi else f"{key}.{ext}", data))
+    return out
+
+
+class ShardWriter:
+    """Streaming writer that rolls over to a new shard by sample count or bytes.
+
+    Shards are named `<prefix>-000000.tar`, ... in write order. Local shards are written to a temp
+    name and renamed when complete, so a crash never leaves a half shard under a final name.
+    """
+
+    def __init__(self, out_dir: str, prefix: str = "shard", max_samples: int = 1000, max_bytes: int = 256 << 20,
+                 start_index: int = 0):
+        if max_samples < 1 or max_bytes < 1:
+            raise ValueError("max_samples and max_bytes must be positive")
+        self.out_dir = str(out_dir).rstrip("/")
+        self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
+        self.index = start_index
+        self.fs, self.root = fsspec.core.url_to_fs(self.out_dir)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.shards: list[ShardInfo] = []
+        self._tar: tarfile.TarFile | None = None
+        self._buf: io.BytesIO | None = None
+        self._cur: ShardInfo | None = None
+
+    def _open(self) -> None:
+        path = f"{self.out_dir}/{self.prefix}-{self.index:06d}.tar"
+        self.index += 1
+        self._buf = io.BytesIO()
+        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self._cur = ShardInfo(path, 0, 0, "")
+
+    def write(self, sample: Sample) -> str:
+        """Append one sample (with image_bytes loaded); returns the shard name it went to."""
+        members = sample_members(sample)
+        size = sum(len(b) + 512 for _, b in members)
+        cur = self._cur
+        if cur is None or cur.n_samples >= self.max_samples or (cur.n_samples and cur.n_bytes + size > self.max_bytes):
+            self._finish()
+            self._open()
+        assert self._tar is not None and self._cur is not None
+        for name, data in members:
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._cur.n_samples += 1
+        self._cur.n_bytes += size
+        self._cur.ids.append(sample.id)
+        return self._cur.name
+
+    def _finish(self) -> None:
+        if self._tar is None or self._cur is None or self._buf is None:
+            return
+        self._tar.close()
+        data = self._buf.getvalue()
+        self._cur.n_bytes = len(data)
+        self._cur.sha256 = hashlib.sha256(data).hexdigest()
+        path = self._cur.path
+        if isinstance(self.fs, LocalFileSystem):
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            with fsspec.open(path, "wb") as f:
+                f.write(data)
+        self.shards.append(self._cur)
+        self._tar = self._buf = self._cur = None
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the open shard and return all written shards."""
+        self._finish()
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str, prefix: str = "shard", max_samples: int = 1000,
+                 max_bytes: int = 256 << 20) -> list[ShardInfo]:
+    """Write samples (image_bytes loaded) to WDS shards in order; returns the shards' info."""
+    with ShardWriter(out_dir, prefix, max_samples, max_bytes) as w:
+        for s in samples:
+            w.write(s)
+    return w.shards
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+def list_shards(path: str) -> list[str]:
+    """Sorted `.tar` shard URLs under a local dir / fsspec URL, or matching a brace/glob pattern."""
+    if any(c in path for c in "{*?["):
+        import braceexpand
+
+        out: list[str] = []
+        for p in braceexpand.braceexpand(path):
+            out.extend(fsspec.open_files(p)) if any(c in p for c in "*?[") else out.append(p)
+        return sorted(o if isinstance(o, str) else o.full_name for o in out)
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.isfile(root):
+        return [path]
+    names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return names if proto in ("file", "local") else [f"{proto}://{p}" for p in names]
+
+
+@dataclass
+class _Group:
+    key: str
+    json_bytes: bytes | None = None
+    images: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    problem: tuple[str, str] | None = None  # (reason, detail) seen while collecting
+
+
+def _member_problem(name: str) -> tuple[str, str, int] | str:
+    """Split a member name into (key, kind, image index) or return a reason string if unsafe."""
+    p = PurePosixPath(name)
+    if name.startswith("/") or ".." in p.parts or len(p.parts) != 1:
+        return "unsafe_member_name"
+    key, dot, suffix = name.partition(".")
+    if not dot or not _KEY_RE.match(key):
+        return "unsafe_member_name"
+    m = _SUFFIX_RE.match(suffix)
+    if not m:
+        return "unsafe_member_name"
+    if suffix == "json":
+        return key, "json", -1
+    if m.group(2) not in IMAGE_EXTS:
+        return "unsafe_member_name"
+    return key, "image", int(m.group(1)) if m.group(1) is not None else 0
+
+
+class _Quarantine:
+    """Quarantine sink shared by readers: writes ledger rows and counts reasons."""
+
+    def __init__(self, ledger: LedgerWriter | None, shard: str):
+        self.ledger, self.shard = ledger, shard
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, sample_id: str, reason: str, detail: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        log.warning("quarantine %s (%s): %s %s", sample_id, self.shard, reason, detail[:200])
+        if self.ledger is not None:
+            self.ledger.add(sample_id, "quarantine", reason, shard=self.shard, detail=detail[:500])
+
+
+class _TailTracker:
+    """File wrapper that remembers the stream length and its last bytes, to detect tars that end
+    without the end-of-archive blocks (tarfile's stream mode treats such a cut as a clean end)."""
+
+    def __init__(self, f):
+        self.f, self.total, self.tail = f, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def truncated(self) -> bool:
+        while self.read(1 << 20):
+            pass
+        return self.total % 512 != 0 or self.tail != b"\0" * 1024
+
+
+def iter_shard(
+    url: str,
+    *,
+    quarantine: LedgerWriter | None = None,
+    include_ids: set[str] | frozenset[str] | None = None,
+    load_images: bool = True,
+    verify_images: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_text_chars: int = MAX_TEXT_CHARS,
+    storage_options: dict | None = None,
+) -> Iterator[Sample]:
+    """Stream the valid samples of one shard; quarantine the rest with a reason.
+
+    `include_ids` restricts both output and quarantine rows to the ids that are inputs of the calling
+    step (others are skipped silently: they were decided by an earlier step). Ids in `include_ids` that
+    are never met in this shard are NOT reported here; see `iter_samples(expected=...)`.
+    """
+    sname = shard_name(url)
+    q = _Quarantine(quarantine, sname)
+    seen: set[str] = set()
+
+    def finish(g: _Group) -> Sample | None:
+        fallback_id = f"{sname}/{g.key}"
+        if g.json_bytes is None:
+            if include_ids is None or fallback_id in include_ids:
+                q(fallback_id, g.problem[0] if g.problem else "missing_json", f"members without {g.key}.json")
+            return None
+        sid = fallback_id
+        try:
+            if len(g.json_bytes) > MAX_JSON_BYTES:
+                raise SampleError("oversize_text", f"{len(g.json_bytes)} bytes of json")
+            try:
+                text = g.json_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SampleError("non_utf8", str(e)) from None
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise SampleError("invalid_json", str(e)) from None
+            if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) and str(rec["id"]).strip():
+                sid = str(rec["id"])
+            if include_ids is not None and sid not in include_ids:
+                return None
+            if g.problem:
+                raise SampleError(*g.problem)
+            s = Sample.from_record(rec, max_text_chars=max_text_chars)
+            sid = s.id
+            if sid in seen:
+                raise SampleError("duplicate_id", f"id {sid} appears twice in shard")
+            if len(g.images) != len(s.images) or sorted(g.images) != list(range(len(s.images))):
+                raise SampleError("missing_image", f"record names {len(s.images)} images, shard has {len(g.images)}")
+            if load_images:
+                s.image_bytes = [g.images[i][1] for i in range(len(s.images))]
+                if verify_images:
+                    for b in s.image_bytes:
+                        decode_image(b, max_pixels)
+            s.shard = sname
+            seen.add(sid)
+            return s
+        except SampleError as e:
+            if include_ids is None or sid in include_ids:
+                q(sid, e.reason, e.detail)
+            return None
+
+    group: _Group | None = None
+    try:
+        of = fsspec.open(url, "rb", **(storage_options or {}))
+        with of as raw:
+            f = _TailTracker(raw)
+            tar = tarfile.open(fileobj=f, mode="r|")
+            for m in tar:
+                parsed = _member_problem(m.name)
+                if isinstance(parsed, str) or not m.isfile():
+                    reason = parsed if isinstance(parsed, str) else "unsafe_member_name"
+                    bad_key = m.name.split("/")[-1].partition(".")[0] or "member"
+                    if group is not None and bad_key == group.key:
+                        group.problem = group.problem or (reason, m.name)
+                    else:
+                        qid = f"{sname}/{m.name}"
+                        if include_ids is None or qid in include_ids:
+                            q(qid, reason, f"member {m.name!r} type {m.type!r}")
+                    continue
+                key, kind, idx = parsed
+                if group is None or key != group.key:
+                    if group is not None and (s := finish(group)) is not None:
+                        yield s
+                    group = _Group(key)
+                data = tar.extractfile(m).read() if m.size else b""
+                if kind == "json":
+                    if group.json_bytes is not None:
+                        group.problem = group.problem or ("duplicate_key", f"two json members for {key}")
+                    group.json_bytes = data
+                else:
+                    if idx in group.images:
+                        group.problem = group.problem or ("duplicate_key", f"two image members #{idx} for {key}")
+                    group.images[idx] = (m.name, data)
+            if f.truncated():
+                raise tarfile.ReadError(f"tar ends without end-of-archive blocks after {f.total} bytes")
+    except (tarfile.ReadError, EOFError, OSError, tarfile.HeaderError) as e:
+        # A truncated/corrupt tar: the group in flight cannot be trusted; later samples are unreadable
+        # and are reported by iter_samples(expected=...) as missing_from_shard.
+        if group is not None:
+            group.problem = ("truncated_tar", f"{type(e).__name__}: {e}")
+            finish(group)
+            group = None
+        log.error("shard %s is truncated or corrupt: %s", url, e)
+        if include_ids is None:  # ingest-style read: record the shard-level loss itself
+            q(f"{sname}/__truncated__", "truncated_tar", f"{type(e).__name__}: {e}")
+    if group is not None and (s := finish(group)) is not None:
+        yield s
+
+
+def iter_samples(
+    urls: Iterable[str],
+    *,
+    quarantine: LedgerWriter | None = None,
+    include_ids: set[str] | frozenset[str] | None = None,
+    expected: bool = True,
+    **kwargs,
+) -> Iterator[Sample]:
+    """Stream samples of several shards in order (see `iter_shard`).
+
+    With `include_ids` and `expected=True`, ids that were expected but never met (e.g. lost to a
+    truncated shard) are quarantined as `missing_from_shard` at the end, so no input vanishes.
+    """
+    met: set[str] = set()
+    for url in urls:
+        for s in iter_shard(url, quarantine=quarantine, include_ids=include_ids, **kwargs):
+            met.add(s.id)
+            yield s
+    if include_ids is not None and expected and quarantine is not None:
+        for sid in sorted(set(include_ids) - met - quarantine.decided):
+            quarantine.add(sid, "quarantine", "missing_from_shard", detail="expected input not found in any shard")
