@@ -1,0 +1,67 @@
+"""Ingest task: LLaVA JSON/JSONL + image folder -> WebDataset shards + the ingest ledger."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+
+from tasks.images import CPU_IMAGE
+
+log = logging.getLogger(__name__)
+
+
+def _deck(res, run_dir: str) -> None:
+    import pandas as pd
+
+    from core.ledger import read_ledger, step_dir
+    from core.report import figure_html, new_figure, page, table_html
+
+    led = read_ledger(step_dir(run_dir, "ingest"))
+    reasons = led[led.decision == "quarantine"].groupby("reason").size().rename("count").reset_index()
+    fig, ax = new_figure()
+    ax.hist([s.n_samples for s in res.shards], bins=20)
+    ax.set_xlabel("samples per shard")
+    ax.set_ylabel("shards")
+    shards = pd.DataFrame([{"shard": s.name, "samples": s.n_samples, "MB": s.n_bytes / 1e6, "sha256": s.sha256[:16]}
+                           for s in res.shards])
+    Deck("ingest", page(
+        table_html([res.summary() | {"reasons": ", ".join(f"{k}={v}" for k, v in res.reasons.items())}], "summary"),
+        table_html(reasons, "quarantined by reason"),
+        figure_html(fig, "shard sizes"),
+        table_html(shards, "shards"),
+    ))
+
+
+@task(container_image=CPU_IMAGE, cache=True, cache_version="1", enable_deck=True,
+      requests=Resources(cpu="2", mem="4Gi"))
+def ingest_dataset(
+    source: str,
+    image_root: str,
+    shard_max_samples: int = 1000,
+    shard_max_bytes: int = 256 << 20,
+    max_text_chars: int = 200_000,
+) -> FlyteDirectory:
+    """Turn a LLaVA-style dataset into WebDataset shards and an ingest ledger.
+
+    Every input record is either kept (written to a shard) or quarantined with a reason
+    (corrupt_image, missing_image, role_broken, image_count_mismatch, ...); none is dropped silently.
+
+    :param source: Path or fsspec URL of the dataset: a JSON array (.json, parsed streaming) or JSONL.
+    :param image_root: Folder (path or URL) that the records' `image` names are relative to.
+    :param shard_max_samples: Most samples per output shard.
+    :param shard_max_bytes: Most bytes (images + json + tar headers) per output shard.
+    :param max_text_chars: Samples with more conversation text than this are quarantined (oversize_text).
+    :return: The run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
+    """
+    from core.ingest import IngestConfig, ingest
+
+    run_dir = os.path.join(current_context().working_directory, "run")
+    cfg = IngestConfig(source=source, image_root=image_root, run_dir=run_dir, shard_max_samples=shard_max_samples,
+                       shard_max_bytes=shard_max_bytes, max_text_chars=max_text_chars)
+    res = ingest(cfg)
+    log.info("ingest: %s", res.summary())
+    _deck(res, run_dir)
+    return FlyteDirectory(run_dir)
