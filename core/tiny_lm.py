@@ -37,7 +37,7 @@ BOS = "<s>"
 EOS = "</s>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]
 META_FILE = "tiny_lm.json"
-FORMAT_VERSION = 1  # bump when training changes, so ensure_tiny_lm retrains stale directories
+FORMAT_VERSION = 2  # bump when training changes, so ensure_tiny_lm retrains stale directories
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -117,7 +117,7 @@ def train_tiny_lm(
     """Train tokenizer + tiny `LlamaForCausalLM` from scratch on `texts`; save both to `out_dir`.
 
     `texts` are plain strings or conversations (lists of `{"role", "content"}`, rendered as ChatML).
-    Every text ends with `</s>`; the token stream is cut into `seq_len` blocks and trained with AdamW
+    Every text is wrapped as `<s> text </s>`; the token stream is cut into `seq_len` blocks and trained with AdamW
     (cosine schedule) for `steps` steps of `batch_size` blocks. Deterministic for a given seed: the
     thread count is pinned to `threads` while training (float reduction order depends on it).
     Writes `tiny_lm.json` (params, loss curve) next to the weights. Returns `out_dir` as a string.
@@ -133,7 +133,8 @@ def train_tiny_lm(
     seq_len = min(seq_len, max_len)
 
     stream: list[int] = []
-    for s in strings:
+    for s in strings:  # <s> text </s>: scorers that prepend BOS see what training saw
+        stream.append(tok.bos_token_id)
         stream.extend(tok(s, add_special_tokens=False)["input_ids"])
         stream.append(tok.eos_token_id)
     # Repeat a short corpus so there are at least batch_size blocks to sample from.
