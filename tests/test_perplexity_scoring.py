@@ -138,6 +138,7 @@ def test_batched_equals_one_by_one(lm, mode):
     got = sc.score_encoded(enc)
     ref = naive_scores(sc.model, enc)
     assert sc.stats.n_batches > 2
+    assert sc._split  # later batches ran the LM head on scored positions only, and still agree
     for g, r in zip(got, ref):
         assert abs(g.nll - r) / abs(r) <= 1e-4
     # the planted garbled answers rank worst
@@ -198,3 +199,8 @@ def test_make_batches_budget_and_sorting():
         return 1 - real / sum(len(b) * max(lengths[i] for i in b) for b in bs)
 
     assert waste(make_batches(lengths, 2048)) < 0.1 < waste(make_batches(lengths, 2048, sort=False))
+    # the waste cap holds per batch, also where a budget-only fill would exceed it
+    capped = make_batches(lengths, 16384, max_waste=0.05)
+    assert waste(make_batches(lengths, 16384)) > 0.05
+    assert all(1 - sum(lengths[i] for i in b) / (len(b) * max(lengths[i] for i in b)) <= 0.05 for b in capped)
+    assert sorted(i for b in capped for i in b) == list(range(500))

@@ -29,6 +29,8 @@ class PerplexityConfig:
     :param text_view: In `text` mode, which turns form the text: `all`, `assistant` or `all_human`.
     :param add_bos: Prepend the tokenizer's BOS token when the encoding does not already start with it
         (None: only when the tokenizer has a BOS token; the first token is then scored too).
+    :param max_padding_waste: A batch is closed early when adding the next (shorter) sample would make
+        more than this fraction of its tokens padding (bounds the waste; 1.0 = fill to the budget).
     :param sort_buckets: Length-bucketed batching (sort by length); False keeps input order (ablation).
     """
 
@@ -43,6 +45,7 @@ class PerplexityConfig:
     keep_image_placeholders: bool = True
     text_view: str = "all"
     add_bos: bool | None = None
+    max_padding_waste: float = 0.1
     sort_buckets: bool = True
 
     def __post_init__(self) -> None:

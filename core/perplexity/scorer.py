@@ -100,22 +100,26 @@ def load_model(config: PerplexityConfig) -> tuple[Any, Any, str]:
     return tok, model, device
 
 
-def make_batches(lengths: Sequence[int], batch_tokens: int, sort: bool = True) -> list[list[int]]:
-    """Index batches with rows x longest row <= batch_tokens; longest first when sorted (OOM shows early).
+def make_batches(lengths: Sequence[int], batch_tokens: int, sort: bool = True, max_waste: float = 1.0) -> list[list[int]]:
+    """Index batches with rows x longest row <= batch_tokens and padding waste <= max_waste per batch.
 
-    Ties are broken by index, so batching is deterministic.
+    Sorted longest first (an OOM shows on the first batch), ties by index, so batching is deterministic.
+    A batch is closed early when the next (shorter) row would push its padding fraction over `max_waste`.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)) if sort else list(range(len(lengths)))
     batches: list[list[int]] = []
     cur: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in order:
         n = max(1, lengths[i])
-        if cur and (len(cur) + 1) * max(longest, n) > batch_tokens:
-            batches.append(cur)
-            cur, longest = [], 0
+        if cur:
+            L = max(longest, n)
+            if (len(cur) + 1) * L > batch_tokens or 1 - (total + n) / ((len(cur) + 1) * L) > max_waste:
+                batches.append(cur)
+                cur, longest, total = [], 0, 0
         cur.append(i)
         longest = max(longest, n)
+        total += n
     if cur:
         batches.append(cur)
     return batches
@@ -137,6 +141,7 @@ class PerplexityScorer:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.stats = BatchStats()
+        self._split: Any = None  # (decoder, lm_head) shortcut, False when not exact, None until checked
 
     def encode(self, samples: Iterable[Sample]) -> tuple[list[Encoded], list[tuple[str, EncodeError]]]:
         """Encode samples; those that cannot be encoded come back as (id, error) to quarantine."""
@@ -157,7 +162,8 @@ class PerplexityScorer:
         nll_sum = np.zeros(len(encoded), dtype=np.float64)
         live = [i for i, e in enumerate(encoded) if e.n_scored > 0]
         stats = BatchStats(n_samples=len(encoded))
-        batches = make_batches([len(encoded[i].input_ids) for i in live], self.cfg.batch_tokens, self.cfg.sort_buckets)
+        batches = make_batches([len(encoded[i].input_ids) for i in live], self.cfg.batch_tokens, self.cfg.sort_buckets,
+                               self.cfg.max_padding_waste if self.cfg.sort_buckets else 1.0)
         with torch.inference_mode():
             for b in batches:
                 rows = [live[j] for j in b]
@@ -198,16 +204,52 @@ class PerplexityScorer:
             att[r, :n] = 1
             mask[r, :n] = torch.from_numpy(e.scored)
         ids, att, mask = ids.to(self.device), att.to(self.device), mask.to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=att, use_cache=False).logits
         # position p's logits predict token p+1: gather the predicting positions of scored tokens
         row, pos = mask[:, 1:].nonzero(as_tuple=True)
+        logits = self._scored_logits(ids, att, row, pos)
         sums = torch.zeros(len(rows), dtype=torch.float64, device=ids.device)
         chunk = 8192  # float32 log-softmax over the vocab, a few thousand positions at a time
         for k in range(0, len(row), chunk):
             r, p = row[k : k + chunk], pos[k : k + chunk]
-            nll = F.cross_entropy(logits[r, p].float(), ids[r, p + 1], reduction="none")
+            nll = F.cross_entropy(logits[k : k + chunk].float(), ids[r, p + 1], reduction="none")
             sums.index_add_(0, r, nll.double())
         return sums.cpu().numpy()
+
+
+    def _scored_logits(self, ids: Any, att: Any, row: Any, pos: Any) -> Any:
+        """Logits at (row, pos) only. The LM head runs just on scored positions when the model is a plain
+        `base -> lm_head` stack (checked numerically on the first batch), else on every position."""
+        import torch
+
+        if self._split is None:  # first batch: verify the shortcut against the full forward pass
+            full = self.model(input_ids=ids, attention_mask=att, use_cache=False).logits[row, pos]
+            split = _head_split(self.model)
+            if split is not None:
+                base, head = split
+                h = base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+                tol = 1e-4 if full.dtype == torch.float32 else 2e-2
+                same = h.shape[:2] == ids.shape and torch.allclose(head(h[row, pos]).float(), full.float(), rtol=tol,
+                                                                    atol=tol * full.float().abs().max().item())
+                self._split = split if same else False
+            else:
+                self._split = False
+            log.info("perplexity: LM head on scored positions only: %s", bool(self._split))
+            return full
+        if self._split:
+            base, head = self._split
+            return head(base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[row, pos])
+        return self.model(input_ids=ids, attention_mask=att, use_cache=False).logits[row, pos]
+
+
+def _head_split(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, lm_head) of a causal LM whose logits are exactly lm_head(decoder(...).last_hidden_state)."""
+    cfg = model.config
+    if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    base, head = getattr(model, "model", None), model.get_output_embeddings()
+    if base is None or head is None:
+        return None
+    return base, head
 
 
 def naive_scores(model: Any, encoded: Sequence[Encoded], device: str = "cpu") -> list[float]:
