@@ -132,6 +132,7 @@ def slice_by_perplexity(
     low_pct: float = 0.0,
     high_pct: float = 90.0,
     n_slices: int = 10,
+    shrink_tokens: float = 10.0,
 ) -> FlyteDirectory:
     """Keep a perplexity percentile range, or cut the kept samples into equal-size perplexity slices.
 
@@ -140,6 +141,8 @@ def slice_by_perplexity(
     :param low_pct: Lowest kept percentile (range mode).
     :param high_pct: Highest kept percentile (range mode).
     :param n_slices: Number of slices (slices mode); slice 00 has the lowest perplexity.
+    :param shrink_tokens: Rank by perplexity shrunk toward the corpus mean by this many pseudo-tokens, so
+        one-token answers do not swamp the extremes (0 = raw perplexity).
     :return: `ledger/ppl_filter/` and `ppl_filter/` (kept_ids.json, or slice-NN.json + slices.json/.parquet).
     """
     from core.perplexity.report import slice_report_html
@@ -148,7 +151,8 @@ def slice_by_perplexity(
 
     out = _workdir("ppl_filter_out")
     res = run_slices(_local_ledger_root(scores, "perplexity"), out,
-                     SliceConfig(mode=mode, low_pct=low_pct, high_pct=high_pct, n_slices=n_slices))
+                     SliceConfig(mode=mode, low_pct=low_pct, high_pct=high_pct, n_slices=n_slices,
+                                 shrink_tokens=shrink_tokens))
     log.info("ppl_filter: %s", {k: v for k, v in res.items() if k != "slices"})
     Deck("ppl_filter", slice_report_html(out, res))
     return FlyteDirectory(str(out))

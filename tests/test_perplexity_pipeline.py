@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -150,3 +152,26 @@ def test_vlm_mode_requires_a_scorer(lm, run):
     out = root / "v"
     score_shards(list_shards(str(root / "shards")), out, PerplexityConfig(model=lm, mode="vlm"), scorer=CountingVLM())
     assert (read_ledger(step_dir(out, "perplexity")).decision == "keep").sum() == len(ids)
+
+
+def test_shrinkage_keeps_one_token_answers_out_of_the_extremes(tmp_path):
+    from core.ledger import LedgerWriter
+    from core.perplexity.slices import ranking_values
+
+    nll = np.array([9.0, 6.0, 1.0, 1.2])
+    n = np.array([1.0, 60.0, 20.0, 30.0])
+    raw = ranking_values(nll, n, 0)
+    assert np.allclose(raw, np.exp(nll))
+    shrunk = ranking_values(nll, n, 10)
+    assert raw.argmax() == 0 and shrunk.argmax() == 1  # the long bad answer outranks the lone noisy token
+    prior = (nll * n).sum() / n.sum()
+    assert math.isclose(math.log(shrunk[0]), (9.0 + 10 * prior) / 11)
+    part = step_dir(tmp_path / "p", "perplexity") / "part-x.parquet"
+    with LedgerWriter(part, "perplexity") as w:
+        for i, (a, b) in enumerate(zip(nll, n)):
+            w.add(f"s{i}", "keep", score=math.exp(a), shard="x", nll=a, n_scored=int(b))
+    for k, dropped in ((0, "s0"), (10, "s1")):
+        res = slice_by_perplexity(tmp_path / "p", tmp_path / f"f{k}",
+                                  SliceConfig(mode="range", high_pct=75, shrink_tokens=k))
+        led = read_ledger(step_dir(tmp_path / f"f{k}", "ppl_filter"))
+        assert led[led.decision == "drop"].sample_id.tolist() == [dropped], res

@@ -5,12 +5,19 @@ Inputs are the ids the perplexity step kept (its ledger, score = ppl). Outputs, 
     range mode:   ledger/ppl_filter/part-all.parquet   keep | drop ppl_above_p90 | drop ppl_below_p10
                   ppl_filter/kept_ids.json
     slices mode:  ledger/ppl_filter/part-all.parquet   keep (extra: slice)
-                  ppl_filter/slices.parquet            sample_id, shard, ppl, rank, slice
+                  ppl_filter/slices.parquet            sample_id, shard, ppl (ranking value), raw_ppl, rank, slice
                   ppl_filter/slice-00.json ...         sorted id lists, slice 00 = lowest perplexity
                   ppl_filter/slices.json               manifest: n, ppl_min, ppl_max, file per slice
 
 Slices have equal sizes (ranks split evenly; ties broken by sample id), so each ablation trains on the
 same number of samples.
+
+Ranking value: by default not the raw perplexity but a shrunk one, exp((n * nll + k * prior) / (n + k)),
+with n the sample's scored tokens, prior the corpus mean token NLL and k = `shrink_tokens`. A one-token
+answer's mean NLL is one noisy draw; shrinkage pulls it toward the corpus mean, so short factual answers
+("1", "Increase") stop crowding the worst decile while long garbled answers stay there (on the demo,
+held-out tiny LM, assistant_only: recall of planted garbled/unrelated in the worst decile 0.13 -> ~0.8).
+`shrink_tokens=0` ranks by raw perplexity. The ledger's score is the ranking value; extra holds raw ppl.
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ class SliceConfig:
     :param low_pct: Lower kept percentile in range mode (0 keeps the lowest perplexities).
     :param high_pct: Upper kept percentile in range mode (90 drops the top 10% as `ppl_above_p90`).
     :param n_slices: Number of slices in slices mode (10 = deciles).
+    :param shrink_tokens: Pseudo-tokens of corpus-mean NLL added to each sample before ranking (0 = raw ppl).
     """
 
     mode: str = "range"
     low_pct: float = 0.0
     high_pct: float = 90.0
     n_slices: int = 10
+    shrink_tokens: float = 10.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("range", "slices"):
@@ -52,6 +61,16 @@ class SliceConfig:
             raise ValueError(f"need 0 <= low_pct < high_pct <= 100, got {self.low_pct}, {self.high_pct}")
         if self.n_slices < 1:
             raise ValueError("n_slices must be >= 1")
+        if self.shrink_tokens < 0:
+            raise ValueError("shrink_tokens must be >= 0")
+
+
+def ranking_values(nll: np.ndarray, n_scored: np.ndarray, shrink_tokens: float) -> np.ndarray:
+    """exp of the sample's mean NLL shrunk toward the corpus token-mean NLL by `shrink_tokens` pseudo-tokens."""
+    if len(nll) == 0 or shrink_tokens == 0:
+        return np.exp(nll)
+    prior = float((nll * n_scored).sum() / n_scored.sum())
+    return np.exp((nll * n_scored + shrink_tokens * prior) / (n_scored + shrink_tokens))
 
 
 def _pct_name(p: float) -> str:
@@ -63,38 +82,42 @@ def slice_by_perplexity(score_dirs: str | os.PathLike | list[str], out: str | os
     led = read_ledger(find_step_dir(score_dirs, SOURCE_STEP))
     kept = led[led.decision == "keep"]
     ids = np.asarray(passing_ids(led), dtype=object)
-    ppl = kept.set_index("sample_id").loc[ids, "score"].to_numpy(dtype=np.float64)
-    shard = kept.set_index("sample_id").loc[ids, "shard"].to_numpy(dtype=object)
+    kept = kept.set_index("sample_id").loc[ids]
+    extra = [json.loads(x) for x in kept["extra"]]
+    nll = np.asarray([e["nll"] for e in extra], dtype=np.float64)
+    n_scored = np.asarray([e["n_scored"] for e in extra], dtype=np.float64)
+    ppl = ranking_values(nll, n_scored, config.shrink_tokens)
+    shard = kept["shard"].to_numpy(dtype=object)
     odir = Path(out) / STEP
     odir.mkdir(parents=True, exist_ok=True)
     part = step_dir(out, STEP) / "part-all.parquet"
     if config.mode == "range":
-        return _range(ids, ppl, shard, config, part, odir)
-    return _slices(ids, ppl, shard, config, part, odir)
+        return _range(ids, ppl, shard, np.exp(nll), config, part, odir)
+    return _slices(ids, ppl, shard, np.exp(nll), config, part, odir)
 
 
-def _range(ids, ppl, shard, cfg: SliceConfig, part: Path, odir: Path) -> dict[str, Any]:
+def _range(ids, ppl, shard, raw, cfg: SliceConfig, part: Path, odir: Path) -> dict[str, Any]:
     lo = float(np.percentile(ppl, cfg.low_pct)) if len(ppl) else 0.0
     hi = float(np.percentile(ppl, cfg.high_pct)) if len(ppl) else 0.0
     above, below = f"ppl_above_p{_pct_name(cfg.high_pct)}", f"ppl_below_p{_pct_name(cfg.low_pct)}"
     keep_ids = []
     with LedgerWriter(part, STEP) as w:
-        for sid, p, sh in zip(ids, ppl, shard):
+        for sid, p, sh, r in zip(ids, ppl, shard, raw):
             if cfg.high_pct < 100 and p > hi:
-                w.add(sid, "drop", above, score=p, shard=sh, threshold=hi)
+                w.add(sid, "drop", above, score=p, shard=sh, threshold=hi, ppl=r)
             elif cfg.low_pct > 0 and p < lo:
-                w.add(sid, "drop", below, score=p, shard=sh, threshold=lo)
+                w.add(sid, "drop", below, score=p, shard=sh, threshold=lo, ppl=r)
             else:
-                w.add(sid, "keep", score=p, shard=sh)
+                w.add(sid, "keep", score=p, shard=sh, ppl=r)
                 keep_ids.append(sid)
         counts = dict(w.counts)
         reasons = dict(w.reasons)
     (odir / "kept_ids.json").write_text(json.dumps(keep_ids))
-    return {"mode": "range", "n_inputs": len(ids), "n_kept": len(keep_ids), "ppl_low": lo, "ppl_high": hi,
+    return {"mode": "range", "shrink_tokens": cfg.shrink_tokens, "n_inputs": len(ids), "n_kept": len(keep_ids), "ppl_low": lo, "ppl_high": hi,
             "counts": counts, "reasons": reasons, "kept_ids": str(odir / "kept_ids.json")}
 
 
-def _slices(ids, ppl, shard, cfg: SliceConfig, part: Path, odir: Path) -> dict[str, Any]:
+def _slices(ids, ppl, shard, raw, cfg: SliceConfig, part: Path, odir: Path) -> dict[str, Any]:
     import pandas as pd
 
     n = len(ids)
@@ -102,7 +125,8 @@ def _slices(ids, ppl, shard, cfg: SliceConfig, part: Path, odir: Path) -> dict[s
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     sl = (rank * cfg.n_slices) // max(n, 1)
-    df = pd.DataFrame({"sample_id": ids, "shard": shard, "ppl": ppl, "rank": rank, "slice": sl}).sort_values("rank")
+    df = pd.DataFrame({"sample_id": ids, "shard": shard, "ppl": ppl, "raw_ppl": raw, "rank": rank, "slice": sl})
+    df = df.sort_values("rank")
     df.to_parquet(odir / "slices.parquet", index=False)
     manifest = []
     for k in range(cfg.n_slices):
@@ -113,6 +137,6 @@ def _slices(ids, ppl, shard, cfg: SliceConfig, part: Path, odir: Path) -> dict[s
                          "ppl_max": float(d.ppl.max()) if len(d) else None, "ids": str(f)})
     (odir / "slices.json").write_text(json.dumps(manifest, indent=1))
     with LedgerWriter(part, STEP) as w:
-        for sid, p, sh, k in zip(ids, ppl, shard, sl):
-            w.add(sid, "keep", score=p, shard=sh, slice=int(k))
-    return {"mode": "slices", "n_inputs": n, "n_kept": n, "slices": manifest}
+        for sid, p, sh, k, r in zip(ids, ppl, shard, sl, raw):
+            w.add(sid, "keep", score=p, shard=sh, slice=int(k), ppl=r)
+    return {"mode": "slices", "shrink_tokens": cfg.shrink_tokens, "n_inputs": n, "n_kept": n, "slices": manifest}
