@@ -85,7 +85,7 @@ def test_score_shards_ledger_scores_and_resume(lm, run):
     assert ((merged.score_x - merged.score_y).abs().fillna(0) < 1e-9).all()
 
     html = score_report_html(out, summary)
-    assert html.count("<img") == 2 and "highest perplexity" in html and "g000" in html
+    assert html.count("<img") == 3 and "highest perplexity" in html and "g000" in html
 
 
 def test_reader_quarantine_lands_in_ledger(lm, run, tmp_path):

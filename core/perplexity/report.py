@@ -36,6 +36,14 @@ def score_report_html(out: str | os.PathLike, summary: dict[str, Any], n_example
     ax.set_xlabel("scored tokens per sample")
     ax.set_ylabel("samples")
     parts.append(figure_html(fig, "scored tokens"))
+    if len(ok):
+        fig, ax = new_figure()
+        ax.scatter(ok.n_scored, ok.ppl, s=6, alpha=0.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("scored tokens")
+        ax.set_ylabel("perplexity")
+        parts.append(figure_html(fig, "perplexity vs scored tokens (few-token samples are noisy: see shrink_tokens)"))
     srt = ok.sort_values("ppl")
     for title, rows in (("highest perplexity", srt.tail(n_examples)[::-1]), ("lowest perplexity", srt.head(n_examples))):
         parts.append(f"<h3>{title}</h3>")

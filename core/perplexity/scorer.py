@@ -206,20 +206,25 @@ class PerplexityScorer:
         ids, att, mask = ids.to(self.device), att.to(self.device), mask.to(self.device)
         # position p's logits predict token p+1: gather the predicting positions of scored tokens
         row, pos = mask[:, 1:].nonzero(as_tuple=True)
-        logits = self._scored_logits(ids, att, row, pos)
+        feats, head = self._scored_features(ids, att, row, pos)
         sums = torch.zeros(len(rows), dtype=torch.float64, device=ids.device)
-        chunk = 8192  # float32 log-softmax over the vocab, a few thousand positions at a time
+        chunk = 4096  # LM head + float32 log-softmax over the vocab, a few thousand positions at a time
         for k in range(0, len(row), chunk):
             r, p = row[k : k + chunk], pos[k : k + chunk]
-            nll = F.cross_entropy(logits[k : k + chunk].float(), ids[r, p + 1], reduction="none")
+            nll = F.cross_entropy(head(feats[k : k + chunk]).float(), ids[r, p + 1], reduction="none")
             sums.index_add_(0, r, nll.double())
         return sums.cpu().numpy()
 
 
-    def _scored_logits(self, ids: Any, att: Any, row: Any, pos: Any) -> Any:
-        """Logits at (row, pos) only. The LM head runs just on scored positions when the model is a plain
-        `base -> lm_head` stack (checked numerically on the first batch), else on every position."""
+    def _scored_features(self, ids: Any, att: Any, row: Any, pos: Any) -> tuple[Any, Any]:
+        """(features at (row, pos), f) with logits = f(features). When the model is a plain
+        `decoder -> lm_head` stack (checked numerically on the first batch) the features are hidden states
+        and f the LM head, so the head runs only on scored positions, chunk by chunk; else the features
+        are the full forward pass's logits and f the identity."""
         import torch
+
+        def ident(x: Any) -> Any:
+            return x
 
         if self._split is None:  # first batch: verify the shortcut against the full forward pass
             full = self.model(input_ids=ids, attention_mask=att, use_cache=False).logits[row, pos]
@@ -234,11 +239,11 @@ class PerplexityScorer:
             else:
                 self._split = False
             log.info("perplexity: LM head on scored positions only: %s", bool(self._split))
-            return full
+            return full, ident
         if self._split:
             base, head = self._split
-            return head(base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[row, pos])
-        return self.model(input_ids=ids, attention_mask=att, use_cache=False).logits[row, pos]
+            return base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state[row, pos], head
+        return self.model(input_ids=ids, attention_mask=att, use_cache=False).logits[row, pos], ident
 
 
 def _head_split(model: Any) -> tuple[Any, Any] | None:
