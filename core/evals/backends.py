@@ -1,0 +1,169 @@
+"""Inference backends behind one interface: `VLMBackend.generate(requests) -> list[str]`, batched.
+
+Built-in kinds (all heavy imports are lazy, inside the constructors):
+- "mini_llava": the built-in trainer's checkpoints, through `core.train.mini_llava.load_mini_llava`.
+- "transformers": any HF VLM that loads locally with AutoProcessor + AutoModelForImageTextToText.
+- "vllm": vLLM offline `LLM.chat` (GPU image only; vLLM needs CUDA).
+- "auto": "transformers" when the checkpoint has an HF `config.json` with `architectures`, else
+  "mini_llava". vLLM is only used when asked for by name.
+Register another kind (tests register a deterministic one) with `register_backend(kind, factory)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One generation: decoded PIL images, the text prompt (no placeholders), a token budget."""
+
+    images: list[Any]
+    prompt: str
+    max_new_tokens: int
+
+
+class VLMBackend(Protocol):
+    """A loaded model. `generate` returns one string per request, in order; it may raise for the whole
+    batch (the runner then retries the batch one request at a time to isolate the failing sample)."""
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+BackendFactory = Callable[[str, str], VLMBackend]  # (checkpoint_dir, device) -> backend
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(kind: str, factory: BackendFactory) -> None:
+    """Make `kind` available to `load_backend`."""
+    _BACKENDS[kind] = factory
+
+
+def unregister_backend(kind: str) -> None:
+    """Remove a registered kind (tests use this in a finally/fixture)."""
+    _BACKENDS.pop(kind, None)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' if torch sees a GPU else 'cpu'; other values pass through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def detect_kind(checkpoint_dir: str) -> str:
+    """'transformers' for an HF model directory (config.json with `architectures`), else 'mini_llava'."""
+    cfg = os.path.join(checkpoint_dir, "config.json")
+    if os.path.exists(cfg):
+        try:
+            with open(cfg) as f:
+                if json.load(f).get("architectures"):
+                    return "transformers"
+        except (OSError, ValueError):
+            pass
+    return "mini_llava"
+
+
+def load_backend(kind: str, checkpoint_dir: str, device: str = "auto") -> VLMBackend:
+    """Load the model in `checkpoint_dir` (a local directory) with backend `kind`."""
+    if kind == "auto":
+        kind = detect_kind(checkpoint_dir)
+    if kind not in _BACKENDS:
+        raise KeyError(f"unknown backend {kind!r}; known: {sorted(_BACKENDS)}")
+    return _BACKENDS[kind](checkpoint_dir, device)
+
+
+class MiniLlavaBackend:
+    """The built-in trainer's checkpoints: `core.train.mini_llava.load_mini_llava(ckpt_dir, device)` returns a
+    model with `.generate(images: list[list[PIL.Image]], prompts: list[str], max_new_tokens) -> list[str]`."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "auto"):
+        from core.train.mini_llava import load_mini_llava  # lands with the trainer; imported lazily
+
+        self.model = load_mini_llava(checkpoint_dir, resolve_device(device))
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        budget = max(r.max_new_tokens for r in requests)
+        return list(self.model.generate([r.images for r in requests], [r.prompt for r in requests], budget))
+
+    def close(self) -> None:
+        self.model = None
+
+
+class TransformersBackend:
+    """Any HF VLM that loads locally with AutoProcessor + AutoModelForImageTextToText; greedy decoding,
+    chat template from the processor, left padding for batched generation, bf16 on GPU."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "auto"):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = resolve_device(device)
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.processor = AutoProcessor.from_pretrained(checkpoint_dir, local_files_only=True)
+        tok = getattr(self.processor, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        self.model = AutoModelForImageTextToText.from_pretrained(checkpoint_dir, local_files_only=True, dtype=dtype).to(
+            self.device
+        )
+        self.model.eval()
+
+    def _text(self, req: GenRequest) -> str:
+        content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.prompt}]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        import torch
+
+        texts = [self._text(r) for r in requests]
+        images = [list(r.images) for r in requests]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [s.strip() for s in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    def close(self) -> None:
+        self.model = None
+
+
+class VLLMBackend:
+    """vLLM offline inference (GPU image): `LLM(model=dir).chat(conversations, SamplingParams)` with images
+    passed as PIL objects (`image_pil` content parts), greedy decoding. Untested on CPU (vLLM needs CUDA)."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "auto"):
+        from vllm import LLM  # GPU image only
+
+        self.llm = LLM(model=checkpoint_dir, limit_mm_per_prompt={"image": 4}, enforce_eager=False)
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        from vllm import SamplingParams
+
+        convs = [
+            [{"role": "user", "content": [{"type": "image_pil", "image_pil": im} for im in r.images]
+              + [{"type": "text", "text": r.prompt}]}]
+            for r in requests
+        ]  # fmt: skip
+        params = SamplingParams(temperature=0.0, max_tokens=max(r.max_new_tokens for r in requests))
+        outs = self.llm.chat(convs, params, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outs]
+
+    def close(self) -> None:
+        self.llm = None
+
+
+register_backend("mini_llava", MiniLlavaBackend)
+register_backend("transformers", TransformersBackend)
+register_backend("vllm", VLLMBackend)
