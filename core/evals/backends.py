@@ -4,8 +4,8 @@ Built-in kinds (all heavy imports are lazy, inside the constructors):
 - "mini_llava": the built-in trainer's checkpoints, through `core.train.mini_llava.load_mini_llava`.
 - "transformers": any HF VLM that loads locally with AutoProcessor + AutoModelForImageTextToText.
 - "vllm": vLLM offline `LLM.chat` (GPU image only; vLLM needs CUDA).
-- "auto": "transformers" when the checkpoint has an HF `config.json` with `architectures`, else
-  "mini_llava". vLLM is only used when asked for by name.
+- "auto": "mini_llava" when the checkpoint has `mini_llava.json` (the trainer's marker), "transformers"
+  when it has an HF `config.json` with `architectures`. vLLM is only used when asked for by name.
 Register another kind (tests register a deterministic one) with `register_backend(kind, factory)`.
 """
 
@@ -60,7 +60,10 @@ def resolve_device(device: str) -> str:
 
 
 def detect_kind(checkpoint_dir: str) -> str:
-    """'transformers' for an HF model directory (config.json with `architectures`), else 'mini_llava'."""
+    """'mini_llava' for the built-in trainer's checkpoints (`mini_llava.json`), 'transformers' for an HF model
+    directory (config.json with `architectures`); anything else is an error."""
+    if os.path.exists(os.path.join(checkpoint_dir, "mini_llava.json")):
+        return "mini_llava"
     cfg = os.path.join(checkpoint_dir, "config.json")
     if os.path.exists(cfg):
         try:
@@ -69,7 +72,7 @@ def detect_kind(checkpoint_dir: str) -> str:
                     return "transformers"
         except (OSError, ValueError):
             pass
-    return "mini_llava"
+    raise ValueError(f"cannot tell the backend of {checkpoint_dir}: no mini_llava.json and no HF config.json")
 
 
 def load_backend(kind: str, checkpoint_dir: str, device: str = "auto") -> VLMBackend:

@@ -347,11 +347,11 @@ def results_table(summary: Any) -> Any:
         lambda g: "ok" if (g["status"] == "ok").all() else ("failed" if (g["status"] != "ok").all() else "partial"),
         include_groups=False,
     )
-    errors = summary[summary["error"] != ""].groupby("checkpoint")["error"].first()
+    errors = summary[summary["error"] != ""].groupby("checkpoint")["error"].first().to_dict()
     piv["checkpoint_name"] = piv["checkpoint"].map(checkpoint_name)
     piv["epoch"] = piv["checkpoint"].map(checkpoint_epoch)
     piv["status"] = piv["checkpoint"].map(status)
-    piv["error"] = piv["checkpoint"].map(errors).fillna("")
+    piv["error"] = [errors.get(c, "") for c in piv["checkpoint"]]
     order = ["checkpoint", "checkpoint_name", "epoch", "status"]
     bench_cols = [c for c in piv.columns if c not in order + ["error"]]
     return piv[order + bench_cols + ["error"]].sort_values(["epoch", "checkpoint"], na_position="last",
