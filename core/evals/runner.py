@@ -89,9 +89,11 @@ def checkpoint_epoch(uri: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _slug(uri: str) -> str:
+def _slug(uri: str, benchmarks: Sequence[str]) -> str:
+    """A worker directory name unique per (checkpoint, benchmark group)."""
     base = re.sub(r"[^A-Za-z0-9_-]", "_", checkpoint_name(uri))[:60]
-    return f"{base}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
+    key = uri + "|" + ",".join(benchmarks)
+    return f"{base}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 class CheckpointStore:
@@ -257,7 +259,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, out_dir: str, store: C
     it. Writes `<out_dir>/<slug>/records.parquet` and `summary.parquet`; returns that directory. Never raises
     for a bad checkpoint: its summary rows are marked failed with the error."""
     store = store or CheckpointStore(cfg.local_dir)
-    wdir = os.path.join(out_dir, _slug(checkpoint))
+    wdir = os.path.join(out_dir, _slug(checkpoint, cfg.benchmarks))
     records: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     local = None
