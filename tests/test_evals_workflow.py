@@ -120,3 +120,21 @@ def test_package_serializes_concurrency_cap(tmp_path):
     lpd = MessageToDict(lp)
     assert lpd["spec"]["entityMetadata"]["schedule"]["cronSchedule"]["schedule"] == "0 3 * * *"
     assert lpd["spec"]["workflowId"]["name"] == "workflows.evaluate.prefix_evaluation"
+
+
+def test_collect_marks_lost_workers(cache, oracle, tmp_path):
+    from flytekit.types.directory import FlyteDirectory
+
+    from core.evals import evaluate_checkpoint, tiny_eval_config
+    from tasks.evals import collect_eval_results
+
+    (ck,) = _ckpts(tmp_path / "ckpts", [1])
+    cfg = tiny_eval_config(cache)
+    cfg.backend, cfg.benchmarks = "oracle", ["docvqa"]
+    wdir = evaluate_checkpoint(ck, cfg, str(tmp_path / "w"))
+    lost = str(tmp_path / "ckpts" / "epoch_2")
+    out = collect_eval_results(results=[FlyteDirectory(wdir), None], checkpoints=[ck, lost],
+                               groups=["docvqa", "docvqa,chartqa"])  # fmt: skip
+    table = pd.read_csv(os.path.join(out.path, "results.csv")).set_index("checkpoint_name")
+    assert table.loc["epoch_1", "status"] == "ok" and table.loc["epoch_1", "docvqa"] == 1.0
+    assert table.loc["epoch_2", "status"] == "failed" and table.loc["epoch_2", "error"] == "worker_lost"
