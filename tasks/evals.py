@@ -53,7 +53,7 @@ def plan_eval_jobs(checkpoints: list[str], benchmarks: list[str], group_size: in
     return EvalJobs([c for c, _ in jobs], [g for _, g in jobs])
 
 
-@task(container_image=VLLM_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1)
+@task(container_image=VLLM_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1, enable_deck=True)
 def evaluate_checkpoint_benchmarks(
     checkpoint: str,
     benchmarks: str,
@@ -84,7 +84,21 @@ def evaluate_checkpoint_benchmarks(
                      device=device, batch_size=batch_size, max_samples=max_samples, concurrency=1)  # fmt: skip
     out = os.path.join(work, "eval_out")
     wdir = evaluate_checkpoint(checkpoint, cfg, out, CheckpointStore(local_dir=work))
+    _worker_deck(wdir)
     return FlyteDirectory(wdir)
+
+
+def _worker_deck(wdir: str) -> None:
+    import pandas as pd
+
+    from core.report import page, table_html
+
+    summary = pd.read_parquet(os.path.join(wdir, "summary.parquet"))
+    records = pd.read_parquet(os.path.join(wdir, "records.parquet"))
+    bad = records[(~records["parsing_success"].astype(bool)) | (records["error"] != "")]
+    cols = ["benchmark", "sample_id", "raw_output", "parsed_output", "error"]
+    Deck("eval worker", page(table_html(summary, "Per benchmark"),
+                             table_html(bad[cols].head(50), "Unparsable or failed samples (first 50)")))  # fmt: skip
 
 
 @task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="2", mem="4Gi"))

@@ -3,7 +3,7 @@
 Built-in kinds (all heavy imports are lazy, inside the constructors):
 - "mini_llava": the built-in trainer's checkpoints, through `core.train.mini_llava.load_mini_llava`.
 - "transformers": any HF VLM that loads locally with AutoProcessor + AutoModelForImageTextToText.
-- "vllm": vLLM offline `LLM.chat` (GPU image only; vLLM needs CUDA).
+- "vllm": vLLM offline `LLM.generate` with `multi_modal_data` (GPU image only; vLLM needs CUDA).
 - "auto": "mini_llava" when the checkpoint has `mini_llava.json` (the trainer's marker), "transformers"
   when it has an HF `config.json` with `architectures`. vLLM is only used when asked for by name.
 Register another kind (tests register a deterministic one) with `register_backend(kind, factory)`.
@@ -122,15 +122,10 @@ class TransformersBackend:
         )
         self.model.eval()
 
-    def _text(self, req: GenRequest) -> str:
-        content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.prompt}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         import torch
 
-        texts = [self._text(r) for r in requests]
+        texts = [chat_prompt(self.processor, r) for r in requests]
         images = [list(r.images) for r in requests]
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
         with torch.inference_mode():
@@ -142,25 +137,37 @@ class TransformersBackend:
         self.model = None
 
 
-class VLLMBackend:
-    """vLLM offline inference (GPU image): `LLM(model=dir).chat(conversations, SamplingParams)` with images
-    passed as PIL objects (`image_pil` content parts), greedy decoding. Untested on CPU (vLLM needs CUDA)."""
+def chat_prompt(processor: Any, req: GenRequest) -> str:
+    """The model's own chat template applied to one user turn: one image part per image, then the text."""
+    content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
 
-    def __init__(self, checkpoint_dir: str, device: str = "auto"):
+
+class VLLMBackend:
+    """vLLM offline inference (GPU image): the prompt comes from the checkpoint's HF processor chat template
+    (same as the transformers backend), images go in `multi_modal_data` (vLLM's documented offline
+    multimodal input), greedy decoding, the whole batch in one `LLM.generate`. Untested on CPU (vLLM needs
+    CUDA)."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "auto", max_images: int = 4):
+        from transformers import AutoProcessor
         from vllm import LLM  # GPU image only
 
-        self.llm = LLM(model=checkpoint_dir, limit_mm_per_prompt={"image": 4}, enforce_eager=False)
+        self.processor = AutoProcessor.from_pretrained(checkpoint_dir, local_files_only=True)
+        self.llm = LLM(model=checkpoint_dir, limit_mm_per_prompt={"image": max_images})
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         from vllm import SamplingParams
 
-        convs = [
-            [{"role": "user", "content": [{"type": "image_pil", "image_pil": im} for im in r.images]
-              + [{"type": "text", "text": r.prompt}]}]
+        prompts = [
+            {"prompt": chat_prompt(self.processor, r),
+             "multi_modal_data": {"image": r.images[0] if len(r.images) == 1 else list(r.images)}}
+            if r.images else {"prompt": chat_prompt(self.processor, r)}
             for r in requests
         ]  # fmt: skip
         params = SamplingParams(temperature=0.0, max_tokens=max(r.max_new_tokens for r in requests))
-        outs = self.llm.chat(convs, params, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outs]
 
     def close(self) -> None:
