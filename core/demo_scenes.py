@@ -68,8 +68,11 @@ def _text_w(draw: ImageDraw.ImageDraw, text: str, fnt) -> int:
 def _finish(img: Image.Image, nrng: np.random.Generator, sigma: float) -> Image.Image:
     """Add mild Gaussian pixel noise so images look scanned/photographed and are never flat."""
     arr = np.asarray(img, dtype=np.float32)
-    arr = arr + nrng.normal(0.0, sigma, size=arr.shape).astype(np.float32)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    noise = nrng.standard_normal(arr.shape, dtype=np.float32)
+    noise *= sigma
+    noise += arr
+    np.clip(noise, 0, 255, out=noise)
+    return Image.fromarray(noise.astype(np.uint8), "RGB")
 
 
 def _plural(n: int, word: str) -> str:
@@ -120,7 +123,7 @@ def _fill_title(rng: random.Random, tpl: str) -> str:
 def make_chart(rng: random.Random) -> Scene:
     kind = rng.choice(["bar", "bar", "line", "pie"])
     size = rng.choice([(320, 240), (352, 264), (384, 288)])
-    bg = tuple(rng.randint(232, 255) for _ in range(3))
+    bg = tuple(rng.randint(212, 255) for _ in range(3))
     p: dict = {"kind": kind, "size": size, "bg": bg}
     if kind == "line":
         title, ylabel = rng.choice(LINE_TOPICS)
@@ -496,7 +499,7 @@ def qa_doc(s: Scene, rng: random.Random) -> list[QA]:
                f"The name on the form is {f['Name']}."),
             QA("What city is listed on the form?", f["City"], f"The city listed on the form is {f['City']}."),
             QA("What is the phone number on the form?", f["Phone"], f"The phone number is {f['Phone']}."),
-            QA("What is the applicant's occupation?", f["Occupation"], f"The applicant is a {f['Occupation']}."),
+            QA("What is the applicant's occupation?", f["Occupation"], f"The applicant is {'an' if f['Occupation'][0] in 'aeiou' else 'a'} {f['Occupation']}."),
             QA("What is the ID number on the form?", f["ID number"], f"The ID number is {f['ID number']}."),
             QA("What is the date of birth on the form?", f["Date of birth"],
                f"The date of birth is {f['Date of birth']}."),
@@ -526,6 +529,18 @@ GROUND_PHRASE = {"grass": "a green meadow", "desert": "a sandy desert", "snow": 
 GROUND_SHORT = {"grass": "A meadow", "desert": "A desert", "snow": "A snowy field", "sea": "The sea"}
 
 
+def _spread(rng: random.Random, n: int, min_dx: float, draw) -> list[list[float]]:
+    """Up to n items from `draw()` whose x positions are at least `min_dx` apart."""
+    out: list[list[float]] = []
+    for _ in range(20 * n):
+        if len(out) == n:
+            break
+        c = draw()
+        if all(abs(c[0] - o[0]) >= min_dx for o in out):
+            out.append(c)
+    return out
+
+
 def make_photo(rng: random.Random) -> Scene:
     size = rng.choice([(320, 240), (384, 256), (288, 216), (256, 192)])
     time = rng.choice(sorted(SKIES))
@@ -534,10 +549,11 @@ def make_photo(rng: random.Random) -> Scene:
     hy = int(H * rng.uniform(0.5, 0.68))
     mountains = rng.random() < 0.5
     peaks = [[rng.uniform(-0.1, 1.1) * W, hy - rng.uniform(0.15, 0.35) * H] for _ in range(rng.randint(2, 4))]
-    trees = [] if ground == "sea" else [[rng.uniform(0.05, 0.95) * W, rng.uniform(hy + 8, H - 10),
-                                          rng.uniform(10, 20)] for _ in range(rng.randint(0, 4))]
-    clouds = [] if time == "night" else [[rng.uniform(0.1, 0.9) * W, rng.uniform(0.08, 0.3) * H,
-                                          rng.uniform(18, 34)] for _ in range(rng.randint(0, 3))]
+    # trees and clouds never overlap one another, so their counts in the answers are visible counts
+    trees = [] if ground == "sea" else _spread(rng, rng.randint(0, 4), 44, lambda: [
+        rng.uniform(0.05, 0.95) * W, rng.uniform(hy + 8, H - 10), rng.uniform(10, 20)])
+    clouds = [] if time == "night" else _spread(rng, rng.randint(0, 3), 80, lambda: [
+        rng.uniform(0.1, 0.9) * W, rng.uniform(0.08, 0.3) * H, rng.uniform(18, 34)])
     light = [rng.uniform(0.15, 0.85) * W, (0.12 if time != "sunset" else 0.42) * hy, rng.uniform(12, 20)]
     return Scene("photo_like", {"size": size, "time": time, "ground": ground, "horizon": hy,
                                 "mountains": peaks if mountains else [], "trees": trees, "clouds": clouds,
@@ -699,12 +715,9 @@ def qa_multi(scenes: list[Scene], rng: random.Random) -> list[QA]:
         kind = scenes[k].params["kind"]
         out.append(QA(f"What type of document is shown in the {ORDINALS[k]} image?", kind.capitalize(),
                       f"The {ORDINALS[k]} image shows a {kind}."))
-        for q in qa_doc(scenes[k], rng)[:2]:
-            out.append(QA(q.question.replace("the receipt", f"the {ORDINALS[k]} receipt")
-                          .replace("the form", f"the {ORDINALS[k]} form").replace("the memo", f"the {ORDINALS[k]} memo")
-                          .replace("this receipt", f"the {ORDINALS[k]} receipt"),
-                          q.short, q.sentence.replace(f"The {kind}", f"The {ORDINALS[k]} {kind}")
-                          .replace(f"the {kind}", f"the {ORDINALS[k]} {kind}")))
+        for q in qa_doc(scenes[k], rng)[:2]:  # name the image: two documents may be of the same kind
+            out.append(QA(f"In the {ORDINALS[k]} image, {q.question[0].lower()}{q.question[1:]}", q.short,
+                          q.sentence))
     return out
 
 
