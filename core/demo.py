@@ -475,6 +475,17 @@ def clean_texts(out_dir: str, include_duplicates: bool = False) -> list[str]:
     return [conversation_text(r) for r in clean_records(out_dir, include_duplicates)]
 
 
+def to_messages(record: dict) -> list[dict[str, str]]:
+    """A record's turns as chat messages (`role` user/assistant/system, `content`), placeholders kept."""
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    return [{"role": roles[t["from"]], "content": t["value"]} for t in record.get("conversations", [])]
+
+
+def clean_messages(out_dir: str, include_duplicates: bool = False) -> list[list[dict[str, str]]]:
+    """Clean samples as chat messages (what `core.tiny_lm.ensure_tiny_lm` trains on with ChatML)."""
+    return [to_messages(r) for r in clean_records(out_dir, include_duplicates)]
+
+
 def main(argv: list[str] | None = None) -> DemoInfo:
     ap = argparse.ArgumentParser(description="Write the synthetic mmcurate demo dataset with planted defects.")
     ap.add_argument("--out", required=True, help="output directory")

@@ -212,6 +212,15 @@ def test_garbled_and_unrelated_score_worse_than_clean_under_a_clean_trained_lm(d
         assert np.median(bad) > 2 * np.median(held_scores)
 
 
+def test_clean_messages_are_chat_turns_with_placeholders(demo_dir):
+    out, info, gt, recs = demo_dir
+    msgs = demo.clean_messages(str(out))
+    assert len(msgs) == len(gt["clean"])
+    for m, sid in zip(msgs, [r for r in recs if r in set(gt["clean"])], strict=True):
+        assert [x["role"] for x in m] == ["user", "assistant"] * (len(m) // 2)
+        assert sum(x["content"].count(IMAGE_TOKEN) for x in m) == len(_images(recs[sid]))
+
+
 def test_cli_prints_summary(tmp_path, capsys):
     info = demo.main(["--out", str(tmp_path / "d"), "--n", "40", "--seed", "1", "--no-corrupt"])
     text = capsys.readouterr().out
