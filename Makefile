@@ -9,7 +9,7 @@ MAKEFLAGS += --no-print-directory
 # ---------------------------------------------------------------- environment
 # The interpreter that creates the venv. Python 3.11 is required (pyproject: >=3.11,<3.12).
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
-VENV := $(CURDIR)/.venv
+VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 LOCK := requirements/lock.txt
@@ -39,9 +39,10 @@ STATE_DIRS := $(STATE)/home $(STATE)/tmp $(STATE)/cache $(STATE)/config $(STATE)
 
 # ---------------------------------------------------------------- packaging / registration
 # VERSION names the registered entities and the image tags. Default: git short SHA, with "-dirty" appended
-# when the tree has uncommitted changes (`make register` refuses a dirty VERSION; `make package` allows it).
+# when tracked or untracked (not ignored) files differ from HEAD. `make register` refuses a dirty tree
+# whatever VERSION says (a registered version must be a commit); `make package` allows it.
 GIT_SHA := $(shell git rev-parse --short HEAD 2>/dev/null || echo nogit)
-GIT_DIRTY := $(shell git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)
+GIT_DIRTY := $(shell git status --porcelain 2>/dev/null | grep -q . && echo -dirty)
 VERSION ?= $(GIT_SHA)$(GIT_DIRTY)
 REGISTRY ?= ghcr.io/mmcurate
 IMAGE_TAG ?= $(VERSION)
@@ -84,7 +85,8 @@ $(STAMP): pyproject.toml $(LOCK)
 
 test: setup ## Run the test suite with all state under .state/ (extra args: PYTEST_ARGS=...)
 	@mkdir -p $(STATE_DIRS)
-	$(ISOLATED_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	@echo "pytest $(PYTEST_ARGS)  (HOME, TMPDIR, caches, RAY_TMPDIR=$(RAY_TMPDIR) isolated under .state/; offline)"
+	@$(ISOLATED_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup ## Run the demo curation on generated data, CPU, offline (scripts/demo.sh)
 	@mkdir -p $(STATE_DIRS)
@@ -101,13 +103,15 @@ format: setup ## Apply ruff's fixes and formatting
 package: setup ## Serialize every workflow/launch plan into $(PACKAGE_OUT), offline (no Docker, no cluster)
 	@mkdir -p $(STATE_DIRS)
 	$(ISOLATED_ENV) $(VENV)/bin/pyflyte --pkgs $(PKGS) package $(IMAGE_ARGS) --force --output $(PACKAGE_OUT)
-	@echo "wrote $(PACKAGE_OUT) (version-independent; images: $(IMAGE_CPU) ...)"
+	@echo "wrote $(PACKAGE_OUT) (images: $(IMAGE_CPU), $(IMAGE_GPU), $(IMAGE_VLLM), $(IMAGE_TRAIN))"
 
 register: setup ## Register every workflow/launch plan with --version $(VERSION) (refuses a dirty tree)
-	@case '$(VERSION)' in *-dirty) echo "make register: refusing to register a dirty tree as $(VERSION);" \
-		"commit first (or pass an explicit VERSION=... you can reproduce)" >&2; exit 1;; esac
-	pyflyte_cfg='$(FLYTE_CONFIG)'; $(VENV)/bin/pyflyte --config "$$pyflyte_cfg" register --project $(PROJECT) \
-		--domain $(DOMAIN) --version $(VERSION) $(IMAGE_ARGS) --activate-launchplans $(PKGS)
+	@if [ -n "$(GIT_DIRTY)" ]; then echo "make register: the tree has uncommitted changes (git status);" \
+		"commit them first so that version $(VERSION) names a commit" >&2; exit 1; fi
+	@# Fast registration (pyflyte's default --copy all): the code travels next to the images, so an image
+	@# only needs rebuilding when pins or Dockerfiles change (IMAGE_TAG=... reuses one).
+	$(VENV)/bin/pyflyte --config $(FLYTE_CONFIG) register --project $(PROJECT) --domain $(DOMAIN) \
+		--version $(VERSION) $(IMAGE_ARGS) --activate-launchplans $(PKGS)
 
 register-dry-run: setup ## Serialize exactly what `make register` would send, without contacting a cluster
 	@mkdir -p $(STATE_DIRS)
