@@ -176,4 +176,26 @@ def moto_s3(moto_server, monkeypatch):
     try:
         yield MotoS3(moto_server, bucket, storage_options)
     finally:
-        s3fs.S3FileSystem.clear_instance_cache()
+        _close_s3_sessions()
+
+
+def _close_s3_sessions() -> None:
+    """Close the aiohttp sessions of cached s3fs instances (async ones, e.g. flytekit's, have no finalizer)."""
+    import fsspec.asyn
+    import s3fs
+
+    classes, todo = [], [s3fs.S3FileSystem]
+    while todo:  # flytekit uses its own subclass, with its own instance cache
+        cls = todo.pop()
+        classes.append(cls)
+        todo.extend(cls.__subclasses__())
+    for cls in classes:
+        for fs in list(cls._cache.values()):
+            creator = getattr(fs, "_s3creator", None)
+            if creator is None:
+                continue
+            if fs.loop is not None and fs.loop.is_running():  # s3fs's own close gives up after 0.1 s
+                fsspec.asyn.sync(fs.loop, creator.__aexit__, None, None, None, timeout=10)
+            else:
+                s3fs.S3FileSystem.close_session(fs.loop, creator)
+        cls.clear_instance_cache()
