@@ -194,8 +194,10 @@ def _close_s3_sessions() -> None:
             creator = getattr(fs, "_s3creator", None)
             if creator is None:
                 continue
-            if fs.loop is not None and fs.loop.is_running():  # s3fs's own close gives up after 0.1 s
-                fsspec.asyn.sync(fs.loop, creator.__aexit__, None, None, None, timeout=10)
+            # an asynchronous instance forgets its loop (fs.loop is None) but keeps it in storage_options
+            loop = fs.storage_options.get("loop") if fs.asynchronous else fs.loop
+            if loop is not None and loop.is_running():  # s3fs's own close gives up after 0.1 s
+                fsspec.asyn.sync(loop, creator.__aexit__, None, None, None, timeout=10)
             else:
-                s3fs.S3FileSystem.close_session(fs.loop, creator)
+                s3fs.S3FileSystem.close_session(loop, creator)
         cls.clear_instance_cache()
