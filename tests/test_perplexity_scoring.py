@@ -168,6 +168,10 @@ def test_zero_scored_tokens_and_truncation(lm, scorer):
     assert by["ok"].reason == "" and not by["ok"].truncated
     # left truncation keeps the answer; right truncation cuts it away entirely
     assert by["long"].truncated and by["long"].n_tokens == 256 and by["long"].n_scored > 0
+    # text mode: a conversation that is only placeholders leaves nothing to score
+    text = PerplexityScorer(replace(scorer.cfg, mode="text"), scorer.tok, scorer.model)
+    (t,), _ = text.score_samples([conv(("human", "<image>"), ("gpt", "<image>"), images=2, sid="imgs")])
+    assert t.n_scored == 0 and math.isnan(t.ppl) and t.reason == "ppl_no_scored_tokens"
     right = PerplexityScorer(replace(scorer.cfg, truncation_side="right"), scorer.tok, scorer.model)
     (r,), _ = right.score_samples([long])
     assert r.truncated and r.n_scored == 0 and r.reason == "ppl_no_scored_tokens:truncated" and math.isnan(r.ppl)
