@@ -41,3 +41,27 @@ def test_tasks_end_to_end(tmp_path):
     assert {f"g{i:04d}" for i in range(4)} <= set(worst)
     filtered = slice_by_perplexity(scores=scored, mode="range", high_pct=90.0)
     check_balance([scored.path, filtered.path], ["perplexity", "ppl_filter"], inputs=[r["id"] for r in recs])
+
+
+def test_workflow_runs_locally_after_ingest(tmp_path):
+    from flytekit.types.directory import FlyteDirectory
+    from flytekit.types.file import FlyteFile
+    from PIL import Image
+
+    from core.ingest import IngestConfig, ingest
+    from workflows.perplexity import perplexity_slices
+
+    recs = clean_records(24, seed=5) + garbled_records(3)
+    (tmp_path / "img").mkdir()
+    for r in recs:
+        Image.new("RGB", (8, 8), (10, 200, 10)).save(tmp_path / "img" / r["image"])
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    ingest(IngestConfig(source=str(tmp_path / "data.jsonl"), image_root=str(tmp_path / "img"),
+                        run_dir=str(tmp_path / "run")))
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"clean": [r["id"] for r in recs if r["id"].startswith("c")]}))
+    out = perplexity_slices(run=FlyteDirectory(str(tmp_path / "run")), reference_ids=FlyteFile(str(ref)),
+                            n_slices=3, lm_steps=30)
+    manifest = json.loads((Path(out.path) / "ppl_filter" / "slices.json").read_text())
+    assert [m["n"] for m in manifest] == [9, 9, 9]
+    assert {f"g{i:04d}" for i in range(3)} <= set(json.loads(Path(manifest[-1]["ids"]).read_text()))
