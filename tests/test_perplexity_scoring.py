@@ -126,6 +126,14 @@ def test_hand_computed_two_turn_nll(scorer):
     assert got.n_tokens == len(ids)
     assert math.isclose(got.nll, want, rel_tol=1e-5)
     assert math.isclose(got.ppl, math.exp(want), rel_tol=1e-5)
+    assert got.turn_tokens == [len(c_ids)] and math.isclose(got.turn_nll[0], want, rel_tol=1e-5)
+
+
+def test_per_turn_stats(scorer):
+    (s,), _ = scorer.score_samples([BASE])
+    enc = scorer.encoder.encode(BASE)
+    assert s.turn_tokens == run_lengths(enc.scored) and len(s.turn_tokens) == 2
+    assert math.isclose(sum(n * t for n, t in zip(s.turn_tokens, s.turn_nll)) / s.n_scored, s.nll, rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["text", "assistant_only"])

@@ -53,6 +53,7 @@ class Encoded:
     sample_id: str
     input_ids: np.ndarray  # int64, after truncation
     scored: np.ndarray  # bool, same length
+    segment: np.ndarray  # int32, same length: assistant turn index of a scored token (0 in text mode), else -1
     truncated: bool
     n_tokens_full: int  # before truncation
     reason: str = ""  # why nothing is scored (n_scored == 0), else ""
@@ -94,8 +95,8 @@ class Encoder:
             add_bos = not self.use_model_template  # a model's template adds its own BOS when it wants one
         else:
             raise EncodeError("ppl_mode_unsupported", f"mode {self.cfg.mode} is not token-encoded")
-        ids, scored = self._tokenize(text, spans, add_bos)
-        return self._truncate(sample.id, ids, scored)
+        ids, segment = self._tokenize(text, spans, add_bos)
+        return self._truncate(sample.id, ids, segment)
 
     def messages(self, sample: Sample) -> list[dict[str, str]]:
         """The sample as chat messages (roles user/assistant/system)."""
@@ -153,38 +154,40 @@ class Encoder:
         return self._skeletons[roles]
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]] | None, add_bos: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and per-token segment (-1 = not scored, k = k-th assistant span, 0 in text mode)."""
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         start, end = offs[:, 0], offs[:, 1]
         nonempty = end > start
+        segment = np.full(len(ids), -1, dtype=np.int32)
         if spans is None:  # text mode: every real token
-            scored = nonempty.copy()
+            segment[nonempty] = 0
         else:
-            scored = np.zeros(len(ids), dtype=bool)
-            for s, e in spans:
-                scored |= nonempty & (start < e) & (end > s)
+            for k, (s, e) in enumerate(spans):
+                segment[nonempty & (start < e) & (end > s)] = k
         for m in _IMAGE_RE.finditer(text):  # placeholders never count, whatever the tokenizer does with them
-            scored &= ~((start < m.end()) & (end > m.start()))
+            segment[(start < m.end()) & (end > m.start())] = -1
         if add_bos and self.bos_id is not None and (len(ids) == 0 or ids[0] != self.bos_id):
             ids = np.concatenate([[self.bos_id], ids]).astype(np.int64)
-            scored = np.concatenate([[False], scored])
-        if len(scored):
-            scored[0] = False
-        return ids, scored
+            segment = np.concatenate([[-1], segment]).astype(np.int32)
+        if len(segment):
+            segment[0] = -1
+        return ids, segment
 
-    def _truncate(self, sid: str, ids: np.ndarray, scored: np.ndarray) -> Encoded:
+    def _truncate(self, sid: str, ids: np.ndarray, segment: np.ndarray) -> Encoded:
         n = len(ids)
-        had = bool(scored.any())
+        had = bool((segment >= 0).any())
         truncated = n > self.cfg.max_length
         if truncated:
             sl = slice(n - self.cfg.max_length, n) if self.cfg.truncation_side == "left" else slice(0, self.cfg.max_length)
-            ids, scored = ids[sl], scored[sl].copy()
-            scored[0] = False
+            ids, segment = ids[sl], segment[sl].copy()
+            segment[0] = -1
+        scored = segment >= 0
         reason = ""
         if not scored.any():
             reason = "ppl_no_scored_tokens:truncated" if (had and truncated) else "ppl_no_scored_tokens"
-        return Encoded(sid, ids, scored, truncated, n, reason)
+        return Encoded(sid, ids, scored, segment, truncated, n, reason)
 
 
 def _render_plain(msgs: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:

@@ -2,7 +2,8 @@
 
 Layout under the step's output directory `out`::
 
-    out/perplexity/scores-<shard>.parquet   sample_id, shard, nll, ppl, n_scored, n_tokens, truncated, reason, preview
+    out/perplexity/scores-<shard>.parquet   sample_id, shard, nll, ppl, n_scored, n_tokens, truncated, reason,
+                                            preview, turn_nll, turn_tokens (per assistant turn)
     out/ledger/perplexity/part-<shard>.parquet
         keep (score = ppl) | quarantine ppl_no_scored_tokens[:truncated] | quarantine ppl_template_mismatch
         | reader quarantines (corrupt records met while streaming) | missing_from_shard (part-zz-missing)
@@ -38,7 +39,7 @@ PREVIEW_CHARS = 600
 SCORES_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("shard", pa.string()), ("nll", pa.float64()), ("ppl", pa.float64()),
     ("n_scored", pa.int64()), ("n_tokens", pa.int64()), ("truncated", pa.bool_()), ("reason", pa.string()),
-    ("preview", pa.string()),
+    ("preview", pa.string()), ("turn_nll", pa.list_(pa.float64())), ("turn_tokens", pa.list_(pa.int64())),
 ])
 
 

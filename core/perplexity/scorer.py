@@ -34,6 +34,8 @@ class SampleScore:
     n_tokens: int
     truncated: bool
     reason: str = ""
+    turn_nll: list[float] = field(default_factory=list)  # mean NLL per assistant turn (one entry in text mode)
+    turn_tokens: list[int] = field(default_factory=list)  # scored tokens per assistant turn (0: truncated away)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -159,7 +161,7 @@ class PerplexityScorer:
         import torch
 
         t0 = time.perf_counter()
-        nll_sum = np.zeros(len(encoded), dtype=np.float64)
+        token_nll: dict[int, np.ndarray] = {}
         live = [i for i, e in enumerate(encoded) if e.n_scored > 0]
         stats = BatchStats(n_samples=len(encoded))
         batches = make_batches([len(encoded[i].input_ids) for i in live], self.cfg.batch_tokens, self.cfg.sort_buckets,
@@ -167,8 +169,8 @@ class PerplexityScorer:
         with torch.inference_mode():
             for b in batches:
                 rows = [live[j] for j in b]
-                sums = self._forward([encoded[i] for i in rows])
-                nll_sum[rows] = sums
+                for i, t in zip(rows, self._forward([encoded[i] for i in rows])):
+                    token_nll[i] = t
                 longest = max(len(encoded[i].input_ids) for i in rows)
                 stats.n_batches += 1
                 stats.real_tokens += sum(len(encoded[i].input_ids) for i in rows)
@@ -177,9 +179,17 @@ class PerplexityScorer:
         for i, e in enumerate(encoded):
             n = e.n_scored
             stats.scored_tokens += n
-            nll = nll_sum[i] / n if n else math.nan
+            nll = float(token_nll[i].sum() / n) if n else math.nan
             ppl = math.exp(nll) if n else math.nan
-            out.append(SampleScore(e.sample_id, float(nll), ppl, n, len(e.input_ids), e.truncated, e.reason))
+            turn_nll, turn_tokens = [], []
+            if n:
+                seg = e.segment[e.scored]
+                cnt = np.bincount(seg, minlength=int(seg.max()) + 1)
+                tot = np.bincount(seg, weights=token_nll[i], minlength=len(cnt))
+                turn_tokens = cnt.tolist()
+                turn_nll = [float(t / c) if c else math.nan for t, c in zip(tot, cnt)]
+            out.append(SampleScore(e.sample_id, nll, ppl, n, len(e.input_ids), e.truncated, e.reason,
+                                   turn_nll, turn_tokens))
         stats.seconds = time.perf_counter() - t0
         self.stats += stats
         return out
@@ -189,8 +199,8 @@ class PerplexityScorer:
         enc, bad = self.encode(samples)
         return self.score_encoded(enc), bad
 
-    def _forward(self, rows: Sequence[Encoded]) -> np.ndarray:
-        """Sum of token NLLs at scored positions for each row of one padded batch."""
+    def _forward(self, rows: Sequence[Encoded]) -> list[np.ndarray]:
+        """Token NLLs at the scored positions (ascending) of each row of one padded batch."""
         import torch
         import torch.nn.functional as F
 
@@ -207,13 +217,14 @@ class PerplexityScorer:
         # position p's logits predict token p+1: gather the predicting positions of scored tokens
         row, pos = mask[:, 1:].nonzero(as_tuple=True)
         feats, head = self._scored_features(ids, att, row, pos)
-        sums = torch.zeros(len(rows), dtype=torch.float64, device=ids.device)
+        parts = []
         chunk = 4096  # LM head + float32 log-softmax over the vocab, a few thousand positions at a time
         for k in range(0, len(row), chunk):
             r, p = row[k : k + chunk], pos[k : k + chunk]
-            nll = F.cross_entropy(head(feats[k : k + chunk]).float(), ids[r, p + 1], reduction="none")
-            sums.index_add_(0, r, nll.double())
-        return sums.cpu().numpy()
+            parts.append(F.cross_entropy(head(feats[k : k + chunk]).float(), ids[r, p + 1], reduction="none"))
+        nll = torch.cat(parts).double().cpu().numpy()
+        # nonzero() is row-major: each row's scored positions are contiguous and ascending
+        return np.split(nll, np.cumsum([e.n_scored for e in rows])[:-1])
 
 
     def _scored_features(self, ids: Any, att: Any, row: Any, pos: Any) -> tuple[Any, Any]:
