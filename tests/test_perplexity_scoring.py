@@ -196,6 +196,36 @@ def test_template_that_rewrites_content_is_quarantined(scorer):
     scores, bad = sc.score_samples([fine, spaced])
     assert [s.sample_id for s in scores] == ["fine"]
     assert [(sid, e.reason) for sid, e in bad] == [("spaced", "ppl_template_mismatch")]
+    # a template that raises on a system turn quarantines that sample instead of crashing the job
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    sc = PerplexityScorer(replace(scorer.cfg, chat_template="model"), tok, scorer.model)
+    sys_turn = conv(("system", "Be brief."), ("human", "Hi"), ("gpt", "Hello."), sid="sys")
+    scores, bad = sc.score_samples([fine, sys_turn])
+    assert [s.sample_id for s in scores] == ["fine"] and [(i, e.reason) for i, e in bad] == [("sys", "ppl_template_error")]
+
+
+def test_template_with_default_system_prompt_repeating_the_answer(scorer):
+    """A Qwen-style template that injects a default system prompt; the prompt even contains the answer
+    text, so a naive search for the content would mark the wrong span. Only the real answer is scored."""
+    import copy
+
+    tok = copy.deepcopy(scorer.tok)
+    tok.chat_template = (
+        "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|im_start|>system\nSay: The cat in the picture is red."
+        "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}")
+    enc = Encoder(tok, replace(scorer.cfg, chat_template="model"))
+    s = conv(("human", "<image>\nWhat color is the cat in the picture?"), ("gpt", "The cat in the picture is red."),
+             images=1)
+    r = enc.encode(s)
+    assert r.input_ids[0] == tok.bos_token_id
+    assert scored_runs(tok, r) == ["The cat in the picture is red."]
+    text = tok.decode(r.input_ids)
+    assert text.count("The cat in the picture is red.") == 2
+    # the scored run is the last occurrence (the answer), not the one in the system prompt
+    first_scored = int(np.flatnonzero(r.scored)[0])
+    assert tok.decode(r.input_ids[:first_scored]).endswith("<|im_start|>assistant\n")
 
 
 def test_make_batches_budget_and_sorting():

@@ -9,7 +9,8 @@ turns in `assistant_only`, padding.
 sentinels in place of the message contents (a skeleton that depends only on the roles), the real
 contents are spliced in at the sentinels (so each content's character span is known), and the result
 must equal the template's own rendering of the real messages, else the sample is quarantined
-(`ppl_template_mismatch`: e.g. a template that rewrites content). Token i is scored when its character
+(`ppl_template_mismatch`: e.g. a template that rewrites content; `ppl_template_error` when the template
+itself raises, e.g. on a system turn). Token i is scored when its character
 span (tokenizer offsets) overlaps an assistant content span.
 
 Plain template (used when the tokenizer has no chat template, or `chat_template="plain"`)::
@@ -121,7 +122,7 @@ class Encoder:
             out += [m["content"], after]
             pos += len(m["content"]) + len(after)
         text = "".join(out)
-        real = self.tok.apply_chat_template(msgs, tokenize=False)
+        real = self._apply_template(msgs)
         if real != text:
             raise EncodeError("ppl_template_mismatch", "chat template does not insert contents verbatim")
         return text, spans
@@ -141,7 +142,7 @@ class Encoder:
     def _skeleton(self, roles: tuple[str, ...]) -> tuple[list[str], str]:
         if roles not in self._skeletons:
             msgs = [{"role": r, "content": _sentinel(i)} for i, r in enumerate(roles)]
-            skel = self.tok.apply_chat_template(msgs, tokenize=False)
+            skel = self._apply_template(msgs)
             pieces: list[str] = []
             rest = skel
             for i in range(len(roles)):
@@ -152,6 +153,14 @@ class Encoder:
             pieces.append(rest)
             self._skeletons[roles] = (pieces, skel)
         return self._skeletons[roles]
+
+    def _apply_template(self, msgs: list[dict[str, str]]) -> str:
+        import jinja2
+
+        try:
+            return self.tok.apply_chat_template(msgs, tokenize=False)
+        except jinja2.TemplateError as e:  # e.g. a template that rejects a system turn: quarantine, not crash
+            raise EncodeError("ppl_template_error", str(e)[:200]) from None
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]] | None, add_bos: bool) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and per-token segment (-1 = not scored, k = k-th assistant span, 0 in text mode)."""
