@@ -95,7 +95,8 @@ def score_perplexity(
     :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids.
     :param prev_step: Name of the previous step ("" = score every sample of the shards).
     :param preset: Base settings: `tiny` (CPU fp32, 4k-token batches) or `qwen0.5b` (bf16 GPU, 32k-token batches).
-    :param mode: `assistant_only` (answers given the preceding turns), `text` (all turns, no images) or `vlm`.
+    :param mode: `assistant_only` (answers given the preceding turns), `text` (all turns, no images) or `vlm`
+        (`model` is then an HF image-text-to-text model whose processor expands `<image>`, LLaVA-style).
     :param device: `auto`, `cpu`, `cuda`.
     :param dtype: `auto` (bf16 on cuda, fp32 on cpu), `float32`, `bfloat16`, `float16`.
     :param batch_tokens: Token budget per batch including padding (0 = preset's).

@@ -5,10 +5,10 @@ from core.perplexity.encode import Encoded, EncodeError, Encoder
 from core.perplexity.pipeline import read_scores, score_shards
 from core.perplexity.scorer import BatchStats, PerplexityScorer, SampleScore, make_batches, naive_scores
 from core.perplexity.slices import SliceConfig, slice_by_perplexity
-from core.perplexity.vlm import VLMScorer
+from core.perplexity.vlm import HFVLMScorer, VLMScorer
 
 __all__ = [
-    "PRESETS", "BatchStats", "EncodeError", "Encoded", "Encoder", "PerplexityConfig", "PerplexityScorer",
+    "PRESETS", "BatchStats", "HFVLMScorer", "EncodeError", "Encoded", "Encoder", "PerplexityConfig", "PerplexityScorer",
     "SampleScore", "SliceConfig", "VLMScorer", "make_batches", "naive_scores", "qwen_perplexity_config",
     "read_scores", "score_shards", "slice_by_perplexity", "tiny_perplexity_config",
 ]

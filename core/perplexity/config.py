@@ -16,7 +16,7 @@ class PerplexityConfig:
     :param mode: `text` (all turns joined as plain text, `<image>` placeholders removed with LLaVA's
         newline), `assistant_only` (loss only on assistant-turn content tokens, conditioned on all
         preceding turns, rendered with the model's chat template or the plain template), or `vlm`
-        (a `VLMScorer` expands images; see `core.perplexity.vlm`).
+        (as assistant_only, with the images through a VLM: `core.perplexity.vlm.HFVLMScorer`).
     :param device: `cpu`, `cuda`, `cuda:N` or `auto` (cuda when available).
     :param dtype: `auto` (bf16 on cuda, fp32 on cpu), `float32`, `bfloat16` or `float16`.
     :param batch_tokens: Token budget of one batch, padding included (batch rows x longest row).

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from core.ledger import LedgerWriter, read_ledger, step_dir
 from core.perplexity.config import PerplexityConfig
 from core.perplexity.scorer import BatchStats, PerplexityScorer, SampleScore
-from core.perplexity.vlm import VLMScorer
+from core.perplexity.vlm import HFVLMScorer, VLMScorer
 from core.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,12 @@ def score_shards(
     """Score every sample of `shards` (restricted to `include_ids`, the previous step's passing ids).
 
     Skips shards whose ledger part already exists (resume). The model is loaded once, lazily, only when
-    a shard needs scoring. `read_shard(url, quarantine=, include_ids=, load_images=, verify_images=)`
+    a shard needs scoring (`HFVLMScorer` in vlm mode unless another `VLMScorer` is given). `read_shard(url, quarantine=, include_ids=, load_images=, verify_images=)`
     defaults to `core.wds.iter_shard`. Returns the summary (also written to `perplexity/summary.json`).
     """
     from core.wds import iter_shard, shard_name
 
     read_shard = read_shard or iter_shard
-    if config.mode == "vlm" and scorer is None:
-        raise ValueError("mode 'vlm' needs a VLMScorer passed as `scorer`; none is bundled (see core.perplexity.vlm)")
     t0 = time.time()
     stats = BatchStats()
     done, skipped = 0, 0
@@ -130,15 +128,14 @@ def score_shards(
             skipped += 1
             continue
         if scorer is None:
-            scorer = PerplexityScorer(config)
+            scorer = HFVLMScorer(config) if config.mode == "vlm" else PerplexityScorer(config)
         with LedgerWriter(part, STEP) as led:
             samples = read_shard(url, quarantine=led, include_ids=include_ids, load_images=config.mode == "vlm",
                                  verify_images=False)
             got = score_samples_to_part(samples, name, out, scorer, led)  # an empty part is still published
         done += 1
         log.info("perplexity: shard %d/%d %s scored %d samples", i + 1, len(shards), name, len(got))
-    if isinstance(scorer, PerplexityScorer):
-        stats = scorer.stats
+    stats = getattr(scorer, "stats", None) or stats
     if include_ids is not None:
         _ledger_missing(out, include_ids)
     summary = summarize(out) | {"shards_scored": done, "shards_skipped": skipped, "seconds": round(time.time() - t0, 2),
