@@ -131,7 +131,8 @@ class HFVLMScorer:
         stats = BatchStats(n_samples=len(samples))
         lengths = [len(items[k].ids) for k in live]
         with torch.inference_mode():
-            for b in make_batches(lengths, self.cfg.batch_tokens, self.cfg.sort_buckets, self.cfg.max_padding_waste):
+            for b in make_batches(lengths, self.cfg.batch_tokens, self.cfg.sort_buckets,
+                                  self.cfg.max_padding_waste if self.cfg.sort_buckets else 1.0):
                 rows = [live[j] for j in b]
                 for k, v in zip(rows, self._forward([items[k] for k in rows])):
                     sums[k] = v
