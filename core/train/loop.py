@@ -106,8 +106,13 @@ def _save_checkpoint(model: MiniLlava, opt: Any, sched: Any, cfg: TrainConfig, n
 
 
 def _prune_step_checkpoints(cfg: TrainConfig) -> None:
-    steps = [d for _, d in list_checkpoints(cfg.output_dir) if d.name.startswith("step-")]
-    for d in steps[: max(0, len(steps) - cfg.keep_step_checkpoints)]:
+    """Drop mid-epoch checkpoints older than the newest epoch checkpoint, then all but the newest K."""
+    ck = list_checkpoints(cfg.output_dir)
+    last_epoch = max((s for s, d in ck if d.name.startswith("epoch-")), default=-1)
+    steps = [d for s, d in ck if d.name.startswith("step-")]
+    stale = [d for s, d in ck if d.name.startswith("step-") and s <= last_epoch]
+    fresh = [d for d in steps if d not in stale]
+    for d in stale + fresh[: max(0, len(fresh) - cfg.keep_step_checkpoints)]:
         shutil.rmtree(d, ignore_errors=True)
 
 
