@@ -267,3 +267,32 @@ def verify_export(out_dir: str) -> dict[str, Any]:
     if sum(sh["n_samples"] for sh in manifest["shards"]) != manifest["n_samples"]:
         raise ExportError("manifest shard counts do not add up to n_samples")
     return manifest
+
+
+def export_report_html(manifest: dict[str, Any]) -> str:
+    """Deck HTML: summary, samples removed per step and reason, shard sizes."""
+    import pandas as pd
+
+    from core.report import figure_html, new_figure, page, table_html
+
+    summary = {k: manifest[k] for k in ("selection", "subset", "n_samples", "n_shards", "n_bytes", "n_rephrased",
+                                        "n_kept_by_last_step", "subset_outside_kept")}
+    summary["rephrase_fallbacks"] = ", ".join(f"{k}={v}" for k, v in manifest["rephrase_fallbacks"].items())
+    steps = pd.DataFrame([{k: r[k] for k in ("step", "inputs", "kept", "modified", "removed")}
+                          for r in manifest["removed_by_step"]])
+    reasons = pd.DataFrame([{"step": r["step"], **x} for r in manifest["removed_by_step"] for x in r["by_reason"]])
+    shards = pd.DataFrame([{"shard": s["name"], "samples": s["n_samples"], "MB": s["n_bytes"] / 1e6,
+                            "sha256": s["sha256"][:16]} for s in manifest["shards"]])
+    parts = [table_html([summary], "export"), table_html(steps, "samples per step")]
+    if len(reasons):
+        fig, ax = new_figure(7, 0.35 * len(reasons) + 1.2)
+        labels = [f"{r.step}: {r.reason}" for r in reasons.itertuples()]
+        ax.barh(labels[::-1], reasons["count"].tolist()[::-1])
+        ax.set_xlabel("samples removed")
+        parts += [figure_html(fig, "removed by step and reason"), table_html(reasons, "removed by reason")]
+    fig, ax = new_figure()
+    ax.hist(shards["MB"], bins=20)
+    ax.set_xlabel("MB per shard")
+    ax.set_ylabel("shards")
+    parts += [figure_html(fig, "shard sizes"), table_html(shards, "shards")]
+    return page(*parts)

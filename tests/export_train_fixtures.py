@@ -110,3 +110,18 @@ def write_tar(path: Path, records: list[tuple[dict, list[bytes]]]) -> None:
                 ti = tarfile.TarInfo(name)
                 ti.size, ti.mode, ti.mtime = len(data), 0o644, 0
                 tf.addfile(ti, io.BytesIO(data))
+
+
+def make_tiny_clip_dir(out: Path, tmp: Path) -> str:
+    """An open_clip `local-dir` (open_clip_config.json + open_clip_model.safetensors) of the tiny ViT."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    name = register_tiny_clip(tmp)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return str(out)

@@ -43,6 +43,7 @@ class TrainConfig:
     nnodes: int = 1
     nproc_per_node: int = 1
     log_every_n_steps: int = 1
+    mirror_uri: str | None = None  # durable copy of checkpoints (s3://...) for preemption across pods
     wandb_project: str | None = None  # log to W&B too when set and wandb is installed
     wandb_run_name: str | None = None
 

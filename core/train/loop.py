@@ -105,6 +105,15 @@ def _save_checkpoint(model: MiniLlava, opt: Any, sched: Any, cfg: TrainConfig, n
     return final
 
 
+def _publish(cfg: TrainConfig, ckpt: Path) -> None:
+    """Prune old mid-epoch checkpoints, then mirror the new one when `mirror_uri` is set."""
+    _prune_step_checkpoints(cfg)
+    if cfg.mirror_uri:
+        from core.train.storage import push
+
+        push(ckpt, cfg.output_dir, cfg.mirror_uri)
+
+
 def _prune_step_checkpoints(cfg: TrainConfig) -> None:
     """Drop mid-epoch checkpoints older than the newest epoch checkpoint, then all but the newest K."""
     ck = list_checkpoints(cfg.output_dir)
@@ -187,6 +196,11 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
         torch.cuda.set_device(device)
     out = Path(cfg.output_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if cfg.mirror_uri and local == 0:
+        from core.train.storage import pull
+
+        pull(cfg.mirror_uri, out)
+    _barrier(world)
 
     ckpts = list_checkpoints(out)
     resume = ckpts[-1][1] if ckpts else None
@@ -296,9 +310,8 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
             stop = cfg.max_steps is not None and global_step >= cfg.max_steps
             if not last_in_epoch and (stop or (cfg.ckpt_every_n_steps and global_step % cfg.ckpt_every_n_steps == 0)):
                 if rank == 0:
-                    _save_checkpoint(model, opt, sched, cfg, f"step-{global_step:08d}",
-                                     state_at(epoch, step_in_epoch + 1, done=stop))
-                    _prune_step_checkpoints(cfg)
+                    _publish(cfg, _save_checkpoint(model, opt, sched, cfg, f"step-{global_step:08d}",
+                                                   state_at(epoch, step_in_epoch + 1, done=stop)))
                 _barrier(world)
             if on_step is not None:
                 on_step(global_step)
@@ -309,8 +322,8 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
             break
         done = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and global_step >= cfg.max_steps)
         if rank == 0:
-            _save_checkpoint(model, opt, sched, cfg, f"epoch-{epoch + 1:04d}", state_at(epoch + 1, 0, done=done))
-            _prune_step_checkpoints(cfg)
+            _publish(cfg, _save_checkpoint(model, opt, sched, cfg, f"epoch-{epoch + 1:04d}",
+                                           state_at(epoch + 1, 0, done=done)))
             log.info("epoch %d done at step %d", epoch + 1, global_step)
         _barrier(world)
         if done:
