@@ -157,3 +157,27 @@ def test_generate_batched_equals_single(env):
     batched = model.generate(ims, prompts, max_new_tokens=6)
     single = [model.generate([im], [p], max_new_tokens=6)[0] for im, p in zip(ims, prompts)]
     assert batched == single and len(batched) == 3 and all(isinstance(x, str) for x in batched)
+
+
+def test_mirror_lets_a_fresh_pod_resume(env):
+    """A preempted pod loses its local dir; the relaunch on a new one pulls the mirror and resumes."""
+    import fsspec
+
+    ref = _rows(train(env["data"], _cfg(env, "ref3", epochs=1, ckpt_every_n_steps=3)).metrics_path)
+    uri = "memory://mmcurate-test/run3"
+    cfg = _cfg(env, "pod_a", epochs=1, ckpt_every_n_steps=3, mirror_uri=uri)
+
+    def kill(step):
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(env["data"], cfg, on_step=kill)
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/mmcurate-test/run3/checkpoints/step-00000003/trainer_state.json")
+    res = train(env["data"], cfg.replace(output_dir=str(env["tmp"] / "pod_b")))  # new, empty local dir
+    assert res.resumed_from.endswith("step-00000003")
+    b = _rows(res.metrics_path)
+    assert [r.get("loss", r.get("val_loss")) for r in b] == pytest.approx(
+        [r.get("loss", r.get("val_loss")) for r in ref], rel=1e-5)
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls("/mmcurate-test/run3/checkpoints", detail=False)] == ["epoch-0001"]
