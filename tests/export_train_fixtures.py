@@ -33,35 +33,13 @@ def register_tiny_clip(tmp: Path) -> str:
 
 
 def make_tiny_lm(out: Path, seed: int = 0) -> str:
-    """A random 2-layer Llama + a BPE tokenizer trained on a word list, with ChatML and `<image>` tokens."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """The project's tiny LM (core/tiny_lm.py: byte-level BPE with `<image>`, ChatML), briefly trained."""
+    from core.tiny_lm import train_tiny_lm
 
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>"]
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
-
-    tk.decoder = decoders.ByteLevel()
     rng = np.random.default_rng(seed)
-    corpus = [" ".join(rng.choice(WORDS, 12)) for _ in range(300)] + ["user assistant system \n"]
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
-                                  eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<image>"])
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    texts = [[{"role": "user", "content": "<image>\n" + " ".join(rng.choice(WORDS, 6))},
+              {"role": "assistant", "content": " ".join(rng.choice(WORDS, 5))}] for _ in range(200)]
+    return train_tiny_lm(texts, out, vocab_size=400, steps=30, hidden=64, seed=seed)
 
 
 def image_bytes(rng: np.random.Generator, size: int = 32, fmt: str = "JPEG") -> bytes:

@@ -98,7 +98,7 @@ def test_resume_after_kill_gives_identical_losses(env):
     assert res.global_step == ref.global_step == 16
     # losses go down: it trains for real
     losses = [r["loss"] for r in a if "loss" in r]
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.5
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3
 
 
 def test_resume_mid_epoch_from_step_checkpoint(env):
