@@ -47,18 +47,27 @@ def test_export_task(exported):
 
 
 @pytest.mark.slow
-def test_train_task_runs_under_torch_elastic(exported, flyte_env):
-    from tasks.train import train_mini_llava
+def test_train_task_runs_ddp_under_torch_elastic(exported, flyte_env):
+    """The task body under torch elastic with 2 local workers (DDP over gloo), as on a 2-GPU node."""
+    from flytekit import task
+    from flytekitplugins.kfpytorch import Elastic
 
+    from tasks.train import TRAIN_IMAGE, train_mini_llava
+
+    two = task(container_image=TRAIN_IMAGE,
+               task_config=Elastic(nnodes=1, nproc_per_node=2, increase_shared_mem=False))(train_mini_llava.task_function)
     out, _ = exported
     clip_dir = make_tiny_clip_dir(flyte_env / "clip", flyte_env)
     lm = make_tiny_lm(flyte_env / "lm")
-    res = train_mini_llava(data=out, vision_model="", vision_dir=FlyteDirectory(clip_dir), lm=FlyteDirectory(lm),
-                           epochs=2, batch_size=4, lr=3e-3, val_size=4, val_every_n_steps=2, device="cpu",
-                           checkpoint_uri=str(flyte_env / "ckpt"))
+    res = two(data=out, vision_model="", vision_dir=FlyteDirectory(clip_dir), lm=FlyteDirectory(lm),
+              epochs=2, batch_size=2, lr=3e-3, val_size=4, val_every_n_steps=2, device="cpu",
+              checkpoint_uri=str(flyte_env / "ckpt"))
     names = [os.path.basename(c.path) for c in res.checkpoints]
     assert names == ["epoch-0001", "epoch-0002"]
+    state = json.loads(open(os.path.join(res.checkpoints[-1].path, "trainer_state.json")).read())
+    assert state["data"]["world_size"] == 2 and state["config"]["nproc_per_node"] == 2
     rows = [json.loads(x) for x in open(res.metrics.path)]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))  # 23 train samples // 4 = 5 steps/epoch
+    # 23 training samples // (2 per rank x 2 ranks) = 5 steps per epoch
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
     model = load_mini_llava(res.checkpoints[-1].path)
     assert len(model.generate([[]], ["hello"], max_new_tokens=3)) == 1
