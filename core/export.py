@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -197,10 +199,14 @@ def export_curated(
              len(rephrased), len(shard_urls))
 
     out = out_dir.rstrip("/")
+    remote = "://" in out and not out.startswith("file://")
+    # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
+    led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else out
+    led_path = step_dir(led_root, STEP) / "part-export.parquet"
     writer = ShardWriter(f"{out}/shards", cfg.prefix, cfg.max_samples, cfg.max_bytes)
     fallbacks: dict[str, int] = {}
     n_rephrased = n = 0
-    with LedgerWriter(step_dir(out, STEP) / "part-export.parquet", STEP) as led:
+    with LedgerWriter(led_path, STEP) as led:
         for s in iter_samples(shard_urls, quarantine=led, include_ids=wanted, verify_images=cfg.verify_images):
             reason = ""
             if s.id in rephrased:
@@ -220,10 +226,14 @@ def export_curated(
         quarantined = dict(led.reasons)
         for r in fallbacks:
             quarantined.pop(r, None)
+    if remote:
+        fs, root = fsspec.core.url_to_fs(out)
+        fs.put_file(str(led_path), f"{root}/ledger/{STEP}/{led_path.name}")
+        shutil.rmtree(led_root, ignore_errors=True)
     if n != len(wanted):
         raise ExportError(
             f"exported {n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
-            f"(see {step_dir(out, STEP)})"
+            f"(see {out}/ledger/{STEP})"
         )
     manifest = {
         "format": 1,
