@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--mode", default="assistant_only", choices=["assistant_only", "text"])
-    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--batch-tokens", type=int, default=0,
+                    help="token budget per batch (0: 2048 on cpu, where activations must stay in cache; 16384 on cuda)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (same for both sides)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -58,13 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     ss = make_samples(a.n, a.seed)
     model_dir = a.model or ensure_tiny_lm(".state/bench_tiny_lm", [s.text("all") for s in make_samples(300, 99)],
                                           steps=100)
-    cfg = PerplexityConfig(model=model_dir, mode=a.mode, device=a.device, dtype=a.dtype,
-                           batch_tokens=a.batch_tokens, max_length=min(2048, a.batch_tokens))
+    bt = a.batch_tokens or (2048 if a.device == "cpu" else 16384)
+    cfg = PerplexityConfig(model=model_dir, mode=a.mode, device=a.device, dtype=a.dtype, batch_tokens=bt,
+                           max_length=min(2048, bt))
     sc = PerplexityScorer(cfg)
     enc, bad = sc.encode(ss)
     assert not bad, bad[:3]
     tokens = sum(len(e.input_ids) for e in enc)
-    print(f"model={model_dir} device={sc.device} dtype={a.dtype} mode={a.mode} samples={len(enc)} tokens={tokens} "
+    print(f"model={model_dir} device={sc.device} dtype={a.dtype} mode={a.mode} batch_tokens={bt} samples={len(enc)} tokens={tokens} "
           f"mean_len={tokens / len(enc):.1f} max_len={max(len(e.input_ids) for e in enc)}")
 
     sc.score_encoded(enc[:8])  # warm-up both paths (allocator, kernels)
