@@ -34,8 +34,8 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_kill_actor_mid_run_then_resume_is_byte_identical(ray_cluster, tmp_path):
     ray = ray_cluster
     cfg = tiny_embed_config(cache_dir=str(tmp_path / "cache"), batch_size=8, max_shard_retries=0)
-    samples = mixed_samples(96, seed=3, size=320)
-    urls = write_test_shards(str(tmp_path / "shards"), samples, per_shard=8)  # 12 shards
+    samples = mixed_samples(48, seed=3, size=160)
+    urls = write_test_shards(str(tmp_path / "shards"), samples, per_shard=6)  # 8 shards
 
     ref = tmp_path / "ref"
     embed_shards(urls, str(ref / "embed"), cfg, use_ray=False)  # uninterrupted reference, in-process
@@ -79,3 +79,28 @@ def test_kill_actor_mid_run_then_resume_is_byte_identical(ray_cluster, tmp_path)
     assert summary.n_actors == min(2, len(urls) - len(done))
     assert _files(run) == _files(ref)  # byte-identical to the uninterrupted run
     check_balance(run, ["embed"], inputs=[s.id for s in samples])  # no duplicates, nothing missing
+
+
+def test_flyte_task_runs_locally_on_ray_with_upstream_ledger(ray_cluster, tmp_path):
+    """The Flyte task body on an already-initialised local Ray (as flytekit's Ray plugin leaves it)."""
+    from flytekit.types.directory import FlyteDirectory
+
+    from core.ledger import LedgerWriter, read_ledger
+    from tasks.embed import embed_shards as embed_task
+
+    run = tmp_path / "run"
+    samples = mixed_samples(20, seed=4, size=96)
+    urls = write_test_shards(str(run / "shards"), samples, per_shard=7)
+    dropped = samples[3].id
+    with LedgerWriter(run / "ledger" / "ingest" / "part-ingest.parquet", "ingest") as led:
+        for i, s in enumerate(samples):
+            shard = f"shard-{i // 7:06d}"
+            led.add(s.id, "quarantine", "role_broken", shard=shard) if s.id == dropped else led.add(s.id, "keep", shard=shard)
+
+    out = embed_task(shards=FlyteDirectory(str(run)), upstream=FlyteDirectory(str(run)),
+                     cache_dir=str(tmp_path / "cache"), num_actors=2, batch_size=8)
+    out_dir = Path(out.path)
+    assert len(list((out_dir / "embed").glob("*.parquet"))) == len(urls)
+    ledger = read_ledger(out_dir / "ledger" / "embed")
+    assert sorted(ledger.sample_id) == sorted(s.id for s in samples if s.id != dropped)
+    check_balance([run, out_dir], ["ingest", "embed"])
