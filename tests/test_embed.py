@@ -39,7 +39,8 @@ def cfg(cache_dir) -> EmbedConfig:
 
 def _bad_samples() -> list:
     return [sample("bad_corrupt", [corrupt_jpeg(1)]), sample("bad_bomb", [bomb_png()]),
-            sample("bad_second_image", [encode(scene(3, 64)), corrupt_jpeg(2)])]
+            sample("bad_second_image", [encode(scene(3, 64)), corrupt_jpeg(2)]),
+            sample("bad_truncated_jpeg", [encode(scene(5, 256))[:1500]])]  # opens, fails in (draft) decode
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -103,6 +104,15 @@ def test_near_duplicates_are_nearer_than_unrelated(cfg):
     assert (1 - shuffled).mean() > 20 * (1 - dup_sim).mean(), ((1 - shuffled).mean(), (1 - dup_sim).mean())
 
 
+def test_jpeg_draft_decode_covers_model_input():
+    from core.embed.worker import decode_for_model
+
+    big = encode(scene(7, 800).resize((800, 600)))
+    im = decode_for_model(big, 64)
+    assert im.mode == "RGB" and min(im.size) >= 64 and im.size[0] < 800  # reduced, never below the input
+    assert decode_for_model(big, 0).size == (800, 600)  # draft off: full decode
+
+
 # ---- pipeline (in-process worker) -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -115,11 +125,12 @@ def test_embed_shards_layout_quarantine_resume(cfg, shards, tmp_path):
     samples, urls = shards
     out, led = str(tmp_path / "embed"), str(tmp_path / "ledger" / "embed")
     summary = embed_shards(urls, out, cfg, use_ray=False)
-    assert summary.n_kept == 21 and summary.n_quarantined == 3
+    assert summary.n_kept == 21 and summary.n_quarantined == 4
 
     ledger = read_ledger(led)
     q = ledger[ledger.decision == "quarantine"].set_index("sample_id")["reason"].to_dict()
-    assert q == {"bad_corrupt": "corrupt_image", "bad_bomb": "decompression_bomb", "bad_second_image": "corrupt_image"}
+    assert q == {"bad_corrupt": "corrupt_image", "bad_bomb": "decompression_bomb", "bad_second_image": "corrupt_image",
+                 "bad_truncated_jpeg": "corrupt_image"}
     check_balance(tmp_path, ["embed"], inputs=[s.id for s in samples])
 
     ids, pooled = load_embeddings(out, "image")

@@ -43,6 +43,8 @@ class EmbedConfig:
     out_dtype:    float16 | float32 for the stored (L2-normalised) vectors.
     max_shard_retries: how often a shard whose actor died is re-queued on a surviving actor in one run.
     prefetch_batches: batches the reader/decoders may run ahead of the model.
+    jpeg_draft:   decode JPEGs at a reduced DCT scale that still covers the model's input size (much
+                  cheaper; pixels differ slightly from a full decode + resize). False: full decode.
     actor_start_timeout_s: how long to wait for actors to load their model (GPU workers may still be joining).
     """
 
@@ -63,6 +65,7 @@ class EmbedConfig:
     max_shard_retries: int = 1
     prefetch_batches: int = 4
     actor_start_timeout_s: float = 900.0
+    jpeg_draft: bool = True
 
     def __post_init__(self) -> None:
         _check("text_view", self.text_view, TEXT_VIEWS)

@@ -56,6 +56,49 @@ class _QueueSink:
         self.q.put(("ledger", sample_id, decision, reason, shard, extra))
 
 
+def input_side(preprocess: Any) -> int:
+    """Largest side the model's preprocessing resizes to (its Resize/CenterCrop size), 0 if unknown."""
+    sides = []
+    for t in getattr(preprocess, "transforms", []):
+        size = getattr(t, "size", None)
+        if isinstance(size, int):
+            sides.append(size)
+        elif isinstance(size, (tuple, list)) and size:
+            sides.append(max(int(v) for v in size))
+    return max(sides, default=0)
+
+
+def decode_for_model(data: bytes, side: int) -> Any:
+    """`core.images.decode_image` with the same checks and reasons, but a JPEG is decoded at the smallest
+    DCT scale (1/2, 1/4, 1/8) that keeps both sides >= `side`: the model resizes to `side` anyway, and
+    this makes decode + resize of large photos several times cheaper. Other formats: decode_image."""
+    from core.images import DEFAULT_MAX_PIXELS, decode_image, sniff_format
+
+    if not side or sniff_format(data) != "JPEG":
+        return decode_image(data)
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > DEFAULT_MAX_PIXELS:
+                raise SampleError("decompression_bomb", f"{w}x{h} = {w * h} px > {DEFAULT_MAX_PIXELS}")
+            im.draft("RGB", (side, side))  # PIL keeps both sides >= side (shortest/squash resize modes)
+            im.load()
+            return im.convert("RGB")
+    except SampleError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError("decompression_bomb", str(e)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
 class ShardEmbedWorker:
     """Builds the embedders once, then embeds whole shards (`embed_shard`). Wrapped by `ray.remote` in
     `embed_shards`; plain object in tests and benchmarks."""
@@ -72,6 +115,7 @@ class ShardEmbedWorker:
         self.text = SigLIP2TextEmbedder(cfg) if cfg.embeds_texts else None
         self.pool = ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="embed-decode")
         self.pid = os.getpid()
+        self.draft_side = input_side(self.image.lm.preprocess) if self.image is not None and cfg.jpeg_draft else 0
         self.dim = self._probe_dim()
 
     def ready(self) -> int:
@@ -81,13 +125,11 @@ class ShardEmbedWorker:
     # ---- CPU side -------------------------------------------------------------------------------
     def _prepare(self, s: Sample) -> tuple[list[Any], float]:
         """Decode + preprocess all images of a sample; SampleError names the reason to quarantine."""
-        from core.images import decode_image
-
         t0 = time.perf_counter()
         out = []
         for i, data in enumerate(s.image_bytes):
             try:
-                im = decode_image(data)
+                im = decode_for_model(data, self.draft_side)
             except SampleError as e:
                 raise SampleError(e.reason, f"image {i}: {e.detail}") from None
             try:
