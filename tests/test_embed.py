@@ -193,3 +193,25 @@ def test_include_ids_mapping_and_truncated_shard(cfg, tmp_path):
     assert (reasons[samples[-1].id]) == "missing_from_shard"
     ids, _ = load_embeddings(tmp_path / "embed", "text")
     assert set(ids) == set(ledger.loc[ledger.decision == "keep", "sample_id"]) and samples[1].id not in ids
+
+
+def test_demo_planted_near_duplicates_retrieve_their_original(cfg, tmp_path):
+    """The demo's planted near-duplicate pairs (JPEG re-encode, resize, crop of one scene) after ingest:
+    with the random-weight tiny model the copy is the original's nearest or second-nearest image."""
+    from core.demo import generate_demo, load_ground_truth
+    from core.ingest import IngestConfig, ingest
+    from core.wds import list_shards
+
+    generate_demo(str(tmp_path / "data"), n_samples=160, seed=1)
+    ingest(IngestConfig(source=str(tmp_path / "data" / "data.jsonl"), image_root=str(tmp_path / "data" / "images"),
+                        run_dir=str(tmp_path / "run"), shard_max_samples=80))
+    embed_shards(list_shards(str(tmp_path / "run" / "shards")), str(tmp_path / "run" / "embed"),
+                 cfg.replace(what="image"), use_ray=False)
+    ids, x = load_embeddings(tmp_path / "run" / "embed", "image")
+    pos = {s: i for i, s in enumerate(ids)}
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    pairs = [(pos[a], pos[b]) for a, b in load_ground_truth(str(tmp_path / "data"))["near_duplicate_groups"]]
+    assert len(pairs) >= 5
+    ranks = [int((sims[i] > sims[i, j]).sum()) for i, j in pairs]  # images closer to i than its copy j
+    assert np.mean([r == 0 for r in ranks]) >= 0.75 and max(ranks) <= 2, ranks
