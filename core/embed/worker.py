@@ -181,7 +181,10 @@ class ShardEmbedWorker:
             while len(img_pending) >= cfg.batch_size or (final and img_pending):
                 batch, img_pending[:] = img_pending[: cfg.batch_size], img_pending[cfg.batch_size:]
                 t = time.perf_counter()
-                v, n = self.image.embed_pixels(torch.stack(batch))
+                pixels = torch.stack(batch)
+                if self.image.lm.device.type == "cuda":
+                    pixels = pixels.pin_memory()  # lets the host->GPU copy run asynchronously
+                v, n = self.image.embed_pixels(pixels)
                 st["forward_s"] += time.perf_counter() - t
                 img_vecs.append(v)
                 img_norms.append(n)
