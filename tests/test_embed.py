@@ -215,3 +215,13 @@ def test_demo_planted_near_duplicates_retrieve_their_original(cfg, tmp_path):
     assert len(pairs) >= 5
     ranks = [int((sims[i] > sims[i, j]).sum()) for i, j in pairs]  # images closer to i than its copy j
     assert np.mean([r == 0 for r in ranks]) >= 0.75 and max(ranks) <= 2, ranks
+
+
+def test_shard_without_inputs_is_marked_done_with_empty_files(cfg, shards, tmp_path):
+    _, urls = shards
+    s = embed_shards(urls[:1], str(tmp_path / "embed"), cfg, include_ids={}, use_ray=False)  # no inputs here
+    assert s.n_kept == 0 and s.n_quarantined == 0
+    t = pq.read_table(tmp_path / "embed" / "shard-000000.parquet")
+    assert t.num_rows == 0 and t.schema.field("text_emb").type.list_size == 128
+    assert len(read_ledger(tmp_path / "ledger" / "embed")) == 0
+    assert embed_shards(urls[:1], str(tmp_path / "embed"), cfg, include_ids={}, use_ray=False).skipped

@@ -116,7 +116,7 @@ class ShardEmbedWorker:
         self.pool = ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="embed-decode")
         self.pid = os.getpid()
         self.draft_side = input_side(self.image.lm.preprocess) if self.image is not None and cfg.jpeg_draft else 0
-        self.dim = self._probe_dim()
+        self._dim: int | None = None
 
     def ready(self) -> int:
         """Returns the process id once the model is loaded (lets the driver wait for all actors)."""
@@ -263,16 +263,20 @@ class ShardEmbedWorker:
             text_vecs=np.concatenate(txt_vecs) if txt_vecs else None,
             text_norms=np.concatenate(txt_norms) if txt_norms else None,
             cfg=cfg,
-            dim=self.dim,
+            dim=int((img_vecs or txt_vecs)[0].shape[1]) if (img_vecs or txt_vecs) else self.dim,
         )
         st.update(shard=name, n_kept=led.counts["keep"], n_quarantined=led.counts["quarantine"],
                   wall_s=time.perf_counter() - t_start, pid=self.pid, reasons=dict(led.reasons))
         return ShardResult(name, table_bytes(table), ledger_bytes, st)
 
-    def _probe_dim(self) -> int:
-        """Output dimension of the model (needed to type the columns of an empty shard)."""
-        if self.text is not None:
-            return int(self.text.embed_texts([""]).shape[1])
-        from PIL import Image
+    @property
+    def dim(self) -> int:
+        """Output dimension of the model, probed once with a one-item forward (only empty shards need it)."""
+        if self._dim is None:
+            if self.text is not None:
+                self._dim = int(self.text.embed_texts([""]).shape[1])
+            else:
+                from PIL import Image
 
-        return int(self.image.embed_images([Image.new("RGB", (32, 32))]).shape[1])
+                self._dim = int(self.image.embed_images([Image.new("RGB", (32, 32))]).shape[1])
+        return self._dim
