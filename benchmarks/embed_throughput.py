@@ -87,7 +87,8 @@ def main() -> None:
             dt = time.perf_counter() - t0
             assert s.n_images == n, s.as_dict()
             agg = {k: sum(x[k] for x in s.shards) for k in ("forward_s", "wait_s", "decode_s", "wall_s")}
-            print("  end-to-end stages: " + ", ".join(f"{k} {v:.2f}" for k, v in agg.items()) + f", total {dt:.2f}s")
+            print("  end-to-end stages: " + ", ".join(f"{k} {v:.2f}" for k, v in agg.items()) + f", total {dt:.2f}s"
+                  f"; the model waited for input {agg['wait_s'] / agg['wall_s']:.1%} of the time")
             return n / dt
 
         fwd, e2e = [], []
