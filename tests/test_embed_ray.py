@@ -104,3 +104,16 @@ def test_flyte_task_runs_locally_on_ray_with_upstream_ledger(ray_cluster, tmp_pa
     ledger = read_ledger(out_dir / "ledger" / "embed")
     assert sorted(ledger.sample_id) == sorted(s.id for s in samples if s.id != dropped)
     check_balance([run, out_dir], ["ingest", "embed"])
+
+
+def test_text_embedder_as_actor_matches_in_process(ray_cluster, tmp_path):
+    import numpy as np
+
+    from core.embed.model import SigLIP2TextEmbedder, as_ray_actor
+
+    cfg = tiny_embed_config(cache_dir=str(tmp_path / "cache"))
+    texts = ["How many bars are in the chart?", "Read the total of the receipt."]
+    actor = as_ray_actor(SigLIP2TextEmbedder, cfg)
+    remote = ray_cluster.get(actor.embed_texts.remote(texts))
+    ray_cluster.kill(actor)
+    np.testing.assert_allclose(remote, SigLIP2TextEmbedder(cfg).embed_texts(texts), rtol=1e-5, atol=1e-6)

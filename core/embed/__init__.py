@@ -5,7 +5,7 @@ Public API: `EmbedConfig`, `tiny_embed_config`, `siglip2_embed_config`, `SigLIP2
 """
 
 from core.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
-from core.embed.model import SigLIP2ImageEmbedder, SigLIP2TextEmbedder, load_model
+from core.embed.model import SigLIP2ImageEmbedder, SigLIP2TextEmbedder, as_ray_actor, load_model
 from core.embed.pipeline import EmbedIncomplete, EmbedSummary, embed_shards
 from core.embed.store import load_embeddings
 
@@ -15,6 +15,7 @@ __all__ = [
     "EmbedSummary",
     "SigLIP2ImageEmbedder",
     "SigLIP2TextEmbedder",
+    "as_ray_actor",
     "embed_shards",
     "load_embeddings",
     "load_model",

@@ -231,3 +231,11 @@ class SigLIP2TextEmbedder:
         for i in range(0, len(texts), self.cfg.batch_size):
             out.append(self.embed_tokens(self.tokenize(texts[i : i + self.cfg.batch_size]))[0])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def as_ray_actor(cls: type, cfg: EmbedConfig, **options: Any) -> Any:
+    """Start `cls` (an embedder or ShardEmbedWorker) as a Ray actor that reserves `cfg.num_gpus` GPUs and
+    `cfg.cpus_per_actor` CPUs; it builds its model once in `__init__`. Ray must be initialised."""
+    import ray
+
+    return ray.remote(num_gpus=cfg.num_gpus, num_cpus=cfg.cpus_per_actor)(cls).options(**options).remote(cfg)

@@ -20,6 +20,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from core.embed.config import EmbedConfig
+from core.embed.model import as_ray_actor
 from core.embed.worker import STEP, ShardEmbedWorker, ShardResult
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,7 @@ def _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix) 
     if need_gpu > have_gpu:
         log.warning("embed: %d actors need %.1f GPUs, the cluster has %.1f now; waiting for workers to join",
                     n_actors, need_gpu, have_gpu)
-    actor_cls = ray.remote(num_gpus=cfg.num_gpus, num_cpus=cfg.cpus_per_actor, max_restarts=0)(ShardEmbedWorker)
-    actors = [actor_cls.options(name=f"{actor_prefix}-{i}").remote(cfg) for i in range(n_actors)]
+    actors = [as_ray_actor(ShardEmbedWorker, cfg, name=f"{actor_prefix}-{i}", max_restarts=0) for i in range(n_actors)]
     summary.n_actors = n_actors
     failed: dict[str, str] = {}
     try:
