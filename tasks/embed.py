@@ -1,0 +1,130 @@
+"""Embed task: WDS shards -> per-shard image/text embeddings + the embed ledger, on a Ray cluster.
+
+The Ray cluster shape (head + one GPU worker group) comes from the production preset
+(`siglip2_embed_config()`): one worker pod per actor, `num_gpus` GPUs each. For another shape use
+`embed_shards.with_overrides(task_config=ray_job_config(cfg))` in a workflow. Locally, flytekit starts a
+local Ray (`ray.init()`), and the actors reserve `num_gpus` from the chosen preset (0 for `tiny`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
+
+from core.embed.config import PRESETS, EmbedConfig, siglip2_embed_config
+from tasks.images import GPU_IMAGE
+
+log = logging.getLogger(__name__)
+
+
+def ray_job_config(cfg: EmbedConfig, worker_mem: str = "64Gi") -> RayJobConfig:
+    """Ray cluster for a config: a CPU head (the driver) and `num_actors` worker pods, each with the
+    actor's GPUs and CPUs (+2 CPUs for Ray itself). Depends only on the config, never on this machine."""
+    import math
+
+    gpus = math.ceil(cfg.num_gpus)  # a pod holds whole GPUs; fractional actors share one
+    res = Resources(cpu=str(cfg.cpus_per_actor + 2), mem=worker_mem, gpu=str(gpus) if gpus else None)
+    return RayJobConfig(
+        head_node_config=HeadNodeConfig(requests=Resources(cpu="4", mem="16Gi")),
+        worker_node_config=[WorkerNodeConfig(group_name="embed-workers", replicas=cfg.num_actors,
+                                             requests=res, limits=res)],
+        shutdown_after_job_finishes=True,
+        ttl_seconds_after_finished=600,
+    )
+
+
+def _shard_root(path: str) -> str:
+    """Accept a shard folder, or a run folder holding `shards/`."""
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(path)
+    return f"{path.rstrip('/')}/shards" if fs.isdir(f"{p.rstrip('/')}/shards") else path
+
+
+def _include_ids(upstream: str, step: str) -> dict[str, list[str]]:
+    """Passing ids of the upstream step, grouped by the shard they live in."""
+    from core.ledger import PASSING, find_step_dir, read_ledger
+
+    led = read_ledger(find_step_dir(upstream, step))
+    led = led[led.decision.isin(PASSING)]
+    return {shard: list(g.sample_id) for shard, g in led.groupby("shard", sort=True)}
+
+
+@task(
+    task_config=ray_job_config(siglip2_embed_config()),
+    container_image=GPU_IMAGE,
+    enable_deck=True,
+    requests=Resources(cpu="2", mem="8Gi"),
+)
+def embed_shards(
+    shards: FlyteDirectory,
+    upstream: Optional[FlyteDirectory] = None,
+    upstream_step: str = "ingest",
+    preset: str = "tiny",
+    model_name: Optional[str] = None,
+    pretrained: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    device: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    num_actors: Optional[int] = None,
+    num_gpus: Optional[float] = None,
+    decode_workers: Optional[int] = None,
+    text_view: Optional[str] = None,
+    what: Optional[str] = None,
+    out_dtype: Optional[str] = None,
+    out_url: Optional[str] = None,
+) -> FlyteDirectory:
+    """Embed the images and conversation text of WDS shards with an open_clip model on Ray actors.
+
+    Writes `embed/<shard>.parquet` (sample_id, source, n_images, image_emb, image_embs, image_norm,
+    text_emb, text_norm; L2-normalised) and `ledger/embed/part-<shard>.parquet` (keep, or quarantine with a
+    reason such as corrupt_image / decompression_bomb / missing_from_shard). Shards already done under
+    `out_url` are skipped, so re-running after a failure resumes.
+
+    :param shards: Folder of `*.tar` WDS shards, or a run folder holding `shards/` (e.g. ingest's output).
+    :param upstream: Folder holding `ledger/<upstream_step>/`; only its kept/modified ids are embedded.
+    :param upstream_step: Step name of the upstream ledger (ingest, semdedup, ...).
+    :param preset: Base config: `tiny` (CPU, embedded default) or `siglip2` (GPU production).
+    :param model_name: open_clip model id (`ViT-B-16`, `hf-hub:org/repo`, `local-dir:/path` or `local-dir:s3://...`).
+    :param pretrained: open_clip tag, checkpoint path or fsspec URL (models without a schema prefix).
+    :param cache_dir: Local model cache (Hugging Face cache for hf-hub models); no network is used.
+    :param device: auto, cpu or cuda.
+    :param batch_size: Images (and texts) per forward pass.
+    :param num_actors: Ray actors, one model each (cluster size is fixed by the task's RayJobConfig).
+    :param num_gpus: GPUs per actor (0 on CPU).
+    :param decode_workers: Decode/preprocess threads per actor.
+    :param text_view: first_human, all_human or all.
+    :param what: image, text or both.
+    :param out_dtype: float16 or float32.
+    :param out_url: Persistent folder (path or s3://) to write into and resume from; default: a fresh local folder.
+    :return: Folder with `embed/` and `ledger/embed/`.
+    """
+    from core.embed import embed_shards as run_embed
+    from core.embed.report import embed_report_html
+    from core.ledger import read_ledger
+    from core.wds import list_shards
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}; expected one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset]().replace(
+        model_name=model_name, pretrained=pretrained, cache_dir=cache_dir, device=device, batch_size=batch_size,
+        num_actors=num_actors, num_gpus=num_gpus, decode_workers=decode_workers, text_view=text_view, what=what,
+        out_dtype=out_dtype,
+    )
+    # actors read shards themselves: give them the remote URL when there is one (multi-node clusters)
+    src = _shard_root(shards.remote_source or shards.download())
+    urls = list_shards(src)
+    include = _include_ids(upstream.download(), upstream_step) if upstream is not None else None
+    run_dir = out_url or os.path.join(current_context().working_directory, "embed_run")
+    log.info("embed: %d shards from %s -> %s with %s", len(urls), src, run_dir, cfg)
+    summary = run_embed(urls, f"{run_dir.rstrip('/')}/embed", cfg, include_ids=include,
+                        ledger_dir=f"{run_dir.rstrip('/')}/ledger/embed")
+    log.info("embed: %s", summary.as_dict())
+    ledger = read_ledger(f"{run_dir}/ledger/embed") if "://" not in run_dir else None
+    Deck("embed", embed_report_html(f"{run_dir}/embed", summary.as_dict(), summary.shards, ledger))
+    return FlyteDirectory(run_dir)

@@ -1,0 +1,227 @@
+"""Embedding step: config, embedders, near-duplicates, shard pipeline, quarantine, resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from core.embed import EmbedConfig, embed_shards, load_embeddings, siglip2_embed_config, tiny_embed_config
+from core.embed.model import SigLIP2ImageEmbedder, SigLIP2TextEmbedder, tiny_checkpoint
+from core.ledger import check_balance, read_ledger
+from tests.embed_data import (
+    bomb_png,
+    corrupt_jpeg,
+    encode,
+    mixed_samples,
+    near_duplicates,
+    sample,
+    scene,
+    truncate_tar,
+    write_test_shards,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("embed-cache"))
+
+
+@pytest.fixture(scope="session")
+def cfg(cache_dir) -> EmbedConfig:
+    return tiny_embed_config(cache_dir=cache_dir, batch_size=8)
+
+
+def _bad_samples() -> list:
+    return [sample("bad_corrupt", [corrupt_jpeg(1)]), sample("bad_bomb", [bomb_png()]),
+            sample("bad_second_image", [encode(scene(3, 64)), corrupt_jpeg(2)]),
+            sample("bad_truncated_jpeg", [encode(scene(5, 256))[:1500]])]  # opens, fails in (draft) decode
+
+
+# ---- config -------------------------------------------------------------------------------------
+def test_config_validates_and_presets():
+    with pytest.raises(ValueError, match="text_view"):
+        tiny_embed_config(text_view="everything")
+    with pytest.raises(ValueError, match="num_gpus"):
+        tiny_embed_config(device="cuda")  # a CUDA actor must reserve a GPU
+    with pytest.raises(ValueError, match="cpu"):
+        tiny_embed_config(num_gpus=1.0)
+    prod = siglip2_embed_config(cache_dir="/models/hf")
+    assert prod.model_name == "hf-hub:timm/ViT-SO400M-14-SigLIP2-378"
+    assert (prod.device, prod.precision, prod.num_gpus, prod.out_dtype) == ("cuda", "amp_bf16", 1.0, "float16")
+    assert tiny_embed_config().num_gpus == 0 and tiny_embed_config().num_actors >= 2
+
+
+# ---- embedders ----------------------------------------------------------------------------------
+def test_tiny_checkpoint_is_reproducible(tmp_path):
+    import torch
+
+    a = torch.load(tiny_checkpoint(tmp_path / "a", seed=0))
+    b = torch.load(tiny_checkpoint(tmp_path / "b", seed=0))
+    c = torch.load(tiny_checkpoint(tmp_path / "c", seed=1))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
+
+
+def test_embedders_unit_vectors_and_tokenizer(cfg):
+    img = SigLIP2ImageEmbedder(cfg)
+    txt = SigLIP2TextEmbedder(cfg)
+    assert img.lm is txt.lm  # one model per process
+    v = img.embed_images([scene(i, 96) for i in range(3)])
+    assert v.shape == (3, 128) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    tok = txt.tokenize(["hello world", "word " * 500])
+    assert tok.shape == (2, txt.lm.context_length) == (2, 64)  # long text truncated to the context length
+    t = txt.embed_texts(["a chart of sales", "a chart of sales", "a cat on a sofa"])
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, rtol=1e-5)
+    assert np.allclose(t[0], t[1]) and not np.allclose(t[0], t[2])
+
+
+def test_near_duplicates_are_nearer_than_unrelated(cfg):
+    """Random-weight tiny ViT: re-encoded/resized/cropped copies retrieve their original, and are
+    much closer to it than unrelated images (the shuffled-pair baseline)."""
+    n = 16
+    emb = SigLIP2ImageEmbedder(cfg)
+    origs = [scene(100 + i) for i in range(n)]
+    e = emb.embed_images(origs)
+    variants = [emb.embed_images(near_duplicates(o)) for o in origs]
+    v = np.concatenate(variants)
+    src = np.repeat(np.arange(n), len(variants[0]))
+    sims = v @ e.T
+    top1 = (sims.argmax(1) == src).mean()
+    dup_sim = sims[np.arange(len(src)), src]
+    shuffled = sims[np.arange(len(src)), (src + 1 + np.arange(len(src)) % (n - 1)) % n]  # never the source
+    assert top1 >= 0.9, top1
+    assert np.median(dup_sim) > np.quantile(shuffled, 0.9), (np.median(dup_sim), np.quantile(shuffled, 0.9))
+    # random features are anisotropic (unrelated cosine ~0.9), so compare cosine distances: a copy is
+    # far nearer to its original than unrelated images are to each other
+    assert (1 - shuffled).mean() > 20 * (1 - dup_sim).mean(), ((1 - shuffled).mean(), (1 - dup_sim).mean())
+
+
+def test_jpeg_draft_decode_covers_model_input():
+    from core.embed.worker import decode_for_model
+
+    big = encode(scene(7, 800).resize((800, 600)))
+    im = decode_for_model(big, 64)
+    assert im.mode == "RGB" and min(im.size) >= 64 and im.size[0] < 800  # reduced, never below the input
+    assert decode_for_model(big, 0).size == (800, 600)  # draft off: full decode
+
+
+# ---- pipeline (in-process worker) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    samples = mixed_samples(21, seed=1) + _bad_samples()
+    return samples, write_test_shards(str(d), samples, per_shard=8)
+
+
+def test_embed_shards_layout_quarantine_resume(cfg, shards, tmp_path):
+    samples, urls = shards
+    out, led = str(tmp_path / "embed"), str(tmp_path / "ledger" / "embed")
+    summary = embed_shards(urls, out, cfg, use_ray=False)
+    assert summary.n_kept == 21 and summary.n_quarantined == 4
+
+    ledger = read_ledger(led)
+    q = ledger[ledger.decision == "quarantine"].set_index("sample_id")["reason"].to_dict()
+    assert q == {"bad_corrupt": "corrupt_image", "bad_bomb": "decompression_bomb", "bad_second_image": "corrupt_image",
+                 "bad_truncated_jpeg": "corrupt_image"}
+    check_balance(tmp_path, ["embed"], inputs=[s.id for s in samples])
+
+    ids, pooled = load_embeddings(out, "image")
+    tids, text = load_embeddings(out, "text")
+    eids, each = load_embeddings(out, "image_each")
+    by_id = {s.id: s for s in samples}
+    kept = [s.id for s in samples if not s.id.startswith("bad_")]
+    assert tids == kept  # shard order, exactly the kept samples
+    assert ids == [i for i in kept if by_id[i].images]  # text-only samples have no image vector
+    assert len(eids) == sum(len(by_id[i].images) for i in kept)
+    for m in (pooled, text, each):
+        np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0, rtol=1e-5)
+    # pooled vector of a two-image sample = re-normalised mean of its per-image vectors
+    two = next(i for i in kept if len(by_id[i].images) == 2)
+    per = each[[k for k, e in enumerate(eids) if e == two]]
+    m = per.mean(0)
+    np.testing.assert_allclose(pooled[ids.index(two)], m / np.linalg.norm(m), rtol=1e-5, atol=1e-6)
+    # a single-image sample's pooled vector is its image vector
+    one = next(i for i in kept if len(by_id[i].images) == 1)
+    np.testing.assert_array_equal(pooled[ids.index(one)], each[eids.index(one)])
+
+    # resume: nothing to do on a re-run; a lost shard is redone byte-identically
+    before = {p: Path(p).read_bytes() for p in map(str, sorted(Path(tmp_path).rglob("*.parquet")))}
+    again = embed_shards(urls, out, cfg, use_ray=False)
+    assert len(again.skipped) == len(urls) and not again.shards
+    os.remove(f"{led}/part-shard-000001.parquet")
+    redo = embed_shards(urls, out, cfg, use_ray=False)
+    assert [s["shard"] for s in redo.shards] == ["shard-000001"]
+    after = {p: Path(p).read_bytes() for p in map(str, sorted(Path(tmp_path).rglob("*.parquet")))}
+    assert before == after
+
+
+def test_float16_output_and_text_view(cfg, shards, tmp_path):
+    _, urls = shards
+    c16 = cfg.replace(out_dtype="float16", what="text", text_view="all")
+    embed_shards(urls[:1], str(tmp_path / "embed"), c16, use_ray=False)
+    t = pq.read_table(tmp_path / "embed" / "shard-000000.parquet")
+    assert "image_emb" not in t.column_names and str(t.schema.field("text_emb").type.value_type) == "halffloat"
+    ids, x = load_embeddings(tmp_path / "embed", "text")
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=2e-3)
+    # the "all" view embeds question+answer: differs from the first-human view of the same sample
+    ref_ids, ref = load_embeddings(_first_view(cfg, urls[:1], tmp_path / "fv"), "text")
+    assert ids == ref_ids and not np.allclose(x, ref, atol=1e-2)
+
+
+def _first_view(cfg, urls, d) -> str:
+    embed_shards(urls, str(d / "embed"), cfg.replace(what="text"), use_ray=False)
+    return str(d / "embed")
+
+
+def test_include_ids_mapping_and_truncated_shard(cfg, tmp_path):
+    samples = mixed_samples(10, seed=2)
+    urls = write_test_shards(str(tmp_path / "shards"), samples, per_shard=10)
+    truncate_tar(urls[0], keep_members=8)  # cut inside the 5th sample's members
+    wanted = [s.id for s in samples if s.id != samples[1].id]  # samples[1] was dropped upstream
+    embed_shards(urls, str(tmp_path / "embed"), cfg, include_ids={"shard-000000": wanted}, use_ray=False)
+    ledger = read_ledger(tmp_path / "ledger" / "embed")
+    assert sorted(ledger.sample_id) == sorted(wanted)  # every input decided once, the dropped one absent
+    reasons = ledger.set_index("sample_id")["reason"]
+    assert (reasons[samples[-1].id]) == "missing_from_shard"
+    ids, _ = load_embeddings(tmp_path / "embed", "text")
+    assert set(ids) == set(ledger.loc[ledger.decision == "keep", "sample_id"]) and samples[1].id not in ids
+
+
+def test_demo_planted_near_duplicates_retrieve_their_original(cfg, tmp_path):
+    """The demo's planted near-duplicate pairs (JPEG re-encode, resize, crop of one scene) after ingest:
+    with the random-weight tiny model the copy is the original's nearest or second-nearest image."""
+    from core.demo import generate_demo, load_ground_truth
+    from core.ingest import IngestConfig, ingest
+    from core.wds import list_shards
+
+    generate_demo(str(tmp_path / "data"), n_samples=160, seed=1)
+    ingest(IngestConfig(source=str(tmp_path / "data" / "data.jsonl"), image_root=str(tmp_path / "data" / "images"),
+                        run_dir=str(tmp_path / "run"), shard_max_samples=80))
+    embed_shards(list_shards(str(tmp_path / "run" / "shards")), str(tmp_path / "run" / "embed"),
+                 cfg.replace(what="image"), use_ray=False)
+    ids, x = load_embeddings(tmp_path / "run" / "embed", "image")
+    pos = {s: i for i, s in enumerate(ids)}
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    pairs = [(pos[a], pos[b]) for a, b in load_ground_truth(str(tmp_path / "data"))["near_duplicate_groups"]]
+    assert len(pairs) >= 5
+    ranks = [int((sims[i] > sims[i, j]).sum()) for i, j in pairs]  # images closer to i than its copy j
+    assert np.mean([r == 0 for r in ranks]) >= 0.75 and max(ranks) <= 2, ranks
+
+
+def test_shard_without_inputs_is_marked_done_with_empty_files(cfg, shards, tmp_path):
+    _, urls = shards
+    s = embed_shards(urls[:1], str(tmp_path / "embed"), cfg, include_ids={}, use_ray=False)  # no inputs here
+    assert s.n_kept == 0 and s.n_quarantined == 0
+    t = pq.read_table(tmp_path / "embed" / "shard-000000.parquet")
+    assert t.num_rows == 0 and t.schema.field("text_emb").type.list_size == 128
+    assert len(read_ledger(tmp_path / "ledger" / "embed")) == 0
+    assert embed_shards(urls[:1], str(tmp_path / "embed"), cfg, include_ids={}, use_ray=False).skipped

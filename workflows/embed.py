@@ -1,0 +1,34 @@
+"""The `embedding` workflow: one embed step on ingested shards, with a LaunchPlan per EmbedConfig preset."""
+
+from typing import Optional
+
+from flytekit import LaunchPlan, workflow
+from flytekit.types.directory import FlyteDirectory
+
+from tasks.embed import embed_shards
+
+
+@workflow
+def embedding(
+    shards: FlyteDirectory,
+    upstream: Optional[FlyteDirectory] = None,
+    upstream_step: str = "ingest",
+    preset: str = "tiny",
+    cache_dir: Optional[str] = None,
+    out_url: Optional[str] = None,
+) -> FlyteDirectory:
+    """Embed images and conversation text of WDS shards (see tasks.embed.embed_shards).
+
+    :param shards: Folder of `*.tar` shards, or a run folder holding `shards/`.
+    :param upstream: Folder holding `ledger/<upstream_step>/`; only its passing ids are embedded.
+    :param upstream_step: Step name of the upstream ledger.
+    :param preset: `tiny` (CPU, embedded default) or `siglip2` (GPU production).
+    :param cache_dir: Local model cache (Hugging Face cache for hf-hub models).
+    :param out_url: Persistent folder to write into and resume from.
+    """
+    return embed_shards(shards=shards, upstream=upstream, upstream_step=upstream_step, preset=preset,
+                        cache_dir=cache_dir, out_url=out_url)
+
+
+embedding_tiny = LaunchPlan.get_or_create(embedding, name="embedding_tiny", default_inputs={"preset": "tiny"})
+embedding_siglip2 = LaunchPlan.get_or_create(embedding, name="embedding_siglip2", default_inputs={"preset": "siglip2"})
