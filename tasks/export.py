@@ -10,6 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from tasks.cache import CORE_IO, code_version
 from tasks.images import CPU_IMAGE
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def _local_ledgers(src: str, dst: str) -> str:
     return dst
 
 
-@task(container_image=CPU_IMAGE, cache=True, cache_version="1", enable_deck=True,
+@task(container_image=CPU_IMAGE, cache=True, cache_version=code_version(*CORE_IO, "core/export.py", "tasks/export.py"), enable_deck=True,
       requests=Resources(cpu="2", mem="8Gi"))
 def export_dataset(
     run_dir: FlyteDirectory,

@@ -13,6 +13,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from tasks.cache import CORE_IO, code_version
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def _local_ledger_root(d: FlyteDirectory, step: str) -> str:
     return str(local)
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), cache=True, cache_version="1")
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), cache=True,
+      cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
 def train_reference_lm(
     run: FlyteDirectory,
     reference_ids: Optional[FlyteFile] = None,
@@ -70,7 +72,8 @@ def train_reference_lm(
     return FlyteDirectory(out)
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi", gpu="1"), retries=1, enable_deck=True)
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi", gpu="1"), retries=1, enable_deck=True,
+      cache=True, cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
 def score_perplexity(
     run: FlyteDirectory,
     model: FlyteDirectory,
@@ -126,7 +129,8 @@ def score_perplexity(
     return FlyteDirectory(str(out))
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True,
+      cache=True, cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
 def slice_by_perplexity(
     scores: FlyteDirectory,
     mode: str = "range",

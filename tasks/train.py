@@ -21,6 +21,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
+from tasks.cache import CORE_IO, code_version
 from tasks.images import TRAIN_IMAGE
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def _output_dir(checkpoint_uri: str, key: str) -> tuple[str, Optional[str]]:
     return os.path.join(tempfile.gettempdir(), "mmcurate-train", key), None
 
 
-@task(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True,
+@task(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
+      cache_version=code_version(*CORE_IO, "core/train", "core/tiny_lm.py", "tasks/train.py"),
       task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False),
       requests=Resources(cpu="2", mem="8Gi"))
 def train_mini_llava(

@@ -1,0 +1,75 @@
+"""Run summary task: prove the ledgers balance across all steps, and show per-step counts in a deck."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import List, Optional
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+
+from tasks.images import CPU_IMAGE
+
+log = logging.getLogger(__name__)
+
+
+@task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="1", mem="2Gi"))
+def summarize_run(
+    step_dirs: List[FlyteDirectory],
+    steps: List[str],
+    export: Optional[FlyteDirectory] = None,
+    output_dir: str = "",
+) -> FlyteDirectory:
+    """Check that every sample is accounted for exactly once per step and report what each step did.
+
+    Fails loudly (LedgerError) when a step lost or duplicated a sample.
+
+    :param step_dirs: Output directories of the run's steps (each holds `ledger/<step>/`).
+    :param steps: Step names in pipeline order (e.g. ingest, embed, semdedup, perplexity, ppl_filter).
+    :param export: The export step's output (shards + manifest), copied to `output_dir` when given.
+    :param output_dir: Optional path/URL to publish the run to: `summary.json`, `ledger/` of every step,
+        and `export/` (the curated WebDataset).
+    :return: Directory with summary.json, counts.parquet and the merged ledger (ledger.parquet).
+    """
+    import fsspec
+    import pandas as pd
+
+    from core.ledger import check_balance, find_step_dir, read_ledger
+    from core.report import figure_html, new_figure, page, table_html
+
+    dirs = [d.download() for d in step_dirs]
+    balance = check_balance(dirs, steps)
+    frames = [read_ledger(find_step_dir(dirs, s)) for s in steps]
+    ledger = pd.concat(frames, ignore_index=True)
+    reasons = (ledger[ledger.decision.isin(["drop", "quarantine"])]
+               .assign(reason=lambda d: d.reason.str.split(":").str[0])
+               .groupby(["step", "decision", "reason"]).size().rename("count").reset_index())
+    counts = pd.DataFrame([b.as_dict() for b in balance])
+    out = os.path.join(current_context().working_directory, "run_summary")
+    os.makedirs(out, exist_ok=True)
+    counts.to_parquet(os.path.join(out, "counts.parquet"), index=False)
+    ledger.to_parquet(os.path.join(out, "ledger.parquet"), index=False)
+    summary = {"steps": [b.as_dict() for b in balance], "reasons": reasons.to_dict("records"),
+               "balanced": True, "final_samples": int(counts.iloc[-1]["kept"] + counts.iloc[-1]["modified"])}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+    fig, ax = new_figure(7, 3.5)
+    ax.bar(counts["step"], counts["inputs"], label="inputs", color="#ccc")
+    ax.bar(counts["step"], counts["kept"] + counts["modified"], label="passed on", color="#4a8")
+    ax.set_ylabel("samples")
+    ax.legend()
+    Deck("run summary", page(table_html(counts, "samples per step (inputs = kept + modified + dropped + quarantined)"),
+                             figure_html(fig, "samples through the pipeline"),
+                             table_html(reasons, "dropped / quarantined by reason")))
+    if output_dir:
+        fs, root = fsspec.core.url_to_fs(output_dir)
+        fs.makedirs(root, exist_ok=True)
+        fs.put(out + "/", root.rstrip("/") + "/", recursive=True)
+        if export is not None:
+            fs.put(export.download().rstrip("/") + "/", root.rstrip("/") + "/export/", recursive=True)
+        log.info("published run summary%s to %s", " and export" if export is not None else "", output_dir)
+    log.info("run balanced over %s: %d samples out", steps, summary["final_samples"])
+    return FlyteDirectory(out)
