@@ -1,0 +1,330 @@
+"""Streaming, resumable turn-level rephrasing over shards.
+
+Layout inside a run directory (see docs/architecture.md):
+
+    ledger/rephrase/part-<shard>.parquet      decision per sample: modify (accepted) or keep (+ reason)
+    rephrase/records/part-<shard>.parquet     sample_id -> new conversations (JSON) of accepted samples
+    rephrase/examples/part-<shard>.jsonl      a few before/after examples (accepted and rejected)
+    rephrase/work/<shard>/chunk-<i>.json      finished chunks of the shard in flight (deleted when done)
+
+A shard is processed in chunks of `chunk_size` samples in reader order; every finished chunk is
+written atomically, so a crash loses at most one chunk. When all chunks of a shard are done, the
+records, examples and finally the ledger part are published (each atomically, the ledger last), and
+the chunk files are removed. A re-run skips shards whose ledger part exists and, inside the shard in
+flight, chunks already on disk. Every request's seed derives from (seed, sample id, turn index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.ledger import LedgerWriter, step_dir
+from core.rephrase.config import RephraseConfig
+from core.rephrase.generate import Generator, Messages
+from core.rephrase.tokens import TokenCounter
+from core.rephrase.validate import Protected, protect, validate_rephrasing
+from core.sample import Sample, Turn, strip_image_placeholders
+
+log = logging.getLogger(__name__)
+
+STEP = "rephrase"
+RECORDS_SCHEMA = pa.schema([("sample_id", pa.string()), ("conversations", pa.string())])
+
+
+@dataclass
+class ShardSummary:
+    """What one call to `rephrase_shard` did (timings cover this call only, not resumed chunks)."""
+
+    shard: str
+    n_samples: int = 0
+    n_modified: int = 0
+    chunks_done: int = 0
+    chunks_resumed: int = 0
+    skipped: bool = False
+    seconds_total: float = 0.0
+    seconds_generate: float = 0.0
+    generated_tokens: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def request_seed(seed: int, sample_id: str, turn: int) -> int:
+    """Stable 31-bit seed of one request: independent of batching, chunking and resume point."""
+    h = hashlib.sha256(f"{seed}\0{sample_id}\0{turn}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def _fill(template: str, text: str, question: str) -> str:
+    # plain replace, not str.format: user templates and sample texts may contain braces
+    return template.replace("{question}", question).replace("{text}", text)
+
+
+def plan_sample(sample: Sample, cfg: RephraseConfig) -> tuple[list[tuple[int, Protected, Messages]], str]:
+    """The requests for one sample: (turn index, protected turn, chat messages) per turn to rephrase,
+    or an empty list and a skip reason (``too_long``: a turn exceeds max_turn_chars, ``too_short``:
+    no turn is long enough to be worth rephrasing)."""
+    if any(len(t.value) > cfg.max_turn_chars for t in sample.conversations):
+        return [], "too_long"
+    plans = []
+    question = ""
+    for i, t in enumerate(sample.conversations):
+        if not (t.is_human or t.is_assistant):
+            continue  # system turns are copied unchanged
+        p = protect(t.value)
+        if t.is_human:
+            question = strip_image_placeholders(p.body)
+        if len(strip_image_placeholders(p.body)) < cfg.min_turn_chars:
+            continue
+        template = cfg.human_prompt if t.is_human else cfg.gpt_prompt
+        msgs: Messages = []
+        if cfg.system_prompt:
+            msgs.append({"role": "system", "content": cfg.system_prompt})
+        msgs.append({"role": "user", "content": _fill(template, p.body, question)})
+        plans.append((i, p, msgs))
+    return plans, ("" if plans else "too_short")
+
+
+def rephrase_chunk(
+    samples: Sequence[Sample], generator: Generator, counter: TokenCounter, cfg: RephraseConfig
+) -> tuple[list[dict[str, Any]], float]:
+    """Rephrase and validate one chunk. Returns ledger-ready rows and the seconds spent generating."""
+    plans = [plan_sample(s, cfg) for s in samples]
+    requests, seeds = [], []
+    for s, (turn_plans, _) in zip(samples, plans):
+        for ti, _p, msgs in turn_plans:
+            requests.append(msgs)
+            seeds.append(request_seed(cfg.seed, s.id, ti))
+    t0 = time.perf_counter()
+    gens = generator.generate(requests, seeds) if requests else []
+    t_gen = time.perf_counter() - t0
+    if len(gens) != len(requests):
+        raise RuntimeError(f"generator returned {len(gens)} answers for {len(requests)} requests")
+    gen_iter = iter(gens)
+    candidates: list[list[Turn]] = []
+    finishes: list[list[str]] = []
+    gen_tokens: list[int] = []
+    for s, (turn_plans, _) in zip(samples, plans):
+        turns = list(s.conversations)
+        fin = ["copied"] * len(turns)
+        n_gen = 0
+        for ti, p, _msgs in turn_plans:
+            g = next(gen_iter)
+            turns[ti] = Turn(turns[ti].role, p.restore(g.text))
+            fin[ti] = g.finish_reason
+            n_gen += g.n_tokens
+        candidates.append(turns)
+        finishes.append(fin)
+        gen_tokens.append(n_gen)
+    old_counts = counter.count([s.conversations for s in samples])
+    new_counts = counter.count(candidates)
+    rows = []
+    for s, (_plans, skip), cand, fin, old, new, ng in zip(
+        samples, plans, candidates, finishes, old_counts, new_counts, gen_tokens
+    ):
+        row: dict[str, Any] = {"sample_id": s.id, "shard": s.shard, "old_tokens": old, "gen_tokens": ng}
+        if skip:
+            row.update(decision="keep", reason=f"rephrase_skipped:{skip}", new_tokens=old)
+        else:
+            why = validate_rephrasing(
+                s.conversations,
+                cand,
+                fin,
+                old,
+                new,
+                min_shortening=cfg.min_shortening,
+                check_numbers=cfg.check_numbers,
+                refusal_patterns=cfg.refusal_patterns,
+            )
+            row["new_tokens"] = new
+            row["candidate"] = [{"from": t.role, "value": t.value} for t in cand]
+            row["original"] = [{"from": t.role, "value": t.value} for t in s.conversations]
+            if why is None:
+                row.update(decision="modify", reason="rephrased")
+            else:
+                row.update(decision="keep", reason=f"rephrase_rejected:{why}")
+        rows.append(row)
+    return rows, t_gen
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def ledger_part(run_dir: str | os.PathLike, shard: str) -> Path:
+    return step_dir(run_dir, STEP) / f"part-{shard}.parquet"
+
+
+def rephrase_shard(
+    shard: str,
+    samples: Iterable[Sample],
+    run_dir: str | os.PathLike,
+    cfg: RephraseConfig,
+    generator: Generator,
+    counter: TokenCounter,
+) -> ShardSummary:
+    """Rephrase one shard's samples (reader order) into the run directory; resumable (see module doc)."""
+    t_start = time.perf_counter()
+    summary = ShardSummary(shard)
+    run = Path(run_dir)
+    part = ledger_part(run, shard)
+    if part.exists():
+        summary.skipped = True
+        return summary
+    work = run / STEP / "work" / shard
+    work.mkdir(parents=True, exist_ok=True)
+    done = {int(p.stem.split("-")[1]) for p in work.glob("chunk-*.json")}
+    it = iter(samples)
+    for ci in itertools.count():
+        chunk = list(itertools.islice(it, cfg.chunk_size))
+        if not chunk:
+            break
+        if ci in done:
+            summary.chunks_resumed += 1
+            continue
+        rows, t_gen = rephrase_chunk(chunk, generator, counter, cfg)
+        _write_atomic(work / f"chunk-{ci:06d}.json", json.dumps(rows, ensure_ascii=False).encode("utf-8"))
+        summary.chunks_done += 1
+        summary.seconds_generate += t_gen
+        summary.generated_tokens += sum(r["gen_tokens"] for r in rows)
+        log.info("rephrase %s chunk %d: %d samples, %.1fs generating", shard, ci, len(chunk), t_gen)
+    _finalize_shard(run, shard, work, cfg, summary)
+    summary.seconds_total = time.perf_counter() - t_start
+    return summary
+
+
+def _finalize_shard(run: Path, shard: str, work: Path, cfg: RephraseConfig, summary: ShardSummary) -> None:
+    rows: list[dict[str, Any]] = []
+    for p in sorted(work.glob("chunk-*.json")):
+        rows.extend(json.loads(p.read_text("utf-8")))
+    accepted = [r for r in rows if r["decision"] == "modify"]
+    table = pa.Table.from_pydict(
+        {
+            "sample_id": [r["sample_id"] for r in accepted],
+            "conversations": [json.dumps(r["candidate"], ensure_ascii=False) for r in accepted],
+        },
+        schema=RECORDS_SCHEMA,
+    )
+    rec_path = run / STEP / "records" / f"part-{shard}.parquet"
+    rec_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, str(rec_path) + ".tmp")
+    os.replace(str(rec_path) + ".tmp", rec_path)
+    examples = _pick_examples(rows, cfg.n_examples)
+    _write_atomic(
+        run / STEP / "examples" / f"part-{shard}.jsonl",
+        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode("utf-8"),
+    )
+    with LedgerWriter(ledger_part(run, shard), STEP) as led:
+        for r in rows:
+            old, new = r["old_tokens"], r["new_tokens"]
+            led.add(
+                r["sample_id"],
+                r["decision"],
+                r["reason"],
+                score=(new / old) if old else 1.0,
+                shard=r["shard"] or shard,
+                old_tokens=old,
+                new_tokens=new,
+                gen_tokens=r["gen_tokens"],
+            )
+            summary.reasons[r["reason"]] = summary.reasons.get(r["reason"], 0) + 1
+    summary.n_samples = len(rows)
+    summary.n_modified = len(accepted)
+    shutil.rmtree(work)
+
+
+def _pick_examples(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Up to n accepted and n rejected rephrasings (rejected: round-robin over reasons)."""
+    out = [r for r in rows if r["decision"] == "modify"][:n]
+    by_reason: dict[str, list] = {}
+    for r in rows:
+        if r["decision"] == "keep" and "candidate" in r:
+            by_reason.setdefault(r["reason"], []).append(r)
+    rejected = [r for group in itertools.zip_longest(*by_reason.values()) for r in group if r is not None]
+    return [
+        {k: r[k] for k in ("sample_id", "decision", "reason", "old_tokens", "new_tokens", "original", "candidate")}
+        for r in out + rejected[:n]
+    ]
+
+
+def rephrase_shards(
+    shards: Sequence[tuple[str, Callable[[], Iterable[Sample]]]],
+    run_dir: str | os.PathLike,
+    cfg: RephraseConfig,
+    generator: Generator,
+    counter: TokenCounter | None = None,
+) -> list[ShardSummary]:
+    """Rephrase shards in order. `shards` pairs a shard name with a function that opens its samples
+    (called only for shards not finished yet)."""
+    counter = counter or TokenCounter(cfg.tokenizer_path)
+    out = []
+    for name, open_samples in shards:
+        if ledger_part(run_dir, name).exists():
+            log.info("rephrase %s: ledger part exists, skipped", name)
+            out.append(ShardSummary(name, skipped=True))
+            continue
+        s = rephrase_shard(name, open_samples(), run_dir, cfg, generator, counter)
+        log.info("rephrase %s: %d samples, %d modified, reasons %s", name, s.n_samples, s.n_modified, s.reasons)
+        out.append(s)
+    return out
+
+
+def read_rephrased(run_dir: str | os.PathLike) -> dict[str, list[Turn]]:
+    """All accepted rephrasings of a run: sample id -> new conversation (for the export step)."""
+    out: dict[str, list[Turn]] = {}
+    for p in sorted((Path(run_dir) / STEP / "records").glob("part-*.parquet")):
+        t = pq.read_table(p)
+        for sid, conv in zip(t.column("sample_id").to_pylist(), t.column("conversations").to_pylist()):
+            out[sid] = [Turn(d["from"], d["value"]) for d in json.loads(conv)]
+    return out
+
+
+def shard_name(url: str) -> str:
+    """`.../shard-000003.tar` -> `shard-000003` (the name used in ledger and artifact part files)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def rephrase_run(
+    run_dir: str | os.PathLike,
+    cfg: RephraseConfig,
+    prev_step: str = "",
+    generator: Generator | None = None,
+    counter: TokenCounter | None = None,
+) -> list[ShardSummary]:
+    """Rephrase a run directory: every ingested shard under `<run>/shards`, restricted to the ids that
+    passed `prev_step` (all ingested samples when empty). Images are not decoded (text-only step)."""
+    from core.ledger import passing_ids, read_ledger
+    from core.rephrase.generate import make_generator
+    from core.wds import iter_shard, list_shards
+
+    include = set(passing_ids(read_ledger(step_dir(run_dir, prev_step)))) if prev_step else None
+    urls = list_shards(str(Path(run_dir) / "shards"))
+
+    def opener(url: str) -> Callable[[], Iterable[Sample]]:
+        def open_samples() -> Iterable[Sample]:
+            for s in iter_shard(url, load_images=False, verify_images=False):
+                if include is None or s.id in include:
+                    yield s
+
+        return open_samples
+
+    pending = [(shard_name(u), opener(u)) for u in urls]
+    if all(ledger_part(run_dir, name).exists() for name, _ in pending):
+        return [ShardSummary(name, skipped=True) for name, _ in pending]  # nothing to do: load no model
+    generator = generator or make_generator(cfg)
+    return rephrase_shards(pending, run_dir, cfg, generator, counter)
