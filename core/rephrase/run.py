@@ -176,8 +176,12 @@ def rephrase_shard(
     cfg: RephraseConfig,
     generator: Generator,
     counter: TokenCounter,
+    quarantine: LedgerWriter | None = None,
 ) -> ShardSummary:
-    """Rephrase one shard's samples (reader order) into the run directory; resumable (see module doc)."""
+    """Rephrase one shard's samples (reader order) into the run directory; resumable (see module doc).
+
+    `quarantine`, when given, is the reader's quarantine writer for this shard: it is closed (published)
+    after every sample was read and before the ledger part, so a finished shard has both."""
     t_start = time.perf_counter()
     summary = ShardSummary(shard)
     run = Path(run_dir)
@@ -202,6 +206,8 @@ def rephrase_shard(
         summary.seconds_generate += t_gen
         summary.generated_tokens += sum(r["gen_tokens"] for r in rows)
         log.info("rephrase %s chunk %d: %d samples, %.1fs generating", shard, ci, len(chunk), t_gen)
+    if quarantine is not None and sum(quarantine.counts.values()):
+        quarantine.close()
     _finalize_shard(run, shard, work, cfg, summary)
     summary.seconds_total = time.perf_counter() - t_start
     return summary
@@ -293,38 +299,48 @@ def read_rephrased(run_dir: str | os.PathLike) -> dict[str, list[Turn]]:
     return out
 
 
-def shard_name(url: str) -> str:
-    """`.../shard-000003.tar` -> `shard-000003` (the name used in ledger and artifact part files)."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    return name[: -len(".tar")] if name.endswith(".tar") else name
-
-
 def rephrase_run(
-    run_dir: str | os.PathLike,
+    shards_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
     cfg: RephraseConfig,
-    prev_step: str = "",
+    prev_ledger: str | os.PathLike | None = None,
     generator: Generator | None = None,
     counter: TokenCounter | None = None,
 ) -> list[ShardSummary]:
-    """Rephrase a run directory: every ingested shard under `<run>/shards`, restricted to the ids that
-    passed `prev_step` (all ingested samples when empty). Images are not decoded (text-only step)."""
+    """Rephrase every WDS shard of `shards_dir` (a run directory with `shards/`, or a shard folder/URL)
+    into `out_dir` (ledger/rephrase/ + rephrase/), restricted to the ids that passed the previous step
+    when `prev_ledger` (a ledger file or directory) is given. Images are not decoded (text-only step).
+
+    Records the reader cannot parse are quarantined in `ledger/rephrase/quarantine-<shard>.parquet`;
+    expected ids found in no shard are quarantined as `missing_from_shard`. Re-running with the same
+    `out_dir` resumes. The model is loaded only if some shard is unfinished.
+    """
     from core.ledger import passing_ids, read_ledger
     from core.rephrase.generate import make_generator
-    from core.wds import iter_shard, list_shards
+    from core.wds import iter_shard, list_shards, shard_name
 
-    include = set(passing_ids(read_ledger(step_dir(run_dir, prev_step)))) if prev_step else None
-    urls = list_shards(str(Path(run_dir) / "shards"))
-
-    def opener(url: str) -> Callable[[], Iterable[Sample]]:
-        def open_samples() -> Iterable[Sample]:
-            for s in iter_shard(url, load_images=False, verify_images=False):
-                if include is None or s.id in include:
-                    yield s
-
-        return open_samples
-
-    pending = [(shard_name(u), opener(u)) for u in urls]
-    if all(ledger_part(run_dir, name).exists() for name, _ in pending):
-        return [ShardSummary(name, skipped=True) for name, _ in pending]  # nothing to do: load no model
-    generator = generator or make_generator(cfg)
-    return rephrase_shards(pending, run_dir, cfg, generator, counter)
+    include = set(passing_ids(read_ledger(prev_ledger))) if prev_ledger else None
+    root = Path(shards_dir)
+    urls = list_shards(str(root / "shards")) if (root / "shards").is_dir() else list_shards(str(shards_dir))
+    out = []
+    for url in urls:
+        name = shard_name(url)
+        if ledger_part(out_dir, name).exists():
+            out.append(ShardSummary(name, skipped=True))
+            continue
+        generator = generator or make_generator(cfg)
+        counter = counter or TokenCounter(cfg.tokenizer_path)
+        q = LedgerWriter(step_dir(out_dir, STEP) / f"quarantine-{name}.parquet", STEP)
+        samples = iter_shard(url, quarantine=q, include_ids=include, load_images=False, verify_images=False)
+        s = rephrase_shard(name, samples, out_dir, cfg, generator, counter, quarantine=q)
+        log.info("rephrase %s: %d samples, %d modified, reasons %s", name, s.n_samples, s.n_modified, s.reasons)
+        out.append(s)
+    if include is not None:
+        missing_path = step_dir(out_dir, STEP) / "part-missing.parquet"
+        decided = set(read_ledger(step_dir(out_dir, STEP))["sample_id"]) if step_dir(out_dir, STEP).is_dir() else set()
+        missing = sorted(include - decided)
+        if missing and not missing_path.exists():
+            with LedgerWriter(missing_path, STEP) as led:
+                for sid in missing:
+                    led.add(sid, "quarantine", "missing_from_shard")
+    return out
