@@ -1,6 +1,12 @@
 """LLM rephrasing of conversation turns for token efficiency, validated, with a token-savings report."""
 
-from core.rephrase.config import PRESETS, RephraseConfig, qwen_rephrase_config, tiny_rephrase_config
+from core.rephrase.config import (
+    PRESETS,
+    RephraseConfig,
+    preset_config,
+    qwen_rephrase_config,
+    tiny_rephrase_config,
+)
 from core.rephrase.generate import Generation, Generator, TransformersGenerator, VLLMGenerator, make_generator
 from core.rephrase.report import summarize, write_report
 from core.rephrase.run import (
@@ -25,6 +31,7 @@ __all__ = [
     "TransformersGenerator",
     "VLLMGenerator",
     "make_generator",
+    "preset_config",
     "protect",
     "qwen_rephrase_config",
     "read_rephrased",

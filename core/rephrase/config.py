@@ -140,3 +140,13 @@ def qwen_rephrase_config(model: str, tokenizer: str = "") -> RephraseConfig:
 
 
 PRESETS = {"tiny": tiny_rephrase_config, "qwen": qwen_rephrase_config}
+
+
+def preset_config(preset: str, model: str, tokenizer: str = "", **overrides: Any) -> RephraseConfig:
+    """A preset (`tiny` or `qwen`) with the given overrides applied; `None` overrides are ignored."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown rephrase preset {preset!r}; choose from {sorted(PRESETS)}")
+    from dataclasses import replace
+
+    cfg = PRESETS[preset](model, tokenizer)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
