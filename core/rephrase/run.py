@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,21 +97,39 @@ def plan_sample(sample: Sample, cfg: RephraseConfig) -> tuple[list[tuple[int, Pr
     return plans, ("" if plans else "too_short")
 
 
-def rephrase_chunk(
-    samples: Sequence[Sample], generator: Generator, counter: TokenCounter, cfg: RephraseConfig
-) -> tuple[list[dict[str, Any]], float]:
-    """Rephrase and validate one chunk. Returns ledger-ready rows and the seconds spent generating."""
+def prepare_chunk(samples: Sequence[Sample], cfg: RephraseConfig) -> tuple[list, list[Messages], list[int]]:
+    """Plans of a chunk's samples plus the flat request list and per-request seeds."""
     plans = [plan_sample(s, cfg) for s in samples]
     requests, seeds = [], []
     for s, (turn_plans, _) in zip(samples, plans):
         for ti, _p, msgs in turn_plans:
             requests.append(msgs)
             seeds.append(request_seed(cfg.seed, s.id, ti))
+    return plans, requests, seeds
+
+
+def generate_chunk(generator: Generator, requests: list[Messages], seeds: list[int]) -> tuple[list, float]:
+    """Run the generator on a chunk's requests; returns the generations and the seconds it took."""
     t0 = time.perf_counter()
     gens = generator.generate(requests, seeds) if requests else []
-    t_gen = time.perf_counter() - t0
     if len(gens) != len(requests):
         raise RuntimeError(f"generator returned {len(gens)} answers for {len(requests)} requests")
+    return gens, time.perf_counter() - t0
+
+
+def rephrase_chunk(
+    samples: Sequence[Sample], generator: Generator, counter: TokenCounter, cfg: RephraseConfig
+) -> tuple[list[dict[str, Any]], float]:
+    """Rephrase and validate one chunk. Returns ledger-ready rows and the seconds spent generating."""
+    plans, requests, seeds = prepare_chunk(samples, cfg)
+    gens, t_gen = generate_chunk(generator, requests, seeds)
+    return finish_chunk(samples, plans, gens, counter, cfg), t_gen
+
+
+def finish_chunk(
+    samples: Sequence[Sample], plans: list, gens: list, counter: TokenCounter, cfg: RephraseConfig
+) -> list[dict[str, Any]]:
+    """Assemble candidates from the generations, count tokens, validate: ledger-ready rows."""
     gen_iter = iter(gens)
     candidates: list[list[Turn]] = []
     finishes: list[list[str]] = []
@@ -155,7 +174,7 @@ def rephrase_chunk(
             else:
                 row.update(decision="keep", reason=f"rephrase_rejected:{why}")
         rows.append(row)
-    return rows, t_gen
+    return rows
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -193,19 +212,38 @@ def rephrase_shard(
     work.mkdir(parents=True, exist_ok=True)
     done = {int(p.stem.split("-")[1]) for p in work.glob("chunk-*.json")}
     it = iter(samples)
-    for ci in itertools.count():
-        chunk = list(itertools.islice(it, cfg.chunk_size))
-        if not chunk:
-            break
-        if ci in done:
-            summary.chunks_resumed += 1
-            continue
-        rows, t_gen = rephrase_chunk(chunk, generator, counter, cfg)
+
+    def finish(ci: int, chunk: list[Sample], plans: list, gens: list) -> None:
+        rows = finish_chunk(chunk, plans, gens, counter, cfg)
         _write_atomic(work / f"chunk-{ci:06d}.json", json.dumps(rows, ensure_ascii=False).encode("utf-8"))
         summary.chunks_done += 1
-        summary.seconds_generate += t_gen
         summary.generated_tokens += sum(r["gen_tokens"] for r in rows)
-        log.info("rephrase %s chunk %d: %d samples, %.1fs generating", shard, ci, len(chunk), t_gen)
+
+    # Validation and I/O of chunk k run in a worker thread while chunk k+1 generates (vLLM's engine
+    # and torch kernels release the GIL). A failed generation waits for the chunk being finished, so
+    # a crash still loses only the chunk in flight.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future | None = None
+        try:
+            for ci in itertools.count():
+                chunk = list(itertools.islice(it, cfg.chunk_size))
+                if not chunk:
+                    break
+                if ci in done:
+                    summary.chunks_resumed += 1
+                    continue
+                plans, requests, seeds = prepare_chunk(chunk, cfg)
+                gens, t_gen = generate_chunk(generator, requests, seeds)
+                summary.seconds_generate += t_gen
+                log.info("rephrase %s chunk %d: %d samples, %.1fs generating", shard, ci, len(chunk), t_gen)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(finish, ci, chunk, plans, gens)
+        finally:
+            if pending is not None:
+                wait([pending])
+        if pending is not None:
+            pending.result()
     if quarantine is not None and sum(quarantine.counts.values()):
         quarantine.close()
     _finalize_shard(run, shard, work, cfg, summary)

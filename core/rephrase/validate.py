@@ -9,6 +9,7 @@ sample whose turns do not carry the same number of placeholders as before.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -76,13 +77,15 @@ def numbers(text: str) -> Counter:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern, ...]:
+    return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
+
+
 def is_refusal(new: str, original: str, patterns: Sequence[str]) -> bool:
     """True if the new text opens with a preamble/refusal pattern that the original did not have."""
     new, original = new.strip(), original.strip()
-    for p in patterns:
-        if re.match(p, new, re.IGNORECASE) and not re.match(p, original, re.IGNORECASE):
-            return True
-    return False
+    return any(p.match(new) and not p.match(original) for p in _compiled(tuple(patterns)))
 
 
 def validate_rephrasing(
