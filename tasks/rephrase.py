@@ -18,21 +18,16 @@ RephraseOutputs = NamedTuple("RephraseOutputs", [("out_dir", FlyteDirectory), ("
 
 
 def _tiny_model_for(shards_dir: str, work: str) -> str:
-    """The embedded default model: the project's tiny LM trained on this run's text (CPU demo)."""
-    try:
-        from core.tiny_lm import train_tiny_lm
-    except ImportError as e:
-        raise RuntimeError("preset 'tiny' without model_dir needs core/tiny_lm.py; pass model_dir instead") from e
-    from itertools import islice
+    """The embedded default model: the project's tiny LM trained on this run's conversations (CPU demo)."""
     from pathlib import Path
 
+    from core.rephrase.tiny_model import train_demo_model
     from core.wds import iter_samples, list_shards
 
     root = Path(shards_dir)
     urls = list_shards(str(root / "shards")) if (root / "shards").is_dir() else list_shards(shards_dir)
     samples = iter_samples(urls, load_images=False, verify_images=False)
-    texts = [s.text("all") for s in islice(samples, 20_000)]
-    return str(train_tiny_lm(texts, os.path.join(work, "tiny_lm")))
+    return train_demo_model(samples, os.path.join(work, "tiny_lm"))
 
 
 # GPU request: this task runs vLLM in the vllm image. For the CPU demo (preset tiny) a workflow overrides

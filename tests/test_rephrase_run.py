@@ -14,6 +14,7 @@ from core.rephrase.config import RephraseConfig
 from core.rephrase.generate import Generation
 from core.rephrase.report import write_report
 from core.rephrase.run import ledger_part, read_rephrased, rephrase_run, rephrase_shard, rephrase_shards
+from core.rephrase.similarity import SimilarityScorer
 from core.rephrase.tokens import TokenCounter
 from core.sample import IMAGE_TOKEN, Sample
 from core.wds import write_shards
@@ -97,9 +98,14 @@ def counter():
     return TokenCounter(BERT_TOKENIZER)
 
 
-def test_rephrase_shard_writes_ledger_records_and_examples(tmp_path, counter):
+@pytest.fixture(scope="module")
+def scorer():
+    return SimilarityScorer("minilm", device="cpu")
+
+
+def test_rephrase_shard_writes_ledger_records_and_examples(tmp_path, counter, scorer):
     samples = make_samples(10, "shard-000000")
-    s = rephrase_shard("shard-000000", samples, tmp_path, cfg(), RuleGenerator(), counter)
+    s = rephrase_shard("shard-000000", samples, tmp_path, cfg(), RuleGenerator(), counter, scorer=scorer)
     assert s.n_samples == 10 and s.chunks_done == 3
     df = read_ledger(ledger_part(tmp_path, "shard-000000"))
     assert df["sample_id"].tolist() == [x.id for x in samples]
@@ -120,10 +126,10 @@ def test_rephrase_shard_writes_ledger_records_and_examples(tmp_path, counter):
     assert {json.loads(x)["decision"] for x in ex} == {"modify", "keep"}
 
 
-def test_placeholders_survive_in_the_same_turns(tmp_path, counter):
+def test_placeholders_survive_in_the_same_turns(tmp_path, counter, scorer):
     samples = make_samples(10, "shard-000000")
     gen = RuleGenerator()
-    rephrase_shard("shard-000000", samples, tmp_path, cfg(), gen, counter)
+    rephrase_shard("shard-000000", samples, tmp_path, cfg(), gen, counter, scorer=scorer)
     # leading placeholders never reach the model; interleaved ones are sent and must come back
     assert not any(r.startswith("<image>") for r in gen.requests)
     new = read_rephrased(tmp_path)
@@ -136,47 +142,47 @@ def test_placeholders_survive_in_the_same_turns(tmp_path, counter):
                             "image": originals[sid].images})  # still a valid training record
 
 
-def test_a_model_that_drops_interleaved_placeholders_is_rejected(tmp_path, counter):
+def test_a_model_that_drops_interleaved_placeholders_is_rejected(tmp_path, counter, scorer):
     class Dropper(RuleGenerator):
         def generate(self, requests, seeds):
             return [Generation(g.text.replace("<image>", "the image"), g.finish_reason, g.n_tokens)
                     for g in super().generate(requests, seeds)]
 
     samples = [s for s in make_samples(10, "shard-000000") if s.id.endswith(("s4", "s9"))]
-    rephrase_shard("shard-000000", samples, tmp_path, cfg(), Dropper(), counter)
+    rephrase_shard("shard-000000", samples, tmp_path, cfg(), Dropper(), counter, scorer=scorer)
     df = read_ledger(ledger_part(tmp_path, "shard-000000"))
     assert set(df["reason"]) == {"rephrase_rejected:placeholder_mismatch"}
 
 
-def test_skips_are_recorded_not_dropped(tmp_path, counter):
+def test_skips_are_recorded_not_dropped(tmp_path, counter, scorer):
     rec_short = {"id": "short", "conversations": [{"from": "human", "value": "<image>\nColor?"},
                                                   {"from": "gpt", "value": "Red."}], "image": "a.jpg"}
     rec_long = {"id": "long", "conversations": [{"from": "human", "value": "Describe. " * 50},
                                                 {"from": "gpt", "value": "ok"}]}
     samples = [Sample.from_record(rec_short), Sample.from_record(rec_long)]
     gen = RuleGenerator()
-    rephrase_shard("p0", samples, tmp_path, cfg(max_turn_chars=200), gen, counter)
+    rephrase_shard("p0", samples, tmp_path, cfg(max_turn_chars=200), gen, counter, scorer=scorer)
     df = read_ledger(ledger_part(tmp_path, "p0"))
     assert df["reason"].tolist() == ["rephrase_skipped:too_short", "rephrase_skipped:too_long"]
     assert df["decision"].tolist() == ["keep", "keep"] and gen.calls == 0
 
 
-def test_resume_after_crash_loses_at_most_one_chunk_and_matches_a_clean_run(tmp_path, counter):
+def test_resume_after_crash_loses_at_most_one_chunk_and_matches_a_clean_run(tmp_path, counter, scorer):
     shards = {f"shard-00000{k}": make_samples(10, f"shard-00000{k}") for k in range(2)}
     pairs = [(name, lambda name=name: iter(shards[name])) for name in shards]
     crashed = tmp_path / "crashed"
     # 3 chunks per shard: shard 0 finishes, the crash hits the 2nd chunk of shard 1
     with pytest.raises(RuntimeError, match="simulated crash"):
-        rephrase_shards(pairs, crashed, cfg(), RuleGenerator(fail_on_call=5), counter)
+        rephrase_shards(pairs, crashed, cfg(), RuleGenerator(fail_on_call=5), counter, scorer=scorer)
     assert ledger_part(crashed, "shard-000000").exists()
     assert not ledger_part(crashed, "shard-000001").exists()
     assert len(list((crashed / "rephrase" / "work" / "shard-000001").glob("chunk-*.json"))) == 1
     gen = RuleGenerator()
-    out = rephrase_shards(pairs, crashed, cfg(), gen, counter)
+    out = rephrase_shards(pairs, crashed, cfg(), gen, counter, scorer=scorer)
     assert out[0].skipped and out[1].chunks_resumed == 1 and out[1].chunks_done == 2
     assert gen.calls == 2  # only the lost chunk and the one never started
     clean = tmp_path / "clean"
-    rephrase_shards(pairs, clean, cfg(), RuleGenerator(), counter)
+    rephrase_shards(pairs, clean, cfg(), RuleGenerator(), counter, scorer=scorer)
     a = read_ledger(step_dir(crashed, "rephrase")).sort_values("sample_id").reset_index(drop=True)
     b = read_ledger(step_dir(clean, "rephrase")).sort_values("sample_id").reset_index(drop=True)
     assert a.equals(b)
@@ -186,19 +192,19 @@ def test_resume_after_crash_loses_at_most_one_chunk_and_matches_a_clean_run(tmp_
     assert bal.inputs == 20 and bal.kept + bal.modified == 20
 
 
-def test_seeds_do_not_depend_on_chunking(tmp_path, counter):
+def test_seeds_do_not_depend_on_chunking(tmp_path, counter, scorer):
     samples = make_samples(10, "p")
     g1, g2 = RuleGenerator(), RuleGenerator()
-    rephrase_shard("p", samples, tmp_path / "a", cfg(chunk_size=3), g1, counter)
-    rephrase_shard("p", samples, tmp_path / "b", cfg(chunk_size=10), g2, counter)
+    rephrase_shard("p", samples, tmp_path / "a", cfg(chunk_size=3), g1, counter, scorer=scorer)
+    rephrase_shard("p", samples, tmp_path / "b", cfg(chunk_size=10), g2, counter, scorer=scorer)
     assert g1.seeds == g2.seeds and len(set(g1.seeds)) == len(g1.seeds)
     g3 = RuleGenerator()
-    rephrase_shard("p", samples, tmp_path / "c", cfg(chunk_size=10, seed=1), g3, counter)
+    rephrase_shard("p", samples, tmp_path / "c", cfg(chunk_size=10, seed=1), g3, counter, scorer=scorer)
     assert g3.seeds != g1.seeds
 
 
-def test_report_numbers_and_html(tmp_path, counter):
-    rephrase_shard("p", make_samples(10, "p"), tmp_path, cfg(), RuleGenerator(), counter)
+def test_report_numbers_and_html(tmp_path, counter, scorer):
+    rephrase_shard("p", make_samples(10, "p"), tmp_path, cfg(), RuleGenerator(), counter, scorer=scorer)
     jp, hp, s = write_report(tmp_path, model="rules", tokenizer=BERT_TOKENIZER)
     assert json.loads(jp.read_text())["n_samples"] == 10
     assert s["n_modified"] == 6 and s["reasons"]["rephrase_rejected:unfinished"]["count"] == 2
@@ -210,12 +216,12 @@ def test_report_numbers_and_html(tmp_path, counter):
     assert html.count("<img") == 2 and "BEFORE" in html and "rephrase_rejected:refusal" in html
 
 
-def test_report_says_so_when_most_rephrasings_are_rejected(tmp_path, counter):
+def test_report_says_so_when_most_rephrasings_are_rejected(tmp_path, counter, scorer):
     class Bad(RuleGenerator):
         def generate(self, requests, seeds):
             return [Generation("Sure! " + m[-1]["content"], "stop", 5) for m in requests]
 
-    rephrase_shard("p", make_samples(10, "p"), tmp_path, cfg(), Bad(), counter)
+    rephrase_shard("p", make_samples(10, "p"), tmp_path, cfg(), Bad(), counter, scorer=scorer)
     _, _, s = write_report(tmp_path)
     assert s["acceptance_rate"] == 0 and "rejected 100%" in s["verdict"]
     assert s["ratio_accepted"]["mean"] is None and s["token_saving"] == 0
@@ -229,7 +235,7 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path, counter):
+def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path, counter, scorer):
     samples = make_samples(10, "")
     png = _png()
     for s in samples:
@@ -249,7 +255,7 @@ def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path,
         led.add("shard-zzz/broken", "keep")
         led.add("never-ingested", "keep")
     out = tmp_path / "out"
-    res = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(), counter=counter)
+    res = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(), counter=counter, scorer=scorer)
     assert [r.shard for r in res] == ["shard-000000", "shard-000001", "shard-zzz"]
     df = read_ledger(step_dir(out, "rephrase"))
     q = df[df["decision"] == "quarantine"]
@@ -259,6 +265,6 @@ def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path,
     }
     (bal,) = check_balance(out, ["rephrase"], inputs=[s.id for s in samples[:-1]] + ["shard-zzz/broken", "never-ingested"])
     assert bal.modified == 5 and bal.quarantined == 2
-    again = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(fail_on_call=1), counter=counter)
+    again = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(fail_on_call=1), counter=counter, scorer=scorer)
     assert all(r.skipped for r in again)  # finished: nothing regenerated, no duplicate rows
     assert len(read_ledger(step_dir(out, "rephrase"))) == len(df)

@@ -2,9 +2,15 @@
 
 import pytest
 
-from core.rephrase.config import DEFAULT_REFUSAL_PATTERNS
+from core.rephrase.config import DEFAULT_KEEP_SUFFIXES, DEFAULT_REFUSAL_PATTERNS
+from core.rephrase.similarity import SimilarityScorer
 from core.rephrase.validate import REJECT_REASONS, numbers, protect, validate_rephrasing
-from core.sample import Turn
+from core.sample import Turn, strip_image_placeholders
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return SimilarityScorer("minilm", device="cpu")
 
 ORIG = [
     Turn("human", "<image>\nCould you please tell me what is the total number of red cars parked in this picture?"),
@@ -20,8 +26,20 @@ def words(turns):
     return sum(len(t.value.replace("<image>", " ").split()) for t in turns)
 
 
-def check(candidate, finish=None, *, original=ORIG, min_shortening=0.1, check_numbers=True):
+SCORER = None
+
+
+@pytest.fixture(autouse=True)
+def _scorer(scorer):
+    global SCORER
+    SCORER = scorer
+
+
+def check(candidate, finish=None, *, original=ORIG, min_shortening=0.1, check_numbers=True, min_similarity=0.7):
     finish = finish if finish is not None else ["stop"] * len(candidate)
+    changed = [(a, b) for a, b in zip(original, candidate) if a.value != b.value]
+    sims = SCORER.similarity([strip_image_placeholders(a.value) for a, _ in changed],
+                             [strip_image_placeholders(b.value) for _, b in changed])
     return validate_rephrasing(
         original,
         candidate,
@@ -31,6 +49,8 @@ def check(candidate, finish=None, *, original=ORIG, min_shortening=0.1, check_nu
         min_shortening=min_shortening,
         check_numbers=check_numbers,
         refusal_patterns=DEFAULT_REFUSAL_PATTERNS,
+        similarities=sims,
+        min_similarity=min_similarity,
     )
 
 
@@ -51,6 +71,9 @@ BAD = {
     "unfinished": (GOOD, ["stop", "length"]),
     "refusal": ([GOOD[0], Turn("gpt", "Here is the concise answer: 12 red cars of 30.")], None),
     "number_lost": ([GOOD[0], Turn("gpt", "Twelve red cars are parked, out of 30.")], None),
+    "number_added": ([GOOD[0], Turn("gpt", "12 red cars are parked, out of 30, at 5 pm.")], None),
+    # the model answered instead of rephrasing: structure, numbers and length are all fine
+    "meaning_changed": ([Turn("human", "<image>\nThe parking lot is full."), GOOD[1]], None),
     "not_shorter": (
         [GOOD[0], Turn("gpt", ORIG[1].value + " All of them are clearly visible in the 30-car lot today.")],
         None,
@@ -97,16 +120,33 @@ def test_unchanged_sample_is_not_accepted():
 
 
 def test_number_check_can_be_disabled():
-    cand, _ = BAD["number_lost"]
-    assert check(cand, check_numbers=False) is None
+    for reason in ("number_lost", "number_added"):
+        cand, _ = BAD[reason]
+        assert check(cand, check_numbers=False) is None
+
+
+def test_similarity_threshold_is_configurable():
+    cand, _ = BAD["meaning_changed"]
+    assert check(cand, min_similarity=0.0) is None
+
+
+def test_keep_suffixes_stay_verbatim():
+    text = "<image>\nWhat is the colour of the big bus?\nAnswer the question using a single word or phrase."
+    p = protect(text, DEFAULT_KEEP_SUFFIXES)
+    assert p.body == "What is the colour of the big bus?"
+    assert p.restore("Bus colour?") == "<image>\nBus colour?\nAnswer the question using a single word or phrase."
+    only = protect("Answer the question using a single word or phrase.", DEFAULT_KEEP_SUFFIXES)
+    assert only.body == "Answer the question using a single word or phrase."  # nothing else: not cut
 
 
 def test_numbers_are_normalized_and_compared_as_sets():
     assert numbers("1,000 people, 3.50 dollars, 45% and -2") .keys() == {"1000", "3.5", "45%", "-2"}
     orig = [Turn("human", "How many apples are there on the wooden table in total?"),
             Turn("gpt", "There are 3 apples on the table. So the final answer is 3.")]
-    cand = [Turn("human", "How many apples are on the table?"), Turn("gpt", "3")]
+    cand = [Turn("human", "How many apples are on the table?"), Turn("gpt", "There are 3 apples.")]
     assert check(cand, original=orig) is None
+    # a bare "3" keeps the numbers but not the answer's form: the meaning check is conservative
+    assert check([cand[0], Turn("gpt", "3")], original=orig) == "meaning_changed"
 
 
 def test_protect_cuts_leading_and_trailing_placeholders():

@@ -18,6 +18,15 @@ DEFAULT_GPT_PROMPT = (
     "Question: {question}\n\nRewrite this answer concisely. Keep every fact, number and the final "
     "answer; drop filler and repetition of the question.\n\n{text}"
 )
+# Answer-format instructions of LLaVA-style data: they steer the trained model's answer format, so a
+# turn ending with one keeps it verbatim (it is cut off before prompting and appended afterwards).
+DEFAULT_KEEP_SUFFIXES = (
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "Answer the question with a short phrase.",
+    "Please answer yes or no.",
+    "Answer yes or no.",
+)
 DEFAULT_REFUSAL_PATTERNS = (
     r"here(?:'s| is| are)\b",
     r"sure\b",
@@ -56,6 +65,12 @@ class RephraseConfig:
     :param device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (transformers backend).
     :param gpu_memory_utilization: vLLM KV-cache share of GPU memory.
     :param n_examples: before/after examples kept per shard for the report (accepted and rejected each).
+    :param similarity_model: sentence encoder for the meaning check: ``"minilm"`` (packaged
+        all-MiniLM-L6-v2), a local directory, or ``""`` to disable the check.
+    :param min_similarity: a rephrased turn whose cosine similarity to the original is below this is
+        rejected (``meaning_changed``).
+    :param keep_suffixes: answer-format instructions kept verbatim at the end of a turn.
+    :param refusal_patterns: regexes matched at the start of a rephrased turn (``refusal``).
     """
 
     backend: str
@@ -78,6 +93,9 @@ class RephraseConfig:
     device: str = "auto"
     gpu_memory_utilization: float = 0.9
     n_examples: int = 5
+    similarity_model: str = "minilm"
+    min_similarity: float = 0.7
+    keep_suffixes: tuple[str, ...] = field(default=DEFAULT_KEEP_SUFFIXES)
     refusal_patterns: tuple[str, ...] = field(default=DEFAULT_REFUSAL_PATTERNS)
 
     def __post_init__(self) -> None:
@@ -90,6 +108,7 @@ class RephraseConfig:
         if self.chunk_size < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("chunk_size, batch_size and max_new_tokens must be >= 1")
         self.refusal_patterns = tuple(self.refusal_patterns)
+        self.keep_suffixes = tuple(self.keep_suffixes)
 
     @property
     def tokenizer_path(self) -> str:
@@ -98,6 +117,7 @@ class RephraseConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["refusal_patterns"] = list(self.refusal_patterns)
+        d["keep_suffixes"] = list(self.keep_suffixes)
         return d
 
 

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from core.ledger import LedgerWriter, step_dir
 from core.rephrase.config import RephraseConfig
 from core.rephrase.generate import Generator, Messages
+from core.rephrase.similarity import SimilarityScorer
 from core.rephrase.tokens import TokenCounter
 from core.rephrase.validate import Protected, protect, validate_rephrasing
 from core.sample import Sample, Turn, strip_image_placeholders
@@ -83,7 +84,7 @@ def plan_sample(sample: Sample, cfg: RephraseConfig) -> tuple[list[tuple[int, Pr
     for i, t in enumerate(sample.conversations):
         if not (t.is_human or t.is_assistant):
             continue  # system turns are copied unchanged
-        p = protect(t.value)
+        p = protect(t.value, cfg.keep_suffixes)
         if t.is_human:
             question = strip_image_placeholders(p.body)
         if len(strip_image_placeholders(p.body)) < cfg.min_turn_chars:
@@ -118,16 +119,45 @@ def generate_chunk(generator: Generator, requests: list[Messages], seeds: list[i
 
 
 def rephrase_chunk(
-    samples: Sequence[Sample], generator: Generator, counter: TokenCounter, cfg: RephraseConfig
+    samples: Sequence[Sample],
+    generator: Generator,
+    counter: TokenCounter,
+    cfg: RephraseConfig,
+    scorer: SimilarityScorer | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Rephrase and validate one chunk. Returns ledger-ready rows and the seconds spent generating."""
     plans, requests, seeds = prepare_chunk(samples, cfg)
     gens, t_gen = generate_chunk(generator, requests, seeds)
-    return finish_chunk(samples, plans, gens, counter, cfg), t_gen
+    return finish_chunk(samples, plans, gens, counter, cfg, scorer), t_gen
+
+
+def _turn_similarities(samples, candidates, plans, scorer) -> list[list[float] | None]:
+    """Per sample, the similarity of each changed turn (one batched encoder call for the chunk)."""
+    if scorer is None:
+        return [None] * len(samples)
+    a, b, owner = [], [], []
+    for k, (s, cand, (_p, skip)) in enumerate(zip(samples, candidates, plans)):
+        if skip:
+            continue
+        for old, new in zip(s.conversations, cand):
+            if old.value != new.value:
+                a.append(strip_image_placeholders(old.value))
+                b.append(strip_image_placeholders(new.value))
+                owner.append(k)
+    sims = scorer.similarity(a, b)
+    out: list[list[float] | None] = [[] for _ in samples]
+    for k, x in zip(owner, sims):
+        out[k].append(x)  # type: ignore[union-attr]
+    return out
 
 
 def finish_chunk(
-    samples: Sequence[Sample], plans: list, gens: list, counter: TokenCounter, cfg: RephraseConfig
+    samples: Sequence[Sample],
+    plans: list,
+    gens: list,
+    counter: TokenCounter,
+    cfg: RephraseConfig,
+    scorer: SimilarityScorer | None = None,
 ) -> list[dict[str, Any]]:
     """Assemble candidates from the generations, count tokens, validate: ledger-ready rows."""
     gen_iter = iter(gens)
@@ -148,9 +178,10 @@ def finish_chunk(
         gen_tokens.append(n_gen)
     old_counts = counter.count([s.conversations for s in samples])
     new_counts = counter.count(candidates)
+    similarities = _turn_similarities(samples, candidates, plans, scorer)
     rows = []
-    for s, (_plans, skip), cand, fin, old, new, ng in zip(
-        samples, plans, candidates, finishes, old_counts, new_counts, gen_tokens
+    for s, (_plans, skip), cand, fin, old, new, ng, sims in zip(
+        samples, plans, candidates, finishes, old_counts, new_counts, gen_tokens, similarities
     ):
         row: dict[str, Any] = {"sample_id": s.id, "shard": s.shard, "old_tokens": old, "gen_tokens": ng}
         if skip:
@@ -165,8 +196,12 @@ def finish_chunk(
                 min_shortening=cfg.min_shortening,
                 check_numbers=cfg.check_numbers,
                 refusal_patterns=cfg.refusal_patterns,
+                similarities=sims,
+                min_similarity=cfg.min_similarity,
             )
             row["new_tokens"] = new
+            if sims:
+                row["min_similarity"] = round(min(sims), 4)
             row["candidate"] = [{"from": t.role, "value": t.value} for t in cand]
             row["original"] = [{"from": t.role, "value": t.value} for t in s.conversations]
             if why is None:
@@ -196,6 +231,7 @@ def rephrase_shard(
     generator: Generator,
     counter: TokenCounter,
     quarantine: LedgerWriter | None = None,
+    scorer: SimilarityScorer | None = None,
 ) -> ShardSummary:
     """Rephrase one shard's samples (reader order) into the run directory; resumable (see module doc).
 
@@ -212,9 +248,11 @@ def rephrase_shard(
     work.mkdir(parents=True, exist_ok=True)
     done = {int(p.stem.split("-")[1]) for p in work.glob("chunk-*.json")}
     it = iter(samples)
+    if scorer is None and cfg.similarity_model:
+        scorer = SimilarityScorer(cfg.similarity_model, device=cfg.device)
 
     def finish(ci: int, chunk: list[Sample], plans: list, gens: list) -> None:
-        rows = finish_chunk(chunk, plans, gens, counter, cfg)
+        rows = finish_chunk(chunk, plans, gens, counter, cfg, scorer)
         _write_atomic(work / f"chunk-{ci:06d}.json", json.dumps(rows, ensure_ascii=False).encode("utf-8"))
         summary.chunks_done += 1
         summary.generated_tokens += sum(r["gen_tokens"] for r in rows)
@@ -311,6 +349,7 @@ def rephrase_shards(
     cfg: RephraseConfig,
     generator: Generator,
     counter: TokenCounter | None = None,
+    scorer: SimilarityScorer | None = None,
 ) -> list[ShardSummary]:
     """Rephrase shards in order. `shards` pairs a shard name with a function that opens its samples
     (called only for shards not finished yet)."""
@@ -321,7 +360,9 @@ def rephrase_shards(
             log.info("rephrase %s: ledger part exists, skipped", name)
             out.append(ShardSummary(name, skipped=True))
             continue
-        s = rephrase_shard(name, open_samples(), run_dir, cfg, generator, counter)
+        if scorer is None and cfg.similarity_model:
+            scorer = SimilarityScorer(cfg.similarity_model, device=cfg.device)
+        s = rephrase_shard(name, open_samples(), run_dir, cfg, generator, counter, scorer=scorer)
         log.info("rephrase %s: %d samples, %d modified, reasons %s", name, s.n_samples, s.n_modified, s.reasons)
         out.append(s)
     return out
@@ -344,6 +385,7 @@ def rephrase_run(
     prev_ledger: str | os.PathLike | None = None,
     generator: Generator | None = None,
     counter: TokenCounter | None = None,
+    scorer: SimilarityScorer | None = None,
 ) -> list[ShardSummary]:
     """Rephrase every WDS shard of `shards_dir` (a run directory with `shards/`, or a shard folder/URL)
     into `out_dir` (ledger/rephrase/ + rephrase/), restricted to the ids that passed the previous step
@@ -368,9 +410,11 @@ def rephrase_run(
             continue
         generator = generator or make_generator(cfg)
         counter = counter or TokenCounter(cfg.tokenizer_path)
+        if scorer is None and cfg.similarity_model:
+            scorer = SimilarityScorer(cfg.similarity_model, device=cfg.device)
         q = LedgerWriter(step_dir(out_dir, STEP) / f"quarantine-{name}.parquet", STEP)
         samples = iter_shard(url, quarantine=q, include_ids=include, load_images=False, verify_images=False)
-        s = rephrase_shard(name, samples, out_dir, cfg, generator, counter, quarantine=q)
+        s = rephrase_shard(name, samples, out_dir, cfg, generator, counter, quarantine=q, scorer=scorer)
         log.info("rephrase %s: %d samples, %d modified, reasons %s", name, s.n_samples, s.n_modified, s.reasons)
         out.append(s)
     if include is not None:

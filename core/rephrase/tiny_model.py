@@ -64,3 +64,26 @@ def random_chat_lm(
     )
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
+
+
+def train_demo_model(samples: Iterable, out_dir: str | Path, max_samples: int = 20_000) -> str:
+    """The embedded default model of the demo: the project's tiny LM (`core.tiny_lm`) trained on the
+    run's own conversations (human -> user, gpt -> assistant, `<image>` removed). Reused when
+    `out_dir` already holds a model trained on the same texts. It has never seen a rewriting task, so
+    expect validation to reject almost all of its rephrasings."""
+    from itertools import islice
+
+    from core.sample import strip_image_placeholders
+    from core.tiny_lm import ensure_tiny_lm
+
+    convs = []
+    for s in islice(samples, max_samples):
+        msgs = [
+            {"role": "user" if t.is_human else "assistant", "content": strip_image_placeholders(t.value)}
+            for t in s.conversations
+            if t.is_human or t.is_assistant
+        ]
+        convs.append(msgs)
+    if not convs:
+        raise ValueError("no samples to train the demo model on")
+    return ensure_tiny_lm(out_dir, convs)

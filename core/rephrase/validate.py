@@ -27,6 +27,8 @@ REJECT_REASONS = (
     "unfinished",
     "refusal",
     "number_lost",
+    "number_added",
+    "meaning_changed",
     "not_shorter",
 )
 
@@ -48,8 +50,9 @@ class Protected:
         return self.head + new_body.strip() + self.tail
 
 
-def protect(text: str) -> Protected:
-    """Cut leading/trailing `<image>` placeholders (with their whitespace) off a turn."""
+def protect(text: str, keep_suffixes: Sequence[str] = ()) -> Protected:
+    """Cut leading/trailing `<image>` placeholders (with their whitespace) off a turn, and a trailing
+    answer-format instruction from `keep_suffixes` (with the whitespace before it)."""
     head = tail = ""
     m = _HEAD.match(text)
     if m:
@@ -57,6 +60,12 @@ def protect(text: str) -> Protected:
     m = _TAIL.search(text)
     if m:
         tail, text = m.group(0), text[: m.start()]
+    for suffix in keep_suffixes:
+        body = text.rstrip()
+        if suffix and body.endswith(suffix) and body[: -len(suffix)].strip():
+            cut = len(body[: -len(suffix)].rstrip())
+            tail, text = text[cut:] + tail, text[:cut]
+            break
     return Protected(head, text, tail)
 
 
@@ -98,12 +107,16 @@ def validate_rephrasing(
     min_shortening: float,
     check_numbers: bool,
     refusal_patterns: Sequence[str],
+    similarities: Sequence[float] | None = None,
+    min_similarity: float = 0.0,
 ) -> str | None:
     """Return the first rejection reason (see `REJECT_REASONS`) or None when the rephrasing is accepted.
 
     `finish_reasons[i]` is the generator's reason for turn i: ``stop`` (finished), ``length`` (cut by
     max tokens) or ``copied`` (turn not sent to the model). `old_tokens`/`new_tokens` count the
-    conversation's text tokens with the training tokenizer.
+    conversation's text tokens with the training tokenizer. `similarities`, when given, holds the
+    original/new cosine similarity of each *changed* turn, in turn order (`meaning_changed` below
+    `min_similarity`).
     """
     if len(candidate) != len(original) or len(finish_reasons) != len(original):
         return "turn_count"
@@ -122,6 +135,10 @@ def validate_rephrasing(
         return "refusal"
     if check_numbers and any(numbers(a.value).keys() - numbers(b.value).keys() for a, b in changed):
         return "number_lost"
+    if check_numbers and any(numbers(b.value).keys() - numbers(a.value).keys() for a, b in changed):
+        return "number_added"
+    if similarities is not None and any(x < min_similarity for x in similarities):
+        return "meaning_changed"
     if not changed or new_tokens > (1.0 - min_shortening) * old_tokens:
         return "not_shorter"
     return None
