@@ -154,6 +154,20 @@ def test_a_model_that_drops_interleaved_placeholders_is_rejected(tmp_path, count
     assert set(df["reason"]) == {"rephrase_rejected:placeholder_mismatch"}
 
 
+def test_a_model_that_answers_instead_of_rephrasing_is_rejected(tmp_path, counter, scorer):
+    class Answerer(RuleGenerator):
+        def generate(self, requests, seeds):
+            gens = super().generate(requests, seeds)
+            return [Generation("Red cars.", "stop", 3) if m[-1]["content"].startswith("Could") else g
+                    for m, g in zip(requests, gens)]
+
+    samples = [s for s in make_samples(10, "p") if s.id.endswith(("s0", "s5"))]
+    rephrase_shard("p", samples, tmp_path, cfg(), Answerer(), counter, scorer=scorer)
+    df = read_ledger(ledger_part(tmp_path, "p"))
+    assert set(df["reason"]) == {"rephrase_rejected:meaning_changed"}
+    assert all(json.loads(e)["new_tokens"] < json.loads(e)["old_tokens"] for e in df["extra"])
+
+
 def test_skips_are_recorded_not_dropped(tmp_path, counter, scorer):
     rec_short = {"id": "short", "conversations": [{"from": "human", "value": "<image>\nColor?"},
                                                   {"from": "gpt", "value": "Red."}], "image": "a.jpg"}

@@ -131,23 +131,18 @@ def rephrase_chunk(
     return finish_chunk(samples, plans, gens, counter, cfg, scorer), t_gen
 
 
-def _turn_similarities(samples, candidates, plans, scorer) -> list[list[float] | None]:
-    """Per sample, the similarity of each changed turn (one batched encoder call for the chunk)."""
-    if scorer is None:
-        return [None] * len(samples)
+def _turn_similarities(pairs: list[tuple[Sample, list[Turn]]], scorer: SimilarityScorer) -> list[list[float]]:
+    """Per (sample, candidate) pair, the similarity of each changed turn (one batched encoder call)."""
     a, b, owner = [], [], []
-    for k, (s, cand, (_p, skip)) in enumerate(zip(samples, candidates, plans)):
-        if skip:
-            continue
+    for k, (s, cand) in enumerate(pairs):
         for old, new in zip(s.conversations, cand):
             if old.value != new.value:
                 a.append(strip_image_placeholders(old.value))
                 b.append(strip_image_placeholders(new.value))
                 owner.append(k)
-    sims = scorer.similarity(a, b)
-    out: list[list[float] | None] = [[] for _ in samples]
-    for k, x in zip(owner, sims):
-        out[k].append(x)  # type: ignore[union-attr]
+    out: list[list[float]] = [[] for _ in pairs]
+    for k, x in zip(owner, scorer.similarity(a, b)):
+        out[k].append(x)
     return out
 
 
@@ -178,10 +173,9 @@ def finish_chunk(
         gen_tokens.append(n_gen)
     old_counts = counter.count([s.conversations for s in samples])
     new_counts = counter.count(candidates)
-    similarities = _turn_similarities(samples, candidates, plans, scorer)
     rows = []
-    for s, (_plans, skip), cand, fin, old, new, ng, sims in zip(
-        samples, plans, candidates, finishes, old_counts, new_counts, gen_tokens, similarities
+    for s, (_plans, skip), cand, fin, old, new, ng in zip(
+        samples, plans, candidates, finishes, old_counts, new_counts, gen_tokens
     ):
         row: dict[str, Any] = {"sample_id": s.id, "shard": s.shard, "old_tokens": old, "gen_tokens": ng}
         if skip:
@@ -196,12 +190,8 @@ def finish_chunk(
                 min_shortening=cfg.min_shortening,
                 check_numbers=cfg.check_numbers,
                 refusal_patterns=cfg.refusal_patterns,
-                similarities=sims,
-                min_similarity=cfg.min_similarity,
             )
             row["new_tokens"] = new
-            if sims:
-                row["min_similarity"] = round(min(sims), 4)
             row["candidate"] = [{"from": t.role, "value": t.value} for t in cand]
             row["original"] = [{"from": t.role, "value": t.value} for t in s.conversations]
             if why is None:
@@ -209,6 +199,15 @@ def finish_chunk(
             else:
                 row.update(decision="keep", reason=f"rephrase_rejected:{why}")
         rows.append(row)
+    # The meaning check is the only expensive one (a neural encoder): it runs last, and only on the
+    # candidates that passed every other check.
+    passed = [k for k, r in enumerate(rows) if r["decision"] == "modify"]
+    if scorer is not None and passed:
+        sims = _turn_similarities([(samples[k], candidates[k]) for k in passed], scorer)
+        for k, sim in zip(passed, sims):
+            rows[k]["min_similarity"] = round(min(sim), 4) if sim else 1.0
+            if sim and min(sim) < cfg.min_similarity:
+                rows[k].update(decision="keep", reason="rephrase_rejected:meaning_changed")
     return rows
 
 
@@ -327,6 +326,10 @@ def _finalize_shard(run: Path, shard: str, work: Path, cfg: RephraseConfig, summ
     summary.n_samples = len(rows)
     summary.n_modified = len(accepted)
     shutil.rmtree(work)
+    try:
+        work.parent.rmdir()  # rephrase/work/ once no shard is in flight
+    except OSError:
+        pass
 
 
 def _pick_examples(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

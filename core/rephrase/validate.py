@@ -28,8 +28,8 @@ REJECT_REASONS = (
     "refusal",
     "number_lost",
     "number_added",
-    "meaning_changed",
     "not_shorter",
+    "meaning_changed",  # needs a sentence encoder: checked last, by the caller passing `similarities`
 )
 
 _HEAD = re.compile(r"^(?:\s*<image>)+\s*")
@@ -137,8 +137,8 @@ def validate_rephrasing(
         return "number_lost"
     if check_numbers and any(numbers(b.value).keys() - numbers(a.value).keys() for a, b in changed):
         return "number_added"
-    if similarities is not None and any(x < min_similarity for x in similarities):
-        return "meaning_changed"
     if not changed or new_tokens > (1.0 - min_shortening) * old_tokens:
         return "not_shorter"
+    if similarities is not None and any(x < min_similarity for x in similarities):
+        return "meaning_changed"
     return None
