@@ -106,3 +106,11 @@ def test_config_validation_and_presets(tmp_path):
 def test_tiny_model_dir_is_a_complete_hf_model(tiny_model):
     names = {p.name for p in Path(tiny_model).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+
+
+def test_prompt_longer_than_the_context_is_not_run(tiny_model):
+    g = gen(tiny_model, max_new_tokens=8)
+    long = [{"role": "user", "content": " ".join(TEXTS) * 3}]
+    out = g.generate([long, requests(1)[0]], [1, 2])
+    assert out[0] == type(out[0])("", "prompt_too_long", 0)
+    assert out[1].n_tokens > 0

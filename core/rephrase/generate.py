@@ -21,7 +21,8 @@ Messages = list[dict[str, str]]
 @dataclass(frozen=True)
 class Generation:
     """One model answer: text, why it stopped (``stop`` = EOS/stop string, ``length`` = cut by
-    max_new_tokens) and how many tokens were generated."""
+    max_new_tokens, ``prompt_too_long`` = not run: prompt + budget exceed the model's context) and how
+    many tokens were generated."""
 
     text: str
     finish_reason: str
@@ -90,8 +91,17 @@ class TransformersGenerator:
 
         prompts = [self.prompt(m) for m in requests]
         lengths = [len(ids) for ids in self.tok(prompts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
         out: list[Generation | None] = [None] * len(prompts)
+        # a prompt that cannot fit with its generation budget in the model's context is not run
+        # (validation rejects it as unfinished) rather than silently degraded past the position limit
+        ctx = getattr(self.model.config, "max_position_embeddings", None)
+        fits = []
+        for i, n in enumerate(lengths):
+            if ctx is not None and n + self.max_new_tokens > ctx:
+                out[i] = Generation("", "prompt_too_long", 0)
+            else:
+                fits.append(i)
+        order = sorted(fits, key=lambda i: (lengths[i], i))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             enc = self.tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
