@@ -23,8 +23,8 @@ REJECT_REASONS = (
     "turn_count",
     "role_mismatch",
     "placeholder_mismatch",
-    "empty",
     "unfinished",
+    "empty",
     "refusal",
     "number_lost",
     "number_added",
@@ -118,18 +118,19 @@ def validate_rephrasing(
     original/new cosine similarity of each *changed* turn, in turn order (`meaning_changed` below
     `min_similarity`).
     """
+    # unfinished comes before empty: a prompt that was not run (prompt_too_long) has empty text
     if len(candidate) != len(original) or len(finish_reasons) != len(original):
         return "turn_count"
     if any(a.role != b.role for a, b in zip(original, candidate)):
         return "role_mismatch"
     if any(a.value.count(IMAGE_TOKEN) != b.value.count(IMAGE_TOKEN) for a, b in zip(original, candidate)):
         return "placeholder_mismatch"
+    if any(r not in ("stop", "copied") for r in finish_reasons):
+        return "unfinished"
     if any(
         not strip_image_placeholders(b.value) and strip_image_placeholders(a.value) for a, b in zip(original, candidate)
     ):
         return "empty"
-    if any(r not in ("stop", "copied") for r in finish_reasons):
-        return "unfinished"
     changed = [(a, b) for a, b in zip(original, candidate) if a.value != b.value]
     if any(is_refusal(b.value, a.value, refusal_patterns) for a, b in changed):
         return "refusal"
