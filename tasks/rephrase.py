@@ -55,12 +55,15 @@ def rephrase_samples(
     tensor_parallel: Optional[int] = None,
     min_shortening: Optional[float] = None,
     check_numbers: Optional[bool] = None,
+    min_similarity: Optional[float] = None,
     chunk_size: Optional[int] = None,
     checkpoint_dir: str = "",
 ) -> RephraseOutputs:
     """Rewrite each human and gpt turn concisely with a local LLM; keep a rephrasing only if it passes
-    validation (same turns/roles/<image> placeholders, finished, no refusal or preamble, numbers kept,
-    shorter by the margin), else keep the original with the reason in the ledger.
+    validation (same turns/roles/<image> placeholders, finished, non-empty, no refusal or preamble, no
+    number lost or added, shorter by the margin, meaning kept per MiniLM similarity), else keep the
+    original with the reason in the ledger. The deck shows token counts before/after, ratios, reasons
+    and before/after examples.
 
     :param run_dir: Ingested run directory (holds `shards/*.tar`).
     :param preset: `tiny` (embedded tiny LM, transformers on CPU) or `qwen` (Qwen2.5-1.5B-Instruct on vLLM).
@@ -76,7 +79,8 @@ def rephrase_samples(
     :param seed: Base seed; each request's seed derives from it and the sample id.
     :param tensor_parallel: GPUs per vLLM engine.
     :param min_shortening: Required relative token saving per sample (0.05 = at least 5% shorter).
-    :param check_numbers: Reject rephrasings that lose a number of the original turn.
+    :param check_numbers: Reject rephrasings that lose a number of the original turn or add one.
+    :param min_similarity: Reject a rewritten turn whose MiniLM cosine similarity to the original is lower.
     :param chunk_size: Samples per checkpointed chunk (a crash loses at most one).
     :param checkpoint_dir: Persistent local directory to write to and resume from across retries
         (default: the task's working directory, so a retry starts over).
@@ -119,6 +123,7 @@ def rephrase_samples(
         tensor_parallel=tensor_parallel,
         min_shortening=min_shortening,
         check_numbers=check_numbers,
+        min_similarity=min_similarity,
         chunk_size=chunk_size,
     )
     log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
