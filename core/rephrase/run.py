@@ -3,7 +3,7 @@
 Layout inside a run directory (see docs/architecture.md):
 
     ledger/rephrase/part-<shard>.parquet      decision per sample: modify (accepted) or keep (+ reason)
-    rephrase/records/part-<shard>.parquet     sample_id -> new conversations (JSON) of accepted samples
+    rephrase/records/part-<shard>.parquet     sample_id, conversations_json of accepted samples (export input)
     rephrase/examples/part-<shard>.jsonl      a few before/after examples (accepted and rejected)
     rephrase/work/<shard>/chunk-<i>.json      finished chunks of the shard in flight (deleted when done)
 
@@ -43,7 +43,7 @@ from core.sample import Sample, Turn, strip_image_placeholders
 log = logging.getLogger(__name__)
 
 STEP = "rephrase"
-RECORDS_SCHEMA = pa.schema([("sample_id", pa.string()), ("conversations", pa.string())])
+RECORDS_SCHEMA = pa.schema([("sample_id", pa.string()), ("conversations_json", pa.string())])
 
 
 @dataclass
@@ -296,7 +296,7 @@ def _finalize_shard(run: Path, shard: str, work: Path, cfg: RephraseConfig, summ
     table = pa.Table.from_pydict(
         {
             "sample_id": [r["sample_id"] for r in accepted],
-            "conversations": [json.dumps(r["candidate"], ensure_ascii=False) for r in accepted],
+            "conversations_json": [json.dumps(r["candidate"], ensure_ascii=False) for r in accepted],
         },
         schema=RECORDS_SCHEMA,
     )
@@ -376,7 +376,7 @@ def read_rephrased(run_dir: str | os.PathLike) -> dict[str, list[Turn]]:
     out: dict[str, list[Turn]] = {}
     for p in sorted((Path(run_dir) / STEP / "records").glob("part-*.parquet")):
         t = pq.read_table(p)
-        for sid, conv in zip(t.column("sample_id").to_pylist(), t.column("conversations").to_pylist()):
+        for sid, conv in zip(t.column("sample_id").to_pylist(), t.column("conversations_json").to_pylist()):
             out[sid] = [Turn(d["from"], d["value"]) for d in json.loads(conv)]
     return out
 
