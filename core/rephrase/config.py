@@ -65,6 +65,9 @@ class RephraseConfig:
     :param device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (transformers backend).
     :param gpu_memory_utilization: vLLM KV-cache share of GPU memory.
     :param n_examples: before/after examples kept per shard for the report (accepted and rejected each).
+    :param overlap_io: validate and write chunk k in a worker thread while chunk k+1 generates. Pays
+        off when generation runs off the Python thread (vLLM engine process, GPU kernels); on a small
+        CPU box the thread competes with `generate` for cores and the GIL.
     :param similarity_model: sentence encoder for the meaning check: ``"minilm"`` (packaged
         all-MiniLM-L6-v2), a local directory, or ``""`` to disable the check.
     :param min_similarity: a rephrased turn whose cosine similarity to the original is below this is
@@ -93,6 +96,7 @@ class RephraseConfig:
     device: str = "auto"
     gpu_memory_utilization: float = 0.9
     n_examples: int = 5
+    overlap_io: bool = False
     similarity_model: str = "minilm"
     min_similarity: float = 0.7
     keep_suffixes: tuple[str, ...] = field(default=DEFAULT_KEEP_SUFFIXES)
@@ -156,6 +160,7 @@ def qwen_rephrase_config(model: str, tokenizer: str = "") -> RephraseConfig:
         chunk_size=4096,
         tensor_parallel=1,
         device="cuda",
+        overlap_io=True,  # vLLM generates in its engine process: validation/I/O hide behind it
     )
 
 

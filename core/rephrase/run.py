@@ -275,7 +275,11 @@ def rephrase_shard(
                 log.info("rephrase %s chunk %d: %d samples, %.1fs generating", shard, ci, len(chunk), t_gen)
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(finish, ci, chunk, plans, gens)
+                if cfg.overlap_io:
+                    pending = pool.submit(finish, ci, chunk, plans, gens)
+                else:
+                    pending = None
+                    finish(ci, chunk, plans, gens)
         finally:
             if pending is not None:
                 wait([pending])
