@@ -286,6 +286,9 @@ def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path,
     }
     (bal,) = check_balance(out, ["rephrase"], inputs=[s.id for s in samples[:-1]] + ["shard-zzz/broken", "never-ingested"])
     assert bal.modified == 5 and bal.quarantined == 2
+    _, _, rep = write_report(out)
+    assert rep["n_samples"] == 9 and rep["n_quarantined"] == 2 and rep["tokens_before"]["min"] > 0
+    assert rep["quarantine_reasons"] == {"invalid_json": 1, "missing_from_shard": 1}
     again = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(fail_on_call=1), counter=counter, scorer=scorer)
     assert all(r.skipped for r in again)  # finished: nothing regenerated, no duplicate rows
     assert len(read_ledger(step_dir(out, "rephrase"))) == len(df)

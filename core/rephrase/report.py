@@ -38,9 +38,14 @@ def _shares(ratio: np.ndarray) -> dict[str, float]:
     }
 
 
-def load_rows(run_dir: str | os.PathLike) -> Any:
-    """The rephrase ledger with old/new/gen token counts unpacked from `extra` (a DataFrame)."""
+def load_rows(run_dir: str | os.PathLike, passing_only: bool = True) -> Any:
+    """The rephrase ledger with old/new/gen token counts unpacked from `extra` (a DataFrame).
+
+    `passing_only` drops quarantined rows (records the reader could not parse): they have no text to
+    count and would drag token statistics towards 0."""
     df = read_ledger(step_dir(run_dir, STEP))
+    if passing_only:
+        df = df[df["decision"].isin(["keep", "modify"])].reset_index(drop=True)
     extra = [json.loads(e) if e else {} for e in df["extra"]]
     for k in ("old_tokens", "new_tokens", "gen_tokens"):
         df[k] = [int(e.get(k, 0)) for e in extra]
@@ -58,6 +63,8 @@ def summarize(run_dir: str | os.PathLike, model: str = "", tokenizer: str = "") 
     """Numbers of the report: token stats before/after (training tokenizer), ratios, shares,
     acceptance per reason, and an honest verdict when the model's rephrasings are mostly rejected."""
     df = load_rows(run_dir)
+    quarantined = load_rows(run_dir, passing_only=False)
+    quarantined = quarantined[quarantined["decision"] == "quarantine"]
     n = len(df)
     old = df["old_tokens"].to_numpy(float)
     new = df["new_tokens"].to_numpy(float)
@@ -74,6 +81,8 @@ def summarize(run_dir: str | os.PathLike, model: str = "", tokenizer: str = "") 
         "model": model,
         "tokenizer": tokenizer,
         "n_samples": n,
+        "n_quarantined": int(len(quarantined)),
+        "quarantine_reasons": {str(k): int(v) for k, v in quarantined["reason"].value_counts().items()},
         "n_rephrased_candidates": n_gen,
         "n_modified": int(modified.sum()),
         "acceptance_rate": acceptance,
@@ -122,6 +131,9 @@ def report_html(summary: dict[str, Any], run_dir: str | os.PathLike) -> str:
     generated = df["reason"].str.startswith("rephrase_rejected:").to_numpy() | modified
     after = np.where(modified, new, old)
     parts = [text_html(summary["verdict"], "Verdict")]
+    if summary.get("n_quarantined"):
+        parts.append(text_html(f"{summary['n_quarantined']} inputs quarantined (not counted below): "
+                               f"{summary['quarantine_reasons']}", "Quarantine"))
     rows = []
     for name in ("tokens_before", "tokens_after", "ratio_final", "ratio_accepted", "ratio_candidates"):
         rows.append({"metric": name, **summary[name]})
