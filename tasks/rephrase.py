@@ -1,0 +1,136 @@
+"""Rephrase task: shorter human/gpt turns from a local LLM, validated per sample, with a token report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple, Optional
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+
+from tasks.images import VLLM_IMAGE
+
+log = logging.getLogger(__name__)
+
+RephraseOutputs = NamedTuple("RephraseOutputs", [("out_dir", FlyteDirectory), ("report", FlyteFile)])
+
+
+def _tiny_model_for(shards_dir: str, work: str) -> str:
+    """The embedded default model: the project's tiny LM trained on this run's conversations (CPU demo)."""
+    from pathlib import Path
+
+    from core.rephrase.tiny_model import train_demo_model
+    from core.wds import iter_samples, list_shards
+
+    root = Path(shards_dir)
+    urls = list_shards(str(root / "shards")) if (root / "shards").is_dir() else list_shards(shards_dir)
+    samples = iter_samples(urls, load_images=False, verify_images=False)
+    return train_demo_model(samples, os.path.join(work, "tiny_lm"))
+
+
+# GPU request: this task runs vLLM in the vllm image. For the CPU demo (preset tiny) a workflow overrides
+# it with `.with_overrides(requests=Resources(cpu="2", mem="8Gi"), limits=...)`; resources never depend
+# on the machine that serializes the task.
+@task(
+    container_image=VLLM_IMAGE,
+    enable_deck=True,
+    retries=2,
+    requests=Resources(cpu="8", mem="32Gi", gpu="1"),
+    limits=Resources(gpu="1"),
+)
+def rephrase_samples(
+    run_dir: FlyteDirectory,
+    preset: str = "tiny",
+    model_dir: Optional[FlyteDirectory] = None,
+    tokenizer_dir: Optional[FlyteDirectory] = None,
+    prev_ledger: Optional[FlyteDirectory] = None,
+    system_prompt: Optional[str] = None,
+    human_prompt: Optional[str] = None,
+    gpt_prompt: Optional[str] = None,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    seed: int = 0,
+    tensor_parallel: Optional[int] = None,
+    min_shortening: Optional[float] = None,
+    check_numbers: Optional[bool] = None,
+    min_similarity: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    checkpoint_dir: str = "",
+) -> RephraseOutputs:
+    """Rewrite each human and gpt turn concisely with a local LLM; keep a rephrasing only if it passes
+    validation (same turns/roles/<image> placeholders, finished, non-empty, no refusal or preamble, no
+    number lost or added, shorter by the margin, meaning kept per MiniLM similarity), else keep the
+    original with the reason in the ledger. The deck shows token counts before/after, ratios, reasons
+    and before/after examples.
+
+    :param run_dir: Ingested run directory (holds `shards/*.tar`).
+    :param preset: `tiny` (embedded tiny LM, transformers on CPU) or `qwen` (Qwen2.5-1.5B-Instruct on vLLM).
+    :param model_dir: Local chat model directory (HF layout with chat template). Required for `qwen`; for
+        `tiny`, empty means: train the project's tiny LM on this run's text.
+    :param tokenizer_dir: Training tokenizer used for the before/after token counts (default: the model's).
+    :param prev_ledger: Ledger directory of the previous step; only its kept/modified ids are rephrased.
+    :param system_prompt: System message (default: preset's concise-rewriter prompt; "" for none).
+    :param human_prompt: Template for question turns; must contain `{text}`.
+    :param gpt_prompt: Template for answer turns; `{text}` and optional `{question}`.
+    :param max_new_tokens: Generation budget per turn; cut turns are rejected as `unfinished`.
+    :param temperature: 0 = greedy; > 0 samples (seeded per request).
+    :param seed: Base seed; each request's seed derives from it and the sample id.
+    :param tensor_parallel: GPUs per vLLM engine.
+    :param min_shortening: Required relative token saving per sample (0.05 = at least 5% shorter).
+    :param check_numbers: Reject rephrasings that lose a number of the original turn or add one.
+    :param min_similarity: Reject a rewritten turn whose MiniLM cosine similarity to the original is lower.
+    :param chunk_size: Samples per checkpointed chunk (a crash loses at most one).
+    :param checkpoint_dir: Persistent local directory to write to and resume from across retries
+        (default: the task's working directory, so a retry starts over).
+    :return: out_dir with `ledger/rephrase/`, `rephrase/records/` (sample_id -> new conversations for
+        export), `rephrase/report.json|html`; report is the JSON report.
+    """
+    from core.rephrase.config import preset_config
+    from core.rephrase.report import report_html, write_report
+    from core.rephrase.run import rephrase_run
+
+    work = current_context().working_directory
+    out = checkpoint_dir or os.path.join(work, "rephrase_out")
+    run_dir.download()
+    shards = run_dir.path
+    if model_dir is not None:
+        model_dir.download()
+        model = model_dir.path
+    elif preset == "tiny":
+        model = _tiny_model_for(shards, work)
+    else:
+        raise ValueError(f"preset {preset!r} needs model_dir (a local copy of the model; nothing is downloaded)")
+    tokenizer = ""
+    if tokenizer_dir is not None:
+        tokenizer_dir.download()
+        tokenizer = tokenizer_dir.path
+    prev = None
+    if prev_ledger is not None:
+        prev_ledger.download()
+        prev = prev_ledger.path
+    cfg = preset_config(
+        preset,
+        model,
+        tokenizer,
+        system_prompt=system_prompt,
+        human_prompt=human_prompt,
+        gpt_prompt=gpt_prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        tensor_parallel=tensor_parallel,
+        min_shortening=min_shortening,
+        check_numbers=check_numbers,
+        min_similarity=min_similarity,
+        chunk_size=chunk_size,
+    )
+    log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
+    summaries = rephrase_run(shards, out, cfg, prev_ledger=prev)
+    for s in summaries:
+        log.info("rephrase %s: skipped=%s samples=%d modified=%d", s.shard, s.skipped, s.n_samples, s.n_modified)
+    jp, _hp, summary = write_report(out, model=cfg.model, tokenizer=cfg.tokenizer_path)
+    log.info("rephrase report: %s", summary["verdict"])
+    Deck("rephrase", report_html(summary, out))
+    return RephraseOutputs(out_dir=FlyteDirectory(out), report=FlyteFile(str(jp)))
