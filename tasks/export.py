@@ -34,6 +34,15 @@ def _local_ledgers(src: str, dst: str) -> str:
     return dst
 
 
+def _rephrased_records(d: FlyteDirectory) -> str:
+    """Accept the rephrase step's whole output dir (records live in `rephrase/records/`) or the records dir."""
+    import fsspec
+
+    src = _source(d).rstrip("/")
+    fs, root = fsspec.core.url_to_fs(src)
+    return f"{src}/rephrase/records" if fs.isdir(f"{root}/rephrase/records") else src
+
+
 @task(container_image=CPU_IMAGE, cache=True, cache_version=code_version(*CORE_IO, "core/export.py", "tasks/export.py"), enable_deck=True,
       requests=Resources(cpu="2", mem="8Gi"))
 def export_dataset(
@@ -56,7 +65,8 @@ def export_dataset(
     :param steps: Step names in pipeline order; the last one decides what is kept. Empty: inferred from the ledgers.
     :param subset_ids: Export exactly these sample ids instead (text: one per line, JSON list, or Parquet `sample_id`).
     :param subset_name: Name of the subset, recorded in the manifest (e.g. `ppl_decile_3`).
-    :param rephrased: Parquet files (sample_id, conversations_json) whose conversations replace the originals.
+    :param rephrased: The rephrase step's output (or a dir of Parquet files sample_id, conversations_json) whose
+        conversations replace the originals.
     :param max_samples: Most samples per output shard.
     :param max_bytes: Most bytes per output shard.
     :return: Directory with `shards/*.tar`, `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
@@ -76,7 +86,7 @@ def export_dataset(
                        subset_name=subset_name)
     out = os.path.join(work, "export")
     manifest = export_curated(list_shards(f"{src.rstrip('/')}/shards"), dirs, out, cfg, subset_ids=ids,
-                              rephrased_dir=_source(rephrased) if rephrased is not None else None)
+                              rephrased_dir=_rephrased_records(rephrased) if rephrased is not None else None)
     log.info("exported %d samples in %d shards", manifest["n_samples"], manifest["n_shards"])
     Deck("export", export_report_html(manifest))
     return FlyteDirectory(out)

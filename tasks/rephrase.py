@@ -46,6 +46,7 @@ def rephrase_samples(
     model_dir: Optional[FlyteDirectory] = None,
     tokenizer_dir: Optional[FlyteDirectory] = None,
     prev_ledger: Optional[FlyteDirectory] = None,
+    prev_step: str = "",
     system_prompt: Optional[str] = None,
     human_prompt: Optional[str] = None,
     gpt_prompt: Optional[str] = None,
@@ -70,7 +71,9 @@ def rephrase_samples(
     :param model_dir: Local chat model directory (HF layout with chat template). Required for `qwen`; for
         `tiny`, empty means: train the project's tiny LM on this run's text.
     :param tokenizer_dir: Training tokenizer used for the before/after token counts (default: the model's).
-    :param prev_ledger: Ledger directory of the previous step; only its kept/modified ids are rephrased.
+    :param prev_ledger: Ledger directory of the previous step (or its step output dir, with prev_step);
+        only its kept/modified ids are rephrased.
+    :param prev_step: When set, the ledger is `prev_ledger/ledger/<prev_step>/` (a step output directory).
     :param system_prompt: System message (default: preset's concise-rewriter prompt; "" for none).
     :param human_prompt: Template for question turns; must contain `{text}`.
     :param gpt_prompt: Template for answer turns; `{text}` and optional `{question}`.
@@ -110,6 +113,10 @@ def rephrase_samples(
     if prev_ledger is not None:
         prev_ledger.download()
         prev = prev_ledger.path
+        if prev_step:
+            from core.ledger import find_step_dir
+
+            prev = str(find_step_dir(prev, prev_step))
     cfg = preset_config(
         preset,
         model,

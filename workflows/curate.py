@@ -1,17 +1,103 @@
-"""The `curate` workflow: ingest -> (embed -> semdedup -> perplexity -> rephrase) -> export."""
+"""The `curate` workflow: ingest -> embed -> semdedup -> perplexity -> rephrase -> export -> run summary.
 
-from flytekit import workflow
+Every step but ingest/embed/export is switchable; each deterministic task is cached with a version tied
+to its code, so a re-run with one changed knob recomputes only that step and what follows it.
+"""
+
+from typing import NamedTuple, Optional
+
+from flytekit import LaunchPlan, dynamic
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 
+from core.dedup.config import SemDedupConfig, target_dedup_config, tiny_dedup_config
+from tasks.embed import embed_shards
+from tasks.export import export_dataset
+from tasks.images import CPU_IMAGE
 from tasks.ingest import ingest_dataset
+from tasks.perplexity import score_perplexity, slice_by_perplexity, train_reference_lm
+from tasks.rephrase import rephrase_samples
+from tasks.run_report import summarize_run
+from workflows.dedup import semdedup_wf
 
 
-@workflow
-def curate(source: str, image_root: str, shard_max_samples: int = 1000) -> FlyteDirectory:
-    """Curate a LLaVA-style dataset.
+class CurateOutputs(NamedTuple):
+    export: FlyteDirectory
+    summary: FlyteDirectory
 
-    :param source: JSON/JSONL dataset path or URL.
-    :param image_root: Image folder path or URL.
-    :param shard_max_samples: Samples per WDS shard.
+
+@dynamic(container_image=CPU_IMAGE)
+def curate(
+    source: str,
+    image_root: str,
+    shard_max_samples: int = 1000,
+    embed_preset: str = "tiny",
+    semdedup: bool = True,
+    dedup_config: SemDedupConfig = tiny_dedup_config(),
+    perplexity: bool = True,
+    ppl_mode: str = "assistant_only",
+    ppl_low_pct: float = 0.0,
+    ppl_high_pct: float = 90.0,
+    lm_steps: int = 300,
+    reference_ids: Optional[FlyteFile] = None,
+    rephrase: bool = False,
+    rephrase_preset: str = "tiny",
+    export_max_samples: int = 1000,
+    output_dir: str = "",
+) -> CurateOutputs:
+    """Curate a LLaVA-style dataset into training-ready WebDataset shards.
+
+    :param source: Dataset JSON array (.json, streamed) or JSONL; path or fsspec URL.
+    :param image_root: Folder the records' image names are relative to; path or URL.
+    :param shard_max_samples: Samples per ingested shard (the unit of streaming and resume).
+    :param embed_preset: Embedding preset: `tiny` (embedded CPU model) or `siglip2` (production).
+    :param semdedup: Run SemDeDup on the image embeddings.
+    :param dedup_config: SemDeDup config (target_removal or eps, n_clusters, keep policy, embedding kind).
+    :param perplexity: Score conversations with a reference LM and drop by perplexity percentile.
+    :param ppl_mode: `assistant_only` (answers given the question, image tokens masked) or `text`.
+    :param ppl_low_pct: Drop samples below this perplexity percentile (0 keeps all low ones).
+    :param ppl_high_pct: Drop samples above this perplexity percentile.
+    :param lm_steps: Training steps of the embedded reference LM.
+    :param reference_ids: Optional JSON id list of trusted samples the reference LM trains on (default: all).
+    :param rephrase: Rephrase question/answer turns with an LLM (validated; rejected ones keep the original).
+    :param rephrase_preset: `tiny` (embedded CPU model) or `qwen` (vLLM).
+    :param export_max_samples: Samples per exported shard.
+    :param output_dir: Where to publish the curated set and the run summary (path or URL; empty: none).
     """
-    return ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples)
+    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples)
+    emb = embed_shards(shards=run, upstream=run, upstream_step="ingest", preset=embed_preset)
+    dirs, steps = [run, emb], ["ingest", "embed"]
+    prev, prev_step = emb, "embed"
+    if semdedup:
+        dd = semdedup_wf(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run)
+        dirs, steps = dirs + [dd], steps + ["semdedup"]
+        prev, prev_step = dd, "semdedup"
+    if perplexity:
+        lm = train_reference_lm(run=run, reference_ids=reference_ids, steps=lm_steps)
+        scores = score_perplexity(run=run, model=lm, prev=prev, prev_step=prev_step, mode=ppl_mode)
+        cut = slice_by_perplexity(scores=scores, mode="range", low_pct=ppl_low_pct, high_pct=ppl_high_pct)
+        dirs, steps = dirs + [scores, cut], steps + ["perplexity", "ppl_filter"]
+        prev, prev_step = cut, "ppl_filter"
+    rephrased = None
+    if rephrase:
+        rephrased = rephrase_samples(run_dir=run, preset=rephrase_preset, prev_ledger=prev, prev_step=prev_step).out_dir
+        dirs, steps = dirs + [rephrased], steps + ["rephrase"]
+    out = export_dataset(run_dir=run, step_dirs=dirs[1:], steps=steps, rephrased=rephrased,
+                         max_samples=export_max_samples)
+    summary = summarize_run(step_dirs=dirs + [out], steps=steps + ["export"], export=out, output_dir=output_dir)
+    return CurateOutputs(export=out, summary=summary)
+
+
+# Named presets as launch plans: the embedded CPU demo, and the production MAmmoTH-VL curation.
+curate_demo = LaunchPlan.get_or_create(curate, name="curate_demo", default_inputs={"embed_preset": "tiny"})
+mammoth_v1_curation = LaunchPlan.get_or_create(
+    curate,
+    name="mammoth_v1_curation",
+    default_inputs={
+        "embed_preset": "siglip2",
+        "dedup_config": target_dedup_config(0.10, n_clusters=1200),
+        "ppl_high_pct": 90.0,
+        "shard_max_samples": 5000,
+        "export_max_samples": 5000,
+    },
+)
