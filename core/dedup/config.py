@@ -95,24 +95,26 @@ def target_dedup_config(n_samples: int, fraction: float = 0.10) -> SemDedupConfi
 class DecontamConfig:
     """Eval mining and decontamination.
 
-    benchmark: eval set name (used in the ledger reason `eval_contamination:<benchmark>`).
     threshold: drop a training sample whose max cosine similarity to any eval item is > threshold.
-    k: neighbours mined per eval item.
-    kind: embedding kind (see SemDedupConfig.kind).
+    k: training neighbours mined per eval item.
+    kind: embedding kind (see SemDedupConfig.kind); eval and training embeddings must share it.
+    batch_size: training rows per search batch (memory: batch_size x n_eval floats).
     """
 
-    benchmark: str
     threshold: float = 0.95
     k: int = 10
     kind: str = "image"
     batch_size: int = 65_536
 
     def __post_init__(self) -> None:
-        if not self.benchmark or ":" in self.benchmark:
-            raise ValueError("benchmark must be a non-empty name without ':'")
         if not (-1.0 <= self.threshold <= 1.0):
             raise ValueError("threshold must be a cosine similarity in [-1, 1]")
-        if self.k < 1:
-            raise ValueError("k must be >= 1")
+        if self.k < 1 or self.batch_size < 1:
+            raise ValueError("k and batch_size must be >= 1")
         if self.kind not in EMBEDDING_KINDS:
             raise ValueError(f"kind={self.kind!r} not in {EMBEDDING_KINDS}")
+
+
+def default_decontam_config() -> DecontamConfig:
+    """Near-duplicate threshold 0.95 on image embeddings, 10 mined neighbours per eval item."""
+    return DecontamConfig()
