@@ -164,16 +164,30 @@ class StepBalance:
         return dict(self.__dict__)
 
 
-def check_balance(run_dir: str | os.PathLike, steps: Sequence[str], inputs: Iterable[str] | None = None) -> list[StepBalance]:
+def find_step_dir(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], step: str) -> Path:
+    """The `ledger/<step>` directory of a step, searched in one run dir or in several step output dirs."""
+    dirs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
+    for d in dirs:
+        if step_dir(d, step).is_dir():
+            return step_dir(d, step)
+    raise LedgerError(f"no ledger for step {step!r} in {[str(d) for d in dirs]}")
+
+
+def check_balance(
+    run_dir: str | os.PathLike | Sequence[str | os.PathLike],
+    steps: Sequence[str],
+    inputs: Iterable[str] | None = None,
+) -> list[StepBalance]:
     """Prove every sample is accounted for exactly once per step, in pipeline order.
 
+    `run_dir` is a run directory or a list of step output directories holding `ledger/<step>/`.
     Step k's inputs are step k-1's kept+modified ids (step 0's are `inputs` when given, else its own
     rows). Raises `LedgerError` naming missing, unexpected and duplicated ids.
     """
     out: list[StepBalance] = []
     expected: set[str] | None = set(inputs) if inputs is not None else None
     for step in steps:
-        df = read_ledger(step_dir(run_dir, step))
+        df = read_ledger(find_step_dir(run_dir, step))
         ids = df["sample_id"]
         dup = ids[ids.duplicated()].unique().tolist()
         if dup:
