@@ -79,16 +79,14 @@ def tiny_dedup_config() -> SemDedupConfig:
     )
 
 
-def semdedup_paper_config(n_samples: int) -> SemDedupConfig:
-    """Paper-like eps mode (eps=0.07 is in the paper's studied range) with ~10k samples per cluster."""
-    return SemDedupConfig(n_clusters=max(1, n_samples // 10_000), eps=0.07, kmeans_iters=100, cluster_groups=64)
+def semdedup_paper_config(n_clusters: int = 1200) -> SemDedupConfig:
+    """Paper eps mode (eps=0.07 lies in the paper's studied range); 1200 clusters ~ 10k samples each at 12M."""
+    return SemDedupConfig(n_clusters=n_clusters, eps=0.07, kmeans_iters=100, cluster_groups=64)
 
 
-def target_dedup_config(n_samples: int, fraction: float = 0.10) -> SemDedupConfig:
-    """Production preset: remove exactly `fraction` of the samples, ~10k samples per cluster, GPU k-means."""
-    return SemDedupConfig(
-        n_clusters=max(1, n_samples // 10_000), target_removal=fraction, kmeans_iters=50, cluster_groups=64
-    )
+def target_dedup_config(fraction: float = 0.10, n_clusters: int = 1200) -> SemDedupConfig:
+    """Production preset: remove exactly `fraction` of the samples; 1200 clusters ~ 10k samples each at 12M."""
+    return SemDedupConfig(n_clusters=n_clusters, target_removal=fraction, kmeans_iters=50, cluster_groups=64)
 
 
 @dataclass

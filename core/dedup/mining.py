@@ -114,6 +114,7 @@ def decontaminate(
     eval_embeddings: dict[str, str],
     cfg: DecontamConfig,
     prev_step: str = "",
+    prev_run_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Mine and decontaminate against several eval sets in one streamed pass over training shards.
 
@@ -122,7 +123,7 @@ def decontaminate(
     similarities) and `<run>/ledger/decontam/part-<file>.parquet`: drop with reason
     `eval_contamination:<benchmark>` when max similarity > threshold, score = max similarity, extra =
     nearest eval id. Invalid vectors are quarantined; samples without an embedding of cfg.kind are kept.
-    Returns counts per benchmark.
+    The previous step's ledger is read from `prev_run_dir` (default `run_dir`). Returns counts.
     """
     for b in eval_embeddings:
         if not b or ":" in b:
@@ -133,7 +134,9 @@ def decontaminate(
         ids, x = load_embeddings(p, cfg.kind)
         evals_ids[b], evals_x[b] = ids, normalize_rows(ids, x)
     miners = {b: NeighbourMiner(evals_ids[b], evals_x[b], cfg.k) for b in eval_embeddings}
-    include = set(passing_ids(read_ledger(step_dir(run_dir, prev_step)))) if prev_step else None
+    include = (
+        set(passing_ids(read_ledger(step_dir(prev_run_dir or run_dir, prev_step)))) if prev_step else None
+    )
     ldir = step_dir(run_dir, DECONTAM_STEP)
     names = list(eval_embeddings)
     counts = {"n_input": 0, "n_dropped": 0, "n_quarantined": 0, "by_benchmark": {b: 0 for b in names}}

@@ -90,18 +90,27 @@ def _atomic_parquet(table: pa.Table, path: Path) -> None:
 
 
 def cluster_embeddings(
-    embeddings_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: SemDedupConfig, prev_step: str = ""
+    embeddings_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    cfg: SemDedupConfig,
+    prev_step: str = "",
+    prev_run_dir: str | os.PathLike | None = None,
+    groups_dir: str | os.PathLike | None = None,
 ) -> ClusterPlan:
     """Step 1: k-means + assignment; writes balanced cluster-group files for the pairwise map task.
 
-    Decides about exactly the ids that passed `prev_step` (all embedded ids when empty). Rows with
+    Decides about exactly the ids that passed `prev_step` (all embedded ids when empty), whose ledger
+    is read from `prev_run_dir` (default: `run_dir`). Group files go to `groups_dir` (default
+    `<run>/semdedup/groups`). Rows with
     NaN/inf/zero-norm vectors are quarantined (or raise, with on_invalid="error"); samples without an
     embedding of cfg.kind (text-only samples for kind=image) are kept unchanged with a reason; ids that
     passed prev_step but are absent from the embeddings are quarantined as `missing_embedding`.
     """
     t0 = time.perf_counter()
     wd = work_dir(run_dir)
-    include = set(passing_ids(read_ledger(step_dir(run_dir, prev_step)))) if prev_step else None
+    include = (
+        set(passing_ids(read_ledger(step_dir(prev_run_dir or run_dir, prev_step)))) if prev_step else None
+    )
     es = read_embeddings(embeddings_dir, cfg.kind, include)
     log.info("read %d %s embeddings (%d without one) in %.1fs", len(es.ids), cfg.kind, len(es.missing),
              time.perf_counter() - t0)
@@ -151,7 +160,7 @@ def cluster_embeddings(
              cfg.kmeans_iters, n, d, device, kmeans_s)
     sizes = np.bincount(labels, minlength=cent.shape[0]) if n else np.zeros(cent.shape[0], np.int64)
     groups = balance_groups(sizes, cfg.cluster_groups)
-    gdir = wd / "groups"
+    gdir = Path(groups_dir) if groups_dir else wd / "groups"
     gdir.mkdir(parents=True, exist_ok=True)
     for old in gdir.glob("group-*.npz"):
         old.unlink()
@@ -194,14 +203,16 @@ def _cluster_sweep(x: np.ndarray, ids: np.ndarray, cfg: SemDedupConfig, device: 
     _atomic_parquet(pa.table({"k": np.concatenate(rows_k), "m": np.concatenate(rows_m)}), wd / "sweep.parquet")
 
 
-def prune_cluster_group(group_file: str | os.PathLike, cfg: SemDedupConfig) -> str:
+def prune_cluster_group(
+    group_file: str | os.PathLike, cfg: SemDedupConfig, out_dir: str | os.PathLike | None = None
+) -> str:
     """Step 2: M and nearest earlier neighbour for every sample of one cluster group.
 
-    Writes `<run>/semdedup/scores/<group>.parquet` atomically; an existing one is reused (resume).
-    Memory: the group's rows + chunk_size^2 floats.
+    Writes `<out_dir>/<group>.parquet` (default `<run>/semdedup/scores/`) atomically; an existing one
+    is reused (resume). Memory: the group's rows + chunk_size^2 floats.
     """
     gf = Path(group_file)
-    out = gf.parent.parent / "scores" / (gf.name.removesuffix(".npz") + ".parquet")
+    out = (Path(out_dir) if out_dir else gf.parent.parent / "scores") / (gf.name.removesuffix(".npz") + ".parquet")
     if out.exists():
         log.info("%s exists: skipping (resume)", out)
         return str(out)
@@ -352,9 +363,13 @@ def summarize(sc: ClusterScores, dec, plan: ClusterPlan, cfg: SemDedupConfig, wd
 
 
 def run_semdedup(
-    embeddings_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: SemDedupConfig, prev_step: str = ""
+    embeddings_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    cfg: SemDedupConfig,
+    prev_step: str = "",
+    prev_run_dir: str | os.PathLike | None = None,
 ) -> dict:
     """All three steps in one process (local runs, tests). Returns the summary."""
-    plan = cluster_embeddings(embeddings_dir, run_dir, cfg, prev_step)
+    plan = cluster_embeddings(embeddings_dir, run_dir, cfg, prev_step, prev_run_dir)
     files = [prune_cluster_group(g, cfg) for g in plan.group_files]
     return decide_semdedup(run_dir, cfg, files)

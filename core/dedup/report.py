@@ -114,3 +114,56 @@ def semdedup_report_html(summary: dict, fetch: Callable[[list[str]], dict[str, A
         gallery_html(s["most_similar_pairs"], fetch, "Most similar removed pairs"),
         gallery_html(s["least_similar_pairs"], fetch, "Least similar removed pairs (closest to the threshold)"),
     )
+
+
+def shard_fetcher(shards_root: str, shard_of: dict[str, str]) -> Callable[[list[str]], dict[str, Any]]:
+    """fetch(ids) -> {id: Sample with image bytes}, opening only the shards that hold those ids.
+
+    shards_root: directory or URL holding `<shard>.tar` (e.g. `<run>/shards`); shard_of: id -> shard name
+    (the ledger's `shard` column).
+    """
+
+    def fetch(ids: list[str]) -> dict[str, Any]:
+        from core.wds import iter_shard, list_shards, shard_name
+
+        by_name = {shard_name(u): u for u in list_shards(shards_root)}
+        want: dict[str, set[str]] = {}
+        for i in ids:
+            if shard_of.get(i) in by_name:
+                want.setdefault(shard_of[i], set()).add(i)
+        out: dict[str, Any] = {}
+        for name, sids in sorted(want.items()):
+            for smp in iter_shard(by_name[name], include_ids=sids, verify_images=False):
+                out[smp.id] = smp
+        return out
+
+    return fetch
+
+
+def decontam_report_html(out_dir: str, counts: dict, cfg: Any) -> str:
+    """Decontamination deck: counts per benchmark, similarity histogram, top mined pairs per benchmark."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from core.ledger import read_ledger, step_dir
+
+    led = read_ledger(step_dir(out_dir, "decontam"))
+    scores = led["score"].dropna().to_numpy()
+    fig, ax = new_figure()
+    if len(scores):
+        ax.hist(scores, bins=60)
+    ax.axvline(cfg.threshold, color="r", ls="--", label=f"threshold {cfg.threshold}")
+    ax.set_yscale("log")
+    ax.set_xlabel("max cosine similarity to any eval item")
+    ax.set_ylabel("training samples")
+    ax.legend()
+    parts = [
+        table_html([{"input": counts["n_input"], "dropped": counts["n_dropped"], "quarantined": counts["n_quarantined"],
+                     **{f"dropped:{b}": n for b, n in counts["by_benchmark"].items()}}], "decontamination"),
+        figure_html(fig, "Similarity of training samples to the nearest eval item"),
+    ]
+    for f in sorted((Path(out_dir) / "mining").glob("*.parquet")):
+        t = pq.read_table(f).to_pandas()
+        parts.append(table_html(t.sort_values("similarity", ascending=False).head(20), f"most similar mined: {f.stem}"))
+    return page(*parts)
