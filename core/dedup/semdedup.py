@@ -155,6 +155,40 @@ def max_earlier_similarity(
     return _exact_m(x, a_out), a_out
 
 
+def batched_max_earlier_similarity(
+    xs: list[np.ndarray], device: str = "cpu"
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`max_earlier_similarity` for many small clusters at once: one padded batched matmul.
+
+    Thousands of ~100-member clusters would otherwise cost a few kernel launches each; here a batch
+    of B clusters padded to the largest size n costs one (B, n, n) product. Padding rows are masked.
+    """
+    import torch
+
+    if not xs:
+        return []
+    nmax = max(len(x) for x in xs)
+    d = xs[0].shape[1]
+    pad = np.zeros((len(xs), nmax, d), np.float32)
+    lens = np.array([len(x) for x in xs])
+    for b, x in enumerate(xs):
+        pad[b, : len(x)] = x
+    with torch.inference_mode():
+        xt = torch.from_numpy(pad).to(device)
+        s = torch.bmm(xt, xt.transpose(1, 2))  # (B, rows i, cols j)
+        i = torch.arange(nmax, device=xt.device)
+        invalid = (i[:, None] >= i[None, :])[None] | (i[None, :, None] >= torch.as_tensor(lens, device=xt.device)[:, None, None])
+        s.masked_fill_(invalid, -math.inf)
+        v, a = s.max(dim=1)
+        a = a.cpu().numpy()
+    out = []
+    for b, x in enumerate(xs):
+        ab = a[b, : len(x)].astype(np.int64)
+        ab[0] = -1
+        out.append((_exact_m(x, ab), ab))
+    return out
+
+
 def _exact_m(x: np.ndarray, argmax: np.ndarray) -> np.ndarray:
     """M recomputed in float64 for the chosen neighbour, clipped to [-1, 1], as float32.
 
@@ -182,7 +216,12 @@ def dense_max_earlier_similarity(x: np.ndarray, device: str = "cpu") -> tuple[np
     with torch.inference_mode():
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
         s = xt @ xt.T
-        s.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=xt.device).tril_(), -math.inf)
+        # mask i >= j strip by strip so the reference's memory is the n x n matrix itself, not 1.25x
+        strip = 1024
+        for r0 in range(0, n, strip):
+            r1 = min(n, r0 + strip)
+            rows = torch.arange(r0, r1, device=xt.device)[:, None]
+            s[r0:r1].masked_fill_(rows >= torch.arange(n, device=xt.device)[None, :], -math.inf)
         v, a = s.max(dim=0)
         del s
     a_out[1:] = a.cpu().numpy()[1:]
@@ -244,15 +283,32 @@ def score_clusters(
     ids = np.asarray(ids).astype(str)
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    parts = []
+    clusters = []  # (cluster id, rows in keep order)
     for rows in np.split(order, bounds) if len(order) else []:
         c = int(labels[rows[0]])
-        pos = rows[keep_order(ids[rows], sims[rows], cfg.keep, cfg.random_seed, c)]
-        xc = x[pos]
-        if reference:
-            m, a = dense_max_earlier_similarity(xc, device)
-        else:
-            m, a = max_earlier_similarity(xc, cfg.chunk_size, device)
+        clusters.append((c, rows[keep_order(ids[rows], sims[rows], cfg.keep, cfg.random_seed, c)]))
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if reference:
+        for c, pos in clusters:
+            results[c] = dense_max_earlier_similarity(x[pos], device)
+    else:
+        budget = max(1, cfg.chunk_size) ** 2  # floats per batch, for the similarity and the padded input
+        small = sorted((len(pos), c, pos) for c, pos in clusters if len(pos) <= cfg.chunk_size)
+        batch: list[tuple[int, np.ndarray]] = []
+        for n_c, c, pos in small:
+            if batch and (len(batch) + 1) * n_c * max(n_c, x.shape[1]) > budget:
+                for (cb, _), r in zip(batch, batched_max_earlier_similarity([x[p] for _, p in batch], device)):
+                    results[cb] = r
+                batch = []
+            batch.append((c, pos))
+        for (cb, _), r in zip(batch, batched_max_earlier_similarity([x[p] for _, p in batch], device)):
+            results[cb] = r
+        for c, pos in clusters:
+            if len(pos) > cfg.chunk_size:
+                results[c] = max_earlier_similarity(x[pos], cfg.chunk_size, device)
+    parts = []
+    for c, pos in clusters:
+        m, a = results[c]
         nb = np.where(a >= 0, ids[pos][np.maximum(a, 0)], "")
         parts.append(
             ClusterScores(ids[pos], np.full(len(pos), c, np.int64), np.arange(len(pos)), sims[pos], m, nb)
