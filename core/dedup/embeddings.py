@@ -95,8 +95,13 @@ def read_embeddings(
     shards: list[str] = []
     missing: list[str] = []
     missing_shards: list[str] = []
-    blocks: list[np.ndarray] = []
-    for f in embedding_files(path):
+    files = embedding_files(path)
+    # filled in place: an np.empty upper bound whose untouched tail never becomes resident, so the
+    # reader's peak is ~1x the matrix plus one file, not 2x from concatenating per-file blocks
+    total_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    matrix: np.ndarray | None = None
+    filled = 0
+    for f in files:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
         need = {"sample_id", *cols} - names
@@ -123,15 +128,19 @@ def read_embeddings(
         ids.extend(sid[valid].tolist())
         shards.extend(shard[valid].tolist())
         if valid.any():
-            blocks.append(_combine([m[valid] for m in mats], kind))
+            block = _combine([m[valid] for m in mats], kind)
+            if matrix is None:
+                matrix = np.empty((total_rows, block.shape[1]), np.float32)
+            elif block.shape[1] != matrix.shape[1]:
+                raise ValueError(f"{f}: embedding dim {block.shape[1]}, earlier files have {matrix.shape[1]}")
+            matrix[filled : filled + len(block)] = block
+            filled += len(block)
         del table, mats
-    if blocks and len({b.shape[1] for b in blocks}) != 1:
-        raise ValueError(f"embedding dims differ across files: {sorted({b.shape[1] for b in blocks})}")
-    matrix = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+    matrix = matrix[:filled] if matrix is not None else np.zeros((0, 0), np.float32)
     dup = _duplicates(ids)
     if dup:
         raise ValueError(f"duplicate sample ids in embeddings: {dup[:10]}")
-    return EmbeddingSet(ids, np.ascontiguousarray(matrix, dtype=np.float32), shards, missing, missing_shards)
+    return EmbeddingSet(ids, matrix, shards, missing, missing_shards)
 
 
 def _duplicates(ids: list[str]) -> list[str]:
@@ -147,12 +156,23 @@ def load_embeddings(path: str | os.PathLike, kind: str) -> tuple[list[str], np.n
     return es.ids, es.matrix
 
 
+def _row_stats(matrix: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """(all-finite flag, float64 L2 norm) per row, blockwise so no matrix-sized temporary is made."""
+    n = matrix.shape[0]
+    finite = np.empty(n, bool)
+    norms = np.empty(n, np.float64)
+    for s in range(0, n, block):
+        b = matrix[s : s + block]
+        finite[s : s + block] = np.isfinite(b).all(axis=1)
+        norms[s : s + block] = np.sqrt(np.einsum("ij,ij->i", b, b, dtype=np.float64))
+    return finite, norms
+
+
 def invalid_rows(ids: list[str], matrix: np.ndarray) -> dict[str, str]:
     """{sample_id: why} for rows that are not finite or have (near-)zero norm."""
     if matrix.size == 0:
         return {}
-    finite = np.isfinite(matrix).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], matrix, 0.0), axis=1)
+    finite, norms = _row_stats(matrix)
     bad: dict[str, str] = {}
     for i in np.flatnonzero(~finite):
         bad[ids[i]] = "nan_or_inf_embedding"
@@ -162,9 +182,15 @@ def invalid_rows(ids: list[str], matrix: np.ndarray) -> dict[str, str]:
 
 
 def normalize_rows(ids: list[str], matrix: np.ndarray, inplace: bool = False) -> np.ndarray:
-    """L2-normalize rows (float32). Raises ValueError naming the sample ids of NaN/inf/zero-norm rows."""
-    bad = invalid_rows(ids, matrix)
-    if bad:
+    """L2-normalize rows (float32). Raises ValueError naming the sample ids of NaN/inf/zero-norm rows.
+
+    inplace=True reuses a float32 input's memory (no matrix-sized temporaries).
+    """
+    if matrix.size == 0:
+        return matrix.astype(np.float32, copy=not inplace)
+    finite, norms = _row_stats(matrix)
+    if not finite.all() or (norms < 1e-12).any():
+        bad = invalid_rows(ids, matrix)
         items = sorted(bad.items())
         raise ValueError(
             f"{len(bad)} invalid embeddings (NaN/inf or zero norm): "
@@ -172,5 +198,5 @@ def normalize_rows(ids: list[str], matrix: np.ndarray, inplace: bool = False) ->
             + (" ..." if len(items) > 20 else "")
         )
     x = matrix if inplace and matrix.dtype == np.float32 else matrix.astype(np.float32, copy=True)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x /= norms.astype(np.float32)[:, None]
     return x

@@ -156,23 +156,22 @@ def max_earlier_similarity(
 
 
 def batched_max_earlier_similarity(
-    xs: list[np.ndarray], device: str = "cpu"
+    x: np.ndarray, positions: list[np.ndarray], device: str = "cpu"
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`max_earlier_similarity` for many small clusters at once: one padded batched matmul.
+    """`max_earlier_similarity` for many small clusters (rows `x[pos]`, in keep order) at once.
 
     Thousands of ~100-member clusters would otherwise cost a few kernel launches each; here a batch
     of B clusters padded to the largest size n costs one (B, n, n) product. Padding rows are masked.
     """
     import torch
 
-    if not xs:
+    if not positions:
         return []
-    nmax = max(len(x) for x in xs)
-    d = xs[0].shape[1]
-    pad = np.zeros((len(xs), nmax, d), np.float32)
-    lens = np.array([len(x) for x in xs])
-    for b, x in enumerate(xs):
-        pad[b, : len(x)] = x
+    nmax = max(len(p) for p in positions)
+    pad = np.zeros((len(positions), nmax, x.shape[1]), np.float32)
+    lens = np.array([len(p) for p in positions])
+    for b, p in enumerate(positions):
+        pad[b, : len(p)] = x[p]
     with torch.inference_mode():
         xt = torch.from_numpy(pad).to(device)
         s = torch.bmm(xt, xt.transpose(1, 2))  # (B, rows i, cols j)
@@ -182,10 +181,10 @@ def batched_max_earlier_similarity(
         v, a = s.max(dim=1)
         a = a.cpu().numpy()
     out = []
-    for b, x in enumerate(xs):
-        ab = a[b, : len(x)].astype(np.int64)
+    for b, p in enumerate(positions):
+        ab = a[b, : len(p)].astype(np.int64)
         ab[0] = -1
-        out.append((_exact_m(x, ab), ab))
+        out.append((_exact_m(pad[b, : len(p)], ab), ab))
     return out
 
 
@@ -292,16 +291,16 @@ def score_clusters(
         for c, pos in clusters:
             results[c] = dense_max_earlier_similarity(x[pos], device)
     else:
-        budget = max(1, cfg.chunk_size) ** 2  # floats per batch, for the similarity and the padded input
+        budget = max(1, cfg.chunk_size) ** 2  # floats per batch, for the similarity and for the padded input
         small = sorted((len(pos), c, pos) for c, pos in clusters if len(pos) <= cfg.chunk_size)
         batch: list[tuple[int, np.ndarray]] = []
         for n_c, c, pos in small:
             if batch and (len(batch) + 1) * n_c * max(n_c, x.shape[1]) > budget:
-                for (cb, _), r in zip(batch, batched_max_earlier_similarity([x[p] for _, p in batch], device)):
+                for (cb, _), r in zip(batch, batched_max_earlier_similarity(x, [p for _, p in batch], device)):
                     results[cb] = r
                 batch = []
             batch.append((c, pos))
-        for (cb, _), r in zip(batch, batched_max_earlier_similarity([x[p] for _, p in batch], device)):
+        for (cb, _), r in zip(batch, batched_max_earlier_similarity(x, [p for _, p in batch], device)):
             results[cb] = r
         for c, pos in clusters:
             if len(pos) > cfg.chunk_size:
