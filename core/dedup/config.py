@@ -23,6 +23,9 @@ class SemDedupConfig:
         (paper default), `easy` = the one most similar, `random` = seeded random order.
     kind: embedding used: image, text, joint_concat (concat of the normalized image and text vectors),
         joint_mean (mean of the normalized vectors; needs equal dims).
+    kmeans_branching: 0 = flat faiss k-means (the paper's; cost N*k*d per iteration); b > 1 = top-down
+        hierarchical spherical k-means with branching b (cost ~N*b*depth*d, near-linear in N at a fixed
+        mean cluster size; a duplicate pair split at an upper level is not compared).
     device: torch/faiss device for k-means and the pairwise pass: cpu | cuda | auto.
     chunk_size: block edge of the pairwise pass; peak extra memory is ~chunk_size^2 * 4 bytes.
     cluster_groups: number of balanced cluster groups (units of the pairwise map task).
@@ -35,6 +38,7 @@ class SemDedupConfig:
     eps: Optional[float] = None
     target_removal: Optional[float] = None
     kmeans_iters: int = 20
+    kmeans_branching: int = 0
     seed: int = 1234
     keep: str = "hard"
     random_seed: int = 0
@@ -68,6 +72,8 @@ class SemDedupConfig:
             raise ValueError(f"device={self.device!r} not in {DEVICES}")
         if self.on_invalid not in ("error", "quarantine"):
             raise ValueError("on_invalid must be 'error' or 'quarantine'")
+        if self.kmeans_branching < 0 or self.kmeans_branching == 1:
+            raise ValueError("kmeans_branching must be 0 (flat) or >= 2")
         if self.chunk_size < 1 or self.cluster_groups < 1 or self.max_parallel_groups < 1 or self.kmeans_iters < 1:
             raise ValueError("chunk_size, cluster_groups, max_parallel_groups and kmeans_iters must be >= 1")
 

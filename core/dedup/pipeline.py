@@ -28,13 +28,12 @@ from core.dedup.config import SemDedupConfig
 from core.dedup.embeddings import invalid_rows, normalize_rows, read_embeddings
 from core.dedup.semdedup import (
     ClusterScores,
-    assign_clusters,
     balance_groups,
+    cluster_rows,
     decide,
     removal_curve,
     resolve_device,
     score_clusters,
-    spherical_kmeans,
 )
 from core.ledger import LedgerWriter, passing_ids, read_ledger, step_dir
 
@@ -151,8 +150,7 @@ def cluster_embeddings(
     n, d = (x.shape[0], x.shape[1]) if len(ids) else (0, 0)
     tk = time.perf_counter()
     if n:
-        cent = spherical_kmeans(x, cfg.n_clusters, cfg.kmeans_iters, cfg.seed, device)
-        labels, sims = assign_clusters(x, cent, device)
+        cent, labels, sims = cluster_rows(x, cfg, device)
     else:
         cent, labels, sims = np.zeros((0, d), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
     kmeans_s = time.perf_counter() - tk
@@ -195,8 +193,7 @@ def _cluster_sweep(x: np.ndarray, ids: np.ndarray, cfg: SemDedupConfig, device: 
     ks = sorted({max(1, min(len(sub), round(base * mult))) for mult in cfg.sweep_multipliers})
     rows_k, rows_m = [], []
     for k in ks:
-        cent = spherical_kmeans(xs, k, cfg.kmeans_iters, cfg.seed, device)
-        labels, sims = assign_clusters(xs, cent, device)
+        _, labels, sims = cluster_rows(xs, cfg, device, k)
         sc = score_clusters(xs, ids_s, labels, sims, cfg, device)
         rows_k.append(np.full(len(sc.m), k, np.int64))
         rows_m.append(sc.m)

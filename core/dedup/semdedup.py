@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,29 @@ def resolve_device(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- k-means
+_SMALL_WORK = 2e8  # multiply-adds below which a CPU call runs single-threaded
+
+
+@contextmanager
+def _single_thread_if_small(work: float, device: str):
+    """Run small CPU problems on one thread: an OpenMP barrier costs more than the work itself
+    (measured 27 ms vs 350-650 ms for a 1200 x 8 k-means on a busy 2-core machine)."""
+    if device != "cpu" or work >= _SMALL_WORK:
+        yield
+        return
+    import faiss
+    import torch
+
+    f_prev, t_prev = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(f_prev)
+        torch.set_num_threads(t_prev)
+
+
 def spherical_kmeans(x: np.ndarray, n_clusters: int, niter: int, seed: int, device: str = "cpu") -> np.ndarray:
     """Unit-norm centroids (k, d) of spherical k-means on normalized rows `x` (faiss; GPU when device=cuda).
 
@@ -63,7 +87,8 @@ def spherical_kmeans(x: np.ndarray, n_clusters: int, niter: int, seed: int, devi
         log.warning("device=cuda but this faiss build has no GPU support: k-means runs on CPU")
         use_gpu = False
     km = faiss.Kmeans(d, k, niter=niter, spherical=True, seed=seed, gpu=use_gpu, verbose=False)
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    with _single_thread_if_small(float(n) * k * d, device):
+        km.train(np.ascontiguousarray(x, dtype=np.float32))
     c = km.centroids.astype(np.float32)
     c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-30)
     return c
@@ -81,7 +106,7 @@ def assign_clusters(
     n = x.shape[0]
     labels = np.empty(n, np.int64)
     sims = np.empty(n, np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), _single_thread_if_small(float(n) * centroids.shape[0] * x.shape[1], device):
         c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
         for s in range(0, n, block):
             xb = torch.from_numpy(x[s : s + block]).to(device)
@@ -89,6 +114,64 @@ def assign_clusters(
             labels[s : s + block] = i.cpu().numpy()
             sims[s : s + block] = v.cpu().numpy()
     return labels, sims
+
+
+def hierarchical_kmeans(
+    x: np.ndarray, n_clusters: int, niter: int, seed: int, device: str, branching: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-down spherical k-means: split into <= `branching` clusters, recurse into each with a share
+    of n_clusters proportional to its size, until a node needs <= branching clusters (flat faiss there).
+
+    Cost per k-means iteration is ~ N * branching * depth * d instead of N * k * d, i.e. N log N at a
+    fixed mean cluster size. A sample is assigned to the nearest leaf of its branch (not the globally
+    nearest centroid): two near-duplicates split at an upper level would not be compared.
+    Returns (centroids, labels, similarity to own centroid).
+    """
+    n = x.shape[0]
+    k = min(n_clusters, n)
+    if k <= branching:
+        cent = spherical_kmeans(x, k, niter, seed, device)
+        labels, sims = assign_clusters(x, cent, device)
+        return cent, labels, sims
+    top = spherical_kmeans(x, branching, niter, seed, device)
+    top_labels, _ = assign_clusters(x, top, device)
+    sizes = np.bincount(top_labels, minlength=top.shape[0])
+    quota = _apportion(sizes, k)
+    cents, labels, sims = [], np.empty(n, np.int64), np.empty(n, np.float32)
+    offset = 0
+    for j in np.flatnonzero(sizes):
+        rows = np.flatnonzero(top_labels == j)
+        c, lab, sim = hierarchical_kmeans(x[rows], int(quota[j]), niter, seed + 7919 * (int(j) + 1), device, branching)
+        labels[rows] = lab + offset
+        sims[rows] = sim
+        cents.append(c)
+        offset += c.shape[0]
+    return np.concatenate(cents), labels, sims
+
+
+def _apportion(sizes: np.ndarray, k: int) -> np.ndarray:
+    """Integer cluster quotas proportional to sizes, >= 1 per non-empty node, summing to ~k (largest remainder)."""
+    nz = sizes > 0
+    share = k * sizes / max(sizes.sum(), 1)
+    q = np.where(nz, np.maximum(1, np.floor(share)), 0).astype(np.int64)
+    rest = k - q.sum()
+    if rest > 0:
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        for i in order[:rest]:
+            if nz[i]:
+                q[i] += 1
+    return np.minimum(q, sizes)
+
+
+def cluster_rows(x: np.ndarray, cfg: SemDedupConfig, device: str, n_clusters: int | None = None):
+    """(centroids, labels, similarity to own centroid): flat faiss k-means, or hierarchical when
+    cfg.kmeans_branching > 1."""
+    k = n_clusters or cfg.n_clusters
+    if cfg.kmeans_branching > 1 and k > cfg.kmeans_branching:
+        return hierarchical_kmeans(x, k, cfg.kmeans_iters, cfg.seed, device, cfg.kmeans_branching)
+    cent = spherical_kmeans(x, k, cfg.kmeans_iters, cfg.seed, device)
+    labels, sims = assign_clusters(x, cent, device)
+    return cent, labels, sims
 
 
 # ---------------------------------------------------------------------------------------- ordering
@@ -426,7 +509,6 @@ def semdedup_arrays(
     if len(ids) == 0:
         empty = ClusterScores.concat([])
         return SemDedupResult(empty, decide(empty, cfg), np.zeros((0, matrix.shape[1]), np.float32), 0, device)
-    cent = spherical_kmeans(x, cfg.n_clusters, cfg.kmeans_iters, cfg.seed, device)
-    labels, sims = assign_clusters(x, cent, device)
+    cent, labels, sims = cluster_rows(x, cfg, device)
     scores = score_clusters(x, ids, labels, sims, cfg, device, reference=reference)
     return SemDedupResult(scores, decide(scores, cfg), cent, int(cent.shape[0]), device)
