@@ -1,0 +1,179 @@
+"""Inference backends behind one interface: `VLMBackend.generate(requests) -> list[str]`, batched.
+
+Built-in kinds (all heavy imports are lazy, inside the constructors):
+- "mini_llava": the built-in trainer's checkpoints, through `core.train.mini_llava.load_mini_llava`.
+- "transformers": any HF VLM that loads locally with AutoProcessor + AutoModelForImageTextToText.
+- "vllm": vLLM offline `LLM.generate` with `multi_modal_data` (GPU image only; vLLM needs CUDA).
+- "auto": "mini_llava" when the checkpoint has `mini_llava.json` (the trainer's marker), "transformers"
+  when it has an HF `config.json` with `architectures`. vLLM is only used when asked for by name.
+Register another kind (tests register a deterministic one) with `register_backend(kind, factory)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One generation: decoded PIL images, the text prompt (no placeholders), a token budget."""
+
+    images: list[Any]
+    prompt: str
+    max_new_tokens: int
+
+
+class VLMBackend(Protocol):
+    """A loaded model. `generate` returns one string per request, in order; it may raise for the whole
+    batch (the runner then retries the batch one request at a time to isolate the failing sample)."""
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+BackendFactory = Callable[[str, str], VLMBackend]  # (checkpoint_dir, device) -> backend
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(kind: str, factory: BackendFactory) -> None:
+    """Make `kind` available to `load_backend`."""
+    _BACKENDS[kind] = factory
+
+
+def unregister_backend(kind: str) -> None:
+    """Remove a registered kind (tests use this in a finally/fixture)."""
+    _BACKENDS.pop(kind, None)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' if torch sees a GPU else 'cpu'; other values pass through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def detect_kind(checkpoint_dir: str) -> str:
+    """'mini_llava' for the built-in trainer's checkpoints (`mini_llava.json`), 'transformers' for an HF model
+    directory (config.json with `architectures`); anything else is an error."""
+    if os.path.exists(os.path.join(checkpoint_dir, "mini_llava.json")):
+        return "mini_llava"
+    cfg = os.path.join(checkpoint_dir, "config.json")
+    if os.path.exists(cfg):
+        try:
+            with open(cfg) as f:
+                if json.load(f).get("architectures"):
+                    return "transformers"
+        except (OSError, ValueError):
+            pass
+    raise ValueError(f"cannot tell the backend of {checkpoint_dir}: no mini_llava.json and no HF config.json")
+
+
+def load_backend(kind: str, checkpoint_dir: str, device: str = "auto") -> VLMBackend:
+    """Load the model in `checkpoint_dir` (a local directory) with backend `kind`."""
+    if kind == "auto":
+        kind = detect_kind(checkpoint_dir)
+    if kind not in _BACKENDS:
+        raise KeyError(f"unknown backend {kind!r}; known: {sorted(_BACKENDS)}")
+    return _BACKENDS[kind](checkpoint_dir, device)
+
+
+class MiniLlavaBackend:
+    """The built-in trainer's checkpoints: `core.train.mini_llava.load_mini_llava(ckpt_dir, device)` returns a
+    model with `.generate(images: list[list[PIL.Image]], prompts: list[str], max_new_tokens) -> list[str]`."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "auto"):
+        from core.train.mini_llava import load_mini_llava  # lands with the trainer; imported lazily
+
+        self.model = load_mini_llava(checkpoint_dir, resolve_device(device))
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        budget = max(r.max_new_tokens for r in requests)
+        return list(self.model.generate([r.images for r in requests], [r.prompt for r in requests], budget))
+
+    def close(self) -> None:
+        self.model = None
+
+
+class TransformersBackend:
+    """Any HF VLM that loads locally with AutoProcessor + AutoModelForImageTextToText; greedy decoding,
+    chat template from the processor, left padding for batched generation, bf16 on GPU."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "auto"):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = resolve_device(device)
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.processor = AutoProcessor.from_pretrained(checkpoint_dir, local_files_only=True)
+        tok = getattr(self.processor, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        self.model = AutoModelForImageTextToText.from_pretrained(checkpoint_dir, local_files_only=True, dtype=dtype).to(
+            self.device
+        )
+        self.model.eval()
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        import torch
+
+        texts = [chat_prompt(self.processor, r) for r in requests]
+        images = [list(r.images) for r in requests]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [s.strip() for s in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    def close(self) -> None:
+        self.model = None
+
+
+def chat_prompt(processor: Any, req: GenRequest) -> str:
+    """The model's own chat template applied to one user turn: one image part per image, then the text."""
+    content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+
+
+class VLLMBackend:
+    """vLLM offline inference (GPU image): the prompt comes from the checkpoint's HF processor chat template
+    (same as the transformers backend), images go in `multi_modal_data` (vLLM's documented offline
+    multimodal input), greedy decoding, the whole batch in one `LLM.generate`. Untested on CPU (vLLM needs
+    CUDA)."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "auto", max_images: int = 4):
+        from transformers import AutoProcessor
+        from vllm import LLM  # GPU image only
+
+        self.processor = AutoProcessor.from_pretrained(checkpoint_dir, local_files_only=True)
+        self.llm = LLM(model=checkpoint_dir, limit_mm_per_prompt={"image": max_images})
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        from vllm import SamplingParams
+
+        prompts = [
+            {"prompt": chat_prompt(self.processor, r),
+             "multi_modal_data": {"image": r.images[0] if len(r.images) == 1 else list(r.images)}}
+            if r.images else {"prompt": chat_prompt(self.processor, r)}
+            for r in requests
+        ]  # fmt: skip
+        params = SamplingParams(temperature=0.0, max_tokens=max(r.max_new_tokens for r in requests))
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outs]
+
+    def close(self) -> None:
+        self.llm = None
+
+
+register_backend("mini_llava", MiniLlavaBackend)
+register_backend("transformers", TransformersBackend)
+register_backend("vllm", VLLMBackend)

@@ -1,0 +1,102 @@
+"""The benchmark plugin interface and registry.
+
+A benchmark is four things: a loader that reads the benchmark's published files from a local or fsspec
+cache directory, a prompt template, an answer parser and a per-sample metric. Register a new one with
+`register_benchmark(MyBenchmark())`; the runner only talks to this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One benchmark question: encoded images, the question fields, the ground truth (JSON-able)."""
+
+    id: str
+    images: list[bytes]
+    question: str
+    target: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A benchmark row that could not become an EvalItem (recorded as a failed sample, never dropped)."""
+
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed model answer. `ok` is parsing_success; `value` is JSON-able (None when not ok)."""
+
+    value: Any
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The per-sample metric: `score` in [0, 1] (what the benchmark averages), `correct` a bool view of it,
+    `details` extra JSON-able numbers (e.g. precision/recall for pointing)."""
+
+    score: float
+    correct: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Benchmark:
+    """Base class of a benchmark plugin. Subclasses set `name`, `metric_name`, `max_new_tokens` and
+    implement `load`, `prompt`, `parse`, `score`."""
+
+    name: str = ""
+    metric_name: str = ""
+    max_new_tokens: int = 16
+
+    def load(self, root: str) -> Iterator[EvalItem | LoadFailure]:
+        """Yield the items under `root` (the benchmark's cache directory, local path or fsspec URL)."""
+        raise NotImplementedError
+
+    def prompt(self, item: EvalItem) -> str:
+        """The text prompt for `item` (without image placeholders; backends add them)."""
+        raise NotImplementedError
+
+    def parse(self, output: str, item: EvalItem) -> Parsed:
+        """Parse a raw model output into the answer the metric compares."""
+        raise NotImplementedError
+
+    def score(self, parsed: Parsed, item: EvalItem) -> Scored:
+        """Score a parsed answer; called for unparsed answers too (they score 0 unless stated)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Benchmark] = {}
+
+
+def register_benchmark(benchmark: Benchmark) -> Benchmark:
+    """Add (or replace) a benchmark under `benchmark.name`."""
+    if not benchmark.name:
+        raise ValueError("benchmark has no name")
+    _REGISTRY[benchmark.name] = benchmark
+    return benchmark
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The registered benchmark `name` (KeyError lists the known ones)."""
+    import core.evals.benchmarks  # noqa: F401  (registers the built-in benchmarks)
+
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown benchmark {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def benchmark_names() -> list[str]:
+    """Names of all registered benchmarks."""
+    import core.evals.benchmarks  # noqa: F401
+
+    return sorted(_REGISTRY)

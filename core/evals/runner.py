@@ -1,0 +1,393 @@
+"""Evaluate checkpoints on benchmarks: per-sample records, per-(checkpoint, benchmark) summaries, and a
+parallel runner whose pool size is a hard cap on checkpoints held at once.
+
+Failure policy: a sample that cannot be loaded, decoded, generated or parsed becomes a record with an
+`error` (or parsing_success=False) and score 0; a benchmark whose files are missing becomes a summary row
+with status "failed"; a checkpoint that cannot be downloaded or loaded marks all its rows "failed". None of
+these stop the other samples, benchmarks or checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.evals.backends import GenRequest, VLMBackend, load_backend
+from core.evals.base import Benchmark, EvalItem, LoadFailure, Parsed, get_benchmark
+
+log = logging.getLogger(__name__)
+
+RECORD_COLUMNS = [
+    "checkpoint", "checkpoint_name", "epoch", "benchmark", "sample_id", "prompt", "raw_output", "parsed_output",
+    "parsing_success", "score", "correct", "latency_s", "error", "target", "details",
+]  # fmt: skip
+SUMMARY_COLUMNS = [
+    "checkpoint", "checkpoint_name", "epoch", "benchmark", "metric", "score", "parse_rate", "n", "n_errors",
+    "status", "error",
+]  # fmt: skip
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings.
+
+    cache_dir: root of the benchmark caches, `<cache_dir>/<benchmark>/...` (local path or fsspec URL).
+    benchmarks: benchmark names (see `core.evals.base.benchmark_names()`).
+    backend: "auto" | "mini_llava" | "transformers" | "vllm" | a registered kind.
+    device: "cpu" | "cuda" | "auto".
+    batch_size: requests per `generate` call.
+    max_samples: per benchmark cap (0 = all), for smoke runs.
+    concurrency: checkpoints evaluated (and held on local disk) at once.
+    local_dir: where checkpoints are downloaded ("" = the system temp dir).
+    """
+
+    cache_dir: str
+    benchmarks: list[str]
+    backend: str = "auto"
+    device: str = "auto"
+    batch_size: int = 8
+    max_samples: int = 0
+    concurrency: int = 2
+    local_dir: str = ""
+
+
+def tiny_eval_config(cache_dir: str) -> EvalConfig:
+    """Demo/test preset: all five benchmarks on the fixtures, CPU, cap 2."""
+    return EvalConfig(cache_dir, ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"],
+                      device="cpu", batch_size=4, concurrency=2)  # fmt: skip
+
+
+def full_eval_config(cache_dir: str) -> EvalConfig:
+    """Production preset: all five benchmarks, vLLM on GPU, cap 2 (one checkpoint per GPU worker)."""
+    return EvalConfig(cache_dir, ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"],
+                      backend="vllm", device="cuda", batch_size=64, concurrency=2)  # fmt: skip
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+
+def checkpoint_name(uri: str) -> str:
+    """The checkpoint's last path component ('s3://b/run/epoch_3/' -> 'epoch_3')."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def checkpoint_epoch(uri: str) -> int | None:
+    """The epoch (or step) number in the checkpoint name: 'epoch_3', 'ep-3', 'checkpoint-300', 'ckpt3'."""
+    name = checkpoint_name(uri)
+    m = re.search(r"(?:epoch|ep|step|checkpoint|ckpt)[-_]?(\d+)", name, re.IGNORECASE) or re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def _slug(uri: str, benchmarks: Sequence[str]) -> str:
+    """A worker directory name unique per (checkpoint, benchmark group)."""
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", checkpoint_name(uri))[:60]
+    key = uri + "|" + ",".join(benchmarks)
+    return f"{base}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+class CheckpointStore:
+    """Downloads a checkpoint directory to a local temp dir (fsspec `get`) and deletes it afterwards. The
+    runner calls `fetch` once per worker and `release` in a `finally`."""
+
+    def __init__(self, local_dir: str = ""):
+        self.local_dir = local_dir or None
+
+    def fetch(self, uri: str) -> str:
+        """Copy `uri` (directory, local path or URL) to a fresh local directory; return its path."""
+        from fsspec.core import url_to_fs
+
+        fs, path = url_to_fs(uri)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {uri}")
+        dest = tempfile.mkdtemp(prefix="ckpt-", dir=self.local_dir)
+        target = os.path.join(dest, checkpoint_name(uri))
+        fs.get(path.rstrip("/") + "/", target + "/", recursive=True)
+        return target
+
+    def release(self, local_path: str) -> None:
+        """Delete the local copy made by `fetch`."""
+        shutil.rmtree(os.path.dirname(local_path), ignore_errors=True)
+
+
+# ---- one benchmark ------------------------------------------------------------------------------------
+
+
+def _decode(item: EvalItem) -> list[Any]:
+    from PIL import Image
+
+    images = []
+    for data in item.images:
+        im = Image.open(_io.BytesIO(data))
+        im.load()
+        images.append(im.convert("RGB"))
+    return images
+
+
+def _jsonable(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def _target_json(bench: Benchmark, item: EvalItem) -> str:
+    if isinstance(item.target, dict) and "masks" in item.target:  # masks are big: keep the points only
+        return _jsonable({"points": item.target.get("points")})
+    return _jsonable(item.target)
+
+
+def _generate_isolated(backend: VLMBackend, reqs: list[GenRequest]) -> list[tuple[str | None, str, float]]:
+    """(output, error, latency) per request: the batch at once, and one by one if the batch raises."""
+    t0 = time.perf_counter()
+    try:
+        outs = backend.generate(reqs)
+        if len(outs) != len(reqs):
+            raise RuntimeError(f"backend returned {len(outs)} outputs for {len(reqs)} requests")
+        dt = (time.perf_counter() - t0) / len(reqs)
+        return [(str(o), "", dt) for o in outs]
+    except Exception as batch_error:  # isolate the failing sample(s); others still get answers
+        log.warning("batch of %d failed (%s); retrying one by one", len(reqs), batch_error)
+    results = []
+    for r in reqs:
+        t0 = time.perf_counter()
+        try:
+            out = backend.generate([r])
+            results.append((str(out[0]), "", time.perf_counter() - t0))
+        except Exception as e:
+            results.append((None, f"generation_error:{type(e).__name__}: {e}"[:500], time.perf_counter() - t0))
+    return results
+
+
+def evaluate_benchmark(
+    backend: VLMBackend, bench: Benchmark, root: str, *, checkpoint: str = "", batch_size: int = 8, max_samples: int = 0
+) -> list[dict[str, Any]]:
+    """Run `bench` (cache at `root`) through `backend`; one record per item, failures included."""
+    base = {"checkpoint": checkpoint, "checkpoint_name": checkpoint_name(checkpoint) if checkpoint else "",
+            "epoch": checkpoint_epoch(checkpoint) if checkpoint else None, "benchmark": bench.name}  # fmt: skip
+
+    def record(sid: str, **kw: Any) -> dict[str, Any]:
+        rec = {**base, "sample_id": sid, "prompt": "", "raw_output": None, "parsed_output": _jsonable(None),
+               "parsing_success": False, "score": 0.0, "correct": False, "latency_s": 0.0, "error": "",
+               "target": _jsonable(None), "details": _jsonable({})}  # fmt: skip
+        rec.update(kw)
+        return rec
+
+    records: list[dict[str, Any]] = []
+    pending: list[tuple[EvalItem, GenRequest]] = []
+
+    def flush() -> None:
+        outs = _generate_isolated(backend, [r for _, r in pending])
+        for (item, req), (out, err, dt) in zip(pending, outs, strict=True):
+            parsed = bench.parse(out, item) if out is not None else Parsed(None, False, "no_output")
+            scored = bench.score(parsed, item)
+            details = {**scored.details, **({"parse_reason": parsed.reason} if parsed.reason else {})}
+            records.append(record(item.id, prompt=req.prompt, raw_output=out, parsed_output=_jsonable(parsed.value),
+                                  parsing_success=parsed.ok, score=float(scored.score), correct=bool(scored.correct),
+                                  latency_s=dt, error=err, target=_target_json(bench, item),
+                                  details=_jsonable(details)))  # fmt: skip
+        pending.clear()
+
+    n = 0
+    for item in bench.load(root):
+        if max_samples and n >= max_samples:
+            break
+        n += 1
+        if isinstance(item, LoadFailure):
+            records.append(record(item.id, error=f"load_error:{item.reason}"))
+            continue
+        prompt = bench.prompt(item)
+        try:
+            images = _decode(item)
+        except Exception as e:  # corrupt image bytes: record, never crash
+            records.append(record(item.id, prompt=prompt, error=f"corrupt_image:{type(e).__name__}",
+                                  target=_target_json(bench, item)))  # fmt: skip
+            continue
+        pending.append((item, GenRequest(images, prompt, bench.max_new_tokens)))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]], bench: Benchmark, checkpoint: str) -> dict[str, Any]:
+    """The (checkpoint, benchmark) row: mean score over all samples (failures count 0), parse rate, counts."""
+    n = len(records)
+    return {"checkpoint": checkpoint, "checkpoint_name": checkpoint_name(checkpoint),
+            "epoch": checkpoint_epoch(checkpoint), "benchmark": bench.name, "metric": bench.metric_name,
+            "score": sum(r["score"] for r in records) / n if n else float("nan"),
+            "parse_rate": sum(bool(r["parsing_success"]) for r in records) / n if n else float("nan"),
+            "n": n, "n_errors": sum(bool(r["error"]) for r in records),
+            "status": "ok" if n else "failed", "error": "" if n else "no samples"}  # fmt: skip
+
+
+def _failed_row(checkpoint: str, bench_name: str, error: str) -> dict[str, Any]:
+    try:
+        metric = get_benchmark(bench_name).metric_name
+    except KeyError:
+        metric = ""
+    return {"checkpoint": checkpoint, "checkpoint_name": checkpoint_name(checkpoint),
+            "epoch": checkpoint_epoch(checkpoint), "benchmark": bench_name, "metric": metric, "score": float("nan"),
+            "parse_rate": float("nan"), "n": 0, "n_errors": 0, "status": "failed", "error": error[:500]}  # fmt: skip
+
+
+# ---- one checkpoint (one worker) ----------------------------------------------------------------------
+
+
+def write_parquet(rows: Sequence[dict[str, Any]], columns: list[str], path: str) -> str:
+    """Rows -> parquet with a fixed column order (an empty table keeps the columns)."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(rows), columns=columns)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, out_dir: str, store: CheckpointStore | None = None) -> str:
+    """One worker: download `checkpoint` once, load it, evaluate every benchmark in `cfg.benchmarks`, delete
+    it. Writes `<out_dir>/<slug>/records.parquet` and `summary.parquet`; returns that directory. Never raises
+    for a bad checkpoint: its summary rows are marked failed with the error."""
+    store = store or CheckpointStore(cfg.local_dir)
+    wdir = os.path.join(out_dir, _slug(checkpoint, cfg.benchmarks))
+    records: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    local = None
+    backend = None
+    try:
+        log.info("fetching %s", checkpoint)
+        local = store.fetch(checkpoint)
+        backend = load_backend(cfg.backend, local, cfg.device)
+        for name in cfg.benchmarks:
+            try:
+                bench = get_benchmark(name)
+                t0 = time.perf_counter()
+                recs = evaluate_benchmark(backend, bench, _bench_root(cfg.cache_dir, name), checkpoint=checkpoint,
+                                          batch_size=cfg.batch_size, max_samples=cfg.max_samples)  # fmt: skip
+                records.extend(recs)
+                summary.append(summarize(recs, bench, checkpoint))
+                log.info("%s %s: %s=%.4f n=%d (%.1fs)", checkpoint_name(checkpoint), name, bench.metric_name,
+                         summary[-1]["score"], len(recs), time.perf_counter() - t0)  # fmt: skip
+            except Exception as e:  # a missing benchmark cache must not sink the other benchmarks
+                log.exception("benchmark %s failed on %s", name, checkpoint)
+                summary.append(_failed_row(checkpoint, name, f"benchmark_error:{type(e).__name__}: {e}"))
+    except Exception as e:  # download/load failure: all rows of this checkpoint are failed, others go on
+        log.exception("checkpoint %s failed", checkpoint)
+        done = {r["benchmark"] for r in summary}
+        summary += [_failed_row(checkpoint, n, f"checkpoint_error:{type(e).__name__}: {e}")
+                    for n in cfg.benchmarks if n not in done]  # fmt: skip
+    finally:
+        if backend is not None and hasattr(backend, "close"):
+            backend.close()
+        if local is not None:
+            store.release(local)
+    write_parquet(records, RECORD_COLUMNS, os.path.join(wdir, "records.parquet"))
+    write_parquet(summary, SUMMARY_COLUMNS, os.path.join(wdir, "summary.parquet"))
+    return wdir
+
+
+def _bench_root(cache_dir: str, name: str) -> str:
+    return cache_dir.rstrip("/") + "/" + name
+
+
+# ---- many checkpoints ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResults:
+    """Merged outputs: all records, the summary rows, the checkpoint x benchmark score table."""
+
+    records: Any  # pandas DataFrame
+    summary: Any
+    table: Any
+    worker_dirs: list[str] = field(default_factory=list)
+
+    @property
+    def failed_checkpoints(self) -> list[str]:
+        """Checkpoints with at least one failed (checkpoint, benchmark) row."""
+        return sorted(set(self.summary.loc[self.summary["status"] != "ok", "checkpoint"]))
+
+
+def collect_results(worker_dirs: Sequence[str], out_dir: str) -> EvalResults:
+    """Reduce: merge worker outputs into `<out_dir>/records.parquet`, `summary.parquet`, `results.csv`
+    (rows: checkpoints by epoch, columns: benchmark scores, failed cells empty, plus a `status` column)."""
+    import pandas as pd
+
+    recs = [pd.read_parquet(os.path.join(d, "records.parquet")) for d in worker_dirs]
+    sums = [pd.read_parquet(os.path.join(d, "summary.parquet")) for d in worker_dirs]
+    records = pd.concat(recs, ignore_index=True) if recs else pd.DataFrame(columns=RECORD_COLUMNS)
+    summary = pd.concat(sums, ignore_index=True) if sums else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    table = results_table(summary)
+    os.makedirs(out_dir, exist_ok=True)
+    write_parquet(records.to_dict("records"), RECORD_COLUMNS, os.path.join(out_dir, "records.parquet"))
+    write_parquet(summary.to_dict("records"), SUMMARY_COLUMNS, os.path.join(out_dir, "summary.parquet"))
+    table.to_csv(os.path.join(out_dir, "results.csv"), index=False)
+    return EvalResults(records, summary, table, list(worker_dirs))
+
+
+def results_table(summary: Any) -> Any:
+    """Checkpoint x benchmark scores (NaN where failed), sorted by epoch, with status 'ok' | 'partial' |
+    'failed' and the first error of each checkpoint."""
+    import pandas as pd
+
+    if summary.empty:
+        return pd.DataFrame(columns=["checkpoint", "epoch", "status", "error"])
+    piv = summary.pivot_table(index="checkpoint", columns="benchmark", values="score", aggfunc="first", dropna=False)
+    piv = piv.reset_index()
+    piv.columns.name = None
+    status = summary.groupby("checkpoint").apply(
+        lambda g: "ok" if (g["status"] == "ok").all() else ("failed" if (g["status"] != "ok").all() else "partial"),
+        include_groups=False,
+    )
+    errors = summary[summary["error"] != ""].groupby("checkpoint")["error"].first().to_dict()
+    piv["checkpoint_name"] = piv["checkpoint"].map(checkpoint_name)
+    piv["epoch"] = piv["checkpoint"].map(checkpoint_epoch)
+    piv["status"] = piv["checkpoint"].map(status)
+    piv["error"] = [errors.get(c, "") for c in piv["checkpoint"]]
+    order = ["checkpoint", "checkpoint_name", "epoch", "status"]
+    bench_cols = [c for c in piv.columns if c not in order + ["error"]]
+    return piv[order + bench_cols + ["error"]].sort_values(["epoch", "checkpoint"], na_position="last",
+                                                          ignore_index=True)  # fmt: skip
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[str], cfg: EvalConfig, out_dir: str, store: CheckpointStore | None = None
+) -> EvalResults:
+    """Evaluate every checkpoint on `cfg.benchmarks` with a thread pool of size `cfg.concurrency`: each
+    worker holds exactly one checkpoint (fetch -> evaluate all benchmarks -> delete), so at most
+    `cfg.concurrency` checkpoints are on local disk at once. Flyte-free twin of workflows/evaluate.py."""
+    if cfg.concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    store = store or CheckpointStore(cfg.local_dir)
+    wroot = os.path.join(out_dir, "workers")
+    with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="eval") as pool:
+        dirs = list(pool.map(lambda c: evaluate_checkpoint(c, cfg, wroot, store), checkpoints))
+    return collect_results(dirs, out_dir)
+
+
+def list_checkpoints(prefix: str, pattern: str = "*") -> list[str]:
+    """Checkpoint directories directly under `prefix` (local path or fsspec URL) whose name matches
+    `pattern`, sorted by epoch then name."""
+    import fnmatch
+
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(prefix)
+    proto = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
+    out = []
+    for info in fs.ls(path, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if info.get("type") == "directory" and fnmatch.fnmatch(name, pattern):
+            full = info["name"]
+            out.append(proto + full if proto and not full.startswith(proto) else full)
+    return sorted(out, key=lambda u: (checkpoint_epoch(u) is None, checkpoint_epoch(u) or 0, u))

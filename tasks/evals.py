@@ -1,0 +1,137 @@
+"""Eval tasks: list checkpoints, plan (checkpoint, benchmark-group) jobs, evaluate one job per worker,
+collect the results table and deck. Logic lives in core/evals; these are thin wrappers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple, Optional
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+
+from tasks.images import CPU_IMAGE, VLLM_IMAGE
+
+log = logging.getLogger(__name__)
+
+EvalJobs = NamedTuple("EvalJobs", [("checkpoints", list[str]), ("groups", list[str])])
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def find_checkpoints(prefix: str, pattern: str = "*") -> list[str]:
+    """List the checkpoint directories directly under a prefix, sorted by epoch.
+
+    :param prefix: Local path or fsspec URL (s3://...) holding one directory per checkpoint.
+    :param pattern: Glob on the directory names (e.g. "epoch_*").
+    :return: Checkpoint URIs, epoch order.
+    """
+    from core.evals.runner import list_checkpoints
+
+    ckpts = list_checkpoints(prefix, pattern)
+    log.info("found %d checkpoints under %s", len(ckpts), prefix)
+    return ckpts
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def plan_eval_jobs(checkpoints: list[str], benchmarks: list[str], group_size: int = 0) -> EvalJobs:
+    """Expand checkpoints x benchmark groups into parallel job lists (one worker per job).
+
+    :param checkpoints: Checkpoint URIs.
+    :param benchmarks: Benchmark names (countbench, docvqa, chartqa, realworldqa, pixmo_points).
+    :param group_size: Benchmarks per worker; 0 puts all benchmarks in one group, so each checkpoint is
+        downloaded exactly once.
+    :return: checkpoints[i] and groups[i] (comma-joined benchmark names) describe job i.
+    """
+    from core.evals.base import benchmark_names
+
+    unknown = sorted(set(benchmarks) - set(benchmark_names()))
+    if unknown:
+        raise ValueError(f"unknown benchmarks {unknown}; known: {benchmark_names()}")
+    size = group_size if group_size > 0 else max(len(benchmarks), 1)
+    groups = [",".join(benchmarks[i : i + size]) for i in range(0, len(benchmarks), size)]
+    jobs = [(c, g) for c in checkpoints for g in groups]
+    return EvalJobs([c for c, _ in jobs], [g for _, g in jobs])
+
+
+@task(container_image=VLLM_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1, enable_deck=True)
+def evaluate_checkpoint_benchmarks(
+    checkpoint: str,
+    benchmarks: str,
+    cache_dir: str,
+    backend: str = "auto",
+    device: str = "auto",
+    batch_size: int = 8,
+    max_samples: int = 0,
+) -> FlyteDirectory:
+    """Download one checkpoint, evaluate it on a group of benchmarks, delete it.
+
+    A bad sample or a failed benchmark is recorded, never fatal; a checkpoint that cannot be downloaded or
+    loaded yields summary rows marked failed with the error.
+
+    :param checkpoint: Checkpoint URI (directory; local path or fsspec URL).
+    :param benchmarks: Comma-separated benchmark names.
+    :param cache_dir: Root of the benchmark caches, `<cache_dir>/<benchmark>/...` in the published layouts.
+    :param backend: auto | mini_llava | transformers | vllm.
+    :param device: cpu | cuda | auto.
+    :param batch_size: Requests per generate call.
+    :param max_samples: Per-benchmark sample cap (0 = all).
+    :return: Directory with records.parquet (per sample) and summary.parquet (per benchmark).
+    """
+    from core.evals.runner import CheckpointStore, EvalConfig, evaluate_checkpoint
+
+    work = current_context().working_directory
+    cfg = EvalConfig(cache_dir=cache_dir, benchmarks=[b for b in benchmarks.split(",") if b], backend=backend,
+                     device=device, batch_size=batch_size, max_samples=max_samples, concurrency=1)  # fmt: skip
+    out = os.path.join(work, "eval_out")
+    wdir = evaluate_checkpoint(checkpoint, cfg, out, CheckpointStore(local_dir=work))
+    _worker_deck(wdir)
+    return FlyteDirectory(wdir)
+
+
+def _worker_deck(wdir: str) -> None:
+    import pandas as pd
+
+    from core.report import page, table_html
+
+    summary = pd.read_parquet(os.path.join(wdir, "summary.parquet"))
+    records = pd.read_parquet(os.path.join(wdir, "records.parquet"))
+    bad = records[(~records["parsing_success"].astype(bool)) | (records["error"] != "")]
+    cols = ["benchmark", "sample_id", "raw_output", "parsed_output", "error"]
+    Deck("eval worker", page(table_html(summary, "Per benchmark"),
+                             table_html(bad[cols].head(50), "Unparsable or failed samples (first 50)")))  # fmt: skip
+
+
+@task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="2", mem="4Gi"))
+def collect_eval_results(
+    results: list[Optional[FlyteDirectory]], checkpoints: list[str], groups: list[str]
+) -> FlyteDirectory:
+    """Reduce: merge worker outputs into the results table and the deck (score vs epoch).
+
+    :param results: Worker output directories (None where a worker was lost: marked failed, worker_lost).
+    :param checkpoints: The job list's checkpoints (same order as results).
+    :param groups: The job list's benchmark groups (same order as results).
+    :return: Directory with records.parquet, summary.parquet, results.csv, report.html.
+    """
+    from core.evals.report import eval_report_html
+    from core.evals.runner import RECORD_COLUMNS, SUMMARY_COLUMNS, _failed_row, collect_results, write_parquet
+
+    work = current_context().working_directory
+    dirs = []
+    for i, (res, ckpt, group) in enumerate(zip(results, checkpoints, groups, strict=True)):
+        if res is None:  # the worker crashed (OOM, node loss) after its retries: say so in the table
+            lost = os.path.join(work, "lost", str(i))
+            rows = [_failed_row(ckpt, b, "worker_lost") for b in group.split(",") if b]
+            write_parquet([], RECORD_COLUMNS, os.path.join(lost, "records.parquet"))
+            write_parquet(rows, SUMMARY_COLUMNS, os.path.join(lost, "summary.parquet"))
+            dirs.append(lost)
+        else:
+            dirs.append(res.download())
+    out = os.path.join(work, "eval_results")
+    res = collect_results(dirs, out)
+    html = eval_report_html(res.summary, res.table, res.records)
+    with open(os.path.join(out, "report.html"), "w") as f:
+        f.write(html)
+    Deck("evaluation", html)
+    n_failed = len(res.failed_checkpoints)
+    log.info("evaluated %d checkpoints, %d with failures", res.table.shape[0], n_failed)
+    return FlyteDirectory(out)

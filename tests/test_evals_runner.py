@@ -1,0 +1,263 @@
+"""Loaders on the fixtures, per-sample records, failure isolation and the concurrency cap of the runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pandas as pd
+import pytest
+
+from core.evals import (
+    CheckpointStore,
+    EvalConfig,
+    EvalItem,
+    LoadFailure,
+    evaluate_benchmark,
+    evaluate_checkpoint,
+    evaluate_checkpoints,
+    get_benchmark,
+    list_checkpoints,
+    register_backend,
+    tiny_eval_config,
+    unregister_backend,
+)
+from core.evals.fixtures import write_fixtures
+from core.evals.runner import RECORD_COLUMNS, checkpoint_epoch
+from tests.evals_doubles import OracleBackend, oracle_table
+
+BENCHES = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_cache")
+    truth = write_fixtures(str(root))
+    return str(root), truth
+
+
+@pytest.fixture(scope="module")
+def table(cache):
+    return oracle_table(cache[0], BENCHES)
+
+
+@pytest.fixture
+def oracle(table):
+    """Registers the 'oracle' backend kind for one test (removed in teardown even if the test fails)."""
+    loads = []
+
+    def factory(ckpt_dir, device):
+        loads.append(ckpt_dir)
+        if os.path.exists(os.path.join(ckpt_dir, "BROKEN")):
+            raise RuntimeError("planted load failure")
+        return OracleBackend(table, ckpt_dir)
+
+    register_backend("oracle", factory)
+    try:
+        yield loads
+    finally:
+        unregister_backend("oracle")
+
+
+def make_ckpts(root, epochs, wrong=(), broken=()):
+    out = []
+    for e in epochs:
+        d = os.path.join(root, f"epoch_{e}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "weights.bin"), "wb") as f:
+            f.write(os.urandom(1024))
+        if e in wrong:
+            open(os.path.join(d, "WRONG"), "w").close()
+        if e in broken:
+            open(os.path.join(d, "BROKEN"), "w").close()
+        out.append(d)
+    return out
+
+
+def cfg_for(cache_dir, **kw):
+    cfg = tiny_eval_config(cache_dir)
+    cfg.backend = "oracle"
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+# ---- loaders ----------------------------------------------------------------------------------------------
+
+
+def test_fixtures_load_in_published_layouts(cache):
+    root, truth = cache
+    for name in BENCHES:
+        items = list(get_benchmark(name).load(os.path.join(root, name)))
+        assert sorted(i.id for i in items) == sorted(truth[name]) or name == "pixmo_points"
+    pix = list(get_benchmark("pixmo_points").load(os.path.join(root, "pixmo_points")))
+    fails = [i for i in pix if isinstance(i, LoadFailure)]
+    assert [f.reason for f in fails] == ["missing_image:not in cache"]
+    doc = [i for i in get_benchmark("docvqa").load(os.path.join(root, "docvqa"))]
+    assert doc[0].target == ["42", "42.00"]
+
+
+def test_chartqa_hf_parquet_layout(tmp_path, cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = open(os.path.join(cache[0], "chartqa", "test", "png", "human_0.png"), "rb").read()
+    rows = [{"type": "human_test", "question": "Q1?", "answer": "12", "image": {"bytes": png, "path": "a.png"}},
+            {"type": "augmented_test", "question": "Q2?", "answer": "x", "image": {"bytes": None, "path": "b.png"}}]  # fmt: skip
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "test-00000-of-00001.parquet")
+    items = list(get_benchmark("chartqa").load(str(tmp_path)))
+    assert isinstance(items[0], EvalItem) and items[0].meta["split"] == "human" and items[0].target == "12"
+    assert isinstance(items[1], LoadFailure) and items[1].reason.startswith("missing_image")
+
+
+# ---- records --------------------------------------------------------------------------------------------
+
+
+def test_oracle_scores_every_loadable_sample_and_records_defects(cache, table, tmp_path):
+    root, _ = cache
+    backend = OracleBackend(table, str(tmp_path))
+    for name in BENCHES:
+        recs = evaluate_benchmark(backend, get_benchmark(name), os.path.join(root, name), checkpoint="x/epoch_1")
+        ok = [r for r in recs if not r["error"]]
+        assert ok and all(r["parsing_success"] and r["score"] == 1.0 and r["correct"] for r in ok), name
+        for r in recs:
+            assert set(r) == set(RECORD_COLUMNS)
+            assert r["epoch"] == 1 and r["benchmark"] == name
+    cb = evaluate_benchmark(backend, get_benchmark("countbench"), os.path.join(root, "countbench"))
+    bad = [r for r in cb if r["error"]]
+    assert [(r["sample_id"], r["error"]) for r in bad] == [("countbench-00004", "corrupt_image:UnidentifiedImageError")]
+    assert bad[0]["score"] == 0.0 and not bad[0]["parsing_success"]
+
+
+def test_generation_error_is_isolated_to_its_sample(cache, table, tmp_path):
+    root, _ = cache
+    backend = OracleBackend(table, str(tmp_path), fail_on="Who is the letter addressed to")
+    recs = evaluate_benchmark(backend, get_benchmark("docvqa"), os.path.join(root, "docvqa"), batch_size=8)
+    by_id = {r["sample_id"]: r for r in recs}
+    assert by_id["docvqa-1002"]["error"].startswith("generation_error:RuntimeError")
+    assert by_id["docvqa-1002"]["raw_output"] is None
+    assert by_id["docvqa-1000"]["score"] == 1.0 and by_id["docvqa-1001"]["score"] == 1.0
+    assert backend.calls == 1 + 3  # the batch, then one call per request
+
+
+class ScriptedBackend:
+    def __init__(self, reply):
+        self.reply = reply
+
+    def generate(self, requests):
+        return [self.reply for _ in requests]
+
+    def close(self):
+        pass
+
+
+def test_unparsable_output_is_recorded(cache):
+    root, _ = cache
+    recs = evaluate_benchmark(ScriptedBackend("I am not sure."), get_benchmark("realworldqa"),
+                              os.path.join(root, "realworldqa"))  # fmt: skip
+    mc = [r for r in recs if r["sample_id"] != "realworldqa-00003"]
+    assert all(not r["parsing_success"] and r["raw_output"] == "I am not sure." and r["score"] == 0.0 for r in mc)
+    assert all(json.loads(r["details"])["parse_reason"] == "no_option" for r in mc)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+
+def test_failed_checkpoints_do_not_sink_the_others(cache, oracle, tmp_path):
+    ckpts = make_ckpts(tmp_path / "ckpts", [1, 2, 3], wrong=(2,), broken=(3,))
+    ckpts.append(str(tmp_path / "ckpts" / "epoch_4"))  # does not exist
+    res = evaluate_checkpoints(ckpts, cfg_for(cache[0]), str(tmp_path / "out"))
+    t = res.table.set_index("checkpoint_name")
+    assert list(t.index) == ["epoch_1", "epoch_2", "epoch_3", "epoch_4"]
+    assert t.loc["epoch_1", "status"] == "ok" and t.loc["epoch_2", "status"] == "ok"
+    assert t.loc["epoch_2", "docvqa"] == 0.0 and t.loc["epoch_1", "docvqa"] == 1.0
+    assert t.loc["epoch_3", "status"] == "failed" and "planted load failure" in t.loc["epoch_3", "error"]
+    assert t.loc["epoch_4", "status"] == "failed" and "checkpoint not found" in t.loc["epoch_4", "error"]
+    assert pd.isna(t.loc["epoch_3", "docvqa"])
+    assert res.failed_checkpoints == sorted(ckpts[2:])
+    # countbench: 4 of 5 samples right (one corrupt image) -> 0.8 ; pixmo: 3 of 4 (one missing image)
+    assert t.loc["epoch_1", "countbench"] == pytest.approx(0.8)
+    assert t.loc["epoch_1", "pixmo_points"] == pytest.approx(0.75)
+    on_disk = pd.read_parquet(tmp_path / "out" / "records.parquet")
+    assert len(on_disk) == len(res.records) == 2 * (5 + 3 + 4 + 4 + 4)
+    assert list(on_disk.columns) == RECORD_COLUMNS
+    summ = pd.read_parquet(tmp_path / "out" / "summary.parquet")
+    assert len(summ) == 4 * 5 and set(summ["status"]) == {"ok", "failed"}
+
+
+def test_missing_benchmark_cache_is_partial(cache, oracle, tmp_path):
+    ckpts = make_ckpts(tmp_path / "ckpts", [1])
+    cfg = cfg_for(cache[0], benchmarks=["docvqa", "nope_bench"])
+    res = evaluate_checkpoints(ckpts, cfg, str(tmp_path / "out"))
+    assert res.table.loc[0, "status"] == "partial" and res.table.loc[0, "docvqa"] == 1.0
+    err = res.summary.set_index("benchmark").loc["nope_bench", "error"]
+    assert err.startswith("benchmark_error:KeyError")
+
+
+class CountingStore(CheckpointStore):
+    """The real fsspec download/delete, instrumented: how many checkpoints are held at once. The first `cap`
+    fetches wait for each other on a barrier, so reaching `cap` does not depend on thread timing."""
+
+    def __init__(self, cap):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.held = 0
+        self.max_held = 0
+        self.fetched, self.released = [], []
+        self.barrier = threading.Barrier(cap)
+        self.n_fetch = 0
+
+    def fetch(self, uri):
+        local = super().fetch(uri)
+        with self.lock:
+            self.held += 1
+            self.max_held = max(self.max_held, self.held)
+            self.fetched.append(local)
+            self.n_fetch += 1
+            first_round = self.n_fetch <= self.barrier.parties
+        if first_round:
+            self.barrier.wait(timeout=30)
+        return local
+
+    def release(self, local):
+        assert os.path.exists(os.path.join(local, "weights.bin"))  # it really was downloaded
+        super().release(local)
+        assert not os.path.exists(local)
+        with self.lock:
+            self.held -= 1
+            self.released.append(local)
+
+
+@pytest.mark.parametrize("cap", [1, 2, 3])
+def test_never_more_than_cap_checkpoints_held(cache, oracle, tmp_path, cap):
+    ckpts = make_ckpts(tmp_path / "ckpts", range(1, 7))
+    store = CountingStore(cap)
+    cfg = cfg_for(cache[0], concurrency=cap, benchmarks=["countbench", "docvqa", "realworldqa"])
+    res = evaluate_checkpoints(ckpts, cfg, str(tmp_path / "out"), store=store)
+    assert store.max_held == cap  # reached, never exceeded
+    assert store.held == 0 and sorted(store.fetched) == sorted(store.released) and len(store.fetched) == 6
+    assert len(oracle) == 6  # one model load per checkpoint, shared by its three benchmarks
+    assert (res.table["status"] == "ok").all()
+
+
+def test_evaluate_checkpoint_writes_worker_outputs(cache, oracle, tmp_path):
+    (ck,) = make_ckpts(tmp_path / "ckpts", [5])
+    wdir = evaluate_checkpoint(ck, cfg_for(cache[0], benchmarks=["chartqa"]), str(tmp_path / "w"))
+    recs = pd.read_parquet(os.path.join(wdir, "records.parquet"))
+    assert len(recs) == 4 and recs["correct"].all()
+    assert recs["latency_s"].ge(0).all() and (recs["checkpoint"] == ck).all()
+
+
+def test_list_checkpoints_and_epochs(tmp_path):
+    make_ckpts(tmp_path, [10, 2, 1])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    names = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
+    assert names == ["epoch_1", "epoch_2", "epoch_10"]
+    assert checkpoint_epoch("s3://b/run/checkpoint-300/") == 300 and checkpoint_epoch("s3://b/final") is None
+
+
+def test_config_validation(cache, tmp_path):
+    with pytest.raises(ValueError):
+        evaluate_checkpoints([], EvalConfig(cache[0], ["docvqa"], concurrency=0), str(tmp_path))
