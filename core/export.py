@@ -1,0 +1,308 @@
+"""Export: the curated set of a run as WebDataset shards in the training schema, with a manifest.
+
+What is exported is decided by the ledgers only (no step is recomputed): the ids that passed the last
+step of `steps`, or a named subset id list (a perplexity decile, a dedup target, ...). Rephrased
+conversations, when given, replace the originals. Shards are written by `core.wds.ShardWriter` in input
+order (sorted shards, position within a shard) with fixed tar metadata, so the same inputs always give
+byte-identical shards and manifest. The exported count is checked against the ledger's kept count.
+
+Layout of `out_dir`::
+
+    shards/<prefix>-000000.tar ...     training-schema shards (key.json + key.jpg / key.<i>.jpg)
+    manifest.json                      ids, counts, bytes, sha256 per shard; what each step removed
+    ledger/export/part-export.parquet  one row per exported (or unexpectedly unreadable) sample
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from core.ledger import LedgerWriter, check_balance, find_step_dir, passing_ids, read_ledger, step_dir
+from core.sample import Sample, SampleError
+from core.wds import ShardWriter, iter_samples
+
+log = logging.getLogger(__name__)
+STEP = "export"
+MANIFEST = "manifest.json"
+REPHRASE_COLUMNS = ("sample_id", "conversations_json")
+
+
+class ExportError(RuntimeError):
+    """The export does not match the ledgers (a kept sample is missing or unreadable)."""
+
+
+@dataclass
+class ExportConfig:
+    """How to export a run.
+
+    `steps` are the ledger steps in pipeline order (the last one decides what is kept); None infers the
+    order from the ledgers (steps sorted by how many samples they decided, then validated by
+    `check_balance`). `subset_name` names a subset export in the manifest.
+    """
+
+    steps: list[str] | None = None
+    max_samples: int = 1000
+    max_bytes: int = 256 << 20
+    prefix: str = "shard"
+    subset_name: str = ""
+    verify_images: bool = False  # ingest already decoded every image; re-decode only when asked
+
+
+def default_export_config() -> ExportConfig:
+    """1000 samples / 256 MB per shard, step order from the ledgers."""
+    return ExportConfig()
+
+
+def small_shards_export_config() -> ExportConfig:
+    """Small shards (100 samples / 64 MB), e.g. for the demo or for many data-loader workers."""
+    return ExportConfig(max_samples=100, max_bytes=64 << 20)
+
+
+# ---- ledgers --------------------------------------------------------------------------------------
+def _run_dirs(run_dir: str | Sequence[str]) -> list[str]:
+    return [str(run_dir)] if isinstance(run_dir, (str, os.PathLike)) else [str(d) for d in run_dir]
+
+
+def ledger_steps(run_dir: str | Sequence[str]) -> list[str]:
+    """Step names that have a ledger in the run dir(s), in pipeline order (most decisions first)."""
+    sizes: dict[str, int] = {}
+    for d in _run_dirs(run_dir):
+        root = Path(d) / "ledger"
+        for sd in sorted(root.iterdir()) if root.is_dir() else []:
+            if sd.is_dir() and sd.name != STEP and sd.name not in sizes and any(sd.rglob("*.parquet")):
+                sizes[sd.name] = len(read_ledger(sd))
+    return sorted(sizes, key=lambda s: (-sizes[s], s))
+
+
+def removal_summary(run_dir: str | Sequence[str], steps: Sequence[str]) -> list[dict[str, Any]]:
+    """Per step: inputs, kept, modified, and the drop/quarantine counts by reason (from the ledgers)."""
+    out = []
+    for step in steps:
+        df = read_ledger(find_step_dir(_run_dirs(run_dir), step))
+        removed = df[df["decision"].isin(["drop", "quarantine"])]
+        by_reason = removed.groupby(["decision", "reason"]).size()
+        out.append({
+            "step": step,
+            "inputs": int(len(df)),
+            "kept": int((df["decision"] == "keep").sum()),
+            "modified": int((df["decision"] == "modify").sum()),
+            "removed": int(len(removed)),
+            "by_reason": [{"decision": d, "reason": r, "count": int(c)} for (d, r), c in sorted(by_reason.items())],
+        })
+    return out
+
+
+def load_id_list(path: str) -> list[str]:
+    """Sample ids from a subset file: Parquet (`sample_id` column), JSON (list) or text (one id per line)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(path, "rb") as f:
+            return [str(x) for x in pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()]
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        return [str(x) for x in json.loads(text)]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_rephrased(rephrased_dir: str, ids: set[str]) -> dict[str, str]:
+    """`sample_id -> conversations_json` for the wanted ids, from every Parquet file under `rephrased_dir`.
+
+    Contract with the rephrase step: Parquet files with columns `sample_id` (str) and
+    `conversations_json` (the new LLaVA `conversations` list as JSON).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    fs, root = fsspec.core.url_to_fs(rephrased_dir)
+    files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {rephrased_dir}")
+    ds = pds.dataset(files, filesystem=fs, format="parquet")
+    missing = [c for c in REPHRASE_COLUMNS if c not in ds.schema.names]
+    if missing:
+        raise ValueError(f"rephrased Parquet under {rephrased_dir} lacks columns {missing}")
+    table = ds.to_table(columns=list(REPHRASE_COLUMNS), filter=pc.field("sample_id").isin(list(ids)))
+    out: dict[str, str] = {}
+    for sid, conv in zip(table.column("sample_id").to_pylist(), table.column("conversations_json").to_pylist()):
+        out[str(sid)] = conv  # a later file wins: rephrase re-runs append, never edit
+    return out
+
+
+def _apply_rephrase(s: Sample, conv_json: str) -> Sample:
+    """The sample with its conversation replaced; SampleError when the new one is not a valid record
+    for the same images (placeholders lost, roles broken, ...)."""
+    try:
+        conv = json.loads(conv_json)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise SampleError("invalid_json", f"rephrased conversations: {e}") from None
+    rec = s.to_record()
+    rec["conversations"] = conv
+    new = Sample.from_record(rec)
+    new.image_bytes, new.shard = s.image_bytes, s.shard
+    return new
+
+
+# ---- export ---------------------------------------------------------------------------------------
+def export_curated(
+    shard_urls: Iterable[str],
+    run_dir: str | Sequence[str],
+    out_dir: str,
+    cfg: ExportConfig,
+    subset_ids: Iterable[str] | None = None,
+    rephrased_dir: str | None = None,
+) -> dict[str, Any]:
+    """Write the curated samples of a run as training-schema WDS shards and return the manifest.
+
+    :param shard_urls: the ingested shards (sorted; `core.wds.list_shards(run/shards)`).
+    :param run_dir: run directory, or the step output directories, holding `ledger/<step>/`.
+    :param out_dir: receives `shards/`, `manifest.json` and `ledger/export/`.
+    :param cfg: ExportConfig.
+    :param subset_ids: export exactly these ids instead of the last step's kept ids.
+    :param rephrased_dir: Parquet files (sample_id, conversations_json) whose conversations replace the
+        originals; an invalid rephrase keeps the original text (ledger reason `rephrase_invalid:<why>`).
+    :raises ExportError: when the number of exported samples differs from the kept (or subset) count.
+    """
+    t0 = time.time()
+    shard_urls = list(shard_urls)
+    dirs = _run_dirs(run_dir)
+    steps = list(cfg.steps) if cfg.steps else ledger_steps(dirs)
+    if not steps:
+        raise ExportError(f"no step ledgers under {dirs}")
+    balance = check_balance(dirs, steps)
+    kept = passing_ids(read_ledger(find_step_dir(dirs, steps[-1])))
+    kept_set = set(kept)
+    if subset_ids is not None:
+        wanted_list = list(dict.fromkeys(str(x) for x in subset_ids))
+        wanted = set(wanted_list)
+        outside = len(wanted - kept_set)
+        if outside:
+            log.warning("subset %r: %d ids did not pass step %s", cfg.subset_name, outside, steps[-1])
+    else:
+        wanted, outside = kept_set, 0
+    rephrased = load_rephrased(rephrased_dir, wanted) if rephrased_dir else {}
+    log.info("export: %d samples wanted (%s), %d rephrased, from %d shards", len(wanted),
+             f"subset {cfg.subset_name!r}" if subset_ids is not None else f"kept by {steps[-1]}",
+             len(rephrased), len(shard_urls))
+
+    out = out_dir.rstrip("/")
+    remote = "://" in out and not out.startswith("file://")
+    # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
+    led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else out
+    led_path = step_dir(led_root, STEP) / "part-export.parquet"
+    writer = ShardWriter(f"{out}/shards", cfg.prefix, cfg.max_samples, cfg.max_bytes)
+    fallbacks: dict[str, int] = {}
+    n_rephrased = n = 0
+    with LedgerWriter(led_path, STEP) as led:
+        for s in iter_samples(shard_urls, quarantine=led, include_ids=wanted, verify_images=cfg.verify_images):
+            reason = ""
+            if s.id in rephrased:
+                try:
+                    s = _apply_rephrase(s, rephrased[s.id])
+                    n_rephrased += 1
+                except SampleError as e:
+                    reason = f"rephrase_invalid:{e.reason}"
+                    fallbacks[reason] = fallbacks.get(reason, 0) + 1
+                    log.warning("sample %s: rephrase rejected (%s); exporting the original text", s.id, e)
+            shard = writer.write(s)
+            led.add(s.id, "keep", reason, shard=shard, rephrased=s.id in rephrased and not reason)
+            n += 1
+            if n % 10_000 == 0:
+                log.info("export: %d/%d samples, %.0f samples/s", n, len(wanted), n / (time.time() - t0))
+        shards = writer.close()
+        quarantined = dict(led.reasons)
+        for r in fallbacks:
+            quarantined.pop(r, None)
+    if remote:
+        fs, root = fsspec.core.url_to_fs(out)
+        fs.put_file(str(led_path), f"{root}/ledger/{STEP}/{led_path.name}")
+        shutil.rmtree(led_root, ignore_errors=True)
+    if n != len(wanted):
+        raise ExportError(
+            f"exported {n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
+            f"(see {out}/ledger/{STEP})"
+        )
+    manifest = {
+        "format": 1,
+        "subset": cfg.subset_name if subset_ids is not None else "",
+        "selection": "subset" if subset_ids is not None else f"kept_by:{steps[-1]}",
+        "steps": steps,
+        "n_samples": n,
+        "n_bytes": sum(s.n_bytes for s in shards),
+        "n_shards": len(shards),
+        "n_rephrased": n_rephrased,
+        "rephrase_fallbacks": dict(sorted(fallbacks.items())),
+        "subset_outside_kept": outside,
+        "n_kept_by_last_step": len(kept_set),
+        "balance": [b.as_dict() for b in balance],
+        "removed_by_step": removal_summary(dirs, steps),
+        "shards": [{"name": Path(s.path).name, "n_samples": s.n_samples, "n_bytes": s.n_bytes, "sha256": s.sha256,
+                    "ids": s.ids} for s in shards],
+        "config": asdict(cfg),
+    }
+    with fsspec.open(f"{out}/{MANIFEST}", "w", encoding="utf-8") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True))
+    log.info("export done: %d samples in %d shards, %.1f MB, %.1f s", n, len(shards),
+             manifest["n_bytes"] / 1e6, time.time() - t0)
+    return manifest
+
+
+def verify_export(out_dir: str) -> dict[str, Any]:
+    """Re-hash every shard of an export and compare with its manifest; raises ExportError on a mismatch."""
+    out = out_dir.rstrip("/")
+    with fsspec.open(f"{out}/{MANIFEST}", "r", encoding="utf-8") as f:
+        manifest = json.load(f)
+    for sh in manifest["shards"]:
+        h = hashlib.sha256()
+        size = 0
+        with fsspec.open(f"{out}/shards/{sh['name']}", "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        if h.hexdigest() != sh["sha256"] or size != sh["n_bytes"]:
+            raise ExportError(f"shard {sh['name']} does not match the manifest (sha256 or size)")
+    if sum(sh["n_samples"] for sh in manifest["shards"]) != manifest["n_samples"]:
+        raise ExportError("manifest shard counts do not add up to n_samples")
+    return manifest
+
+
+def export_report_html(manifest: dict[str, Any]) -> str:
+    """Deck HTML: summary, samples removed per step and reason, shard sizes."""
+    import pandas as pd
+
+    from core.report import figure_html, new_figure, page, table_html
+
+    summary = {k: manifest[k] for k in ("selection", "subset", "n_samples", "n_shards", "n_bytes", "n_rephrased",
+                                        "n_kept_by_last_step", "subset_outside_kept")}
+    summary["rephrase_fallbacks"] = ", ".join(f"{k}={v}" for k, v in manifest["rephrase_fallbacks"].items())
+    steps = pd.DataFrame([{k: r[k] for k in ("step", "inputs", "kept", "modified", "removed")}
+                          for r in manifest["removed_by_step"]])
+    reasons = pd.DataFrame([{"step": r["step"], **x} for r in manifest["removed_by_step"] for x in r["by_reason"]])
+    shards = pd.DataFrame([{"shard": s["name"], "samples": s["n_samples"], "MB": s["n_bytes"] / 1e6,
+                            "sha256": s["sha256"][:16]} for s in manifest["shards"]])
+    parts = [table_html([summary], "export"), table_html(steps, "samples per step")]
+    if len(reasons):
+        fig, ax = new_figure(7, 0.35 * len(reasons) + 1.2)
+        labels = [f"{r.step}: {r.reason}" for r in reasons.itertuples()]
+        ax.barh(labels[::-1], reasons["count"].tolist()[::-1])
+        ax.set_xlabel("samples removed")
+        parts += [figure_html(fig, "removed by step and reason"), table_html(reasons, "removed by reason")]
+    fig, ax = new_figure()
+    ax.hist(shards["MB"], bins=20)
+    ax.set_xlabel("MB per shard")
+    ax.set_ylabel("shards")
+    parts += [figure_html(fig, "shard sizes"), table_html(shards, "shards")]
+    return page(*parts)

@@ -1,0 +1,99 @@
+"""Training configuration: one dataclass plus presets (tiny CPU demo, LLaVA stage 1 and stage 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+STAGES = ("projector", "full")
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of the built-in minimal LLaVA-style trainer.
+
+    `vision_model` is an open_clip model name (a registered config name, `local-dir:/path` or
+    `hf-hub:org/repo`) with optional `vision_pretrained` weights; `lm_path` a Hugging Face causal-LM
+    directory whose tokenizer has (or gets) an `<image>` special token. `stage="projector"` trains the
+    projector only (stage 1, captions); `stage="full"` trains projector and LM (stage 2, conversations).
+    The vision tower is always frozen.
+    """
+
+    output_dir: str
+    vision_model: str
+    lm_path: str
+    vision_pretrained: str | None = None
+    stage: str = "full"
+    init_from: str | None = None  # checkpoint dir to start from (e.g. stage 1's last epoch)
+    epochs: int = 1
+    batch_size: int = 8  # per rank
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_seq_len: int = 512
+    max_steps: int | None = None  # stop early (smoke runs); a checkpoint is written at the stop
+    val_size: int = 16  # held out from the training shards once, by seed
+    val_every_n_steps: int = 50
+    ckpt_every_n_steps: int = 0  # mid-epoch checkpoints for preemption (0 = only at epoch ends)
+    keep_step_checkpoints: int = 1  # mid-epoch checkpoints kept (epoch checkpoints are all kept)
+    seed: int = 0
+    device: str = "auto"  # cpu | cuda | auto
+    num_workers: int = 0  # DataLoader workers per rank
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    log_every_n_steps: int = 1
+    mirror_uri: str | None = None  # durable copy of checkpoints (s3://...) for preemption across pods
+    wandb_project: str | None = None  # log to W&B too when set and wandb is installed
+    wandb_run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r} not in {STAGES}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if self.val_every_n_steps < 1:
+            raise ValueError("val_every_n_steps must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def tiny_train_config(output_dir: str, vision_model: str, lm_path: str, **overrides: Any) -> TrainConfig:
+    """Embedded default: tiny models, trains for real on 2 CPU cores in a minute or two."""
+    base = dict(
+        epochs=2, batch_size=8, lr=2e-3, max_seq_len=256, val_size=16, val_every_n_steps=10,
+        ckpt_every_n_steps=10, device="auto",
+    )
+    base.update(overrides)
+    return TrainConfig(output_dir=output_dir, vision_model=vision_model, lm_path=lm_path, **base)
+
+
+def llava_stage1_config(output_dir: str, vision_model: str, lm_path: str, **overrides: Any) -> TrainConfig:
+    """Stage 1 (LLaVA-1.5 recipe): projector only, one epoch on a caption set, lr 1e-3."""
+    base = dict(
+        stage="projector", epochs=1, batch_size=32, lr=1e-3, warmup_steps=100, max_seq_len=2048,
+        val_size=2000, val_every_n_steps=500, ckpt_every_n_steps=1000, device="cuda",
+    )
+    base.update(overrides)
+    return TrainConfig(output_dir=output_dir, vision_model=vision_model, lm_path=lm_path, **base)
+
+
+def llava_stage2_config(
+    output_dir: str, vision_model: str, lm_path: str, init_from: str, **overrides: Any
+) -> TrainConfig:
+    """Stage 2: projector + LM on the instruction mixture, from a stage-1 checkpoint, lr 2e-5."""
+    base = dict(
+        stage="full", init_from=init_from, epochs=3, batch_size=16, lr=2e-5, warmup_steps=200,
+        max_seq_len=4096, val_size=10_000, val_every_n_steps=1000, ckpt_every_n_steps=1000, device="cuda",
+    )
+    base.update(overrides)
+    return TrainConfig(output_dir=output_dir, vision_model=vision_model, lm_path=lm_path, **base)

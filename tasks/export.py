@@ -1,0 +1,81 @@
+"""Export task: the curated samples of a run -> training-schema WebDataset shards + manifest."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Optional
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+
+from tasks.images import CPU_IMAGE
+
+log = logging.getLogger(__name__)
+
+
+def _source(d: FlyteDirectory) -> str:
+    """Where a directory input lives: its remote URL (streamed, never downloaded whole) or local path."""
+    return d.remote_source or d.path
+
+
+def _local_ledgers(src: str, dst: str) -> str:
+    """A local copy of `src/ledger` (small: one Parquet table per step) inside `dst`; returns `dst`."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = fsspec.core.url_to_fs(src)
+    if isinstance(fs, LocalFileSystem):
+        return root
+    if fs.exists(f"{root}/ledger"):
+        fs.get(f"{root}/ledger/", os.path.join(dst, "ledger") + "/", recursive=True)
+    return dst
+
+
+@task(container_image=CPU_IMAGE, cache=True, cache_version="1", enable_deck=True,
+      requests=Resources(cpu="2", mem="8Gi"))
+def export_dataset(
+    run_dir: FlyteDirectory,
+    step_dirs: Optional[List[FlyteDirectory]] = None,
+    steps: Optional[List[str]] = None,
+    subset_ids: Optional[FlyteFile] = None,
+    subset_name: str = "",
+    rephrased: Optional[FlyteDirectory] = None,
+    max_samples: int = 1000,
+    max_bytes: int = 256 << 20,
+) -> FlyteDirectory:
+    """Export the curated samples of a run as WebDataset shards in the training schema.
+
+    Keeps exactly the samples that passed the last step (or the given subset), byte-identical for the same
+    inputs, and checks the exported count against the ledger (the task fails on a mismatch).
+
+    :param run_dir: The ingest output: `shards/*.tar` and `ledger/ingest/`.
+    :param step_dirs: Output directories of later steps, each holding `ledger/<step>/` (dedup, perplexity, ...).
+    :param steps: Step names in pipeline order; the last one decides what is kept. Empty: inferred from the ledgers.
+    :param subset_ids: Export exactly these sample ids instead (text: one per line, JSON list, or Parquet `sample_id`).
+    :param subset_name: Name of the subset, recorded in the manifest (e.g. `ppl_decile_3`).
+    :param rephrased: Parquet files (sample_id, conversations_json) whose conversations replace the originals.
+    :param max_samples: Most samples per output shard.
+    :param max_bytes: Most bytes per output shard.
+    :return: Directory with `shards/*.tar`, `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
+    """
+    from core.export import ExportConfig, export_curated, export_report_html, load_id_list
+    from core.wds import list_shards
+
+    work = current_context().working_directory
+    src = _source(run_dir)
+    dirs = [_local_ledgers(src, os.path.join(work, "run"))]
+    for i, d in enumerate(step_dirs or []):
+        dirs.append(_local_ledgers(_source(d), os.path.join(work, f"step{i}")))
+    ids = None
+    if subset_ids is not None:
+        ids = load_id_list(subset_ids.download())
+    cfg = ExportConfig(steps=list(steps) if steps else None, max_samples=max_samples, max_bytes=max_bytes,
+                       subset_name=subset_name)
+    out = os.path.join(work, "export")
+    manifest = export_curated(list_shards(f"{src.rstrip('/')}/shards"), dirs, out, cfg, subset_ids=ids,
+                              rephrased_dir=_source(rephrased) if rephrased is not None else None)
+    log.info("exported %d samples in %d shards", manifest["n_samples"], manifest["n_shards"])
+    Deck("export", export_report_html(manifest))
+    return FlyteDirectory(out)

@@ -1,0 +1,156 @@
+"""Training tasks on exported shards.
+
+- `train_mini_llava`: the built-in minimal LLaVA trainer under torch elastic (flytekitplugins-kfpytorch
+  `Elastic`); locally it runs through torch elastic too (gloo on CPU, nccl on GPU).
+- `train_external`: the team's own trainer: a command template run in its container image.
+
+The world shape is fixed at decoration (`nnodes=1, nproc_per_node=1`); a workflow changes it per call with
+`train_mini_llava(...).with_overrides(task_config=Elastic(nnodes=2, nproc_per_node=8))`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from typing import Dict, List, NamedTuple, Optional
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+from flytekitplugins.kfpytorch import Elastic
+
+from tasks.images import TRAIN_IMAGE
+
+log = logging.getLogger(__name__)
+
+TrainOutputs = NamedTuple("TrainOutputs", [("checkpoints", List[FlyteDirectory]), ("metrics", FlyteFile)])
+
+
+def _output_dir(checkpoint_uri: str, key: str) -> tuple[str, Optional[str]]:
+    """(local output dir, mirror URI). A local/shared path is used directly; a URL is mirrored; with none,
+    a pod-local dir that all local ranks of this execution agree on (elastic restarts still resume)."""
+    if checkpoint_uri and "://" in checkpoint_uri and not checkpoint_uri.startswith("file://"):
+        h = hashlib.sha1(checkpoint_uri.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "mmcurate-train", h), checkpoint_uri
+    if checkpoint_uri:
+        return checkpoint_uri.removeprefix("file://"), None
+    return os.path.join(tempfile.gettempdir(), "mmcurate-train", key), None
+
+
+@task(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True,
+      task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False),
+      requests=Resources(cpu="2", mem="8Gi"))
+def train_mini_llava(
+    data: FlyteDirectory,
+    vision_model: str,
+    lm: FlyteDirectory,
+    vision_dir: Optional[FlyteDirectory] = None,
+    vision_pretrained: str = "",
+    init_from: Optional[FlyteDirectory] = None,
+    stage: str = "full",
+    epochs: int = 1,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    warmup_steps: int = 0,
+    max_seq_len: int = 512,
+    max_steps: int = 0,
+    val_size: int = 16,
+    val_every_n_steps: int = 50,
+    ckpt_every_n_steps: int = 0,
+    seed: int = 0,
+    device: str = "auto",
+    checkpoint_uri: str = "",
+    wandb_project: str = "",
+) -> TrainOutputs:
+    """Train the built-in minimal LLaVA model (frozen open_clip tower -> MLP projector -> causal LM).
+
+    Every rank runs this body; rank 0's return value is the task output. Preemption-safe when
+    `checkpoint_uri` is durable: a relaunch resumes from the newest checkpoint with the same data order.
+
+    :param data: Exported shards: an export output (with `shards/`) or a directory of `*.tar`.
+    :param vision_model: open_clip model name (ignored when `vision_dir` is given).
+    :param lm: Hugging Face causal-LM directory (model + tokenizer).
+    :param vision_dir: open_clip `local-dir` (open_clip_config.json + weights) for the vision tower.
+    :param vision_pretrained: open_clip pretrained tag or weights file for `vision_model`.
+    :param init_from: A checkpoint to start from (stage 2 starts from stage 1's last epoch).
+    :param stage: `projector` (stage 1: projector only) or `full` (stage 2: projector + LM).
+    :param epochs: Epochs over the training shards.
+    :param batch_size: Samples per rank per step.
+    :param lr: Peak learning rate (cosine decay after warmup).
+    :param warmup_steps: Linear warmup steps.
+    :param max_seq_len: Tokens per sample (truncation never splits an image).
+    :param max_steps: Stop after this many steps (0 = no limit); a checkpoint is written at the stop.
+    :param val_size: Held-out validation samples (chosen once by seed, kept in memory).
+    :param val_every_n_steps: Validation loss every N steps.
+    :param ckpt_every_n_steps: Mid-epoch checkpoint every N steps (0 = only at epoch ends).
+    :param seed: Seed for init, held-out split and per-epoch shuffling.
+    :param device: cpu, cuda or auto.
+    :param checkpoint_uri: Durable location of the run's checkpoints (shared path or s3://...); re-using it resumes.
+    :param wandb_project: Also log to this W&B project when wandb is installed.
+    :return: The epoch checkpoints (self-contained; `load_mini_llava(dir)`) and metrics.jsonl.
+    """
+    from core.train.config import TrainConfig
+    from core.train.loop import train
+    from core.train.report import train_report_html
+
+    data_dir = data.download()
+    if os.path.isdir(os.path.join(data_dir, "shards")):
+        data_dir = os.path.join(data_dir, "shards")
+    vm = f"local-dir:{vision_dir.download()}" if vision_dir is not None else vision_model
+    key = hashlib.sha1(f"{current_context().raw_output_prefix}|{os.environ.get('TORCHELASTIC_RUN_ID', '')}".encode())
+    out, mirror = _output_dir(checkpoint_uri, key.hexdigest()[:16])
+    cfg = TrainConfig(
+        output_dir=out, vision_model=vm, lm_path=lm.download(), vision_pretrained=vision_pretrained or None,
+        stage=stage, init_from=init_from.download() if init_from is not None else None, epochs=epochs,
+        batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_seq_len=max_seq_len,
+        max_steps=max_steps or None, val_size=val_size, val_every_n_steps=val_every_n_steps,
+        ckpt_every_n_steps=ckpt_every_n_steps, seed=seed, device=device, mirror_uri=mirror,
+        wandb_project=wandb_project or None,
+        nnodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")), nproc_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
+    res = train(data_dir, cfg)
+    log.info("trained to step %d; checkpoints %s", res.global_step, res.checkpoints)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Deck("training", train_report_html(res.metrics_path, res.checkpoints))
+    return TrainOutputs([FlyteDirectory(c) for c in res.checkpoints], FlyteFile(res.metrics_path))
+
+
+@task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), retries=2)
+def train_external(
+    data: FlyteDirectory,
+    command: str,
+    nnodes: int = 1,
+    nproc_per_node: int = 1,
+    epochs: int = 1,
+    lr: float = 2e-5,
+    extra: Optional[Dict[str, str]] = None,
+    env: Optional[Dict[str, str]] = None,
+    checkpoint_glob: str = "*",
+) -> List[FlyteDirectory]:
+    """Run the team's own trainer on exported shards (set its image with `.with_overrides(container_image=...)`).
+
+    :param data: Exported shards (an export output or a directory of `*.tar`); filled in as {data_dir}.
+    :param command: Command template, e.g. `torchrun --nproc_per_node {nproc} train.py --data {data_dir} --out {ckpt_dir}`;
+        placeholders: data_dir, ckpt_dir, nnodes, nproc, nproc_per_node, epochs, lr and the `extra` keys.
+    :param nnodes: Filled in as {nnodes}.
+    :param nproc_per_node: Filled in as {nproc} / {nproc_per_node}.
+    :param epochs: Filled in as {epochs}.
+    :param lr: Filled in as {lr}.
+    :param extra: More placeholder values.
+    :param env: Extra environment variables for the trainer process.
+    :param checkpoint_glob: Which directories under {ckpt_dir} are checkpoints.
+    :return: The checkpoint directories the trainer wrote, sorted by name.
+    """
+    from core.train.external import ExternalTrainerConfig
+    from core.train.trainers import ExternalTrainer
+
+    data_dir = data.download()
+    if os.path.isdir(os.path.join(data_dir, "shards")):
+        data_dir = os.path.join(data_dir, "shards")
+    cfg = ExternalTrainerConfig(image="", command=command, env=dict(env or {}), extra=dict(extra or {}),
+                                checkpoint_glob=checkpoint_glob)
+    trainer = ExternalTrainer(cfg, nnodes, nproc_per_node, {"epochs": epochs, "lr": lr})
+    ckpt_dir = os.path.join(current_context().working_directory, "checkpoints")
+    return [FlyteDirectory(c) for c in trainer.fit(data_dir, ckpt_dir)]

@@ -1,0 +1,203 @@
+"""Export: determinism, manifest integrity, kept-count check, subsets, rephrased text, bad rephrases."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from export_train_fixtures import make_records
+
+from core.export import ExportConfig, ExportError, export_curated, ledger_steps, load_id_list, verify_export
+from core.ledger import LedgerWriter, step_dir
+from core.sample import Sample
+from core.wds import iter_samples, list_shards, write_shards
+
+N = 40
+
+
+def _make_run(root: Path) -> tuple[Path, list[str]]:
+    """A run dir: 40 ingested samples (2 shards) and ledgers ingest -> semdedup -> perplexity -> rephrase."""
+    samples = []
+    for rec, imgs in make_records(N, seed=1):
+        s = Sample.from_record(rec)
+        s.image_bytes = imgs
+        samples.append(s)
+    run = root / "run"
+    infos = write_shards(samples, str(run / "shards"), max_samples=25)
+    ids = [s.id for s in samples]
+    with LedgerWriter(step_dir(run, "ingest") / "part-0.parquet", "ingest") as led:
+        for i in ids:
+            led.add(i, "keep")
+        led.add("src#99", "quarantine", "corrupt_image")
+    with LedgerWriter(step_dir(run, "semdedup") / "part-0.parquet", "semdedup") as led:
+        for k, i in enumerate(ids):
+            led.add(i, "drop", "semdedup_eps:0.05") if k % 5 == 0 else led.add(i, "keep")
+    passed = [i for k, i in enumerate(ids) if k % 5]
+    with LedgerWriter(step_dir(run, "perplexity") / "part-0.parquet", "perplexity") as led:
+        for k, i in enumerate(passed):
+            led.add(i, "drop", "ppl_above_p90") if k % 7 == 3 else led.add(i, "keep")
+    passed = [i for k, i in enumerate(passed) if k % 7 != 3]
+    with LedgerWriter(step_dir(run, "rephrase") / "part-0.parquet", "rephrase") as led:
+        for k, i in enumerate(passed):
+            led.add(i, "modify" if k % 2 == 0 else "keep")
+    assert len(infos) == 2
+    return run, passed
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _make_run(tmp_path_factory.mktemp("exp"))
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((d / "shards").glob("*.tar"))}
+
+
+def test_export_is_byte_identical_and_matches_ledger(run, tmp_path):
+    rdir, kept = run
+    cfg = ExportConfig(max_samples=10)
+    m1 = export_curated(list_shards(str(rdir / "shards")), str(rdir), str(tmp_path / "a"), cfg)
+    m2 = export_curated(list_shards(str(rdir / "shards")), str(rdir), str(tmp_path / "b"), cfg)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
+    assert m1 == m2
+    assert m1["steps"] == ["ingest", "semdedup", "perplexity", "rephrase"]
+    assert m1["n_samples"] == len(kept) == sum(s["n_samples"] for s in m1["shards"])
+    assert len(kept) == 27 and [len(s["ids"]) for s in m1["shards"]] == [10, 10, 7]
+    # every exported id is a kept id, in input order; nothing else
+    exported = [i for s in m1["shards"] for i in s["ids"]]
+    assert exported == kept
+    # what each step removed, by reason, comes from the ledgers
+    removed = {r["step"]: r for r in m1["removed_by_step"]}
+    assert removed["semdedup"]["by_reason"] == [{"decision": "drop", "reason": "semdedup_eps:0.05", "count": 8}]
+    assert removed["perplexity"]["removed"] == 32 - len(kept)
+    assert removed["ingest"]["by_reason"][0]["reason"] == "corrupt_image"
+
+
+def test_manifest_sha256_and_training_schema(run, tmp_path):
+    rdir, kept = run
+    out = tmp_path / "e"
+    m = export_curated(list_shards(str(rdir / "shards")), str(rdir), str(out), ExportConfig(max_samples=8))
+    for sh in m["shards"]:
+        data = (out / "shards" / sh["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sh["sha256"] and len(data) == sh["n_bytes"]
+        with tarfile.open(out / "shards" / sh["name"]) as tf:
+            for ti in tf.getmembers():
+                assert (ti.mtime, ti.uid, ti.gid, ti.mode) == (0, 0, 0, 0o644)
+                key, _, suffix = ti.name.partition(".")
+                assert "." not in key and suffix in ("json", "jpg", "0.jpg", "1.jpg")
+    verify_export(str(out))
+    # a flipped byte is caught
+    p = out / "shards" / m["shards"][0]["name"]
+    data = bytearray(p.read_bytes())
+    data[600] ^= 1
+    p.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="does not match"):
+        verify_export(str(out))
+
+
+def test_export_reads_back_with_images(run, tmp_path):
+    rdir, kept = run
+    out = tmp_path / "e"
+    export_curated(list_shards(str(rdir / "shards")), str(rdir), str(out), ExportConfig())
+    src = {s.id: s for s in iter_samples(list_shards(str(rdir / "shards")))}
+    back = list(iter_samples(list_shards(str(out / "shards"))))
+    assert [s.id for s in back] == kept
+    for s in back:
+        assert s.image_bytes == src[s.id].image_bytes
+        assert s.to_record() == src[s.id].to_record()
+
+
+def test_subset_export_and_id_files(run, tmp_path):
+    rdir, kept = run
+    subset = kept[::3]
+    (tmp_path / "ids.txt").write_text("\n".join(reversed(subset)) + "\n")
+    ids = load_id_list(str(tmp_path / "ids.txt"))
+    m = export_curated(list_shards(str(rdir / "shards")), str(rdir), str(tmp_path / "s"),
+                       ExportConfig(subset_name="ppl_decile_0"), subset_ids=ids)
+    assert m["subset"] == "ppl_decile_0" and m["n_samples"] == len(subset)
+    assert [i for s in m["shards"] for i in s["ids"]] == subset  # input order, not list order
+    pq.write_table(pa.table({"sample_id": subset}), tmp_path / "ids.parquet")
+    assert load_id_list(str(tmp_path / "ids.parquet")) == subset
+    # a subset id that is in no shard makes the count check fail loudly
+    with pytest.raises(ExportError, match="exported"):
+        export_curated(list_shards(str(rdir / "shards")), str(rdir), str(tmp_path / "s2"), ExportConfig(),
+                       subset_ids=subset + ["no_such_id"])
+
+
+def test_export_after_named_step(run, tmp_path):
+    rdir, kept = run
+    m = export_curated(list_shards(str(rdir / "shards")), str(rdir), str(tmp_path / "d"),
+                       ExportConfig(steps=["ingest", "semdedup"]))
+    assert m["n_samples"] == 32 and m["selection"] == "kept_by:semdedup"
+
+
+def test_missing_kept_sample_raises(run, tmp_path):
+    rdir, kept = run
+    shards = list_shards(str(rdir / "shards"))
+    with pytest.raises(ExportError, match="missing_from_shard"):
+        export_curated(shards[:1], str(rdir), str(tmp_path / "x"), ExportConfig())
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_rephrased_conversations_applied_and_bad_ones_fall_back(run, tmp_path):
+    rdir, kept = run
+    src = {s.id: s for s in iter_samples(list_shards(str(rdir / "shards")))}
+    modified = kept[::2]
+    bad_ph = [sid for sid in modified if src[sid].images][1]  # loses its <image> placeholder
+    bad_js = modified[0] if modified[0] != bad_ph else modified[2]
+    rows = []
+    for k, sid in enumerate(modified):
+        conv = [{"from": t.role, "value": t.value} for t in src[sid].conversations]
+        conv[-1]["value"] = f"short answer {k}"
+        if sid == bad_ph:
+            conv[0]["value"] = conv[0]["value"].replace("<image>", "")
+        rows.append({"sample_id": sid, "conversations_json": "{not json" if sid == bad_js else json.dumps(conv)})
+    rows.append({"sample_id": "dropped_elsewhere", "conversations_json": "[]"})
+    (tmp_path / "reph").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:3]), tmp_path / "reph" / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:]), tmp_path / "reph" / "part-b.parquet")
+    out = tmp_path / "r"
+    m = export_curated(list_shards(str(rdir / "shards")), str(rdir), str(out), ExportConfig(),
+                       rephrased_dir=str(tmp_path / "reph"))
+    assert m["n_samples"] == len(kept)
+    bad = {"rephrase_invalid:image_count_mismatch": 1, "rephrase_invalid:invalid_json": 1}
+    assert m["rephrase_fallbacks"] == bad and m["n_rephrased"] == len(modified) - 2
+    back = {s.id: s for s in iter_samples(list_shards(str(out / "shards")))}
+    for k, sid in enumerate(modified):
+        if sid in (bad_ph, bad_js):
+            assert back[sid].conversations == src[sid].conversations  # fallback: the original text
+        else:
+            assert back[sid].conversations[-1].value == f"short answer {k}"
+            assert back[sid].conversations[0] == src[sid].conversations[0]
+    assert back[kept[1]].conversations == src[kept[1]].conversations
+
+
+def test_step_order_inferred(run):
+    rdir, _ = run
+    assert ledger_steps(str(rdir)) == ["ingest", "semdedup", "perplexity", "rephrase"]
+
+
+def test_export_from_and_to_s3(run, tmp_path, moto_s3):
+    """Shards streamed from S3, export written to S3 (ledger uploaded); identical bytes to a local export."""
+    import fsspec
+
+    rdir, kept = run
+    fs = fsspec.filesystem("s3")
+    for p in sorted((rdir / "shards").glob("*.tar")):
+        fs.put_file(str(p), f"{moto_s3.bucket}/run/shards/{p.name}")
+    shards = list_shards(f"s3://{moto_s3.bucket}/run/shards")
+    assert len(shards) == 2
+    out = f"s3://{moto_s3.bucket}/export"
+    m = export_curated(shards, str(rdir), out, ExportConfig(max_samples=10))
+    local = export_curated(list_shards(str(rdir / "shards")), str(rdir), str(tmp_path / "l"), ExportConfig(max_samples=10))
+    assert m == local and m["n_samples"] == len(kept)
+    for sh in m["shards"]:
+        assert fs.cat_file(f"{moto_s3.bucket}/export/shards/{sh['name']}") == (tmp_path / "l/shards" / sh["name"]).read_bytes()
+    assert fs.exists(f"{moto_s3.bucket}/export/ledger/export/part-export.parquet")
+    verify_export(out)
