@@ -169,13 +169,24 @@ def skew_child(mode: str, n: int, d: int, chunk: int) -> None:
     print(json.dumps({"mode": mode, "extra_mb": (peak - base) / 2**20, "seconds": dt}))
 
 
-def kmeans_flops(n: int, k: int, d: int, niter: int, branching: int) -> float:
-    """Inner-product FLOPs of training (niter n x k searches) + final assignment, flat or per level."""
+def kmeans_flops(n: int, k: int, d: int, niter: int, branching: int, max_points_per_centroid: int = 256) -> float:
+    """Inner-product FLOPs of k-means training + final assignment, flat or per hierarchical level.
+
+    faiss trains on at most k * max_points_per_centroid points (a subsample), then all n are assigned.
+    """
+
+    def flat(nn: float, kk: float) -> float:
+        return 2.0 * d * kk * (min(nn, kk * max_points_per_centroid) * niter + nn)
+
     if branching <= 1 or k <= branching:
-        return 2.0 * n * k * d * (niter + 1)
+        return flat(n, k)
     levels = math.ceil(math.log(k) / math.log(branching) - 1e-9)
-    per_level = [branching] * (levels - 1) + [max(1, round(k / branching ** (levels - 1)))]
-    return sum(2.0 * n * b * d * (niter + 1) for b in per_level)
+    total = 0.0
+    for lvl in range(levels):
+        nodes = branching**lvl
+        kk = branching if lvl < levels - 1 else max(1.0, k / nodes)
+        total += nodes * flat(n / nodes, kk)
+    return total
 
 
 def run_skew(n: int, d: int, chunk: int, tmp: str) -> dict:

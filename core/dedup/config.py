@@ -103,18 +103,22 @@ class DecontamConfig:
     k: training neighbours mined per eval item.
     kind: embedding kind (see SemDedupConfig.kind); eval and training embeddings must share it.
     batch_size: training rows per search batch (memory: batch_size x n_eval floats).
+    device: cpu | cuda | auto: faiss GPU indexes (faiss-gpu build) when cuda.
     """
 
     threshold: float = 0.95
     k: int = 10
     kind: str = "image"
     batch_size: int = 65_536
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if not (-1.0 <= self.threshold <= 1.0):
             raise ValueError("threshold must be a cosine similarity in [-1, 1]")
         if self.k < 1 or self.batch_size < 1:
             raise ValueError("k and batch_size must be >= 1")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r} not in {DEVICES}")
         if self.kind not in EMBEDDING_KINDS:
             raise ValueError(f"kind={self.kind!r} not in {EMBEDDING_KINDS}")
 

@@ -23,18 +23,34 @@ log = logging.getLogger(__name__)
 DECONTAM_STEP = "decontam"
 
 
-def _flat_ip(x: np.ndarray):
+def _flat_ip(x: np.ndarray, gpu: bool = False):
+    """Exact inner-product index over normalized rows; on all GPUs when enabled and faiss has GPU support."""
     import faiss
 
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(np.ascontiguousarray(x, dtype=np.float32))
+    if gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
     return index
+
+
+def _use_gpu(device: str) -> bool:
+    import faiss
+
+    from core.dedup.semdedup import resolve_device
+
+    if resolve_device(device) != "cuda":
+        return False
+    if faiss.get_num_gpus() == 0:
+        log.warning("device=cuda but this faiss build has no GPU support: searching on CPU")
+        return False
+    return True
 
 
 class NeighbourMiner:
     """Running top-k training neighbours of each eval item across streamed training blocks."""
 
-    def __init__(self, eval_ids: list[str], eval_x: np.ndarray, k: int):
+    def __init__(self, eval_ids: list[str], eval_x: np.ndarray, k: int, gpu: bool = False):
         import faiss
 
         self.eval_ids = list(eval_ids)
@@ -42,13 +58,14 @@ class NeighbourMiner:
         self.k = k
         self.heap = faiss.ResultHeap(len(self.eval_ids), k, keep_max=True)
         self.train_ids: list[str] = []
+        self.gpu = gpu
 
     def add(self, train_ids: list[str], train_x_normalized: np.ndarray) -> None:
         """Search one block of normalized training vectors."""
         if len(train_ids) == 0:
             return
         kk = min(self.k, len(train_ids))
-        d, i = _flat_ip(train_x_normalized).search(self.q, kk)
+        d, i = _flat_ip(train_x_normalized, self.gpu).search(self.q, kk)
         if kk < self.k:  # pad so the heap always gets k columns
             d = np.pad(d, ((0, 0), (0, self.k - kk)), constant_values=-np.inf)
             i = np.pad(i, ((0, 0), (0, self.k - kk)), constant_values=-1)
@@ -89,7 +106,7 @@ def mine_neighbours(
 
 
 def max_eval_similarity(
-    train_x_normalized: np.ndarray, evals: dict[str, np.ndarray], batch_size: int = 65_536
+    train_x_normalized: np.ndarray, evals: dict[str, np.ndarray], batch_size: int = 65_536, gpu: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per training row: (max similarity over all eval sets, benchmark index of it, eval row of it)."""
     n = train_x_normalized.shape[0]
@@ -97,7 +114,7 @@ def max_eval_similarity(
     which = np.full(n, -1, np.int64)
     row = np.full(n, -1, np.int64)
     for b, ex in enumerate(evals.values()):
-        index = _flat_ip(ex)
+        index = _flat_ip(ex, gpu)
         for s in range(0, n, batch_size):
             d, i = index.search(np.ascontiguousarray(train_x_normalized[s : s + batch_size]), 1)
             d, i = d[:, 0], i[:, 0]
@@ -125,6 +142,7 @@ def decontaminate(
     nearest eval id. Invalid vectors are quarantined; samples without an embedding of cfg.kind are kept.
     The previous step's ledger is read from `prev_run_dir` (default `run_dir`). Returns counts.
     """
+    gpu = _use_gpu(cfg.device)
     for b in eval_embeddings:
         if not b or ":" in b:
             raise ValueError(f"benchmark name {b!r} must be non-empty without ':'")
@@ -133,7 +151,7 @@ def decontaminate(
     for b, p in eval_embeddings.items():
         ids, x = load_embeddings(p, cfg.kind)
         evals_ids[b], evals_x[b] = ids, normalize_rows(ids, x)
-    miners = {b: NeighbourMiner(evals_ids[b], evals_x[b], cfg.k) for b in eval_embeddings}
+    miners = {b: NeighbourMiner(evals_ids[b], evals_x[b], cfg.k, gpu) for b in eval_embeddings}
     include = (
         set(passing_ids(read_ledger(step_dir(prev_run_dir or run_dir, prev_step)))) if prev_step else None
     )
@@ -155,7 +173,7 @@ def decontaminate(
         if part.exists():
             log.info("%s exists: skipping ledger for %s (resume)", part, f.name)
             continue
-        best, which, row = max_eval_similarity(x, evals_x, cfg.batch_size) if ids else (np.zeros(0),) * 3
+        best, which, row = max_eval_similarity(x, evals_x, cfg.batch_size, gpu) if ids else (np.zeros(0),) * 3
         shard_of = dict(zip(es.ids, es.shards))
         with LedgerWriter(part, DECONTAM_STEP) as led:
             for sid, sh in zip(es.missing, es.missing_shards):
