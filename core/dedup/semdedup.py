@@ -44,6 +44,19 @@ def resolve_device(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- k-means
+@contextmanager
+def _fp32_highest():
+    """Full float32 matmuls (no TF32 on GPU) so GPU and CPU decide alike; restored afterwards."""
+    import torch
+
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
 _SMALL_WORK = 2e8  # multiply-adds below which a CPU call runs single-threaded
 
 
@@ -106,7 +119,7 @@ def assign_clusters(
     n = x.shape[0]
     labels = np.empty(n, np.int64)
     sims = np.empty(n, np.float32)
-    with torch.inference_mode(), _single_thread_if_small(float(n) * centroids.shape[0] * x.shape[1], device):
+    with torch.inference_mode(), _fp32_highest(), _single_thread_if_small(float(n) * centroids.shape[0] * x.shape[1], device):
         c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
         for s in range(0, n, block):
             xb = torch.from_numpy(x[s : s + block]).to(device)
@@ -211,9 +224,7 @@ def max_earlier_similarity(
         return np.full(n, -np.inf, np.float32), a_out
     b = max(1, int(chunk_size))
     with torch.inference_mode():
-        prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
+        with _fp32_highest():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
             tri = None
             for c0 in range(0, n, b):
@@ -233,8 +244,6 @@ def max_earlier_similarity(
                     best = torch.where(upd, v, best)
                     barg = torch.where(upd, a + r0, barg)
                 a_out[c0:c1] = barg.cpu().numpy()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev_tf32
     return _exact_m(x, a_out), a_out
 
 
@@ -255,7 +264,7 @@ def batched_max_earlier_similarity(
     lens = np.array([len(p) for p in positions])
     for b, p in enumerate(positions):
         pad[b, : len(p)] = x[p]
-    with torch.inference_mode():
+    with torch.inference_mode(), _fp32_highest():
         xt = torch.from_numpy(pad).to(device)
         s = torch.bmm(xt, xt.transpose(1, 2))  # (B, rows i, cols j)
         i = torch.arange(nmax, device=xt.device)
@@ -295,7 +304,7 @@ def dense_max_earlier_similarity(x: np.ndarray, device: str = "cpu") -> tuple[np
     a_out = np.full(n, -1, np.int64)
     if n < 2:
         return np.full(n, -np.inf, np.float32), a_out
-    with torch.inference_mode():
+    with torch.inference_mode(), _fp32_highest():
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
         s = xt @ xt.T
         # mask i >= j strip by strip so the reference's memory is the n x n matrix itself, not 1.25x
