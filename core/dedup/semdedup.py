@@ -289,8 +289,9 @@ def _exact_m(x: np.ndarray, argmax: np.ndarray) -> np.ndarray:
     exactly, so they still agree).
     """
     m = np.full(len(argmax), -np.inf, np.float32)
-    j = np.flatnonzero(argmax >= 0)
-    if len(j):
+    j_all = np.flatnonzero(argmax >= 0)
+    for s in range(0, len(j_all), 4096):  # blockwise: float64 copies of a 50k cluster would be 600 MB
+        j = j_all[s : s + 4096]
         dots = np.einsum("ij,ij->i", x[argmax[j]].astype(np.float64), x[j].astype(np.float64))
         m[j] = np.clip(dots, -1.0, 1.0).astype(np.float32)
     return m
