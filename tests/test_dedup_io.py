@@ -35,6 +35,19 @@ def test_load_embeddings_list_and_fixed_size_columns(tmp_path, fixed, dtype):
         load_embeddings(tmp_path, "joint_mean")
 
 
+def test_embed_step_output_dir_is_accepted(tmp_path):
+    """The embed step returns <out>/embed/<shard>.parquet + <out>/ledger/embed/: only the former are read."""
+    rng = np.random.default_rng(2)
+    (tmp_path / "embed").mkdir()
+    write_embedding_parquet(str(tmp_path / "embed" / "shard-000000.parquet"), ["a", "b"], rng.standard_normal((2, 3)),
+                            None, fixed=True, dtype="float16")
+    with LedgerWriter(step_dir(tmp_path, "embed") / "part-shard-000000.parquet", "embed") as led:
+        led.add("a", "keep")
+        led.add("b", "keep")
+    es = read_embeddings(tmp_path, "image")
+    assert es.ids == ["a", "b"] and es.shards == ["shard-000000", "shard-000000"]
+
+
 def test_read_embeddings_reports_missing_and_filters(tmp_path):
     rng = np.random.default_rng(1)
     ids = ["x0", "x1", "x2", "x3"]

@@ -31,9 +31,15 @@ class EmbeddingSet:
 
 
 def embedding_files(path: str | os.PathLike) -> list[Path]:
-    """Sorted Parquet files of an embeddings directory (or the single file given)."""
+    """Sorted Parquet files of an embeddings directory (or the single file given).
+
+    Accepts the embed step's whole output directory too: its `embed/` subfolder is used, and files
+    under any `ledger/` folder are never taken for embeddings.
+    """
     p = Path(path)
-    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    if p.is_dir() and (p / "embed").is_dir():
+        p = p / "embed"
+    files = sorted(f for f in p.rglob("*.parquet") if "ledger" not in f.relative_to(p).parts) if p.is_dir() else [p]
     if not files:
         raise FileNotFoundError(f"no *.parquet embedding files under {p}")
     return files
