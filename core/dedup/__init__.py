@@ -1,0 +1,1 @@
+"""Semantic dedup (SemDeDup), eval mining and decontamination."""

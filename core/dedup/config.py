@@ -1,0 +1,128 @@
+"""Configuration of the semantic-dedup stage (SemDeDup) and of eval mining / decontamination."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+KEEP_POLICIES = ("hard", "easy", "random")
+EMBEDDING_KINDS = ("image", "text", "joint_concat", "joint_mean")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass
+class SemDedupConfig:
+    """SemDeDup settings. Exactly one of `eps` / `target_removal` must be set.
+
+    n_clusters: spherical k-means clusters (the paper uses ~N/10k..N/50; mean cluster size is what matters).
+    eps: paper mode, drop sample j when M_j > 1 - eps (M_j = max cosine similarity to an earlier sample
+        of its cluster in keep order).
+    target_removal: fraction of deduplicated samples to drop, exactly round(target_removal * N); the eps
+        that achieves it is reported.
+    keep: which member of a duplicate group survives: `hard` = the one least similar to the centroid
+        (paper default), `easy` = the one most similar, `random` = seeded random order.
+    kind: embedding used: image, text, joint_concat (concat of the normalized image and text vectors),
+        joint_mean (mean of the normalized vectors; needs equal dims).
+    kmeans_branching: 0 = flat faiss k-means (the paper's; cost N*k*d per iteration); b > 1 = top-down
+        hierarchical spherical k-means with branching b (cost ~N*b*depth*d, near-linear in N at a fixed
+        mean cluster size; a duplicate pair split at an upper level is not compared).
+    device: torch/faiss device for k-means and the pairwise pass: cpu | cuda | auto.
+    chunk_size: block edge of the pairwise pass; peak extra memory is ~chunk_size^2 * 4 bytes.
+    cluster_groups: number of balanced cluster groups (units of the pairwise map task).
+    max_parallel_groups: concurrency cap of the pairwise map task.
+    sweep_subsample / sweep_multipliers: removal-vs-number-of-clusters report on a subsample
+        (0 disables); the cluster count is scaled to keep the mean cluster size, times each multiplier.
+    """
+
+    n_clusters: int
+    eps: Optional[float] = None
+    target_removal: Optional[float] = None
+    kmeans_iters: int = 20
+    kmeans_branching: int = 0
+    seed: int = 1234
+    keep: str = "hard"
+    random_seed: int = 0
+    kind: str = "image"
+    device: str = "auto"
+    chunk_size: int = 4096
+    cluster_groups: int = 8
+    max_parallel_groups: int = 4
+    on_invalid: str = "quarantine"
+    sweep_subsample: int = 20_000
+    sweep_multipliers: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on an inconsistent config (called on construction)."""
+        if (self.eps is None) == (self.target_removal is None):
+            raise ValueError("set exactly one of eps and target_removal")
+        if self.eps is not None and not (0.0 <= self.eps <= 2.0):
+            raise ValueError(f"eps={self.eps} outside [0, 2] (cosine similarity lies in [-1, 1])")
+        if self.target_removal is not None and not (0.0 <= self.target_removal <= 1.0):
+            raise ValueError(f"target_removal={self.target_removal} outside [0, 1]")
+        if self.n_clusters < 1:
+            raise ValueError("n_clusters must be >= 1")
+        if self.keep not in KEEP_POLICIES:
+            raise ValueError(f"keep={self.keep!r} not in {KEEP_POLICIES}")
+        if self.kind not in EMBEDDING_KINDS:
+            raise ValueError(f"kind={self.kind!r} not in {EMBEDDING_KINDS}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r} not in {DEVICES}")
+        if self.on_invalid not in ("error", "quarantine"):
+            raise ValueError("on_invalid must be 'error' or 'quarantine'")
+        if self.kmeans_branching < 0 or self.kmeans_branching == 1:
+            raise ValueError("kmeans_branching must be 0 (flat) or >= 2")
+        if self.chunk_size < 1 or self.cluster_groups < 1 or self.max_parallel_groups < 1 or self.kmeans_iters < 1:
+            raise ValueError("chunk_size, cluster_groups, max_parallel_groups and kmeans_iters must be >= 1")
+
+
+def tiny_dedup_config() -> SemDedupConfig:
+    """Demo / test preset: a handful of clusters, 10% removal target, CPU-friendly."""
+    return SemDedupConfig(
+        n_clusters=8, target_removal=0.10, kmeans_iters=10, chunk_size=512, cluster_groups=2, sweep_subsample=2000
+    )
+
+
+def semdedup_paper_config(n_clusters: int = 1200) -> SemDedupConfig:
+    """Paper eps mode (eps=0.07 lies in the paper's studied range); 1200 clusters ~ 10k samples each at 12M."""
+    return SemDedupConfig(n_clusters=n_clusters, eps=0.07, kmeans_iters=100, cluster_groups=64)
+
+
+def target_dedup_config(fraction: float = 0.10, n_clusters: int = 1200) -> SemDedupConfig:
+    """Production preset: remove exactly `fraction` of the samples; 1200 clusters ~ 10k samples each at 12M."""
+    return SemDedupConfig(n_clusters=n_clusters, target_removal=fraction, kmeans_iters=50, cluster_groups=64)
+
+
+@dataclass
+class DecontamConfig:
+    """Eval mining and decontamination.
+
+    threshold: drop a training sample whose max cosine similarity to any eval item is > threshold.
+    k: training neighbours mined per eval item.
+    kind: embedding kind (see SemDedupConfig.kind); eval and training embeddings must share it.
+    batch_size: training rows per search batch (memory: batch_size x n_eval floats).
+    device: cpu | cuda | auto: faiss GPU indexes (faiss-gpu build) when cuda.
+    """
+
+    threshold: float = 0.95
+    k: int = 10
+    kind: str = "image"
+    batch_size: int = 65_536
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not (-1.0 <= self.threshold <= 1.0):
+            raise ValueError("threshold must be a cosine similarity in [-1, 1]")
+        if self.k < 1 or self.batch_size < 1:
+            raise ValueError("k and batch_size must be >= 1")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r} not in {DEVICES}")
+        if self.kind not in EMBEDDING_KINDS:
+            raise ValueError(f"kind={self.kind!r} not in {EMBEDDING_KINDS}")
+
+
+def default_decontam_config() -> DecontamConfig:
+    """Near-duplicate threshold 0.95 on image embeddings, 10 mined neighbours per eval item."""
+    return DecontamConfig()

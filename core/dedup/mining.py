@@ -1,0 +1,207 @@
+"""Eval mining (k nearest training samples per eval item) and decontamination (drop training samples
+that are near-duplicates of eval items), with faiss inner-product search on normalized vectors.
+
+Training embeddings are streamed one Parquet file (shard) at a time, so memory is one shard plus the
+eval sets; decontamination writes one ledger part per embeddings file and skips finished ones on re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.dedup.config import DecontamConfig
+from core.dedup.embeddings import embedding_files, invalid_rows, load_embeddings, normalize_rows, read_embeddings
+from core.ledger import LedgerWriter, passing_ids, read_ledger, step_dir
+
+log = logging.getLogger(__name__)
+DECONTAM_STEP = "decontam"
+
+
+def _flat_ip(x: np.ndarray, gpu: bool = False):
+    """Exact inner-product index over normalized rows; on all GPUs when enabled and faiss has GPU support."""
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(x, dtype=np.float32))
+    if gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def _use_gpu(device: str) -> bool:
+    import faiss
+
+    from core.dedup.semdedup import resolve_device
+
+    if resolve_device(device) != "cuda":
+        return False
+    if faiss.get_num_gpus() == 0:
+        log.warning("device=cuda but this faiss build has no GPU support: searching on CPU")
+        return False
+    return True
+
+
+class NeighbourMiner:
+    """Running top-k training neighbours of each eval item across streamed training blocks."""
+
+    def __init__(self, eval_ids: list[str], eval_x: np.ndarray, k: int, gpu: bool = False):
+        import faiss
+
+        self.eval_ids = list(eval_ids)
+        self.q = normalize_rows(self.eval_ids, eval_x)
+        self.k = k
+        self.heap = faiss.ResultHeap(len(self.eval_ids), k, keep_max=True)
+        self.train_ids: list[str] = []
+        self.gpu = gpu
+
+    def add(self, train_ids: list[str], train_x_normalized: np.ndarray) -> None:
+        """Search one block of normalized training vectors."""
+        if len(train_ids) == 0:
+            return
+        kk = min(self.k, len(train_ids))
+        d, i = _flat_ip(train_x_normalized, self.gpu).search(self.q, kk)
+        if kk < self.k:  # pad so the heap always gets k columns
+            d = np.pad(d, ((0, 0), (0, self.k - kk)), constant_values=-np.inf)
+            i = np.pad(i, ((0, 0), (0, self.k - kk)), constant_values=-1)
+        off = len(self.train_ids)
+        self.heap.add_result(np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + off, -1).astype(np.int64))
+        self.train_ids.extend(train_ids)
+
+    def result(self, benchmark: str) -> pa.Table:
+        """Rows (benchmark, eval_id, rank, sample_id, similarity), best first per eval item."""
+        self.heap.finalize()
+        d, i = self.heap.D, self.heap.I
+        rows = {"benchmark": [], "eval_id": [], "rank": [], "sample_id": [], "similarity": []}
+        for q, eid in enumerate(self.eval_ids):
+            for r in range(self.k):
+                if i[q, r] < 0:
+                    continue
+                rows["benchmark"].append(benchmark)
+                rows["eval_id"].append(eid)
+                rows["rank"].append(r)
+                rows["sample_id"].append(self.train_ids[i[q, r]])
+                rows["similarity"].append(float(d[q, r]))
+        return pa.table(rows, schema=MINED_SCHEMA)
+
+
+MINED_SCHEMA = pa.schema(
+    [("benchmark", pa.string()), ("eval_id", pa.string()), ("rank", pa.int64()), ("sample_id", pa.string()),
+     ("similarity", pa.float32())]
+)
+
+
+def mine_neighbours(
+    eval_ids: list[str], eval_x: np.ndarray, train_ids: list[str], train_x: np.ndarray, k: int, benchmark: str
+) -> pa.Table:
+    """k nearest training samples (cosine) of each eval item, in memory."""
+    miner = NeighbourMiner(eval_ids, eval_x, k)
+    miner.add(list(train_ids), normalize_rows(list(train_ids), train_x))
+    return miner.result(benchmark)
+
+
+def max_eval_similarity(
+    train_x_normalized: np.ndarray, evals: dict[str, np.ndarray], batch_size: int = 65_536, gpu: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per training row: (max similarity over all eval sets, benchmark index of it, eval row of it)."""
+    n = train_x_normalized.shape[0]
+    best = np.full(n, -np.inf, np.float32)
+    which = np.full(n, -1, np.int64)
+    row = np.full(n, -1, np.int64)
+    for b, ex in enumerate(evals.values()):
+        index = _flat_ip(ex, gpu)
+        for s in range(0, n, batch_size):
+            d, i = index.search(np.ascontiguousarray(train_x_normalized[s : s + batch_size]), 1)
+            d, i = d[:, 0], i[:, 0]
+            upd = d > best[s : s + batch_size]
+            best[s : s + batch_size][upd] = d[upd]
+            which[s : s + batch_size][upd] = b
+            row[s : s + batch_size][upd] = i[upd]
+    return best, which, row
+
+
+def decontaminate(
+    embeddings_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    eval_embeddings: dict[str, str],
+    cfg: DecontamConfig,
+    prev_step: str = "",
+    prev_run_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Mine and decontaminate against several eval sets in one streamed pass over training shards.
+
+    eval_embeddings: {benchmark: path to that eval set's embeddings (same Parquet format)}.
+    Writes `<run>/mining/<benchmark>.parquet` (k nearest training samples per eval item, with
+    similarities) and `<run>/ledger/decontam/part-<file>.parquet`: drop with reason
+    `eval_contamination:<benchmark>` when max similarity > threshold, score = max similarity, extra =
+    nearest eval id. Invalid vectors are quarantined; samples without an embedding of cfg.kind are kept.
+    The previous step's ledger is read from `prev_run_dir` (default `run_dir`). Returns counts.
+    """
+    gpu = _use_gpu(cfg.device)
+    for b in eval_embeddings:
+        if not b or ":" in b:
+            raise ValueError(f"benchmark name {b!r} must be non-empty without ':'")
+    evals_ids: dict[str, list[str]] = {}
+    evals_x: dict[str, np.ndarray] = {}
+    for b, p in eval_embeddings.items():
+        ids, x = load_embeddings(p, cfg.kind)
+        evals_ids[b], evals_x[b] = ids, normalize_rows(ids, x)
+    miners = {b: NeighbourMiner(evals_ids[b], evals_x[b], cfg.k, gpu) for b in eval_embeddings}
+    include = (
+        set(passing_ids(read_ledger(step_dir(prev_run_dir or run_dir, prev_step)))) if prev_step else None
+    )
+    ldir = step_dir(run_dir, DECONTAM_STEP)
+    names = list(eval_embeddings)
+    counts = {"n_input": 0, "n_dropped": 0, "n_quarantined": 0, "by_benchmark": {b: 0 for b in names}}
+    seen: set[str] = set()
+    for f in embedding_files(embeddings_dir):
+        es = read_embeddings(f, cfg.kind, include)
+        seen.update(es.ids)
+        seen.update(es.missing)
+        bad = invalid_rows(es.ids, es.matrix)
+        ok = np.array([i not in bad for i in es.ids], bool)
+        ids = np.asarray(es.ids, dtype=object)[ok].astype(str).tolist() if es.ids else []
+        x = normalize_rows(ids, es.matrix[ok], inplace=True) if ids else np.zeros((0, 1), np.float32)
+        for b in names:  # mining needs every shard, also ones whose ledger part already exists
+            miners[b].add(ids, x)
+        part = ldir / f"part-{f.stem}.parquet"
+        if part.exists():
+            log.info("%s exists: skipping ledger for %s (resume)", part, f.name)
+            continue
+        best, which, row = max_eval_similarity(x, evals_x, cfg.batch_size, gpu) if ids else (np.zeros(0),) * 3
+        shard_of = dict(zip(es.ids, es.shards))
+        with LedgerWriter(part, DECONTAM_STEP) as led:
+            for sid, sh in zip(es.missing, es.missing_shards):
+                led.add(sid, "keep", f"decontam_skipped:no_{cfg.kind}_embedding", None, sh)
+            for sid, why in sorted(bad.items()):
+                led.add(sid, "quarantine", why, None, shard_of[sid])
+                counts["n_quarantined"] += 1
+            for j, sid in enumerate(ids):
+                b = names[which[j]]
+                near = evals_ids[b][row[j]]
+                if best[j] > cfg.threshold:
+                    led.add(sid, "drop", f"eval_contamination:{b}", float(best[j]), shard_of[sid], eval_id=near)
+                    counts["n_dropped"] += 1
+                    counts["by_benchmark"][b] += 1
+                else:
+                    led.add(sid, "keep", "", float(best[j]), shard_of[sid], eval_id=near, benchmark=b)
+        counts["n_input"] += len(es.ids) + len(es.missing)
+    if include is not None:
+        absent = sorted(include - seen)
+        if absent:
+            with LedgerWriter(ldir / "part-missing.parquet", DECONTAM_STEP) as led:
+                for sid in absent:
+                    led.add(sid, "quarantine", "missing_embedding")
+            counts["n_quarantined"] += len(absent)
+    mdir = Path(run_dir) / "mining"
+    mdir.mkdir(parents=True, exist_ok=True)
+    for b, m in miners.items():
+        tmp = mdir / f"{b}.parquet.tmp"
+        pq.write_table(m.result(b), tmp)
+        os.replace(tmp, mdir / f"{b}.parquet")
+    return counts

@@ -1,0 +1,185 @@
+"""SemDeDup and eval decontamination tasks: local paths in, one core call, typed outputs out.
+
+Scale-out (workflows/dedup.py): `cluster_embeddings` (GPU k-means) -> `prune_cluster_group` as a
+map task over balanced cluster groups (capped concurrency) -> `decide_semdedup` (threshold, ledger, deck).
+`dedup_embeddings` runs all three in one task for small data.
+
+Each task returns a step output directory: `semdedup/` artifacts + `ledger/semdedup/part-*.parquet`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+
+from core.dedup.config import DecontamConfig, SemDedupConfig
+from tasks.images import CPU_IMAGE, GPU_IMAGE
+
+log = logging.getLogger(__name__)
+
+
+def _workdir(name: str) -> Path:
+    p = Path(current_context().working_directory) / name
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _remote_or_local(d: FlyteDirectory) -> str:
+    """The directory's remote URL when it has one (stream from it), else its local path."""
+    return d.remote_source or d.path
+
+
+def _ledger_dir(prev: FlyteDirectory, step: str) -> str:
+    """A local directory holding `ledger/<step>/` of a previous step's output, downloading only that part."""
+    src = _remote_or_local(prev)
+    if "://" not in src:
+        return src
+    local = _workdir("prev")
+    current_context().file_access.get_data(f"{src.rstrip('/')}/ledger/{step}", str(local / "ledger" / step),
+                                           is_multipart=True)
+    return str(local)
+
+
+def _fetcher(run: Optional[FlyteDirectory], out_dir: str):
+    """Sample fetcher for the deck gallery, reading only the needed shards of the ingest output."""
+    if run is None:
+        return None
+    from core.dedup.report import shard_fetcher
+    from core.ledger import read_ledger, step_dir
+
+    led = read_ledger(step_dir(out_dir, "semdedup"))
+    return shard_fetcher(f"{_remote_or_local(run).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
+
+
+def _deck(summary: dict, run: Optional[FlyteDirectory], out_dir: str) -> None:
+    from core.dedup.report import semdedup_report_html
+
+    Deck("semdedup", semdedup_report_html(summary, _fetcher(run, out_dir)))
+
+
+class ClusterOutputs(NamedTuple):
+    work: FlyteDirectory
+    groups: list[FlyteFile]
+
+
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1)
+def cluster_embeddings(
+    embeddings: FlyteDirectory,
+    config: SemDedupConfig,
+    prev: Optional[FlyteDirectory] = None,
+    prev_step: str = "",
+) -> ClusterOutputs:
+    """Spherical k-means (faiss, GPU when present) of the embeddings, split into balanced cluster groups.
+
+    :param embeddings: The embed step's Parquet files (sample_id, image_emb, text_emb).
+    :param config: SemDedupConfig (n_clusters, eps or target_removal, keep policy, kind, device, ...).
+    :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids.
+    :param prev_step: Name of the previous step ("" = decide about every embedded sample).
+    :return: work (plan.json, side.parquet, sweep.parquet) and one file per cluster group.
+    """
+    from core.dedup.pipeline import cluster_embeddings as run
+
+    out = _workdir("semdedup_out")
+    groups = _workdir("semdedup_groups")
+    prev_dir = _ledger_dir(prev, prev_step) if (prev is not None and prev_step) else None
+    plan = run(embeddings.download(), out, config, prev_step, prev_dir, groups)
+    log.info("clustered %d samples into %d clusters, %d groups", plan.n_deduped, plan.n_clusters, len(plan.group_files))
+    return ClusterOutputs(FlyteDirectory(str(out)), [FlyteFile(g) for g in plan.group_files])
+
+
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="4", mem="32Gi", gpu="1"), retries=2)
+def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
+    """M (max similarity to an earlier cluster member) and its neighbour for one cluster group.
+
+    :param group: A group file written by cluster_embeddings (normalized rows of whole clusters).
+    :param config: The same SemDedupConfig (keep policy, chunk_size, device).
+    :return: Parquet of sample_id, shard, cluster, rank, sim_to_centroid, m, neighbour_id.
+    """
+    from core.dedup.pipeline import prune_cluster_group as run
+
+    return FlyteFile(run(group.download(), config, _workdir("scores")))
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True)
+def decide_semdedup(
+    work: FlyteDirectory,
+    scores: list[FlyteFile],
+    config: SemDedupConfig,
+    run: Optional[FlyteDirectory] = None,
+) -> FlyteDirectory:
+    """One global eps / exact-target threshold over all groups' M; writes the ledger and the report deck.
+
+    :param work: cluster_embeddings' work directory.
+    :param scores: prune_cluster_group outputs, one per group.
+    :param config: The same SemDedupConfig (eps or target_removal decide here).
+    :param run: Ingest output (shards) for the removed-pair gallery; optional.
+    :return: Step output directory: semdedup/{summary.json, removed_pairs.parquet, ...}, ledger/semdedup/.
+    """
+    from core.dedup.pipeline import decide_semdedup as run_decide
+
+    out = _workdir("semdedup_run")
+    shutil.copytree(work.download(), out, dirs_exist_ok=True)
+    summary = run_decide(out, config, [f.download() for f in scores])
+    _deck(summary, run, str(out))
+    return FlyteDirectory(str(out))
+
+
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), enable_deck=True, retries=1)
+def dedup_embeddings(
+    embeddings: FlyteDirectory,
+    config: SemDedupConfig,
+    prev: Optional[FlyteDirectory] = None,
+    prev_step: str = "",
+    run: Optional[FlyteDirectory] = None,
+) -> FlyteDirectory:
+    """SemDeDup in one task (cluster, prune every group, decide): for data that fits one worker.
+
+    :param embeddings: The embed step's Parquet files (sample_id, image_emb, text_emb).
+    :param config: SemDedupConfig.
+    :param prev: Output directory of the previous step (its ledger selects the input ids).
+    :param prev_step: Name of the previous step ("" = every embedded sample).
+    :param run: Ingest output (shards) for the removed-pair gallery; optional.
+    :return: Step output directory: semdedup/ artifacts and ledger/semdedup/.
+    """
+    from core.dedup.pipeline import run_semdedup
+
+    out = _workdir("semdedup_run")
+    prev_dir = _ledger_dir(prev, prev_step) if (prev is not None and prev_step) else None
+    summary = run_semdedup(embeddings.download(), out, config, prev_step, prev_dir)
+    _deck(summary, run, str(out))
+    return FlyteDirectory(str(out))
+
+
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi"), enable_deck=True, retries=1)
+def decontaminate_evals(
+    embeddings: FlyteDirectory,
+    evals: dict[str, FlyteDirectory],
+    config: DecontamConfig,
+    prev: Optional[FlyteDirectory] = None,
+    prev_step: str = "",
+) -> FlyteDirectory:
+    """Mine the nearest training samples of each eval item and drop training near-copies of eval items.
+
+    :param embeddings: Training embeddings (the embed step's Parquet files).
+    :param evals: {benchmark name: directory of that eval set's embeddings, same format}.
+    :param config: DecontamConfig (threshold, k, kind).
+    :param prev: Output directory of the previous step (its ledger selects the input ids).
+    :param prev_step: Name of the previous step ("" = every embedded sample).
+    :return: Step output directory: mining/<benchmark>.parquet, ledger/decontam/ (reason
+        eval_contamination:<benchmark>).
+    """
+    from core.dedup.mining import decontaminate
+    from core.dedup.report import decontam_report_html
+
+    out = _workdir("decontam_run")
+    prev_dir = _ledger_dir(prev, prev_step) if (prev is not None and prev_step) else None
+    eval_paths = {b: d.download() for b, d in evals.items()}
+    counts = decontaminate(embeddings.download(), out, eval_paths, config, prev_step, prev_dir)
+    Deck("decontam", decontam_report_html(str(out), counts, config))
+    return FlyteDirectory(str(out))

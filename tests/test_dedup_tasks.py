@@ -1,0 +1,110 @@
+"""Dedup tasks and the scale-out workflow, executed locally by flytekit (CPU)."""
+
+import io
+import json
+import os
+
+import pytest
+from flytekit.types.directory import FlyteDirectory
+from PIL import Image
+
+from core.dedup.config import DecontamConfig, SemDedupConfig
+from core.dedup.synthetic import clustered_embeddings, plant_duplicates, write_embedding_parquet
+from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
+from core.sample import Sample, Turn
+from core.wds import write_shards
+
+
+@pytest.fixture(autouse=True)
+def _isolated_flyte_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FLYTE_INTERNAL_EXECUTION_ID", "")
+    os.makedirs(tmp_path / "home", exist_ok=True)
+
+
+def _png(v: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (v % 256, (3 * v) % 256, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def world(tmp_path):
+    x = clustered_embeddings(300, 16, 4, seed=2, spread=0.8)
+    x, ids, planted = plant_duplicates(x, 10, 10, noise=0.03, seed=3)
+    samples = [
+        Sample(id=i, conversations=[Turn("human", "<image>\nWhat is shown?"), Turn("gpt", f"answer {i}")],
+               images=[f"{i}.png"], image_bytes=[_png(k)])
+        for k, i in enumerate(ids)
+    ]
+    run = tmp_path / "ingest"
+    infos = write_shards(samples, str(run / "shards"), max_samples=200)
+    shard_of = {sid: info.name for info in infos for sid in info.ids}
+    with LedgerWriter(step_dir(run, "ingest") / "part-0.parquet", "ingest") as led:
+        for i in ids:
+            led.add(i, "keep", shard=shard_of[i])
+    emb = tmp_path / "embed"
+    emb.mkdir()
+    for name in sorted(set(shard_of.values())):
+        rows = [k for k, i in enumerate(ids) if shard_of[i] == name]
+        write_embedding_parquet(str(emb / f"{name}.parquet"), [ids[k] for k in rows], x[rows], x[rows])
+    return emb, run, ids, planted
+
+
+def test_semdedup_wf_map_task_matches_single_task(world):
+    from tasks.dedup import dedup_embeddings
+    from workflows.dedup import semdedup_wf
+
+    emb, run, ids, planted = world
+    cfg = SemDedupConfig(n_clusters=4, target_removal=0.1, kmeans_iters=5, chunk_size=32, cluster_groups=3,
+                         max_parallel_groups=2, device="cpu", sweep_subsample=150)
+    out = semdedup_wf(embeddings=FlyteDirectory(str(emb)), config=cfg, prev=FlyteDirectory(str(run)),
+                      prev_step="ingest", run=FlyteDirectory(str(run)))
+    out_dir = out.download() if hasattr(out, "download") else str(out)
+    summary = json.loads(open(os.path.join(out_dir, "semdedup", "summary.json")).read())
+    assert summary["n_removed"] == round(0.1 * len(ids)) and summary["n_deduped"] == len(ids)
+    bal = check_balance([str(run), out_dir], ["ingest", "semdedup"])
+    assert bal[1].dropped == summary["n_removed"]
+    single = dedup_embeddings(embeddings=FlyteDirectory(str(emb)), config=cfg, prev=FlyteDirectory(str(run)),
+                              prev_step="ingest", run=FlyteDirectory(str(run)))
+    a = read_ledger(step_dir(out_dir, "semdedup")).sort_values("sample_id")
+    b = read_ledger(step_dir(single.download(), "semdedup")).sort_values("sample_id")
+    assert a.decision.tolist() == b.decision.tolist()
+
+
+def test_report_gallery_shows_images_and_text(world):
+    from core.dedup.pipeline import run_semdedup
+    from core.dedup.report import semdedup_report_html, shard_fetcher
+
+    emb, run, ids, _ = world
+    out = run.parent / "dd"
+    cfg = SemDedupConfig(n_clusters=4, eps=0.01, kmeans_iters=5, device="cpu", sweep_subsample=0)
+    summary = run_semdedup(emb, out, cfg, "ingest", run)
+    led = read_ledger(step_dir(out, "semdedup"))
+    html = semdedup_report_html(summary, shard_fetcher(str(run / "shards"), dict(zip(led.sample_id, led.shard))))
+    pair = summary["most_similar_pairs"][0]
+    assert pair["sample_id"] in html and pair["neighbour_id"] in html
+    assert f"answer {pair['neighbour_id']}" in html and "data:image/jpeg;base64" in html
+    assert "not found in shards" not in html
+
+
+def test_decontaminate_evals_task(world, tmp_path):
+    from tasks.dedup import decontaminate_evals
+
+    emb, run, ids, _ = world
+    from core.dedup.embeddings import load_embeddings
+
+    tid, tx = load_embeddings(emb, "image")
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    write_embedding_parquet(str(ev / "e.parquet"), ["q0", "q1"], tx[[5, 7]] * 2.0, tx[[5, 7]])
+    out = decontaminate_evals(embeddings=FlyteDirectory(str(emb)), evals={"countbench": FlyteDirectory(str(ev))},
+                              config=DecontamConfig(threshold=0.999, k=3), prev=FlyteDirectory(str(run)),
+                              prev_step="ingest")
+    d = out.download()
+    led = read_ledger(step_dir(d, "decontam"))
+    drops = led[led.decision == "drop"]
+    assert set(drops.sample_id) >= {tid[5], tid[7]}
+    assert set(drops.reason) == {"eval_contamination:countbench"}
+    assert len(led) == len(ids)
+    assert os.path.exists(os.path.join(d, "mining", "countbench.parquet"))
