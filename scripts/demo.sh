@@ -1,4 +1,33 @@
 #!/usr/bin/env bash
-# Placeholder: the demo curation is wired by the lead (this file is replaced on main).
-echo "scripts/demo.sh: demo not yet wired" >&2
-exit 1
+# The demo curation (what `make demo` runs): generate a demo dataset with planted defects, curate it with
+# the embedded CPU models through `pyflyte run` (local execution, real local Ray cluster), then score the
+# run against the generator's ground truth. Offline; everything lands in $DEMO_OUT (default demo_out/).
+set -euo pipefail
+export PYTHONWARNINGS="ignore::UserWarning:click.core,ignore::UserWarning:flytekit.clis.sdk_in_container.run"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${DEMO_OUT:-demo_out}
+N=${DEMO_N:-300}
+rm -rf "$OUT/run"
+t0=$(date +%s)
+python -m core.demo --out "$OUT/data" --n "$N" --seed 0
+# A separate, trusted reference set (clean samples of another seed) trains the perplexity reference LM,
+# as DFN trains its filter on trusted data: an LM trained on the data it scores learns its defects too.
+python -m core.demo --out "$OUT/reference" --n 300 --seed 1 --no-corrupt
+pyflyte --config flyte.config run workflows/curate.py curate \
+  --source "$OUT/data/data.json" --image_root "$OUT/data/images" \
+  --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
+  --reference_ids "$OUT/reference/ground_truth.json" \
+  "$( [ "${DEMO_REPHRASE:-0}" = 1 ] && echo --rephrase || echo --no-rephrase )" \
+  --output_dir "$OUT/run"
+echo "== run summary ($OUT/run/summary.json)"
+python - "$OUT/run/summary.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+for x in s["steps"]:
+    print(f"  {x['step']:<11} in={x['inputs']:<5} kept={x['kept']:<5} modified={x['modified']:<4} "
+          f"dropped={x['dropped']:<4} quarantined={x['quarantined']}")
+print(f"  curated samples: {s['final_samples']} -> {sys.argv[1].rsplit('/', 1)[0]}/export/shards")
+PY
+echo "== scored against the planted defects"
+python -m core.demo_score --ground-truth "$OUT/data/ground_truth.json" --ledger "$OUT/run/ledger.parquet"
+echo "demo done in $(( $(date +%s) - t0 )) s"

@@ -39,6 +39,8 @@ def curate(
     ppl_low_pct: float = 0.0,
     ppl_high_pct: float = 90.0,
     lm_steps: int = 300,
+    reference_source: str = "",
+    reference_image_root: str = "",
     reference_ids: Optional[FlyteFile] = None,
     rephrase: bool = False,
     rephrase_preset: str = "tiny",
@@ -58,7 +60,11 @@ def curate(
     :param ppl_low_pct: Drop samples below this perplexity percentile (0 keeps all low ones).
     :param ppl_high_pct: Drop samples above this perplexity percentile.
     :param lm_steps: Training steps of the embedded reference LM.
-    :param reference_ids: Optional JSON id list of trusted samples the reference LM trains on (default: all).
+    :param reference_source: Trusted reference dataset (JSON/JSONL) the reference LM trains on, DFN-style;
+        empty: train on the dataset being curated (weaker: the LM also learns its defects).
+    :param reference_image_root: Image folder of the reference dataset.
+    :param reference_ids: Optional JSON id list (or object with a "clean" list) selecting the trusted samples
+        of the reference dataset (default: all of them).
     :param rephrase: Rephrase question/answer turns with an LLM (validated; rejected ones keep the original).
     :param rephrase_preset: `tiny` (embedded CPU model) or `qwen` (vLLM).
     :param export_max_samples: Samples per exported shard.
@@ -73,7 +79,11 @@ def curate(
         dirs, steps = dirs + [dd], steps + ["semdedup"]
         prev, prev_step = dd, "semdedup"
     if perplexity:
-        lm = train_reference_lm(run=run, reference_ids=reference_ids, steps=lm_steps)
+        ref = run
+        if reference_source:
+            ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
+                                 shard_max_samples=shard_max_samples)
+        lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
         scores = score_perplexity(run=run, model=lm, prev=prev, prev_step=prev_step, mode=ppl_mode)
         cut = slice_by_perplexity(scores=scores, mode="range", low_pct=ppl_low_pct, high_pct=ppl_high_pct)
         dirs, steps = dirs + [scores, cut], steps + ["perplexity", "ppl_filter"]
