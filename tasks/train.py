@@ -101,7 +101,12 @@ def train_mini_llava(
     if os.path.isdir(os.path.join(data_dir, "shards")):
         data_dir = os.path.join(data_dir, "shards")
     vm = f"local-dir:{vision_dir.download()}" if vision_dir is not None else vision_model
-    key = hashlib.sha1(f"{current_context().raw_output_prefix}|{os.environ.get('TORCHELASTIC_RUN_ID', '')}".encode())
+    # The pod-local dir must differ between trainings of one execution (local runs share raw_output_prefix,
+    # e.g. the variants of an ablation grid) but agree between elastic ranks/restarts of the same training.
+    ident = [current_context().raw_output_prefix, os.environ.get("TORCHELASTIC_RUN_ID", ""),
+             data.remote_source or data.path, vm, lm.remote_source or lm.path, stage, epochs, batch_size, lr, seed,
+             max_steps, max_seq_len, init_from.remote_source or init_from.path if init_from is not None else ""]
+    key = hashlib.sha1("|".join(map(str, ident)).encode())
     out, mirror = _output_dir(checkpoint_uri, key.hexdigest()[:16])
     cfg = TrainConfig(
         output_dir=out, vision_model=vm, lm_path=lm.download(), vision_pretrained=vision_pretrained or None,

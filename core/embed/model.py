@@ -239,3 +239,23 @@ def as_ray_actor(cls: type, cfg: EmbedConfig, **options: Any) -> Any:
     import ray
 
     return ray.remote(num_gpus=cfg.num_gpus, num_cpus=cfg.cpus_per_actor)(cls).options(**options).remote(cfg)
+
+
+def tiny_local_dir(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """The tiny model as an open_clip `local-dir` (open_clip_config.json + open_clip_model.safetensors).
+
+    Same seeded weights as `tiny_checkpoint`, so the trainer's frozen vision tower is the embedder's model.
+    Workers that load a local-dir need no `add_model_config` registration.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = torch.load(tiny_checkpoint(out / ".cache", seed), map_location="cpu", weights_only=True)
+    model_cfg = json.loads((_CONFIG_DIR / f"{TINY_MODEL_NAME}.json").read_text())
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "open_clip_model.safetensors"))
+    return str(out)

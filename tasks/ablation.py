@@ -1,0 +1,125 @@
+"""Ablation-grid tasks: choose a variant's samples from the ledgers, collect checkpoints, compare variants."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import List, NamedTuple, Optional
+
+from flytekit import Deck, Resources, current_context, task
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+
+from tasks.cache import CORE_IO, code_version
+from tasks.images import CPU_IMAGE
+
+log = logging.getLogger(__name__)
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="4Gi"), cache=True,
+      cache_version=code_version(*CORE_IO, "core/ablation.py", "core/dedup/semdedup.py", "core/perplexity/slices.py"))
+def select_variant(step_dirs: List[FlyteDirectory], variant: str) -> FlyteFile:
+    """Write the sample ids of one variant (baseline, semdedup@0.1, ppl@0-90, ppl_decile@3, ...).
+
+    :param step_dirs: Output directories of ingest, embed and the steps the variant reads (semdedup, perplexity).
+    :param variant: Variant spec; see core/ablation.py for the grammar.
+    :return: JSON list of sample ids.
+    """
+    from core.ablation import parse_variant
+    from core.ablation import select_variant as select
+
+    ids = select(parse_variant(variant), [d.download() for d in step_dirs])
+    path = os.path.join(current_context().working_directory, f"{parse_variant(variant).name}.json")
+    with open(path, "w") as f:
+        json.dump(ids, f)
+    log.info("variant %s: %d samples", variant, len(ids))
+    return FlyteFile(path)
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="2Gi"), cache=True,
+      cache_version=code_version("core/embed/model.py", "core/embed/model_configs"))
+def build_tiny_vision_tower(seed: int = 0) -> FlyteDirectory:
+    """The embedded tiny open_clip model as a `local-dir` (the frozen vision tower of the built-in trainer).
+
+    :param seed: Weight seed (the same seed as the tiny embedder, so trainer and embedder share the model).
+    """
+    from core.embed.model import tiny_local_dir
+
+    return FlyteDirectory(tiny_local_dir(os.path.join(current_context().working_directory, "tiny_vit"), seed))
+
+
+class CheckpointLists(NamedTuple):
+    flat: List[str]
+    per_variant: List[List[str]]
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def checkpoint_uris(per_variant: List[List[FlyteDirectory]]) -> CheckpointLists:
+    """Checkpoint directories -> URIs (remote location on a cluster, local path in local runs).
+
+    :param per_variant: Each variant's checkpoints, in epoch order.
+    """
+    lists = [[c.remote_source or c.path for c in cks] for cks in per_variant]
+    return CheckpointLists(flat=[u for cks in lists for u in cks], per_variant=lists)
+
+
+@task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="1", mem="4Gi"))
+def compare_variants(
+    variants: List[str],
+    checkpoints: List[List[str]],
+    exports: List[FlyteDirectory],
+    evaluation: FlyteDirectory,
+    tokenizer: Optional[FlyteDirectory] = None,
+) -> FlyteDirectory:
+    """One comparison table: variant x benchmark (final checkpoint), deltas vs baseline, sample and token counts.
+
+    :param variants: Variant specs in grid order.
+    :param checkpoints: Per variant, its checkpoint URIs in epoch order (the last one is compared).
+    :param exports: Per variant, its export output (manifest.json + shards).
+    :param evaluation: Output of the evaluation workflow (summary.parquet).
+    :param tokenizer: Training tokenizer (HF dir) for token counts; characters/4 when absent.
+    :return: Directory with comparison.parquet, comparison.csv, scores_by_epoch.parquet.
+    """
+    import pandas as pd
+
+    from core.ablation import comparison_table
+    from core.report import figure_html, new_figure, page, table_html
+    from core.wds import iter_samples, list_shards
+
+    tok = None
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer.download())
+    counts = []
+    for ex in exports:
+        root = ex.download()
+        n_samples = n_tokens = 0
+        for s in iter_samples(list_shards(os.path.join(root, "shards")), load_images=False, verify_images=False):
+            text = "\n".join(t.value for t in s.conversations)
+            n_tokens += len(tok(text)["input_ids"]) if tok is not None else len(text) // 4
+            n_samples += 1
+        counts.append({"n_samples": n_samples, "n_tokens": n_tokens})
+    summary = pd.read_parquet(os.path.join(evaluation.download(), "summary.parquet"))
+    table, long = comparison_table(variants, checkpoints, summary, counts)
+    out = os.path.join(current_context().working_directory, "ablation")
+    os.makedirs(out, exist_ok=True)
+    table.to_parquet(os.path.join(out, "comparison.parquet"), index=False)
+    table.to_csv(os.path.join(out, "comparison.csv"), index=False)
+    long.to_parquet(os.path.join(out, "scores_by_epoch.parquet"), index=False)
+    parts = [table_html(table, "variant x benchmark (final checkpoint), deltas vs baseline")]
+    benches = sorted(set(long["benchmark"]))
+    if benches:
+        fig, ax = new_figure(7, 3.5)
+        w = 0.8 / max(len(table), 1)
+        for i, row in table.reset_index(drop=True).iterrows():
+            ax.bar([j + i * w for j in range(len(benches))], [row.get(b, float("nan")) for b in benches], w,
+                   label=row["variant"])
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(benches))], benches, rotation=20)
+        ax.set_ylabel("score")
+        ax.legend(fontsize=7)
+        parts.append(figure_html(fig, "scores by variant"))
+    Deck("ablation", page(*parts))
+    log.info("ablation table:\n%s", table.to_string(index=False))
+    return FlyteDirectory(out)

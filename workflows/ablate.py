@@ -1,0 +1,112 @@
+"""The ablation grid: each curation algorithm in isolation on one base dataset -> export -> train -> capped
+eval -> one comparison table. Shared steps (ingest, embed, SemDeDup's M, perplexity scores) run once;
+every variant is a cheap selection over their ledgers.
+"""
+
+from typing import List, NamedTuple, Optional
+
+from flytekit import LaunchPlan, dynamic
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+
+from core.ablation import parse_variant
+from core.dedup.config import SemDedupConfig, tiny_dedup_config
+from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
+from tasks.embed import embed_shards
+from tasks.export import export_dataset
+from tasks.images import CPU_IMAGE
+from tasks.ingest import ingest_dataset
+from tasks.perplexity import score_perplexity, train_reference_lm
+from tasks.rephrase import rephrase_samples
+from tasks.train import train_mini_llava
+from workflows.dedup import semdedup_wf
+from workflows.evaluate import ALL_BENCHMARKS, evaluation
+
+STANDARD_VARIANTS = ["baseline", "semdedup@0.1", "semdedup@0.3", "ppl@0-90", "ppl_decile@1", "ppl_decile@10"]
+
+
+class AblationOutputs(NamedTuple):
+    comparison: FlyteDirectory
+    evaluation: FlyteDirectory
+
+
+@dynamic(container_image=CPU_IMAGE)
+def ablate(
+    source: str,
+    image_root: str,
+    variants: List[str],
+    eval_cache: str,
+    benchmarks: List[str] = ALL_BENCHMARKS,
+    reference_source: str = "",
+    reference_image_root: str = "",
+    reference_ids: Optional[FlyteFile] = None,
+    shard_max_samples: int = 1000,
+    embed_preset: str = "tiny",
+    dedup_config: SemDedupConfig = tiny_dedup_config(),
+    lm_steps: int = 300,
+    epochs: int = 1,
+    max_steps: int = 0,
+    batch_size: int = 8,
+    eval_max_samples: int = 0,
+) -> AblationOutputs:
+    """Train and evaluate one model per dataset variant and compare them with the baseline.
+
+    :param source: Base dataset JSON/JSONL (path or URL).
+    :param image_root: Its image folder.
+    :param variants: Variant specs: baseline, semdedup@F, semdedup_eps@E, ppl@LO-HI, ppl_decile@K, rephrased.
+    :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
+    :param benchmarks: Benchmarks to evaluate every checkpoint on.
+    :param reference_source: Trusted dataset the perplexity reference LM (and the trained model's LM) learns from;
+        empty: the base dataset.
+    :param reference_image_root: Image folder of the reference dataset.
+    :param reference_ids: Optional JSON ids (or an object with a "clean" list) of its trusted samples.
+    :param shard_max_samples: Samples per ingested shard.
+    :param embed_preset: tiny (embedded CPU model) or siglip2.
+    :param dedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
+    :param lm_steps: Training steps of the embedded reference LM.
+    :param epochs: Training epochs per variant (one checkpoint per epoch).
+    :param max_steps: Cap on training steps per variant (0 = no cap).
+    :param batch_size: Training batch size.
+    :param eval_max_samples: Per-benchmark sample cap (0 = all).
+    """
+    parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
+    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples)
+    emb = embed_shards(shards=run, upstream=run, upstream_step="ingest", preset=embed_preset)
+    ref = run
+    if reference_source:
+        ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
+                             shard_max_samples=shard_max_samples)
+    lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
+    step_dirs = [run, emb]
+    needs = {p.needs for p in parsed}
+    if "semdedup" in needs:  # in isolation: SemDeDup sees the whole baseline
+        step_dirs.append(semdedup_wf(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run))
+    if "perplexity" in needs:
+        step_dirs.append(score_perplexity(run=run, model=lm, prev=emb, prev_step="embed"))
+    rephrased = None
+    if any(p.kind == "rephrased" for p in parsed):
+        rephrased = rephrase_samples(run_dir=run, preset="tiny", model_dir=lm, prev_ledger=emb, prev_step="embed").out_dir
+    vision = build_tiny_vision_tower()
+    exports, ckpts = [], []
+    for p in parsed:
+        ids = select_variant(step_dirs=step_dirs, variant=p.spec)
+        ex = export_dataset(run_dir=run, step_dirs=[emb], steps=["ingest", "embed"], subset_ids=ids,
+                            subset_name=p.name, rephrased=rephrased if p.kind == "rephrased" else None)
+        tr = train_mini_llava(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=epochs,
+                              max_steps=max_steps, batch_size=batch_size)
+        exports.append(ex)
+        ckpts.append(tr.checkpoints)
+    uris = checkpoint_uris(per_variant=ckpts)
+    ev = evaluation(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
+    table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
+                             tokenizer=lm)
+    return AblationOutputs(comparison=table, evaluation=ev)
+
+
+# A standard ablation with fixed inputs (the demo dataset layout of `make demo`); override paths on a cluster.
+standard_ablation = LaunchPlan.get_or_create(
+    ablate,
+    name="standard_ablation",
+    default_inputs={"variants": STANDARD_VARIANTS, "epochs": 2},
+    fixed_inputs={"embed_preset": "tiny"},
+)
