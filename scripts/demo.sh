@@ -17,7 +17,7 @@ pyflyte --config flyte.config run workflows/curate.py curate \
   --source "$OUT/data/data.json" --image_root "$OUT/data/images" \
   --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
   --reference_ids "$OUT/reference/ground_truth.json" \
-  "$( [ "${DEMO_REPHRASE:-0}" = 1 ] && echo --rephrase || echo --no-rephrase )" \
+  "$( [ "${DEMO_REPHRASE:-1}" = 1 ] && echo --rephrase || echo --no-rephrase )" \
   --output_dir "$OUT/run"
 echo "== run summary ($OUT/run/summary.json)"
 python - "$OUT/run/summary.json" <<'PY'
@@ -30,4 +30,23 @@ print(f"  curated samples: {s['final_samples']} -> {sys.argv[1].rsplit('/', 1)[0
 PY
 echo "== scored against the planted defects"
 python -m core.demo_score --ground-truth "$OUT/data/ground_truth.json" --ledger "$OUT/run/ledger.parquet"
+if [ "${DEMO_ABLATE:-1}" = 1 ]; then
+  # The team's habit, in miniature: each algorithm in isolation -> export -> train -> capped eval -> compare.
+  echo "== ablation grid: baseline vs semdedup@0.1 vs ppl@0-90 (train a few steps each, eval with cap 2)"
+  python -c "from core.evals.fixtures import write_fixtures; write_fixtures('$OUT/eval_cache')"
+  pyflyte --config flyte.config run workflows/ablate.py ablate \
+    --source "$OUT/data/data.json" --image_root "$OUT/data/images" \
+    --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
+    --reference_ids "$OUT/reference/ground_truth.json" \
+    --variants '["baseline", "semdedup@0.1", "ppl@0-90"]' --eval_cache "$OUT/eval_cache" \
+    --max_steps "${DEMO_TRAIN_STEPS:-30}" --eval_max_samples 8 --output_dir "$OUT/ablation"
+  python - "$OUT/ablation/comparison.csv" <<'PY'
+import sys
+import pandas as pd
+t = pd.read_csv(sys.argv[1])
+cols = ["variant", "n_samples", "n_tokens", "tokens_vs_baseline", "mean_score"] + [c for c in t.columns if c.endswith("_delta")]
+print(t[cols].round(3).to_string(index=False))
+print("(tiny models trained for a few CPU steps: scores show the plumbing works, not which data is better)")
+PY
+fi
 echo "demo done in $(( $(date +%s) - t0 )) s"

@@ -71,6 +71,7 @@ def compare_variants(
     exports: List[FlyteDirectory],
     evaluation: FlyteDirectory,
     tokenizer: Optional[FlyteDirectory] = None,
+    output_dir: str = "",
 ) -> FlyteDirectory:
     """One comparison table: variant x benchmark (final checkpoint), deltas vs baseline, sample and token counts.
 
@@ -79,6 +80,7 @@ def compare_variants(
     :param exports: Per variant, its export output (manifest.json + shards).
     :param evaluation: Output of the evaluation workflow (summary.parquet).
     :param tokenizer: Training tokenizer (HF dir) for token counts; characters/4 when absent.
+    :param output_dir: Optional path/URL to publish the comparison and the evaluation results to.
     :return: Directory with comparison.parquet, comparison.csv, scores_by_epoch.parquet.
     """
     import pandas as pd
@@ -101,7 +103,8 @@ def compare_variants(
             n_tokens += len(tok(text)["input_ids"]) if tok is not None else len(text) // 4
             n_samples += 1
         counts.append({"n_samples": n_samples, "n_tokens": n_tokens})
-    summary = pd.read_parquet(os.path.join(evaluation.download(), "summary.parquet"))
+    eval_dir = evaluation.download()
+    summary = pd.read_parquet(os.path.join(eval_dir, "summary.parquet"))
     table, long = comparison_table(variants, checkpoints, summary, counts)
     out = os.path.join(current_context().working_directory, "ablation")
     os.makedirs(out, exist_ok=True)
@@ -122,4 +125,11 @@ def compare_variants(
         parts.append(figure_html(fig, "scores by variant"))
     Deck("ablation", page(*parts))
     log.info("ablation table:\n%s", table.to_string(index=False))
+    if output_dir:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(output_dir)
+        fs.makedirs(root, exist_ok=True)
+        fs.put(out.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
+        fs.put(eval_dir.rstrip("/") + "/", root.rstrip("/") + "/evaluation/", recursive=True)
     return FlyteDirectory(out)

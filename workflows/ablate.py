@@ -48,6 +48,7 @@ def ablate(
     max_steps: int = 0,
     batch_size: int = 8,
     eval_max_samples: int = 0,
+    output_dir: str = "",
 ) -> AblationOutputs:
     """Train and evaluate one model per dataset variant and compare them with the baseline.
 
@@ -68,6 +69,7 @@ def ablate(
     :param max_steps: Cap on training steps per variant (0 = no cap).
     :param batch_size: Training batch size.
     :param eval_max_samples: Per-benchmark sample cap (0 = all).
+    :param output_dir: Where to publish comparison.{parquet,csv} and the evaluation results (path or URL).
     """
     parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
     run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples)
@@ -99,7 +101,7 @@ def ablate(
     uris = checkpoint_uris(per_variant=ckpts)
     ev = evaluation(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
     table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
-                             tokenizer=lm)
+                             tokenizer=lm, output_dir=output_dir)
     return AblationOutputs(comparison=table, evaluation=ev)
 
 
