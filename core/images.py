@@ -43,11 +43,13 @@ def image_ext(data: bytes, fallback_name: str = "") -> str:
     return ext if ext in IMAGE_EXTS else "bin"
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: int = 0) -> Image.Image:
     """Fully decode encoded image bytes to an RGB PIL image.
 
     Raises SampleError("decompression_bomb") when width*height exceeds `max_pixels` (checked from the
     header, before any pixel is decoded) and SampleError("corrupt_image") for unreadable or truncated data.
+    `draft_side` > 0 lets a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides
+    >= draft_side: several times cheaper when a model resizes to that side anyway (same checks).
     """
     if not data:
         raise SampleError("corrupt_image", "empty image bytes")
@@ -58,6 +60,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             w, h = im.size
             if w * h > max_pixels:
                 raise SampleError("decompression_bomb", f"{w}x{h} = {w * h} px > {max_pixels}")
+            if draft_side and im.format == "JPEG":
+                im.draft("RGB", (draft_side, draft_side))
             im.load()
             return im.convert("RGB")
     except SampleError:

@@ -27,6 +27,9 @@ for x in s["steps"]:
     print(f"  {x['step']:<11} in={x['inputs']:<5} kept={x['kept']:<5} modified={x['modified']:<4} "
           f"dropped={x['dropped']:<4} quarantined={x['quarantined']}")
 print(f"  curated samples: {s['final_samples']} -> {sys.argv[1].rsplit('/', 1)[0]}/export/shards")
+print("  reasons:")
+for r in s["reasons"]:
+    print(f"    {r['step']:<11} {r['decision']:<10} {r['reason']:<32} {r['count']}")
 PY
 echo "== scored against the planted defects"
 python -m core.demo_score --ground-truth "$OUT/data/ground_truth.json" --ledger "$OUT/run/ledger.parquet"

@@ -11,39 +11,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 from typing import NamedTuple, Optional
 
-from flytekit import Deck, Resources, current_context, task
+from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.images import CPU_IMAGE, GPU_IMAGE
+from tasks.paths import local_ledger_root, source, workdir
 
 log = logging.getLogger(__name__)
-
-
-def _workdir(name: str) -> Path:
-    p = Path(current_context().working_directory) / name
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def _remote_or_local(d: FlyteDirectory) -> str:
-    """The directory's remote URL when it has one (stream from it), else its local path."""
-    return d.remote_source or d.path
-
-
-def _ledger_dir(prev: FlyteDirectory, step: str) -> str:
-    """A local directory holding `ledger/<step>/` of a previous step's output, downloading only that part."""
-    src = _remote_or_local(prev)
-    if "://" not in src:
-        return src
-    local = _workdir("prev")
-    current_context().file_access.get_data(f"{src.rstrip('/')}/ledger/{step}", str(local / "ledger" / step),
-                                           is_multipart=True)
-    return str(local)
 
 
 def _fetcher(run: Optional[FlyteDirectory], out_dir: str):
@@ -54,7 +32,7 @@ def _fetcher(run: Optional[FlyteDirectory], out_dir: str):
     from core.ledger import read_ledger, step_dir
 
     led = read_ledger(step_dir(out_dir, "semdedup"))
-    return shard_fetcher(f"{_remote_or_local(run).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
+    return shard_fetcher(f"{source(run).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
 
 
 def _deck(summary: dict, run: Optional[FlyteDirectory], out_dir: str) -> None:
@@ -85,9 +63,9 @@ def cluster_embeddings(
     """
     from core.dedup.pipeline import cluster_embeddings as run
 
-    out = _workdir("semdedup_out")
-    groups = _workdir("semdedup_groups")
-    prev_dir = _ledger_dir(prev, prev_step) if (prev is not None and prev_step) else None
+    out = workdir("semdedup_out")
+    groups = workdir("semdedup_groups")
+    prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
     plan = run(embeddings.download(), out, config, prev_step, prev_dir, groups)
     log.info("clustered %d samples into %d clusters, %d groups", plan.n_deduped, plan.n_clusters, len(plan.group_files))
     return ClusterOutputs(FlyteDirectory(str(out)), [FlyteFile(g) for g in plan.group_files])
@@ -103,7 +81,7 @@ def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     """
     from core.dedup.pipeline import prune_cluster_group as run
 
-    return FlyteFile(run(group.download(), config, _workdir("scores")))
+    return FlyteFile(run(group.download(), config, workdir("scores")))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True)
@@ -123,7 +101,7 @@ def decide_semdedup(
     """
     from core.dedup.pipeline import decide_semdedup as run_decide
 
-    out = _workdir("semdedup_run")
+    out = workdir("semdedup_run")
     shutil.copytree(work.download(), out, dirs_exist_ok=True)
     summary = run_decide(out, config, [f.download() for f in scores])
     _deck(summary, run, str(out))
@@ -149,8 +127,8 @@ def dedup_embeddings(
     """
     from core.dedup.pipeline import run_semdedup
 
-    out = _workdir("semdedup_run")
-    prev_dir = _ledger_dir(prev, prev_step) if (prev is not None and prev_step) else None
+    out = workdir("semdedup_run")
+    prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
     summary = run_semdedup(embeddings.download(), out, config, prev_step, prev_dir)
     _deck(summary, run, str(out))
     return FlyteDirectory(str(out))
@@ -177,8 +155,8 @@ def decontaminate_evals(
     from core.dedup.mining import decontaminate
     from core.dedup.report import decontam_report_html
 
-    out = _workdir("decontam_run")
-    prev_dir = _ledger_dir(prev, prev_step) if (prev is not None and prev_step) else None
+    out = workdir("decontam_run")
+    prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
     eval_paths = {b: d.download() for b, d in evals.items()}
     counts = decontaminate(embeddings.download(), out, eval_paths, config, prev_step, prev_dir)
     Deck("decontam", decontam_report_html(str(out), counts, config))

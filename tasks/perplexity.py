@@ -6,39 +6,17 @@ Each task returns a step output directory (`ledger/<step>/part-*.parquet` + the 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
-from flytekit import Deck, Resources, current_context, task
+from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import CORE_IO, code_version
 from tasks.images import CPU_IMAGE, GPU_IMAGE
+from tasks.paths import local_ledger_root, source, workdir
 
 log = logging.getLogger(__name__)
-
-
-def _workdir(name: str) -> Path:
-    p = Path(current_context().working_directory) / name
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def _src(d: FlyteDirectory) -> str:
-    """Remote URL when the directory has one (shards are streamed from it), else the local path."""
-    return d.remote_source or d.path
-
-
-def _local_ledger_root(d: FlyteDirectory, step: str) -> str:
-    """A local directory holding `ledger/<step>/` of a step output, downloading only that part."""
-    src = _src(d)
-    if "://" not in src:
-        return src
-    local = _workdir(f"prev_{step}")
-    current_context().file_access.get_data(f"{src.rstrip('/')}/ledger/{step}", str(local / "ledger" / step),
-                                           is_multipart=True)
-    return str(local)
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), cache=True,
@@ -67,7 +45,7 @@ def train_reference_lm(
     from core.wds import list_shards
 
     ids = load_id_list(reference_ids.download(), reference_key) if reference_ids is not None else None
-    out = train(list_shards(f"{_src(run).rstrip('/')}/shards"), _workdir("reference_lm") / "model", ids,
+    out = train(list_shards(f"{source(run).rstrip('/')}/shards"), workdir("reference_lm") / "model", ids,
                 steps=steps, vocab_size=vocab_size, seed=seed)
     return FlyteDirectory(out)
 
@@ -121,9 +99,9 @@ def score_perplexity(
                   batch_tokens=batch_tokens or cfg.batch_tokens, max_length=max_length or cfg.max_length)
     include = None
     if prev is not None and prev_step:
-        include = set(passing_ids(read_ledger(find_step_dir(_local_ledger_root(prev, prev_step), prev_step))))
-    out = _workdir("perplexity_out")
-    summary = score_shards(list_shards(f"{_src(run).rstrip('/')}/shards"), out, cfg, include_ids=include)
+        include = set(passing_ids(read_ledger(find_step_dir(local_ledger_root(prev, prev_step), prev_step))))
+    out = workdir("perplexity_out")
+    summary = score_shards(list_shards(f"{source(run).rstrip('/')}/shards"), out, cfg, include_ids=include)
     log.info("perplexity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})
     Deck("perplexity", score_report_html(out, summary))
     return FlyteDirectory(str(out))
@@ -154,8 +132,8 @@ def slice_by_perplexity(
     from core.perplexity.slices import SliceConfig
     from core.perplexity.slices import slice_by_perplexity as run_slices
 
-    out = _workdir("ppl_filter_out")
-    res = run_slices(_local_ledger_root(scores, "perplexity"), out,
+    out = workdir("ppl_filter_out")
+    res = run_slices(local_ledger_root(scores, "perplexity"), out,
                      SliceConfig(mode=mode, low_pct=low_pct, high_pct=high_pct, n_slices=n_slices,
                                  shrink_tokens=shrink_tokens))
     log.info("ppl_filter: %s", {k: v for k, v in res.items() if k != "slices"})

@@ -43,8 +43,7 @@ def summarize_run(
     balance = check_balance(dirs, steps)
     frames = [read_ledger(find_step_dir(dirs, s)) for s in steps]
     ledger = pd.concat(frames, ignore_index=True)
-    reasons = (ledger[ledger.decision.isin(["drop", "quarantine"])]
-               .assign(reason=lambda d: d.reason.str.split(":").str[0])
+    reasons = (ledger[ledger.reason != ""]  # drops and quarantines, and reasons on keeps (rephrase_rejected:...)
                .groupby(["step", "decision", "reason"]).size().rename("count").reset_index())
     counts = pd.DataFrame([b.as_dict() for b in balance])
     out = os.path.join(current_context().working_directory, "run_summary")
@@ -63,7 +62,7 @@ def summarize_run(
     ax.legend()
     Deck("run summary", page(table_html(counts, "samples per step (inputs = kept + modified + dropped + quarantined)"),
                              figure_html(fig, "samples through the pipeline"),
-                             table_html(reasons, "dropped / quarantined by reason")))
+                             table_html(reasons, "decisions with a reason (dropped, quarantined, kept with a note)")))
     if output_dir:
         fs, root = fsspec.core.url_to_fs(output_dir)
         fs.makedirs(root, exist_ok=True)

@@ -69,34 +69,11 @@ def input_side(preprocess: Any) -> int:
 
 
 def decode_for_model(data: bytes, side: int) -> Any:
-    """`core.images.decode_image` with the same checks and reasons, but a JPEG is decoded at the smallest
-    DCT scale (1/2, 1/4, 1/8) that keeps both sides >= `side`: the model resizes to `side` anyway, and
-    this makes decode + resize of large photos several times cheaper. Other formats: decode_image."""
-    from core.images import DEFAULT_MAX_PIXELS, decode_image, sniff_format
+    """`core.images.decode_image` (same checks and reasons) with JPEG draft decoding at the model's side:
+    the model resizes to `side` anyway, and this makes decode + resize of large photos several times cheaper."""
+    from core.images import decode_image
 
-    if not side or sniff_format(data) != "JPEG":
-        return decode_image(data)
-    import io
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > DEFAULT_MAX_PIXELS:
-                raise SampleError("decompression_bomb", f"{w}x{h} = {w * h} px > {DEFAULT_MAX_PIXELS}")
-            im.draft("RGB", (side, side))  # PIL keeps both sides >= side (shortest/squash resize modes)
-            im.load()
-            return im.convert("RGB")
-    except SampleError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise SampleError("decompression_bomb", str(e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+    return decode_image(data, draft_side=side)
 
 
 class ShardEmbedWorker:
