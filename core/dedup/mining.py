@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.dedup.config import DecontamConfig
-from core.dedup.embeddings import embedding_files, invalid_rows, load_embeddings, normalize_rows, read_embeddings
+from core.dedup.embeddings import embedding_files, invalid_rows, normalize_rows, read_embeddings
 from core.ledger import LedgerWriter, passing_ids, read_ledger, step_dir
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,11 @@ def decontaminate(
     evals_ids: dict[str, list[str]] = {}
     evals_x: dict[str, np.ndarray] = {}
     for b, p in eval_embeddings.items():
-        ids, x = load_embeddings(p, cfg.kind)
-        evals_ids[b], evals_x[b] = ids, normalize_rows(ids, x)
+        es = read_embeddings(p, cfg.kind)
+        if es.missing:  # e.g. text-only eval items under kind=image: they cannot match by that modality
+            log.warning("%s: %d eval items have no %s embedding and are not used, e.g. %s", b, len(es.missing),
+                        cfg.kind, es.missing[:5])
+        evals_ids[b], evals_x[b] = es.ids, normalize_rows(es.ids, es.matrix)
     miners = {b: NeighbourMiner(evals_ids[b], evals_x[b], cfg.k, gpu) for b in eval_embeddings}
     include = (
         set(passing_ids(read_ledger(step_dir(prev_run_dir or run_dir, prev_step)))) if prev_step else None

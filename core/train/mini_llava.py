@@ -172,6 +172,9 @@ def _open_clip_config(name: str) -> dict[str, Any]:
         from open_clip.factory import _get_hf_config
 
         return _get_hf_config(name[len("hf-hub:"):])
+    from core.embed.model import register_tiny_model
+
+    register_tiny_model()  # the project's own configs (mmcurate-tiny-vit) are valid names everywhere
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ValueError(f"unknown open_clip model {name!r} (register it with open_clip.add_model_config)")
