@@ -60,12 +60,13 @@ def _curate(demo: Path, output_dir: Path, **kw):
 
 
 @pytest.mark.slow
-def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, tmp_path):
+def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_local_cache, monkeypatch, tmp_path):
     out = tmp_path / "run"
-    res = _curate(demo, out, rephrase=True, rephrase_preset="tiny",
-                  reference_source=str(demo / "reference" / "data.json"),
-                  reference_image_root=str(demo / "reference" / "images"),
-                  reference_ids=FlyteFile(str(demo / "reference" / "ground_truth.json")))
+    ref = dict(rephrase=True, rephrase_preset="tiny",
+               reference_source=str(demo / "reference" / "data.json"),
+               reference_image_root=str(demo / "reference" / "images"),
+               reference_ids=FlyteFile(str(demo / "reference" / "ground_truth.json")))
+    res = _curate(demo, out, **ref)
     assert Path(res.summary.path, "summary.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     steps = [s["step"] for s in summary["steps"]]
@@ -109,6 +110,17 @@ def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, tmp_path
     assert set(exported) == set(kept)
     assert set(kept) == set(ledger[(ledger.step == "rephrase") & ledger.decision.isin(PASSING)].sample_id)
 
+    # a re-run with only another export shard size reuses every step before export, the LLM pass included
+    calls = _count_calls(monkeypatch)
+    _curate(demo, tmp_path / "rerun", **ref | {"export_max_samples": EXPORT_SHARD + 10})
+    assert calls["rephrase"] == calls["ingest"] == calls["reference_lm"] == calls["perplexity"] == 0, calls
+    assert calls["export"] == 1, calls
+    again = json.loads((tmp_path / "rerun" / "export" / "manifest.json").read_text())
+    assert sorted(i for sh in again["shards"] for i in sh["ids"]) == sorted(kept)
+    assert [sh["n_samples"] for sh in again["shards"]] == [len(sh["ids"]) for sh in again["shards"]]
+    assert max(sh["n_samples"] for sh in again["shards"]) > EXPORT_SHARD >= max(
+        sh["n_samples"] for sh in manifest["shards"])
+
 
 def _count_calls(monkeypatch) -> Counter:
     """Wrap the core function each task body calls (imported inside the body, so the module attribute is
@@ -121,6 +133,7 @@ def _count_calls(monkeypatch) -> Counter:
     import core.perplexity.pipeline
     import core.perplexity.reference
     import core.perplexity.slices
+    import core.rephrase.run
 
     calls: Counter = Counter()
     targets = {
@@ -132,6 +145,7 @@ def _count_calls(monkeypatch) -> Counter:
         "reference_lm": (core.perplexity.reference, "train_reference_lm"),
         "perplexity": (core.perplexity.pipeline, "score_shards"),
         "ppl_filter": (core.perplexity.slices, "slice_by_perplexity"),
+        "rephrase": (core.rephrase.run, "rephrase_run"),
         "export": (core.export, "export_curated"),
         "summary": (core.ledger, "check_balance"),  # summarize_run's; export_curated holds its own reference
     }
