@@ -24,11 +24,6 @@ from tasks.images import CPU_IMAGE, GPU_IMAGE
 
 log = logging.getLogger(__name__)
 
-# Deterministic given their inputs (seeded k-means, fixed keep order): cached, versioned by the code they run,
-# so a re-run of `curate` with a changed later knob (e.g. perplexity) reuses them and passes the same output
-# directories downstream, which keeps the later steps' caches valid too.
-CACHE = dict(cache=True, cache_version=code_version(*CORE_IO, "core/dedup", "tasks/dedup.py"))
-
 
 def _workdir(name: str) -> Path:
     p = Path(current_context().working_directory) / name
@@ -67,6 +62,12 @@ def _deck(summary: dict, run: Optional[FlyteDirectory], out_dir: str) -> None:
     from core.dedup.report import semdedup_report_html
 
     Deck("semdedup", semdedup_report_html(summary, _fetcher(run, out_dir)))
+
+
+# Deterministic given their inputs (seeded k-means, fixed keep order): cached, versioned by the code they run,
+# so a re-run of `curate` with a changed later knob (e.g. perplexity) reuses them and passes the same output
+# directories downstream, which keeps the later steps' caches valid too.
+CACHE = dict(cache=True, cache_version=code_version(*CORE_IO, "core/dedup", "tasks/dedup.py"))
 
 
 class ClusterOutputs(NamedTuple):
