@@ -18,6 +18,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.dedup.config import DecontamConfig, SemDedupConfig
+from tasks.cache import CORE_IO, code_version
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
 
@@ -41,12 +42,18 @@ def _deck(summary: dict, run: Optional[FlyteDirectory], out_dir: str) -> None:
     Deck("semdedup", semdedup_report_html(summary, _fetcher(run, out_dir)))
 
 
+# Deterministic given their inputs (seeded k-means, fixed keep order): cached, versioned by the code they run,
+# so a re-run of `curate` with a changed later knob (e.g. perplexity) reuses them and passes the same output
+# directories downstream, which keeps the later steps' caches valid too.
+CACHE = dict(cache=True, cache_version=code_version(*CORE_IO, "core/dedup", "tasks/dedup.py"))
+
+
 class ClusterOutputs(NamedTuple):
     work: FlyteDirectory
     groups: list[FlyteFile]
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1)
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1, **CACHE)
 def cluster_embeddings(
     embeddings: FlyteDirectory,
     config: SemDedupConfig,
@@ -71,7 +78,7 @@ def cluster_embeddings(
     return ClusterOutputs(FlyteDirectory(str(out)), [FlyteFile(g) for g in plan.group_files])
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="4", mem="32Gi", gpu="1"), retries=2)
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="4", mem="32Gi", gpu="1"), retries=2, **CACHE)
 def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     """M (max similarity to an earlier cluster member) and its neighbour for one cluster group.
 
@@ -84,7 +91,7 @@ def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     return FlyteFile(run(group.download(), config, workdir("scores")))
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True)
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True, **CACHE)
 def decide_semdedup(
     work: FlyteDirectory,
     scores: list[FlyteFile],
@@ -108,7 +115,7 @@ def decide_semdedup(
     return FlyteDirectory(str(out))
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), enable_deck=True, retries=1)
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), enable_deck=True, retries=1, **CACHE)
 def dedup_embeddings(
     embeddings: FlyteDirectory,
     config: SemDedupConfig,
@@ -134,7 +141,7 @@ def dedup_embeddings(
     return FlyteDirectory(str(out))
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi"), enable_deck=True, retries=1)
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi"), enable_deck=True, retries=1, **CACHE)
 def decontaminate_evals(
     embeddings: FlyteDirectory,
     evals: dict[str, FlyteDirectory],

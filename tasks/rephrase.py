@@ -10,6 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from tasks.cache import CORE_IO, code_version
 from tasks.images import VLLM_IMAGE
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,14 @@ def _tiny_model_for(shards_dir: str, work: str) -> str:
 
 # GPU request: this task runs vLLM in the vllm image. For the CPU demo (preset tiny) a workflow overrides
 # it with `.with_overrides(requests=Resources(cpu="2", mem="8Gi"), limits=...)`; resources never depend
-# on the machine that serializes the task.
+# on the machine that serializes the task. Cached (seeded generation; the LLM pass is the expensive step): a
+# re-run that changes only a later knob (export shard size, ...) reuses the rephrased records.
 @task(
     container_image=VLLM_IMAGE,
     enable_deck=True,
     retries=2,
+    cache=True,
+    cache_version=code_version(*CORE_IO, "core/rephrase", "core/tiny_lm.py", "tasks/rephrase.py"),
     requests=Resources(cpu="8", mem="32Gi", gpu="1"),
     limits=Resources(gpu="1"),
 )
