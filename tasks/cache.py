@@ -22,4 +22,4 @@ def code_version(*paths: str) -> str:
 
 
 # Shared foundations every stage depends on.
-CORE_IO = ("core/sample.py", "core/ledger.py", "core/wds.py", "core/images.py")
+CORE_IO = ("core/sample.py", "core/ledger.py", "core/wds.py", "core/images.py", "tasks/paths.py")
