@@ -68,10 +68,17 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
+_TEMPLATE = _tarinfo("", 0)  # fixed metadata: mtime 0, uid/gid 0, mode 0644, empty uname/gname
+_TEMPLATE_INFO = _TEMPLATE.get_info()
+
+
 def _member_bytes(name: str, data: bytes) -> list[bytes]:
-    """One regular-file member as written by `TarFile.addfile` in USTAR format: the header built by
-    tarfile, the data, and NUL padding to the next 512-byte block."""
-    out = [_tarinfo(name, len(data)).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data]
+    """One regular-file member exactly as `TarFile.addfile(_tarinfo(name, len(data)), ...)` writes it in
+    USTAR format: the header built by tarfile (from the template's fields), the data, and NUL padding
+    to the next 512-byte block."""
+    info = dict(_TEMPLATE_INFO)
+    info["name"], info["size"] = name, len(data)
+    out = [_TEMPLATE.create_ustar_header(info, tarfile.ENCODING, "surrogateescape"), data]
     rem = len(data) % tarfile.BLOCKSIZE
     if rem:
         out.append(tarfile.NUL * (tarfile.BLOCKSIZE - rem))
@@ -148,10 +155,10 @@ class ShardWriter:
             self._finish()
             self._open()
         assert self._f is not None and self._cur is not None
-        parts: list[bytes] = []
+        put = self._put
         for name, data in members:
-            parts += _member_bytes(name, data)
-        self._put(b"".join(parts))
+            for part in _member_bytes(name, data):
+                put(part)  # no joining: the image bytes are hashed and written without a copy
         self._cur.n_samples += 1
         self._cur.n_bytes += size
         self._cur.ids.append(sample.id)
