@@ -323,7 +323,13 @@ class _LocalTar:
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         with open(self.path, "rb", buffering=1 << 16) as f:
             self.f = f
-            yield from tarfile.open(fileobj=f, mode="r:")
+            tar = tarfile.open(fileobj=f, mode="r:")
+            yield from tar
+            # tarfile also stops silently at a corrupt header mid-archive: all that follows must be zeros.
+            f.seek(tar.offset)
+            while chunk := f.read(1 << 20):
+                if chunk.strip(b"\0"):
+                    raise tarfile.ReadError(f"unreadable tar header at byte {tar.offset}: the rest of the shard is lost")
             size = os.fstat(f.fileno()).st_size
             f.seek(max(0, size - 1024))
             if size % 512 != 0 or size < 1024 or f.read(1024) != b"\0" * 1024:

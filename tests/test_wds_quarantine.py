@@ -181,3 +181,24 @@ def test_writer_rollover_and_determinism(tmp_path, max_samples, max_bytes, n_sha
         assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in t.getmembers())
         names = t.getnames()
     assert all(n.count(".") in (1, 2) for n in names)
+
+
+def test_corrupt_header_mid_shard_is_not_a_silent_end(tmp_path):
+    samples = []
+    for i in range(4):
+        s = Sample.from_record(rec(f"h{i}"))
+        s.image_bytes = [jpeg((i * 60, 10, 10), (16, 16))]
+        samples.append(s)
+    info = write_shards(samples, str(tmp_path / "shards"))[0]
+    path = tmp_path / "shards" / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as t:
+        third = [m for m in t.getmembers() if m.name.startswith("h2.")][0]
+    data[third.offset : third.offset + 100] = b"\xff" * 100  # garbage name field + broken checksum
+    path.write_bytes(bytes(data))
+    with LedgerWriter(tmp_path / "raw.parquet", "raw") as led:
+        got = [s.id for s in iter_shard(str(path), quarantine=led)]
+    assert got == ["h0"] and led.reasons == {"truncated_tar": 2}  # h1 in flight + the shard-level loss
+    with LedgerWriter(tmp_path / "step.parquet", "step") as led:
+        list(iter_samples([str(path)], quarantine=led, include_ids=set(info.ids)))
+    assert led.decided == set(info.ids) - {"h0"}  # h2, h3 reported missing_from_shard, h1 truncated_tar
