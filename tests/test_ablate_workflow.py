@@ -11,17 +11,22 @@ import pytest
 
 @pytest.mark.slow
 def test_two_variant_grid_end_to_end(tmp_path):
+    import ray
+
     from core.demo import generate_demo
     from core.evals.fixtures import write_fixtures
     from workflows.ablate import ablate
 
     info = generate_demo(str(tmp_path / "data"), n_samples=48, seed=0)
     write_fixtures(str(tmp_path / "evals"))
-    out = ablate(
-        source=str(info.data_json), image_root=str(info.images_dir), variants=["baseline", "semdedup@0.2"],
-        eval_cache=str(tmp_path / "evals"), benchmarks=["countbench", "chartqa"], shard_max_samples=20,
-        lm_steps=20, max_steps=3, batch_size=4, eval_max_samples=2,
-    )
+    try:
+        out = ablate(
+            source=str(info.data_json), image_root=str(info.images_dir), variants=["baseline", "semdedup@0.2"],
+            eval_cache=str(tmp_path / "evals"), benchmarks=["countbench", "chartqa"], shard_max_samples=20,
+            lm_steps=20, max_steps=3, batch_size=4, eval_max_samples=2,
+        )
+    finally:
+        ray.shutdown()  # the embed task's local ray.init() is never shut down by flytekit
     table = pd.read_parquet(os.path.join(out.comparison.path, "comparison.parquet"))
     assert table["variant"].tolist() == ["baseline", "semdedup@0.2"]
     base, dedup = table.iloc[0], table.iloc[1]

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
+    ray.shutdown()  # a Flyte Ray task run earlier in the session leaves its local ray.init() running
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
