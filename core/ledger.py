@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,6 @@ class LedgerWriter:
         self.counts: dict[str, int] = {d: 0 for d in DECISIONS}
         self.reasons: dict[str, int] = {}
         self.decided: set[str] = set()  # one decision per sample and step: enforced here
-        self._t0 = time.time()  # the part's wall time (open -> close) is stored in its Parquet metadata
 
     def add(
         self,
@@ -105,7 +103,6 @@ class LedgerWriter:
         """Flush and atomically publish the part (a crash leaves no half-written ledger)."""
         self.flush()
         assert self._writer is not None
-        self._writer.add_key_value_metadata({"mmcurate.seconds": f"{time.time() - self._t0:.3f}"})
         self._writer.close()
         os.replace(str(self.path) + ".tmp", self.path)
         return self.path
@@ -147,17 +144,6 @@ def read_ledger(path: str | os.PathLike) -> "pd.DataFrame":  # noqa: F821
 
 def _pd_dtype(t: pa.DataType) -> str:
     return "float64" if t == pa.float64() else "object"
-
-
-def ledger_seconds(path: str | os.PathLike) -> float:
-    """Wall time spent writing the ledger parts under `path` (sum over parts, i.e. over shards)."""
-    p = Path(path)
-    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
-    total = 0.0
-    for f in files:
-        meta = pq.read_schema(f).metadata or {}
-        total += float(meta.get(b"mmcurate.seconds", b"0"))
-    return total
 
 
 def passing_ids(ledger: "pd.DataFrame") -> list[str]:  # noqa: F821

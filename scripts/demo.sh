@@ -25,7 +25,7 @@ import json, sys
 s = json.load(open(sys.argv[1]))
 for x in s["steps"]:
     print(f"  {x['step']:<11} in={x['inputs']:<5} kept={x['kept']:<5} modified={x['modified']:<4} "
-          f"dropped={x['dropped']:<4} quarantined={x['quarantined']:<4} seconds={x['seconds']}")
+          f"dropped={x['dropped']:<4} quarantined={x['quarantined']}")
 print(f"  curated samples: {s['final_samples']} -> {sys.argv[1].rsplit('/', 1)[0]}/export/shards")
 print("  reasons:")
 for r in s["reasons"]:

@@ -36,7 +36,7 @@ def summarize_run(
     import fsspec
     import pandas as pd
 
-    from core.ledger import check_balance, find_step_dir, ledger_seconds, read_ledger
+    from core.ledger import check_balance, find_step_dir, read_ledger
     from core.report import figure_html, new_figure, page, table_html
 
     dirs = [d.download() for d in step_dirs]
@@ -46,13 +46,11 @@ def summarize_run(
     reasons = (ledger[ledger.reason != ""]  # drops and quarantines, and reasons on keeps (rephrase_rejected:...)
                .groupby(["step", "decision", "reason"]).size().rename("count").reset_index())
     counts = pd.DataFrame([b.as_dict() for b in balance])
-    # per-step processing time: the ledger parts' open->close wall time, summed over shards
-    counts["seconds"] = [round(ledger_seconds(find_step_dir(dirs, s)), 2) for s in steps]
     out = os.path.join(current_context().working_directory, "run_summary")
     os.makedirs(out, exist_ok=True)
     counts.to_parquet(os.path.join(out, "counts.parquet"), index=False)
     ledger.to_parquet(os.path.join(out, "ledger.parquet"), index=False)
-    summary = {"steps": counts.to_dict("records"), "reasons": reasons.to_dict("records"),
+    summary = {"steps": [b.as_dict() for b in balance], "reasons": reasons.to_dict("records"),
                "balanced": True, "final_samples": int(counts.iloc[-1]["kept"] + counts.iloc[-1]["modified"])}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -62,7 +60,7 @@ def summarize_run(
     ax.bar(counts["step"], counts["kept"] + counts["modified"], label="passed on", color="#4a8")
     ax.set_ylabel("samples")
     ax.legend()
-    Deck("run summary", page(table_html(counts, "samples per step (inputs = kept + modified + dropped + quarantined) and seconds spent"),
+    Deck("run summary", page(table_html(counts, "samples per step (inputs = kept + modified + dropped + quarantined)"),
                              figure_html(fig, "samples through the pipeline"),
                              table_html(reasons, "decisions with a reason (dropped, quarantined, kept with a note)")))
     if output_dir:

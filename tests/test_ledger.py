@@ -53,12 +53,3 @@ def test_failed_writer_publishes_nothing(tmp_path):
             led.add("a", "keep")
             raise RuntimeError("crash mid-shard")
     assert not (tmp_path / "y.parquet").exists() and not list(tmp_path.glob("*.tmp"))
-
-
-def test_part_records_its_wall_time(tmp_path):
-    from core.ledger import ledger_seconds
-
-    write(tmp_path, "ingest", [("a", "keep", "")])
-    write(tmp_path / "x", "ingest", [("b", "keep", "")])
-    assert 0 <= ledger_seconds(step_dir(tmp_path, "ingest")) < 60
-    assert ledger_seconds(tmp_path) >= ledger_seconds(step_dir(tmp_path, "ingest"))
