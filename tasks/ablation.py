@@ -13,6 +13,7 @@ from flytekit.types.file import FlyteFile
 
 from tasks.cache import CORE_IO, code_version
 from tasks.images import CPU_IMAGE
+from tasks.paths import source
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def checkpoint_uris(per_variant: List[List[FlyteDirectory]]) -> CheckpointLists:
 
     :param per_variant: Each variant's checkpoints, in epoch order.
     """
-    lists = [[c.remote_source or c.path for c in cks] for cks in per_variant]
+    lists = [[source(c) for c in cks] for cks in per_variant]
     return CheckpointLists(flat=[u for cks in lists for u in cks], per_variant=lists)
 
 

@@ -12,13 +12,9 @@ from flytekit.types.file import FlyteFile
 
 from tasks.cache import CORE_IO, code_version
 from tasks.images import CPU_IMAGE
+from tasks.paths import source
 
 log = logging.getLogger(__name__)
-
-
-def _source(d: FlyteDirectory) -> str:
-    """Where a directory input lives: its remote URL (streamed, never downloaded whole) or local path."""
-    return d.remote_source or d.path
 
 
 def _local_ledgers(src: str, dst: str) -> str:
@@ -38,7 +34,7 @@ def _rephrased_records(d: FlyteDirectory) -> str:
     """Accept the rephrase step's whole output dir (records live in `rephrase/records/`) or the records dir."""
     import fsspec
 
-    src = _source(d).rstrip("/")
+    src = source(d).rstrip("/")
     fs, root = fsspec.core.url_to_fs(src)
     return f"{src}/rephrase/records" if fs.isdir(f"{root}/rephrase/records") else src
 
@@ -75,10 +71,10 @@ def export_dataset(
     from core.wds import list_shards
 
     work = current_context().working_directory
-    src = _source(run_dir)
+    src = source(run_dir)
     dirs = [_local_ledgers(src, os.path.join(work, "run"))]
     for i, d in enumerate(step_dirs or []):
-        dirs.append(_local_ledgers(_source(d), os.path.join(work, f"step{i}")))
+        dirs.append(_local_ledgers(source(d), os.path.join(work, f"step{i}")))
     ids = None
     if subset_ids is not None:
         ids = load_id_list(subset_ids.download())

@@ -23,6 +23,7 @@ from flytekitplugins.kfpytorch import Elastic
 
 from tasks.cache import CORE_IO, code_version
 from tasks.images import TRAIN_IMAGE
+from tasks.paths import source
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,8 @@ def train_mini_llava(
     # The pod-local dir must differ between trainings of one execution (local runs share raw_output_prefix,
     # e.g. the variants of an ablation grid) but agree between elastic ranks/restarts of the same training.
     ident = [current_context().raw_output_prefix, os.environ.get("TORCHELASTIC_RUN_ID", ""),
-             data.remote_source or data.path, vm, lm.remote_source or lm.path, stage, epochs, batch_size, lr, seed,
-             max_steps, max_seq_len, init_from.remote_source or init_from.path if init_from is not None else ""]
+             source(data), vm, source(lm), stage, epochs, batch_size, lr, seed, max_steps, max_seq_len,
+             source(init_from) if init_from is not None else ""]
     key = hashlib.sha1("|".join(map(str, ident)).encode())
     out, mirror = _output_dir(checkpoint_uri, key.hexdigest()[:16])
     cfg = TrainConfig(
