@@ -14,9 +14,7 @@ must come from steps whose inputs were the baseline.
 
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,18 +96,18 @@ def select_variant(variant: Variant, run_dirs: Sequence[str]) -> list[str]:
     if variant.kind == "decontam":
         dropped = set(led.loc[led["decision"] == "drop", "sample_id"])
         return [i for i in base if i not in dropped]
-    # perplexity: reuse the slicing code so the ablation and the filter step rank identically
-    from core.perplexity.slices import SliceConfig, slice_by_perplexity
+    # perplexity: the filter step's own ranking, bounds and slicing, so the ablation and the filter agree
+    from core.perplexity.slices import SliceConfig, load_ranking, percentile_bounds, range_verdict, slice_of
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if variant.kind == "ppl":
-            res = slice_by_perplexity(list(run_dirs), tmp, SliceConfig(mode="range", low_pct=variant.args[0],
-                                                                       high_pct=variant.args[1]))
-            chosen = json.loads(open(res["kept_ids"]).read())
-        else:
-            slice_by_perplexity(list(run_dirs), tmp, SliceConfig(mode="slices", n_slices=10))
-            k = int(variant.args[0]) - 1
-            chosen = json.loads(open(f"{tmp}/ppl_filter/slice-{k:02d}.json").read())
+    cfg = SliceConfig(mode="range", low_pct=variant.args[0], high_pct=variant.args[1]) if variant.kind == "ppl" \
+        else SliceConfig(mode="slices", n_slices=10)
+    ids, ppl, _, _ = load_ranking(list(run_dirs), cfg.shrink_tokens)
+    if variant.kind == "ppl":
+        lo, hi = percentile_bounds(ppl, cfg)
+        chosen = [sid for sid, p in zip(ids, ppl) if not range_verdict(p, lo, hi, cfg)]
+    else:
+        _, sl = slice_of(ids, ppl, cfg.n_slices)
+        chosen = list(ids[sl == int(variant.args[0]) - 1])
     keep = set(chosen)
     return [i for i in base if i in keep]
 

@@ -77,8 +77,8 @@ def _pct_name(p: float) -> str:
     return f"{p:g}".replace(".", "_")
 
 
-def slice_by_perplexity(score_dirs: str | os.PathLike | list[str], out: str | os.PathLike, config: SliceConfig) -> dict[str, Any]:
-    """Apply `config` to the perplexity ledger found in `score_dirs`; write the ledger and id lists to `out`."""
+def load_ranking(score_dirs: str | os.PathLike | list[str], shrink_tokens: float):
+    """(ids, ranking ppl, shard, raw ppl) of the samples the perplexity step kept, in ledger order."""
     led = read_ledger(find_step_dir(score_dirs, SOURCE_STEP))
     kept = led[led.decision == "keep"]
     ids = np.asarray(passing_ids(led), dtype=object)
@@ -86,26 +86,55 @@ def slice_by_perplexity(score_dirs: str | os.PathLike | list[str], out: str | os
     extra = [json.loads(x) for x in kept["extra"]]
     nll = np.asarray([e["nll"] for e in extra], dtype=np.float64)
     n_scored = np.asarray([e["n_scored"] for e in extra], dtype=np.float64)
-    ppl = ranking_values(nll, n_scored, config.shrink_tokens)
-    shard = kept["shard"].to_numpy(dtype=object)
+    return ids, ranking_values(nll, n_scored, shrink_tokens), kept["shard"].to_numpy(dtype=object), np.exp(nll)
+
+
+def percentile_bounds(ppl: np.ndarray, cfg: SliceConfig) -> tuple[float, float]:
+    """The (low, high) perplexity values of the configured percentile range."""
+    lo = float(np.percentile(ppl, cfg.low_pct)) if len(ppl) else 0.0
+    hi = float(np.percentile(ppl, cfg.high_pct)) if len(ppl) else 0.0
+    return lo, hi
+
+
+def range_verdict(p: float, lo: float, hi: float, cfg: SliceConfig) -> str:
+    """"above", "below" or "" (kept) for one ranking value against the range bounds."""
+    if cfg.high_pct < 100 and p > hi:
+        return "above"
+    if cfg.low_pct > 0 and p < lo:
+        return "below"
+    return ""
+
+
+def slice_of(ids: np.ndarray, ppl: np.ndarray, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rank, slice index) per sample: ranked by ppl, ties by id (deterministic), equal-size slices."""
+    n = len(ids)
+    order = np.lexsort((ids.astype(str), ppl))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank, (rank * n_slices) // max(n, 1)
+
+
+def slice_by_perplexity(score_dirs: str | os.PathLike | list[str], out: str | os.PathLike, config: SliceConfig) -> dict[str, Any]:
+    """Apply `config` to the perplexity ledger found in `score_dirs`; write the ledger and id lists to `out`."""
+    ids, ppl, shard, raw = load_ranking(score_dirs, config.shrink_tokens)
     odir = Path(out) / STEP
     odir.mkdir(parents=True, exist_ok=True)
     part = step_dir(out, STEP) / "part-all.parquet"
     if config.mode == "range":
-        return _range(ids, ppl, shard, np.exp(nll), config, part, odir)
-    return _slices(ids, ppl, shard, np.exp(nll), config, part, odir)
+        return _range(ids, ppl, shard, raw, config, part, odir)
+    return _slices(ids, ppl, shard, raw, config, part, odir)
 
 
 def _range(ids, ppl, shard, raw, cfg: SliceConfig, part: Path, odir: Path) -> dict[str, Any]:
-    lo = float(np.percentile(ppl, cfg.low_pct)) if len(ppl) else 0.0
-    hi = float(np.percentile(ppl, cfg.high_pct)) if len(ppl) else 0.0
+    lo, hi = percentile_bounds(ppl, cfg)
     above, below = f"ppl_above_p{_pct_name(cfg.high_pct)}", f"ppl_below_p{_pct_name(cfg.low_pct)}"
     keep_ids = []
     with LedgerWriter(part, STEP) as w:
         for sid, p, sh, r in zip(ids, ppl, shard, raw):
-            if cfg.high_pct < 100 and p > hi:
+            verdict = range_verdict(p, lo, hi, cfg)
+            if verdict == "above":
                 w.add(sid, "drop", above, score=p, shard=sh, threshold=hi, ppl=r)
-            elif cfg.low_pct > 0 and p < lo:
+            elif verdict == "below":
                 w.add(sid, "drop", below, score=p, shard=sh, threshold=lo, ppl=r)
             else:
                 w.add(sid, "keep", score=p, shard=sh, ppl=r)
@@ -121,10 +150,7 @@ def _slices(ids, ppl, shard, raw, cfg: SliceConfig, part: Path, odir: Path) -> d
     import pandas as pd
 
     n = len(ids)
-    order = np.lexsort((ids.astype(str), ppl))  # by ppl, ties by id: deterministic
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    sl = (rank * cfg.n_slices) // max(n, 1)
+    rank, sl = slice_of(ids, ppl, cfg.n_slices)
     df = pd.DataFrame({"sample_id": ids, "shard": shard, "ppl": ppl, "raw_ppl": raw, "rank": rank, "slice": sl})
     df = df.sort_values("rank")
     df.to_parquet(odir / "slices.parquet", index=False)
