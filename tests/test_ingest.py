@@ -109,36 +109,11 @@ def test_shard_size_by_bytes(dataset):
     assert [len(s.ids) for s in res.shards] == [1, 1, 2]
 
 
-@pytest.fixture()
-def s3_bucket(monkeypatch):
-    """A moto S3 server on loopback; fsspec/s3fs talk the real S3 protocol to it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(k, v)
-    import fsspec
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint})
-    fs.mkdir("mmc-test")
-    try:
-        yield {"bucket": "mmc-test", "endpoint": endpoint}
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
-
-
-def test_ingest_and_read_from_s3(dataset, s3_bucket):
+def test_ingest_and_read_from_s3(dataset, moto_s3):
     tmp, img, records = dataset
     src = tmp / "d.json"
     src.write_text(json.dumps(records))
-    run = f"s3://{s3_bucket['bucket']}/run"
+    run = f"s3://{moto_s3.bucket}/run"
     ledger_run = tmp / "ledger_run"
     res = ingest(IngestConfig(source=str(src), image_root=str(img), run_dir=run, ledger_dir=str(ledger_run)))
     shards = list_shards(f"{run}/shards")
