@@ -8,6 +8,8 @@ A variant is a string:
     ppl_decile@3          the 3rd perplexity decile (1 = lowest perplexity, 10 = highest)
     rephrased             baseline with the accepted rephrasings applied
     decontam              baseline minus samples flagged as eval contamination
+    mined                 only the training samples mined as nearest neighbours of eval items (k per
+                          item, DecontamConfig.k), minus the contaminated ones: targeted selection
 Each algorithm is applied in isolation to the baseline (the team's habit), so the ledgers used here
 must come from steps whose inputs were the baseline.
 """
@@ -22,7 +24,7 @@ import numpy as np
 
 from core.ledger import LedgerError, find_step_dir, passing_ids, read_ledger
 
-KINDS = ("baseline", "semdedup", "semdedup_eps", "ppl", "ppl_decile", "rephrased", "decontam")
+KINDS = ("baseline", "semdedup", "semdedup_eps", "ppl", "ppl_decile", "rephrased", "decontam", "mined")
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<arg>[0-9.]+(?:-[0-9.]+)?))?$")
 
 
@@ -43,7 +45,7 @@ class Variant:
     def needs(self) -> str:
         """The step whose ledger this variant reads ('' for baseline/rephrased)."""
         return {"semdedup": "semdedup", "semdedup_eps": "semdedup", "ppl": "perplexity", "ppl_decile": "perplexity",
-                "decontam": "decontam"}.get(self.kind, "")
+                "decontam": "decontam", "mined": "decontam"}.get(self.kind, "")
 
 
 def parse_variant(spec: str) -> Variant:
@@ -53,7 +55,7 @@ def parse_variant(spec: str) -> Variant:
         raise ValueError(f"bad variant {spec!r}; kinds: {', '.join(KINDS)} (e.g. semdedup@0.1, ppl@0-90, ppl_decile@3)")
     kind, arg = m.group("kind"), m.group("arg")
     args = tuple(float(a) for a in arg.split("-")) if arg else ()
-    want = {"baseline": 0, "rephrased": 0, "decontam": 0, "semdedup": 1, "semdedup_eps": 1, "ppl": 2, "ppl_decile": 1}[kind]
+    want = {"baseline": 0, "rephrased": 0, "decontam": 0, "mined": 0, "semdedup": 1, "semdedup_eps": 1, "ppl": 2, "ppl_decile": 1}[kind]
     if len(args) != want:
         raise ValueError(f"variant {spec!r}: {kind} takes {want} argument(s)")
     if kind == "semdedup" and not 0 <= args[0] <= 1:
@@ -96,6 +98,15 @@ def select_variant(variant: Variant, run_dirs: Sequence[str]) -> list[str]:
     if variant.kind == "decontam":
         dropped = set(led.loc[led["decision"] == "drop", "sample_id"])
         return [i for i in base if i not in dropped]
+    if variant.kind == "mined":
+        import pandas as pd
+
+        files = sorted((find_step_dir(run_dirs, "decontam").parent.parent / "mining").glob("*.parquet"))
+        if not files:
+            raise LedgerError("mined variant: the decontam step wrote no mining/*.parquet")
+        mined = set(pd.concat([pd.read_parquet(f, columns=["sample_id"]) for f in files])["sample_id"])
+        passed = set(passing_ids(led))  # a contaminated neighbour is the eval item itself: never trained on
+        return [i for i in base if i in mined and i in passed]
     # perplexity: the filter step's own ranking, bounds and slicing, so the ablation and the filter agree
     from core.perplexity.slices import SliceConfig, load_ranking, percentile_bounds, range_verdict, slice_of
 

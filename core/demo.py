@@ -440,6 +440,63 @@ def generate_demo(out_dir: str, n_samples: int = 300, seed: int = 0, corrupt: bo
                     n_images=n_images, counts=counts, seconds=time.perf_counter() - t0)
 
 
+def plant_eval_contamination(out_dir: str, eval_cache: str, benchmarks: list[str] | None = None,
+                             per_benchmark: int = 1) -> dict[str, str]:
+    """Append training samples that copy eval items' images to a generated demo dataset (in place).
+
+    Per benchmark, the first `per_benchmark` loadable items become records `demo_evalcopy_<benchmark>_<k>`:
+    even k an exact copy of the eval image, odd k re-encoded as JPEG (quality 85), with a training-style
+    question and answer. data.json, data.jsonl and ground_truth.json (`eval_contamination`: {id: benchmark},
+    `n_samples`) are rewritten; decontamination should drop exactly these. Returns {id: benchmark}.
+    """
+    from PIL import Image
+
+    from core.evals.base import LoadFailure, benchmark_names, get_benchmark
+    from core.images import decode_image, image_ext
+
+    gt = load_ground_truth(out_dir)
+    records = load_records(out_dir)
+    planted: dict[str, str] = {}
+    for b in benchmarks or benchmark_names():
+        k = 0
+        for item in get_benchmark(b).load(os.path.join(eval_cache, b)):
+            if k >= per_benchmark:
+                break
+            if isinstance(item, LoadFailure):
+                continue
+            try:
+                decode_image(item.images[0])
+            except ValueError:  # a planted corrupt eval image: not something a training set would copy
+                continue
+            data = item.images[0]
+            if k % 2:
+                buf = io.BytesIO()
+                Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=85)
+                data = buf.getvalue()
+            sid = f"demo_evalcopy_{b}_{k}"
+            name = f"{sid}.{image_ext(data)}"
+            with open(os.path.join(out_dir, "images", name), "wb") as f:
+                f.write(data)
+            records.append({"id": sid, "image": name, "source": "web_copy", "conversations": [
+                {"from": "human", "value": "<image>\nDescribe what this image shows."},
+                {"from": "gpt", "value": "The image shows a simple drawing with a few shapes and some text."}]})
+            planted[sid] = b
+            k += 1
+    gt["eval_contamination"] = dict(sorted({**gt.get("eval_contamination", {}), **planted}.items()))
+    gt["n_samples"] = len(records)
+    for sid in planted:
+        gt["sources"][sid] = "web_copy"
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    with open(os.path.join(out_dir, "data.json"), "w", encoding="utf-8") as f:
+        f.write("[\n" + ",\n".join(lines) + "\n]\n")
+    with open(os.path.join(out_dir, "data.jsonl"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "ground_truth.json"), "w", encoding="utf-8") as f:
+        json.dump(gt, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return planted
+
+
 # ---- readers for later steps ---------------------------------------------------------------------
 
 
@@ -492,9 +549,14 @@ def main(argv: list[str] | None = None) -> DemoInfo:
     ap.add_argument("--n", type=int, default=300, help="number of samples (>= %d)" % MIN_SAMPLES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-corrupt", action="store_true", help="plant no corrupt samples")
+    ap.add_argument("--contaminate-from", default="", metavar="EVAL_CACHE",
+                    help="also plant copies of eval items from this benchmark cache (core.evals.fixtures)")
     args = ap.parse_args(argv)
     info = generate_demo(args.out, n_samples=args.n, seed=args.seed, corrupt=not args.no_corrupt)
     print(info.summary())
+    if args.contaminate_from:
+        planted = plant_eval_contamination(args.out, args.contaminate_from)
+        print(f"  planted {len(planted)} eval copies: {', '.join(planted)}")
     print(f"  ground truth: {info.ground_truth}")
     return info
 

@@ -4,6 +4,8 @@ Dedup: a planted duplicate group counts as found when all but one of its members
 semdedup; precision = share of semdedup drops that belong to a planted group (and are not its last
 survivor). Quality filter: recall of planted garbled/unrelated/verbose samples among perplexity drops.
 Quarantine: planted corrupt samples must be quarantined at ingest with exactly the planted reason.
+Decontamination: planted copies of eval items (`eval_contamination` in the ground truth) must be dropped
+with `eval_contamination:<their benchmark>`; precision = share of decontam drops that were planted.
 
     python -m core.demo_score --ground-truth demo_out/data/ground_truth.json --ledger demo_out/run/ledger.parquet
 """
@@ -41,6 +43,14 @@ def score_run(ground_truth: dict[str, Any], ledger) -> dict[str, Any]:
             "precision": round(true_drops / max(len(dropped), 1), 3),
             "dropped_outside_planted": len(dropped - set(extra)),
         }
+    if "decontam" in steps:
+        planted = {s: b for s, b in ground_truth.get("eval_contamination", {}).items()
+                   if ("decontam", s) in dec}
+        drops = ledger[(ledger.step == "decontam") & (ledger.decision == "drop")]
+        hit = sum(1 for s, b in planted.items() if dec[("decontam", s)] == ("drop", f"eval_contamination:{b}"))
+        out["decontam"] = {"planted": len(planted), "dropped_with_right_benchmark": hit,
+                           "recall": round(hit / max(len(planted), 1), 3), "dropped": len(drops),
+                           "precision": round(sum(s in planted for s in drops.sample_id) / max(len(drops), 1), 3)}
     if "ppl_filter" in steps:
         dropped = set(ledger[(ledger.step == "ppl_filter") & (ledger.decision == "drop")].sample_id)
         judged = set(ledger[ledger.step == "ppl_filter"].sample_id)

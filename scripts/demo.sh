@@ -9,7 +9,10 @@ OUT=${DEMO_OUT:-demo_out}
 N=${DEMO_N:-300}
 rm -rf "$OUT/run"
 t0=$(date +%s)
-python -m core.demo --out "$OUT/data" --n "$N" --seed 0
+# Benchmark caches in their published layouts (tiny, drawn): the eval sets of decontamination and of the
+# ablation's evaluations. The demo data gets a few copies of their items planted (eval contamination).
+python -c "from core.evals.fixtures import write_fixtures; write_fixtures('$OUT/eval_cache')"
+python -m core.demo --out "$OUT/data" --n "$N" --seed 0 --contaminate-from "$OUT/eval_cache"
 # A separate, trusted reference set (clean samples of another seed) trains the perplexity reference LM,
 # as DFN trains its filter on trusted data: an LM trained on the data it scores learns its defects too.
 python -m core.demo --out "$OUT/reference" --n 300 --seed 1 --no-corrupt
@@ -17,6 +20,7 @@ pyflyte --config flyte.config run workflows/curate.py curate \
   --source "$OUT/data/data.json" --image_root "$OUT/data/images" \
   --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
   --reference_ids "$OUT/reference/ground_truth.json" \
+  --decontaminate --eval_cache "$OUT/eval_cache" \
   "$( [ "${DEMO_REPHRASE:-1}" = 1 ] && echo --rephrase || echo --no-rephrase )" \
   --output_dir "$OUT/run"
 echo "== run summary ($OUT/run/summary.json)"
@@ -35,13 +39,12 @@ echo "== scored against the planted defects"
 python -m core.demo_score --ground-truth "$OUT/data/ground_truth.json" --ledger "$OUT/run/ledger.parquet"
 if [ "${DEMO_ABLATE:-1}" = 1 ]; then
   # The team's habit, in miniature: each algorithm in isolation -> export -> train -> capped eval -> compare.
-  echo "== ablation grid: baseline vs semdedup@0.1 vs ppl@0-90 (train a few steps each, eval with cap 2)"
-  python -c "from core.evals.fixtures import write_fixtures; write_fixtures('$OUT/eval_cache')"
+  echo "== ablation grid: baseline vs semdedup@0.1 vs ppl@0-90 vs decontam (train a few steps each, eval with cap 2)"
   pyflyte --config flyte.config run workflows/ablate.py ablate \
     --source "$OUT/data/data.json" --image_root "$OUT/data/images" \
     --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
     --reference_ids "$OUT/reference/ground_truth.json" \
-    --variants '["baseline", "semdedup@0.1", "ppl@0-90"]' --eval_cache "$OUT/eval_cache" \
+    --variants '["baseline", "semdedup@0.1", "ppl@0-90", "decontam"]' --eval_cache "$OUT/eval_cache" \
     --max_steps "${DEMO_TRAIN_STEPS:-30}" --eval_max_samples 8 --output_dir "$OUT/ablation"
   python - "$OUT/ablation/comparison.csv" <<'PY'
 import sys

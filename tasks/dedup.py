@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
@@ -141,18 +141,36 @@ def dedup_embeddings(
     return FlyteDirectory(str(out))
 
 
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), **CACHE)
+def ingest_eval_sets(cache_dir: str, benchmarks: List[str], max_items: int = 0) -> FlyteDirectory:
+    """Write eval benchmarks' items as WDS shards (one `<benchmark>-NNNNNN.tar` series each) to embed them.
+
+    :param cache_dir: Root of the benchmark caches (`<cache_dir>/<benchmark>/...`, path or URL).
+    :param benchmarks: Benchmark names (countbench, docvqa, chartqa, realworldqa, pixmo_points).
+    :param max_items: Items per benchmark (0 = all).
+    :return: Folder with `shards/` and `ledger/ingest/` (rows the loader could not read are quarantined).
+    """
+    from core.evals.eval_shards import write_eval_shards
+
+    out = workdir("eval_sets")
+    counts = write_eval_shards(cache_dir, benchmarks, str(out), max_items=max_items)
+    log.info("eval sets as shards: %s", counts)
+    return FlyteDirectory(str(out))
+
+
 @task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi"), enable_deck=True, retries=1, **CACHE)
 def decontaminate_evals(
     embeddings: FlyteDirectory,
-    evals: dict[str, FlyteDirectory],
+    evals: FlyteDirectory,
     config: DecontamConfig,
     prev: Optional[FlyteDirectory] = None,
     prev_step: str = "",
 ) -> FlyteDirectory:
     """Mine the nearest training samples of each eval item and drop training near-copies of eval items.
 
-    :param embeddings: Training embeddings (the embed step's Parquet files).
-    :param evals: {benchmark name: directory of that eval set's embeddings, same format}.
+    :param embeddings: Training embeddings (the embed step's output).
+    :param evals: Embeddings of the eval sets: the embed step's output for `ingest_eval_sets` shards, whose
+        files `embed/<benchmark>-NNNNNN.parquet` name the benchmark.
     :param config: DecontamConfig (threshold, k, kind).
     :param prev: Output directory of the previous step (its ledger selects the input ids).
     :param prev_step: Name of the previous step ("" = every embedded sample).
@@ -161,10 +179,12 @@ def decontaminate_evals(
     """
     from core.dedup.mining import decontaminate
     from core.dedup.report import decontam_report_html
+    from core.evals.eval_shards import eval_embedding_sets
 
     out = workdir("decontam_run")
     prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
-    eval_paths = {b: d.download() for b, d in evals.items()}
-    counts = decontaminate(embeddings.download(), out, eval_paths, config, prev_step, prev_dir)
+    eval_sets = eval_embedding_sets(evals.download())
+    counts = decontaminate(embeddings.download(), out, eval_sets, config, prev_step, prev_dir)
+    log.info("decontam: %s", counts)
     Deck("decontam", decontam_report_html(str(out), counts, config))
     return FlyteDirectory(str(out))

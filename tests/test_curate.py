@@ -19,7 +19,9 @@ import pytest
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.demo import generate_demo
+from core.demo import generate_demo, plant_eval_contamination
+from core.demo_score import score_run
+from core.evals.fixtures import write_fixtures
 from core.ledger import PASSING, LedgerError, LedgerWriter, read_ledger, step_dir
 from core.wds import iter_samples, list_shards
 
@@ -33,6 +35,8 @@ LM_STEPS = 30
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("curate_demo")
     generate_demo(str(root / "data"), n_samples=N_SAMPLES, seed=0)
+    write_fixtures(str(root / "eval_cache"))
+    plant_eval_contamination(str(root / "data"), str(root / "eval_cache"), ["docvqa", "chartqa"], per_benchmark=2)
     generate_demo(str(root / "reference"), n_samples=40, seed=1, corrupt=False)
     return root
 
@@ -65,15 +69,16 @@ def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_lo
     ref = dict(rephrase=True, rephrase_preset="tiny",
                reference_source=str(demo / "reference" / "data.json"),
                reference_image_root=str(demo / "reference" / "images"),
-               reference_ids=FlyteFile(str(demo / "reference" / "ground_truth.json")))
+               reference_ids=FlyteFile(str(demo / "reference" / "ground_truth.json")),
+               decontaminate=True, eval_cache=str(demo / "eval_cache"), decontam_benchmarks=["docvqa", "chartqa"])
     res = _curate(demo, out, **ref)
     assert Path(res.summary.path, "summary.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     steps = [s["step"] for s in summary["steps"]]
-    assert steps == ["ingest", "embed", "semdedup", "perplexity", "ppl_filter", "rephrase", "export"]
+    assert steps == ["ingest", "embed", "semdedup", "decontam", "perplexity", "ppl_filter", "rephrase", "export"]
 
     # every step balances, and each step's inputs are what the previous step passed on
-    assert summary["steps"][0]["inputs"] == N_SAMPLES
+    assert summary["steps"][0]["inputs"] == N_SAMPLES + 4  # + the planted eval copies
     for prev, s in zip([None] + summary["steps"][:-1], summary["steps"]):
         assert s["inputs"] == s["kept"] + s["modified"] + s["dropped"] + s["quarantined"], s
         if prev is not None:
@@ -83,6 +88,11 @@ def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_lo
 
     # the merged ledger: exactly one row per (step, sample_id), as many rows per step as inputs
     ledger = pd.read_parquet(out / "ledger.parquet")
+    # the planted copies of eval items (exact and re-encoded) are dropped as contamination of their benchmark
+    # (semdedup may have taken one first when two copies look alike), and nothing else is
+    gt0 = json.loads((demo / "data" / "ground_truth.json").read_text())
+    dc = score_run(gt0, ledger)["decontam"]
+    assert dc["planted"] >= 3 and dc["recall"] == 1.0 and dc["precision"] == 1.0, dc
     assert not ledger.duplicated(["step", "sample_id"]).any()
     assert ledger.groupby("step").size().to_dict() == {s: by_step[s]["inputs"] for s in steps}
 

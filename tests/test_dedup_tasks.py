@@ -96,9 +96,9 @@ def test_decontaminate_evals_task(world, tmp_path):
 
     tid, tx = load_embeddings(emb, "image")
     ev = tmp_path / "ev"
-    ev.mkdir()
-    write_embedding_parquet(str(ev / "e.parquet"), ["q0", "q1"], tx[[5, 7]] * 2.0, tx[[5, 7]])
-    out = decontaminate_evals(embeddings=FlyteDirectory(str(emb)), evals={"countbench": FlyteDirectory(str(ev))},
+    (ev / "embed").mkdir(parents=True)  # an embed output of ingest_eval_sets shards: files named <benchmark>-NNNNNN
+    write_embedding_parquet(str(ev / "embed" / "countbench-000000.parquet"), ["q0", "q1"], tx[[5, 7]] * 2.0, tx[[5, 7]])
+    out = decontaminate_evals(embeddings=FlyteDirectory(str(emb)), evals=FlyteDirectory(str(ev)),
                               config=DecontamConfig(threshold=0.999, k=3), prev=FlyteDirectory(str(run)),
                               prev_step="ingest")
     d = out.download()

@@ -10,8 +10,9 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.ablation import parse_variant
-from core.dedup.config import SemDedupConfig, tiny_dedup_config
+from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_decontam_config, tiny_dedup_config
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
+from tasks.dedup import decontaminate_evals, ingest_eval_sets
 from tasks.embed import embed_shards
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
@@ -43,6 +44,7 @@ def ablate(
     shard_max_samples: int = 1000,
     embed_preset: str = "tiny",
     dedup_config: SemDedupConfig = tiny_dedup_config(),
+    decontam_config: DecontamConfig = tiny_decontam_config(),
     lm_steps: int = 300,
     epochs: int = 1,
     max_steps: int = 0,
@@ -54,7 +56,9 @@ def ablate(
 
     :param source: Base dataset JSON/JSONL (path or URL).
     :param image_root: Its image folder.
-    :param variants: Variant specs: baseline, semdedup@F, semdedup_eps@E, ppl@LO-HI, ppl_decile@K, rephrased.
+    :param variants: Variant specs: baseline, semdedup@F, semdedup_eps@E, ppl@LO-HI, ppl_decile@K, rephrased,
+        decontam (minus near-copies of the eval items of `benchmarks`), mined (only the eval items' nearest
+        training neighbours).
     :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
     :param benchmarks: Benchmarks to evaluate every checkpoint on.
     :param reference_source: Trusted dataset the perplexity reference LM (and the trained model's LM) learns from;
@@ -64,6 +68,7 @@ def ablate(
     :param shard_max_samples: Samples per ingested shard.
     :param embed_preset: tiny (embedded CPU model) or siglip2.
     :param dedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
+    :param decontam_config: Decontamination threshold and mined neighbours per eval item (decontam, mined).
     :param lm_steps: Training steps of the embedded reference LM.
     :param epochs: Training epochs per variant (one checkpoint per epoch).
     :param max_steps: Cap on training steps per variant (0 = no cap).
@@ -83,6 +88,11 @@ def ablate(
     needs = {p.needs for p in parsed}
     if "semdedup" in needs:  # in isolation: SemDeDup sees the whole baseline
         step_dirs.append(semdedup_wf(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run))
+    if "decontam" in needs:  # the eval sets are embedded with the same model as the training data
+        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=benchmarks)
+        ev_emb = embed_shards(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
+        step_dirs.append(decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=emb,
+                                             prev_step="embed"))
     if "perplexity" in needs:
         step_dirs.append(score_perplexity(run=run, model=lm, prev=emb, prev_step="embed"))
     rephrased = None

@@ -1,16 +1,24 @@
-"""The `curate` workflow: ingest -> embed -> semdedup -> perplexity -> rephrase -> export -> run summary.
+"""The `curate` workflow: ingest -> embed -> semdedup -> decontam -> perplexity -> rephrase -> export -> summary.
 
 Every step but ingest/embed/export is switchable; each deterministic task is cached with a version tied
 to its code, so a re-run with one changed knob recomputes only that step and what follows it.
 """
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 from flytekit import LaunchPlan, dynamic
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.dedup.config import SemDedupConfig, target_dedup_config, tiny_dedup_config
+from core.dedup.config import (
+    DecontamConfig,
+    SemDedupConfig,
+    default_decontam_config,
+    target_dedup_config,
+    tiny_decontam_config,
+    tiny_dedup_config,
+)
+from tasks.dedup import decontaminate_evals, ingest_eval_sets
 from tasks.embed import embed_shards
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
@@ -19,6 +27,7 @@ from tasks.perplexity import score_perplexity, slice_by_perplexity, train_refere
 from tasks.rephrase import rephrase_samples
 from tasks.run_report import summarize_run
 from workflows.dedup import semdedup_wf
+from workflows.evaluate import ALL_BENCHMARKS
 
 
 class CurateOutputs(NamedTuple):
@@ -34,6 +43,10 @@ def curate(
     embed_preset: str = "tiny",
     semdedup: bool = True,
     dedup_config: SemDedupConfig = tiny_dedup_config(),
+    decontaminate: bool = False,
+    eval_cache: str = "",
+    decontam_benchmarks: List[str] = ALL_BENCHMARKS,
+    decontam_config: DecontamConfig = tiny_decontam_config(),
     perplexity: bool = True,
     ppl_mode: str = "assistant_only",
     ppl_low_pct: float = 0.0,
@@ -55,6 +68,11 @@ def curate(
     :param embed_preset: Embedding preset: `tiny` (embedded CPU model) or `siglip2` (production).
     :param semdedup: Run SemDeDup on the image embeddings.
     :param dedup_config: SemDeDup config (target_removal or eps, n_clusters, keep policy, embedding kind).
+    :param decontaminate: Drop training samples that are near-copies of eval items (embedded with the same
+        model), reason `eval_contamination:<benchmark>`; also writes the k nearest training samples per eval item.
+    :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`), needed by decontaminate.
+    :param decontam_benchmarks: Benchmarks to decontaminate against.
+    :param decontam_config: Similarity threshold, mined neighbours per eval item, embedding kind.
     :param perplexity: Score conversations with a reference LM and drop by perplexity percentile.
     :param ppl_mode: `assistant_only` (answers given the question, image tokens masked) or `text`.
     :param ppl_low_pct: Drop samples below this perplexity percentile (0 keeps all low ones).
@@ -78,6 +96,14 @@ def curate(
         dd = semdedup_wf(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run)
         dirs, steps = dirs + [dd], steps + ["semdedup"]
         prev, prev_step = dd, "semdedup"
+    if decontaminate:
+        if not eval_cache:
+            raise ValueError("decontaminate needs eval_cache (the root of the benchmark caches)")
+        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=decontam_benchmarks)
+        ev_emb = embed_shards(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
+        dc = decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=prev, prev_step=prev_step)
+        dirs, steps = dirs + [dc], steps + ["decontam"]
+        prev, prev_step = dc, "decontam"
     if perplexity:
         ref = run
         if reference_source:
@@ -106,6 +132,7 @@ mammoth_v1_curation = LaunchPlan.get_or_create(
     default_inputs={
         "embed_preset": "siglip2",
         "dedup_config": target_dedup_config(0.10, n_clusters=1200),
+        "decontam_config": default_decontam_config(),
         "ppl_high_pct": 90.0,
         "shard_max_samples": 5000,
         "export_max_samples": 5000,

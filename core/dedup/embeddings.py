@@ -8,6 +8,7 @@ embedding, e.g. `image_emb` of a text-only sample) and optionally `shard`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,17 @@ class EmbeddingSet:
     missing_shards: list[str] = field(default_factory=list)
 
 
-def embedding_files(path: str | os.PathLike) -> list[Path]:
-    """Sorted Parquet files of an embeddings directory (or the single file given).
+def embedding_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Sorted Parquet files of an embeddings directory (or the single file given, or a list of files).
 
     Accepts the embed step's whole output directory too: its `embed/` subfolder is used, and files
-    under any `ledger/` folder are never taken for embeddings.
+    under any `ledger/` folder are never taken for embeddings. A list (e.g. one benchmark's files from
+    `core.evals.eval_shards.eval_embedding_sets`) is taken as it is, in the given order.
     """
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise FileNotFoundError("empty list of embedding files")
+        return [Path(f) for f in path]
     p = Path(path)
     if p.is_dir() and (p / "embed").is_dir():
         p = p / "embed"
@@ -89,7 +95,7 @@ def _combine(parts: list[np.ndarray], kind: str) -> np.ndarray:
 
 
 def read_embeddings(
-    path: str | os.PathLike, kind: str, include_ids: set[str] | None = None
+    path: str | os.PathLike | Sequence[str | os.PathLike], kind: str, include_ids: set[str] | None = None
 ) -> EmbeddingSet:
     """Read all embedding Parquet files under `path` for one `kind`, in file then row order.
 

@@ -128,14 +128,14 @@ def max_eval_similarity(
 def decontaminate(
     embeddings_dir: str | os.PathLike,
     run_dir: str | os.PathLike,
-    eval_embeddings: dict[str, str],
+    eval_embeddings: dict[str, str | list[str]],
     cfg: DecontamConfig,
     prev_step: str = "",
     prev_run_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Mine and decontaminate against several eval sets in one streamed pass over training shards.
 
-    eval_embeddings: {benchmark: path to that eval set's embeddings (same Parquet format)}.
+    eval_embeddings: {benchmark: path (or list of files) of that eval set's embeddings, same Parquet format}.
     Writes `<run>/mining/<benchmark>.parquet` (k nearest training samples per eval item, with
     similarities) and `<run>/ledger/decontam/part-<file>.parquet`: drop with reason
     `eval_contamination:<benchmark>` when max similarity > threshold, score = max similarity, extra =
