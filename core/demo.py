@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> DemoInfo:
     info = generate_demo(args.out, n_samples=args.n, seed=args.seed, corrupt=not args.no_corrupt)
     print(info.summary())
     if args.contaminate_from:
-        planted = plant_eval_contamination(args.out, args.contaminate_from)
+        planted = plant_eval_contamination(args.out, args.contaminate_from, per_benchmark=2)
         print(f"  planted {len(planted)} eval copies: {', '.join(planted)}")
     print(f"  ground truth: {info.ground_truth}")
     return info
