@@ -108,3 +108,34 @@ def test_decontaminate_evals_task(world, tmp_path):
     assert set(drops.reason) == {"eval_contamination:countbench"}
     assert len(led) == len(ids)
     assert os.path.exists(os.path.join(d, "mining", "countbench.parquet"))
+
+
+def test_prune_map_task_serializes_its_concurrency_cap(tmp_path):
+    """The pairwise fan-out is built at run time (a @dynamic): compile it as propeller would and check the
+    ArrayNode carries `max_parallel_groups` as its parallelism (the static package cannot show it)."""
+    from flytekit.configuration import Image, ImageConfig, SerializationSettings
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.models.dynamic_job import DynamicJobSpec
+    from flytekit.types.file import FlyteFile
+
+    from core.dedup.config import tiny_dedup_config
+    from workflows.dedup import prune_groups
+
+    imgs = [Image(name=n, fqn=f"ghcr.io/mmcurate/{n}", tag="t") for n in ("cpu", "gpu", "vllm", "train")]
+    settings = SerializationSettings(image_config=ImageConfig(default_image=imgs[0], images=imgs),
+                                     project="p", domain="d", version="v")
+    groups = []
+    for i in range(5):
+        (tmp_path / f"g{i}.npz").write_bytes(b"x")
+        groups.append(FlyteFile(str(tmp_path / f"g{i}.npz")))
+    for cap in (1, 3):
+        cfg = tiny_dedup_config()
+        cfg.max_parallel_groups = cap
+        ctx = FlyteContextManager.current_context().with_serialization_settings(settings)
+        prune_groups._wf = None  # flytekit caches the compiled sub-workflow per process (a pod compiles once)
+        with FlyteContextManager.with_context(ctx) as c:
+            spec = prune_groups.compile_into_workflow(c, prune_groups._task_function, groups=groups, config=cfg)
+        assert isinstance(spec, DynamicJobSpec)
+        arrays = [n.array_node.to_flyte_idl() for n in spec.nodes if n.array_node is not None]
+        assert len(arrays) == 1 and arrays[0].parallelism == cap
+        assert "prune_cluster_group" in arrays[0].node.task_node.reference_id.name
