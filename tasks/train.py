@@ -6,6 +6,11 @@
 
 The world shape is fixed at decoration (`nnodes=1, nproc_per_node=1`); a workflow changes it per call with
 `train_mini_llava(...).with_overrides(task_config=Elastic(nnodes=2, nproc_per_node=8))`.
+
+W&B logging of `train_mini_llava` through flytekitplugins-wandb is optional and decided when this module is
+imported: with `MMCURATE_WANDB_PROJECT` (+ `MMCURATE_WANDB_ENTITY`, optionally `MMCURATE_WANDB_SECRET_KEY` /
+`MMCURATE_WANDB_SECRET_GROUP`) set, the task is wrapped in the plugin's `wandb_init` and requests the API-key
+secret (tasks/wandb_logging.py); unset, the task is a plain task and nothing of W&B is imported.
 """
 
 from __future__ import annotations
@@ -27,6 +32,22 @@ from tasks.paths import source
 
 log = logging.getLogger(__name__)
 
+# Read once, at import: the plugin fixes project/entity at decoration. Empty: W&B logging through the plugin is off.
+WANDB_ENV_VARS = ("MMCURATE_WANDB_PROJECT", "MMCURATE_WANDB_ENTITY", "MMCURATE_WANDB_SECRET_KEY",
+                  "MMCURATE_WANDB_SECRET_GROUP")
+WANDB_ENV = {k: os.environ[k] for k in WANDB_ENV_VARS if os.environ.get(k)}
+
+
+def _train_task(**task_kwargs):
+    """`@task(**task_kwargs)`, plus the W&B plugin and its secret request when MMCURATE_WANDB_PROJECT is set."""
+    if not WANDB_ENV.get("MMCURATE_WANDB_PROJECT"):
+        return task(**task_kwargs)
+    from tasks.wandb_logging import wandb_task_options
+
+    decorator, extra = wandb_task_options(WANDB_ENV)
+    return lambda fn: task(**task_kwargs, **extra)(decorator(fn))
+
+
 TrainOutputs = NamedTuple("TrainOutputs", [("checkpoints", List[FlyteDirectory]), ("metrics", FlyteFile)])
 
 
@@ -41,10 +62,10 @@ def _output_dir(checkpoint_uri: str, key: str) -> tuple[str, Optional[str]]:
     return os.path.join(tempfile.gettempdir(), "mmcurate-train", key), None
 
 
-@task(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
-      cache_version=code_version(*CORE_IO, "core/train", "core/tiny_lm.py", "tasks/train.py"),
-      task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False),
-      requests=Resources(cpu="2", mem="8Gi"))
+@_train_task(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
+             cache_version=code_version(*CORE_IO, "core/train", "core/tiny_lm.py", "tasks/train.py"),
+             task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False),
+             requests=Resources(cpu="2", mem="8Gi"))
 def train_mini_llava(
     data: FlyteDirectory,
     vision_model: str,
@@ -91,7 +112,8 @@ def train_mini_llava(
     :param seed: Seed for init, held-out split and per-epoch shuffling.
     :param device: cpu, cuda or auto.
     :param checkpoint_uri: Durable location of the run's checkpoints (shared path or s3://...); re-using it resumes.
-    :param wandb_project: Also log to this W&B project when wandb is installed.
+    :param wandb_project: Also log to this W&B project (a run started by the trainer); ignored when the task
+        runs under the W&B plugin (MMCURATE_WANDB_PROJECT), whose run gets the metrics.
     :return: The epoch checkpoints (self-contained; `load_mini_llava(dir)`) and metrics.jsonl.
     """
     from core.train.config import TrainConfig

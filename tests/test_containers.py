@@ -34,7 +34,8 @@ ROLE_NEEDS = {
     "cpu": {"flytekit", "pyarrow", "pandas", "webdataset", "pillow", "fsspec", "s3fs", "ijson", "faiss-cpu"},
     "gpu": {"torch", "open-clip-torch", "ray", "flytekitplugins-ray", "faiss-gpu-cu12", "transformers", "flytekit"},
     "vllm": {"vllm", "transformers", "flytekit", "pyarrow", "webdataset", "pillow", "s3fs"},
-    "train": {"torch", "torchvision", "transformers", "flytekitplugins-kfpytorch", "webdataset", "flytekit"},
+    "train": {"torch", "torchvision", "transformers", "flytekitplugins-kfpytorch", "flytekitplugins-wandb", "wandb",
+              "webdataset", "flytekit"},
 }
 # Packages an image must not install (the other variant ships the same module, or pins conflict).
 ROLE_FORBIDS = {"gpu": {"faiss-cpu"}, "vllm": {"torch", "faiss-cpu", "open-clip-torch"}}

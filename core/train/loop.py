@@ -1,6 +1,6 @@
 """The training loop of the built-in trainer: DDP (gloo on CPU, nccl on GPU), validation every N steps on a
-fixed held-out set, a checkpoint every epoch and every K steps, metrics to JSONL (+ W&B when asked), and
-resume from the newest checkpoint with the same data order.
+fixed held-out set, a checkpoint every epoch and every K steps, metrics to JSONL (+ W&B: an active run, or one
+started when asked), and resume from the newest checkpoint with the same data order.
 
 Data order is a pure function of (seed, epoch) (`data.epoch_order`), and a checkpoint records
 (epoch, step_in_epoch), so a resumed run trains on exactly the batches the killed run had not done yet.
@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -127,12 +128,18 @@ def _prune_step_checkpoints(cfg: TrainConfig) -> None:
 
 # ---- metrics --------------------------------------------------------------------------------------
 class Metrics:
-    """Append-only JSONL on rank 0; on resume, rows after the checkpoint's step are dropped first."""
+    """Append-only JSONL on rank 0; on resume, rows after the checkpoint's step are dropped first.
+
+    W&B (rank 0 only): a run already active in this process gets every row (the flytekit W&B plugin starts
+    one around the training task, see tasks/train.py); else, with `cfg.wandb_project`, a run is started here
+    (and finished in `close`). wandb is never imported just to look for an active run.
+    """
 
     def __init__(self, cfg: TrainConfig, rank: int, resume_step: int | None):
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self.rank = rank
         self.wandb = None
+        self.owns_wandb = False
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +149,14 @@ class Metrics:
             rows = [r for r in self.path.read_text().splitlines() if r.strip()]
             keep = [r for r in rows if json.loads(r)["step"] <= resume_step]
             self.path.write_text("".join(r + "\n" for r in keep))
-        if cfg.wandb_project:
+        active = active_wandb_run()
+        if active is not None:
+            if cfg.wandb_project and cfg.wandb_project != getattr(active, "project", None):
+                log.info("a W&B run is already active (project %s): logging to it, not to wandb_project=%s",
+                         getattr(active, "project", None), cfg.wandb_project)
+            self.wandb = active
+            active.config.update(cfg.to_dict(), allow_val_change=True)
+        elif cfg.wandb_project:
             try:
                 import wandb
             except ImportError:
@@ -151,6 +165,7 @@ class Metrics:
             else:
                 self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
                                         config=cfg.to_dict(), resume="allow")
+                self.owns_wandb = True
 
     def log(self, row: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -161,8 +176,15 @@ class Metrics:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def close(self) -> None:
-        if self.wandb is not None:
+        """Finish the W&B run this object started; a run started by someone else is theirs to finish."""
+        if self.wandb is not None and self.owns_wandb:
             self.wandb.finish()
+
+
+def active_wandb_run() -> Any:
+    """The W&B run active in this process (`wandb.run`), or None; None too when wandb was never imported."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
 
 
 # ---- the loop -------------------------------------------------------------------------------------
