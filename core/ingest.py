@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
+import fsspec.implementations.local
 import ijson
 
 from core.images import DEFAULT_MAX_PIXELS, decode_image
@@ -99,6 +100,44 @@ def _safe_image_path(root: str, name: str) -> str:
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise SampleError("unsafe_path", f"image name {name!r} escapes the image root")
     return f"{root.rstrip('/')}/{p.as_posix()}"
+
+
+def source_fingerprint(*urls: str, max_entries: int = 10_000) -> str:
+    """A cheap change detector for cache keys (sha256 hex): a cached step keyed only by a path string would
+    silently return stale results after the data at that path changed.
+
+    Per URL: a file contributes its size and modification time (or ETag/version on object stores); a local
+    folder its own mtime plus name, size and mtime of up to `max_entries` of its top-level entries (adding,
+    removing or replacing files changes it); a remote folder only its path (object stores have no folder
+    mtime and listing millions of images costs minutes: use versioned prefixes there). Empty URLs are skipped.
+    """
+    import hashlib
+    import itertools
+    import os
+
+    h = hashlib.sha256()
+    for url in urls:
+        if not url:
+            continue
+        h.update(url.encode() + b"\0")
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            h.update(b"missing\0")
+            continue
+        if not fs.isdir(path):
+            info = fs.info(path)
+            keys = ("size", "mtime", "LastModified", "ETag", "etag", "VersionId", "generation", "md5Hash")
+            h.update(json.dumps({k: str(info[k]) for k in keys if k in info}, sort_keys=True).encode())
+        elif isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            st = os.stat(path)
+            h.update(f"{st.st_mtime_ns}:{st.st_ino}".encode())
+            with os.scandir(path) as it:
+                entries = sorted(itertools.islice(it, max_entries), key=lambda e: e.name)
+                for e in entries:
+                    est = e.stat(follow_symlinks=False)
+                    h.update(f"{e.name}:{est.st_size}:{est.st_mtime_ns}\0".encode())
+        h.update(b"\1")
+    return h.hexdigest()
 
 
 def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:

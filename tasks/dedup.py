@@ -142,12 +142,14 @@ def dedup_embeddings(
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), **CACHE)
-def ingest_eval_sets(cache_dir: str, benchmarks: List[str], max_items: int = 0) -> FlyteDirectory:
+def ingest_eval_sets(cache_dir: str, benchmarks: List[str], max_items: int = 0,
+                     source_fingerprint: str = "") -> FlyteDirectory:
     """Write eval benchmarks' items as WDS shards (one `<benchmark>-NNNNNN.tar` series each) to embed them.
 
     :param cache_dir: Root of the benchmark caches (`<cache_dir>/<benchmark>/...`, path or URL).
     :param benchmarks: Benchmark names (countbench, docvqa, chartqa, realworldqa, pixmo_points).
     :param max_items: Items per benchmark (0 = all).
+    :param source_fingerprint: `fingerprint_source(cache_dir)`: part of the cache key only (changed caches re-run).
     :return: Folder with `shards/` and `ledger/ingest/` (rows the loader could not read are quarantined).
     """
     from core.evals.eval_shards import write_eval_shards

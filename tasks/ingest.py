@@ -36,6 +36,19 @@ def _deck(res, run_dir: str) -> None:
     ))
 
 
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def fingerprint_source(source: str, image_root: str = "") -> str:
+    """Fingerprint of a dataset's files for the cache key of the steps that read it (never cached itself).
+
+    :param source: Dataset file or folder (path or URL).
+    :param image_root: Its image folder (path or URL; empty: none).
+    :return: sha256 hex of sizes/modification times (see core.ingest.source_fingerprint).
+    """
+    from core.ingest import source_fingerprint
+
+    return source_fingerprint(source, image_root)
+
+
 @task(container_image=CPU_IMAGE, cache=True, cache_version=code_version(*CORE_IO, "core/ingest.py", "tasks/ingest.py"), enable_deck=True,
       requests=Resources(cpu="2", mem="4Gi"))
 def ingest_dataset(
@@ -44,6 +57,7 @@ def ingest_dataset(
     shard_max_samples: int = 1000,
     shard_max_bytes: int = 256 << 20,
     max_text_chars: int = 200_000,
+    source_fingerprint: str = "",
 ) -> FlyteDirectory:
     """Turn a LLaVA-style dataset into WebDataset shards and an ingest ledger.
 
@@ -55,6 +69,8 @@ def ingest_dataset(
     :param shard_max_samples: Most samples per output shard.
     :param shard_max_bytes: Most bytes (images + json + tar headers) per output shard.
     :param max_text_chars: Samples with more conversation text than this are quarantined (oversize_text).
+    :param source_fingerprint: `fingerprint_source(source, image_root)`: unused by the body, part of the cache
+        key, so a cached ingest is not reused after the files at the same paths changed.
     :return: The run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
     """
     from core.ingest import IngestConfig, ingest

@@ -121,3 +121,51 @@ def test_ingest_and_read_from_s3(dataset, moto_s3):
     back = list(iter_samples(shards))
     assert len(back) == res.n_kept == 4
     check_balance(ledger_run, ["ingest"])
+
+
+def test_source_fingerprint_changes_with_the_data(tmp_path):
+    import os
+    import time
+
+    from core.ingest import source_fingerprint
+
+    img = tmp_path / "images"
+    img.mkdir()
+    write_img(img / "a.jpg", (255, 0, 0))
+    src = tmp_path / "data.json"
+    src.write_text('[{"id": "a", "image": "a.jpg", "conversations": []}]')
+    fp = source_fingerprint(str(src), str(img))
+    assert fp == source_fingerprint(str(src), str(img))  # stable
+    src.write_text('[{"id": "b", "image": "a.jpg", "conversations": []}]')  # same size, new content + mtime
+    os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))
+    fp2 = source_fingerprint(str(src), str(img))
+    assert fp2 != fp
+    write_img(img / "b.jpg", (0, 255, 0))  # an image added to the folder
+    fp3 = source_fingerprint(str(src), str(img))
+    assert fp3 != fp2
+    assert source_fingerprint(str(tmp_path / "nope.json"), "") != fp3  # a missing file is a state too
+
+
+def test_cached_ingest_reruns_when_the_files_change(dataset, tmp_path, flyte_local_cache, monkeypatch):
+    """flytekit's local cache keys ingest by its inputs: with the fingerprint among them, a re-run on the same
+    paths is a cache hit until the files change, then it ingests again (no stale shards)."""
+    import core.ingest
+    from tasks.ingest import fingerprint_source, ingest_dataset
+
+    tmp, img, records = dataset
+    src = tmp / "data.json"
+    src.write_text(json.dumps(records))
+    calls = []
+    real = core.ingest.ingest
+    monkeypatch.setattr(core.ingest, "ingest", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run():
+        fp = fingerprint_source(source=str(src), image_root=str(img))
+        out = ingest_dataset(source=str(src), image_root=str(img), source_fingerprint=fp)
+        return read_ledger(step_dir(out.path, "ingest"))
+
+    first = run()
+    assert len(run()) == len(first) and len(calls) == 1  # the second run came from the cache
+    src.write_text(json.dumps(records[:2]))
+    third = run()
+    assert len(calls) == 2 and len(third) == 2 < len(first)

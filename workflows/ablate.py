@@ -16,7 +16,7 @@ from tasks.dedup import decontaminate_evals, ingest_eval_sets
 from tasks.embed import embed_shards
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
-from tasks.ingest import ingest_dataset
+from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.perplexity import score_perplexity, train_reference_lm
 from tasks.rephrase import rephrase_samples
 from tasks.train import train_mini_llava
@@ -77,19 +77,23 @@ def ablate(
     :param output_dir: Where to publish comparison.{parquet,csv} and the evaluation results (path or URL).
     """
     parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
-    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples)
+    # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
+    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
+                         source_fingerprint=fingerprint_source(source=source, image_root=image_root))
     emb = embed_shards(shards=run, upstream=run, upstream_step="ingest", preset=embed_preset)
     ref = run
     if reference_source:
         ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
-                             shard_max_samples=shard_max_samples)
+                             shard_max_samples=shard_max_samples,
+                             source_fingerprint=fingerprint_source(source=reference_source, image_root=reference_image_root))
     lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
     step_dirs = [run, emb]
     needs = {p.needs for p in parsed}
     if "semdedup" in needs:  # in isolation: SemDeDup sees the whole baseline
         step_dirs.append(semdedup_wf(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run))
     if "decontam" in needs:  # the eval sets are embedded with the same model as the training data
-        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=benchmarks)
+        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=benchmarks,
+                                  source_fingerprint=fingerprint_source(source=eval_cache))
         ev_emb = embed_shards(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
         step_dirs.append(decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=emb,
                                              prev_step="embed"))

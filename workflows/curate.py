@@ -1,4 +1,4 @@
-"""The `curate` workflow: ingest -> embed -> semdedup -> decontam -> perplexity -> rephrase -> export -> summary.
+"""The `curate` workflow: ingest -> embed -> decontam -> semdedup -> perplexity -> rephrase -> export -> summary.
 
 Every step but ingest/embed/export is switchable; each deterministic task is cached with a version tied
 to its code, so a re-run with one changed knob recomputes only that step and what follows it.
@@ -22,7 +22,7 @@ from tasks.dedup import decontaminate_evals, ingest_eval_sets
 from tasks.embed import embed_shards
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
-from tasks.ingest import ingest_dataset
+from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.perplexity import score_perplexity, slice_by_perplexity, train_reference_lm
 from tasks.rephrase import rephrase_samples
 from tasks.run_report import summarize_run
@@ -88,27 +88,32 @@ def curate(
     :param export_max_samples: Samples per exported shard.
     :param output_dir: Where to publish the curated set and the run summary (path or URL; empty: none).
     """
-    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples)
+    # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
+    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
+                         source_fingerprint=fingerprint_source(source=source, image_root=image_root))
     emb = embed_shards(shards=run, upstream=run, upstream_step="ingest", preset=embed_preset)
     dirs, steps = [run, emb], ["ingest", "embed"]
     prev, prev_step = emb, "embed"
-    if semdedup:
-        dd = semdedup_wf(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run)
-        dirs, steps = dirs + [dd], steps + ["semdedup"]
-        prev, prev_step = dd, "semdedup"
     if decontaminate:
         if not eval_cache:
             raise ValueError("decontaminate needs eval_cache (the root of the benchmark caches)")
-        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=decontam_benchmarks)
+        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=decontam_benchmarks,
+                                  source_fingerprint=fingerprint_source(source=eval_cache))
         ev_emb = embed_shards(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
         dc = decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=prev, prev_step=prev_step)
         dirs, steps = dirs + [dc], steps + ["decontam"]
         prev, prev_step = dc, "decontam"
+    if semdedup:
+        dd = semdedup_wf(embeddings=emb, config=dedup_config, prev=prev, prev_step=prev_step, run=run)
+        dirs, steps = dirs + [dd], steps + ["semdedup"]
+        prev, prev_step = dd, "semdedup"
     if perplexity:
         ref = run
         if reference_source:
             ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
-                                 shard_max_samples=shard_max_samples)
+                                 shard_max_samples=shard_max_samples,
+                                 source_fingerprint=fingerprint_source(source=reference_source,
+                                                                       image_root=reference_image_root))
         lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
         scores = score_perplexity(run=run, model=lm, prev=prev, prev_step=prev_step, mode=ppl_mode)
         cut = slice_by_perplexity(scores=scores, mode="range", low_pct=ppl_low_pct, high_pct=ppl_high_pct)
