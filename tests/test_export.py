@@ -201,3 +201,69 @@ def test_export_from_and_to_s3(run, tmp_path, moto_s3):
         assert fs.cat_file(f"{moto_s3.bucket}/export/shards/{sh['name']}") == (tmp_path / "l/shards" / sh["name"]).read_bytes()
     assert fs.exists(f"{moto_s3.bucket}/export/ledger/export/part-export.parquet")
     verify_export(out)
+
+
+def _retar(src: Path, dst: Path) -> None:
+    """`src` rewritten by tarfile with other metadata: read by the tarfile path, not the ShardWriter index."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            ti = tarfile.TarInfo(m.name)
+            ti.size, ti.mtime, ti.uname = m.size, 1_700_000_000, "someone"
+            tout.addfile(ti, tin.extractfile(m))
+
+
+def test_indexed_and_tarfile_inputs_export_identically(run, tmp_path):
+    """ShardWriter inputs are read through the raw index (headers compared with the writer's bytes, images
+    read only for wanted samples); the same members in another writer's tars go through tarfile. Both
+    exports, rephrased text included, are byte for byte the same."""
+    rdir, kept = run
+    src = {s.id: s for s in iter_samples(list_shards(str(rdir / "shards")))}
+    rows = [{"sample_id": sid, "conversations_json": json.dumps(
+        [{"from": t.role, "value": t.value} for t in src[sid].conversations[:-1]] + [{"from": "gpt", "value": "new"}])}
+        for sid in kept[::3]]
+    rows[1]["conversations_json"] = "[]"  # invalid: falls back to the original text
+    (tmp_path / "reph").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "reph" / "part-0.parquet")
+    (tmp_path / "foreign").mkdir()
+    for p in sorted((rdir / "shards").glob("*.tar")):
+        _retar(p, tmp_path / "foreign" / p.name)
+    cfg = ExportConfig(max_samples=6)
+    outs = {}
+    for name, shards in (("indexed", rdir / "shards"), ("tarfile", tmp_path / "foreign")):
+        for sub in ({}, {"subset_ids": kept[1::4]}):
+            out = tmp_path / f"{name}{len(sub)}"
+            m = export_curated(list_shards(str(shards)), str(rdir), str(out), cfg, rephrased_dir=str(tmp_path / "reph"),
+                               **sub)
+            outs[name, len(sub)] = (m, _files(out), (out / "manifest.json").read_bytes())
+    for sub in (0, 1):
+        assert outs["indexed", sub] == outs["tarfile", sub]
+    m = outs["indexed", 0][0]
+    assert m["n_rephrased"] == len(rows) - 1 and m["rephrase_fallbacks"] == {"rephrase_invalid:empty_conversation": 1}
+    assert outs["indexed", 1][0]["n_samples"] == len(kept[1::4])
+
+
+@pytest.mark.parametrize("damage", ["cut", "header"])
+def test_damaged_input_shard_quarantines_kept_samples(run, tmp_path, damage):
+    """A cut or corrupt input shard: every kept sample it loses is in the export ledger with a reason, and
+    the export fails (no manifest)."""
+    rdir, kept = run
+    (tmp_path / "shards").mkdir()
+    for p in sorted((rdir / "shards").glob("*.tar")):
+        (tmp_path / "shards" / p.name).write_bytes(p.read_bytes())
+    p = sorted((tmp_path / "shards").glob("*.tar"))[1]
+    data = bytearray(p.read_bytes())
+    with tarfile.open(p) as tf:
+        at = tf.getmembers()[6].offset
+    if damage == "cut":
+        data = data[: at + 700]
+    else:
+        data[at : at + 100] = b"\xff" * 100
+    p.write_bytes(bytes(data))
+    out = tmp_path / "x"
+    with pytest.raises(ExportError, match="truncated_tar"):
+        export_curated(list_shards(str(tmp_path / "shards")), str(rdir), str(out), ExportConfig())
+    assert not (out / "manifest.json").exists()
+    led = pq.read_table(out / "ledger" / "export" / "part-export.parquet").to_pylist()
+    assert sorted(r["sample_id"] for r in led) == sorted(kept)  # nothing vanished
+    lost = [r for r in led if r["decision"] == "quarantine"]
+    assert lost and {r["reason"] for r in lost} <= {"truncated_tar", "missing_from_shard"}

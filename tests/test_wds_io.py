@@ -111,3 +111,80 @@ def test_local_reader_matches_stream_reader_on_cuts(tmp_path, monkeypatch, cut):
         assert got_local == ([s.id for s in samples], {})
     else:
         assert got_local[1].get("truncated_tar", 0) >= 1 and len(got_local[0]) < len(samples)
+
+
+def test_member_header_equals_tarfile_header():
+    """The template-built header is tarfile's header for every name length (PAX above 100 bytes) and size."""
+    from core.wds import _TEMPLATE, _TEMPLATE_INFO, _member_header
+
+    for n in (1, 5, 37, 99, 100, 101, 120, 140):
+        for size in (0, 1, 511, 512, 513, 123_456, 8**11 - 1):
+            name = ("k" * n)[: n - 4] + ".jpg" if n > 4 else "k" * n
+            info = dict(_TEMPLATE_INFO, name=name, size=size)
+            want = (_TEMPLATE.create_ustar_header(info, tarfile.ENCODING, "surrogateescape") if n <= 100
+                    else _TEMPLATE.create_pax_header(info, tarfile.ENCODING))
+            assert _member_header(name, size) == want, (n, size)
+    with pytest.raises(ValueError):  # USTAR cannot hold the size: tarfile's error, as before
+        _member_header("big.jpg", 8**11)
+
+
+def _retar(src: bytes, **meta) -> bytes:
+    """The same members and bytes in a tar written by tarfile with other metadata (not a ShardWriter shard)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(src)) as tin, tarfile.open(fileobj=buf, mode="w") as tout:
+        for m in tin.getmembers():
+            ti = tarfile.TarInfo(m.name)
+            ti.size, ti.mtime, ti.uname = m.size, meta.get("mtime", 1_700_000_000), meta.get("uname", "someone")
+            tout.addfile(ti, tin.extractfile(m))
+    return buf.getvalue()
+
+
+def test_plain_index_matches_tarfile_and_rejects_other_tars(tmp_path):
+    """ShardWriter shards (PAX long names included) are indexed without tarfile, with tarfile's members;
+    other writers' tars and damaged shards are left to tarfile (None)."""
+    import os
+
+    from core.wds import _scan_plain
+
+    samples = _samples() + [_sample("b" * 110, 2), _sample("c" * 128, 1)]
+    write_shards(samples, str(tmp_path / "w"), max_samples=100)
+    path = tmp_path / "w" / "shard-000000.tar"
+    data = path.read_bytes()
+
+    def scan(blob: bytes):
+        p = tmp_path / "scan.tar"
+        p.write_bytes(blob)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            return _scan_plain(fd, len(blob))
+        finally:
+            os.close(fd)
+
+    with tarfile.open(path) as tf:
+        want = [(m.name, m.size, m.offset_data) for m in tf.getmembers()]
+    got = scan(data)
+    assert got is not None and [(m.name, m.size, m.offset_data) for m in got] == want
+    assert any(len(m.name) > 100 for m in got)
+    end = tarfile.open(fileobj=io.BytesIO(data)).offset
+    bad = bytearray(data)
+    bad[got[3].offset_data - 512 + 130] ^= 1  # one bit of a size field: the checksum no longer matches
+    for blob in (_retar(data), data[:end], data[:end + 512], data[:-1], data[: got[5].offset_data + 10],
+                 bytes(bad), data + b"\0" * 3, data[:end] + b"junk" + data[end + 4:]):
+        assert scan(blob) is None
+    assert scan(data + b"\0" * 10240) is not None  # more zero records after the end is still a clean end
+
+
+def test_indexed_and_tarfile_readers_give_the_same_samples(tmp_path):
+    """The same shard read through the index (ShardWriter bytes) and through tarfile (re-tarred with other
+    metadata): equal samples, images and quarantine reasons, also with include_ids and lazily read images."""
+    samples = _samples()
+    write_shards(samples, str(tmp_path / "a"), max_samples=100)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "shard-000000.tar").write_bytes(_retar((tmp_path / "a" / "shard-000000.tar").read_bytes()))
+    want = {s.id for s in samples[::2]}
+    for kw in ({}, {"include_ids": want}, {"load_images": False}):
+        got = [list(iter_shard(str(tmp_path / d / "shard-000000.tar"), **kw)) for d in ("a", "b")]
+        assert [s.to_record() for s in got[0]] == [s.to_record() for s in got[1]]
+        assert [s.image_bytes for s in got[0]] == [s.image_bytes for s in got[1]]
+    assert [s.image_bytes for s in iter_shard(str(tmp_path / "a" / "shard-000000.tar"))] == \
+        [s.image_bytes for s in samples]
