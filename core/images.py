@@ -63,10 +63,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: 
             if draft_side and im.format == "JPEG":
                 im.draft("RGB", (draft_side, draft_side))
             im.load()
-            return im.convert("RGB")
+            return im if im.mode == "RGB" else im.convert("RGB")  # convert() to the same mode only copies
     except SampleError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SampleError("decompression_bomb", str(e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError as e:  # Pillow's message ends with the buffer's repr, a memory address
+        raise SampleError("corrupt_image", f"{type(e).__name__}: {str(e).split(' <_io.')[0]}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None

@@ -113,6 +113,57 @@ def test_jpeg_draft_decode_covers_model_input():
     assert decode_for_model(big, 0).size == (800, 600)  # draft off: full decode
 
 
+def _preprocess_images() -> list:
+    """Sizes/modes around the model sides: tiny, thin, odd, already at the input size, large."""
+    from PIL import Image
+
+    sizes = [(1, 1), (5, 300), (300, 5), (63, 64), (64, 64), (65, 64), (96, 96), (97, 130), (224, 224), (225, 400),
+             (378, 378), (379, 200), (500, 333), (640, 480), (1000, 99), (2048, 31)]
+    ims = [scene(i, max(w, h, 64)).resize((w, h)) for i, (w, h) in enumerate(sizes)]
+    ims += [scene(40, 90).convert("L"), scene(41, 120).convert("RGBA"), scene(42, 70).convert("P")]
+    ims += [Image.open(__import__("io").BytesIO(encode(scene(43 + k, 384)))) for k in range(2)]  # JPEG files
+    return ims
+
+
+@pytest.mark.parametrize("kind", ["tiny", "vit-b-16", "squash-378", "longest-256", "bilinear-100"])
+def test_batch_preprocess_pixels_equal_the_model_preprocess(cfg, kind):
+    """The per-image PIL stage + per-batch tensor stage gives exactly the open_clip Compose's pixels."""
+    import open_clip
+    import torch
+
+    from core.embed.preprocess import BatchPreprocess
+    from core.images import decode_image
+
+    pp = {"tiny": lambda: SigLIP2ImageEmbedder(cfg).lm.preprocess,
+          "vit-b-16": lambda: open_clip.image_transform(224, is_train=False),
+          "squash-378": lambda: open_clip.image_transform(378, is_train=False, resize_mode="squash",
+                                                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+          "longest-256": lambda: open_clip.image_transform(256, is_train=False, resize_mode="longest"),
+          "bilinear-100": lambda: open_clip.image_transform(100, is_train=False, interpolation="bilinear")}[kind]()
+    bp = BatchPreprocess.split(pp)
+    assert bp is not None
+    ims = _preprocess_images()
+    # images as the worker gives them (RGB) and as they come (other modes fall back per image)
+    for batch in ([decode_image(encode(im.convert("RGB"), "PNG")) for im in ims], ims,
+                  [decode_image(encode(im.convert("RGB")), draft_side=64) for im in ims]):
+        ref = torch.stack([pp(im.copy()) for im in batch])
+        got = bp.batch([bp.image(im.copy()) for im in batch])
+        assert got.dtype == ref.dtype and got.shape == ref.shape and got.stride() == ref.stride()
+        assert torch.equal(got, ref)
+    assert isinstance(bp.image(ims[0].convert("RGB")), np.ndarray)  # RGB images take the batched path
+
+
+def test_batch_preprocess_declines_unknown_pipelines():
+    from torchvision import transforms as T
+
+    from core.embed.preprocess import BatchPreprocess
+
+    assert BatchPreprocess.split(T.Compose([T.Resize(32), T.ToTensor(), T.Lambda(lambda x: x * 2)])) is None
+    assert BatchPreprocess.split(T.Compose([T.Resize(32), T.ToTensor(), T.Normalize((0,) * 3, (0,) * 3)])) is None
+    assert BatchPreprocess.split(lambda im: im) is None
+    assert BatchPreprocess.split(T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])) is not None
+
+
 # ---- pipeline (in-process worker) -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -225,3 +276,29 @@ def test_shard_without_inputs_is_marked_done_with_empty_files(cfg, shards, tmp_p
     assert t.num_rows == 0 and t.schema.field("text_emb").type.list_size == 128
     assert len(read_ledger(tmp_path / "ledger" / "embed")) == 0
     assert embed_shards(urls[:1], str(tmp_path / "embed"), cfg, include_ids={}, use_ray=False).skipped
+
+
+def test_next_shard_prefetch_is_byte_identical_and_dropped_when_not_asked_for(cfg, shards, tmp_path):
+    """embed_shards(use_ray=False) reads and decodes the next shard while one finishes: same bytes as
+    embedding each shard on its own; a prefetched shard that is not asked for next is dropped."""
+    from core.embed.worker import ShardEmbedWorker
+
+    _, urls = shards
+    w = ShardEmbedWorker(cfg)
+    alone = [w.embed_shard(u) for u in urls]
+    chained = [w.embed_shard(u, prefetch=(urls[i + 1], None) if i + 1 < len(urls) else None)
+               for i, u in enumerate(urls)]
+    assert [(r.embeddings, r.ledger) for r in chained] == [(r.embeddings, r.ledger) for r in alone]
+    # prefetch one shard, then ask for another (and for the first with other ids): prefetch dropped
+    w.embed_shard(urls[0], prefetch=(urls[1], None))
+    assert w.embed_shard(urls[2]).embeddings == alone[2].embeddings
+    ids = ["s1_0000", "s1_0001"]
+    w.embed_shard(urls[1], prefetch=(urls[0], None))
+    assert w.embed_shard(urls[0], include_ids=ids).embeddings == w.embed_shard(urls[0], include_ids=ids).embeddings
+    # an unreadable prefetched shard: dropped when not asked for, the same outcome as unprefetched when it is
+    missing = str(tmp_path / "missing.tar")
+    w.embed_shard(urls[0], prefetch=(missing, None))
+    assert w.embed_shard(urls[1]).ledger == alone[1].ledger
+    w.embed_shard(urls[0], prefetch=(missing, None))
+    got = w.embed_shard(missing)
+    assert got.stats["reasons"] == {"truncated_tar": 1} and got.ledger == w.embed_shard(missing).ledger

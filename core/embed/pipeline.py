@@ -153,9 +153,10 @@ def embed_shards(
     if todo and not use_ray:
         worker = ShardEmbedWorker(cfg)
         summary.n_actors = 1
-        for url in todo:
+        for i, url in enumerate(todo):
             ids, expected = shard_args(url)
-            res = worker.embed_shard(url, ids, expected)
+            nxt = todo[i + 1] if i + 1 < len(todo) else None  # read + decoded while this shard finishes
+            res = worker.embed_shard(url, ids, expected, prefetch=(nxt, shard_args(nxt)[0]) if nxt else None)
             _publish(res, out_dir, ledger_dir)
             _log_shard(res, summary)
     elif todo:

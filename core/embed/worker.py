@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from core.embed.config import EmbedConfig
+from core.embed.preprocess import BatchPreprocess
 from core.embed.store import build_table, table_bytes
 from core.ledger import LedgerWriter
 from core.sample import Sample, SampleError
@@ -48,12 +49,117 @@ class _QueueSink:
     """Quarantine sink for the reader thread: rows travel through the sample queue so that one thread
     writes the ledger, in shard order."""
 
-    def __init__(self, q: queue.Queue):
-        self.q = q
+    def __init__(self, put: Any):
+        self.put = put
 
     def add(self, sample_id: str, decision: str, reason: str = "", score: float | None = None, shard: str = "",
             **extra: Any) -> None:
-        self.q.put(("ledger", sample_id, decision, reason, shard, extra))
+        self.put(("ledger", sample_id, decision, reason, shard, extra))
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _ShardReader:
+    """The reader thread of one shard: streams its samples (`core.wds.iter_shard`), submits each one's
+    decode to the worker's pool and queues (sample, future) and ledger rows in shard order, at most
+    `maxsize` ahead of the consumer. A reader chained with `chain(next)` starts `next` once it has queued
+    everything, so the next shard is read and decoded while this one's last batches run and its files
+    are written (the pool runs decodes in submission order: this shard's first).
+
+    The reader stays only a few samples ahead of the decoders (`ahead`): tar parsing is pure Python and,
+    run in one long stretch, would hold the GIL for whole switch intervals (5 ms) each time a decode
+    thread or the model's thread (between torch ops) wants it back; in short bursts it never does."""
+
+    def __init__(self, worker: ShardEmbedWorker, url: str, include: set[str] | None, maxsize: int):
+        from core.wds import shard_name
+
+        self.worker, self.url, self.include = worker, url, include
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.ahead = threading.Semaphore(2 * worker.cfg.decode_workers + 2)  # samples submitted, not decoded
+        self.cancelled = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"read-{shard_name(url)}")
+        self._lock = threading.Lock()
+        self._started = self._finished = False
+        self._then: _ShardReader | None = None
+
+    def start(self) -> _ShardReader:
+        with self._lock:
+            if not (self._started or self.cancelled.is_set()):
+                self._started = True
+                self.thread.start()
+        return self
+
+    def chain(self, nxt: _ShardReader) -> None:
+        """Start `nxt` when this reader has queued its whole shard (at once if it already has)."""
+        with self._lock:
+            if not self._finished:
+                self._then = nxt
+                return
+        nxt.start()
+
+    def _put(self, item: Any) -> None:
+        while True:
+            if self.cancelled.is_set():
+                raise _Cancelled
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        from core.wds import iter_shard
+
+        w = self.worker
+        try:
+            for s in iter_shard(self.url, quarantine=_QueueSink(self._put), include_ids=self.include,
+                                load_images=w.image is not None, verify_images=False):
+                fut = None
+                if w.image is not None and s.image_bytes:
+                    while not self.ahead.acquire(timeout=0.2):
+                        if self.cancelled.is_set():
+                            raise _Cancelled
+                    fut = w.pool.submit(w._prepare, s)
+                    fut.add_done_callback(lambda _: self.ahead.release())  # also runs when cancelled
+                self._put((s, fut))
+            self._put(_END)
+        except _Cancelled:
+            pass
+        except BaseException as e:  # handed to the consuming thread, which re-raises it
+            try:
+                self._put(e)
+            except _Cancelled:
+                pass
+        finally:
+            with self._lock:
+                self._finished = True
+                nxt, self._then = self._then, None
+            if nxt is not None and not self.cancelled.is_set():
+                nxt.start()
+
+    def cancel(self) -> None:
+        """Stop reading (a prefetched shard that is not asked for next, or after a failure); drops what
+        was queued. Idempotent."""
+        with self._lock:
+            self.cancelled.set()
+            started = self._started
+            nxt, self._then = self._then, None
+        if nxt is not None:
+            nxt.cancel()
+        if not started:
+            return
+        while True:  # make room so that a blocked put sees the flag, then drop the rest
+            try:
+                item = self.q.get(timeout=0.05)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    break
+                continue
+            if isinstance(item, tuple) and len(item) == 2 and item[1] is not None:
+                item[1].cancel()
+        self.thread.join()
 
 
 def input_side(preprocess: Any) -> int:
@@ -93,7 +199,10 @@ class ShardEmbedWorker:
         self.pool = ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="embed-decode")
         self.pid = os.getpid()
         self.draft_side = input_side(self.image.lm.preprocess) if self.image is not None and cfg.jpeg_draft else 0
+        # the model's preprocessing as per-image PIL stage + per-batch tensor stage (bit-identical), or None
+        self.batcher = BatchPreprocess.split(self.image.lm.preprocess) if self.image is not None else None
         self._dim: int | None = None
+        self._next: _ShardReader | None = None  # reader of the prefetched next shard
 
     def ready(self) -> int:
         """Returns the process id once the model is loaded (lets the driver wait for all actors)."""
@@ -101,38 +210,46 @@ class ShardEmbedWorker:
 
     # ---- CPU side -------------------------------------------------------------------------------
     def _prepare(self, s: Sample) -> tuple[list[Any], float]:
-        """Decode + preprocess all images of a sample; SampleError names the reason to quarantine."""
+        """Decode + preprocess all images of a sample; SampleError names the reason to quarantine.
+
+        With a `batcher` only the PIL part of the preprocessing runs here (items are uint8 arrays); the
+        tensor part runs once per batch in `embed_shard`."""
         t0 = time.perf_counter()
         out = []
+        prep = self.batcher.image if self.batcher is not None else self.image.preprocess
         for i, data in enumerate(s.image_bytes):
             try:
                 im = decode_for_model(data, self.draft_side)
             except SampleError as e:
                 raise SampleError(e.reason, f"image {i}: {e.detail}") from None
             try:
-                out.append(self.image.preprocess(im))
+                out.append(prep(im))
             except Exception as e:  # e.g. degenerate sizes: quarantined with the error, never a crash
                 raise SampleError("preprocess_failed", f"image {i}: {type(e).__name__}: {e}") from None
         return out, time.perf_counter() - t0
 
-    def _read(self, url: str, include: Collection[str] | None, q: queue.Queue) -> None:
-        from core.wds import iter_shard
-
-        try:
-            for s in iter_shard(url, quarantine=_QueueSink(q), include_ids=include,
-                                load_images=self.image is not None, verify_images=False):
-                fut = self.pool.submit(self._prepare, s) if self.image is not None and s.image_bytes else None
-                q.put((s, fut))
-            q.put(_END)
-        except BaseException as e:  # handed to the consuming thread, which re-raises it
-            q.put(e)
-
     # ---- shard ----------------------------------------------------------------------------------
-    def embed_shard(self, url: str, include_ids: Collection[str] | None = None, expected: bool = False) -> ShardResult:
+    def _reader(self, url: str, include: set[str] | None) -> _ShardReader:
+        """The reader of `url`: the prefetched one when it is that shard with the same ids, else a new one."""
+        nxt, self._next = self._next, None
+        if nxt is not None and nxt.url == url and nxt.include == include:
+            return nxt
+        if nxt is not None:
+            nxt.cancel()
+        return _ShardReader(self, url, include, self._queue_size()).start()
+
+    def _queue_size(self) -> int:
+        return max(2, self.cfg.prefetch_batches * self.cfg.batch_size)
+
+    def embed_shard(self, url: str, include_ids: Collection[str] | None = None, expected: bool = False,
+                    prefetch: tuple[str, Collection[str] | None] | None = None) -> ShardResult:
         """Embed the samples of one shard (restricted to `include_ids` when given).
 
         With `expected=True`, ids of `include_ids` that the shard does not yield (lost to a truncated tar)
         are quarantined as `missing_from_shard`, so every input of the step gets one ledger row.
+        `prefetch=(next_url, next_include_ids)`: the shard the caller will most likely ask for next; it is
+        read and decoded as soon as this shard has been read, and used if the next call asks for exactly
+        that shard and ids (otherwise dropped). Results never depend on it.
         """
         import torch
 
@@ -141,9 +258,13 @@ class ShardEmbedWorker:
         cfg, name = self.cfg, shard_name(url)
         include = set(include_ids) if include_ids is not None else None
         t_start = time.perf_counter()
-        q: queue.Queue = queue.Queue(maxsize=max(2, cfg.prefetch_batches * cfg.batch_size))
-        reader = threading.Thread(target=self._read, args=(url, include, q), daemon=True, name=f"read-{name}")
-        reader.start()
+        reader = self._reader(url, include)
+        if prefetch is not None:
+            nxt_url, nxt_ids = prefetch
+            self._next = _ShardReader(self, nxt_url, set(nxt_ids) if nxt_ids is not None else None,
+                                      self._queue_size())
+            reader.chain(self._next)
+        q = reader.q
 
         rows: list[dict[str, Any]] = []
         img_pending: list[Any] = []
@@ -158,7 +279,7 @@ class ShardEmbedWorker:
             while len(img_pending) >= cfg.batch_size or (final and img_pending):
                 batch, img_pending[:] = img_pending[: cfg.batch_size], img_pending[cfg.batch_size:]
                 t = time.perf_counter()
-                pixels = torch.stack(batch)
+                pixels = self.batcher.batch(batch) if self.batcher is not None else torch.stack(batch)
                 if self.image.lm.device.type == "cuda":
                     pixels = pixels.pin_memory()  # lets the host->GPU copy run asynchronously
                 v, n = self.image.embed_pixels(pixels)
@@ -229,9 +350,13 @@ class ShardEmbedWorker:
                 part = led.close()
             except BaseException as e:
                 led.__exit__(type(e), e, None)  # drops the half-written part
+                reader.cancel()
+                if self._next is not None:
+                    self._next.cancel()
+                    self._next = None
                 raise
             ledger_bytes = part.read_bytes()
-        reader.join()
+        reader.thread.join()
 
         table = build_table(
             rows,
