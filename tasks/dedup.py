@@ -167,6 +167,8 @@ def decontaminate_evals(
     config: DecontamConfig,
     prev: Optional[FlyteDirectory] = None,
     prev_step: str = "",
+    run: Optional[FlyteDirectory] = None,
+    eval_run: Optional[FlyteDirectory] = None,
 ) -> FlyteDirectory:
     """Mine the nearest training samples of each eval item and drop training near-copies of eval items.
 
@@ -176,17 +178,27 @@ def decontaminate_evals(
     :param config: DecontamConfig (threshold, k, kind).
     :param prev: Output directory of the previous step (its ledger selects the input ids).
     :param prev_step: Name of the previous step ("" = every embedded sample).
+    :param run: Ingest output of the training data (its shards show the deck's gallery images).
+    :param eval_run: `ingest_eval_sets` output (the eval items' images in the gallery).
     :return: Step output directory: mining/<benchmark>.parquet, ledger/decontam/ (reason
         eval_contamination:<benchmark>).
     """
     from core.dedup.mining import decontaminate
-    from core.dedup.report import decontam_report_html
+    from core.dedup.report import decontam_report_html, shard_fetcher
     from core.evals.eval_shards import eval_embedding_sets
+    from core.ledger import read_ledger, step_dir
 
     out = workdir("decontam_run")
     prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
     eval_sets = eval_embedding_sets(evals.download())
     counts = decontaminate(embeddings.download(), out, eval_sets, config, prev_step, prev_dir)
     log.info("decontam: %s", counts)
-    Deck("decontam", decontam_report_html(str(out), counts, config))
+    fetch_train = fetch_eval = None
+    if run is not None:
+        led = read_ledger(step_dir(out, "decontam"))
+        fetch_train = shard_fetcher(f"{source(run).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
+    if eval_run is not None:
+        eled = read_ledger(step_dir(eval_run.download(), "ingest"))
+        fetch_eval = shard_fetcher(f"{source(eval_run).rstrip('/')}/shards", dict(zip(eled.sample_id, eled.shard)))
+    Deck("decontam", decontam_report_html(str(out), counts, config, fetch_train, fetch_eval))
     return FlyteDirectory(str(out))

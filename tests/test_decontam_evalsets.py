@@ -138,3 +138,15 @@ def test_planted_eval_copies_dropped_and_mined(cache, eval_run, tmp_path):
     all_mined = set(pd.concat(pd.read_parquet(f) for f in (dc / "mining").glob("*.parquet")).sample_id)
     assert set(mined_ids) == all_mined - {"copy_docvqa", "reenc_chartqa"}
     assert 0 < len(mined_ids) < len(train)
+
+    # the deck's gallery: each dropped sample next to its nearest eval item, with both images
+    from core.dedup.report import decontam_report_html, shard_fetcher
+
+    led_all = read_ledger(step_dir(dc, "decontam"))
+    eled = read_ledger(step_dir(eval_run, "ingest"))
+    html = decontam_report_html(str(dc), counts, cfg_dc,
+                                shard_fetcher(str(run / "shards"), dict(zip(led_all.sample_id, led_all.shard))),
+                                shard_fetcher(f"{eval_run}/shards", dict(zip(eled.sample_id, eled.shard))))
+    gallery = html[html.index("dropped: most similar"):html.index("kept: most similar")]
+    assert "copy_docvqa" in gallery and exact.id in gallery and "reenc_chartqa" in gallery
+    assert gallery.count("data:image/") >= 4 and "not found in shards" not in gallery

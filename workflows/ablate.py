@@ -96,7 +96,7 @@ def ablate(
                                   source_fingerprint=fingerprint_source(source=eval_cache))
         ev_emb = embed_shards(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
         step_dirs.append(decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=emb,
-                                             prev_step="embed"))
+                                             prev_step="embed", run=run, eval_run=ev_run))
     if "perplexity" in needs:
         step_dirs.append(score_perplexity(run=run, model=lm, prev=emb, prev_step="embed"))
     rephrased = None

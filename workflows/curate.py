@@ -100,7 +100,8 @@ def curate(
         ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=decontam_benchmarks,
                                   source_fingerprint=fingerprint_source(source=eval_cache))
         ev_emb = embed_shards(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
-        dc = decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=prev, prev_step=prev_step)
+        dc = decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=prev, prev_step=prev_step,
+                                 run=run, eval_run=ev_run)
         dirs, steps = dirs + [dc], steps + ["decontam"]
         prev, prev_step = dc, "decontam"
     if semdedup:

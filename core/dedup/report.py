@@ -140,8 +140,38 @@ def shard_fetcher(shards_root: str, shard_of: dict[str, str]) -> Callable[[list[
     return fetch
 
 
-def decontam_report_html(out_dir: str, counts: dict, cfg: Any) -> str:
-    """Decontamination deck: counts per benchmark, similarity histogram, top mined pairs per benchmark."""
+def _decontam_gallery(led: Any, fetch_train: Callable | None, fetch_eval: Callable | None, cfg: Any,
+                      n: int = 12) -> str:
+    """Dropped samples with the highest similarity and the kept ones closest to the threshold (what was
+    just missed), each next to its nearest eval item (images + text)."""
+    import json
+
+    rows = led.dropna(subset=["score"]).copy()
+    rows["eval_id"] = [json.loads(x or "{}").get("eval_id", "") for x in rows["extra"]]
+    dropped = rows[rows["decision"] == "drop"].sort_values(["score", "sample_id"], ascending=[False, True]).head(n)
+    kept = rows[rows["decision"] == "keep"].sort_values(["score", "sample_id"], ascending=[False, True]).head(n)
+    train = fetch_train(sorted(set(dropped.sample_id) | set(kept.sample_id))) if fetch_train else {}
+    evals = fetch_eval(sorted(set(dropped.eval_id) | set(kept.eval_id))) if fetch_eval else {}
+    parts = []
+    for title, df in ((f"dropped: most similar to an eval item (threshold {cfg.threshold})", dropped),
+                      ("kept: most similar to an eval item (closest to the threshold)", kept)):
+        body = "".join(
+            f"<tr><td>sim={r.score:.5f}<br/>{html.escape(str(r.reason or r.decision))}</td><td>training:"
+            + _sample_cell(r.sample_id, train.get(r.sample_id)) + "</td><td>nearest eval item:"
+            + _sample_cell(r.eval_id, evals.get(r.eval_id)) + "</td></tr>"
+            for r in df.itertuples()
+        ) or "<tr><td><i>none</i></td></tr>"
+        parts.append(f"<h3>{html.escape(title)}</h3><table border='1' style='border-collapse:collapse'>{body}</table>")
+    return "".join(parts)
+
+
+def decontam_report_html(out_dir: str, counts: dict, cfg: Any, fetch_train: Callable | None = None,
+                         fetch_eval: Callable | None = None) -> str:
+    """Decontamination deck: counts per benchmark, similarity histogram, a gallery of dropped and borderline
+    kept samples next to their nearest eval item, top mined pairs per benchmark.
+
+    fetch_train / fetch_eval(ids) -> {id: Sample with image_bytes} (see `shard_fetcher`) fill the gallery's
+    images and text; without them the gallery shows ids only."""
     from pathlib import Path
 
     import pyarrow.parquet as pq
@@ -162,6 +192,7 @@ def decontam_report_html(out_dir: str, counts: dict, cfg: Any) -> str:
         table_html([{"input": counts["n_input"], "dropped": counts["n_dropped"], "quarantined": counts["n_quarantined"],
                      **{f"dropped:{b}": n for b, n in counts["by_benchmark"].items()}}], "decontamination"),
         figure_html(fig, "Similarity of training samples to the nearest eval item"),
+        _decontam_gallery(led, fetch_train, fetch_eval, cfg),
     ]
     for f in sorted((Path(out_dir) / "mining").glob("*.parquet")):
         t = pq.read_table(f).to_pandas()
