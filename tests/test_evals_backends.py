@@ -71,3 +71,29 @@ def test_mini_llava_checkpoints(tmp_path):
     gen = res.records[~res.records["error"].str.startswith(("load_error", "corrupt_image"))]
     assert gen["raw_output"].notna().all() and (gen["error"] == "").all()
     assert os.path.exists(ckpts[0])  # the source checkpoint is untouched; only the local copy was deleted
+
+
+def test_backend_loads_are_serialized(monkeypatch):
+    """Model construction is not thread-safe (transformers builds on the meta device through global state), so
+    the eval thread pool's workers load one model at a time; a fake backend counts loads running together."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import core.evals.backends as backends
+
+    inside, peak, guard = [0], [0], threading.Lock()
+
+    class Slow:
+        def __init__(self, checkpoint_dir, device):
+            with guard:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.05)
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setitem(backends._BACKENDS, "slow", Slow)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: backends.load_backend("slow", f"ck{i}"), range(8)))
+    assert peak[0] == 1

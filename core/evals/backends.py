@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -75,13 +76,20 @@ def detect_kind(checkpoint_dir: str) -> str:
     raise ValueError(f"cannot tell the backend of {checkpoint_dir}: no mini_llava.json and no HF config.json")
 
 
+# Model construction is not thread-safe: transformers 5 builds models on the meta device through process-wide
+# state, so two threads of `evaluate_checkpoints` loading at once could leave one model's weights on `meta`
+# ("Cannot copy out of meta tensor", seen here). Loads are serialized; generation still runs in parallel.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_backend(kind: str, checkpoint_dir: str, device: str = "auto") -> VLMBackend:
-    """Load the model in `checkpoint_dir` (a local directory) with backend `kind`."""
+    """Load the model in `checkpoint_dir` (a local directory) with backend `kind` (one load at a time)."""
     if kind == "auto":
         kind = detect_kind(checkpoint_dir)
     if kind not in _BACKENDS:
         raise KeyError(f"unknown backend {kind!r}; known: {sorted(_BACKENDS)}")
-    return _BACKENDS[kind](checkpoint_dir, device)
+    with _LOAD_LOCK:
+        return _BACKENDS[kind](checkpoint_dir, device)
 
 
 class MiniLlavaBackend:
