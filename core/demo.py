@@ -418,16 +418,7 @@ def generate_demo(out_dir: str, n_samples: int = 300, seed: int = 0, corrupt: bo
     for key in ("garbled", "unrelated", "verbose", "clean"):
         gt[key].sort()
 
-    ordered = [records[i] for i in range(n_samples)]
-    lines = [json.dumps(r, ensure_ascii=False) for r in ordered]
-    paths = {name: os.path.join(out_dir, name) for name in ("data.json", "data.jsonl", "ground_truth.json")}
-    with open(paths["data.json"], "w", encoding="utf-8") as f:
-        f.write("[\n" + ",\n".join(lines) + "\n]\n")
-    with open(paths["data.jsonl"], "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(paths["ground_truth.json"], "w", encoding="utf-8") as f:
-        json.dump(gt, f, indent=1, sort_keys=True)
-        f.write("\n")
+    paths = _write_dataset(out_dir, [records[i] for i in range(n_samples)], gt)
     counts = {
         "clean": len(gt["clean"]),
         "near_duplicate": sum(len(g) for g in gt["near_duplicate_groups"]),
@@ -486,15 +477,22 @@ def plant_eval_contamination(out_dir: str, eval_cache: str, benchmarks: list[str
     gt["n_samples"] = len(records)
     for sid in planted:
         gt["sources"][sid] = "web_copy"
+    _write_dataset(out_dir, records, gt)
+    return planted
+
+
+def _write_dataset(out_dir: str, records: list[dict], gt: dict) -> dict[str, str]:
+    """Write data.json (one record a line inside the array), data.jsonl and ground_truth.json; their paths."""
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
-    with open(os.path.join(out_dir, "data.json"), "w", encoding="utf-8") as f:
+    paths = {name: os.path.join(out_dir, name) for name in ("data.json", "data.jsonl", "ground_truth.json")}
+    with open(paths["data.json"], "w", encoding="utf-8") as f:
         f.write("[\n" + ",\n".join(lines) + "\n]\n")
-    with open(os.path.join(out_dir, "data.jsonl"), "w", encoding="utf-8") as f:
+    with open(paths["data.jsonl"], "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, "ground_truth.json"), "w", encoding="utf-8") as f:
+    with open(paths["ground_truth.json"], "w", encoding="utf-8") as f:
         json.dump(gt, f, indent=1, sort_keys=True)
         f.write("\n")
-    return planted
+    return paths
 
 
 # ---- readers for later steps ---------------------------------------------------------------------
