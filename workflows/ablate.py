@@ -12,7 +12,6 @@ from flytekit.types.file import FlyteFile
 from core.ablation import parse_variant
 from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_decontam_config, tiny_dedup_config
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
-from tasks.dedup import decontaminate_evals, ingest_eval_sets
 from tasks.embed import embed_shards
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
@@ -20,7 +19,7 @@ from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.perplexity import score_perplexity, train_reference_lm
 from tasks.rephrase import rephrase_samples
 from tasks.train import train_mini_llava
-from workflows.dedup import semdedup_wf
+from workflows.dedup import decontamination_wf, semdedup_wf
 from workflows.evaluate import ALL_BENCHMARKS, evaluation
 
 STANDARD_VARIANTS = ["baseline", "semdedup@0.1", "semdedup@0.3", "ppl@0-90", "ppl_decile@1", "ppl_decile@10"]
@@ -92,11 +91,9 @@ def ablate(
     if "semdedup" in needs:  # in isolation: SemDeDup sees the whole baseline
         step_dirs.append(semdedup_wf(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run))
     if "decontam" in needs:  # the eval sets are embedded with the same model as the training data
-        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=benchmarks,
-                                  source_fingerprint=fingerprint_source(source=eval_cache))
-        ev_emb = embed_shards(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
-        step_dirs.append(decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=emb,
-                                             prev_step="embed", run=run, eval_run=ev_run))
+        step_dirs.append(decontamination_wf(embeddings=emb, eval_cache=eval_cache, benchmarks=benchmarks,
+                                            embed_preset=embed_preset, config=decontam_config, prev=emb,
+                                            prev_step="embed", run=run))
     if "perplexity" in needs:
         step_dirs.append(score_perplexity(run=run, model=lm, prev=emb, prev_step="embed"))
     rephrased = None

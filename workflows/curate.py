@@ -18,7 +18,6 @@ from core.dedup.config import (
     tiny_decontam_config,
     tiny_dedup_config,
 )
-from tasks.dedup import decontaminate_evals, ingest_eval_sets
 from tasks.embed import embed_shards
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
@@ -26,7 +25,7 @@ from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.perplexity import score_perplexity, slice_by_perplexity, train_reference_lm
 from tasks.rephrase import rephrase_samples
 from tasks.run_report import summarize_run
-from workflows.dedup import semdedup_wf
+from workflows.dedup import decontamination_wf, semdedup_wf
 from workflows.evaluate import ALL_BENCHMARKS
 
 
@@ -97,11 +96,9 @@ def curate(
     if decontaminate:
         if not eval_cache:
             raise ValueError("decontaminate needs eval_cache (the root of the benchmark caches)")
-        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=decontam_benchmarks,
-                                  source_fingerprint=fingerprint_source(source=eval_cache))
-        ev_emb = embed_shards(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
-        dc = decontaminate_evals(embeddings=emb, evals=ev_emb, config=decontam_config, prev=prev, prev_step=prev_step,
-                                 run=run, eval_run=ev_run)
+        dc = decontamination_wf(embeddings=emb, eval_cache=eval_cache, benchmarks=decontam_benchmarks,
+                                embed_preset=embed_preset, config=decontam_config, prev=prev, prev_step=prev_step,
+                                run=run)
         dirs, steps = dirs + [dc], steps + ["decontam"]
         prev, prev_step = dc, "decontam"
     if semdedup:
