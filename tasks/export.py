@@ -10,7 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.images import CPU_IMAGE
 from tasks.paths import source
 
@@ -39,7 +39,7 @@ def _rephrased_records(d: FlyteDirectory) -> str:
     return f"{src}/rephrase/records" if fs.isdir(f"{root}/rephrase/records") else src
 
 
-@task(container_image=CPU_IMAGE, cache=True, cache_version=code_version(*CORE_IO, "core/export.py", "tasks/export.py"), enable_deck=True,
+@task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True,
       requests=Resources(cpu="2", mem="8Gi"))
 def export_dataset(
     run_dir: FlyteDirectory,

@@ -26,7 +26,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.images import TRAIN_IMAGE
 from tasks.paths import source
 
@@ -63,7 +63,7 @@ def _output_dir(checkpoint_uri: str, key: str) -> tuple[str, Optional[str]]:
 
 
 @_train_task(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
-             cache_version=code_version(*CORE_IO, "core/train", "core/tiny_lm.py", "tasks/train.py"),
+             cache_version=task_version(__name__),
              task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False),
              requests=Resources(cpu="2", mem="8Gi"))
 def train_mini_llava(
