@@ -134,6 +134,22 @@ def test_plain_transformers_logits_equal_the_trainers(env):
         with torch.no_grad():
             theirs = hf(**inputs).logits
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # ... and both are the model as defined: open_clip tower (last block, class token dropped) -> MLP projector
+    # -> LM, with the projected patches in the image slots (the tower rebuilt from open_clip, not from the file)
+    import open_clip
+
+    torch.manual_seed(0)  # build_mini_llava's seed: the same random tower
+    visual = open_clip.create_model(env["clip"]).visual.eval()
+    with torch.no_grad():
+        feats = visual.forward_intermediates(pix, indices=1, intermediates_only=True, output_fmt="NLC",
+                                             normalize_intermediates=False)["image_intermediates"][-1]  # fmt: skip
+        p = hf.model.multi_modal_projector
+        proj = p.linear_2(torch.nn.functional.gelu(p.linear_1(feats)))
+        ids_t = torch.tensor([ids])
+        emb = hf.model.language_model.embed_tokens(ids_t)
+        emb[ids_t == hf.config.image_token_id] = proj.reshape(-1, proj.shape[-1])
+        ref = hf.lm_head(hf.model.language_model(inputs_embeds=emb).last_hidden_state)
+    torch.testing.assert_close(ref, ours, rtol=1e-5, atol=1e-5)
 
 
 def test_generate_through_plain_transformers(env):

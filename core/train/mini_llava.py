@@ -228,9 +228,9 @@ def build_mini_llava(vision_model: str, lm_path: str, vision_pretrained: str | N
     )
     llava = LlavaForConditionalGeneration(cfg)
     llava.model.vision_tower.load_state_dict(vsd, strict=True)
-    llava.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    llava.model.language_model.load_state_dict(lm.base_model.state_dict(), strict=True)  # LlamaModel, Qwen2Model...
     if not cfg.tie_word_embeddings:
-        llava.lm_head.load_state_dict(lm.lm_head.state_dict())
+        llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     torch.manual_seed(seed)  # the projector's init depends on the seed only
     for lin in (llava.model.multi_modal_projector.linear_1, llava.model.multi_modal_projector.linear_2):
         lin.reset_parameters()
