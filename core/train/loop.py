@@ -285,7 +285,7 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total_steps))
     start_epoch, start_step, global_step = 0, 0, 0
     if state is not None:
-        blob = torch.load(resume / OPTIM_FILE, map_location=device, weights_only=False)
+        blob = torch.load(resume / OPTIM_FILE, map_location=device, weights_only=True)
         opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
