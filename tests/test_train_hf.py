@@ -190,3 +190,7 @@ def test_tensor_names_are_stable_and_only_the_trained_parts_move(env):
     fresh = build_mini_llava(env["clip"], env["lm"], device="cpu")
     for k, v in fresh.vision.state_dict().items():
         assert torch.equal(e2["vision_tower.vision_model." + k], v), k
+    # a build is fully determined by (tower, LM, seed): no uninitialised memory survives the fast construction
+    again = build_mini_llava(env["clip"], env["lm"], device="cpu")
+    for (k, v), w in zip(fresh.llava.state_dict().items(), again.llava.state_dict().values()):
+        assert torch.equal(v, w) and torch.isfinite(v).all(), k

@@ -226,7 +226,11 @@ def build_mini_llava(vision_model: str, lm_path: str, vision_pretrained: str | N
         image_seq_length=n_patches, projector_hidden_act="gelu", vision_feature_layer=-1,
         vision_feature_select_strategy=strategy, multimodal_projector_bias=True,
     )
-    llava = LlavaForConditionalGeneration(cfg)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # no random init of a (possibly 7B) LM that is overwritten next
+        llava = LlavaForConditionalGeneration(cfg)
+    llava.tie_weights()
     llava.model.vision_tower.load_state_dict(vsd, strict=True)
     llava.model.language_model.load_state_dict(lm.base_model.state_dict(), strict=True)  # LlamaModel, Qwen2Model...
     if not cfg.tie_word_embeddings:
