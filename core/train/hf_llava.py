@@ -81,8 +81,7 @@ def _clip_from_open_clip(visual: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     blocks = list(visual.transformer.resblocks)
     if getattr(visual, "attn_pool", None) is not None:
         raise UnsupportedTower("attentional pooler")
-    if not isinstance(visual.patch_dropout, nn.Identity) and visual.patch_dropout.prob > 0:
-        pass  # patch dropout only acts in training mode; the tower is frozen and runs in eval mode
+    # patch dropout acts in training mode only; the frozen tower always runs in eval mode
     eps = _ln(visual.ln_pre, "ln_pre")
     act = None
     for i, b in enumerate(blocks):
@@ -139,8 +138,9 @@ def _siglip_from_timm(trunk: Any) -> tuple[Any, dict[str, torch.Tensor]]:
 
     if getattr(trunk, "cls_token", None) is not None or getattr(trunk, "num_prefix_tokens", 0) != 0:
         raise UnsupportedTower("timm ViT with class/register tokens (no SigLIP equivalent)")
-    if not getattr(trunk, "no_embed_class", True) and trunk.cls_token is not None:
-        raise UnsupportedTower("class token")
+    n_patches = trunk.patch_embed.num_patches
+    if getattr(trunk, "pos_embed", None) is None or tuple(trunk.pos_embed.shape[-2:]) != (n_patches, trunk.embed_dim):
+        raise UnsupportedTower("no learned absolute position embedding per patch")
     _identity(trunk.norm_pre, "norm_pre")
     _identity(getattr(trunk.patch_embed, "norm", nn.Identity()), "patch-embed norm")
     if getattr(trunk.patch_embed, "dynamic_img_size", False) or getattr(trunk, "dynamic_img_size", False):
