@@ -114,7 +114,8 @@ def train_mini_llava(
     :param checkpoint_uri: Durable location of the run's checkpoints (shared path or s3://...); re-using it resumes.
     :param wandb_project: Also log to this W&B project (a run started by the trainer); ignored when the task
         runs under the W&B plugin (MMCURATE_WANDB_PROJECT), whose run gets the metrics.
-    :return: The epoch checkpoints (self-contained; `load_mini_llava(dir)`) and metrics.jsonl.
+    :return: The epoch checkpoints (Hugging Face LLaVA folders: `LlavaForConditionalGeneration.from_pretrained`
+        + `AutoProcessor.from_pretrained` load them; see docs/train.md) and metrics.jsonl.
     """
     from core.train.config import TrainConfig
     from core.train.loop import train
