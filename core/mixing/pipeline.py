@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field  # noqa: F401
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class MixingConfig:
     eval_max_samples: int = 0
     device: str = "auto"
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mixture_compute not in ("sum", "expert"):

@@ -83,10 +83,12 @@ def evaluate_soup(uri: str, experts: Mapping[str, str], base: str | None, heldou
 
 
 def choose_proxy_subsets(table: Any, cfg: MixingConfig) -> list[str]:
-    """The `proxy_top` best subsets by overall score plus `proxy_random` others drawn with `cfg.seed`."""
+    """The `proxy_top` best subsets by overall score plus `proxy_random` others drawn with `cfg.seed` among the
+    subsets of two or more domains (a one-domain mixture trained with one expert's compute *is* that expert, a
+    pair that agrees by construction and would inflate the correlation)."""
     ranked = list(table.sort_values("overall", ascending=False).index)
     top = ranked[: cfg.proxy_top]
-    rest = [s for s in ranked if s not in top]
+    rest = [s for s in ranked if s not in top and "+" in s]
     rnd = random.Random(cfg.seed).sample(rest, min(cfg.proxy_random, len(rest)))
     return top + sorted(rnd)
 
@@ -118,3 +120,29 @@ def soup_uris(domains: Sequence[str]) -> list[str]:
 def key_of(uri: str) -> str:
     """Subset key of a soup uri (`soup/a+b` -> `a+b`)."""
     return subset_key(uri.rsplit("/", 1)[-1].split("+"))
+
+
+def export_mixtures(subsets: Sequence[str], plan: Mapping[str, Any], cfg: MixingConfig, shards: Sequence[str],
+                    ledger_dirs: Sequence[str], steps: Sequence[str], out: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """Export each mixture's training data (domains concatenated, domain counts in the manifest) and plan its
+    training; returns (key, export dir, plan dict) per subset."""
+    dom_of = {i: d for d, ids in plan["train_ids"].items() for i in ids}
+    res = []
+    for key, p in zip(subsets, plan_mixtures(subsets, plan, cfg)):
+        d = os.path.join(out, "mix_" + key.replace("+", "__"))
+        export_ids(shards, ledger_dirs, mixture_ids(key, plan), d, "mix_" + key, steps, dom_of)
+        res.append((key, d, asdict(p)))
+    return res
+
+
+def holds_peak(worker_dirs: Sequence[str]) -> dict[str, int]:
+    """Measured peaks over all workers' hold logs: soups (models materialised) and expert copies at once."""
+    from core.mixing.soups import peak_held
+
+    rows = []
+    for d in worker_dirs:
+        p = os.path.join(d, "holds.json")
+        if os.path.exists(p):
+            rows += json.load(open(p))
+    return {"peak_soups_held": peak_held(rows, "soup"), "peak_experts_held": peak_held(rows, "expert"),
+            "n_hold_intervals": len(rows)}
