@@ -118,7 +118,10 @@ def sample_nll(ckpt: str, data_dir: str, device: str = "cpu", max_seq_len: int =
     from core.train.data import Collator, ConversationDataset, build_index, list_tar_shards, read_entry
     from core.train.mini_llava import load_mini_llava
 
-    model = load_mini_llava(ckpt, device=device)
+    from core.evals.backends import _LOAD_LOCK  # transformers model construction is not thread-safe
+
+    with _LOAD_LOCK:  # eval workers may run as threads (evaluate_checkpoints); loads are serialized there too
+        model = load_mini_llava(ckpt, device=device)
     entries = build_index(list_tar_shards(data_dir))
     ds = ConversationDataset(entries, model.tokenizer, model.preprocess, model.image_token_id, model.n_image_tokens,
                              max_seq_len)

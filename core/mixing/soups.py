@@ -168,10 +168,12 @@ class SoupStore(CheckpointStore):
         with self._lock:
             if self._base_local is None:
                 self._base_local = super().fetch(self.base)
+                self.log.start(self._base_local, "base", self.base)
             return self._base_local
 
     def close(self) -> None:
         """Delete the worker's copy of the base."""
         if self._base_local is not None:
             CheckpointStore.release(self, self._base_local)
+            self.log.end(self._base_local)
             self._base_local = None
