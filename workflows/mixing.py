@@ -9,7 +9,7 @@ workflows/evaluate.py for the soups: at most that many soups exist at once).
 """
 
 from functools import partial
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 from flytekit import LaunchPlan, map_task, workflow
 from flytekit.types.directory import FlyteDirectory
@@ -83,7 +83,7 @@ def mixing_search(
     config: MixingConfig = tiny_mixing_config(),
     domain_mode: str = "field",
     k: int = 4,
-    include_domains: List[str] = [],
+    include_domains: Optional[List[str]] = None,
     base_steps: int = 20,
     lm_steps: int = 300,
     shard_max_samples: int = 1000,

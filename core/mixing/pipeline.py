@@ -115,10 +115,9 @@ def sample_nll(ckpt: str, data_dir: str, device: str = "cpu", max_seq_len: int =
     (images seen by the model, image and prompt tokens masked; the trainer's own encoding)."""
     import torch
 
+    from core.evals.backends import _LOAD_LOCK  # transformers model construction is not thread-safe
     from core.train.data import Collator, ConversationDataset, build_index, list_tar_shards, read_entry
     from core.train.mini_llava import load_mini_llava
-
-    from core.evals.backends import _LOAD_LOCK  # transformers model construction is not thread-safe
 
     with _LOAD_LOCK:  # eval workers may run as threads (evaluate_checkpoints); loads are serialized there too
         model = load_mini_llava(ckpt, device=device)

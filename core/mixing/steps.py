@@ -53,7 +53,7 @@ def evaluate_soup(uri: str, experts: Mapping[str, str], base: str | None, heldou
     soup. Writes records/summary.parquet (held-out loss rows appended to the summary) and holds.json."""
     import pandas as pd
 
-    from core.evals.runner import EvalConfig, evaluate_checkpoint, write_parquet, SUMMARY_COLUMNS
+    from core.evals.runner import SUMMARY_COLUMNS, EvalConfig, evaluate_checkpoint, write_parquet
 
     held = heldout_dirs(heldout_root) if heldout_root else {}
     dev = cfg.device
