@@ -138,7 +138,10 @@ def train_expert(data: FlyteDirectory, plan: str, base: FlyteDirectory, config: 
         ext = ExternalTrainerConfig(image="", command=external_command,
                                     extra={"max_steps": str(p.steps), "batch_size": str(p.batch_size),
                                            "init_from": base.download()})
-        ck = ExternalTrainer(ext, train={"epochs": p.epochs, "lr": config.lr}).fit(data_dir, out)[-1]
+        cks = ExternalTrainer(ext, train={"epochs": p.epochs, "lr": config.lr}).fit(data_dir, out)
+        if not cks:
+            raise RuntimeError(f"{p.name}: the external trainer wrote no checkpoint directory under {out}")
+        ck = cks[-1]
     else:
         ck = train_plan(data_dir, base.download(), p, config, out)
     log.info("%s: %d steps x %d on %d samples (%d epochs) -> %s", p.name, p.steps, p.batch_size, p.n_samples,

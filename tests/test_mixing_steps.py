@@ -172,3 +172,26 @@ def test_domain_perplexity_ledger_is_sliceable(tmp_path):
     assert json.loads(open(res["slices"][0]["ids"]).read()) == [f"s{i}" for i in range(5)]
     led = read_ledger(step_dir(tmp_path, "perplexity"))
     assert led.set_index("sample_id").loc["z", "reason"] == "ppl_no_scored_tokens"
+
+
+def test_train_expert_with_an_external_trainer_command(tmp_path):
+    """The team's trainer gets the plan's steps, batch and the base as placeholders; its last checkpoint is the expert."""
+    import sys
+
+    from flytekit.types.directory import FlyteDirectory
+
+    from tasks.mixing import train_expert
+
+    (tmp_path / "data" / "shards").mkdir(parents=True)
+    (tmp_path / "base").mkdir()
+    script = tmp_path / "fake_trainer.py"
+    script.write_text("import json, os, sys\nout, steps, bs, init = sys.argv[1:5]\n"
+                      "os.makedirs(os.path.join(out, 'step-' + steps))\n"
+                      "json.dump({'steps': int(steps), 'batch': int(bs), 'init': init},"
+                      " open(os.path.join(out, 'step-' + steps, 'args.json'), 'w'))\n")
+    plan = json.dumps({"name": "a", "domains": ["a"], "n_samples": 40, "steps": 7, "epochs": 1, "batch_size": 4})
+    cmd = f"{sys.executable} {script} {{ckpt_dir}} {{max_steps}} {{batch_size}} {{init_from}}"
+    out = train_expert(data=FlyteDirectory(str(tmp_path / "data")), plan=plan, base=FlyteDirectory(str(tmp_path / "base")),
+                       config=MixingConfig(benchmarks=[]), external_command=cmd)
+    args = json.load(open(os.path.join(out.path, "args.json")))
+    assert args["steps"] == 7 and args["batch"] == 4 and args["init"].rstrip("/").endswith("base")
