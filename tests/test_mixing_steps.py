@@ -195,3 +195,14 @@ def test_train_expert_with_an_external_trainer_command(tmp_path):
                        config=MixingConfig(benchmarks=[]), external_command=cmd)
     args = json.load(open(os.path.join(out.path, "args.json")))
     assert args["steps"] == 7 and args["batch"] == 4 and args["init"].rstrip("/").endswith("base")
+
+
+def test_constant_lr_schedule_for_experts():
+    from core.train.config import TrainConfig
+    from core.train.loop import _lr_lambda
+
+    const, cos = _lr_lambda(2, 100, "constant"), _lr_lambda(2, 100)
+    assert [const(s) for s in (0, 1, 2, 50, 99)] == [0.5, 1.0, 1.0, 1.0, 1.0]  # warmup, then flat
+    assert cos(99) < 0.01 < cos(50)
+    with pytest.raises(ValueError):
+        TrainConfig(output_dir="x", vision_model="v", lm_path="l", lr_schedule="linear")
