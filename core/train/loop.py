@@ -204,10 +204,12 @@ def active_wandb_run() -> Any:
 
 
 # ---- the loop -------------------------------------------------------------------------------------
-def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+def _lr_lambda(warmup: int, total: int, schedule: str = "cosine") -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -282,7 +284,7 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total_steps, cfg.lr_schedule))
     start_epoch, start_step, global_step = 0, 0, 0
     if state is not None:
         blob = torch.load(resume / OPTIM_FILE, map_location=device, weights_only=True)
