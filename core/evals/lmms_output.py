@@ -63,15 +63,20 @@ def code_versions() -> dict[str, Any]:
         except PackageNotFoundError:
             return None
 
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_EVALS_DIR, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip() or None  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        git = None
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=_EVALS_DIR, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD") or None
+    dirty = None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
     h = hashlib.sha256()
     for f in sorted(_EVALS_DIR.glob("*.py")):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return {"mmcurate_version": ver("mmcurate"), "git_hash": git, "evals_code_sha256": h.hexdigest(),
+    return {"mmcurate_version": ver("mmcurate"), "git_hash": commit, "git_dirty_evals": dirty,
+            "evals_code_sha256": h.hexdigest(),
             "reference_scoring": REFERENCES,
             "libraries": {n: ver(n) for n in ("torch", "transformers", "vllm", "numpy", "rapidfuzz", "scipy")}}  # fmt: skip
 
@@ -140,7 +145,8 @@ def write_lmms_outputs(records: Sequence[dict[str, Any]], summary: Sequence[dict
         "results": results, "n-samples": n_samples, "higher_is_better": hib, "configs": configs,
         "versions": versions,
         "config": {"model": model, "model_args": f"pretrained={checkpoint}", "batch_size": cfg.batch_size,
-                   "device": cfg.device, "limit": cfg.max_samples or None, "bootstrap_iters": 0,
+                   "device": cfg.device, "limit": cfg.max_samples or None,
+                   "stderr": "mean_stderr (lmms-eval's for mean aggregation; no bootstrap)",
                    "scoring": cfg.scoring, "benchmarks": list(cfg.benchmarks), "cache_dir": cfg.cache_dir},
         "mmcurate": {"checkpoint": checkpoint, "checkpoint_name": first.get("checkpoint_name", ""),
                      "variant": first.get("variant", ""), "step": first.get("step"), "epoch": first.get("epoch"),
