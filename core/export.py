@@ -37,8 +37,8 @@ from typing import Any
 
 import fsspec
 
-from core.ledger import LedgerWriter, check_balance, find_step_dir, passing_ids, read_ledger, step_dir
 from core.images import decode_image, sniff_format
+from core.ledger import LedgerWriter, check_balance, find_step_dir, passing_ids, read_ledger, step_dir
 from core.sample import Sample, SampleError
 from core.wds import ShardWriter, image_member_names, iter_samples
 
