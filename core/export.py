@@ -342,6 +342,7 @@ def export_report_html(manifest: dict[str, Any]) -> str:
     summary = {k: manifest[k] for k in ("selection", "subset", "n_samples", "n_shards", "n_bytes", "n_rephrased",
                                         "n_kept_by_last_step", "subset_outside_kept")}
     summary["rephrase_fallbacks"] = ", ".join(f"{k}={v}" for k, v in manifest["rephrase_fallbacks"].items())
+    summary["image_format"] = manifest.get("loader_schema", {}).get("image_format", "")
     steps = pd.DataFrame([{k: r[k] for k in ("step", "inputs", "kept", "modified", "removed")}
                           for r in manifest["removed_by_step"]])
     reasons = pd.DataFrame([{"step": r["step"], **x} for r in manifest["removed_by_step"] for x in r["by_reason"]])

@@ -73,6 +73,8 @@ def export_dataset(
     from core.export import ExportConfig, export_curated, export_report_html, load_id_list
     from core.wds import list_shards
 
+    cfg = ExportConfig(steps=list(steps) if steps else None, max_samples=max_samples, max_bytes=max_bytes,
+                       subset_name=subset_name, image_format=image_format)  # validates before any download
     work = current_context().working_directory
     src = source(run_dir)
     dirs = [_local_ledgers(src, os.path.join(work, "run"))]
@@ -81,8 +83,6 @@ def export_dataset(
     ids = None
     if subset_ids is not None:
         ids = load_id_list(subset_ids.download())
-    cfg = ExportConfig(steps=list(steps) if steps else None, max_samples=max_samples, max_bytes=max_bytes,
-                       subset_name=subset_name, image_format=image_format)  # validates image_format
     out = os.path.join(work, "export")
     manifest = export_curated(list_shards(f"{src.rstrip('/')}/shards"), dirs, out, cfg, subset_ids=ids,
                               rephrased_dir=_rephrased_records(rephrased) if rephrased is not None else None)
