@@ -278,6 +278,12 @@ def test_trainer_state_gives_step_and_fractional_epoch(tmp_path):
     assert (end.step, end.epoch, end.variant) == (40, 2.0, "baseline")
     names = [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "baseline/checkpoints"))]
     assert names == ["step-00000030", "epoch-0002"]
+    # a transformers Trainer checkpoint: trainer_state.json with a float epoch
+    hf = tmp_path / "hf" / "checkpoint-300"
+    hf.mkdir(parents=True)
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 300, "epoch": 2.5, "log_history": []}))
+    pos = checkpoint_position(str(hf))
+    assert (pos.step, pos.epoch, pos.variant) == (300, 2.5, "hf")
 
 
 def test_config_validation(cache, tmp_path):

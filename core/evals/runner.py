@@ -144,7 +144,8 @@ _POSITIONS: dict[str, CheckpointPosition] = {}
 
 def checkpoint_position(uri: str) -> CheckpointPosition:
     """Step and epoch of a checkpoint: from its `trainer_state.json` when present (global_step; epoch =
-    completed epochs + step_in_epoch / steps_per_epoch), else from its name: `step-00000030`,
+    completed epochs + step_in_epoch / steps_per_epoch, or the float epoch of a transformers Trainer
+    state), else from its name: `step-00000030`,
     `checkpoint-300`, `global_step300` are steps, `epoch-0003`, `epoch_3`, `ep3` are epochs; other names
     give neither. Cached per URI (read once per run)."""
     if uri in _POSITIONS:
@@ -155,9 +156,9 @@ def checkpoint_position(uri: str) -> CheckpointPosition:
     if state is not None and isinstance(state.get("global_step"), int):
         step = state["global_step"]
         spe = (state.get("data") or {}).get("steps_per_epoch")
-        if isinstance(state.get("epoch"), int):
-            frac = state.get("step_in_epoch", 0) / spe if spe else 0.0
-            epoch = state["epoch"] + frac
+        ep, sie = state.get("epoch"), state.get("step_in_epoch")
+        if isinstance(ep, (int, float)) and not isinstance(ep, bool):  # HF Trainer's state: a float epoch
+            epoch = float(ep) + (sie / spe if isinstance(sie, int) and spe else 0.0)
     else:
         name = checkpoint_name(uri)
         if m := _STEP_RE.search(name):
