@@ -15,6 +15,7 @@ import itertools
 import random
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,19 @@ def _load_file(path: Path, name: str) -> types.ModuleType:
 
 def _functions(path: Path, names: list[str], namespace: dict[str, Any]) -> dict[str, Any]:
     """Execute only the named top-level functions of a source file (decorators removed), verbatim."""
-    tree = ast.parse(path.read_text())
+    with warnings.catch_warnings():  # lmms-eval's own source has a non-raw "\s" (DeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tree = ast.parse(path.read_text())
     keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
     for n in keep:
         n.decorator_list = []
     missing = set(names) - {n.name for n in keep}
     if missing:
         raise LookupError(f"{path}: no function {sorted(missing)}")
-    exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        code = compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)
     return {k: namespace[k] for k in names}
 
 
