@@ -124,6 +124,9 @@ def compare_variants(
         ax.set_ylabel("score")
         ax.legend(fontsize=7)
         parts.append(figure_html(fig, "scores by variant"))
+        from core.evals.report import score_vs_step_html
+
+        parts.append(score_vs_step_html(long))  # one line per variant over its checkpoints' steps
     Deck("ablation", page(*parts))
     log.info("ablation table:\n%s", table.to_string(index=False))
     if output_dir:
