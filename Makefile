@@ -13,6 +13,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 LOCK := requirements/lock.txt
+LMMS_EVAL_PIN := lmms-eval==0.7.3
 # Reinstall only when the pins change: the stamp name carries a hash of pyproject.toml + the lock.
 SETUP_HASH := $(shell cat pyproject.toml $(LOCK) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.setup-$(SETUP_HASH)
@@ -79,6 +80,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	@# Editable install = a .pth file (pyproject: package-dir ".") that puts this checkout on sys.path, so pyflyte, python and
 	@# pytest all import workflows/tasks/core from the working tree. The lock fixes every transitive version.
 	$(PIP) install -c $(LOCK) --no-build-isolation -e '.[dev]'
+	@# lmms-eval is the parity reference of core/evals/exact.py (tests only). Its own requirements would move our pins
+	@# (it pins wandb 0.25 and ~50 more packages); the scoring functions the tests call import none of them.
+	$(PIP) install --no-deps $(LMMS_EVAL_PIN)
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 	@echo "setup done: $(VENV)"
