@@ -9,6 +9,7 @@
 # `--isolation chroot` runs the RUN steps without a container runtime (no cgroups needed), as on these machines;
 # `podman run` is not needed: the smoke steps are RUN steps of the build.
 set -euo pipefail
+trap 'echo "build_images.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROLES=("${@:-cpu gpu train vllm}")
 read -r -a ROLES <<<"${ROLES[*]}"
@@ -46,7 +47,7 @@ for role in "${ROLES[@]}"; do
     exit 1
   fi
   secs=$(( $(date +%s) - t0 ))
-  size=$(podman image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1 / 1e9}')
+  size=$(podman image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1 / 1e9}') || size="size unknown"
   echo "== $role: built $tag in $secs s, $size"
   if grep -q -E '^smoke: ' "$log"; then
     grep -E '^smoke: ' "$log" | sed 's/^/   /' | cut -c1-220
