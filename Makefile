@@ -51,6 +51,8 @@ IMAGE_CPU ?= $(REGISTRY)/mmcurate-cpu:$(IMAGE_TAG)
 IMAGE_GPU ?= $(REGISTRY)/mmcurate-gpu:$(IMAGE_TAG)
 IMAGE_VLLM ?= $(REGISTRY)/mmcurate-vllm:$(IMAGE_TAG)
 IMAGE_TRAIN ?= $(REGISTRY)/mmcurate-train:$(IMAGE_TAG)
+IMAGE_BASE ?= auto
+ROLES ?= cpu gpu train vllm
 # `default` is the image of tasks without container_image=; it is the cpu image.
 IMAGE_ARGS := --image $(IMAGE_CPU) --image cpu=$(IMAGE_CPU) --image gpu=$(IMAGE_GPU) \
 	--image vllm=$(IMAGE_VLLM) --image train=$(IMAGE_TRAIN)
@@ -122,9 +124,11 @@ register-dry-run: setup ## Serialize exactly what `make register` would send, wi
 	$(ISOLATED_ENV) $(VENV)/bin/pyflyte --config $(FLYTE_CONFIG) register --dry-run --copy none \
 		--project $(PROJECT) --domain $(DOMAIN) --version $(VERSION) $(IMAGE_ARGS) $(PKGS)
 
-images: ## Print the docker build commands for the four images (needs a Docker daemon; not run here)
-	@for role in cpu gpu vllm train; do \
-		echo "docker build -f containers/$$role.Dockerfile -t $(REGISTRY)/mmcurate-$$role:$(IMAGE_TAG) ."; done
+images: ## Build the cpu, gpu, train and vllm images with podman, each running its smoke stage (IMAGE_BASE=auto|local|REF)
+	@# Not part of CI (minutes and GBs per image). IMAGE_BASE=auto: the public python image when it can be pulled,
+	@# else a local Debian bookworm base (containers/local_base.sh: debootstrap + podman import). ROLES=cpu selects.
+	REGISTRY=$(REGISTRY) IMAGE_TAG=$(IMAGE_TAG) IMAGE_BASE=$(IMAGE_BASE) IMAGE_LOG_DIR=$(STATE)/image-logs \
+		bash containers/build_images.sh $(ROLES)
 
 bench: setup ## Run every benchmark in benchmarks/ (each prints its headline ratio last)
 	@mkdir -p $(STATE_DIRS)
