@@ -143,10 +143,11 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
             pass
     kept = set(passing_ids(read_ledger(step_dir(out, "ppl_filter"))))
     samples: dict[str, tuple[str, str, str]] = {}
-    from core.targeted.subgroups import first_pair
+    from core.targeted.subgroups import SUFFIXES, first_pair
 
+    suffixes = tuple(dict.fromkeys([*(p.question_suffix for p in cfg.prompts.values() if p.question_suffix), *SUFFIXES]))
     for s in iter_samples(urls, include_ids=kept, load_images=False, verify_images=False):
-        q, a = first_pair(s)
+        q, a = first_pair(s, suffixes)
         samples[s.id] = (s.shard, q, a)
     encoder = encoder or SimilarityScorer("minilm", device="cpu")
     qvec = dedup_generated(out, samples, ref_texts, cfg, encoder)

@@ -17,13 +17,16 @@ import pandas as pd
 
 from core.rephrase.config import DEFAULT_KEEP_SUFFIXES
 from core.sample import Sample, strip_image_placeholders
-from core.targeted.config import TargetedConfig
+from core.targeted.config import FAMILIES, TargetedConfig
 
 log = logging.getLogger(__name__)
 COLUMNS = ["ref_id", "shard", "subgroup", "family", "question", "answer", "used", "reason"]
 
 
-def first_pair(sample: Sample, suffixes: Iterable[str] = DEFAULT_KEEP_SUFFIXES) -> tuple[str, str]:
+SUFFIXES = tuple(dict.fromkeys([*DEFAULT_KEEP_SUFFIXES, *(f.question_suffix for f in FAMILIES.values() if f.question_suffix)]))
+
+
+def first_pair(sample: Sample, suffixes: Iterable[str] = SUFFIXES) -> tuple[str, str]:
     """The first question (placeholders and a trailing answer-format instruction removed) and its answer."""
     q = strip_image_placeholders(sample.human_texts()[0])
     for suf in suffixes:
