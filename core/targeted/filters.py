@@ -128,7 +128,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
     out = Path(out_dir)
     gen = Path(gen_dir)
     passed = set(passing_ids(read_ledger(step_dir(gen, "tg_generate"))))
-    shard_dir = gen / "targeted" / "shards"
+    shard_dir = gen / "shards"
     urls = list_shards(str(shard_dir)) if shard_dir.is_dir() and any(shard_dir.glob("*.tar")) else []
     pcfg = tiny_perplexity_config(ppl_model)
     score_shards(urls, out, pcfg, include_ids=passed)
@@ -176,4 +176,6 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
                                   if df.loc[df["reason"] == k, "decision"].iloc[0] in ("drop", "quarantine")}}
     (out / "targeted").mkdir(parents=True, exist_ok=True)
     (out / "targeted" / "filters.json").write_text(json.dumps(counts, indent=1))
+    kept = passing_ids(read_ledger(step_dir(out, FILTER_STEPS[-1])))
+    (out / "targeted" / "kept_ids.json").write_text(json.dumps(kept))  # the named subset the export takes
     return counts

@@ -4,7 +4,8 @@ parsing into LLaVA conversations; resumable by shard like rephrasing.
 Layout inside a generation output directory:
 
     targeted/generations/part-<gen shard>.parquet   every request: ids, prompt hash, raw output, parse result
-    targeted/shards/<gen shard>-000000.tar          accepted samples (training schema, image + json)
+    shards/<gen shard>-000000.tar                   accepted samples (training schema, image + json): the
+                                                    run-directory layout, so the export step reads them
     ledger/tg_generate/part-<gen shard>.parquet     keep (parsed) | drop gen_rejected:<reason> |
                                                     quarantine missing_pool_image, one row per retrieved image
 
@@ -169,8 +170,9 @@ def generate_shard(shard: str, rows: pd.DataFrame, pool_shards: dict[str, str], 
     _write_atomic_parquet(pa.Table.from_pylist(recs, schema=GEN_SCHEMA) if recs else GEN_SCHEMA.empty_table(),
                           out / "targeted" / "generations" / f"part-{shard}.parquet")
     tar = ""
+    (out / "shards").mkdir(parents=True, exist_ok=True)
     if accepted:
-        with ShardWriter(str(out / "targeted" / "shards"), shard, max_samples=len(accepted) + 1,
+        with ShardWriter(str(out / "shards"), shard, max_samples=len(accepted) + 1,
                          max_bytes=1 << 40) as w:
             for s in accepted:
                 tar = w.write(s)

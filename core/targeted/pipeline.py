@@ -64,7 +64,7 @@ def merge_generation(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                 os.link(f, dst)
             except OSError:
                 shutil.copy2(f, dst)
-    for sub in ("ledger/tg_generate", "targeted/generations"):
+    for sub in ("ledger/tg_generate", "targeted/generations", "shards"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     return out
 
@@ -82,7 +82,7 @@ def export_generated(gen_dir: str | os.PathLike, filter_dir: str | os.PathLike, 
     """Export what passed every filter as the named subset `cfg.subset_name` (core/export.py)."""
     from core.export import ExportConfig, export_curated
 
-    shard_dir = Path(gen_dir) / "targeted" / "shards"
+    shard_dir = Path(gen_dir) / "shards"
     urls = list_shards(str(shard_dir)) if shard_dir.is_dir() and any(shard_dir.glob("*.tar")) else []
     kept = passing_ids(read_ledger(step_dir(filter_dir, FILTER_STEPS[-1])))
     ecfg = ExportConfig(steps=list(FILTER_STEPS), max_samples=max_samples, subset_name=cfg.subset_name)

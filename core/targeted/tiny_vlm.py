@@ -114,7 +114,7 @@ def train_tiny_llava(model_dir: str, examples: Sequence[tuple[bytes, str, str, s
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval().save_pretrained(model_dir)
     info = {"steps": steps, "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:]))}
     (Path(model_dir) / "mmcurate_tiny_vlm_train.json").write_text(json.dumps(info))
