@@ -207,4 +207,7 @@ def preset_config(preset: str, model: str, overrides: Optional[dict[str, Any]] =
     """A preset with overrides (a dict of TargetedConfig fields; validated)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown targeted preset {preset!r}; choose from {sorted(PRESETS)}")
+    unknown = set(overrides or {}) - set(TargetedConfig.__dataclass_fields__) | ({"model"} & set(overrides or {}))
+    if unknown:
+        raise ValueError(f"unknown TargetedConfig fields in overrides: {sorted(unknown)} (model comes from model_dir)")
     return PRESETS[preset](model, **(overrides or {}))
