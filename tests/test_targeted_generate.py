@@ -147,7 +147,7 @@ def test_scripted_outputs_ledger_shards_and_missing_images(tmp_path, pool):
     assert extra["subgroup"] == "count_like" and extra["pool_id"] == "p000" and extra["generator"] == "scripted"
     assert len(extra["prompt_sha256"]) == 64
     check_balance(tmp_path / "g", [STEP])
-    got = {s.id: s for s in iter_samples(list_shards(str(tmp_path / "g" / "targeted" / "shards")))}
+    got = {s.id: s for s in iter_samples(list_shards(str(tmp_path / "g" / "shards")))}
     assert set(got) == {generated_id("p000"), generated_id("p003")}
     s = got[generated_id("p000")]
     assert s.image_bytes == [png(0)] and s.images == [f"{generated_id('p000')}.png"]
@@ -180,3 +180,13 @@ def test_filters_reject_by_reason_and_export(tmp_path, pool, tmp_path_factory):
     exported = {i for s in man["shards"] for i in s["ids"]}
     assert generated_id("p004") in exported and len(exported) == 2  # p004 + one of the p001/p002 pair
     assert generated_id("p000") not in exported and generated_id("p003") not in exported
+
+
+def test_resume_with_another_config_is_refused(tmp_path, pool):
+    rows = _rows_for(pool, ["p000", "p001"], "count_like", 100)
+    vlm = ScriptedVLM(lambda r: "Question: How many dots are there?\nAnswer: 2")
+    generate_shards(rows, pool, tmp_path / "g", tiny_targeted_config("m"), EXAMPLES, generator=vlm)
+    with pytest.raises(ValueError, match="another config"):
+        generate_shards(rows, pool, tmp_path / "g", tiny_targeted_config("m", seed=1), EXAMPLES, generator=vlm)
+    # a scheduling-only change resumes
+    generate_shards(rows, pool, tmp_path / "g", tiny_targeted_config("m", max_parallel_shards=9), EXAMPLES, generator=vlm)

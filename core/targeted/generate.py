@@ -202,6 +202,25 @@ def generate_shard(shard: str, rows: pd.DataFrame, pool_shards: dict[str, str], 
     return st
 
 
+# fields that change what is generated (the rest: scheduling and filters)
+_OUTPUT_FIELDS = ("model", "backend", "k_shot", "max_new_tokens", "temperature", "top_p", "seed", "batch_size",
+                  "shard_size", "max_question_words", "prompts")
+
+
+def _check_same_config(out: Path, cfg: TargetedConfig) -> None:
+    """A resumed run must generate with the config its finished shards were generated with."""
+    d = cfg.to_dict()
+    want = json.dumps({k: d[k] for k in _OUTPUT_FIELDS}, sort_keys=True, default=str)
+    path = out / "targeted" / "generate_config.json"
+    if path.exists():
+        if path.read_text("utf-8") != want:
+            raise ValueError(f"{out} holds shards generated with another config ({path}); use a fresh output "
+                             "directory or the same config")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(want, "utf-8")
+
+
 def generate_shards(retrieved: pd.DataFrame, pool_shards: dict[str, str], out_dir: str | os.PathLike,
                     cfg: TargetedConfig, examples: dict[str, list[dict[str, str]]],
                     shards: Sequence[str] | None = None, generator: VLMGenerator | None = None) -> list[ShardStats]:
@@ -210,6 +229,7 @@ def generate_shards(retrieved: pd.DataFrame, pool_shards: dict[str, str], out_di
     from core.targeted.vlm import make_vlm
 
     names = list(shards) if shards is not None else sorted(retrieved["gen_shard"].unique())
+    _check_same_config(Path(out_dir), cfg)
     stats = []
     for i, name in enumerate(names):
         rows = retrieved[retrieved["gen_shard"] == name]
