@@ -189,7 +189,7 @@ class FilterOutputs(NamedTuple):
 
 @task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="4", mem="16Gi"), **CACHE)
 def filter_generated_samples(generations: List[FlyteDirectory], subgroups: FlyteDirectory, ppl_model: FlyteDirectory,
-                             eval_cache: str = "", benchmarks: List[str] = [], preset: str = "tiny",
+                             eval_cache: str = "", benchmarks: Optional[List[str]] = None, preset: str = "tiny",
                              overrides: str = "{}") -> FilterOutputs:
     """Filter the accepted generations: perplexity (direction and percentile from the config), near-duplicates of
     the reference items and of each other (mining + SemDeDup on MiniLM), decontamination against the eval sets'

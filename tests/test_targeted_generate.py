@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from core.ledger import check_balance, read_ledger, step_dir
-from core.targeted.config import TargetedConfig, tiny_targeted_config
+from core.targeted.config import tiny_targeted_config
 from core.targeted.generate import STEP, build_user_prompt, generate_shards, plan_requests
 from core.targeted.retrieve import RETRIEVED_COLUMNS, generated_id
 from core.targeted.tiny_vlm import build_tiny_llava
-from core.targeted.vlm import VLLMVLM, VLMRequest, TransformersVLM, image_mime, vllm_messages, vllm_sampling_kwargs
+from core.targeted.vlm import VLLMVLM, TransformersVLM, VLMRequest, image_mime, vllm_messages, vllm_sampling_kwargs
 from core.wds import iter_samples, list_shards, write_shards
 from tests.targeted_doubles import DiesAfter, Killed, ScriptedVLM, png, pool_samples
 

@@ -97,7 +97,7 @@ def train_tiny_llava(model_dir: str, examples: Sequence[tuple[bytes, str, str, s
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         prompts = [proc.apply_chat_template(hf_messages(VLMRequest(b, s, u, 0)), add_generation_prompt=True,
                                             tokenize=False) for b, s, u, _ in batch]
