@@ -190,3 +190,19 @@ def test_resume_with_another_config_is_refused(tmp_path, pool):
         generate_shards(rows, pool, tmp_path / "g", tiny_targeted_config("m", seed=1), EXAMPLES, generator=vlm)
     # a scheduling-only change resumes
     generate_shards(rows, pool, tmp_path / "g", tiny_targeted_config("m", max_parallel_shards=9), EXAMPLES, generator=vlm)
+
+
+def test_merge_of_per_shard_outputs_keeps_every_ledger_part(tmp_path, pool):
+    from core.targeted.pipeline import merge_generation
+
+    rows = _rows_for(pool, [f"p{i:03d}" for i in range(6)], "count_like", 2)
+    cfg = tiny_targeted_config("m", shard_size=2)
+    vlm = ScriptedVLM(lambda r: f"Question: How many dots with seed {r.seed}?\nAnswer: {r.seed % 7}")
+    for name in ("gen-000000", "gen-000001", "gen-000002"):  # one output dir per map task, as in Flyte
+        generate_shards(rows, pool, tmp_path / name, cfg, EXAMPLES, shards=[name], generator=vlm)
+    merged = merge_generation([tmp_path / n for n in ("gen-000000", "gen-000001", "gen-000002")], tmp_path / "m")
+    assert sorted(read_ledger(step_dir(merged, STEP))["sample_id"]) == sorted(rows["gen_id"])
+    assert len(list_shards(str(merged / "shards"))) == 3
+    (tmp_path / "gen-000001" / "targeted" / "generate_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="differs"):
+        merge_generation([tmp_path / "gen-000000", tmp_path / "gen-000001"], tmp_path / "m2")

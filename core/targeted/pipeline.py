@@ -48,17 +48,20 @@ def pool_shard_urls(pool_run: str) -> dict[str, str]:
 
 def merge_generation(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
     """Gather the per-shard generation outputs (map task outputs) into one directory (hard links when
-    possible). A shard present in two inputs is an error (it would be decided twice)."""
+    possible). A file present in two inputs must be identical (the run's generate_config.json); shard parts
+    have distinct names, so a shard given twice with different content is an error."""
     out = Path(out_dir)
     seen: dict[str, str] = {}
     for d in dirs:
         d = Path(d)
         for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
             rel = f.relative_to(d)
-            if str(rel) in seen:
-                raise ValueError(f"{rel} is in both {seen[str(rel)]} and {d}")
-            seen[str(rel)] = str(d)
             dst = out / rel
+            if str(rel) in seen:  # the per-run generate_config.json is in every shard's output, identical
+                if dst.read_bytes() != f.read_bytes():
+                    raise ValueError(f"{rel} differs between {seen[str(rel)]} and {d}")
+                continue
+            seen[str(rel)] = str(d)
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(f, dst)
