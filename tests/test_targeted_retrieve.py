@@ -112,12 +112,3 @@ def test_decontaminated_pool_images_are_never_retrieved(world):
     assert target not in set(read_ledger(step_dir(root / "after", STEP))["sample_id"])
     assert after.groupby("subgroup").size().to_dict() == {g: 3 for g in GROUPS}  # budget refilled
 
-
-def test_reference_items_in_the_pool_are_not_retrieved(world):
-    root, ref, pool_ids, pool_x = world
-    assert "p_chart_00" in set(retrieve(ref, root / "ref_emb", root / "pool_emb", root / "o0", _cfg(budget=5))["pool_id"])
-    # the pool's best chart image is also a reference sample (pool and reference overlap)
-    ref2 = pd.concat([ref, pd.DataFrame([{"ref_id": "p_chart_00", "subgroup": "", "used": False}])], ignore_index=True)
-    got = retrieve(ref2, root / "ref_emb", root / "pool_emb", root / "out", _cfg(budget=5))
-    assert "p_chart_00" not in set(got["pool_id"])
-    assert got.groupby("subgroup").size().to_dict() == {g: 5 for g in GROUPS}

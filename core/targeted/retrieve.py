@@ -134,10 +134,6 @@ def retrieve(
     """
     queries = subgroup_queries(ref, ref_emb, cfg)
     cand, shard_of = mine_candidates(queries, pool_emb, cfg, allowed_ids)
-    own = cand["pool_id"].isin(set(ref["ref_id"]))  # a pool that contains the reference set: never its own items
-    if own.any():
-        log.warning("%d candidates are reference samples themselves and are not retrieved", int(own.sum()))
-        cand = cand[~own]
     got = assign(cand, cfg.budget_per_subgroup)
     got = got.sort_values(["subgroup", "similarity", "pool_id"], ascending=[True, False, True], kind="stable")
     got["rank"] = got.groupby("subgroup").cumcount()
