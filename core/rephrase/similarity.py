@@ -58,6 +58,10 @@ class SimilarityScorer:
             out.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, 1)
 
+    def embed(self, texts: Sequence[str]):
+        """Unit-norm sentence vectors (n, d) as a float32 numpy array (used for clustering and near-dup search)."""
+        return self._embed(list(texts)).numpy().astype("float32")
+
     def similarity(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
         """Cosine similarity of a[i] and b[i]."""
         if not a:
