@@ -1,5 +1,5 @@
 """SemDeDup k-means without faiss (the torch path a bare GPU machine runs) and the automatic choice between
-flat and hierarchical k-means by the number of rows."""
+flat and hierarchical k-means by the number of clusters."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.dedup import semdedup as sd
-from core.dedup.config import AUTO_BRANCHING, AUTO_HIERARCHICAL_MIN_ROWS, KMEANS_AUTO, SemDedupConfig
+from core.dedup.config import AUTO_BRANCHING, AUTO_HIERARCHICAL_MIN_CLUSTERS, KMEANS_AUTO, SemDedupConfig
 from core.dedup.synthetic import clustered_embeddings, plant_duplicates
 
 
@@ -56,23 +56,23 @@ def test_torch_kmeans_recovers_well_separated_centres():
     assert len(set(labels.tolist())) == 6
 
 
-def test_auto_branching_by_rows():
+def test_auto_branching_by_clusters():
     c = _cfg()
     assert c.kmeans_branching == KMEANS_AUTO
-    assert sd.effective_branching(c, AUTO_HIERARCHICAL_MIN_ROWS - 1) == 0
-    assert sd.effective_branching(c, AUTO_HIERARCHICAL_MIN_ROWS) == AUTO_BRANCHING
-    assert sd.effective_branching(_cfg(kmeans_branching=0), 10 * AUTO_HIERARCHICAL_MIN_ROWS) == 0
+    assert sd.effective_branching(c, AUTO_HIERARCHICAL_MIN_CLUSTERS - 1) == 0
+    assert sd.effective_branching(c, AUTO_HIERARCHICAL_MIN_CLUSTERS) == AUTO_BRANCHING
+    assert sd.effective_branching(_cfg(kmeans_branching=0), 10 * AUTO_HIERARCHICAL_MIN_CLUSTERS) == 0
     assert sd.effective_branching(_cfg(kmeans_branching=4), 10) == 4
     with pytest.raises(ValueError, match="kmeans_branching"):
         _cfg(kmeans_branching=-2)
 
 
 def test_auto_goes_hierarchical_above_threshold(monkeypatch):
-    """Above the (here lowered) row threshold, auto runs the hierarchical path: same result as asking for
+    """Above the (here lowered) cluster threshold, auto runs the hierarchical path: same result as asking for
     branching AUTO_BRANCHING explicitly, and a different clustering from flat."""
     x = clustered_embeddings(4000, 32, 80, seed=5, spread=0.6)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    monkeypatch.setattr(sd, "AUTO_HIERARCHICAL_MIN_ROWS", 1000)
+    monkeypatch.setattr(sd, "AUTO_HIERARCHICAL_MIN_CLUSTERS", 64)
     auto = sd.cluster_rows(x, _cfg(n_clusters=80), "cpu")
     explicit = sd.cluster_rows(x, _cfg(n_clusters=80, kmeans_branching=AUTO_BRANCHING), "cpu")
     flat = sd.cluster_rows(x, _cfg(n_clusters=80, kmeans_branching=0), "cpu")

@@ -8,8 +8,8 @@ from typing import Optional
 KEEP_POLICIES = ("hard", "easy", "random")
 EMBEDDING_KINDS = ("image", "text", "joint_concat", "joint_mean")
 DEVICES = ("cpu", "cuda", "auto")
-KMEANS_AUTO = -1  # kmeans_branching value: flat below AUTO_HIERARCHICAL_MIN_ROWS rows, hierarchical above
-AUTO_HIERARCHICAL_MIN_ROWS = 500_000  # measured crossover and recall: docs/dedup.md "Flat or hierarchical"
+KMEANS_AUTO = -1  # kmeans_branching value: flat below AUTO_HIERARCHICAL_MIN_CLUSTERS clusters, hierarchical above
+AUTO_HIERARCHICAL_MIN_CLUSTERS = 4096  # measured costs and recall: docs/dedup.md "Flat or hierarchical k-means"
 AUTO_BRANCHING = 32
 
 
@@ -26,8 +26,9 @@ class SemDedupConfig:
         (paper default), `easy` = the one most similar, `random` = seeded random order.
     kind: embedding used: image, text, joint_concat (concat of the normalized image and text vectors),
         joint_mean (mean of the normalized vectors; needs equal dims).
-    kmeans_branching: -1 = auto (default): flat below AUTO_HIERARCHICAL_MIN_ROWS rows, hierarchical with
-        branching AUTO_BRANCHING at or above; 0 = flat k-means (the paper's; cost N*k*d per iteration);
+    kmeans_branching: -1 = auto (default): flat below AUTO_HIERARCHICAL_MIN_CLUSTERS (4096) clusters,
+        hierarchical with branching AUTO_BRANCHING (32) at or above (flat costs N*k*d per iteration plus
+        k^2*256*d to train, so it is k that makes it superlinear); 0 = flat k-means (the paper's; cost N*k*d per iteration);
         b > 1 = top-down hierarchical spherical k-means with branching b (cost ~N*b*depth*d, near-linear
         in N at a fixed mean cluster size; a duplicate pair split at an upper level is not compared).
     device: torch/faiss device for k-means and the pairwise pass: cpu | cuda | auto.

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.dedup.config import AUTO_BRANCHING, AUTO_HIERARCHICAL_MIN_ROWS, KMEANS_AUTO, SemDedupConfig
+from core.dedup.config import AUTO_BRANCHING, AUTO_HIERARCHICAL_MIN_CLUSTERS, KMEANS_AUTO, SemDedupConfig
 from core.dedup.embeddings import normalize_rows
 
 log = logging.getLogger(__name__)
@@ -254,19 +254,19 @@ def _apportion(sizes: np.ndarray, k: int) -> np.ndarray:
     return np.minimum(q, sizes)
 
 
-def effective_branching(cfg: SemDedupConfig, n_rows: int) -> int:
-    """The branching `cluster_rows` uses for `n_rows` rows: cfg.kmeans_branching, or for auto (-1)
-    flat (0) below AUTO_HIERARCHICAL_MIN_ROWS rows and AUTO_BRANCHING at or above."""
+def effective_branching(cfg: SemDedupConfig, n_clusters: int) -> int:
+    """The branching `cluster_rows` uses for `n_clusters` clusters: cfg.kmeans_branching, or for auto (-1)
+    flat (0) below AUTO_HIERARCHICAL_MIN_CLUSTERS clusters and AUTO_BRANCHING at or above."""
     if cfg.kmeans_branching != KMEANS_AUTO:
         return cfg.kmeans_branching
-    return AUTO_BRANCHING if n_rows >= AUTO_HIERARCHICAL_MIN_ROWS else 0
+    return AUTO_BRANCHING if n_clusters >= AUTO_HIERARCHICAL_MIN_CLUSTERS else 0
 
 
 def cluster_rows(x: np.ndarray, cfg: SemDedupConfig, device: str, n_clusters: int | None = None):
     """(centroids, labels, similarity to own centroid): flat k-means, or hierarchical when the effective
-    branching (`effective_branching`: config, or automatic by the number of rows) is > 1."""
-    k = n_clusters or cfg.n_clusters
-    b = effective_branching(cfg, x.shape[0])
+    branching (`effective_branching`: config, or automatic by the number of clusters) is > 1."""
+    k = min(n_clusters or cfg.n_clusters, x.shape[0])
+    b = effective_branching(cfg, k)
     if b > 1 and k > b:
         log.info("hierarchical k-means: %d rows, %d clusters, branching %d", x.shape[0], k, b)
         return hierarchical_kmeans(x, k, cfg.kmeans_iters, cfg.seed, device, b)
