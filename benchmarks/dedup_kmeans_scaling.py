@@ -16,7 +16,6 @@ Last line: `ratio: R` = flat total time / hierarchical total time at the largest
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -72,9 +71,8 @@ def main() -> None:
     a = ap.parse_args()
 
     import faiss
-    import torch
-
     import pandas as pd
+    import torch
 
     torch.set_num_threads(a.threads)
     faiss.omp_set_num_threads(a.threads)

@@ -87,7 +87,7 @@ def jpegs(n: int, seed: int = 0, size: tuple[int, int] = (512, 384)) -> list[byt
     rng = np.random.default_rng(seed)
     out = []
     w, h = size
-    for i in range(n):
+    for _ in range(n):
         base = np.linspace(rng.uniform(0, 255, 3), rng.uniform(0, 255, 3), h)[:, None, :].repeat(w, 1)
         arr = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
         im = Image.fromarray(arr)

@@ -4,7 +4,7 @@ A random-weight ViT maps every white-background drawing to nearly the same direc
 reach cosine 0.9995), so the demo's semdedup dropped unrelated drawings and decontamination needed a
 0.9999 threshold. Trained CLIP-style (symmetric InfoNCE between image and caption) on scenes drawn by
 `core.demo_scenes` with their own ground-truth descriptions, the same tiny architecture separates
-scenes by content, on a cosine scale comparable to SigLIP2's (decontamination at 0.95).
+scenes by content, on a cosine scale comparable to SigLIP2's (decontamination at 0.98 instead of 0.9999).
 
 The pairs come from seeds disjoint from every demo dataset the project scores (the scored demo uses
 seed 0 and the perplexity reference set seed 1; their per-sample RNGs are seeded `seed * 1_000_003 +
