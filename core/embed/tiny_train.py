@@ -177,7 +177,7 @@ def ensure_tiny_vit(cache_dir: str | os.PathLike, seed: int = 0, **params: Any) 
     Training happens under a file lock in the shared per-user cache, so concurrent Ray actors or tests
     train once and the others wait; `cache_dir` then gets a copy. The file name carries `tiny_vit_key`.
     """
-    from filelock import FileLock
+    import fcntl
 
     from core.embed.config import TINY_MODEL_NAME
 
@@ -187,10 +187,14 @@ def ensure_tiny_vit(cache_dir: str | os.PathLike, seed: int = 0, **params: Any) 
         return dest
     shared = shared_cache_dir() / "tiny_vit" / name
     shared.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(shared) + ".lock"):
-        if not shared.exists():
-            meta = train_tiny_vit(shared, seed, **(DEFAULT_PARAMS | params))
-            shared.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    with open(str(shared) + ".lock", "w") as lock:  # POSIX advisory lock: one trainer, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not shared.exists():
+                meta = train_tiny_vit(shared, seed, **(DEFAULT_PARAMS | params))
+                shared.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     if dest != shared:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
