@@ -65,7 +65,7 @@ PKGS ?= workflows
 PYTEST_ARGS ?=
 DOCKERFILES := $(sort $(wildcard containers/*.Dockerfile))
 
-.PHONY: help setup test demo lint format package register register-dry-run images bench lock lock-vllm clean
+.PHONY: help setup test demo lint format package register register-dry-run images bench gpu-check lock lock-vllm clean
 
 help: ## List the targets
 	@echo "mmcurate targets (variables: VERSION=$(VERSION) REGISTRY=$(REGISTRY) PACKAGE_OUT=$(PACKAGE_OUT)):"
@@ -133,6 +133,12 @@ images: ## Build the cpu, gpu, train and vllm images with podman, each running i
 bench: setup ## Run every benchmark in benchmarks/ (each prints its headline ratio last)
 	@mkdir -p $(STATE_DIRS)
 	@shopt -s nullglob; for b in benchmarks/*.py; do echo "== $$b"; $(ISOLATED_ENV) $(PY) $$b | tail -n 1; done
+
+# On the borrowed GPU machine (torch, transformers, timm, pyarrow, pandas preinstalled; no venv there):
+# `make gpu-check PY=python`. SMOKE=1 runs the tiny CPU mode that CI runs (tests/test_gpu_check.py).
+GPU_CHECK_OUT ?= gpu_check.md
+gpu-check: ## GPU check (SigLIP2 img/s + MFU, perplexity batched vs naive, k-means 1M x 1152, generation); SMOKE=1: CPU
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py $(if $(SMOKE),--smoke) --out $(GPU_CHECK_OUT)
 
 lock: ## Regenerate requirements/lock.txt from the current .venv (after changing a pin)
 	@{ echo "# Reproducible transitive versions: \`pip freeze --all\` of the reference venv, minus mmcurate itself."; \

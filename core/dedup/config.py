@@ -8,6 +8,9 @@ from typing import Optional
 KEEP_POLICIES = ("hard", "easy", "random")
 EMBEDDING_KINDS = ("image", "text", "joint_concat", "joint_mean")
 DEVICES = ("cpu", "cuda", "auto")
+KMEANS_AUTO = -1  # kmeans_branching value: flat below AUTO_HIERARCHICAL_MIN_CLUSTERS clusters, hierarchical above
+AUTO_HIERARCHICAL_MIN_CLUSTERS = 4096  # measured costs and recall: docs/dedup.md "Flat or hierarchical k-means"
+AUTO_BRANCHING = 32
 
 
 @dataclass
@@ -23,9 +26,11 @@ class SemDedupConfig:
         (paper default), `easy` = the one most similar, `random` = seeded random order.
     kind: embedding used: image, text, joint_concat (concat of the normalized image and text vectors),
         joint_mean (mean of the normalized vectors; needs equal dims).
-    kmeans_branching: 0 = flat faiss k-means (the paper's; cost N*k*d per iteration); b > 1 = top-down
-        hierarchical spherical k-means with branching b (cost ~N*b*depth*d, near-linear in N at a fixed
-        mean cluster size; a duplicate pair split at an upper level is not compared).
+    kmeans_branching: -1 = auto (default): flat below AUTO_HIERARCHICAL_MIN_CLUSTERS (4096) clusters,
+        hierarchical with branching AUTO_BRANCHING (32) at or above (flat costs N*k*d per iteration plus
+        k^2*256*d to train, so it is k that makes it superlinear); 0 = flat k-means (the paper's; cost N*k*d per iteration);
+        b > 1 = top-down hierarchical spherical k-means with branching b (cost ~N*b*depth*d, near-linear
+        in N at a fixed mean cluster size; a duplicate pair split at an upper level is not compared).
     device: torch/faiss device for k-means and the pairwise pass: cpu | cuda | auto.
     chunk_size: block edge of the pairwise pass; peak extra memory is ~chunk_size^2 * 4 bytes.
     cluster_groups: number of balanced cluster groups (units of the pairwise map task).
@@ -38,7 +43,7 @@ class SemDedupConfig:
     eps: Optional[float] = None
     target_removal: Optional[float] = None
     kmeans_iters: int = 20
-    kmeans_branching: int = 0
+    kmeans_branching: int = KMEANS_AUTO
     seed: int = 1234
     keep: str = "hard"
     random_seed: int = 0
@@ -72,8 +77,8 @@ class SemDedupConfig:
             raise ValueError(f"device={self.device!r} not in {DEVICES}")
         if self.on_invalid not in ("error", "quarantine"):
             raise ValueError("on_invalid must be 'error' or 'quarantine'")
-        if self.kmeans_branching < 0 or self.kmeans_branching == 1:
-            raise ValueError("kmeans_branching must be 0 (flat) or >= 2")
+        if self.kmeans_branching < KMEANS_AUTO or self.kmeans_branching == 1:
+            raise ValueError("kmeans_branching must be -1 (auto), 0 (flat) or >= 2")
         if self.chunk_size < 1 or self.cluster_groups < 1 or self.max_parallel_groups < 1 or self.kmeans_iters < 1:
             raise ValueError("chunk_size, cluster_groups, max_parallel_groups and kmeans_iters must be >= 1")
 
@@ -129,8 +134,9 @@ def default_decontam_config() -> DecontamConfig:
 
 
 def tiny_decontam_config(**overrides) -> DecontamConfig:
-    """For the embedded tiny open_clip model (random weights), whose cosines are compressed: on the demo,
-    unrelated white-background drawings reach 0.9995 against the eval fixtures while exact and JPEG-re-encoded
-    copies score >= 0.99995. So the threshold is 0.9999: it catches copies and re-encodes, not resized or
-    cropped near-copies (a trained encoder such as SigLIP2 separates those at 0.95). 5 neighbours mined."""
-    return DecontamConfig(**({"threshold": 0.9999, "k": 5} | overrides))
+    """For the embedded tiny open_clip model, trained contrastively on demo-generator pairs
+    (core/embed/tiny_train.py): 0.98, on SigLIP2's scale. On the demo (benchmarks/demo_embed_quality.py)
+    the planted eval copies (exact and JPEG re-encoded) score >= 0.986 and every other training sample
+    <= 0.973 (a drawn bar chart against a ChartQA fixture chart): 0.98 drops exactly the copies, while
+    SigLIP2's 0.95 also drops that chart. 5 neighbours mined."""
+    return DecontamConfig(**({"threshold": 0.98, "k": 5} | overrides))
