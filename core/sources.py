@@ -54,7 +54,8 @@ class SourceError(RuntimeError):
 
 @dataclass
 class SourceRecord:
-    """One record of a source: `record` (LLaVA-form dict) or `problem` (reason, detail), never both.
+    """One record of a source: `record` (LLaVA-form dict), or `problem` (reason, detail) with the raw record
+    when there is one (its id keys the quarantine row).
 
     `image_bytes` are the images a container carries inline (WDS members, Parquet bytes), aligned with the
     record's image names; None when the images live under `image_root`.
@@ -579,7 +580,7 @@ def iter_source(source: str, format: str = "auto", caption_prompt: str = DEFAULT
                 try:
                     r.record = normalize(r.record, dialect, implicit_images=r.implicit_images)
                 except SampleError as e:
-                    r.problem, r.record = (e.reason, e.detail), None
+                    r.problem = (e.reason, e.detail)  # the raw record stays: its id keys the ledger row
             yield r
 
 
