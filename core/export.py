@@ -292,7 +292,8 @@ def export_report_html(manifest: dict[str, Any]) -> str:
                           for r in manifest["removed_by_step"]])
     reasons = pd.DataFrame([{"step": r["step"], **x} for r in manifest["removed_by_step"] for x in r["by_reason"]])
     shards = pd.DataFrame([{"shard": s["name"], "samples": s["n_samples"], "MB": s["n_bytes"] / 1e6,
-                            "sha256": s["sha256"][:16]} for s in manifest["shards"]])
+                            "sha256": s["sha256"][:16]} for s in manifest["shards"]],
+                          columns=["shard", "samples", "MB", "sha256"])  # columns also for an empty export
     parts = [table_html([summary], "export"), table_html(steps, "samples per step")]
     if len(reasons):
         fig, ax = new_figure(7, 0.35 * len(reasons) + 1.2)

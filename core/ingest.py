@@ -11,14 +11,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
 import fsspec.implementations.local
-import ijson
 
 from core.images import DEFAULT_MAX_PIXELS, decode_image
 from core.ledger import LedgerWriter, step_dir

@@ -19,6 +19,9 @@ class SemDedupConfig:
         of its cluster in keep order).
     target_removal: fraction of deduplicated samples to drop, exactly round(target_removal * N); the eps
         that achieves it is reported.
+    min_similarity: target mode's floor: a sample is never removed unless M > min_similarity; when fewer
+        than the target qualify, only those go and the summary says "asked 10%, found only 3% above the
+        floor". None disables it. The presets set it per embedder (docs/dedup.md: how it was chosen).
     keep: which member of a duplicate group survives: `hard` = the one least similar to the centroid
         (paper default), `easy` = the one most similar, `random` = seeded random order.
     kind: embedding used: image, text, joint_concat (concat of the normalized image and text vectors),
@@ -37,6 +40,7 @@ class SemDedupConfig:
     n_clusters: int
     eps: Optional[float] = None
     target_removal: Optional[float] = None
+    min_similarity: Optional[float] = None
     kmeans_iters: int = 20
     kmeans_branching: int = 0
     seed: int = 1234
@@ -62,6 +66,8 @@ class SemDedupConfig:
             raise ValueError(f"eps={self.eps} outside [0, 2] (cosine similarity lies in [-1, 1])")
         if self.target_removal is not None and not (0.0 <= self.target_removal <= 1.0):
             raise ValueError(f"target_removal={self.target_removal} outside [0, 1]")
+        if self.min_similarity is not None and not (-1.0 <= self.min_similarity <= 1.0):
+            raise ValueError(f"min_similarity={self.min_similarity} outside [-1, 1] (a cosine similarity)")
         if self.n_clusters < 1:
             raise ValueError("n_clusters must be >= 1")
         if self.keep not in KEEP_POLICIES:
