@@ -133,117 +133,110 @@ def detect_container(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # JSON arrays: a byte-level splitter of top-level items (counting, and resync after a malformed item)
 # ---------------------------------------------------------------------------------------------------------
-_STRUCT = re.compile(rb'[\[\]{}",]')
-_IN_STR = re.compile(rb'["\\]')
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # one whole JSON string, escapes included
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|["\[\]{}]', re.S)  # a string, a bracket, or a lone quote
+_SCALAR_END = re.compile(rb'[,\]\[{}"]')
 _NON_WS = re.compile(rb"[^ \t\r\n]")
-_CLOSE = {ord("}"): ord("{"), ord("]"): ord("[")}
+_LC, _RC, _LB, _RB, _COMMA, _QUOTE = b"{}[],\""  # byte values
+_CLOSE = {_RC: _LC, _RB: _LB}
 
 
-def split_json_array(f, keep_bytes: bool = True, chunk_size: int = 1 << 20) -> Iterator[tuple[int, int, bytes | None, str]]:
+def split_json_array(f, keep_bytes: bool = True, chunk_size: int = 1 << 20
+                     ) -> Iterator[tuple[int, int, bytes | None, str]]:
     """Yield `(index, byte offset, raw item bytes or None, error)` for every top-level item of a JSON array,
-    scanning bytes only (strings and escapes tracked, nothing decoded), so a non-UTF-8 or otherwise
-    unparsable item does not hide the items after it. `error` is "" or, for an item cut by the end of the
-    file, "truncated". Raises SourceError naming the byte offset where items cannot be delimited (not an
-    array, unbalanced brackets, data after the array)."""
-    base = 0  # absolute offset of `chunk`
+    scanning bytes only (whole strings skipped by one regex match, brackets counted, nothing decoded), so a
+    non-UTF-8 or otherwise unparsable item does not hide the items after it. `error` is "" or, for an item
+    cut by the end of the file, "truncated". Raises SourceError naming the byte offset where items cannot be
+    delimited (not an array, unbalanced brackets, data after the array)."""
+    buf, base, pos, eof = b"", 0, 0, False  # base: absolute offset of buf[0]; pos: scan position in buf
+    size = chunk_size
     state = "start"  # start | between | item | done
-    stack: list[int] = []  # open brackets inside the current item
-    in_str = esc = False
-    index, start, parts = 0, 0, []
+    stack: list[int] = []  # open brackets of the current item
+    scalar = False  # the current item is a bare scalar or string: it ends at the next , or ]
     expect_item = True  # after '[' or ',': an item must come before the next ',' or ']'
-    scalar = False  # the current item is a bare scalar/string at depth 1: it ends at the next , or ]
+    index, start = 0, 0  # current item: its index and absolute start offset
     while True:
-        chunk = f.read(chunk_size)
-        if not chunk:
-            break
-        pos, n = 0, len(chunk)
-        if index == 0 and base == 0 and chunk.startswith(b"\xef\xbb\xbf"):
-            pos = 3
-        seg = pos  # start of the part of this chunk that belongs to the open item
-        while pos < n:
-            if in_str:
-                if esc:
-                    esc, pos = False, pos + 1
-                    continue
-                m = _IN_STR.search(chunk, pos)
-                if m is None:
-                    pos = n
-                    break
-                if m.group() == b"\\":
-                    esc, pos = True, m.end()
-                else:
-                    in_str, pos = False, m.end()
-                continue
-            if state in ("start", "between", "done"):
-                m = _NON_WS.search(chunk, pos)
-                if m is None:
-                    pos = n
-                    break
-                c, at = chunk[m.start()], base + m.start()
+        resume = -1  # >= 0: more bytes are needed; scanning resumes at buf[resume]
+        if state != "item":
+            m = _NON_WS.search(buf, pos)
+            if m is None:
+                resume = len(buf)
+            else:
+                c, at = buf[m.start()], base + m.start()
                 pos = m.end()
                 if state == "start":
-                    if c != ord("["):
+                    if at == 0 and buf.startswith(b"\xef\xbb\xbf"):
+                        pos = 3
+                        continue
+                    if c != _LB:
                         raise SourceError(f"not a JSON array: byte {at} is {chr(c)!r}, expected '['")
-                    state, expect_item = "between", True
-                    continue
-                if state == "done":
+                    state = "between"
+                elif state == "done":
                     raise SourceError(f"data after the end of the JSON array at byte {at}")
-                if c == ord("]"):
+                elif c == _RB:
                     state = "done"
-                    continue
-                if c == ord(","):
+                elif c == _COMMA:
                     if expect_item:
                         raise SourceError(f"empty item (',') in the JSON array at byte {at}")
                     expect_item = True
-                    continue
-                # an item starts here
-                state, start, seg, parts, expect_item = "item", at, m.start(), [], False
-                if c in (ord("{"), ord("[")):
-                    stack, scalar = [c], False
+                else:  # an item starts here
+                    state, start, expect_item = "item", at, False
+                    stack, scalar = ([c], False) if c in (_LC, _LB) else ([], True)
+                    if c == _QUOTE:
+                        pos = m.start()  # the string scalar is matched whole below
+        elif scalar:
+            if buf[pos:pos + 1] == b'"' and base + pos == start:
+                sm = _STRING.match(buf, pos)
+                if sm is None:
+                    resume = pos
                 else:
-                    stack, scalar = [], True
-                    if c == ord('"'):
-                        in_str = True
-                continue
-            # state == "item"
-            m = _STRUCT.search(chunk, pos)
+                    pos = sm.end()
+            if resume < 0:
+                m = _SCALAR_END.search(buf, pos)
+                if m is None:
+                    resume = len(buf)
+                else:
+                    c = buf[m.start()]
+                    if c not in (_COMMA, _RB):
+                        raise SourceError(f"unexpected {chr(c)!r} after a scalar item at byte {base + m.start()}")
+                    raw = buf[start - base:m.start()].strip() if keep_bytes else None
+                    yield index, start, raw, ""
+                    index += 1
+                    pos = m.end()
+                    state, expect_item = ("between", True) if c == _COMMA else ("done", False)
+        else:
+            m = _TOKEN.search(buf, pos)
             if m is None:
-                pos = n
-                break
-            c = chunk[m.start()]
-            pos = m.end()
-            if c == ord('"'):
-                in_str = True
-            elif c in (ord("{"), ord("[")):
-                if scalar:
-                    raise SourceError(f"unexpected {chr(c)!r} after a scalar item at byte {base + m.start()}")
-                stack.append(c)
-            elif c in (ord("}"), ord("]")) and stack:
-                if stack.pop() != _CLOSE[c]:
-                    raise SourceError(f"unbalanced {chr(c)!r} at byte {base + m.start()}: items cannot be delimited")
-                if not stack:  # the item closed
-                    if keep_bytes:
-                        parts.append(chunk[seg:pos])
-                    yield index, start, b"".join(parts) if keep_bytes else None, ""
-                    index, state, parts = index + 1, "between", []
-            elif c == ord(","):
-                if scalar:  # a bare scalar item ends before this comma
-                    if keep_bytes:
-                        parts.append(chunk[seg:m.start()])
-                    yield index, start, b"".join(parts).strip() if keep_bytes else None, ""
-                    index, state, parts, expect_item = index + 1, "between", [], True
-            elif c == ord("]"):  # stack empty: the array closes after a scalar item
-                if keep_bytes:
-                    parts.append(chunk[seg:m.start()])
-                yield index, start, b"".join(parts).strip() if keep_bytes else None, ""
-                index, state, parts = index + 1, "done", []
-            elif c == ord("}"):
-                raise SourceError(f"unbalanced '}}' at byte {base + m.start()}: items cannot be delimited")
-        if state == "item" and keep_bytes:
-            parts.append(chunk[seg:n])
-        base += n
+                resume = len(buf)
+            elif m.end() - m.start() == 1 and buf[m.start()] == _QUOTE:
+                resume = m.start()  # a string that goes on past the buffer
+            else:
+                pos = m.end()
+                c = buf[m.start()]
+                if c in (_LC, _LB):
+                    stack.append(c)
+                elif c in (_RC, _RB):
+                    if stack.pop() != _CLOSE[c]:
+                        raise SourceError(f"unbalanced {chr(c)!r} at byte {base + m.start()}: "
+                                          "items cannot be delimited")
+                    if not stack:  # the item closed
+                        yield index, start, buf[start - base:pos] if keep_bytes else None, ""
+                        index, state = index + 1, "between"
+        if resume < 0:
+            continue
+        if eof:
+            break
+        data = f.read(size)
+        if not data:
+            eof = True
+        keep = min(resume, start - base) if state == "item" and keep_bytes else resume
+        if state == "item" and scalar and base + resume == start:
+            keep = resume  # a string scalar is re-matched from its start
+        grew = keep == 0 and len(buf) >= size
+        buf, base, pos = buf[keep:] + data, base + keep, resume - keep
+        size = size * 2 if grew else chunk_size  # a long string or item: read more at once (no quadratic rescans)
     if state == "item":  # the file ends inside an item: it is one (cut) record
-        yield index, start, b"".join(parts) if keep_bytes else None, "truncated"
+        yield index, start, buf[start - base:] if keep_bytes else None, "truncated"
     elif state == "start":
         raise SourceError("empty file: expected a JSON array")
 

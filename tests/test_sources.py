@@ -101,6 +101,32 @@ def test_splitter_counts_like_json_on_tricky_strings():
         assert all(raw[off:off + len(b)] == b for _, off, b, _ in got)
 
 
+def test_splitter_agrees_with_json_on_random_documents():
+    import random
+
+    rng = random.Random(0)
+    alphabet = ['a', ',', ']', '[', '{', '}', '"', '\\', '\n', 'é', '中', ' ', ':']
+
+    def value(depth):
+        k = rng.randrange(6 if depth < 3 else 3)
+        if k == 0:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        if k == 1:
+            return rng.choice([0, -1.5, 1e20, True, False, None])
+        if k == 2:
+            return ""
+        if k == 3:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {"".join(rng.choice(alphabet) for _ in range(rng.randrange(6))): value(depth + 1)
+                for _ in range(rng.randrange(4))}
+
+    for trial in range(60):
+        items = [value(0) for _ in range(rng.randrange(1, 8))]
+        raw = json.dumps(items, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1])).encode()
+        got = list(split_json_array(io.BytesIO(raw), chunk_size=rng.choice([1, 3, 16, 1 << 20])))
+        assert [json.loads(b) for _, _, b, _ in got] == items, raw
+
+
 # ---- ShareGPT / messages ---------------------------------------------------------------------------------
 def test_messages_dialect_jsonl(tmp_path, images):
     """ShareGPT / LLaMA-Factory / HF chat records: role/content (string with <image>, or typed parts),
