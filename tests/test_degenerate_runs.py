@@ -5,7 +5,6 @@ balances, and the summary says what happened in one sentence; none of them fails
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -54,9 +53,8 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
     elif kind == "all_quarantined":
         assert s["sentence"].startswith("All 4 source records were quarantined at ingest") and s["final_samples"] == 0
     else:
+        # 8 clusters for 3 samples: nothing can be compared, so nothing is removed (the decision's note
+        # advises fewer clusters; tests/test_dedup_core.py checks the note) and the run goes on
         by = {x["step"]: x for x in s["steps"]}
         assert by["semdedup"]["dropped"] == 0 and by["semdedup"]["inputs"] == 3
-        notes = json.loads(next(Path(out).parent.rglob("semdedup/summary.json")).read_text())["notes"] \
-            if list(Path(out).parent.rglob("semdedup/summary.json")) else None
         assert s["final_samples"] >= 1 and "samples out of export" in s["sentence"]
-        del notes
