@@ -85,9 +85,15 @@ class SemDedupConfig:
 
 
 def tiny_dedup_config() -> SemDedupConfig:
-    """Demo / test preset: a handful of clusters, 10% removal target, CPU-friendly."""
+    """Demo / test preset: a handful of clusters, 10% removal target, CPU-friendly.
+
+    Floor 0.9999 for the embedded tiny open_clip model, whose cosines are compressed: on the 300-sample demo
+    (scripts/semdedup_floor.py) distinct samples have M median 0.99853, p99 0.99988, max 0.99992, planted
+    copies M >= 0.99449 (71% above 0.99989); so 0.9999 lets <1% of distinct samples go (the same value
+    tiny_decontam_config uses for copies). Re-measure after retraining the embedder."""
     return SemDedupConfig(
-        n_clusters=8, target_removal=0.10, kmeans_iters=10, chunk_size=512, cluster_groups=2, sweep_subsample=2000
+        n_clusters=8, target_removal=0.10, min_similarity=0.9999, kmeans_iters=10, chunk_size=512, cluster_groups=2,
+        sweep_subsample=2000
     )
 
 
@@ -97,8 +103,12 @@ def semdedup_paper_config(n_clusters: int = 1200) -> SemDedupConfig:
 
 
 def target_dedup_config(fraction: float = 0.10, n_clusters: int = 1200) -> SemDedupConfig:
-    """Production preset: remove exactly `fraction` of the samples; 1200 clusters ~ 10k samples each at 12M."""
-    return SemDedupConfig(n_clusters=n_clusters, target_removal=fraction, kmeans_iters=50, cluster_groups=64)
+    """Production preset: remove `fraction` of the samples, never one with M <= 0.93 (the paper-mode
+    threshold of `semdedup_paper_config`, eps=0.07: pairs less similar than what eps mode would call a
+    duplicate are not removed to fill a quota); 1200 clusters ~ 10k samples each at 12M. The floor is not
+    measured on SigLIP2 here (no weights offline): measure it with scripts/semdedup_floor.py."""
+    return SemDedupConfig(n_clusters=n_clusters, target_removal=fraction, min_similarity=0.93, kmeans_iters=50,
+                          cluster_groups=64)
 
 
 @dataclass

@@ -57,6 +57,8 @@ def semdedup_report_html(summary: dict, fetch: Callable[[list[str]], dict[str, A
                 "removed": s["n_removed"],
                 "removed %": 100 * s["removed_fraction"],
                 "target %": None if s["target_removal"] is None else 100 * s["target_removal"],
+                "asked": s.get("n_asked"),
+                "floor (min_similarity)": s.get("min_similarity"),
                 "eps": s["eps"],
                 "eps reproduces": s["eps_exact"],
                 "clusters": s["n_clusters"],
