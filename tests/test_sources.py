@@ -316,3 +316,20 @@ def test_a_lost_record_fails_the_accounting(tmp_path, images, monkeypatch):
     with pytest.raises(SourceAccountingError, match="2 ledger rows for 3 source records"):
         ingest(IngestConfig(source=str(src), image_root=str(images), run_dir=str(tmp_path / "r")))
     assert read_source_accounting(step_dir(tmp_path / "r", "ingest"))["balanced"] is False
+
+
+def test_meta_domain_and_source_travel_into_the_export(tmp_path, images):
+    """Unknown top-level fields are not dropped: they ride in `meta` from the source to the exported shards."""
+    from core.export import ExportConfig, export_curated
+
+    rows = [{"id": "x", "image": "a.jpg", "conversations": conv(), "domain": "chart", "source": "web",
+             "system_prompt": "Answer briefly.", "license": {"name": "cc-by", "v": 4}}]
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps(rows))
+    run = tmp_path / "run"
+    ingest(IngestConfig(source=str(src), image_root=str(images), run_dir=str(run)))
+    export_curated(list_shards(str(run / "shards")), str(run), str(tmp_path / "out"), ExportConfig(steps=["ingest"]))
+    (back,) = iter_samples(list_shards(str(tmp_path / "out" / "shards")))
+    rec = back.to_record()
+    assert rec["meta"] == {"system_prompt": "Answer briefly.", "license": {"name": "cc-by", "v": 4}}
+    assert rec["domain"] == "chart" and rec["source"] == "web" and back.domain == "chart"
