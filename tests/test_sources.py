@@ -120,7 +120,7 @@ def test_splitter_agrees_with_json_on_random_documents():
         return {"".join(rng.choice(alphabet) for _ in range(rng.randrange(6))): value(depth + 1)
                 for _ in range(rng.randrange(4))}
 
-    for trial in range(60):
+    for _ in range(60):
         items = [value(0) for _ in range(rng.randrange(1, 8))]
         raw = json.dumps(items, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1])).encode()
         got = list(split_json_array(io.BytesIO(raw), chunk_size=rng.choice([1, 3, 16, 1 << 20])))
