@@ -389,8 +389,8 @@ def _wds_record(g: _WdsGroup, caption_prompt: str) -> tuple[dict[str, Any], list
     elif caption is not None:
         meta["txt"] = caption
     rec.setdefault("id", g.key)
-    if meta:
-        rec["meta"] = {**(rec.get("meta") or {}), **meta} if isinstance(rec.get("meta"), (dict, type(None))) else meta
+    if meta and isinstance(rec.get("meta") or {}, dict):  # a non-object "meta" is quarantined by from_record
+        rec["meta"] = {**(rec.get("meta") or {}), **meta}
     named = rec.pop("image", rec.pop("images", None))
     if isinstance(named, str):
         named = [named]
