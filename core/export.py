@@ -135,6 +135,8 @@ def load_rephrased(rephrased_dir: str, ids: set[str]) -> dict[str, str]:
     missing = [c for c in REPHRASE_COLUMNS if c not in ds.schema.names]
     if missing:
         raise ValueError(f"rephrased Parquet under {rephrased_dir} lacks columns {missing}")
+    if not ids:  # nothing to export (an empty run): an empty id list has no Arrow type to filter with
+        return {}
     table = ds.to_table(columns=list(REPHRASE_COLUMNS), filter=pc.field("sample_id").isin(list(ids)))
     out: dict[str, str] = {}
     for sid, conv in zip(table.column("sample_id").to_pylist(), table.column("conversations_json").to_pylist()):

@@ -42,10 +42,17 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
     src = tmp_path / "data.json"
     src.write_text(json.dumps(recs))
     out = tmp_path / "out"
-    curate(source=str(src), image_root=str(tmp_path), lm_steps=5, output_dir=str(out))
+    extra, steps = {}, ["ingest", "embed", "semdedup", "perplexity", "ppl_filter", "export"]
+    if kind == "empty":  # every switchable step on
+        from core.evals.fixtures import write_fixtures
+
+        write_fixtures(str(tmp_path / "eval_cache"))
+        extra = dict(rephrase=True, decontaminate=True, eval_cache=str(tmp_path / "eval_cache"),
+                     decontam_benchmarks=["docvqa"])
+        steps = ["ingest", "embed", "decontam", "semdedup", "perplexity", "ppl_filter", "rephrase", "export"]
+    curate(source=str(src), image_root=str(tmp_path), lm_steps=5, output_dir=str(out), **extra)
     s = json.loads((out / "summary.json").read_text())
-    steps = [x["step"] for x in s["steps"]]
-    assert steps == ["ingest", "embed", "semdedup", "perplexity", "ppl_filter", "export"]
+    assert [x["step"] for x in s["steps"]] == steps
     assert s["balanced"] and s["source_accounting"]["balanced"]
     assert s["source_accounting"]["source_records"] == len(recs) == s["steps"][0]["inputs"]
     if kind == "empty":
