@@ -11,7 +11,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.images import CPU_IMAGE
 from tasks.paths import source
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="4Gi"), cache=True,
-      cache_version=code_version(*CORE_IO, "core/ablation.py", "core/dedup/semdedup.py", "core/perplexity/slices.py"))
+      cache_version=task_version(__name__))
 def select_variant(step_dirs: List[FlyteDirectory], variant: str) -> FlyteFile:
     """Write the sample ids of one variant (baseline, semdedup@0.1, ppl@0-90, ppl_decile@3, ...).
 
@@ -39,7 +39,7 @@ def select_variant(step_dirs: List[FlyteDirectory], variant: str) -> FlyteFile:
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="2Gi"), cache=True,
-      cache_version=code_version("core/embed/model.py", "core/embed/model_configs"))
+      cache_version=task_version(__name__))
 def build_tiny_vision_tower(seed: int = 0) -> FlyteDirectory:
     """The embedded tiny open_clip model as a `local-dir` (the frozen vision tower of the built-in trainer).
 
@@ -137,6 +137,9 @@ def compare_variants(
         ax.set_ylabel("score")
         ax.legend(fontsize=7)
         parts.append(figure_html(fig, "scores by variant"))
+        from core.evals.report import score_vs_step_html
+
+        parts.append(score_vs_step_html(long))  # one line per variant over its checkpoints' steps
     Deck("ablation", page(*parts))
     log.info("ablation table:\n%s", table.to_string(index=False))
     if output_dir:

@@ -17,7 +17,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from core.embed.config import PRESETS, EmbedConfig, siglip2_embed_config
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.images import GPU_IMAGE
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _include_ids(upstream: str, step: str) -> dict[str, list[str]]:
     enable_deck=True,
     requests=Resources(cpu="2", mem="8Gi"),
     cache=True,
-    cache_version=code_version(*CORE_IO, "core/embed", "tasks/embed.py"),
+    cache_version=task_version(__name__),
 )
 def embed_shards(
     shards: FlyteDirectory,

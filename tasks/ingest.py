@@ -1,4 +1,4 @@
-"""Ingest task: LLaVA JSON/JSONL + image folder -> WebDataset shards + the ingest ledger."""
+"""Ingest task: any input dialect (JSON/JSONL/WDS/Parquet; LLaVA or messages) -> WebDataset shards + the ingest ledger."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.images import CPU_IMAGE
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,7 @@ def fingerprint_source(source: str, image_root: str = "") -> str:
     return source_fingerprint(source, image_root)
 
 
-@task(container_image=CPU_IMAGE, cache=True, cache_version=code_version(*CORE_IO, "core/ingest.py", "core/sources.py",
-                                                         "tasks/ingest.py"), enable_deck=True,
+@task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True,
       requests=Resources(cpu="2", mem="4Gi"))
 def ingest_dataset(
     source: str,

@@ -12,7 +12,7 @@ from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), cache=True,
-      cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
+      cache_version=task_version(__name__))
 def train_reference_lm(
     run: FlyteDirectory,
     reference_ids: Optional[FlyteFile] = None,
@@ -51,7 +51,7 @@ def train_reference_lm(
 
 
 @task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi", gpu="1"), retries=1, enable_deck=True,
-      cache=True, cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
+      cache=True, cache_version=task_version(__name__))
 def score_perplexity(
     run: FlyteDirectory,
     model: FlyteDirectory,
@@ -108,7 +108,7 @@ def score_perplexity(
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True,
-      cache=True, cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
+      cache=True, cache_version=task_version(__name__))
 def slice_by_perplexity(
     scores: FlyteDirectory,
     mode: str = "range",

@@ -10,7 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.images import VLLM_IMAGE
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _tiny_model_for(shards_dir: str, work: str) -> str:
     enable_deck=True,
     retries=2,
     cache=True,
-    cache_version=code_version(*CORE_IO, "core/rephrase", "core/tiny_lm.py", "tasks/rephrase.py"),
+    cache_version=task_version(__name__),
     requests=Resources(cpu="8", mem="32Gi", gpu="1"),
     limits=Resources(gpu="1"),
 )

@@ -33,6 +33,7 @@ def evaluation(
     batch_size: int = 8,
     max_samples: int = 0,
     group_size: int = 0,
+    scoring: str = "exact",
 ) -> FlyteDirectory:
     """Evaluate checkpoints on benchmarks, at most EVAL_CONCURRENCY checkpoints at a time.
 
@@ -44,11 +45,12 @@ def evaluation(
     :param batch_size: Requests per generate call.
     :param max_samples: Per-benchmark sample cap (0 = all).
     :param group_size: Benchmarks per worker (0 = all in one, one download per checkpoint).
-    :return: records.parquet, summary.parquet, results.csv, report.html.
+    :param scoring: exact (lmms-eval / Molmo reference) | lenient (adds the lenient score beside it).
+    :return: records.parquet, summary.parquet, results.csv, report.html, results.json, lmms_eval/.
     """
     jobs = plan_eval_jobs(checkpoints=checkpoints, benchmarks=benchmarks, group_size=group_size)
     worker = partial(evaluate_checkpoint_benchmarks, cache_dir=cache_dir, backend=backend, device=device,
-                     batch_size=batch_size, max_samples=max_samples)  # fmt: skip
+                     batch_size=batch_size, max_samples=max_samples, scoring=scoring)  # fmt: skip
     results = map_task(worker, concurrency=EVAL_CONCURRENCY, min_success_ratio=EVAL_MIN_SUCCESS_RATIO)(
         checkpoint=jobs.checkpoints, benchmarks=jobs.groups
     )
@@ -65,6 +67,7 @@ def prefix_evaluation(
     device: str = "auto",
     batch_size: int = 8,
     max_samples: int = 0,
+    scoring: str = "exact",
 ) -> FlyteDirectory:
     """Evaluate every checkpoint directory under a prefix.
 
@@ -76,10 +79,11 @@ def prefix_evaluation(
     :param device: cpu | cuda | auto.
     :param batch_size: Requests per generate call.
     :param max_samples: Per-benchmark sample cap (0 = all).
+    :param scoring: exact | lenient (see `evaluation`).
     """
     ckpts = find_checkpoints(prefix=prefix, pattern=pattern)
     return evaluation(checkpoints=ckpts, benchmarks=benchmarks, cache_dir=cache_dir, backend=backend, device=device,
-                      batch_size=batch_size, max_samples=max_samples)  # fmt: skip
+                      batch_size=batch_size, max_samples=max_samples, scoring=scoring)  # fmt: skip
 
 
 nightly_eval = LaunchPlan.get_or_create(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 STAGES = ("projector", "full")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine decay after warmup, or constant (soup experts stay near their start)
     max_seq_len: int = 512
     max_steps: int | None = None  # stop early (smoke runs); a checkpoint is written at the stop
     val_size: int = 16  # held out from the training shards once, by seed
@@ -52,6 +54,8 @@ class TrainConfig:
             raise ValueError(f"stage {self.stage!r} not in {STAGES}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} not in {LR_SCHEDULES}")
         if self.val_every_n_steps < 1:
             raise ValueError("val_every_n_steps must be >= 1")
 
