@@ -153,6 +153,8 @@ def load_rephrased(rephrased_dir: str, ids: set[str]) -> dict[str, str]:
     missing = [c for c in REPHRASE_COLUMNS if c not in ds.schema.names]
     if missing:
         raise ValueError(f"rephrased Parquet under {rephrased_dir} lacks columns {missing}")
+    if not ids:  # nothing to export (an empty run): an empty id list has no Arrow type to filter with
+        return {}
     table = ds.to_table(columns=list(REPHRASE_COLUMNS), filter=pc.field("sample_id").isin(list(ids)))
     out: dict[str, str] = {}
     for sid, conv in zip(table.column("sample_id").to_pylist(), table.column("conversations_json").to_pylist()):
@@ -347,7 +349,8 @@ def export_report_html(manifest: dict[str, Any]) -> str:
                           for r in manifest["removed_by_step"]])
     reasons = pd.DataFrame([{"step": r["step"], **x} for r in manifest["removed_by_step"] for x in r["by_reason"]])
     shards = pd.DataFrame([{"shard": s["name"], "samples": s["n_samples"], "MB": s["n_bytes"] / 1e6,
-                            "sha256": s["sha256"][:16]} for s in manifest["shards"]])
+                            "sha256": s["sha256"][:16]} for s in manifest["shards"]],
+                          columns=["shard", "samples", "MB", "sha256"])  # columns also for an empty export
     parts = [table_html([summary], "export"), table_html(steps, "samples per step")]
     if len(reasons):
         fig, ax = new_figure(7, 0.35 * len(reasons) + 1.2)

@@ -73,6 +73,7 @@ def compare_variants(
     evaluation: FlyteDirectory,
     tokenizer: Optional[FlyteDirectory] = None,
     output_dir: str = "",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> FlyteDirectory:
     """One comparison table: variant x benchmark (final checkpoint), deltas vs baseline, sample and token counts.
 
@@ -82,6 +83,8 @@ def compare_variants(
     :param evaluation: Output of the evaluation workflow (summary.parquet).
     :param tokenizer: Training tokenizer (HF dir) for token counts; characters/4 when absent.
     :param output_dir: Optional path/URL to publish the comparison and the evaluation results to.
+    :param known_bad_ids: Optional id list (JSON or one per line) of known low-quality samples: per variant, how
+        many of them its export kept (`known_bad_kept`) and removed vs the baseline (`known_bad_removed`).
     :return: Directory with comparison.parquet, comparison.csv, scores_by_epoch.parquet.
     """
     import pandas as pd
@@ -95,18 +98,28 @@ def compare_variants(
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer.download())
-    counts = []
+    from core.run_summary import load_id_list
+
+    bad = set(load_id_list(known_bad_ids.download())) if known_bad_ids is not None else None
+    counts, exported = [], []
     for ex in exports:
         root = ex.download()
         n_samples = n_tokens = 0
+        ids = set()
         for s in iter_samples(list_shards(os.path.join(root, "shards")), load_images=False, verify_images=False):
             text = "\n".join(t.value for t in s.conversations)
             n_tokens += len(tok(text)["input_ids"]) if tok is not None else len(text) // 4
             n_samples += 1
+            ids.add(s.id)
         counts.append({"n_samples": n_samples, "n_tokens": n_tokens})
+        exported.append(ids)
     eval_dir = evaluation.download()
     summary = pd.read_parquet(os.path.join(eval_dir, "summary.parquet"))
     table, long = comparison_table(variants, checkpoints, summary, counts)
+    if bad is not None:  # recall of each variant's filter on the known-bad ids, against the baseline export
+        base = exported[list(variants).index("baseline")] if "baseline" in variants else set().union(*exported)
+        table["known_bad_kept"] = [len(ids & bad) for ids in exported]
+        table["known_bad_removed"] = [len((base - ids) & bad) for ids in exported]
     out = os.path.join(current_context().working_directory, "ablation")
     os.makedirs(out, exist_ok=True)
     table.to_parquet(os.path.join(out, "comparison.parquet"), index=False)

@@ -27,6 +27,8 @@ def _tiny_model_for(shards_dir: str, work: str) -> str:
 
     root = Path(shards_dir)
     urls = list_shards(str(root / "shards")) if (root / "shards").is_dir() else list_shards(shards_dir)
+    if not urls:  # a degenerate run (empty source, all quarantined): nothing to rephrase, no model needed
+        return ""
     samples = iter_samples(urls, load_images=False, verify_images=False)
     return train_demo_model(samples, os.path.join(work, "tiny_lm"))
 

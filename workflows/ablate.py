@@ -50,6 +50,8 @@ def ablate(
     batch_size: int = 8,
     eval_max_samples: int = 0,
     output_dir: str = "",
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> AblationOutputs:
     """Train and evaluate one model per dataset variant and compare them with the baseline.
 
@@ -74,11 +76,14 @@ def ablate(
     :param batch_size: Training batch size.
     :param eval_max_samples: Per-benchmark sample cap (0 = all).
     :param output_dir: Where to publish comparison.{parquet,csv} and the evaluation results (path or URL).
+    :param format: Input format of `source` (auto, json|jsonl|wds|parquet, llava|messages; docs/ingest.md).
+    :param known_bad_ids: Optional id list of known low-quality samples: the comparison table says how many of
+        them each variant removed and kept.
     """
     parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
     # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
     run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
-                         source_fingerprint=fingerprint_source(source=source, image_root=image_root))
+                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
     emb = embed_shards(shards=run, upstream=run, upstream_step="ingest", preset=embed_preset)
     ref = run
     if reference_source:
@@ -112,7 +117,7 @@ def ablate(
     uris = checkpoint_uris(per_variant=ckpts)
     ev = evaluation(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
     table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
-                             tokenizer=lm, output_dir=output_dir)
+                             tokenizer=lm, output_dir=output_dir, known_bad_ids=known_bad_ids)
     return AblationOutputs(comparison=table, evaluation=ev)
 
 

@@ -58,10 +58,13 @@ def curate(
     rephrase_preset: str = "tiny",
     export_max_samples: int = 1000,
     output_dir: str = "",
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> CurateOutputs:
     """Curate a LLaVA-style dataset into training-ready WebDataset shards.
 
-    :param source: Dataset JSON array (.json, streamed) or JSONL; path or fsspec URL.
+    :param source: Dataset: JSON array (.json, streamed), JSONL, WebDataset shards or Parquet; file, folder or
+        glob, path or fsspec URL.
     :param image_root: Folder the records' image names are relative to; path or URL.
     :param shard_max_samples: Samples per ingested shard (the unit of streaming and resume).
     :param embed_preset: Embedding preset: `tiny` (embedded CPU model) or `siglip2` (production).
@@ -86,10 +89,14 @@ def curate(
     :param rephrase_preset: `tiny` (embedded CPU model) or `qwen` (vLLM).
     :param export_max_samples: Samples per exported shard.
     :param output_dir: Where to publish the curated set and the run summary (path or URL; empty: none).
+    :param format: Input format: auto, or a container json|jsonl|wds|parquet and/or dialect llava|messages
+        (`jsonl:messages`); see docs/ingest.md.
+    :param known_bad_ids: Optional id list (JSON list or one id per line) of samples known to be low quality: the
+        run summary reports, per step, how many of them it removed, kept or quarantined.
     """
     # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
     run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
-                         source_fingerprint=fingerprint_source(source=source, image_root=image_root))
+                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
     emb = embed_shards(shards=run, upstream=run, upstream_step="ingest", preset=embed_preset)
     dirs, steps = [run, emb], ["ingest", "embed"]
     prev, prev_step = emb, "embed"
@@ -123,7 +130,8 @@ def curate(
         dirs, steps = dirs + [rephrased], steps + ["rephrase"]
     out = export_dataset(run_dir=run, step_dirs=dirs[1:], steps=steps, rephrased=rephrased,
                          max_samples=export_max_samples)
-    summary = summarize_run(step_dirs=dirs + [out], steps=steps + ["export"], export=out, output_dir=output_dir)
+    summary = summarize_run(step_dirs=dirs + [out], steps=steps + ["export"], export=out, output_dir=output_dir,
+                            known_bad_ids=known_bad_ids)
     return CurateOutputs(export=out, summary=summary)
 
 

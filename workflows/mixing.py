@@ -125,5 +125,5 @@ mixing_demo = LaunchPlan.get_or_create(
     mixing_search,
     name="mixing_demo",
     default_inputs={"config": tiny_mixing_config(),
-                    "include_domains": ["chartqa_like", "count_like", "doc_like", "photo_like"]},
+                    "include_domains": ["chart", "counting", "document", "photo"]},
 )

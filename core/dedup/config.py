@@ -22,6 +22,9 @@ class SemDedupConfig:
         of its cluster in keep order).
     target_removal: fraction of deduplicated samples to drop, exactly round(target_removal * N); the eps
         that achieves it is reported.
+    min_similarity: target mode's floor: a sample is never removed unless M > min_similarity; when fewer
+        than the target qualify, only those go and the summary says "asked 10%, found only 3% above the
+        floor". None disables it. The presets set it per embedder (docs/dedup.md: how it was chosen).
     keep: which member of a duplicate group survives: `hard` = the one least similar to the centroid
         (paper default), `easy` = the one most similar, `random` = seeded random order.
     kind: embedding used: image, text, joint_concat (concat of the normalized image and text vectors),
@@ -42,6 +45,7 @@ class SemDedupConfig:
     n_clusters: int
     eps: Optional[float] = None
     target_removal: Optional[float] = None
+    min_similarity: Optional[float] = None
     kmeans_iters: int = 20
     kmeans_branching: int = KMEANS_AUTO
     seed: int = 1234
@@ -67,6 +71,8 @@ class SemDedupConfig:
             raise ValueError(f"eps={self.eps} outside [0, 2] (cosine similarity lies in [-1, 1])")
         if self.target_removal is not None and not (0.0 <= self.target_removal <= 1.0):
             raise ValueError(f"target_removal={self.target_removal} outside [0, 1]")
+        if self.min_similarity is not None and not (-1.0 <= self.min_similarity <= 1.0):
+            raise ValueError(f"min_similarity={self.min_similarity} outside [-1, 1] (a cosine similarity)")
         if self.n_clusters < 1:
             raise ValueError("n_clusters must be >= 1")
         if self.keep not in KEEP_POLICIES:
@@ -84,9 +90,15 @@ class SemDedupConfig:
 
 
 def tiny_dedup_config() -> SemDedupConfig:
-    """Demo / test preset: a handful of clusters, 10% removal target, CPU-friendly."""
+    """Demo / test preset: a handful of clusters, 10% removal target, CPU-friendly.
+
+    Floor 0.9999 for the embedded tiny open_clip model, whose cosines are compressed: on the 300-sample demo
+    (scripts/semdedup_floor.py) distinct samples have M median 0.99853, p99 0.99988, max 0.99992, planted
+    copies M >= 0.99449 (71% above 0.99989); so 0.9999 lets <1% of distinct samples go (the same value
+    tiny_decontam_config uses for copies). Re-measure after retraining the embedder."""
     return SemDedupConfig(
-        n_clusters=8, target_removal=0.10, kmeans_iters=10, chunk_size=512, cluster_groups=2, sweep_subsample=2000
+        n_clusters=8, target_removal=0.10, min_similarity=0.9999, kmeans_iters=10, chunk_size=512, cluster_groups=2,
+        sweep_subsample=2000
     )
 
 
@@ -96,8 +108,12 @@ def semdedup_paper_config(n_clusters: int = 1200) -> SemDedupConfig:
 
 
 def target_dedup_config(fraction: float = 0.10, n_clusters: int = 1200) -> SemDedupConfig:
-    """Production preset: remove exactly `fraction` of the samples; 1200 clusters ~ 10k samples each at 12M."""
-    return SemDedupConfig(n_clusters=n_clusters, target_removal=fraction, kmeans_iters=50, cluster_groups=64)
+    """Production preset: remove `fraction` of the samples, never one with M <= 0.93 (the paper-mode
+    threshold of `semdedup_paper_config`, eps=0.07: pairs less similar than what eps mode would call a
+    duplicate are not removed to fill a quota); 1200 clusters ~ 10k samples each at 12M. The floor is not
+    measured on SigLIP2 here (no weights offline): measure it with scripts/semdedup_floor.py."""
+    return SemDedupConfig(n_clusters=n_clusters, target_removal=fraction, min_similarity=0.93, kmeans_iters=50,
+                          cluster_groups=64)
 
 
 @dataclass

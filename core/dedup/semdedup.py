@@ -506,8 +506,10 @@ class Decision:
     threshold: float  # remove iff M > threshold (= 1 - eps)
     eps_exact: bool
     mode: str  # "eps" | "target"
-    n_target: int | None = None
+    n_target: int | None = None  # removals made in target mode (<= n_asked)
     notes: list[str] = field(default_factory=list)
+    n_asked: int | None = None  # removals asked in target mode (round(target_removal * N))
+    min_similarity: float | None = None  # target mode's floor: nothing with M <= floor is removed
 
 
 def decide_eps(m: np.ndarray, eps: float) -> Decision:
@@ -520,29 +522,38 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def decide_target(m: np.ndarray, ids: np.ndarray, fraction: float) -> Decision:
-    """Remove exactly round(fraction * N) samples with the largest M (ties by sample id, ascending).
-
-    Raises ValueError when more removals are asked than SemDeDup can make (the first member of every
-    cluster has no earlier neighbour and is always kept).
+def decide_target(m: np.ndarray, ids: np.ndarray, fraction: float, min_similarity: float | None = None) -> Decision:
+    """Remove round(fraction * N) samples with the largest M (ties by sample id, ascending), but never one
+    whose M is not above `min_similarity` (the floor): when fewer samples qualify, only those are removed
+    and a note says "asked 10% (9 of 90), found only 3% (3) above the floor ...". Samples without M (the
+    first member of every cluster) are never removed; when they are what limits the count, the note says
+    that fewer clusters would let more pairs be compared.
     """
     n = len(m)
-    n_target = round_half_up(fraction * n)
+    n_asked = round_half_up(fraction * n)
     finite = np.isfinite(m)
-    n_removable = int(finite.sum())
-    if n_target > n_removable:
-        raise ValueError(
-            f"target_removal={fraction} asks for {n_target} of {n} removals, but SemDeDup keeps the first "
-            f"member of each of the {n - n_removable} non-empty clusters, so at most {n_removable} "
-            f"({n_removable / max(n, 1):.2%}) can be removed; lower the target or raise n_clusters"
-        )
     m64 = np.where(finite, m.astype(np.float64), -np.inf)
+    eligible = finite if min_similarity is None else finite & (m64 > float(min_similarity))
+    n_removable, n_eligible = int(finite.sum()), int(eligible.sum())
+    notes = []
+    n_target = n_asked
+    if n_asked > n_eligible:
+        n_target = n_eligible
+        if n_asked > n_removable and n_eligible == n_removable:
+            notes.append(
+                f"asked {fraction:.0%} ({n_asked} of {n}), found only {n_removable / max(n, 1):.0%} ({n_removable}) "
+                f"comparable: SemDeDup keeps the first member of each of the {n - n_removable} non-empty clusters; "
+                f"removed {n_target}. Fewer clusters (lower n_clusters) would compare more pairs")
+        else:
+            notes.append(
+                f"asked {fraction:.0%} ({n_asked} of {n}), found only {n_eligible / max(n, 1):.0%} ({n_eligible}) "
+                f"above the floor min_similarity={min_similarity}: removed those {n_target}; the rest are less "
+                f"similar than the floor, not duplicates")
     order = np.lexsort((np.asarray(ids).astype(str), -m64))
     removed = np.zeros(n, bool)
     removed[order[:n_target]] = True
     last = m64[order[n_target - 1]] if n_target > 0 else None
     nxt = m64[order[n_target]] if n_target < n else -np.inf
-    notes = []
     if last is None:
         t = float(max(nxt, -1.0)) if np.isfinite(nxt) else 1.0
         exact = True
@@ -557,7 +568,7 @@ def decide_target(m: np.ndarray, ids: np.ndarray, fraction: float) -> Decision:
         exact = False
         n_tied = int((m64 == last).sum())
         notes.append(f"{n_tied} samples tie at M={last:.7f} across the cut; ties broken by sample id")
-    return Decision(removed, float(1.0 - t), float(t), exact, "target", n_target, notes)
+    return Decision(removed, float(1.0 - t), float(t), exact, "target", n_target, notes, n_asked, min_similarity)
 
 
 def removal_curve(m: np.ndarray, eps_grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -590,7 +601,7 @@ def decide(scores: ClusterScores, cfg: SemDedupConfig) -> Decision:
     """Eps or target decision per the config."""
     if cfg.eps is not None:
         return decide_eps(scores.m, cfg.eps)
-    return decide_target(scores.m, scores.sample_id, float(cfg.target_removal))
+    return decide_target(scores.m, scores.sample_id, float(cfg.target_removal), cfg.min_similarity)
 
 
 def semdedup_arrays(
