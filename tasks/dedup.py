@@ -21,6 +21,7 @@ from core.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.cache import CORE_IO, code_version
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
+from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ def cluster_embeddings(
     return ClusterOutputs(FlyteDirectory(str(out)), [FlyteFile(g) for g in plan.group_files])
 
 
+cluster_embeddings_cpu = task(container_image=GPU_IMAGE, requests=TINY_REQUESTS, retries=1, **CACHE)(
+    renamed(cluster_embeddings.task_function, "cluster_embeddings_cpu"))
+
+
 @task(container_image=GPU_IMAGE, requests=Resources(cpu="4", mem="32Gi", gpu="1"), retries=2, **CACHE)
 def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     """M (max similarity to an earlier cluster member) and its neighbour for one cluster group.
@@ -89,6 +94,10 @@ def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     from core.dedup.pipeline import prune_cluster_group as run
 
     return FlyteFile(run(group.download(), config, workdir("scores")))
+
+
+prune_cluster_group_cpu = task(container_image=GPU_IMAGE, requests=TINY_REQUESTS, retries=2, **CACHE)(
+    renamed(prune_cluster_group.task_function, "prune_cluster_group_cpu"))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True, **CACHE)

@@ -19,6 +19,7 @@ from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 from core.embed.config import PRESETS, EmbedConfig, siglip2_embed_config
 from tasks.cache import CORE_IO, code_version
 from tasks.images import GPU_IMAGE
+from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,11 @@ def _include_ids(upstream: str, step: str) -> dict[str, list[str]]:
     return {shard: list(g.sample_id) for shard, g in led.groupby("shard", sort=True)}
 
 
-@task(
-    task_config=ray_job_config(siglip2_embed_config()),
-    container_image=GPU_IMAGE,
-    enable_deck=True,
-    requests=Resources(cpu="2", mem="8Gi"),
-    cache=True,
-    cache_version=code_version(*CORE_IO, "core/embed", "tasks/embed.py"),
-)
+_EMBED_OPTS = dict(container_image=GPU_IMAGE, enable_deck=True, cache=True,
+                   cache_version=code_version(*CORE_IO, "core/embed", "tasks/embed.py", "tasks/resources.py"))
+
+
+@task(task_config=ray_job_config(siglip2_embed_config()), requests=Resources(cpu="2", mem="8Gi"), **_EMBED_OPTS)
 def embed_shards(
     shards: FlyteDirectory,
     upstream: Optional[FlyteDirectory] = None,
@@ -131,3 +129,7 @@ def embed_shards(
     ledger = read_ledger(f"{run_dir}/ledger/embed") if "://" not in run_dir else None
     Deck("embed", embed_report_html(f"{run_dir}/embed", summary.as_dict(), summary.shards, ledger))
     return FlyteDirectory(run_dir)
+
+
+# CPU twin for the tiny preset: no Ray cluster, no GPU; the body starts a local Ray in its own pod.
+embed_shards_cpu = task(requests=TINY_REQUESTS, **_EMBED_OPTS)(renamed(embed_shards.task_function, "embed_shards_cpu"))

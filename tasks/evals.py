@@ -11,6 +11,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
+from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,10 @@ def plan_eval_jobs(checkpoints: list[str], benchmarks: list[str], group_size: in
     return EvalJobs([c for c, _ in jobs], [g for _, g in jobs])
 
 
-@task(container_image=VLLM_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1, enable_deck=True)
+_EVAL_OPTS = dict(container_image=VLLM_IMAGE, retries=1, enable_deck=True)
+
+
+@task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), **_EVAL_OPTS)
 def evaluate_checkpoint_benchmarks(
     checkpoint: str,
     benchmarks: str,
@@ -86,6 +90,11 @@ def evaluate_checkpoint_benchmarks(
     wdir = evaluate_checkpoint(checkpoint, cfg, out, CheckpointStore(local_dir=work))
     _worker_deck(wdir)
     return FlyteDirectory(wdir)
+
+
+# CPU twin: the tiny checkpoints of the demo/ablation evaluate on CPU.
+evaluate_checkpoint_benchmarks_cpu = task(requests=TINY_REQUESTS, **_EVAL_OPTS)(
+    renamed(evaluate_checkpoint_benchmarks.task_function, "evaluate_checkpoint_benchmarks_cpu"))
 
 
 def _worker_deck(wdir: str) -> None:

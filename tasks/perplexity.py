@@ -15,6 +15,7 @@ from flytekit.types.file import FlyteFile
 from tasks.cache import CORE_IO, code_version
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
+from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,11 @@ def train_reference_lm(
     return FlyteDirectory(out)
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi", gpu="1"), retries=1, enable_deck=True,
-      cache=True, cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
+_SCORE_OPTS = dict(container_image=GPU_IMAGE, retries=1, enable_deck=True, cache=True,
+                   cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
+
+
+@task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), **_SCORE_OPTS)
 def score_perplexity(
     run: FlyteDirectory,
     model: FlyteDirectory,
@@ -105,6 +109,11 @@ def score_perplexity(
     log.info("perplexity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})
     Deck("perplexity", score_report_html(out, summary))
     return FlyteDirectory(str(out))
+
+
+# CPU twin for the tiny presets (the embedded reference LM scores on CPU).
+score_perplexity_cpu = task(requests=TINY_REQUESTS, **_SCORE_OPTS)(renamed(score_perplexity.task_function,
+                                                                             "score_perplexity_cpu"))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True,

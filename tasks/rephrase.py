@@ -12,6 +12,7 @@ from flytekit.types.file import FlyteFile
 
 from tasks.cache import CORE_IO, code_version
 from tasks.images import VLLM_IMAGE
+from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,15 @@ def _tiny_model_for(shards_dir: str, work: str) -> str:
     return train_demo_model(samples, os.path.join(work, "tiny_lm"))
 
 
-# GPU request: this task runs vLLM in the vllm image. For the CPU demo (preset tiny) a workflow overrides
-# it with `.with_overrides(requests=Resources(cpu="2", mem="8Gi"), limits=...)`; resources never depend
-# on the machine that serializes the task. Cached (seeded generation; the LLM pass is the expensive step): a
+# GPU request: this task runs vLLM in the vllm image. The tiny preset runs its CPU twin
+# `rephrase_samples_cpu` (tasks/resources.py); resources never depend on the machine that serializes the
+# task. Cached (seeded generation; the LLM pass is the expensive step): a
 # re-run that changes only a later knob (export shard size, ...) reuses the rephrased records.
-@task(
-    container_image=VLLM_IMAGE,
-    enable_deck=True,
-    retries=2,
-    cache=True,
-    cache_version=code_version(*CORE_IO, "core/rephrase", "core/tiny_lm.py", "tasks/rephrase.py"),
-    requests=Resources(cpu="8", mem="32Gi", gpu="1"),
-    limits=Resources(gpu="1"),
-)
+_REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, retries=2, cache=True,
+                      cache_version=code_version(*CORE_IO, "core/rephrase", "core/tiny_lm.py", "tasks/rephrase.py"))
+
+
+@task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), limits=Resources(gpu="1"), **_REPHRASE_OPTS)
 def rephrase_samples(
     run_dir: FlyteDirectory,
     preset: str = "tiny",
@@ -145,3 +142,7 @@ def rephrase_samples(
     log.info("rephrase report: %s", summary["verdict"])
     Deck("rephrase", report_html(summary, out))
     return RephraseOutputs(out_dir=FlyteDirectory(out), report=FlyteFile(str(jp)))
+
+
+rephrase_samples_cpu = task(requests=TINY_REQUESTS, **_REPHRASE_OPTS)(renamed(rephrase_samples.task_function,
+                                                                              "rephrase_samples_cpu"))

@@ -29,6 +29,7 @@ from flytekitplugins.kfpytorch import Elastic
 from tasks.cache import CORE_IO, code_version
 from tasks.images import TRAIN_IMAGE
 from tasks.paths import source
+from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,11 @@ def _output_dir(checkpoint_uri: str, key: str) -> tuple[str, Optional[str]]:
     return os.path.join(tempfile.gettempdir(), "mmcurate-train", key), None
 
 
-@_train_task(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
-             cache_version=code_version(*CORE_IO, "core/train", "core/tiny_lm.py", "tasks/train.py"),
-             task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False),
-             requests=Resources(cpu="2", mem="8Gi"))
+_TRAIN_OPTS = dict(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
+                   cache_version=code_version(*CORE_IO, "core/train", "core/tiny_lm.py", "tasks/train.py"),
+                   task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False))
+
+
 def train_mini_llava(
     data: FlyteDirectory,
     vision_model: str,
@@ -145,6 +147,14 @@ def train_mini_llava(
     if int(os.environ.get("RANK", "0")) == 0:
         Deck("training", train_report_html(res.metrics_path, res.checkpoints))
     return TrainOutputs([FlyteDirectory(c) for c in res.checkpoints], FlyteFile(res.metrics_path))
+
+
+# Production: one GPU per (single-process) elastic worker. The tiny presets (demo, ablation on the embedded
+# models) run the CPU twin. Both are decorated here, from the one function above.
+_train_fn = train_mini_llava
+train_mini_llava_cpu = _train_task(requests=TINY_REQUESTS, **_TRAIN_OPTS)(renamed(_train_fn, "train_mini_llava_cpu"))
+train_mini_llava = _train_task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), limits=Resources(gpu="1"),
+                               **_TRAIN_OPTS)(_train_fn)
 
 
 @task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), retries=2)
