@@ -87,7 +87,9 @@ def load_config(cls: type[C], data: Any = None, preset: C | None = None) -> C:
     if unknown:
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(k, list(fields), n=1, cutoff=0.6)
+            # match the whole name or one of its words (`tagret` -> target_removal)
+            words = {w: f for f in fields for w in [f, *f.split("_")]}
+            close = [words[w] for w in difflib.get_close_matches(k, list(words), n=1, cutoff=0.6)]
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"{name}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(fields)}")
     base = {f: getattr(preset, f) for f in fields} if preset is not None else {}

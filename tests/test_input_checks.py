@@ -1,0 +1,103 @@
+"""Bad inputs are rejected before any heavy step, with a message naming the input and its valid range.
+
+Config loading (core.configs.load_config / ConfigJSON.from_json), the cheap checks (core.checks), the first
+task of curate (validate_curate_inputs), and the CLI itself (`pyflyte run ... --help` choices, Enum rejection).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.checks import InputError
+from core.configs import ConfigError, load_config
+from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_dedup_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PYFLYTE = str(Path(sys.executable).with_name("pyflyte"))
+
+
+def test_partial_config_merges_onto_the_preset():
+    cfg = SemDedupConfig.from_json(json.dumps({"eps": 0.05}))  # no n_clusters: taken from the preset
+    assert cfg.n_clusters == tiny_dedup_config().n_clusters and cfg.eps == 0.05 and cfg.target_removal is None
+    cfg = SemDedupConfig.from_json(json.dumps({"target_removal": 0.2, "n_clusters": 3}))
+    assert (cfg.n_clusters, cfg.target_removal, cfg.eps) == (3, 0.2, None)
+
+
+def test_unknown_key_lists_the_valid_ones_with_a_guess():
+    with pytest.raises(ConfigError) as e:
+        SemDedupConfig.from_json('{"tagret": 0.1}')
+    msg = str(e.value)
+    assert "'tagret'" in msg and "did you mean 'target_removal'" in msg and "n_clusters" in msg
+
+
+@pytest.mark.parametrize("bad, field, rng", [({"eps": 1.5}, "eps", "[0, 1)"), ({"n_clusters": 0}, "n_clusters", ">= 1"),
+                                             ({"target_removal": 1.2}, "target_removal", "[0, 1]")])
+def test_out_of_range_names_field_and_range(bad, field, rng):
+    with pytest.raises(ConfigError) as e:
+        SemDedupConfig.from_json(json.dumps(bad))
+    assert f"{field}=" in str(e.value) and rng in str(e.value)
+
+
+def test_missing_required_key_without_preset_is_named():
+    with pytest.raises(ConfigError, match=r"missing required key\(s\) \['n_clusters'\]"):
+        load_config(SemDedupConfig, {"eps": 0.1})
+    with pytest.raises(ConfigError, match="threshold=2"):
+        load_config(DecontamConfig, {"threshold": 2})
+
+
+def test_validate_task_reports_every_bad_input_at_once(tmp_path):
+    from tasks.validate import validate_curate_inputs
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    kw = dict(source=str(empty), image_root=str(tmp_path / "missing"), shard_max_samples=0,
+              dedup_config=tiny_dedup_config(), decontaminate=True, eval_cache=str(tmp_path),
+              decontam_benchmarks=["docvqa", "docvq"], decontam_config=DecontamConfig(), perplexity=True,
+              ppl_low_pct=0.0, ppl_high_pct=150.0, lm_steps=10, reference_source="", reference_image_root="",
+              export_max_samples=10)
+    with pytest.raises(InputError) as e:
+        validate_curate_inputs(**kw)
+    msg = str(e.value)
+    for needle in ("--source: ", "no record", "--image_root: ", "not an existing folder", "--shard_max_samples: 0",
+                   "--ppl_high_pct: 150.0 is out of range; valid: (0.0, 100.0]", "unknown benchmark(s) ['docvq']",
+                   "--eval_cache: ", "['docvqa']"):
+        assert needle in msg, (needle, msg)
+
+
+def test_validate_task_accepts_good_inputs(tmp_path):
+    from core.demo import generate_demo
+    from core.evals.fixtures import write_fixtures
+    from tasks.validate import validate_curate_inputs
+
+    generate_demo(str(tmp_path / "d"), n_samples=40, seed=0)
+    write_fixtures(str(tmp_path / "ec"))
+    out = validate_curate_inputs(
+        source=str(tmp_path / "d" / "data.json"), image_root=str(tmp_path / "d" / "images"), shard_max_samples=10,
+        dedup_config=tiny_dedup_config(), decontaminate=True, eval_cache=str(tmp_path / "ec"),
+        decontam_benchmarks=["docvqa", "chartqa"], decontam_config=DecontamConfig(), perplexity=True,
+        ppl_low_pct=0.0, ppl_high_pct=90.0, lm_steps=10, reference_source="", reference_image_root="",
+        export_max_samples=10)
+    assert out.startswith("inputs ok")
+
+
+def _pyflyte_run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([PYFLYTE, "--config", str(ROOT / "flyte.config"), "run", "workflows/curate.py", "curate",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_lists_choices_and_rejects_bad_ones_before_running(tmp_path):
+    help_ = _pyflyte_run("--help")
+    assert help_.returncode == 0
+    assert "tiny|siglip2" in help_.stdout.replace(" ", "") or "siglip2" in help_.stdout
+    bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--embed_preset", "siglip3")
+    assert bad.returncode != 0 and "siglip3" in bad.stderr and "siglip2" in bad.stderr
+    bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--dedup_config", '{"tagret": 0.1}')
+    out = " ".join((bad.stderr + bad.stdout).replace("│", " ").split())  # rich wraps the message
+    assert bad.returncode != 0 and "did you mean 'target_removal'" in out
