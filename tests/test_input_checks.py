@@ -96,6 +96,7 @@ def test_cli_lists_choices_and_rejects_bad_ones_before_running(tmp_path):
     help_ = _pyflyte_run("--help")
     assert help_.returncode == 0
     assert "tiny|siglip2" in help_.stdout.replace(" ", "") or "siglip2" in help_.stdout
+    assert "used more than once" not in help_.stderr  # flytekit's duplicate bool flags, silenced in workflows/
     bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--embed_preset", "siglip3")
     assert bad.returncode != 0 and "siglip3" in bad.stderr and "siglip2" in bad.stderr
     bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--dedup_config", '{"tagret": 0.1}')

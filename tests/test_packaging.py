@@ -381,8 +381,9 @@ def test_ablate_tiny_preset_runs_no_gpu_task_production_does():
 
 
 def test_semdedup_map_task_cap_is_the_configs(tmp_path):
-    from core.dedup.config import target_dedup_config
     from flytekit.types.file import FlyteFile
+
+    from core.dedup.config import target_dedup_config
     from workflows.dedup import prune_groups
 
     cfg = target_dedup_config(0.1, n_clusters=8)
