@@ -49,6 +49,35 @@ class ConfigError(ValueError):
     """A config that cannot be built: unknown or missing keys, or a value out of range."""
 
 
+def check_range(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False, allow_none: bool = False) -> None:
+    """Raise ValueError `name=value out of range; valid: [lo, hi)` unless lo <= value <= hi (open ends per flag).
+
+    The message format every config dataclass uses, so a user reads the field and its range in one line.
+    """
+    if value is None and allow_none:
+        return
+    ok = value is not None and not (isinstance(value, float) and value != value)  # NaN is never in range
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        left = "(" if lo_open or lo is None else "["
+        right = ")" if hi_open or hi is None else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name}={value!r} out of range; valid: {left}{lo_s}, {hi_s}{right}{extra}")
+
+
+def check_ranges(obj: Any, ranges: dict[str, tuple]) -> None:
+    """`check_range` for several fields of `obj`: {field: (lo, hi)} or (lo, hi, {flags})."""
+    for name, spec in ranges.items():
+        lo, hi, *flags = spec
+        check_range(name, getattr(obj, name), lo, hi, **(flags[0] if flags else {}))
+
+
 C = TypeVar("C")
 
 

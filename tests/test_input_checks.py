@@ -102,3 +102,41 @@ def test_cli_lists_choices_and_rejects_bad_ones_before_running(tmp_path):
     bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--dedup_config", '{"tagret": 0.1}')
     out = " ".join((bad.stderr + bad.stdout).replace("│", " ").split())  # rich wraps the message
     assert bad.returncode != 0 and "did you mean 'target_removal'" in out
+
+
+def _stage_configs():
+    """(class, preset, one out-of-range field with its value and the range the message must show)."""
+    from core.embed.config import EmbedConfig, tiny_embed_config
+    from core.evals.runner import EvalConfig
+    from core.export import ExportConfig
+    from core.perplexity.config import PerplexityConfig
+    from core.perplexity.slices import SliceConfig
+    from core.rephrase.config import RephraseConfig
+    from core.train.config import TrainConfig
+
+    return [
+        (EmbedConfig, tiny_embed_config(), "batch_size", 0, "[1, inf)"),
+        (PerplexityConfig, PerplexityConfig(model="m"), "max_padding_waste", 1.5, "[0, 1]"),
+        (SliceConfig, SliceConfig(), "high_pct", 150, "(0, 100]"),
+        (RephraseConfig, RephraseConfig(backend="transformers", model="m"), "top_p", 0.0, "(0, 1]"),
+        (ExportConfig, ExportConfig(), "max_samples", 0, "[1, inf)"),
+        (TrainConfig, TrainConfig(output_dir="o", vision_model="v", lm_path="l"), "lr", -0.1, "(0, inf)"),
+        (EvalConfig, EvalConfig(cache_dir="c", benchmarks=["docvqa"]), "concurrency", 0, "[1, inf)"),
+    ]
+
+
+@pytest.mark.parametrize("case", _stage_configs(), ids=lambda c: c[0].__name__)
+def test_every_stage_config_checks_ranges_and_rejects_unknown_keys(case):
+    cls, preset, field, bad, rng = case
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, {field: bad}, preset)
+    assert str(e.value) == f"{cls.__name__}: {field}={bad!r} out of range; valid: {rng}"
+    with pytest.raises(ValueError, match=f"{field}={bad!r} out of range"):  # direct construction checks too
+        cls(**{**{f: getattr(preset, f) for f in preset.__dataclass_fields__}, field: bad})
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, json.dumps({"bacth_size": 4}), preset)
+    msg = str(e.value)
+    assert msg.startswith(f"{cls.__name__}: unknown key(s) 'bacth_size'") and "valid keys: " in msg
+    assert set(msg.split("valid keys: ")[1].split(", ")) == set(preset.__dataclass_fields__)
+    ok = load_config(cls, {}, preset)  # the preset itself is in range
+    assert ok == preset
