@@ -29,7 +29,9 @@ from typing import Any
 
 import fsspec
 
+from core.configs import check_ranges
 from core.ledger import LedgerWriter, check_balance, find_step_dir, passing_ids, read_ledger, step_dir
+from core.log import progress
 from core.sample import Sample, SampleError
 from core.wds import ShardWriter, iter_samples
 
@@ -58,6 +60,9 @@ class ExportConfig:
     prefix: str = "shard"
     subset_name: str = ""
     verify_images: bool = False  # ingest already decoded every image; re-decode only when asked
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None)})
 
 
 def default_export_config() -> ExportConfig:
@@ -207,7 +212,8 @@ def export_curated(
     fallbacks: dict[str, int] = {}
     n_rephrased = n = 0
     with LedgerWriter(led_path, STEP) as led:
-        for s in iter_samples(shard_urls, quarantine=led, include_ids=wanted, verify_images=cfg.verify_images):
+        samples = iter_samples(shard_urls, quarantine=led, include_ids=wanted, verify_images=cfg.verify_images)
+        for s in progress(samples, desc="export", total=len(wanted), unit="sample"):
             reason = ""
             if s.id in rephrased:
                 try:

@@ -9,6 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HANDLER_NAME = "mmcurate"
@@ -30,7 +34,24 @@ def setup_logging(level: str | None = None) -> logging.Logger:
 
 
 def progress_disabled() -> bool | None:
-    """tqdm's `disable` value: True under CI (CI=true) or MMCURATE_PROGRESS=0, else None (= off when not a TTY)."""
+    """tqdm's `disable` value: True under CI (CI=true) or MMCURATE_PROGRESS=0; False (forced on) with
+    MMCURATE_PROGRESS=1; else None (tqdm's own rule: off when stderr is not a TTY)."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("MMCURATE_PROGRESS") == "0":
         return True
+    if os.environ.get("MMCURATE_PROGRESS") == "1":
+        return False
     return None
+
+
+def progress(iterable: Iterable[T] | None = None, *, desc: str, total: float | None = None, unit: str = "it",
+             enabled: bool = True, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr for a long loop, quiet under CI and when stderr is not a TTY (`progress_disabled`).
+
+    Use as an iterable wrapper, or without `iterable` with `.update(n)` / `.close()` (a context manager too).
+    `enabled=False` silences it whatever the environment (e.g. on every rank but 0).
+    """
+    from tqdm import tqdm
+
+    disable = progress_disabled() if enabled else True
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, mininterval=1.0,
+                dynamic_ncols=True, file=sys.stderr, **kwargs)

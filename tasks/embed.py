@@ -18,8 +18,10 @@ from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from core.embed.config import PRESETS, EmbedConfig, siglip2_embed_config
 from tasks.cache import CORE_IO, code_version
+from tasks.decks import save_decks
 from tasks.images import GPU_IMAGE
 from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ def embed_shards(
     :param out_url: Persistent folder (path or s3://) to write into and resume from; default: a fresh local folder.
     :return: Folder with `embed/` and `ledger/embed/`.
     """
+    t0 = step_started("embed", preset=preset, upstream_step=upstream_step)
     from core.embed import embed_shards as run_embed
     from core.embed.report import embed_report_html
     from core.ledger import read_ledger
@@ -128,6 +131,8 @@ def embed_shards(
     log.info("embed: %s", summary.as_dict())
     ledger = read_ledger(f"{run_dir}/ledger/embed") if "://" not in run_dir else None
     Deck("embed", embed_report_html(f"{run_dir}/embed", summary.as_dict(), summary.shards, ledger))
+    save_decks(run_dir, "embed")
+    step_finished("embed", t0, run_dir, shards=len(urls))
     return FlyteDirectory(run_dir)
 
 

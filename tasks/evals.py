@@ -10,8 +10,10 @@ from typing import NamedTuple, Optional
 from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
+from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
 from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ def evaluate_checkpoint_benchmarks(
     :param max_samples: Per-benchmark sample cap (0 = all).
     :return: Directory with records.parquet (per sample) and summary.parquet (per benchmark).
     """
+    t0 = step_started("eval", checkpoint=checkpoint, benchmarks=benchmarks)
     from core.evals.runner import CheckpointStore, EvalConfig, evaluate_checkpoint
 
     work = current_context().working_directory
@@ -89,6 +92,7 @@ def evaluate_checkpoint_benchmarks(
     out = os.path.join(work, "eval_out")
     wdir = evaluate_checkpoint(checkpoint, cfg, out, CheckpointStore(local_dir=work))
     _worker_deck(wdir)
+    step_finished("eval", t0, checkpoint=checkpoint)
     return FlyteDirectory(wdir)
 
 
@@ -121,6 +125,7 @@ def collect_eval_results(
     :param groups: The job list's benchmark groups (same order as results).
     :return: Directory with records.parquet, summary.parquet, results.csv, report.html.
     """
+    t0 = step_started("evaluation", workers=len(results))
     from core.evals.report import eval_report_html
     from core.evals.runner import RECORD_COLUMNS, SUMMARY_COLUMNS, _failed_row, collect_results, write_parquet
 
@@ -141,6 +146,8 @@ def collect_eval_results(
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(html)
     Deck("evaluation", html)
+    save_decks(out, "evaluation")
+    step_finished("evaluation", t0, checkpoints=res.table.shape[0], failed=len(res.failed_checkpoints))
     n_failed = len(res.failed_checkpoints)
     log.info("evaluated %d checkpoints, %d with failures", res.table.shape[0], n_failed)
     return FlyteDirectory(out)

@@ -11,8 +11,10 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import CORE_IO, code_version
+from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
 from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ def rephrase_samples(
     :return: out_dir with `ledger/rephrase/`, `rephrase/records/` (sample_id -> new conversations for
         export), `rephrase/report.json|html`; report is the JSON report.
     """
+    t0 = step_started("rephrase", preset=preset, prev_step=prev_step)
     from core.rephrase.config import preset_config
     from core.rephrase.report import report_html, write_report
     from core.rephrase.run import rephrase_run
@@ -141,6 +144,8 @@ def rephrase_samples(
     jp, _hp, summary = write_report(out, model=cfg.model, tokenizer=cfg.tokenizer_path)
     log.info("rephrase report: %s", summary["verdict"])
     Deck("rephrase", report_html(summary, out))
+    save_decks(str(out), "rephrase")
+    step_finished("rephrase", t0, str(out))
     return RephraseOutputs(out_dir=FlyteDirectory(out), report=FlyteFile(str(jp)))
 
 

@@ -10,7 +10,10 @@ from typing import List, Optional
 from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
+from tasks.decks import display_root, save_decks
 from tasks.images import CPU_IMAGE
+from tasks.paths import source
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +34,17 @@ def summarize_run(
     :param export: The export step's output (shards + manifest), copied to `output_dir` when given.
     :param output_dir: Optional path/URL to publish the run to: `summary.json`, `ledger/` of every step,
         and `export/` (the curated WebDataset).
-    :return: Directory with summary.json, counts.parquet and the merged ledger (ledger.parquet).
+    :return: Directory with summary.json, counts.parquet, the merged ledger (ledger.parquet) and decks/
+        (every step's deck page, `<step>.html`, plus run_summary.html).
+
+    Ends by printing where the summary, the export and each step's deck are (under `output_dir` when given).
     """
+    t0 = step_started("summary", steps=",".join(steps))
     import fsspec
     import pandas as pd
 
     from core.ledger import check_balance, find_step_dir, read_ledger
-    from core.report import figure_html, new_figure, page, table_html
+    from core.report import DECKS_DIR, collect_decks, figure_html, new_figure, page, paths_block, table_html
 
     dirs = [d.download() for d in step_dirs]
     balance = check_balance(dirs, steps)
@@ -63,6 +70,8 @@ def summarize_run(
     Deck("run summary", page(table_html(counts, "samples per step (inputs = kept + modified + dropped + quarantined)"),
                              figure_html(fig, "samples through the pipeline"),
                              table_html(reasons, "decisions with a reason (dropped, quarantined, kept with a note)")))
+    decks = list(collect_decks(dirs, os.path.join(out, DECKS_DIR))) + ["run_summary"]
+    save_decks(out, "run_summary")
     if output_dir:
         fs, root = fsspec.core.url_to_fs(output_dir)
         fs.makedirs(root, exist_ok=True)
@@ -71,4 +80,11 @@ def summarize_run(
             fs.put(export.download().rstrip("/") + "/", root.rstrip("/") + "/export/", recursive=True)
         log.info("published run summary%s to %s", " and export" if export is not None else "", output_dir)
     log.info("run balanced over %s: %d samples out", steps, summary["final_samples"])
+    step_finished("summary", t0, samples_out=summary["final_samples"])
+    where = display_root(output_dir) if output_dir else out
+    rows = [("run summary", f"{where}/summary.json"), ("ledger", f"{where}/ledger.parquet")]
+    if export is not None:
+        rows.append(("export", f"{where}/export" if output_dir else source(export)))
+    rows += [(f"deck {name}", f"{where}/{DECKS_DIR}/{name}.html") for name in decks]
+    print(paths_block(f"run finished: {summary['final_samples']} samples out; outputs:", rows), flush=True)
     return FlyteDirectory(out)

@@ -27,9 +27,11 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from tasks.cache import CORE_IO, code_version
+from tasks.decks import save_decks
 from tasks.images import TRAIN_IMAGE
 from tasks.paths import source
 from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ def train_mini_llava(
         runs under the W&B plugin (MMCURATE_WANDB_PROJECT), whose run gets the metrics.
     :return: The epoch checkpoints (self-contained; `load_mini_llava(dir)`) and metrics.jsonl.
     """
+    t0 = step_started("train", stage=stage, epochs=epochs, max_steps=max_steps)
     from core.train.config import TrainConfig
     from core.train.loop import train
     from core.train.report import train_report_html
@@ -144,8 +147,11 @@ def train_mini_llava(
     )
     res = train(data_dir, cfg)
     log.info("trained to step %d; checkpoints %s", res.global_step, res.checkpoints)
+    step_finished("train", t0, steps=res.global_step, checkpoints=len(res.checkpoints))
     if int(os.environ.get("RANK", "0")) == 0:
         Deck("training", train_report_html(res.metrics_path, res.checkpoints))
+        if res.checkpoints:  # the deck travels with the last checkpoint (the one an ablation compares)
+            save_decks(res.checkpoints[-1], "train")
     return TrainOutputs([FlyteDirectory(c) for c in res.checkpoints], FlyteFile(res.metrics_path))
 
 

@@ -100,7 +100,7 @@ def ablate_steps(
     uris = checkpoint_uris(per_variant=ckpts)
     ev = evaluate(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
     table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
-                             tokenizer=lm, output_dir=output_dir)
+                             tokenizer=lm, output_dir=output_dir, step_dirs=step_dirs)
     return AblationOutputs(comparison=table, evaluation=ev)
 
 

@@ -23,8 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.configs import check_ranges
 from core.evals.backends import GenRequest, VLMBackend, load_backend
 from core.evals.base import Benchmark, EvalItem, LoadFailure, Parsed, get_benchmark
+from core.log import progress
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ class EvalConfig:
     max_samples: int = 0
     concurrency: int = 2
     local_dir: str = ""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"batch_size": (1, None), "max_samples": (0, None), "concurrency": (1, None)})
 
 
 def tiny_eval_config(cache_dir: str) -> EvalConfig:
@@ -196,10 +201,12 @@ def evaluate_benchmark(
         pending.clear()
 
     n = 0
+    bar = progress(desc=f"eval {bench.name}", total=max_samples or None, unit="item")
     for item in bench.load(root):
         if max_samples and n >= max_samples:
             break
         n += 1
+        bar.update(1)
         if isinstance(item, LoadFailure):
             records.append(record(item.id, error=f"load_error:{item.reason}"))
             continue
@@ -215,6 +222,7 @@ def evaluate_benchmark(
             flush()
     if pending:
         flush()
+    bar.close()
     return records
 
 
