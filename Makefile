@@ -13,6 +13,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 LOCK := requirements/lock.txt
+LMMS_EVAL_PIN := lmms-eval==0.7.3
 # Reinstall only when the pins change: the stamp name carries a hash of pyproject.toml + the lock.
 SETUP_HASH := $(shell cat pyproject.toml $(LOCK) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.setup-$(SETUP_HASH)
@@ -50,6 +51,8 @@ IMAGE_CPU ?= $(REGISTRY)/mmcurate-cpu:$(IMAGE_TAG)
 IMAGE_GPU ?= $(REGISTRY)/mmcurate-gpu:$(IMAGE_TAG)
 IMAGE_VLLM ?= $(REGISTRY)/mmcurate-vllm:$(IMAGE_TAG)
 IMAGE_TRAIN ?= $(REGISTRY)/mmcurate-train:$(IMAGE_TAG)
+IMAGE_BASE ?= auto
+ROLES ?= cpu gpu train vllm
 # `default` is the image of tasks without container_image=; it is the cpu image.
 IMAGE_ARGS := --image $(IMAGE_CPU) --image cpu=$(IMAGE_CPU) --image gpu=$(IMAGE_GPU) \
 	--image vllm=$(IMAGE_VLLM) --image train=$(IMAGE_TRAIN)
@@ -63,7 +66,7 @@ PYTEST_ARGS ?=
 ACTIVATE_ARGS ?=
 DOCKERFILES := $(sort $(wildcard containers/*.Dockerfile))
 
-.PHONY: help setup test demo lint format package register activate register-dry-run images bench lock lock-vllm clean
+.PHONY: help setup test demo lint format package register activate register-dry-run images bench gpu-check lock lock-vllm clean
 
 help: ## List the targets
 	@echo "mmcurate targets (variables: VERSION=$(VERSION) REGISTRY=$(REGISTRY) PACKAGE_OUT=$(PACKAGE_OUT)):"
@@ -80,6 +83,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	@# Editable install = a .pth file (pyproject: package-dir ".") that puts this checkout on sys.path, so pyflyte, python and
 	@# pytest all import workflows/tasks/core from the working tree. The lock fixes every transitive version.
 	$(PIP) install -c $(LOCK) --no-build-isolation -e '.[dev]'
+	@# lmms-eval is the parity reference of core/evals/exact.py (tests only). Its own requirements would move our pins
+	@# (it pins wandb 0.25 and ~50 more packages); the scoring functions the tests call import none of them.
+	$(PIP) install --no-deps $(LMMS_EVAL_PIN)
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 	@echo "setup done: $(VENV)"
@@ -124,13 +130,21 @@ register-dry-run: setup ## Serialize exactly what `make register` would send, wi
 	$(ISOLATED_ENV) $(VENV)/bin/pyflyte --config $(FLYTE_CONFIG) register --dry-run --copy none \
 		--project $(PROJECT) --domain $(DOMAIN) --version $(VERSION) $(IMAGE_ARGS) $(PKGS)
 
-images: ## Print the docker build commands for the four images (needs a Docker daemon; not run here)
-	@for role in cpu gpu vllm train; do \
-		echo "docker build -f containers/$$role.Dockerfile -t $(REGISTRY)/mmcurate-$$role:$(IMAGE_TAG) ."; done
+images: ## Build the cpu, gpu, train and vllm images with podman, each running its smoke stage (IMAGE_BASE=auto|local|REF)
+	@# Not part of CI (minutes and GBs per image). IMAGE_BASE=auto: the public python image when it can be pulled,
+	@# else a local Debian bookworm base (containers/local_base.sh: debootstrap + podman import). ROLES=cpu selects.
+	REGISTRY=$(REGISTRY) IMAGE_TAG=$(IMAGE_TAG) IMAGE_BASE=$(IMAGE_BASE) IMAGE_LOG_DIR=$(STATE)/image-logs \
+		bash containers/build_images.sh $(ROLES)
 
 bench: setup ## Run every benchmark in benchmarks/ (each prints its headline ratio last)
 	@mkdir -p $(STATE_DIRS)
 	@shopt -s nullglob; for b in benchmarks/*.py; do echo "== $$b"; $(ISOLATED_ENV) $(PY) $$b | tail -n 1; done
+
+# On the borrowed GPU machine (torch, transformers, timm, pyarrow, pandas preinstalled; no venv there):
+# `make gpu-check PY=python`. SMOKE=1 runs the tiny CPU mode that CI runs (tests/test_gpu_check.py).
+GPU_CHECK_OUT ?= gpu_check.md
+gpu-check: ## GPU check (SigLIP2 img/s + MFU, perplexity batched vs naive, k-means 1M x 1152, generation); SMOKE=1: CPU
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py $(if $(SMOKE),--smoke) --out $(GPU_CHECK_OUT)
 
 lock: ## Regenerate requirements/lock.txt from the current .venv (after changing a pin)
 	@{ echo "# Reproducible transitive versions: \`pip freeze --all\` of the reference venv, minus mmcurate itself."; \

@@ -16,6 +16,7 @@ must come from steps whose inputs were the baseline.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,7 +93,11 @@ def select_variant(variant: Variant, run_dirs: Sequence[str]) -> list[str]:
         # every semdedup input counts in N; cluster-first members have no M (NaN) and are never removed
         m = led["score"].to_numpy(dtype=np.float64, na_value=np.nan)
         ids = led["sample_id"].to_numpy(dtype=object)
-        dec = decide_target(m, ids, variant.args[0]) if variant.kind == "semdedup" else decide_eps(m, variant.args[0])
+        floor = None  # the floor the semdedup step ran with (target mode never removes below it)
+        summary = find_step_dir(run_dirs, variant.needs).parent.parent / "semdedup" / "summary.json"
+        if summary.exists():
+            floor = json.loads(summary.read_text()).get("min_similarity")
+        dec = decide_target(m, ids, variant.args[0], floor) if variant.kind == "semdedup" else decide_eps(m, variant.args[0])
         removed = set(ids[np.asarray(dec.removed, dtype=bool)])
         return [i for i in base if i not in removed]
     if variant.kind == "decontam":

@@ -4,7 +4,6 @@ naming the input and what it accepts."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,34 +67,79 @@ def check_dir(p: Problems, name: str, url: str) -> bool:
         return False
 
 
-def first_record(url: str) -> object:
-    """The first record of a JSON array or JSONL source, reading only its first bytes (streaming)."""
-    import fsspec
-    import ijson
+def first_record(url: str, format: str = "auto") -> object:
+    """The first record of a source (any container/dialect of core.sources), reading only as far as it."""
+    from core.sources import iter_source
 
-    with fsspec.open(url, "rb") as f:
-        if url.endswith(".jsonl"):
-            for line in f:
-                if line.strip():
-                    return json.loads(line)
-            raise ValueError("no record (the file has no non-empty line)")
-        for rec in ijson.items(f, "item"):
-            return rec
-        raise ValueError("no record (empty JSON array, or not a JSON array)")
+    for r in iter_source(url, format):
+        return r.record if r.record is not None else r.problem
+    raise ValueError("no record (no data file, an empty file, or an empty JSON array)")
 
 
-def check_source(p: Problems, name: str, url: str) -> bool:
-    """The dataset file exists and holds at least one record."""
-    if not p.check(bool(url), name, "is required (a .json array or .jsonl file, path or URL)"):
+def check_format(p: Problems, name: str, spec: str) -> bool:
+    """An ingest format spec: auto, a container, a dialect, or container:dialect."""
+    from core.sources import CONTAINERS, DIALECTS, parse_format
+
+    try:
+        parse_format(spec)
+        return True
+    except ValueError:
+        p.add(name, f"{spec!r} is not a format; valid: auto, {'|'.join(CONTAINERS)}, {'|'.join(DIALECTS)}, "
+                    "or container:dialect (e.g. jsonl:messages)")
+        return False
+
+
+def inline_images(url: str, format: str = "auto") -> bool:
+    """Whether every file of the source carries its images inline (WebDataset, Parquet): no image_root needed."""
+    from core.sources import detect_container, list_source_files, parse_format
+
+    container = parse_format(format)[0]
+    files = list_source_files(url)
+    return bool(files) and all((container if container != "auto" else detect_container(f)) in ("wds", "parquet")
+                               for f in files)
+
+
+def check_source(p: Problems, name: str, url: str, format: str = "auto") -> bool:
+    """The source (file, folder or glob of JSON/JSONL/WebDataset/Parquet files) exists and holds a record."""
+    if not p.check(bool(url), name, "is required (JSON/JSONL/WebDataset/Parquet: file, folder or glob; path or URL)"):
         return False
     try:
-        fs, path = _fs(url)
-        if not p.check(fs.isfile(path), name, f"{url!r} is not an existing file"):
+        from core.sources import list_source_files
+
+        files = list_source_files(url)
+        if not p.check(bool(files), name, f"{url!r} holds no data file (.json, .jsonl, .tar, .parquet)"):
             return False
-        first_record(url)
+        first_record(url, format)
         return True
+    except FileNotFoundError:
+        p.add(name, f"{url!r} is not an existing file, folder or glob")
+        return False
     except Exception as e:
         p.add(name, f"{url!r} has no readable record: {type(e).__name__}: {e}")
+        return False
+
+
+def check_data(p: Problems, source: str, image_root: str, format: str) -> None:
+    """`--format` parses; the source exists and has a record; image_root exists (optional when every source
+    file carries its images inline: WebDataset, Parquet)."""
+    if not check_format(p, "format", format):
+        return
+    if check_source(p, "source", source, format) and not image_root and inline_images(source, format):
+        return
+    check_dir(p, "image_root", image_root)
+
+
+def check_id_list(p: Problems, name: str, path: str | None) -> bool:
+    """An optional id list file (JSON list, {"ids": [...]}, or one id per line) that holds at least one id."""
+    if path is None:
+        return True
+    from core.run_summary import load_id_list
+
+    try:
+        return p.check(bool(load_id_list(path)), name, f"{path!r} holds no id")
+    except Exception as e:
+        p.add(name, f"{path!r} is not a readable id list (JSON list, {{\"ids\": [...]}}, or one id per line): "
+                    f"{type(e).__name__}: {e}")
         return False
 
 

@@ -10,8 +10,9 @@
 
 A record is ``{"id": "demo_000123", "image": "demo_000123.png" | ["demo_000123_0.jpg", ...],
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...],
-"source": "chartqa_like" | "count_like" | "doc_like" | "photo_like" | "text_only"}``; text-only records
-have no "image" key. Images are drawn charts, counted shapes, receipts/forms/memos and landscape
+"source": "chartqa_like" | "count_like" | "doc_like" | "photo_like" | "text_only",
+"domain": "chart" | "counting" | "document" | "photo" | "text"}`` (the domain is the scene family,
+`DOMAINS`; planted eval copies are "web"); text-only records have no "image" key. Images are drawn charts, counted shapes, receipts/forms/memos and landscape
 "photos" (core/demo_scenes.py); every answer is computed from the image's generating parameters.
 
 ground_truth.json (keys sorted; every list of ids sorted)::
@@ -66,6 +67,9 @@ from core.sample import IMAGE_TOKEN, strip_image_placeholders
 SOURCES = ("chartqa_like", "count_like", "doc_like", "photo_like", "text_only")
 SOURCE_WEIGHTS = (0.25, 0.2, 0.2, 0.2, 0.15)
 IMAGE_SOURCES = SOURCES[:4]
+# Each record's data domain (its scene family), as real mixtures label theirs: data mixing groups by it.
+DOMAINS = {"chartqa_like": "chart", "count_like": "counting", "doc_like": "document", "photo_like": "photo",
+           "text_only": "text", "web_copy": "web"}
 FORMAT = {"chartqa_like": "png", "doc_like": "jpg", "photo_like": "jpg"}  # count_like: jpg or webp
 CORRUPT_KINDS = {
     "truncated_jpeg": "corrupt_image", "garbage_bytes": "corrupt_image", "missing_file": "missing_image",
@@ -395,6 +399,7 @@ def generate_demo(out_dir: str, n_samples: int = 300, seed: int = 0, corrupt: bo
                 rec["image"] = names[0] if len(names) == 1 else names
             rec["conversations"] = [{"from": r, "value": v} for r, v in d.turns]
             rec["source"] = d.source
+            rec["domain"] = DOMAINS[d.source]
             records[i] = rec
             gt["sources"][sid] = d.source
             gt["structures"][sid] = d.structure
@@ -468,7 +473,8 @@ def plant_eval_contamination(out_dir: str, eval_cache: str, benchmarks: list[str
             name = f"{sid}.{image_ext(data)}"
             with open(os.path.join(out_dir, "images", name), "wb") as f:
                 f.write(data)
-            records.append({"id": sid, "image": name, "source": "web_copy", "conversations": [
+            records.append({"id": sid, "image": name, "source": "web_copy", "domain": DOMAINS["web_copy"],
+                            "conversations": [
                 {"from": "human", "value": "<image>\nDescribe what this image shows."},
                 {"from": "gpt", "value": "The image shows a simple drawing with a few shapes and some text."}]})
             planted[sid] = b

@@ -9,6 +9,13 @@ byte-identical shards and manifest. The exported count is checked against the le
 Layout of `out_dir`::
 
     shards/<prefix>-000000.tar ...     training-schema shards (key.json + key.jpg / key.<i>.jpg)
+
+Loader schema (docs/export.md): every single-image sample has its image under one fixed key (`jpg` by
+default: `WebDataset(urls).decode("pil").to_tuple("jpg", "json")` works for every one of them), several
+images are `key.0.jpg`, `key.1.jpg`, ..., and the `image` field of `key.json` names exactly those members.
+`image_format` chooses the encoding: `jpg` (default; JPEG sources are copied byte for byte, other formats
+re-encoded at quality 95), `png` (lossless; PNG sources copied, others re-encoded), `keep` (source bytes and
+their own extension: jpg, png, webp ...).
     manifest.json                      ids, counts, bytes, sha256 per shard; what each step removed
     ledger/export/part-export.parquet  one row per exported (or unexpectedly unreadable) sample
 """
@@ -16,6 +23,7 @@ Layout of `out_dir`::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -30,15 +38,18 @@ from typing import Any
 import fsspec
 
 from core.configs import check_ranges
+from core.images import decode_image, sniff_format
 from core.ledger import LedgerWriter, check_balance, find_step_dir, passing_ids, read_ledger, step_dir
 from core.log import progress
 from core.sample import Sample, SampleError
-from core.wds import ShardWriter, iter_samples
+from core.wds import ShardWriter, image_member_names, iter_samples
 
 log = logging.getLogger(__name__)
 STEP = "export"
 MANIFEST = "manifest.json"
 REPHRASE_COLUMNS = ("sample_id", "conversations_json")
+IMAGE_FORMATS = ("jpg", "png", "keep")
+JPEG_QUALITY = 95  # re-encoded JPEGs: quality 95, 4:4:4 chroma (no subsampling), baseline, no EXIF
 
 
 class ExportError(RuntimeError):
@@ -51,7 +62,9 @@ class ExportConfig:
 
     `steps` are the ledger steps in pipeline order (the last one decides what is kept); None infers the
     order from the ledgers (steps sorted by how many samples they decided, then validated by
-    `check_balance`). `subset_name` names a subset export in the manifest.
+    `check_balance`). `subset_name` names a subset export in the manifest. `image_format` is the image
+    encoding of the shards: "jpg" (default, one fixed `jpg` key for every single-image sample), "png"
+    (lossless, fixed `png` key) or "keep" (source bytes, key = source format).
     """
 
     steps: list[str] | None = None
@@ -60,8 +73,11 @@ class ExportConfig:
     prefix: str = "shard"
     subset_name: str = ""
     verify_images: bool = False  # ingest already decoded every image; re-decode only when asked
+    image_format: str = "jpg"
 
     def __post_init__(self) -> None:
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None)})
 
 
@@ -140,6 +156,8 @@ def load_rephrased(rephrased_dir: str, ids: set[str]) -> dict[str, str]:
     missing = [c for c in REPHRASE_COLUMNS if c not in ds.schema.names]
     if missing:
         raise ValueError(f"rephrased Parquet under {rephrased_dir} lacks columns {missing}")
+    if not ids:  # nothing to export (an empty run): an empty id list has no Arrow type to filter with
+        return {}
     table = ds.to_table(columns=list(REPHRASE_COLUMNS), filter=pc.field("sample_id").isin(list(ids)))
     out: dict[str, str] = {}
     for sid, conv in zip(table.column("sample_id").to_pylist(), table.column("conversations_json").to_pylist()):
@@ -159,6 +177,33 @@ def _apply_rephrase(s: Sample, conv_json: str) -> Sample:
     new = Sample.from_record(rec)
     new.image_bytes, new.shard = s.image_bytes, s.shard
     return new
+
+
+# ---- loader schema ---------------------------------------------------------------------------------
+def encode_for_loader(data: bytes, image_format: str) -> bytes:
+    """The image bytes in the export's format: unchanged when already in it (or for "keep"), else decoded
+    (RGB, `core.images.decode_image`: corrupt data raises SampleError) and re-encoded deterministically
+    (Pillow: same pixels and library version give the same bytes)."""
+    if image_format == "keep" or sniff_format(data) == {"jpg": "JPEG", "png": "PNG"}[image_format]:
+        return data
+    im = decode_image(data)
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        im.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    else:
+        im.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def to_loader_schema(s: Sample, image_format: str) -> Sample:
+    """The sample as it is exported: images in `image_format` and the record's `image` names equal to the
+    tar member names (`key.jpg`, or `key.0.jpg`, `key.1.jpg` ...), so a loader finds each image by the
+    name its JSON gives."""
+    if not s.images:
+        return s
+    s.image_bytes = [encode_for_loader(b, image_format) for b in s.image_bytes]
+    s.images = image_member_names(s)
+    return s
 
 
 # ---- export ---------------------------------------------------------------------------------------
@@ -215,6 +260,11 @@ def export_curated(
         samples = iter_samples(shard_urls, quarantine=led, include_ids=wanted, verify_images=cfg.verify_images)
         for s in progress(samples, desc="export", total=len(wanted), unit="sample"):
             reason = ""
+            try:
+                s = to_loader_schema(s, cfg.image_format)
+            except SampleError as e:  # an image that does not decode: quarantined, the count check then fails
+                led.add(s.id, "quarantine", e.reason, detail=e.detail, shard=s.shard)
+                continue
             if s.id in rephrased:
                 try:
                     s = _apply_rephrase(s, rephrased[s.id])
@@ -258,6 +308,10 @@ def export_curated(
         "shards": [{"name": Path(s.path).name, "n_samples": s.n_samples, "n_bytes": s.n_bytes, "sha256": s.sha256,
                     "ids": s.ids} for s in shards],
         "config": asdict(cfg),
+        "loader_schema": {"image_format": cfg.image_format,
+                          "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
+                          "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep" else cfg.image_format),
+                          "json_image_names": "tar member names"},
     }
     with fsspec.open(f"{out}/{MANIFEST}", "w", encoding="utf-8") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True))
@@ -294,11 +348,13 @@ def export_report_html(manifest: dict[str, Any]) -> str:
     summary = {k: manifest[k] for k in ("selection", "subset", "n_samples", "n_shards", "n_bytes", "n_rephrased",
                                         "n_kept_by_last_step", "subset_outside_kept")}
     summary["rephrase_fallbacks"] = ", ".join(f"{k}={v}" for k, v in manifest["rephrase_fallbacks"].items())
+    summary["image_format"] = manifest.get("loader_schema", {}).get("image_format", "")
     steps = pd.DataFrame([{k: r[k] for k in ("step", "inputs", "kept", "modified", "removed")}
                           for r in manifest["removed_by_step"]])
     reasons = pd.DataFrame([{"step": r["step"], **x} for r in manifest["removed_by_step"] for x in r["by_reason"]])
     shards = pd.DataFrame([{"shard": s["name"], "samples": s["n_samples"], "MB": s["n_bytes"] / 1e6,
-                            "sha256": s["sha256"][:16]} for s in manifest["shards"]])
+                            "sha256": s["sha256"][:16]} for s in manifest["shards"]],
+                          columns=["shard", "samples", "MB", "sha256"])  # columns also for an empty export
     parts = [table_html([summary], "export"), table_html(steps, "samples per step")]
     if len(reasons):
         fig, ax = new_figure(7, 0.35 * len(reasons) + 1.2)

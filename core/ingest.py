@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
 import fsspec.implementations.local
-import ijson
 
 from core.images import DEFAULT_MAX_PIXELS, decode_image
 from core.ledger import LedgerWriter, step_dir
 from core.sample import MAX_TEXT_CHARS, Sample, SampleError
+from core.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
 from core.wds import ShardInfo, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,11 @@ STEP = "ingest"
 class IngestConfig:
     """How to turn a LLaVA JSON/JSONL + image folder into shards.
 
-    `source` is a .json (array) or .jsonl file path/URL; `image_root` the folder that the records'
-    `image` names are relative to; `run_dir` receives `shards/` and `ledger/ingest/`.
+    `source` is a file, folder or glob (path/URL) of one container: JSON array, JSONL, WebDataset shards
+    or Parquet; records are LLaVA or `messages` (ShareGPT) dialect (core/sources.py); `format` forces
+    either ("auto", "jsonl", "wds:messages", ...). `image_root` is the folder that the records' image
+    names are relative to (unused for images carried inline by WDS/Parquet); `run_dir` receives
+    `shards/` and `ledger/ingest/`.
     """
 
     source: str
@@ -46,6 +49,11 @@ class IngestConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     source_name: str = ""  # value for Sample.source when records carry none (default: file stem)
     ledger_dir: str = ""  # local run dir for the ledger when run_dir is remote (default: run_dir)
+    format: str = "auto"
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT  # question of caption-only WDS samples (image + .txt)
+
+    def __post_init__(self) -> None:
+        parse_format(self.format)  # ValueError on an unknown format, before any work
 
 
 @dataclass
@@ -57,8 +65,11 @@ class IngestResult:
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
+    source_records: int = -1  # counted from the source bytes, independently of the parser
+
     def summary(self) -> dict[str, Any]:
         return {
+            "source_records": self.source_records,
             "records": self.n_records,
             "kept": self.n_kept,
             "quarantined": self.n_quarantined,
@@ -68,38 +79,19 @@ class IngestResult:
         }
 
 
-def _iter_records(source: str) -> Iterator[tuple[int, Any, tuple[str, str] | None]]:
-    """Yield (index, record or None, problem) from a JSON array or JSONL, streaming."""
-    if source.endswith(".jsonl"):
-        with fsspec.open(source, "rb") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield i, None, ("non_utf8", str(e))
-                    continue
-                try:
-                    yield i, json.loads(text), None
-                except json.JSONDecodeError as e:
-                    yield i, None, ("invalid_json", str(e))
-        return
-    i = -1
-    with fsspec.open(source, "rb") as f:
-        try:
-            for i, rec in enumerate(ijson.items(f, "item", use_float=True)):
-                yield i, rec, None
-        except (ijson.JSONError, UnicodeDecodeError, ValueError) as e:
-            # The rest of a broken JSON array is unreadable; record the break itself.
-            yield i + 1, None, ("invalid_json", f"JSON array unreadable from item {i + 1}: {e}")
-
-
-def _safe_image_path(root: str, name: str) -> str:
+def _safe_image_path(root: str, name: str, local: bool = False) -> str:
+    """`root/name`, refusing names that leave the root: absolute, `..`, or (local roots) a symlink whose
+    real path lies outside the real root -> SampleError(unsafe_path)."""
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise SampleError("unsafe_path", f"image name {name!r} escapes the image root")
-    return f"{root.rstrip('/')}/{p.as_posix()}"
+    path = f"{root.rstrip('/')}/{p.as_posix()}"
+    if local:
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise SampleError("unsafe_path", f"image {name!r} resolves outside the image root (symlink)")
+    return path
 
 
 def source_fingerprint(*urls: str, max_entries: int = 10_000) -> str:
@@ -140,47 +132,93 @@ def source_fingerprint(*urls: str, max_entries: int = 10_000) -> str:
     return h.hexdigest()
 
 
+class SourceAccountingError(AssertionError):
+    """Ingest wrote a different number of ledger rows than the source holds records."""
+
+
+ACCOUNTING_FILE = "source_accounting.json"
+
+
+def read_source_accounting(ingest_ledger_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The source accounting ingest wrote next to its ledger (None for runs ingested before it existed)."""
+    p = os.path.join(ingest_ledger_dir, ACCOUNTING_FILE)
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
 def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
-    """Ingest `cfg.source` into `cfg.run_dir/shards` and write `ledger/ingest/part-ingest.parquet`."""
+    """Ingest `cfg.source` into `cfg.run_dir/shards` and write `ledger/ingest/part-ingest.parquet`.
+
+    The source's records are first counted per file without the parser (`core.sources.count_records`);
+    after the run, ledger rows must equal that count per file (`source_accounting.json` next to the
+    ledger), else SourceAccountingError: a record is never lost silently.
+    """
     t0 = time.time()
-    src_name = cfg.source_name or PurePosixPath(cfg.source).stem
-    fs_img, _ = fsspec.core.url_to_fs(cfg.image_root)
+    src_name = cfg.source_name or PurePosixPath(cfg.source.rstrip("/")).stem
+    fs_img, _ = fsspec.core.url_to_fs(cfg.image_root or ".")
+    local_img = isinstance(fs_img, fsspec.implementations.local.LocalFileSystem)
+    counted = count_records(cfg.source, cfg.format)  # validates the containers before any work
+    log.info("ingest: %d records counted in %d file(s) of %s", sum(counted.values()), len(counted), cfg.source)
+    rows: dict[str, int] = {f: 0 for f in counted}
     n = 0
+    led_dir = step_dir(cfg.ledger_dir or cfg.run_dir, STEP)
     writer = ShardWriter(f"{cfg.run_dir.rstrip('/')}/shards", cfg.prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
-    with LedgerWriter(step_dir(cfg.ledger_dir or cfg.run_dir, STEP) / "part-ingest.parquet", STEP) as led:
-        for idx, rec, problem in _iter_records(cfg.source):
+    with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led:
+        for r in iter_source(cfg.source, cfg.format, cfg.caption_prompt):
             n += 1
-            fallback = f"{src_name}#{idx}"
+            rows[r.file] = rows.get(r.file, 0) + 1
+            idx = r.index
+            stem = PurePosixPath(r.file).stem if len(counted) > 1 else src_name
+            fallback = r.fallback_id or f"{stem}#{idx}"
+            rec = r.record
             rid = str(rec["id"]) if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) else fallback
             try:
-                if problem:
-                    raise SampleError(*problem)
+                if r.problem:
+                    raise SampleError(*r.problem)
                 s = Sample.from_record(rec, source=src_name, max_text_chars=cfg.max_text_chars)
                 rid = s.id
                 if rid in led.decided:
-                    raise SampleError("duplicate_id", f"id {rid!r} seen earlier in {cfg.source}")
-                data = []
-                for name in s.images:
-                    path = _safe_image_path(cfg.image_root, name)
-                    try:
-                        with fs_img.open(path, "rb") as f:
-                            data.append(f.read())
-                    except (FileNotFoundError, IsADirectoryError) as e:
-                        raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
-                    decode_image(data[-1], cfg.max_image_pixels)
+                    raise SampleError("duplicate_id", f"id {rid!r} seen earlier (the first one in file order is kept)")
+                if r.image_bytes is not None:
+                    data = list(r.image_bytes)
+                    for b in data:
+                        decode_image(b, cfg.max_image_pixels)
+                else:
+                    if s.images and not cfg.image_root:
+                        raise SampleError("missing_image", "the record names images but no image_root was given")
+                    data = []
+                    for name in s.images:
+                        path = _safe_image_path(cfg.image_root, name, local_img)
+                        try:
+                            with fs_img.open(path, "rb") as f:
+                                data.append(f.read())
+                        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+                            raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+                        decode_image(data[-1], cfg.max_image_pixels)
                 s.image_bytes = data
                 shard = writer.write(s)
                 led.add(rid, "keep", shard=shard)
             except SampleError as e:
                 if rid in led.decided:
-                    rid = f"{rid}#dup{idx}"  # keep the ledger keyed uniquely; the reason says why
+                    rid = f"{rid}#dup{idx}" if len(counted) == 1 else f"{rid}#dup@{stem}:{idx}"  # keep the ledger keyed uniquely; the reason says why
                 log.warning("quarantine %s: %s", rid, e)
-                led.add(rid, "quarantine", e.reason, detail=e.detail[:500], record_index=idx)
+                led.add(rid, "quarantine", e.reason, detail=e.detail[:500], **r.position)
             if progress_every and n % progress_every == 0:
                 log.info("ingest: %d records, %d kept, %.0f rec/s", n, led.counts["keep"], n / (time.time() - t0))
         shards = writer.close()
         counts, reasons = dict(led.counts), dict(led.reasons)
-    res = IngestResult(shards, n, counts["keep"], counts["quarantine"], reasons, time.time() - t0)
+    res = IngestResult(shards, n, counts["keep"], counts["quarantine"], reasons, time.time() - t0,
+                       source_records=sum(counted.values()))
+    per_file = [{"file": f, "source_records": c, "ledger_rows": rows.get(f, 0)} for f, c in counted.items()]
+    accounting = {
+        "source": cfg.source, "format": cfg.format, "files": per_file,
+        "source_records": res.source_records, "ledger_rows": n, "kept": res.n_kept, "quarantined": res.n_quarantined,
+        "balanced": all(p["source_records"] == p["ledger_rows"] for p in per_file) and n == res.n_kept + res.n_quarantined,
+    }
+    with open(led_dir / ACCOUNTING_FILE, "w") as f:
+        json.dump(accounting, f, indent=1)
     manifest = {
         "source": cfg.source,
         "summary": res.summary(),
@@ -188,5 +226,8 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     }
     with fsspec.open(f"{cfg.run_dir.rstrip('/')}/shards/manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
+    if not accounting["balanced"]:
+        bad = [p for p in per_file if p["source_records"] != p["ledger_rows"]]
+        raise SourceAccountingError(f"ingest wrote {n} ledger rows for {res.source_records} source records: {bad}")
     log.info("ingest done: %s", res.summary())
     return res

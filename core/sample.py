@@ -23,6 +23,11 @@ ASSISTANT_ROLES = ("gpt", "assistant")
 SYSTEM_ROLES = ("system",)
 VALID_ROLES = HUMAN_ROLES + ASSISTANT_ROLES + SYSTEM_ROLES
 MAX_TEXT_CHARS = 200_000  # one sample's total text; beyond this it is quarantined as oversize_text
+# Top-level record fields the Sample models; any other field travels in `Sample.meta` (exported as "meta").
+KNOWN_FIELDS = frozenset({"id", "image", "images", "conversations", "source", "domain", "metadata", "meta"})
+# Modalities the pipeline cannot carry: a record with one is quarantined `unsupported_modality:<kind>`
+# rather than exported as a text-only sample with a dangling placeholder.
+UNSUPPORTED_MODALITIES = {"video": ("video", "videos", "<video>"), "audio": ("audio", "audios", "<audio>")}
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -57,7 +62,9 @@ class Sample:
     """A validated conversation sample.
 
     `images` are the image names of the record (file names in the source folder, or WDS member
-    suffixes); `image_bytes`, when loaded, holds the encoded bytes in the same order.
+    suffixes); `image_bytes`, when loaded, holds the encoded bytes in the same order. `domain` is the
+    record's data domain (chart, document, ...; "" when unknown), used to mix data by domain; `meta`
+    holds the record's unknown top-level fields, exported unchanged as a "meta" object.
     """
 
     id: str
@@ -65,6 +72,8 @@ class Sample:
     images: list[str] = field(default_factory=list)
     source: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    domain: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
     image_bytes: list[bytes] = field(default_factory=list, repr=False, compare=False)
     shard: str = field(default="", compare=False)  # name of the shard it was read from (not exported)
 
@@ -74,6 +83,7 @@ class Sample:
         """Validate a LLaVA-style dict and build a Sample; raises `SampleError` with a reason code."""
         if not isinstance(record, dict):
             raise SampleError("invalid_json", f"record is {type(record).__name__}, not an object")
+        _check_modalities(record)
         convs = record.get("conversations")
         if not isinstance(convs, list) or not convs:
             raise SampleError("empty_conversation", "missing or empty 'conversations'")
@@ -108,12 +118,21 @@ class Sample:
         meta = record.get("metadata") or {}
         if not isinstance(meta, dict):
             raise SampleError("invalid_json", "'metadata' must be an object")
+        extra = record.get("meta") or {}
+        if not isinstance(extra, dict):
+            raise SampleError("invalid_json", "'meta' must be an object")
+        extra = dict(extra) | {k: v for k, v in record.items() if k not in KNOWN_FIELDS}
+        domain = record.get("domain")
+        if domain is not None and not isinstance(domain, (str, int)):
+            raise SampleError("invalid_json", f"'domain' has type {type(domain).__name__}")
         return cls(
             id=str(sid),
             conversations=turns,
             images=list(images),
             source=str(record.get("source") or source),
             metadata=meta,
+            domain=str(domain or ""),
+            meta=extra,
         )
 
     # ---- views --------------------------------------------------------------------------------
@@ -134,8 +153,12 @@ class Sample:
             rec["image"] = list(self.images)
         if self.source:
             rec["source"] = self.source
+        if self.domain:
+            rec["domain"] = self.domain
         if self.metadata:
             rec["metadata"] = self.metadata
+        if self.meta:
+            rec["meta"] = self.meta
         return rec
 
     def to_json_bytes(self) -> bytes:
@@ -166,6 +189,16 @@ def strip_image_placeholders(text: str) -> str:
     """Remove `<image>` placeholders together with the newline LLaVA puts after/before them."""
     text = re.sub(r"<image>\n?", "", text)
     return re.sub(r"\n?<image>", "", text).strip()
+
+
+def _check_modalities(record: dict[str, Any]) -> None:
+    """Raise `unsupported_modality:<kind>` for a record carrying video or audio (a field or a placeholder)."""
+    texts = [t.get("value") for t in record.get("conversations") or [] if isinstance(t, dict)]
+    for kind, (field_, plural, token) in UNSUPPORTED_MODALITIES.items():
+        if record.get(field_) or record.get(plural):
+            raise SampleError(f"unsupported_modality:{kind}", f"record has a {field_!r} field")
+        if any(isinstance(v, str) and token in v for v in texts):
+            raise SampleError(f"unsupported_modality:{kind}", f"a turn contains {token}")
 
 
 def _check_roles(turns: list[Turn]) -> None:

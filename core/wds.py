@@ -130,13 +130,17 @@ def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
     """The (member name, bytes) pairs of one sample in write order: json first, then images."""
     if len(sample.image_bytes) != len(sample.images):
         raise ValueError(f"sample {sample.id}: {len(sample.images)} images named, {len(sample.image_bytes)} loaded")
-    key = sample.key
-    out = [(f"{key}.json", sample.to_json_bytes())]
-    multi = len(sample.image_bytes) > 1
-    for i, (data, name) in enumerate(zip(sample.image_bytes, sample.images)):
-        ext = image_ext(data, name)
-        out.append((f"{key}.{i}.{ext}" if multi else f"{key}.{ext}", data))
+    out = [(f"{sample.key}.json", sample.to_json_bytes())]
+    out += list(zip(image_member_names(sample), sample.image_bytes))
     return out
+
+
+def image_member_names(sample: Sample) -> list[str]:
+    """Tar member names of the sample's images: `key.<ext>` for one image, `key.<i>.<ext>` for several,
+    the extension from the encoded bytes (jpg, png, webp, ...)."""
+    key, multi = sample.key, len(sample.image_bytes) > 1
+    exts = [image_ext(data, name) for data, name in zip(sample.image_bytes, sample.images)]
+    return [f"{key}.{i}.{ext}" if multi else f"{key}.{ext}" for i, ext in enumerate(exts)]
 
 
 class ShardWriter:

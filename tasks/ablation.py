@@ -11,7 +11,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.decks import display_root, save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="4Gi"), cache=True,
-      cache_version=code_version(*CORE_IO, "core/ablation.py", "core/dedup/semdedup.py", "core/perplexity/slices.py"))
+      cache_version=task_version(__name__))
 def select_variant(step_dirs: List[FlyteDirectory], variant: str) -> FlyteFile:
     """Write the sample ids of one variant (baseline, semdedup@0.1, ppl@0-90, ppl_decile@3, ...).
 
@@ -41,7 +41,7 @@ def select_variant(step_dirs: List[FlyteDirectory], variant: str) -> FlyteFile:
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="2Gi"), cache=True,
-      cache_version=code_version("core/embed/model.py", "core/embed/model_configs"))
+      cache_version=task_version(__name__))
 def build_tiny_vision_tower(seed: int = 0) -> FlyteDirectory:
     """The embedded tiny open_clip model as a `local-dir` (the frozen vision tower of the built-in trainer).
 
@@ -76,6 +76,7 @@ def compare_variants(
     tokenizer: Optional[FlyteDirectory] = None,
     output_dir: str = "",
     step_dirs: Optional[List[FlyteDirectory]] = None,
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> FlyteDirectory:
     """One comparison table: variant x benchmark (final checkpoint), deltas vs baseline, sample and token counts.
 
@@ -85,6 +86,8 @@ def compare_variants(
     :param evaluation: Output of the evaluation workflow (summary.parquet).
     :param tokenizer: Training tokenizer (HF dir) for token counts; characters/4 when absent.
     :param output_dir: Optional path/URL to publish the comparison and the evaluation results to.
+    :param known_bad_ids: Optional id list (JSON or one per line) of known low-quality samples: per variant, how
+        many of them its export kept (`known_bad_kept`) and removed vs the baseline (`known_bad_removed`).
     :param step_dirs: Output directories of the shared steps (ingest, embed, semdedup, ...), for their decks.
     :return: Directory with comparison.parquet, comparison.csv, scores_by_epoch.parquet and decks/ (each
         step's deck page: shared steps, export_<variant>, train_<variant>, evaluation, ablation).
@@ -103,18 +106,28 @@ def compare_variants(
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer.download())
-    counts = []
+    from core.run_summary import load_id_list
+
+    bad = set(load_id_list(known_bad_ids.download())) if known_bad_ids is not None else None
+    counts, exported = [], []
     for ex in exports:
         root = ex.download()
         n_samples = n_tokens = 0
+        ids = set()
         for s in iter_samples(list_shards(os.path.join(root, "shards")), load_images=False, verify_images=False):
             text = "\n".join(t.value for t in s.conversations)
             n_tokens += len(tok(text)["input_ids"]) if tok is not None else len(text) // 4
             n_samples += 1
+            ids.add(s.id)
         counts.append({"n_samples": n_samples, "n_tokens": n_tokens})
+        exported.append(ids)
     eval_dir = evaluation.download()
     summary = pd.read_parquet(os.path.join(eval_dir, "summary.parquet"))
     table, long = comparison_table(variants, checkpoints, summary, counts)
+    if bad is not None:  # recall of each variant's filter on the known-bad ids, against the baseline export
+        base = exported[list(variants).index("baseline")] if "baseline" in variants else set().union(*exported)
+        table["known_bad_kept"] = [len(ids & bad) for ids in exported]
+        table["known_bad_removed"] = [len((base - ids) & bad) for ids in exported]
     out = os.path.join(current_context().working_directory, "ablation")
     os.makedirs(out, exist_ok=True)
     table.to_parquet(os.path.join(out, "comparison.parquet"), index=False)
@@ -132,6 +145,9 @@ def compare_variants(
         ax.set_ylabel("score")
         ax.legend(fontsize=7)
         parts.append(figure_html(fig, "scores by variant"))
+        from core.evals.report import score_vs_step_html
+
+        parts.append(score_vs_step_html(long))  # one line per variant over its checkpoints' steps
     Deck("ablation", page(*parts))
     log.info("ablation table:\n%s", table.to_string(index=False))
     names = [parse_variant(v).name for v in variants]

@@ -18,7 +18,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.dedup.config import DecontamConfig, SemDedupConfig
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
@@ -48,7 +48,7 @@ def _deck(summary: dict, run: Optional[FlyteDirectory], out_dir: str) -> None:
 # Deterministic given their inputs (seeded k-means, fixed keep order): cached, versioned by the code they run,
 # so a re-run of `curate` with a changed later knob (e.g. perplexity) reuses them and passes the same output
 # directories downstream, which keeps the later steps' caches valid too.
-CACHE = dict(cache=True, cache_version=code_version(*CORE_IO, "core/dedup", "tasks/dedup.py"))
+CACHE = dict(cache=True, cache_version=task_version(__name__))
 
 
 class ClusterOutputs(NamedTuple):

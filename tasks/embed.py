@@ -17,7 +17,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from core.embed.config import PRESETS, EmbedConfig, siglip2_embed_config
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import GPU_IMAGE
 from tasks.resources import TINY_REQUESTS, renamed
@@ -60,7 +60,7 @@ def _include_ids(upstream: str, step: str) -> dict[str, list[str]]:
 
 
 _EMBED_OPTS = dict(container_image=GPU_IMAGE, enable_deck=True, cache=True,
-                   cache_version=code_version(*CORE_IO, "core/embed", "tasks/embed.py", "tasks/resources.py"))
+                   cache_version=task_version(__name__))
 
 
 @task(task_config=ray_job_config(siglip2_embed_config()), requests=Resources(cpu="2", mem="8Gi"), **_EMBED_OPTS)

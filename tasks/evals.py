@@ -68,6 +68,7 @@ def evaluate_checkpoint_benchmarks(
     device: str = "auto",
     batch_size: int = 8,
     max_samples: int = 0,
+    scoring: str = "exact",
 ) -> FlyteDirectory:
     """Download one checkpoint, evaluate it on a group of benchmarks, delete it.
 
@@ -81,14 +82,17 @@ def evaluate_checkpoint_benchmarks(
     :param device: cpu | cuda | auto.
     :param batch_size: Requests per generate call.
     :param max_samples: Per-benchmark sample cap (0 = all).
-    :return: Directory with records.parquet (per sample) and summary.parquet (per benchmark).
+    :param scoring: exact (lmms-eval / Molmo reference scoring) | lenient (adds the lenient parsers' score beside it).
+    :return: Directory with records.parquet (per sample), summary.parquet (per benchmark) and lmms_eval/
+        (results.json, samples_<benchmark>.jsonl).
     """
     t0 = step_started("eval", checkpoint=checkpoint, benchmarks=benchmarks)
     from core.evals.runner import CheckpointStore, EvalConfig, evaluate_checkpoint
 
     work = current_context().working_directory
     cfg = EvalConfig(cache_dir=cache_dir, benchmarks=[b for b in benchmarks.split(",") if b], backend=backend,
-                     device=device, batch_size=batch_size, max_samples=max_samples, concurrency=1)  # fmt: skip
+                     device=device, batch_size=batch_size, max_samples=max_samples, concurrency=1,
+                     scoring=scoring)  # fmt: skip
     out = os.path.join(work, "eval_out")
     wdir = evaluate_checkpoint(checkpoint, cfg, out, CheckpointStore(local_dir=work))
     _worker_deck(wdir)
@@ -118,12 +122,13 @@ def _worker_deck(wdir: str) -> None:
 def collect_eval_results(
     results: list[Optional[FlyteDirectory]], checkpoints: list[str], groups: list[str]
 ) -> FlyteDirectory:
-    """Reduce: merge worker outputs into the results table and the deck (score vs epoch).
+    """Reduce: merge worker outputs into the results table and the deck (score vs step, one line per variant).
 
     :param results: Worker output directories (None where a worker was lost: marked failed, worker_lost).
     :param checkpoints: The job list's checkpoints (same order as results).
     :param groups: The job list's benchmark groups (same order as results).
-    :return: Directory with records.parquet, summary.parquet, results.csv, report.html.
+    :return: Directory with records.parquet, summary.parquet, results.csv, report.html, results.json and
+        lmms_eval/<worker>/ (lmms-eval-shaped results.json and samples_<benchmark>.jsonl).
     """
     t0 = step_started("evaluation", workers=len(results))
     from core.evals.report import eval_report_html

@@ -10,7 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source
@@ -41,7 +41,7 @@ def _rephrased_records(d: FlyteDirectory) -> str:
     return f"{src}/rephrase/records" if fs.isdir(f"{root}/rephrase/records") else src
 
 
-@task(container_image=CPU_IMAGE, cache=True, cache_version=code_version(*CORE_IO, "core/export.py", "tasks/export.py"), enable_deck=True,
+@task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True,
       requests=Resources(cpu="2", mem="8Gi"))
 def export_dataset(
     run_dir: FlyteDirectory,
@@ -52,6 +52,7 @@ def export_dataset(
     rephrased: Optional[FlyteDirectory] = None,
     max_samples: int = 1000,
     max_bytes: int = 256 << 20,
+    image_format: str = "jpg",
 ) -> FlyteDirectory:
     """Export the curated samples of a run as WebDataset shards in the training schema.
 
@@ -67,12 +68,16 @@ def export_dataset(
         conversations replace the originals.
     :param max_samples: Most samples per output shard.
     :param max_bytes: Most bytes per output shard.
+    :param image_format: jpg (default: every single-image sample is `key.jpg`, non-JPEG sources re-encoded at
+        quality 95) | png (lossless, `key.png`) | keep (source bytes and extension).
     :return: Directory with `shards/*.tar`, `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
     """
     t0 = step_started("export", subset=subset_name or "-", max_samples=max_samples)
     from core.export import ExportConfig, export_curated, export_report_html, load_id_list
     from core.wds import list_shards
 
+    cfg = ExportConfig(steps=list(steps) if steps else None, max_samples=max_samples, max_bytes=max_bytes,
+                       subset_name=subset_name, image_format=image_format)  # validates before any download
     work = current_context().working_directory
     src = source(run_dir)
     dirs = [_local_ledgers(src, os.path.join(work, "run"))]
@@ -81,8 +86,6 @@ def export_dataset(
     ids = None
     if subset_ids is not None:
         ids = load_id_list(subset_ids.download())
-    cfg = ExportConfig(steps=list(steps) if steps else None, max_samples=max_samples, max_bytes=max_bytes,
-                       subset_name=subset_name)
     out = os.path.join(work, "export")
     manifest = export_curated(list_shards(f"{src.rstrip('/')}/shards"), dirs, out, cfg, subset_ids=ids,
                               rephrased_dir=_rephrased_records(rephrased) if rephrased is not None else None)

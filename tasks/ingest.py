@@ -1,4 +1,4 @@
-"""Ingest task: LLaVA JSON/JSONL + image folder -> WebDataset shards + the ingest ledger."""
+"""Ingest task: any input dialect (JSON/JSONL/WDS/Parquet; LLaVA or messages) -> WebDataset shards + the ingest ledger."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
 from tasks.steplog import step_finished, step_started
@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 def _deck(res, run_dir: str) -> None:
     import pandas as pd
 
+    from core.ingest import read_source_accounting
     from core.ledger import read_ledger, step_dir
     from core.report import figure_html, new_figure, page, table_html
 
     led = read_ledger(step_dir(run_dir, "ingest"))
+    acc = read_source_accounting(step_dir(run_dir, "ingest")) or {}
     reasons = led[led.decision == "quarantine"].groupby("reason").size().rename("count").reset_index()
     fig, ax = new_figure()
     ax.hist([s.n_samples for s in res.shards], bins=20)
@@ -32,6 +34,8 @@ def _deck(res, run_dir: str) -> None:
                            for s in res.shards])
     Deck("ingest", page(
         table_html([res.summary() | {"reasons": ", ".join(f"{k}={v}" for k, v in res.reasons.items())}], "summary"),
+        table_html(acc.get("files", []), "source accounting: records counted in each file (without the parser) "
+                                         "== ingest ledger rows"),
         table_html(reasons, "quarantined by reason"),
         figure_html(fig, "shard sizes"),
         table_html(shards, "shards"),
@@ -51,7 +55,7 @@ def fingerprint_source(source: str, image_root: str = "") -> str:
     return source_fingerprint(source, image_root)
 
 
-@task(container_image=CPU_IMAGE, cache=True, cache_version=code_version(*CORE_IO, "core/ingest.py", "tasks/ingest.py"), enable_deck=True,
+@task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True,
       requests=Resources(cpu="2", mem="4Gi"))
 def ingest_dataset(
     source: str,
@@ -60,19 +64,26 @@ def ingest_dataset(
     shard_max_bytes: int = 256 << 20,
     max_text_chars: int = 200_000,
     source_fingerprint: str = "",
+    format: str = "auto",
 ) -> FlyteDirectory:
-    """Turn a LLaVA-style dataset into WebDataset shards and an ingest ledger.
+    """Turn a conversation dataset into WebDataset shards and an ingest ledger.
 
     Every input record is either kept (written to a shard) or quarantined with a reason
-    (corrupt_image, missing_image, role_broken, image_count_mismatch, ...); none is dropped silently.
+    (corrupt_image, missing_image, role_broken, image_count_mismatch, unsupported_modality:video, ...); none
+    is dropped silently: the records of the source are counted without the parser and must equal the
+    ledger rows (`ledger/ingest/source_accounting.json`), else the task fails.
 
-    :param source: Path or fsspec URL of the dataset: a JSON array (.json, parsed streaming) or JSONL.
-    :param image_root: Folder (path or URL) that the records' `image` names are relative to.
+    :param source: Path, folder or glob (local or fsspec URL) of the dataset: a JSON array (.json, streamed),
+        JSONL, WebDataset shards (.tar) or Parquet files (docs/ingest.md).
+    :param image_root: Folder (path or URL) that the records' image names are relative to (images carried
+        inside WDS members or Parquet cells need none).
     :param shard_max_samples: Most samples per output shard.
     :param shard_max_bytes: Most bytes (images + json + tar headers) per output shard.
     :param max_text_chars: Samples with more conversation text than this are quarantined (oversize_text).
     :param source_fingerprint: `fingerprint_source(source, image_root)`: unused by the body, part of the cache
         key, so a cached ingest is not reused after the files at the same paths changed.
+    :param format: `auto` (from the extension and each record), or a container `json|jsonl|wds|parquet`,
+        a dialect `llava|messages`, or both (`jsonl:messages`).
     :return: The run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
     """
     t0 = step_started("ingest", source=source, image_root=image_root)
@@ -80,7 +91,7 @@ def ingest_dataset(
 
     run_dir = os.path.join(current_context().working_directory, "run")
     cfg = IngestConfig(source=source, image_root=image_root, run_dir=run_dir, shard_max_samples=shard_max_samples,
-                       shard_max_bytes=shard_max_bytes, max_text_chars=max_text_chars)
+                       shard_max_bytes=shard_max_bytes, max_text_chars=max_text_chars, format=format)
     res = ingest(cfg)
     log.info("ingest: %s", res.summary())
     _deck(res, run_dir)

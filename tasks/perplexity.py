@@ -12,7 +12,7 @@ from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), cache=True,
-      cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
+      cache_version=task_version(__name__))
 def train_reference_lm(
     run: FlyteDirectory,
     reference_ids: Optional[FlyteFile] = None,
@@ -56,7 +56,7 @@ def train_reference_lm(
 
 
 _SCORE_OPTS = dict(container_image=GPU_IMAGE, retries=1, enable_deck=True, cache=True,
-                   cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
+                   cache_version=task_version(__name__))
 
 
 @task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), **_SCORE_OPTS)
@@ -124,7 +124,7 @@ score_perplexity_cpu = task(requests=TINY_REQUESTS, **_SCORE_OPTS)(renamed(score
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True,
-      cache=True, cache_version=code_version(*CORE_IO, "core/perplexity", "core/tiny_lm.py", "tasks/perplexity.py"))
+      cache=True, cache_version=task_version(__name__))
 def slice_by_perplexity(
     scores: FlyteDirectory,
     mode: str = "range",

@@ -10,7 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
 from tasks.resources import TINY_REQUESTS, renamed
@@ -30,6 +30,8 @@ def _tiny_model_for(shards_dir: str, work: str) -> str:
 
     root = Path(shards_dir)
     urls = list_shards(str(root / "shards")) if (root / "shards").is_dir() else list_shards(shards_dir)
+    if not urls:  # a degenerate run (empty source, all quarantined): nothing to rephrase, no model needed
+        return ""
     samples = iter_samples(urls, load_images=False, verify_images=False)
     return train_demo_model(samples, os.path.join(work, "tiny_lm"))
 
@@ -39,7 +41,7 @@ def _tiny_model_for(shards_dir: str, work: str) -> str:
 # task. Cached (seeded generation; the LLM pass is the expensive step): a
 # re-run that changes only a later knob (export shard size, ...) reuses the rephrased records.
 _REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, retries=2, cache=True,
-                      cache_version=code_version(*CORE_IO, "core/rephrase", "core/tiny_lm.py", "tasks/rephrase.py"))
+                      cache_version=task_version(__name__))
 
 
 @task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), limits=Resources(gpu="1"), **_REPHRASE_OPTS)

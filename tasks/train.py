@@ -26,7 +26,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
-from tasks.cache import CORE_IO, code_version
+from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import TRAIN_IMAGE
 from tasks.paths import source
@@ -66,7 +66,7 @@ def _output_dir(checkpoint_uri: str, key: str) -> tuple[str, Optional[str]]:
 
 
 _TRAIN_OPTS = dict(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
-                   cache_version=code_version(*CORE_IO, "core/train", "core/tiny_lm.py", "tasks/train.py"),
+                   cache_version=task_version(__name__),
                    task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False))
 
 
@@ -91,6 +91,7 @@ def train_mini_llava(
     device: str = "auto",
     checkpoint_uri: str = "",
     wandb_project: str = "",
+    lr_schedule: str = "cosine",
 ) -> TrainOutputs:
     """Train the built-in minimal LLaVA model (frozen open_clip tower -> MLP projector -> causal LM).
 
@@ -118,7 +119,9 @@ def train_mini_llava(
     :param checkpoint_uri: Durable location of the run's checkpoints (shared path or s3://...); re-using it resumes.
     :param wandb_project: Also log to this W&B project (a run started by the trainer); ignored when the task
         runs under the W&B plugin (MMCURATE_WANDB_PROJECT), whose run gets the metrics.
-    :return: The epoch checkpoints (self-contained; `load_mini_llava(dir)`) and metrics.jsonl.
+    :param lr_schedule: `cosine` (decay after warmup) or `constant` (after warmup).
+    :return: The epoch checkpoints (Hugging Face LLaVA folders: `LlavaForConditionalGeneration.from_pretrained`
+        + `AutoProcessor.from_pretrained` load them; see docs/train.md) and metrics.jsonl.
     """
     t0 = step_started("train", stage=stage, epochs=epochs, max_steps=max_steps)
     from core.train.config import TrainConfig
@@ -132,7 +135,7 @@ def train_mini_llava(
     # The pod-local dir must differ between trainings of one execution (local runs share raw_output_prefix,
     # e.g. the variants of an ablation grid) but agree between elastic ranks/restarts of the same training.
     ident = [current_context().raw_output_prefix, os.environ.get("TORCHELASTIC_RUN_ID", ""),
-             source(data), vm, source(lm), stage, epochs, batch_size, lr, seed, max_steps, max_seq_len,
+             source(data), vm, source(lm), stage, epochs, batch_size, lr, seed, max_steps, max_seq_len, lr_schedule,
              source(init_from) if init_from is not None else ""]
     key = hashlib.sha1("|".join(map(str, ident)).encode())
     out, mirror = _output_dir(checkpoint_uri, key.hexdigest()[:16])
@@ -142,7 +145,7 @@ def train_mini_llava(
         batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_seq_len=max_seq_len,
         max_steps=max_steps or None, val_size=val_size, val_every_n_steps=val_every_n_steps,
         ckpt_every_n_steps=ckpt_every_n_steps, seed=seed, device=device, mirror_uri=mirror,
-        wandb_project=wandb_project or None,
+        wandb_project=wandb_project or None, lr_schedule=lr_schedule,
         nnodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")), nproc_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
     res = train(data_dir, cfg)

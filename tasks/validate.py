@@ -8,9 +8,10 @@ once (core.checks.InputError), each naming the input and what it accepts.
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import List, Optional
 
 from flytekit import Resources, task
+from flytekit.types.file import FlyteFile
 
 from core.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.images import CPU_IMAGE
@@ -35,18 +36,31 @@ def validate_curate_inputs(
     reference_source: str,
     reference_image_root: str,
     export_max_samples: int,
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> str:
     """Check the inputs of `curate` (see its docstring); raises InputError listing every bad input.
 
+    :param format: Ingest format spec of `source` (auto, json|jsonl|wds|parquet, llava|messages, container:dialect).
+    :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
     :return: A one-line summary of what was checked.
     """
-    from core.checks import Problems, check_benchmarks, check_config, check_dir, check_source, in_range
+    from core.checks import (
+        Problems,
+        check_benchmarks,
+        check_config,
+        check_data,
+        check_dir,
+        check_id_list,
+        check_source,
+        in_range,
+    )
     from core.log import setup_logging
 
     setup_logging()
     p = Problems("curate")
-    check_source(p, "source", source)
-    check_dir(p, "image_root", image_root)
+    check_data(p, source, image_root, format)
+    check_id_list(p, "known_bad_ids", known_bad_ids.download() if known_bad_ids is not None else None)
     in_range(p, "shard_max_samples", shard_max_samples, lo=1)
     in_range(p, "export_max_samples", export_max_samples, lo=1)
     check_config(p, "dedup_config", dedup_config)
@@ -86,19 +100,32 @@ def validate_ablate_inputs(
     max_steps: int,
     batch_size: int,
     eval_max_samples: int,
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> str:
     """Check the inputs of `ablate` (see its docstring); raises InputError listing every bad input.
 
+    :param format: Ingest format spec of `source` (auto, json|jsonl|wds|parquet, llava|messages, container:dialect).
+    :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
     :return: A one-line summary of what was checked.
     """
     from core.ablation import parse_variant
-    from core.checks import Problems, check_benchmarks, check_config, check_dir, check_source, in_range
+    from core.checks import (
+        Problems,
+        check_benchmarks,
+        check_config,
+        check_data,
+        check_dir,
+        check_id_list,
+        check_source,
+        in_range,
+    )
     from core.log import setup_logging
 
     setup_logging()
     p = Problems("ablate")
-    check_source(p, "source", source)
-    check_dir(p, "image_root", image_root)
+    check_data(p, source, image_root, format)
+    check_id_list(p, "known_bad_ids", known_bad_ids.download() if known_bad_ids is not None else None)
     p.check(bool(variants), "variants", "needs at least one variant (e.g. baseline)")
     for v in variants:
         try:

@@ -38,7 +38,11 @@ def ideal_answer(bench: str, item: EvalItem) -> str:
         pts = t["points"]
         if not pts:
             return "There are none."
-        return " ".join(f'<point x="{p[0] / w * 100:.2f}" y="{p[1] / h * 100:.2f}">' for p in pts)
+        label = item.question
+        if len(pts) == 1:  # Molmo's point format (its PointingEval checks the format)
+            return f'<point x="{pts[0][0] / w * 100:.2f}" y="{pts[0][1] / h * 100:.2f}" alt="{label}">{label}</point>'
+        attrs = " ".join(f'x{i}="{p[0] / w * 100:.2f}" y{i}="{p[1] / h * 100:.2f}"' for i, p in enumerate(pts, 1))
+        return f'<points {attrs} alt="{label}">{label}</points>'
     raise KeyError(bench)
 
 

@@ -12,18 +12,22 @@ import pytest
 @pytest.mark.slow
 def test_two_variant_grid_end_to_end(tmp_path, capsys):
     import ray
+    from flytekit.types.file import FlyteFile
 
-    from core.demo import generate_demo
+    from core.demo import generate_demo, load_ground_truth
     from core.evals.fixtures import write_fixtures
     from workflows.ablate import ablate
 
     info = generate_demo(str(tmp_path / "data"), n_samples=48, seed=0)
     write_fixtures(str(tmp_path / "evals"))
+    gt = load_ground_truth(str(tmp_path / "data"))  # known-bad ids: the planted duplicate copies
+    bad = sorted(g[1] for g in gt["near_duplicate_groups"] + gt["exact_duplicate_groups"])
+    (tmp_path / "bad.txt").write_text("\n".join(bad))
     try:
         out = ablate(
             source=str(info.data_json), image_root=str(info.images_dir), variants=["baseline", "semdedup@0.2"],
             eval_cache=str(tmp_path / "evals"), benchmarks=["countbench", "chartqa"], shard_max_samples=20,
-            lm_steps=20, max_steps=3, batch_size=4, eval_max_samples=2,
+            lm_steps=20, max_steps=3, batch_size=4, eval_max_samples=2, known_bad_ids=FlyteFile(str(tmp_path / "bad.txt")),
         )
     finally:
         ray.shutdown()  # the embed task's local ray.init() is never shut down by flytekit
@@ -33,6 +37,9 @@ def test_two_variant_grid_end_to_end(tmp_path, capsys):
     assert dedup["n_samples"] < base["n_samples"] and 0 < dedup["tokens_vs_baseline"] < 1
     assert {"countbench", "chartqa", "countbench_delta", "chartqa_delta"} <= set(table.columns)
     assert table[["countbench", "chartqa"]].notna().all().all()  # every variant was evaluated
+    # the known-bad ids: the baseline keeps them all; each one the dedup variant removed is counted
+    assert base["known_bad_removed"] == 0 and base["known_bad_kept"] == len(bad)
+    assert dedup["known_bad_removed"] + dedup["known_bad_kept"] == len(bad)
     by_epoch = pd.read_parquet(os.path.join(out.comparison.path, "scores_by_epoch.parquet"))
     ckpts = by_epoch.groupby("variant")["checkpoint"].unique()
     assert set(ckpts["baseline"]).isdisjoint(ckpts["semdedup@0.2"])  # each variant trained its own model

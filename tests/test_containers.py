@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -215,3 +216,111 @@ def test_environment_under_test_is_the_pinned_one():
         if installed != version:
             wrong[name] = (version, installed)
     assert not wrong, f"pinned vs installed: {wrong} (run `make setup`)"
+
+
+# ---- images built by `make images`: base argument, smoke stage, ImageSpecs with the same pins --------------------
+_ispec = importlib.util.spec_from_file_location("mmcurate_image_spec", CONTAINERS / "image_spec.py")
+image_spec = importlib.util.module_from_spec(_ispec)
+_ispec.loader.exec_module(image_spec)
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, comments dropped and continuations joined."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _dockerfile_env(dockerfile: Path) -> dict[str, str]:
+    env = {}
+    for word, rest in _instructions(dockerfile):
+        if word == "ENV":
+            env.update(dict(kv.split("=", 1) for kv in shlex.split(rest)))
+    return env
+
+
+def _apt_packages(dockerfile: Path) -> list[str]:
+    pkgs = []
+    for run in _run_lines(dockerfile):
+        for cmd in run.split("&&"):
+            words = cmd.split()
+            if words[:2] == ["apt-get", "install"]:
+                pkgs += [w for w in words[2:] if not w.startswith("-")]
+    return pkgs
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_base_is_an_argument_and_the_image_needs_its_smoke_stage(dockerfile):
+    role = dockerfile.name.removesuffix(".Dockerfile")
+    ins = _instructions(dockerfile)
+    assert ins[0] == ("ARG", "BASE=python:3.11.7-slim-bookworm")  # public base by default, overridable
+    froms = [rest for word, rest in ins if word == "FROM"]
+    assert froms == ["${BASE} AS image", "image AS smoke", "image"], froms
+    smoke_runs = [rest for word, rest in ins[ins.index(("FROM", "image AS smoke")):] if word == "RUN"]
+    assert smoke_runs == [f"python /build/containers/smoke.py {role} --report /build/smoke-{role}.json"]
+    # the final stage copies the smoke report: building the image runs the smoke stage (no stage is skipped)
+    assert ins[-1] == ("COPY", f"--from=smoke /build/smoke-{role}.json /build/smoke-{role}.json")
+    # pins before code: the dependency layer is reused when only code changes
+    order = [rest.split()[0] for word, rest in ins if word == "COPY"]
+    assert order.index("pyproject.toml") < order.index("core/")
+
+
+def test_smoke_script_covers_every_role_and_builds_see_its_inputs():
+    _sspec = importlib.util.spec_from_file_location("mmcurate_smoke", CONTAINERS / "smoke.py")
+    smoke = importlib.util.module_from_spec(_sspec)
+    _sspec.loader.exec_module(smoke)
+    assert set(smoke.SMOKES) == set(pins.ROLES)
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    for path in ("pyproject.toml", "requirements/", "containers/pins.py", "containers/smoke.py", "core/", "tasks/",
+                 "workflows/"):
+        assert f"!{path}" in ignore, f".dockerignore hides {path} from the build"
+
+
+@pytest.mark.parametrize("role", sorted(pins.ROLES))
+def test_image_spec_has_the_dockerfile_pins_apt_packages_and_env(role):
+    spec = image_spec.image_spec(role, registry="registry.example/mmcurate")
+    dockerfile = CONTAINERS / f"{role}.Dockerfile"
+    assert spec.packages == pins.role_requirements(role)  # the same list the Dockerfile installs (pins.py ROLE)
+    assert sorted(spec.apt_packages or []) == sorted(_apt_packages(dockerfile))
+    docker_env = _dockerfile_env(dockerfile)
+    assert spec.env.items() <= docker_env.items(), (spec.env, docker_env)
+    build_only = {"PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "PATH", "PYTHONPATH"}  # venv/layout of the Dockerfile
+    assert set(docker_env) - set(spec.env) <= build_only
+    assert spec.python_version == "3.11" and spec.name == f"mmcurate-{role}"
+    assert spec.image_name().startswith(f"registry.example/mmcurate/mmcurate-{role}:")
+
+
+def test_image_spec_switch_binds_every_task_to_its_image_spec(tmp_path):
+    """MMCURATE_IMAGE_SPEC=1: tasks carry ImageSpecs (built from code by flytekit), else the placeholders."""
+    code = (
+        "import json, tasks.images as i\n"
+        "print(json.dumps({k: getattr(getattr(i, k), 'name', getattr(i, k))"
+        " for k in ('CPU_IMAGE', 'GPU_IMAGE', 'VLLM_IMAGE', 'TRAIN_IMAGE')}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = {}
+    for flag in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", code],
+                              env={**env, "MMCURATE_IMAGE_SPEC": flag}, capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        out[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["1"] == {"CPU_IMAGE": "mmcurate-cpu", "GPU_IMAGE": "mmcurate-gpu", "VLLM_IMAGE": "mmcurate-vllm",
+                        "TRAIN_IMAGE": "mmcurate-train"}
+    assert out["0"]["GPU_IMAGE"] == "{{.image.gpu.fqn}}:{{.image.gpu.version}}"
+
+
+def test_cpu_smoke_step_runs(tmp_path):
+    """The cpu image's smoke step (demo -> ingest task -> export task), here in the test env: it cannot rot unseen."""
+    report = tmp_path / "smoke-cpu.json"
+    proc = subprocess.run([sys.executable, str(CONTAINERS / "smoke.py"), "cpu", "--report", str(report),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert result["ok"] and result["result"]["exported_samples"] == result["result"]["ingest"]["keep"] > 0
+    assert "smoke: cpu OK" in proc.stdout

@@ -133,10 +133,12 @@ def test_target_zero_and_one(data):
     r0 = semdedup_arrays(ids, x, cfg(target_removal=0.0))
     assert r0.removed_ids == set() and r0.decision.eps_exact
     assert decide_eps(r0.scores.m, r0.decision.eps).removed.sum() == 0
-    with pytest.raises(ValueError, match=r"at most \d+ .* can be removed"):
-        semdedup_arrays(ids, x, cfg(target_removal=1.0))
-    # the largest feasible target works: all but the first member of each cluster
+    # asking for everything removes what can be compared (all but the first member of each cluster) and
+    # says so, with the advice that is true: fewer clusters compare more pairs
     n_ok = np.isfinite(r0.scores.m).sum()
+    r1 = semdedup_arrays(ids, x, cfg(target_removal=1.0))
+    assert r1.decision.removed.sum() == n_ok and r1.decision.n_asked == len(ids)
+    assert "asked 100%" in r1.decision.notes[0] and "lower n_clusters" in r1.decision.notes[0]
     d = decide_target(r0.scores.m, r0.scores.sample_id, n_ok / len(ids))
     assert d.removed.sum() == n_ok and not d.removed[~np.isfinite(r0.scores.m)].any()
 
@@ -151,6 +153,24 @@ def test_target_hits_fraction_and_reports_matching_eps(data, target):
     assert r.decision.eps_exact
     again = decide_eps(r.scores.m, r.decision.eps)
     np.testing.assert_array_equal(again.removed, r.decision.removed)
+
+
+def test_target_never_removes_below_the_floor():
+    """90 distinct samples, nothing similar: asked 10%, the floor lets only the 3 real near-copies go."""
+    m = np.concatenate([np.full(3, 0.99), np.linspace(0.2, 0.8, 86), [np.nan]]).astype(np.float32)
+    ids = np.array([f"s{i:02d}" for i in range(90)])
+    d = decide_target(m, ids, 0.10, min_similarity=0.9)
+    assert d.removed.sum() == 3 and set(ids[d.removed]) == {"s00", "s01", "s02"}
+    assert d.n_asked == 9 and d.n_target == 3
+    assert "asked 10% (9 of 90), found only 3% (3) above the floor min_similarity=0.9" in d.notes[0]
+    assert decide_target(m, ids, 0.10).removed.sum() == 9  # without a floor: exactly the target
+    assert decide_target(m, ids, 0.02, min_similarity=0.9).removed.sum() == 2  # enough above it: exact
+
+
+def test_fewer_samples_than_clusters_is_not_an_error():
+    x = np.eye(4, 8, dtype=np.float32) + 0.01
+    r = semdedup_arrays([f"i{i}" for i in range(4)], x, cfg(target_removal=0.5, n_clusters=10))
+    assert r.decision.removed.sum() == 0 and "lower n_clusters" in r.decision.notes[0]
 
 
 def test_target_with_ties_is_exact_and_deterministic():

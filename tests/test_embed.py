@@ -58,15 +58,59 @@ def test_config_validates_and_presets():
 
 
 # ---- embedders ----------------------------------------------------------------------------------
-def test_tiny_checkpoint_is_reproducible(tmp_path):
+def test_tiny_training_is_reproducible(tmp_path):
+    from safetensors.torch import load_file
+
+    from core.embed.tiny_train import train_tiny_vit
+
+    small = dict(n_pairs=16, steps=3, batch_size=8, views=2)
+    train_tiny_vit(tmp_path / "a.safetensors", seed=0, **small)
+    train_tiny_vit(tmp_path / "b.safetensors", seed=0, **small)
+    train_tiny_vit(tmp_path / "c.safetensors", seed=1, **small)
+    a, b, c = (load_file(str(tmp_path / f"{n}.safetensors")) for n in "abc")
+    assert a.keys() == b.keys()
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert not torch_equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
+
+
+def torch_equal(x, y) -> bool:
     import torch
 
-    a = torch.load(tiny_checkpoint(tmp_path / "a", seed=0))
-    b = torch.load(tiny_checkpoint(tmp_path / "b", seed=0))
-    c = torch.load(tiny_checkpoint(tmp_path / "c", seed=1))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
+    return bool(torch.equal(x, y))
+
+
+def test_tiny_checkpoint_is_trained_and_cached(tmp_path):
+    """The embedded default loads trained weights (safetensors, trained once per machine and copied), which
+    separate demo scenes: a re-encoded or cropped copy is nearer its original than any other scene is."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from core.embed.tiny_train import demo_pairs, shared_cache_dir
+
+    p1 = tiny_checkpoint(tmp_path / "a", seed=0)
+    p2 = tiny_checkpoint(tmp_path / "b", seed=0)
+    assert p1.suffix == ".safetensors" and p1.read_bytes() == p2.read_bytes()
+    meta = json.loads((shared_cache_dir() / "tiny_vit" / p1.name).with_suffix(".json").read_text())
+    assert meta["losses"][-1] < 0.5 * meta["losses"][0]
+    emb = SigLIP2ImageEmbedder(tiny_embed_config(cache_dir=str(tmp_path / "a")))
+    scenes = [im for im, _ in demo_pairs(24, seed=99)]  # pairs of a seed the model never saw
+    copies = []
+    for i, im in enumerate(scenes):
+        if i % 2:
+            w, h = im.size
+            copies.append(im.crop((w // 20, h // 20, w - w // 20, h - h // 20)))
+        else:
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=40)
+            copies.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    a, b = emb.embed_images(scenes), emb.embed_images(copies)
+    sim = a @ b.T
+    own = np.diag(sim)
+    other = (a @ a.T - 2 * np.eye(len(a))).max(axis=1)  # nearest other scene
+    assert (own > other).mean() >= 0.9, (own, other)
+    assert np.median(own) > 0.95 > np.median(other)
 
 
 def test_embedders_unit_vectors_and_tokenizer(cfg):

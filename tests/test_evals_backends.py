@@ -1,5 +1,5 @@
 """Real inference backends on CPU: a tiny local HF LLaVA through transformers, and the built-in trainer's
-checkpoints through mini_llava (runs once core.train.mini_llava is on the branch)."""
+checkpoints (HF LLaVA folders) through the same transformers path."""
 
 from __future__ import annotations
 
@@ -52,10 +52,11 @@ def test_detect_kind_rejects_unknown_dirs(tmp_path):
         detect_kind(str(tmp_path))
 
 
-def test_mini_llava_checkpoints(tmp_path):
-    """The trainer's checkpoints via `core.train.mini_llava.load_mini_llava` (lands on main with the trainer)."""
-    mini = pytest.importorskip("core.train.mini_llava", reason="trainer (core.train.mini_llava) not merged yet")
-    fx = pytest.importorskip("tests.export_train_fixtures", reason="trainer test fixtures not merged yet")
+def test_trainer_checkpoints_load_through_transformers(tmp_path):
+    """The built-in trainer's checkpoints are evaluated through AutoProcessor + AutoModelForImageTextToText."""
+    import core.train.mini_llava as mini
+    import tests.export_train_fixtures as fx
+    from core.evals.backends import TransformersBackend
     name = fx.register_tiny_clip(tmp_path)
     lm = fx.make_tiny_lm(tmp_path / "lm")
     ckpts = []
@@ -63,7 +64,8 @@ def test_mini_llava_checkpoints(tmp_path):
         d = tmp_path / "ckpts" / f"epoch_{e}"
         mini.build_mini_llava(name, lm, device="cpu", seed=e).save(d)
         ckpts.append(str(d))
-    assert detect_kind(ckpts[0]) == "mini_llava"
+    assert detect_kind(ckpts[0]) == "transformers"
+    assert isinstance(load_backend("auto", ckpts[0], "cpu"), TransformersBackend)
     cache = str(tmp_path / "cache")
     write_fixtures(cache)
     res = evaluate_checkpoints(ckpts, tiny_eval_config(cache), str(tmp_path / "out"))

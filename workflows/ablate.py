@@ -53,6 +53,8 @@ def ablate_steps(
     batch_size: int = 8,
     eval_max_samples: int = 0,
     output_dir: str = "",
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> AblationOutputs:
     """The grid of `ablate` (see its docstring for the inputs), wired at run time from the variants.
 
@@ -66,7 +68,7 @@ def ablate_steps(
     evaluate = evaluation_cpu if tiny else evaluation
     # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
     run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
-                         source_fingerprint=fingerprint_source(source=source, image_root=image_root))
+                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
     emb = embed(shards=run, upstream=run, upstream_step="ingest", preset=value_of(embed_preset))
     ref = run
     if reference_source:
@@ -100,7 +102,7 @@ def ablate_steps(
     uris = checkpoint_uris(per_variant=ckpts)
     ev = evaluate(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
     table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
-                             tokenizer=lm, output_dir=output_dir, step_dirs=step_dirs)
+                             tokenizer=lm, output_dir=output_dir, step_dirs=step_dirs, known_bad_ids=known_bad_ids)
     return AblationOutputs(comparison=table, evaluation=ev)
 
 
@@ -124,6 +126,8 @@ def ablate(
     batch_size: int = 8,
     eval_max_samples: int = 0,
     output_dir: str = "",
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> AblationOutputs:
     """Train and evaluate one model per dataset variant and compare them with the baseline.
 
@@ -148,12 +152,15 @@ def ablate(
     :param batch_size: Training batch size.
     :param eval_max_samples: Per-benchmark sample cap (0 = all).
     :param output_dir: Where to publish comparison.{parquet,csv} and the evaluation results (path or URL).
+    :param format: Input format of `source` (auto, json|jsonl|wds|parquet, llava|messages; docs/ingest.md).
+    :param known_bad_ids: Optional id list of known low-quality samples: the comparison table says how many of
+        them each variant removed and kept.
 
     Every input is checked first (validate_ablate_inputs, seconds); the grid then runs in `ablate_steps`.
     The tiny embed preset runs every step on its CPU twin; production presets request GPUs.
     """
-    checked = validate_ablate_inputs(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root, shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontam_config=decontam_config, lm_steps=lm_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_max_samples=eval_max_samples)
-    out = ablate_steps(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root, reference_ids=reference_ids, shard_max_samples=shard_max_samples, embed_preset=embed_preset, dedup_config=dedup_config, decontam_config=decontam_config, lm_steps=lm_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_max_samples=eval_max_samples, output_dir=output_dir)
+    checked = validate_ablate_inputs(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root, shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontam_config=decontam_config, lm_steps=lm_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_max_samples=eval_max_samples, format=format, known_bad_ids=known_bad_ids)
+    out = ablate_steps(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root, reference_ids=reference_ids, shard_max_samples=shard_max_samples, embed_preset=embed_preset, dedup_config=dedup_config, decontam_config=decontam_config, lm_steps=lm_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_max_samples=eval_max_samples, output_dir=output_dir, format=format, known_bad_ids=known_bad_ids)
     checked >> out.comparison
     return out.comparison, out.evaluation
 

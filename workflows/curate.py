@@ -61,6 +61,8 @@ def curate_steps(
     rephrase_preset: RephrasePreset = RephrasePreset.tiny,
     export_max_samples: int = 1000,
     output_dir: str = "",
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> CurateOutputs:
     """The steps of `curate` (see its docstring for the inputs), wired at run time from the switches.
 
@@ -70,7 +72,7 @@ def curate_steps(
     embed = embed_shards_cpu if tiny else embed_shards
     # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
     run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
-                         source_fingerprint=fingerprint_source(source=source, image_root=image_root))
+                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
     emb = embed(shards=run, upstream=run, upstream_step="ingest", preset=value_of(embed_preset))
     dirs, steps = [run, emb], ["ingest", "embed"]
     prev, prev_step = emb, "embed"
@@ -106,7 +108,8 @@ def curate_steps(
         dirs, steps = dirs + [rephrased], steps + ["rephrase"]
     out = export_dataset(run_dir=run, step_dirs=dirs[1:], steps=steps, rephrased=rephrased,
                          max_samples=export_max_samples)
-    summary = summarize_run(step_dirs=dirs + [out], steps=steps + ["export"], export=out, output_dir=output_dir)
+    summary = summarize_run(step_dirs=dirs + [out], steps=steps + ["export"], export=out, output_dir=output_dir,
+                            known_bad_ids=known_bad_ids)
     return CurateOutputs(export=out, summary=summary)
 
 
@@ -134,10 +137,13 @@ def curate(
     rephrase_preset: RephrasePreset = RephrasePreset.tiny,
     export_max_samples: int = 1000,
     output_dir: str = "",
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
 ) -> CurateOutputs:
     """Curate a LLaVA-style dataset into training-ready WebDataset shards.
 
-    :param source: Dataset JSON array (.json, streamed) or JSONL; path or fsspec URL.
+    :param source: Dataset: JSON array (.json, streamed), JSONL, WebDataset shards or Parquet; file, folder or
+        glob, path or fsspec URL.
     :param image_root: Folder the records' image names are relative to; path or URL.
     :param shard_max_samples: Samples per ingested shard (the unit of streaming and resume).
     :param embed_preset: Embedding preset: `tiny` (embedded CPU model) or `siglip2` (production).
@@ -162,12 +168,16 @@ def curate(
     :param rephrase_preset: `tiny` (embedded CPU model) or `qwen` (vLLM).
     :param export_max_samples: Samples per exported shard.
     :param output_dir: Where to publish the curated set and the run summary (path or URL; empty: none).
+    :param format: Input format: auto, or a container json|jsonl|wds|parquet and/or dialect llava|messages
+        (`jsonl:messages`); see docs/ingest.md.
+    :param known_bad_ids: Optional id list (JSON list or one id per line) of samples known to be low quality: the
+        run summary reports, per step, how many of them it removed, kept or quarantined.
 
     Every input is checked first (validate_curate_inputs, seconds); the steps then run in `curate_steps`.
     The tiny embed preset runs every step on its CPU twin; production presets request GPUs.
     """
-    checked = validate_curate_inputs(source=source, image_root=image_root, shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontaminate=decontaminate, eval_cache=eval_cache, decontam_benchmarks=decontam_benchmarks, decontam_config=decontam_config, perplexity=perplexity, ppl_low_pct=ppl_low_pct, ppl_high_pct=ppl_high_pct, lm_steps=lm_steps, reference_source=reference_source, reference_image_root=reference_image_root, export_max_samples=export_max_samples)
-    out = curate_steps(source=source, image_root=image_root, shard_max_samples=shard_max_samples, embed_preset=embed_preset, semdedup=semdedup, dedup_config=dedup_config, decontaminate=decontaminate, eval_cache=eval_cache, decontam_benchmarks=decontam_benchmarks, decontam_config=decontam_config, perplexity=perplexity, ppl_mode=ppl_mode, ppl_low_pct=ppl_low_pct, ppl_high_pct=ppl_high_pct, lm_steps=lm_steps, reference_source=reference_source, reference_image_root=reference_image_root, reference_ids=reference_ids, rephrase=rephrase, rephrase_preset=rephrase_preset, export_max_samples=export_max_samples, output_dir=output_dir)
+    checked = validate_curate_inputs(source=source, image_root=image_root, shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontaminate=decontaminate, eval_cache=eval_cache, decontam_benchmarks=decontam_benchmarks, decontam_config=decontam_config, perplexity=perplexity, ppl_low_pct=ppl_low_pct, ppl_high_pct=ppl_high_pct, lm_steps=lm_steps, reference_source=reference_source, reference_image_root=reference_image_root, export_max_samples=export_max_samples, format=format, known_bad_ids=known_bad_ids)
+    out = curate_steps(source=source, image_root=image_root, shard_max_samples=shard_max_samples, embed_preset=embed_preset, semdedup=semdedup, dedup_config=dedup_config, decontaminate=decontaminate, eval_cache=eval_cache, decontam_benchmarks=decontam_benchmarks, decontam_config=decontam_config, perplexity=perplexity, ppl_mode=ppl_mode, ppl_low_pct=ppl_low_pct, ppl_high_pct=ppl_high_pct, lm_steps=lm_steps, reference_source=reference_source, reference_image_root=reference_image_root, reference_ids=reference_ids, rephrase=rephrase, rephrase_preset=rephrase_preset, export_max_samples=export_max_samples, output_dir=output_dir, format=format, known_bad_ids=known_bad_ids)
     checked >> out.export
     return out.export, out.summary
 

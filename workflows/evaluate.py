@@ -43,6 +43,7 @@ def evaluation(
     batch_size: int = 8,
     max_samples: int = 0,
     group_size: int = 0,
+    scoring: str = "exact",
 ) -> FlyteDirectory:
     """Evaluate checkpoints on benchmarks, at most EVAL_CONCURRENCY checkpoints at a time.
 
@@ -54,17 +55,19 @@ def evaluation(
     :param batch_size: Requests per generate call.
     :param max_samples: Per-benchmark sample cap (0 = all).
     :param group_size: Benchmarks per worker (0 = all in one, one download per checkpoint).
-    :return: records.parquet, summary.parquet, results.csv, report.html.
+    :param scoring: exact (lmms-eval / Molmo reference) | lenient (adds the lenient score beside it).
+    :return: records.parquet, summary.parquet, results.csv, report.html, results.json, lmms_eval/.
     """
     return _evaluate(evaluate_checkpoint_benchmarks, checkpoints, benchmarks, cache_dir, backend, device, batch_size,
-                     max_samples, group_size)  # fmt: skip
+                     max_samples, group_size, scoring)  # fmt: skip
 
 
-def _evaluate(task, checkpoints, benchmarks, cache_dir, backend, device, batch_size, max_samples, group_size):
+def _evaluate(task, checkpoints, benchmarks, cache_dir, backend, device, batch_size, max_samples, group_size,
+              scoring):
     """The fan-out wiring shared by `evaluation` (GPU workers) and `evaluation_cpu` (their CPU twin)."""
     jobs = plan_eval_jobs(checkpoints=checkpoints, benchmarks=benchmarks, group_size=group_size)
     worker = partial(task, cache_dir=cache_dir, backend=backend, device=device, batch_size=batch_size,
-                     max_samples=max_samples)  # fmt: skip
+                     max_samples=max_samples, scoring=scoring)  # fmt: skip
     results = map_task(worker, concurrency=EVAL_CONCURRENCY, min_success_ratio=EVAL_MIN_SUCCESS_RATIO)(
         checkpoint=jobs.checkpoints, benchmarks=jobs.groups
     )
@@ -81,6 +84,7 @@ def evaluation_cpu(
     batch_size: int = 8,
     max_samples: int = 0,
     group_size: int = 0,
+    scoring: str = "exact",
 ) -> FlyteDirectory:
     """`evaluation` on CPU workers (tiny checkpoints of the demo and the tiny ablation), same cap.
 
@@ -92,9 +96,10 @@ def evaluation_cpu(
     :param batch_size: Requests per generate call.
     :param max_samples: Per-benchmark sample cap (0 = all).
     :param group_size: Benchmarks per worker (0 = all in one, one download per checkpoint).
+    :param scoring: exact (lmms-eval / Molmo reference) | lenient (adds the lenient score beside it).
     """
     return _evaluate(evaluate_checkpoint_benchmarks_cpu, checkpoints, benchmarks, cache_dir, backend, device,
-                     batch_size, max_samples, group_size)  # fmt: skip
+                     batch_size, max_samples, group_size, scoring)  # fmt: skip
 
 
 @workflow
@@ -107,6 +112,7 @@ def prefix_evaluation(
     device: str = "auto",
     batch_size: int = 8,
     max_samples: int = 0,
+    scoring: str = "exact",
 ) -> FlyteDirectory:
     """Evaluate every checkpoint directory under a prefix.
 
@@ -118,10 +124,11 @@ def prefix_evaluation(
     :param device: cpu | cuda | auto.
     :param batch_size: Requests per generate call.
     :param max_samples: Per-benchmark sample cap (0 = all).
+    :param scoring: exact | lenient (see `evaluation`).
     """
     ckpts = find_checkpoints(prefix=prefix, pattern=pattern)
     return evaluation(checkpoints=ckpts, benchmarks=benchmarks, cache_dir=cache_dir, backend=backend, device=device,
-                      batch_size=batch_size, max_samples=max_samples)  # fmt: skip
+                      batch_size=batch_size, max_samples=max_samples, scoring=scoring)  # fmt: skip
 
 
 nightly_eval = LaunchPlan.get_or_create(

@@ -10,6 +10,9 @@ from core.configs import ConfigJSON
 KEEP_POLICIES = ("hard", "easy", "random")
 EMBEDDING_KINDS = ("image", "text", "joint_concat", "joint_mean")
 DEVICES = ("cpu", "cuda", "auto")
+KMEANS_AUTO = -1  # kmeans_branching value: flat below AUTO_HIERARCHICAL_MIN_CLUSTERS clusters, hierarchical above
+AUTO_HIERARCHICAL_MIN_CLUSTERS = 4096  # measured costs and recall: docs/dedup.md "Flat or hierarchical k-means"
+AUTO_BRANCHING = 32
 
 
 @dataclass
@@ -21,13 +24,18 @@ class SemDedupConfig(ConfigJSON):
         of its cluster in keep order).
     target_removal: fraction of deduplicated samples to drop, exactly round(target_removal * N); the eps
         that achieves it is reported.
+    min_similarity: target mode's floor: a sample is never removed unless M > min_similarity; when fewer
+        than the target qualify, only those go and the summary says "asked 10%, found only 3% above the
+        floor". None disables it. The presets set it per embedder (docs/dedup.md: how it was chosen).
     keep: which member of a duplicate group survives: `hard` = the one least similar to the centroid
         (paper default), `easy` = the one most similar, `random` = seeded random order.
     kind: embedding used: image, text, joint_concat (concat of the normalized image and text vectors),
         joint_mean (mean of the normalized vectors; needs equal dims).
-    kmeans_branching: 0 = flat faiss k-means (the paper's; cost N*k*d per iteration); b > 1 = top-down
-        hierarchical spherical k-means with branching b (cost ~N*b*depth*d, near-linear in N at a fixed
-        mean cluster size; a duplicate pair split at an upper level is not compared).
+    kmeans_branching: -1 = auto (default): flat below AUTO_HIERARCHICAL_MIN_CLUSTERS (4096) clusters,
+        hierarchical with branching AUTO_BRANCHING (32) at or above (flat costs N*k*d per iteration plus
+        k^2*256*d to train, so it is k that makes it superlinear); 0 = flat k-means (the paper's; cost N*k*d per iteration);
+        b > 1 = top-down hierarchical spherical k-means with branching b (cost ~N*b*depth*d, near-linear
+        in N at a fixed mean cluster size; a duplicate pair split at an upper level is not compared).
     device: torch/faiss device for k-means and the pairwise pass: cpu | cuda | auto.
     chunk_size: block edge of the pairwise pass; peak extra memory is ~chunk_size^2 * 4 bytes.
     cluster_groups: number of balanced cluster groups (units of the pairwise map task).
@@ -39,8 +47,9 @@ class SemDedupConfig(ConfigJSON):
     n_clusters: int
     eps: Optional[float] = None
     target_removal: Optional[float] = None
+    min_similarity: Optional[float] = None
     kmeans_iters: int = 20
-    kmeans_branching: int = 0
+    kmeans_branching: int = KMEANS_AUTO
     seed: int = 1234
     keep: str = "hard"
     random_seed: int = 0
@@ -79,6 +88,8 @@ class SemDedupConfig(ConfigJSON):
                              "similarity > 1 - eps; eps >= 1 would call unrelated samples duplicates)")
         if self.target_removal is not None and not (0.0 <= self.target_removal <= 1.0):
             raise ValueError(f"target_removal={self.target_removal} out of range; valid: [0, 1]")
+        if self.min_similarity is not None and not (-1.0 <= self.min_similarity <= 1.0):
+            raise ValueError(f"min_similarity={self.min_similarity} out of range; valid: [-1, 1] (a cosine similarity)")
         if self.n_clusters < 1:
             raise ValueError(f"n_clusters={self.n_clusters} out of range; valid: >= 1")
         if self.keep not in KEEP_POLICIES:
@@ -89,16 +100,22 @@ class SemDedupConfig(ConfigJSON):
             raise ValueError(f"device={self.device!r} not in {DEVICES}")
         if self.on_invalid not in ("error", "quarantine"):
             raise ValueError("on_invalid must be 'error' or 'quarantine'")
-        if self.kmeans_branching < 0 or self.kmeans_branching == 1:
-            raise ValueError("kmeans_branching must be 0 (flat) or >= 2")
+        if self.kmeans_branching < KMEANS_AUTO or self.kmeans_branching == 1:
+            raise ValueError("kmeans_branching must be -1 (auto), 0 (flat) or >= 2")
         if self.chunk_size < 1 or self.cluster_groups < 1 or self.max_parallel_groups < 1 or self.kmeans_iters < 1:
             raise ValueError("chunk_size, cluster_groups, max_parallel_groups and kmeans_iters must be >= 1")
 
 
 def tiny_dedup_config() -> SemDedupConfig:
-    """Demo / test preset: a handful of clusters, 10% removal target, CPU-friendly."""
+    """Demo / test preset: a handful of clusters, 10% removal target, CPU-friendly.
+
+    Floor 0.9999 for the embedded tiny open_clip model, whose cosines are compressed: on the 300-sample demo
+    (scripts/semdedup_floor.py) distinct samples have M median 0.99853, p99 0.99988, max 0.99992, planted
+    copies M >= 0.99449 (71% above 0.99989); so 0.9999 lets <1% of distinct samples go (the same value
+    tiny_decontam_config uses for copies). Re-measure after retraining the embedder."""
     return SemDedupConfig(
-        n_clusters=8, target_removal=0.10, kmeans_iters=10, chunk_size=512, cluster_groups=2, sweep_subsample=2000
+        n_clusters=8, target_removal=0.10, min_similarity=0.9999, kmeans_iters=10, chunk_size=512, cluster_groups=2,
+        sweep_subsample=2000
     )
 
 
@@ -108,8 +125,12 @@ def semdedup_paper_config(n_clusters: int = 1200) -> SemDedupConfig:
 
 
 def target_dedup_config(fraction: float = 0.10, n_clusters: int = 1200) -> SemDedupConfig:
-    """Production preset: remove exactly `fraction` of the samples; 1200 clusters ~ 10k samples each at 12M."""
-    return SemDedupConfig(n_clusters=n_clusters, target_removal=fraction, kmeans_iters=50, cluster_groups=64)
+    """Production preset: remove `fraction` of the samples, never one with M <= 0.93 (the paper-mode
+    threshold of `semdedup_paper_config`, eps=0.07: pairs less similar than what eps mode would call a
+    duplicate are not removed to fill a quota); 1200 clusters ~ 10k samples each at 12M. The floor is not
+    measured on SigLIP2 here (no weights offline): measure it with scripts/semdedup_floor.py."""
+    return SemDedupConfig(n_clusters=n_clusters, target_removal=fraction, min_similarity=0.93, kmeans_iters=50,
+                          cluster_groups=64)
 
 
 @dataclass
@@ -150,8 +171,9 @@ def default_decontam_config() -> DecontamConfig:
 
 
 def tiny_decontam_config(**overrides) -> DecontamConfig:
-    """For the embedded tiny open_clip model (random weights), whose cosines are compressed: on the demo,
-    unrelated white-background drawings reach 0.9995 against the eval fixtures while exact and JPEG-re-encoded
-    copies score >= 0.99995. So the threshold is 0.9999: it catches copies and re-encodes, not resized or
-    cropped near-copies (a trained encoder such as SigLIP2 separates those at 0.95). 5 neighbours mined."""
-    return DecontamConfig(**({"threshold": 0.9999, "k": 5} | overrides))
+    """For the embedded tiny open_clip model, trained contrastively on demo-generator pairs
+    (core/embed/tiny_train.py): 0.98, on SigLIP2's scale. On the demo (benchmarks/demo_embed_quality.py)
+    the planted eval copies (exact and JPEG re-encoded) score >= 0.986 and every other training sample
+    <= 0.973 (a drawn bar chart against a ChartQA fixture chart): 0.98 drops exactly the copies, while
+    SigLIP2's 0.95 also drops that chart. 5 neighbours mined."""
+    return DecontamConfig(**({"threshold": 0.98, "k": 5} | overrides))

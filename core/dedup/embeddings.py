@@ -46,6 +46,8 @@ def embedding_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     if p.is_dir() and (p / "embed").is_dir():
         p = p / "embed"
     files = sorted(f for f in p.rglob("*.parquet") if "ledger" not in f.relative_to(p).parts) if p.is_dir() else [p]
+    if not files and p.name == "embed" and (p.parent / "ledger" / "embed").is_dir():
+        return []  # the embed step ran on nothing (empty source, all quarantined): zero rows, not an error
     if not files:
         raise FileNotFoundError(f"no *.parquet embedding files under {p}")
     return files

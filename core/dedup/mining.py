@@ -201,6 +201,8 @@ def decontaminate(
                 for sid in absent:
                     led.add(sid, "quarantine", "missing_embedding")
             counts["n_quarantined"] += len(absent)
+    if not ldir.exists():  # no embeddings (empty source, all quarantined): the step still writes its ledger
+        LedgerWriter(ldir / "part-empty.parquet", DECONTAM_STEP).close()
     mdir = Path(run_dir) / "mining"
     mdir.mkdir(parents=True, exist_ok=True)
     for b, m in miners.items():

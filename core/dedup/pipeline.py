@@ -339,6 +339,8 @@ def summarize(sc: ClusterScores, dec, plan: ClusterPlan, cfg: SemDedupConfig, wd
         "removed_fraction": float(rem.mean()) if n else 0.0,
         "target_removal": cfg.target_removal,
         "n_target": dec.n_target,
+        "n_asked": dec.n_asked,
+        "min_similarity": dec.min_similarity,
         "eps": float(dec.eps),
         "threshold": float(dec.threshold),
         "eps_exact": bool(dec.eps_exact),

@@ -57,6 +57,8 @@ def semdedup_report_html(summary: dict, fetch: Callable[[list[str]], dict[str, A
                 "removed": s["n_removed"],
                 "removed %": 100 * s["removed_fraction"],
                 "target %": None if s["target_removal"] is None else 100 * s["target_removal"],
+                "asked": s.get("n_asked"),
+                "floor (min_similarity)": s.get("min_similarity"),
                 "eps": s["eps"],
                 "eps reproduces": s["eps_exact"],
                 "clusters": s["n_clusters"],
@@ -83,7 +85,8 @@ def semdedup_report_html(summary: dict, fetch: Callable[[list[str]], dict[str, A
     ax.hist(sizes[sizes > 0], bins=min(50, max(5, len(sizes) // 4 or 1)))
     ax.set_xlabel("cluster size")
     ax.set_ylabel("clusters")
-    ax.set_yscale("log")
+    if (sizes > 0).any():  # an empty run has no clusters: a log axis would have nothing to scale
+        ax.set_yscale("log")
     hist = figure_html(fig, f"Cluster sizes ({int((sizes == 0).sum())} empty)")
 
     removed = np.asarray(s["cluster_removed"])

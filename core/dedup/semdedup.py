@@ -1,6 +1,6 @@
 """SemDeDup (Abbas et al. 2023, arXiv:2303.09540) on in-memory arrays.
 
-1. L2-normalize; spherical k-means (faiss); assign every sample to its most similar centroid.
+1. L2-normalize; spherical k-means (faiss, or torch where faiss is absent); assign every sample to its most similar centroid.
 2. Order each cluster by cosine similarity to its centroid according to the keep policy. The paper
    (and its reference code, `keep_hard=True`) sorts by *distance* to the centroid in descending order,
    so the member least similar to the centroid comes first and, being first, is the one kept from
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.dedup.config import SemDedupConfig
+from core.dedup.config import AUTO_BRANCHING, AUTO_HIERARCHICAL_MIN_CLUSTERS, KMEANS_AUTO, SemDedupConfig
 from core.dedup.embeddings import normalize_rows
 
 log = logging.getLogger(__name__)
@@ -67,26 +67,105 @@ def _single_thread_if_small(work: float, device: str):
     if device != "cpu" or work >= _SMALL_WORK:
         yield
         return
-    import faiss
     import torch
 
-    f_prev, t_prev = faiss.omp_get_max_threads(), torch.get_num_threads()
-    faiss.omp_set_num_threads(1)
+    faiss = _faiss()
+    f_prev, t_prev = faiss.omp_get_max_threads() if faiss else 0, torch.get_num_threads()
+    if faiss:
+        faiss.omp_set_num_threads(1)
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        faiss.omp_set_num_threads(f_prev)
+        if faiss:
+            faiss.omp_set_num_threads(f_prev)
         torch.set_num_threads(t_prev)
+
+
+def _faiss():
+    """The faiss module, or None where it is not installed (e.g. a bare GPU machine: the torch path runs)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def kmeans_backend(device: str) -> str:
+    """`faiss` when faiss can run k-means on `device` (CPU, or a faiss-gpu build on cuda), else `torch`."""
+    faiss = _faiss()
+    if faiss is None:
+        return "torch"
+    if device == "cuda" and faiss.get_num_gpus() == 0:
+        return "torch"
+    return "faiss"
+
+
+def _kmeans_pp(xt, k: int, gen: np.random.Generator, pool: int = 10_000):
+    """k-means++ seeding (D^2 sampling with D = 1 - cosine) on a seeded pool of max(pool, 16k) rows of `xt`
+    (a torch tensor of unit rows): k rows, spread over the data, on xt's device."""
+    import torch
+
+    m = xt.shape[0]
+    rows = torch.from_numpy(np.sort(gen.choice(m, size=min(m, max(pool, 16 * k)), replace=False))).to(xt.device)
+    p = xt[rows]
+    first = int(gen.integers(p.shape[0]))
+    chosen = [first]
+    best = p @ p[first]
+    u = torch.from_numpy(gen.random(k)).to(xt.device)
+    for i in range(1, k):
+        w = (1 - best).clamp_min(0).double()
+        total = w.sum()
+        if total <= 0:  # fewer distinct rows than k: any unused row
+            nxt = next(j for j in range(p.shape[0]) if j not in set(chosen))
+        else:
+            nxt = int(torch.searchsorted(torch.cumsum(w, 0), (u[i] * total).reshape(1)).clamp_max(p.shape[0] - 1))
+        chosen.append(nxt)
+        best = torch.maximum(best, p @ p[nxt])
+    return p[torch.tensor(chosen, device=xt.device)].clone()
+
+
+def torch_spherical_kmeans(x: np.ndarray, k: int, niter: int, seed: int, device: str = "cpu",
+                           max_points_per_centroid: int = 256, block: int = 65_536) -> np.ndarray:
+    """Unit-norm centroids (k, d) of spherical k-means in torch (GPU when device=cuda).
+
+    Lloyd iterations like faiss.Kmeans(spherical=True): trains on a seeded subsample of at most
+    k * max_points_per_centroid rows, starts from k-means++ seeds (`_kmeans_pp`), assigns by max inner product
+    in row blocks (memory block x k), re-normalises the summed members; an empty cluster is re-seeded with
+    the training row least similar to its own centroid. Used where faiss is absent or has no GPU support.
+    """
+    import torch
+
+    n, d = x.shape
+    gen = np.random.default_rng(seed)
+    train_rows = np.sort(gen.choice(n, size=min(n, k * max_points_per_centroid), replace=False))
+    with torch.inference_mode(), _fp32_highest():
+        xt = torch.from_numpy(np.ascontiguousarray(x[train_rows], dtype=np.float32)).to(device)
+        m = xt.shape[0]
+        c = _kmeans_pp(xt, k, gen)
+        for _ in range(niter):
+            labels = torch.empty(m, dtype=torch.int64, device=xt.device)
+            sims = torch.empty(m, dtype=torch.float32, device=xt.device)
+            for s in range(0, m, block):
+                v, i = (xt[s : s + block] @ c.T).max(dim=1)
+                labels[s : s + block], sims[s : s + block] = i, v
+            sums = torch.zeros_like(c).index_add_(0, labels, xt)
+            counts = torch.bincount(labels, minlength=k)
+            empty = torch.nonzero(counts == 0).flatten()
+            if len(empty):  # re-seed with the worst-fitting rows (deterministic)
+                far = torch.argsort(sims)[: len(empty)]
+                sums[empty] = xt[far]
+            c = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        return c.float().cpu().numpy()
 
 
 def spherical_kmeans(x: np.ndarray, n_clusters: int, niter: int, seed: int, device: str = "cpu") -> np.ndarray:
     """Unit-norm centroids (k, d) of spherical k-means on normalized rows `x` (faiss; GPU when device=cuda).
 
-    k is capped at the number of rows. Deterministic for a given seed on CPU.
+    k is capped at the number of rows. Deterministic for a given seed on CPU. Where faiss is not installed,
+    or device=cuda and the faiss build has no GPU support, `torch_spherical_kmeans` runs on the device.
     """
-    import faiss
-
+    faiss = _faiss()
     n, d = x.shape
     k = min(n_clusters, n)
     if k < n_clusters:
@@ -95,11 +174,10 @@ def spherical_kmeans(x: np.ndarray, n_clusters: int, niter: int, seed: int, devi
         c = x.astype(np.float64).sum(axis=0)
         nc = np.linalg.norm(c)
         return (c / nc if nc > 0 else x[0].astype(np.float64)).astype(np.float32)[None, :]
-    use_gpu = device == "cuda"
-    if use_gpu and faiss.get_num_gpus() == 0:
-        log.warning("device=cuda but this faiss build has no GPU support: k-means runs on CPU")
-        use_gpu = False
-    km = faiss.Kmeans(d, k, niter=niter, spherical=True, seed=seed, gpu=use_gpu, verbose=False)
+    if kmeans_backend(device) == "torch":
+        with _single_thread_if_small(float(n) * k * d, device):
+            return torch_spherical_kmeans(x, k, niter, seed, device)
+    km = faiss.Kmeans(d, k, niter=niter, spherical=True, seed=seed, gpu=device == "cuda", verbose=False)
     with _single_thread_if_small(float(n) * k * d, device):
         km.train(np.ascontiguousarray(x, dtype=np.float32))
     c = km.centroids.astype(np.float32)
@@ -176,12 +254,22 @@ def _apportion(sizes: np.ndarray, k: int) -> np.ndarray:
     return np.minimum(q, sizes)
 
 
+def effective_branching(cfg: SemDedupConfig, n_clusters: int) -> int:
+    """The branching `cluster_rows` uses for `n_clusters` clusters: cfg.kmeans_branching, or for auto (-1)
+    flat (0) below AUTO_HIERARCHICAL_MIN_CLUSTERS clusters and AUTO_BRANCHING at or above."""
+    if cfg.kmeans_branching != KMEANS_AUTO:
+        return cfg.kmeans_branching
+    return AUTO_BRANCHING if n_clusters >= AUTO_HIERARCHICAL_MIN_CLUSTERS else 0
+
+
 def cluster_rows(x: np.ndarray, cfg: SemDedupConfig, device: str, n_clusters: int | None = None):
-    """(centroids, labels, similarity to own centroid): flat faiss k-means, or hierarchical when
-    cfg.kmeans_branching > 1."""
-    k = n_clusters or cfg.n_clusters
-    if cfg.kmeans_branching > 1 and k > cfg.kmeans_branching:
-        return hierarchical_kmeans(x, k, cfg.kmeans_iters, cfg.seed, device, cfg.kmeans_branching)
+    """(centroids, labels, similarity to own centroid): flat k-means, or hierarchical when the effective
+    branching (`effective_branching`: config, or automatic by the number of clusters) is > 1."""
+    k = min(n_clusters or cfg.n_clusters, x.shape[0])
+    b = effective_branching(cfg, k)
+    if b > 1 and k > b:
+        log.info("hierarchical k-means: %d rows, %d clusters, branching %d", x.shape[0], k, b)
+        return hierarchical_kmeans(x, k, cfg.kmeans_iters, cfg.seed, device, b)
     cent = spherical_kmeans(x, k, cfg.kmeans_iters, cfg.seed, device)
     labels, sims = assign_clusters(x, cent, device)
     return cent, labels, sims
@@ -418,8 +506,10 @@ class Decision:
     threshold: float  # remove iff M > threshold (= 1 - eps)
     eps_exact: bool
     mode: str  # "eps" | "target"
-    n_target: int | None = None
+    n_target: int | None = None  # removals made in target mode (<= n_asked)
     notes: list[str] = field(default_factory=list)
+    n_asked: int | None = None  # removals asked in target mode (round(target_removal * N))
+    min_similarity: float | None = None  # target mode's floor: nothing with M <= floor is removed
 
 
 def decide_eps(m: np.ndarray, eps: float) -> Decision:
@@ -432,29 +522,38 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def decide_target(m: np.ndarray, ids: np.ndarray, fraction: float) -> Decision:
-    """Remove exactly round(fraction * N) samples with the largest M (ties by sample id, ascending).
-
-    Raises ValueError when more removals are asked than SemDeDup can make (the first member of every
-    cluster has no earlier neighbour and is always kept).
+def decide_target(m: np.ndarray, ids: np.ndarray, fraction: float, min_similarity: float | None = None) -> Decision:
+    """Remove round(fraction * N) samples with the largest M (ties by sample id, ascending), but never one
+    whose M is not above `min_similarity` (the floor): when fewer samples qualify, only those are removed
+    and a note says "asked 10% (9 of 90), found only 3% (3) above the floor ...". Samples without M (the
+    first member of every cluster) are never removed; when they are what limits the count, the note says
+    that fewer clusters would let more pairs be compared.
     """
     n = len(m)
-    n_target = round_half_up(fraction * n)
+    n_asked = round_half_up(fraction * n)
     finite = np.isfinite(m)
-    n_removable = int(finite.sum())
-    if n_target > n_removable:
-        raise ValueError(
-            f"target_removal={fraction} asks for {n_target} of {n} removals, but SemDeDup keeps the first "
-            f"member of each of the {n - n_removable} non-empty clusters, so at most {n_removable} "
-            f"({n_removable / max(n, 1):.2%}) can be removed; lower the target or raise n_clusters"
-        )
     m64 = np.where(finite, m.astype(np.float64), -np.inf)
+    eligible = finite if min_similarity is None else finite & (m64 > float(min_similarity))
+    n_removable, n_eligible = int(finite.sum()), int(eligible.sum())
+    notes = []
+    n_target = n_asked
+    if n_asked > n_eligible:
+        n_target = n_eligible
+        if n_asked > n_removable and n_eligible == n_removable:
+            notes.append(
+                f"asked {fraction:.0%} ({n_asked} of {n}), found only {n_removable / max(n, 1):.0%} ({n_removable}) "
+                f"comparable: SemDeDup keeps the first member of each of the {n - n_removable} non-empty clusters; "
+                f"removed {n_target}. Fewer clusters (lower n_clusters) would compare more pairs")
+        else:
+            notes.append(
+                f"asked {fraction:.0%} ({n_asked} of {n}), found only {n_eligible / max(n, 1):.0%} ({n_eligible}) "
+                f"above the floor min_similarity={min_similarity}: removed those {n_target}; the rest are less "
+                f"similar than the floor, not duplicates")
     order = np.lexsort((np.asarray(ids).astype(str), -m64))
     removed = np.zeros(n, bool)
     removed[order[:n_target]] = True
     last = m64[order[n_target - 1]] if n_target > 0 else None
     nxt = m64[order[n_target]] if n_target < n else -np.inf
-    notes = []
     if last is None:
         t = float(max(nxt, -1.0)) if np.isfinite(nxt) else 1.0
         exact = True
@@ -469,7 +568,7 @@ def decide_target(m: np.ndarray, ids: np.ndarray, fraction: float) -> Decision:
         exact = False
         n_tied = int((m64 == last).sum())
         notes.append(f"{n_tied} samples tie at M={last:.7f} across the cut; ties broken by sample id")
-    return Decision(removed, float(1.0 - t), float(t), exact, "target", n_target, notes)
+    return Decision(removed, float(1.0 - t), float(t), exact, "target", n_target, notes, n_asked, min_similarity)
 
 
 def removal_curve(m: np.ndarray, eps_grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -502,7 +601,7 @@ def decide(scores: ClusterScores, cfg: SemDedupConfig) -> Decision:
     """Eps or target decision per the config."""
     if cfg.eps is not None:
         return decide_eps(scores.m, cfg.eps)
-    return decide_target(scores.m, scores.sample_id, float(cfg.target_removal))
+    return decide_target(scores.m, scores.sample_id, float(cfg.target_removal), cfg.min_similarity)
 
 
 def semdedup_arrays(

@@ -1,7 +1,7 @@
 """Embedding step configuration: `EmbedConfig` and its presets.
 
 `tiny_embed_config()` is the embedded default (demo, tests, CPU): a small open_clip ViT registered by this
-package with a seeded random init. `siglip2_embed_config()` is the production model, loaded from a local
+package, trained by the project contrastively on the demo generator's image/caption pairs (core/embed/tiny_train.py). `siglip2_embed_config()` is the production model, loaded from a local
 cache directory, a `local-dir:` folder or an fsspec checkpoint (never from the network at run time).
 """
 
@@ -31,7 +31,9 @@ class EmbedConfig:
                   `cache_dir`, offline), `local-dir:/path` or `local-dir:s3://...` (folder with
                   open_clip_config.json + weights; remote folders are copied to `cache_dir` first).
     pretrained:   for names without a schema: an open_clip tag, a checkpoint path or fsspec URL, or None
-                  (random init seeded with `seed`; the tiny model's weights are saved once under cache_dir).
+                  (random init seeded with `seed`). The tiny model with None gets its trained weights
+                  (`core.embed.tiny_train`: contrastive on demo-generator pairs, trained once per machine,
+                  copied under cache_dir); `"random-init"` gives its untrained weights (baselines).
     precision:    fp32 | amp_bf16 (fp32 weights, bf16 autocast) | bf16 (bf16 weights + autocast);
                   bf16 modes apply on CUDA only, CPU always runs fp32.
     device:       auto | cpu | cuda.

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,15 +108,30 @@ def resolve_weights(cfg: EmbedConfig) -> tuple[str, str | None]:
         pretrained = str(_fetch(pretrained, local))
     if name == TINY_MODEL_NAME and pretrained is None:
         pretrained = str(tiny_checkpoint(cache, cfg.seed))
+    elif name == TINY_MODEL_NAME and pretrained == RANDOM_INIT:
+        pretrained = str(random_tiny_checkpoint(cache, cfg.seed))
     return name, pretrained
 
 
+RANDOM_INIT = "random-init"  # `pretrained` value selecting the tiny model's untrained weights (baselines)
+
+
 def tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
-    """The tiny model's weights: random init with `seed`, saved once so every actor loads the same bytes."""
+    """The tiny model's weights (safetensors): trained contrastively on the demo generator's image/caption
+    pairs from a seeded init (`core.embed.tiny_train`), once per machine, then copied into `cache_dir`."""
+    from core.embed.tiny_train import ensure_tiny_vit
+
+    return ensure_tiny_vit(cache_dir, seed)
+
+
+def random_tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
+    """The tiny model's untrained weights: random init with `seed` (safetensors), the baseline the trained
+    model is compared against."""
     import open_clip
     import torch
+    from safetensors.torch import save_file
 
-    path = Path(cache_dir) / f"{TINY_MODEL_NAME}-seed{seed}.pt"
+    path = Path(cache_dir) / f"{TINY_MODEL_NAME}-random-seed{seed}.safetensors"
     if path.exists():
         return path
     register_tiny_model()
@@ -123,7 +139,7 @@ def tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
     model = open_clip.create_model(TINY_MODEL_NAME, pretrained=None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
     return path
 
@@ -244,18 +260,16 @@ def as_ray_actor(cls: type, cfg: EmbedConfig, **options: Any) -> Any:
 def tiny_local_dir(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """The tiny model as an open_clip `local-dir` (open_clip_config.json + open_clip_model.safetensors).
 
-    Same seeded weights as `tiny_checkpoint`, so the trainer's frozen vision tower is the embedder's model.
+    Same trained weights as `tiny_checkpoint`, so the trainer's frozen vision tower is the embedder's model.
     Workers that load a local-dir need no `add_model_config` registration.
     """
     import json
 
-    import torch
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = torch.load(tiny_checkpoint(out / ".cache", seed), map_location="cpu", weights_only=True)
+    weights = tiny_checkpoint(out / ".cache", seed)
     model_cfg = json.loads((_CONFIG_DIR / f"{TINY_MODEL_NAME}.json").read_text())
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "open_clip_model.safetensors"))
+    shutil.copyfile(weights, out / "open_clip_model.safetensors")
+    shutil.rmtree(out / ".cache", ignore_errors=True)
     return str(out)

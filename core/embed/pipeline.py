@@ -139,6 +139,19 @@ def embed_shards(
     if len(names) != len(shard_urls):
         raise ValueError("two shard URLs share a shard name; outputs would collide")
     summary = EmbedSummary(n_shards=len(shard_urls))
+    if not shard_urls:  # a degenerate run (empty source, all quarantined): the step still writes its ledger
+        import io
+
+        import pyarrow.parquet as pq
+
+        from core.ledger import SCHEMA
+
+        buf = io.BytesIO()
+        pq.write_table(SCHEMA.empty_table(), buf)
+        _write_atomic(f"{ledger_dir.rstrip('/')}/part-empty.parquet", buf.getvalue())
+        fs, p = fsspec.core.url_to_fs(out_dir)
+        fs.makedirs(p, exist_ok=True)  # an empty embeddings folder: downstream steps read zero rows
+        log.warning("embed: no shards to embed (the source is empty or every record was quarantined)")
     todo = []
     for name, url in names.items():
         (summary.skipped if _is_done(name, out_dir, ledger_dir) else todo).append(url)

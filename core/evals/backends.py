@@ -1,11 +1,12 @@
 """Inference backends behind one interface: `VLMBackend.generate(requests) -> list[str]`, batched.
 
 Built-in kinds (all heavy imports are lazy, inside the constructors):
-- "mini_llava": the built-in trainer's checkpoints, through `core.train.mini_llava.load_mini_llava`.
-- "transformers": any HF VLM that loads locally with AutoProcessor + AutoModelForImageTextToText.
+- "transformers": any HF VLM that loads locally with AutoProcessor + AutoModelForImageTextToText; the built-in
+  trainer's checkpoints are such folders (HF LLaVA, see docs/train.md), so they load here with no project code.
+- "mini_llava": the same as "transformers" (kept so configs that name it still run).
 - "vllm": vLLM offline `LLM.generate` with `multi_modal_data` (GPU image only; vLLM needs CUDA).
-- "auto": "mini_llava" when the checkpoint has `mini_llava.json` (the trainer's marker), "transformers"
-  when it has an HF `config.json` with `architectures`. vLLM is only used when asked for by name.
+- "auto": "transformers" when the checkpoint has an HF `config.json` with `architectures`. vLLM is only used
+  when asked for by name.
 Register another kind (tests register a deterministic one) with `register_backend(kind, factory)`.
 """
 
@@ -61,10 +62,8 @@ def resolve_device(device: str) -> str:
 
 
 def detect_kind(checkpoint_dir: str) -> str:
-    """'mini_llava' for the built-in trainer's checkpoints (`mini_llava.json`), 'transformers' for an HF model
-    directory (config.json with `architectures`); anything else is an error."""
-    if os.path.exists(os.path.join(checkpoint_dir, "mini_llava.json")):
-        return "mini_llava"
+    """'transformers' for an HF model directory (config.json with `architectures`; the built-in trainer's
+    checkpoints included); anything else is an error."""
     cfg = os.path.join(checkpoint_dir, "config.json")
     if os.path.exists(cfg):
         try:
@@ -73,7 +72,7 @@ def detect_kind(checkpoint_dir: str) -> str:
                     return "transformers"
         except (OSError, ValueError):
             pass
-    raise ValueError(f"cannot tell the backend of {checkpoint_dir}: no mini_llava.json and no HF config.json")
+    raise ValueError(f"cannot tell the backend of {checkpoint_dir}: no HF config.json with architectures")
 
 
 # Model construction is not thread-safe: transformers 5 builds models on the meta device through process-wide
@@ -90,23 +89,6 @@ def load_backend(kind: str, checkpoint_dir: str, device: str = "auto") -> VLMBac
         raise KeyError(f"unknown backend {kind!r}; known: {sorted(_BACKENDS)}")
     with _LOAD_LOCK:
         return _BACKENDS[kind](checkpoint_dir, device)
-
-
-class MiniLlavaBackend:
-    """The built-in trainer's checkpoints: `core.train.mini_llava.load_mini_llava(ckpt_dir, device)` returns a
-    model with `.generate(images: list[list[PIL.Image]], prompts: list[str], max_new_tokens) -> list[str]`."""
-
-    def __init__(self, checkpoint_dir: str, device: str = "auto"):
-        from core.train.mini_llava import load_mini_llava  # lands with the trainer; imported lazily
-
-        self.model = load_mini_llava(checkpoint_dir, resolve_device(device))
-
-    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
-        budget = max(r.max_new_tokens for r in requests)
-        return list(self.model.generate([r.images for r in requests], [r.prompt for r in requests], budget))
-
-    def close(self) -> None:
-        self.model = None
 
 
 class TransformersBackend:
@@ -182,6 +164,6 @@ class VLLMBackend:
         self.llm = None
 
 
-register_backend("mini_llava", MiniLlavaBackend)
+register_backend("mini_llava", TransformersBackend)  # the trainer's checkpoints are HF LLaVA folders
 register_backend("transformers", TransformersBackend)
 register_backend("vllm", VLLMBackend)

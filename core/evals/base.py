@@ -50,12 +50,30 @@ class Scored:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A reply scored the reference way (lmms-eval's task code, Molmo's PointingEval for PixMo-Points).
+
+    `extracted` is what the metric compared (the option letter, the normalised count, the pixel points;
+    JSON-able), `ok` whether the reference extraction/format check succeeded, `metrics` every per-sample
+    metric the reference task reports (lmms-eval's names), `score` the primary one, None where the
+    reference evaluator leaves the sample out of its mean."""
+
+    extracted: Any
+    ok: bool
+    metrics: dict[str, float]
+    score: float | None
+    correct: bool
+
+
 class Benchmark:
-    """Base class of a benchmark plugin. Subclasses set `name`, `metric_name`, `max_new_tokens` and
-    implement `load`, `prompt`, `parse`, `score`."""
+    """Base class of a benchmark plugin. Subclasses set `name`, `metric_name` (the reference metric),
+    `max_new_tokens` and implement `load`, `prompt`, `reference` (default scoring) and `parse`, `score`
+    (the lenient scoring, opt-in)."""
 
     name: str = ""
     metric_name: str = ""
+    lenient_metric_name: str = ""
     max_new_tokens: int = 16
 
     def load(self, root: str) -> Iterator[EvalItem | LoadFailure]:
@@ -66,8 +84,12 @@ class Benchmark:
         """The text prompt for `item` (without image placeholders; backends add them)."""
         raise NotImplementedError
 
+    def reference(self, output: str, item: EvalItem) -> Reference:
+        """Score a raw model output exactly as the reference implementation does (the default score)."""
+        raise NotImplementedError
+
     def parse(self, output: str, item: EvalItem) -> Parsed:
-        """Parse a raw model output into the answer the metric compares."""
+        """Lenient scoring: parse a raw model output into the answer the lenient metric compares."""
         raise NotImplementedError
 
     def score(self, parsed: Parsed, item: EvalItem) -> Scored:

@@ -2,7 +2,8 @@
 or the original JSON release) from a cache directory; docs/evals.md lists the layouts and every choice.
 
 Prompts follow lmms-eval's default `pre_prompt`/`post_prompt` for the task; PixMo-Points (not in
-lmms-eval) asks for Molmo-style point tags.
+lmms-eval) asks for Molmo's point format. `reference` scores a reply exactly as lmms-eval's task code (or
+Molmo's PointingEval) does: the default score. `parse` + `score` are the lenient scoring (opt-in).
 """
 
 from __future__ import annotations
@@ -14,11 +15,21 @@ from typing import Any
 import numpy as np
 
 from core.evals import io
-from core.evals.base import Benchmark, EvalItem, LoadFailure, Parsed, Scored, register_benchmark
+from core.evals.base import Benchmark, EvalItem, LoadFailure, Parsed, Reference, Scored, register_benchmark
+from core.evals.exact import (
+    lmms_anls,
+    lmms_count_answer,
+    lmms_relaxed_correctness,
+    molmo_extract_points,
+    molmo_pointing,
+    molmo_valid_format,
+    realworldqa_score,
+)
 from core.evals.metrics import anls, count_correct, point_scores, relaxed_correctness
 from core.evals.parsing import extract_options, parse_choice, parse_count, parse_points, parse_short_answer
 
-SHORT_ANSWER_POST = "\nAnswer the question using a single word or phrase."
+SHORT_ANSWER_POST = "\nAnswer the question using a single word or phrase."  # lmms-eval docvqa default
+CHARTQA_POST = "\nAnswer the question with a single word."  # lmms-eval chartqa default
 
 
 def _parquet_files(root: str, *patterns: str) -> list[str]:
@@ -41,7 +52,8 @@ class CountBench(Benchmark):
     text, question, number. Metric: exact count (accuracy)."""
 
     name = "countbench"
-    metric_name = "accuracy"
+    metric_name = "acc"
+    lenient_metric_name = "accuracy"
     max_new_tokens = 16
     PRE = "Look at the image carefully and count the objects. Answer with just a number, without any additional text. "
 
@@ -56,6 +68,11 @@ class CountBench(Benchmark):
 
     def prompt(self, item: EvalItem) -> str:
         return f"{self.PRE}{item.question}"
+
+    def reference(self, output: str, item: EvalItem) -> Reference:
+        pred = lmms_count_answer(output)
+        acc = float(pred == lmms_count_answer(item.target))
+        return Reference(pred, pred.isdigit(), {"acc": acc}, acc, acc == 1.0)
 
     def parse(self, output: str, item: EvalItem) -> Parsed:
         return parse_count(output)
@@ -72,6 +89,7 @@ class DocVQA(Benchmark):
 
     name = "docvqa"
     metric_name = "anls"
+    lenient_metric_name = "anls"
     max_new_tokens = 32
 
     def load(self, root: str) -> Iterator[EvalItem | LoadFailure]:
@@ -91,6 +109,10 @@ class DocVQA(Benchmark):
     def prompt(self, item: EvalItem) -> str:
         return f"{item.question}{SHORT_ANSWER_POST}"
 
+    def reference(self, output: str, item: EvalItem) -> Reference:
+        s = float(lmms_anls(output, item.target))
+        return Reference(output, bool(output.strip()), {"anls": s}, s, s > 0.0)
+
     def parse(self, output: str, item: EvalItem) -> Parsed:
         return parse_short_answer(output)
 
@@ -108,7 +130,8 @@ class ChartQA(Benchmark):
     Metric: relaxed accuracy (5% numeric tolerance); `meta.split` keeps the human/augmented split."""
 
     name = "chartqa"
-    metric_name = "relaxed_accuracy"
+    metric_name = "relaxed_overall"
+    lenient_metric_name = "relaxed_accuracy"
     max_new_tokens = 16
 
     def load(self, root: str) -> Iterator[EvalItem | LoadFailure]:
@@ -137,7 +160,12 @@ class ChartQA(Benchmark):
             yield EvalItem(sid, [img], str(row["question"]).strip(), str(row["answer"]), {"split": split})
 
     def prompt(self, item: EvalItem) -> str:
-        return f"{item.question}{SHORT_ANSWER_POST}"
+        return f"{item.question}{CHARTQA_POST}"
+
+    def reference(self, output: str, item: EvalItem) -> Reference:
+        v = 1.0 if lmms_relaxed_correctness(output, item.target) else 0.0
+        split = "relaxed_human_split" if item.meta.get("split") == "human" else "relaxed_augmented_split"
+        return Reference(output, bool(output.strip()), {"relaxed_overall": v, split: v}, v, v == 1.0)
 
     def parse(self, output: str, item: EvalItem) -> Parsed:
         return parse_short_answer(output)
@@ -154,7 +182,8 @@ class RealWorldQA(Benchmark):
     Metric: exact match of the option letter (letter or option text accepted)."""
 
     name = "realworldqa"
-    metric_name = "accuracy"
+    metric_name = "exact_match"
+    lenient_metric_name = "accuracy"
     max_new_tokens = 16
 
     def load(self, root: str) -> Iterator[EvalItem | LoadFailure]:
@@ -169,6 +198,10 @@ class RealWorldQA(Benchmark):
 
     def prompt(self, item: EvalItem) -> str:
         return item.question
+
+    def reference(self, output: str, item: EvalItem) -> Reference:
+        extracted, v = realworldqa_score(output, item.target)
+        return Reference(extracted, bool(extracted), {"exact_match": v}, v, v == 1.0)
 
     def parse(self, output: str, item: EvalItem) -> Parsed:
         return parse_choice(output, item.meta.get("options") or {})
@@ -187,6 +220,7 @@ class PixMoPoints(Benchmark):
 
     name = "pixmo_points"
     metric_name = "f1"
+    lenient_metric_name = "f1"
     max_new_tokens = 256
 
     def load(self, root: str) -> Iterator[EvalItem | LoadFailure]:
@@ -209,11 +243,24 @@ class PixMoPoints(Benchmark):
             yield EvalItem(sid, [data], str(row["label"]).strip(), target, {"image_url": row.get("image_url")})
 
     def prompt(self, item: EvalItem) -> str:
+        q = item.question
         return (
-            f"Point to all of the following in the image: {item.question}. Reply with one "
-            '<point x="X" y="Y"> tag per object, x and y in percent of the image width and height (0-100), '
-            'or "There are none." if there is none.'
+            f"Point to all of the following in the image: {q}. Reply in Molmo's point format, x and y in percent "
+            f'of the image width and height (0-100): <point x="X" y="Y" alt="{q}">{q}</point> for one object, '
+            f'<points x1="X1" y1="Y1" x2="X2" y2="Y2" alt="{q}">{q}</points> for several, or "There are none." '
+            "if there is none."
         )
+
+    def reference(self, output: str, item: EvalItem) -> Reference:
+        from PIL import Image
+
+        size = Image.open(_io.BytesIO(item.images[0])).size
+        pts = [[float(v) for v in p] for p in molmo_extract_points(output.strip(), *size)]
+        ok = molmo_valid_format(output) or not pts
+        m = molmo_pointing(output, item.target["points"], item.target["masks"], size)
+        if m is None:  # Molmo's evaluator raises on this reply and leaves the sample out of its means
+            return Reference(pts, ok, {}, None, False)
+        return Reference(pts, ok, m, m["f1"], m["f1"] >= 1 - 1e-9)
 
     def parse(self, output: str, item: EvalItem) -> Parsed:
         return parse_points(output)

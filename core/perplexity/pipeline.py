@@ -136,6 +136,11 @@ def score_shards(
             skipped += 1
             continue
         if scorer is None:
+            from core.perplexity.reference import NO_MODEL
+
+            if os.path.exists(os.path.join(str(config.model), NO_MODEL)):
+                raise ValueError(f"the reference LM at {config.model} was trained on no samples (its reference set "
+                                 "is empty or entirely quarantined): give a reference_source with usable samples")
             scorer = HFVLMScorer(config) if config.mode == "vlm" else PerplexityScorer(config)
         with LedgerWriter(part, STEP) as led:
             samples = read_shard(url, quarantine=led, include_ids=include_ids, load_images=config.mode == "vlm",
@@ -145,6 +150,8 @@ def score_shards(
         log.info("perplexity: shard %d/%d %s scored %d samples", i + 1, len(shards), name, len(got))
     bar.close()
     stats = getattr(scorer, "stats", None) or stats
+    if not shards and not step_dir(out, STEP).exists():  # a degenerate run: the step still writes its ledger
+        LedgerWriter(step_dir(out, STEP) / "part-empty.parquet", STEP).close()
     if include_ids is not None:
         _ledger_missing(out, include_ids)
     summary = summarize(out) | {"shards_scored": done, "shards_skipped": skipped, "seconds": round(time.time() - t0, 2),

@@ -8,6 +8,7 @@ under it ranks the rest. For the demo the trusted subset is the demo's clean sam
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from core.perplexity.encode import ROLE_MAP
 from core.sample import Sample, strip_image_placeholders
 from core.tiny_lm import ensure_tiny_lm
+
+log = logging.getLogger(__name__)
 
 
 def reference_texts(samples: Iterable[Sample]) -> list[Any]:
@@ -37,6 +40,9 @@ def load_id_list(path: str | os.PathLike, key: str = "clean") -> list[str]:
     return ids
 
 
+NO_MODEL = "NO_MODEL.json"  # marker of a reference LM that had no samples to learn from
+
+
 def train_reference_lm(shards: Sequence[str], out_dir: str | os.PathLike, ids: Iterable[str] | None = None,
                        **params: Any) -> str:
     """Train (or reuse, see `ensure_tiny_lm`) the tiny LM on the samples `ids` of `shards` (all when None).
@@ -48,5 +54,11 @@ def train_reference_lm(shards: Sequence[str], out_dir: str | os.PathLike, ids: I
     want = set(ids) if ids is not None else None
     samples = list(iter_samples(shards, include_ids=want, load_images=False, verify_images=False))
     if not samples:
-        raise ValueError("no reference samples found to train the tiny LM on")
+        # A degenerate run (empty source, every sample quarantined) has nothing to train on and nothing to
+        # score: leave a marker instead of failing; scoring real samples with it raises (the user must act).
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, NO_MODEL), "w") as f:
+            json.dump({"reason": "no reference samples (the reference set is empty or entirely quarantined)"}, f)
+        log.warning("reference LM: no reference samples; no model trained")
+        return str(out_dir)
     return ensure_tiny_lm(out_dir, reference_texts(samples), **params)

@@ -433,6 +433,11 @@ def rephrase_run(
         log.info("rephrase %s: %d samples, %d modified, reasons %s", name, s.n_samples, s.n_modified, s.reasons)
         out.append(s)
     bar.close()
+    if not urls and not step_dir(out_dir, STEP).is_dir():  # a degenerate run: the step still writes its ledger
+        LedgerWriter(step_dir(out_dir, STEP) / "part-empty.parquet", STEP).close()
+        rec_path = Path(out_dir) / STEP / "records" / "part-empty.parquet"  # and an empty records table
+        rec_path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(RECORDS_SCHEMA.empty_table(), rec_path)
     if include is not None:
         missing_path = step_dir(out_dir, STEP) / "part-missing.parquet"
         decided = set(read_ledger(step_dir(out_dir, STEP))["sample_id"]) if step_dir(out_dir, STEP).is_dir() else set()

@@ -24,9 +24,16 @@ def resolve_similarity_model(name: str) -> str:
 
 
 class SimilarityScorer:
-    """Cosine similarity of text pairs with a mean-pooled HF encoder loaded from a local directory."""
+    """Cosine similarity of text pairs with a mean-pooled HF encoder loaded from a local directory.
 
-    def __init__(self, model: str, device: str = "cpu", batch_size: int = 128, max_length: int = 256):
+    Runs on the rephrase task's device (`auto`: cuda when visible; fp16 weights there). Both sides of
+    every pair go through the encoder together, in batches of similar token length (sorted by length,
+    so a batch pads to its own longest text, not the longest of the call); results return in input
+    order. `sort_by_length=False` keeps input order (the baseline of benchmarks/rephrase_overhead.py).
+    """
+
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 128, max_length: int = 256,
+                 sort_by_length: bool = True):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -35,32 +42,39 @@ class SimilarityScorer:
         path = resolve_similarity_model(model)
         self.device = resolve_device(device)
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        dtype = torch.float16 if str(self.device).startswith("cuda") else torch.float32
+        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length
+        self.sort_by_length = sort_by_length
         self._torch = torch
 
     def _embed(self, texts: Sequence[str]):
         torch = self._torch
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(
-                list(texts[i : i + self.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
+        if not texts:
+            return torch.zeros(0, 1)
+        ids = self.tok(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if self.sort_by_length else list(range(len(ids)))
+        out = torch.empty(len(ids), self.model.config.hidden_size)
+        for i in range(0, len(order), self.batch_size):
+            rows = order[i : i + self.batch_size]
+            enc = self.tok.pad({"input_ids": [ids[r] for r in rows]}, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 h = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            v = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 1)
+            v = (h * mask).float().sum(1) / mask.float().sum(1).clamp(min=1)
+            out[torch.tensor(rows)] = torch.nn.functional.normalize(v, dim=-1).cpu()
+        return out
+
+    def embed(self, texts: Sequence[str]):
+        """Unit-norm sentence vectors (n, d) as a float32 numpy array (used for clustering and near-dup search)."""
+        return self._embed(list(texts)).numpy().astype("float32")
 
     def similarity(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
-        """Cosine similarity of a[i] and b[i]."""
+        """Cosine similarity of a[i] and b[i] (one encoder pass over both lists)."""
         if not a:
             return []
-        ea, eb = self._embed(a), self._embed(b)
-        return (ea * eb).sum(-1).tolist()
+        if len(a) != len(b):
+            raise ValueError(f"{len(a)} originals for {len(b)} rephrasings")
+        e = self._embed(list(a) + list(b))
+        return (e[: len(a)] * e[len(a) :]).sum(-1).tolist()

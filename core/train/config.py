@@ -9,6 +9,7 @@ from typing import Any
 from core.configs import check_ranges
 
 STAGES = ("projector", "full")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine decay after warmup, or constant (soup experts stay near their start)
     max_seq_len: int = 512
     max_steps: int | None = None  # stop early (smoke runs); a checkpoint is written at the stop
     val_size: int = 16  # held out from the training shards once, by seed
@@ -58,6 +60,8 @@ class TrainConfig:
                             "val_every_n_steps": (1, None), "ckpt_every_n_steps": (0, None),
                             "keep_step_checkpoints": (0, None), "num_workers": (0, None), "nnodes": (1, None),
                             "nproc_per_node": (1, None), "log_every_n_steps": (1, None)})
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} not in {LR_SCHEDULES}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

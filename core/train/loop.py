@@ -100,11 +100,27 @@ def _save_checkpoint(model: MiniLlava, opt: Any, sched: Any, cfg: TrainConfig, n
     model.save(tmp)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / OPTIM_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "config": cfg.to_dict()}, indent=1, sort_keys=True))
+    state = {**state, "config": portable_config(cfg, final)}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def portable_config(cfg: TrainConfig, ckpt_dir: Path) -> dict[str, Any]:
+    """The config as recorded in a checkpoint: local paths relative to the checkpoint dir (a checkpoint holds no
+    absolute path, so a moved run directory still reads right); URLs and model names stay as they are."""
+    out = cfg.to_dict()
+    for key in ("output_dir", "lm_path", "init_from", "vision_model", "vision_pretrained"):
+        v = out.get(key)
+        if not isinstance(v, str):
+            continue
+        prefix = "local-dir:" if v.startswith("local-dir:") else ""
+        path = v[len(prefix):]
+        if "://" not in path and os.path.isabs(path):
+            out[key] = prefix + os.path.relpath(path, ckpt_dir)
+    return out
 
 
 def _publish(cfg: TrainConfig, ckpt: Path) -> None:
@@ -189,10 +205,12 @@ def active_wandb_run() -> Any:
 
 
 # ---- the loop -------------------------------------------------------------------------------------
-def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+def _lr_lambda(warmup: int, total: int, schedule: str = "cosine") -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -267,10 +285,10 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total_steps, cfg.lr_schedule))
     start_epoch, start_step, global_step = 0, 0, 0
     if state is not None:
-        blob = torch.load(resume / OPTIM_FILE, map_location=device, weights_only=False)
+        blob = torch.load(resume / OPTIM_FILE, map_location=device, weights_only=True)
         opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
@@ -301,7 +319,10 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
         return float(tot[0] / max(tot[1], 1))
 
     def state_at(epoch: int, step_in_epoch: int, done: bool = False) -> dict[str, Any]:
+        # `epoch` + `step_in_epoch` are the resume position (epochs done, steps done in the next one);
+        # `epochs_completed` is the same as a float (HF Trainer's `epoch`): what eval plots a score against.
         return {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch, "done": done,
+                "epochs_completed": round(epoch + step_in_epoch / steps_per_epoch, 6),
                 "data": {"n_samples": len(entries), "n_train": len(train_idx), "n_val": len(val_entries),
                          "steps_per_epoch": steps_per_epoch, "world_size": world, "seed": cfg.seed}}
 

@@ -1,14 +1,21 @@
-"""Minimal LLaVA-style model: frozen open_clip vision tower -> MLP projector -> causal LM.
+"""Minimal LLaVA-style model: frozen vision tower -> MLP projector -> causal LM, as a Hugging Face LLaVA.
 
-Each `<image>` placeholder is expanded to `n_image_tokens` copies of the `<image>` token id; the
-embeddings at those positions are replaced by the projected patch features of that image (in order).
-A checkpoint directory is self-contained (vision tower config + weights, projector, LM + tokenizer), so
-`load_mini_llava(ckpt_dir)` needs nothing else.
+The model is a `transformers.LlavaForConditionalGeneration`: the open_clip tower named in the config is
+converted once, exactly, to an HF vision model (CLIP or SigLIP, `core/train/hf_llava.py`), the projector is
+LLaVA's `LlavaMultiModalProjector` (linear_1 -> GELU -> linear_2) and the LM is the HF causal LM at `lm_path`
+(the project's tiny Llama by default). Each `<image>` placeholder is expanded to `n_image_tokens` copies of the
+`<image>` token; LLaVA replaces the embeddings there by the projected patch features of that image, in order.
+
+A checkpoint is a plain HF folder, loadable with no project code:
+
+    model = LlavaForConditionalGeneration.from_pretrained(ckpt)   # config.json (model_type llava), model.safetensors
+    processor = AutoProcessor.from_pretrained(ckpt)               # image processor + tokenizer + chat template
+
+`MiniLlava` adds what the trainer needs around it (summed loss, frozen tower, stages, batched generation).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,13 +23,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from core.train.data import chatml_segments
+from core.train.hf_llava import CHAT_TEMPLATE, IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
-MODEL_FILE = "mini_llava.json"
 
 
 def resolve_device(device: str) -> str:
@@ -32,24 +37,48 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class MiniLlava(nn.Module):
-    """Vision tower + projector + LM with the tokenizer and image preprocessing that go with them."""
+class ImagePreprocess:
+    """PIL image -> pixel tensor [3, H, W] through the checkpoint's own HF image processor, so training sees
+    exactly what `AutoProcessor` gives at inference (a class, not a lambda: DataLoader workers pickle it)."""
 
-    def __init__(self, vision: Any, projector: Any, lm: Any, tokenizer: Any, preprocess: Any, meta: dict[str, Any]):
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
+class MiniLlava(nn.Module):
+    """An HF `LlavaForConditionalGeneration` + its `LlavaProcessor`, with the trainer's loss and stages."""
+
+    def __init__(self, llava: Any, processor: Any):
         super().__init__()
-        self.vision = vision
-        self.projector = projector
-        self.lm = lm
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.meta = meta
-        self.image_token_id = int(meta["image_token_id"])
-        self.n_image_tokens = int(meta["n_image_tokens"])
+        self.llava = llava
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.preprocess = ImagePreprocess(processor.image_processor)
+        self.image_token_id = int(llava.config.image_token_id)
+        self.n_image_tokens = int(llava.config.image_seq_length)
         for p in self.vision.parameters():
             p.requires_grad_(False)
         self.vision.eval()
 
     # ---- model pieces -------------------------------------------------------------------------
+    @property
+    def vision(self) -> Any:
+        return self.llava.model.vision_tower
+
+    @property
+    def projector(self) -> Any:
+        return self.llava.model.multi_modal_projector
+
+    def lm_parameters(self) -> list[Any]:
+        """The LM's parameters (decoder + head; a tied head is the embedding itself)."""
+        seen: dict[int, Any] = {}
+        for p in [*self.llava.model.language_model.parameters(), *self.llava.lm_head.parameters()]:
+            seen.setdefault(id(p), p)
+        return list(seen.values())
+
     def train(self, mode: bool = True):  # the frozen tower stays in eval mode
         super().train(mode)
         self.vision.eval()
@@ -57,36 +86,26 @@ class MiniLlava(nn.Module):
 
     def set_stage(self, stage: str) -> None:
         """`projector`: only the projector trains; `full`: projector and LM."""
-        for p in self.lm.parameters():
+        for p in self.lm_parameters():
             p.requires_grad_(stage == "full")
         for p in self.projector.parameters():
             p.requires_grad_(True)
 
-    def encode_images(self, pixel_values: Any) -> Any:
-        """[n_images, 3, H, W] -> [n_images, n_image_tokens, lm_hidden] (tower frozen, projector trains)."""
-        with torch.no_grad():
-            feats = vision_tokens(self.vision, pixel_values)
-        return self.projector(feats.to(self.projector[0].weight.dtype))
-
-    def embed(self, input_ids: Any, pixel_values: Any) -> Any:
-        emb = self.lm.get_input_embeddings()(input_ids)
-        is_img = input_ids == self.image_token_id
-        n_slots = int(is_img.sum())
-        if n_slots:
-            if pixel_values is None:
-                raise ValueError(f"{n_slots} image token slots but no images")
-            proj = self.encode_images(pixel_values.to(emb.device))
-            if proj.shape[0] * proj.shape[1] != n_slots:
-                raise ValueError(f"{n_slots} image slots != {proj.shape[0]} images x {proj.shape[1]} tokens")
-            emb = emb.masked_scatter(is_img.unsqueeze(-1), proj.reshape(-1, proj.shape[-1]).to(emb.dtype))
-        return emb
+    def logits(self, input_ids: Any, attention_mask: Any, pixel_values: Any = None) -> Any:
+        """LLaVA's logits [B, T, V]; the image slots in `input_ids` must match the images exactly."""
+        n_slots = int((input_ids == self.image_token_id).sum())
+        n_img = 0 if pixel_values is None else int(pixel_values.shape[0])
+        if n_slots != n_img * self.n_image_tokens:
+            raise ValueError(f"{n_slots} image token slots != {n_img} images x {self.n_image_tokens} tokens")
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.vision.dtype)
+        return self.llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
 
     def forward(self, input_ids: Any, attention_mask: Any, labels: Any, pixel_values: Any = None) -> tuple[Any, Any]:
         """Summed token cross-entropy over labelled positions and the number of those positions."""
         import torch.nn.functional as F
 
-        emb = self.embed(input_ids, pixel_values)
-        logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask).logits
+        logits = self.logits(input_ids, attention_mask, pixel_values)
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
         loss_sum = F.cross_entropy(
@@ -97,100 +116,75 @@ class MiniLlava(nn.Module):
 
     # ---- inference ----------------------------------------------------------------------------
     def generate(self, images: list[list[Any]], prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-        """Batched greedy decoding. `images[i]` are the PIL images of prompt i (placeholders are added in
-        front of the prompt when it has fewer `<image>` than images)."""
+        """Batched greedy decoding through the processor (chat template, left padding), as plain
+        `transformers` does it. `images[i]` are the PIL images of prompt i (placeholders are added in front
+        of the prompt when it has fewer `<image>` than images)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
-        device = next(self.lm.parameters()).device
-        seqs, pix = [], []
+        texts, flat = [], []
         for ims, prompt in zip(images, prompts):
             missing = len(ims) - prompt.count(IMAGE_TOKEN)
             if missing < 0:
                 raise ValueError(f"prompt has {prompt.count(IMAGE_TOKEN)} <image> but {len(ims)} images")
             text = IMAGE_TOKEN * missing + ("\n" if missing else "") + prompt
-            turns = [{"from": "human", "value": text}]
-            ids: list[int] = []
-            for seg, _ in chatml_segments(turns, IMAGE_TOKEN, self.n_image_tokens):
-                ids += self.tokenizer(seg, add_special_tokens=False)["input_ids"]
-            ids += self.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-            seqs.append(ids)
-            pix += [self.preprocess(im.convert("RGB")) for im in ims]
-        n = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for b, s in enumerate(seqs):  # left padding: every prompt ends where generation starts
-            input_ids[b, n - len(s):] = torch.tensor(s)
-            mask[b, n - len(s):] = 1
+            texts.append(self.processor.apply_chat_template([{"role": "user", "content": text}],
+                                                            add_generation_prompt=True, tokenize=False))
+            flat += [im.convert("RGB") for im in ims]
+        device = self.llava.lm_head.weight.device
+        inputs = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True,
+                                padding_side="left")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.vision.dtype)
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                emb = self.embed(input_ids.to(device), torch.stack(pix).to(device) if pix else None)
-                out = self.lm.generate(
-                    inputs_embeds=emb, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    do_sample=False, pad_token_id=pad, eos_token_id=self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                )
+                out = self.llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         finally:
             self.train(was_training)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, ckpt_dir: str | Path) -> None:
-        """Write a self-contained checkpoint: safetensors weights + configs + tokenizer."""
+        """Write an HF LLaVA folder: config.json, generation_config.json, model.safetensors (one file, the
+        llava-hf tensor names of `checkpoint_tensors`), the processor (image processor, tokenizer, chat
+        template). Nothing in it names a path outside the folder."""
         from safetensors.torch import save_file
 
+        from core.train.hf_llava import checkpoint_tensors
+
         d = Path(ckpt_dir)
-        (d / "vision_config").mkdir(parents=True, exist_ok=True)
-        (d / "vision_config" / "open_clip_config.json").write_text(json.dumps(self.meta["open_clip_config"], indent=1))
-        save_file(_contig(self.vision.state_dict()), str(d / "vision_tower.safetensors"))
-        save_file(_contig(self.projector.state_dict()), str(d / "projector.safetensors"))
-        self.lm.save_pretrained(str(d / "lm"))
-        self.tokenizer.save_pretrained(str(d / "lm"))
-        (d / MODEL_FILE).write_text(json.dumps({k: v for k, v in self.meta.items() if k != "open_clip_config"}, indent=1))
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = self.llava.config
+        for c in (cfg, cfg.text_config, cfg.vision_config):  # where the LM came from is not the checkpoint's business
+            c._name_or_path = ""
+        cfg.architectures = [type(self.llava).__name__]
+        cfg.save_pretrained(str(d))
+        self.llava.generation_config.save_pretrained(str(d))
+        save_file(checkpoint_tensors(self.llava), str(d / "model.safetensors"), metadata={"format": "pt"})
+        self.processor.save_pretrained(str(d))
 
 
-def _contig(sd: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-
-
-def vision_tokens(visual: Any, pixel_values: Any) -> Any:
-    """Last-block patch tokens [B, L, C] of an open_clip tower (ViT or timm), prefix tokens excluded."""
-    out = visual.forward_intermediates(
-        pixel_values, indices=1, intermediates_only=True, output_fmt="NLC", normalize_intermediates=True
-    )
-    return out["image_intermediates"][-1]
-
-
-def _open_clip_config(name: str) -> dict[str, Any]:
-    """The `open_clip_config.json` content ({model_cfg, preprocess_cfg}) of a model name."""
+def _open_clip_visual(name: str, pretrained: str | None) -> Any:
+    """The image tower of an open_clip model name (`local-dir:`, `hf-hub:` or a registered config name)."""
     import open_clip
 
-    if name.startswith("local-dir:"):
-        return json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())
-    if name.startswith("hf-hub:"):
-        from open_clip.factory import _get_hf_config
+    if not name.startswith(("local-dir:", "hf-hub:")):
+        from core.embed.model import register_tiny_model
 
-        return _get_hf_config(name[len("hf-hub:"):])
-    from core.embed.model import register_tiny_model
-
-    register_tiny_model()  # the project's own configs (mmcurate-tiny-vit) are valid names everywhere
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model {name!r} (register it with open_clip.add_model_config)")
-    return {"model_cfg": cfg}
+        register_tiny_model()  # the project's own configs (mmcurate-tiny-vit) are valid names everywhere
+    visual = open_clip.create_model(name, pretrained=pretrained).visual  # carries its preprocess_cfg
+    return visual.eval()
 
 
-def _projector(d_in: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
-
-
-def _load_lm(lm_path: str, device: str) -> tuple[Any, Any]:
+def _prepare_lm(lm_path: str) -> tuple[Any, Any]:
+    """The HF causal LM and tokenizer at `lm_path`, with `<image>` and the ChatML markers as tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lm_path)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=dtype)
+    lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
     vocab = tok.get_vocab()
     missing = [t for t in [IMAGE_TOKEN, *CHAT_SPECIAL_TOKENS] if t not in vocab]
     if missing:  # any HF LM works: missing markers become special tokens with fresh embeddings
@@ -203,55 +197,67 @@ def _load_lm(lm_path: str, device: str) -> tuple[Any, Any]:
     return tok, lm
 
 
+def _lm_to(model: MiniLlava, device: str) -> MiniLlava:
+    """On CUDA the LM runs in bf16 (tower and projector stay fp32, autocast does the rest); fp32 on CPU."""
+    model = model.to(device)
+    if device.startswith("cuda"):
+        model.llava.model.language_model.to(torch.bfloat16)
+        model.llava.lm_head.to(torch.bfloat16)
+    return model
+
+
 def build_mini_llava(vision_model: str, lm_path: str, vision_pretrained: str | None = None, device: str = "cpu",
                      seed: int = 0) -> MiniLlava:
-    """A fresh model: open_clip tower (frozen) + new projector (seeded init) + the LM at `lm_path`."""
-    import open_clip
+    """A fresh model: the open_clip tower converted to HF (frozen) + new projector (seeded init) + the LM."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from core.train.hf_llava import hf_vision_tower, image_processor
 
     device = resolve_device(device)
     torch.manual_seed(seed)  # a tower without pretrained weights (tests) must still be reproducible
-    oc_cfg = _open_clip_config(vision_model)
-    clip, _, preprocess = open_clip.create_model_and_transforms(vision_model, pretrained=vision_pretrained)
-    visual = clip.visual
-    oc_cfg = {**oc_cfg, "preprocess_cfg": dict(visual.preprocess_cfg)}
-    del clip  # the text tower is not needed
-    tok, lm = _load_lm(lm_path, device)
-    visual.eval()
-    size = visual.preprocess_cfg["size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    with torch.no_grad():
-        feats = vision_tokens(visual, torch.zeros(1, 3, *size))
-    torch.manual_seed(seed)
-    projector = _projector(feats.shape[-1], lm.get_input_embeddings().weight.shape[1])
-    meta = {
-        "format": 1,
-        "vision_model": vision_model,
-        "open_clip_config": oc_cfg,
-        "n_image_tokens": int(feats.shape[1]),
-        "vision_dim": int(feats.shape[-1]),
-        "image_token_id": int(tok.convert_tokens_to_ids(IMAGE_TOKEN)),
-    }
-    model = MiniLlava(visual, projector, lm, tok, preprocess, meta)
-    return model.to(device)
+    visual = _open_clip_visual(vision_model, vision_pretrained)
+    vcfg, vsd, strategy = hf_vision_tower(visual)
+    improc = image_processor(visual, vcfg)
+    del visual
+    tok, lm = _prepare_lm(lm_path)
+    n_patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    cfg = LlavaConfig(
+        vision_config=vcfg, text_config=lm.config, image_token_id=int(tok.convert_tokens_to_ids(IMAGE_TOKEN)),
+        image_seq_length=n_patches, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy=strategy, multimodal_projector_bias=True,
+    )
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # no random init of a (possibly 7B) LM that is overwritten next
+        llava = LlavaForConditionalGeneration(cfg)
+    llava.tie_weights()
+    llava.model.vision_tower.load_state_dict(vsd, strict=True)
+    llava.model.language_model.load_state_dict(lm.base_model.state_dict(), strict=True)  # LlamaModel, Qwen2Model...
+    if not cfg.tie_word_embeddings:
+        llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    torch.manual_seed(seed)  # the projector's init depends on the seed only
+    for lin in (llava.model.multi_modal_projector.linear_1, llava.model.multi_modal_projector.linear_2):
+        lin.reset_parameters()
+    gen = llava.generation_config
+    eos = lm.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    im_end = int(tok.convert_tokens_to_ids("<|im_end|>"))
+    gen.eos_token_id = [im_end, *[e for e in eos if e != im_end]]  # chat replies end with <|im_end|>
+    gen.pad_token_id = tok.pad_token_id
+    gen.bos_token_id = lm.generation_config.bos_token_id
+    processor = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=vcfg.patch_size,
+                               vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=1 if strategy == "default" else 0,
+                               image_token=IMAGE_TOKEN)  # fmt: skip
+    return _lm_to(MiniLlava(llava, processor), device)
 
 
 def load_mini_llava(ckpt_dir: str | Path, device: str = "cpu") -> MiniLlava:
-    """Load a checkpoint written by `MiniLlava.save` (any epoch or step checkpoint of the trainer)."""
-    import open_clip
-    from safetensors.torch import load_file
+    """Load a checkpoint written by `MiniLlava.save` (any epoch or step checkpoint of the trainer): plain
+    `LlavaForConditionalGeneration.from_pretrained` + `AutoProcessor.from_pretrained`."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    d = Path(ckpt_dir)
     device = resolve_device(device)
-    meta = json.loads((d / MODEL_FILE).read_text())
-    oc_cfg = json.loads((d / "vision_config" / "open_clip_config.json").read_text())
-    meta["open_clip_config"] = oc_cfg
-    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{d / 'vision_config'}")
-    visual = clip.visual
-    del clip
-    visual.load_state_dict(load_file(str(d / "vision_tower.safetensors")))
-    tok, lm = _load_lm(str(d / "lm"), device)
-    projector = _projector(int(meta["vision_dim"]), lm.get_input_embeddings().weight.shape[1])
-    projector.load_state_dict(load_file(str(d / "projector.safetensors")))
-    model = MiniLlava(visual, projector, lm, tok, preprocess, meta)
-    return model.to(device).eval()
-
+    llava = LlavaForConditionalGeneration.from_pretrained(str(ckpt_dir), dtype=torch.float32, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(str(ckpt_dir), local_files_only=True)
+    return _lm_to(MiniLlava(llava, processor), device).eval()

@@ -1,0 +1,206 @@
+"""The pieces of a mixing search that touch data and models (Flyte-free): per-domain exports, expert and
+mixture training with equal compute, held-out loss per domain, domain perplexity rankings, score tables.
+
+`run_mixing_search` (core/mixing/local.py) chains them for a local run; tasks/mixing.py wraps them for Flyte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field  # noqa: F401
+from pathlib import Path
+from typing import Any
+
+from core.mixing.plan import ExpertPlan
+
+NLL_PREFIX = "nll_"  # held-out loss "benchmarks": score = -mean token NLL on that domain's held-out samples
+
+
+@dataclass
+class MixingConfig:
+    """One mixing search. Training: `batch_size`, `lr` (constant by default: experts stay near the base),
+    `budget_steps` per expert (0 = the largest domain's steps per epoch x `epochs`). Soups: `method`
+    (uniform | weighted | task_arithmetic). Search: exhaustive up to `exhaustive_max_k` domains.
+    Proof: `proxy_top` best subsets plus `proxy_random` random ones are trained on the real mixture with
+    `mixture_compute` = `sum` (the soup's total: |S| x budget) or `expert` (one budget)."""
+
+    benchmarks: list[str]
+    batch_size: int = 8
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    epochs: int = 1
+    budget_steps: int = 0
+    max_seq_len: int = 256
+    val_size: int = 4
+    heldout_per_domain: int = 8
+    method: str = "uniform"
+    exhaustive_max_k: int = 8
+    beam_width: int = 3
+    proxy_top: int = 3
+    proxy_random: int = 2
+    mixture_compute: str = "sum"
+    eval_max_samples: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mixture_compute not in ("sum", "expert"):
+            raise ValueError(f"mixture_compute {self.mixture_compute!r} not in (sum, expert)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}")
+
+
+def tiny_mixing_config(**overrides: Any) -> MixingConfig:
+    """CPU preset for the demo: 16 steps of 4 per expert, held-out loss + two fixture benchmarks (4 items)."""
+    base: dict[str, Any] = dict(benchmarks=["countbench", "chartqa"], batch_size=4, lr=2e-3, budget_steps=16,
+                                val_size=4, heldout_per_domain=8, eval_max_samples=4, device="cpu")
+    base.update(overrides)
+    return MixingConfig(**base)
+
+
+def split_heldout(groups: Mapping[str, Sequence[str]], n: int, seed: int = 0) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(train ids, held-out ids) per domain: the `n` ids with the smallest hash(seed, id) are held out, so the
+    split does not depend on the order or on the other domains."""
+    train, held = {}, {}
+    for d, ids in groups.items():
+        ranked = sorted(ids, key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())
+        k = min(n, max(0, len(ids) - 1))
+        held[d] = sorted(ranked[:k])
+        train[d] = sorted(ranked[k:])
+    return train, held
+
+
+def export_ids(shards: Sequence[str], ledger_dirs: Sequence[str], ids: Sequence[str], out: str, name: str,
+               steps: Sequence[str], domain_of_id: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Export `ids` through the existing export (core.export.export_curated) as subset `name`; with
+    `domain_of_id`, the manifest gains `domain_counts` (samples per domain)."""
+    from core.export import MANIFEST, ExportConfig, export_curated
+
+    cfg = ExportConfig(steps=list(steps), max_samples=1000, subset_name=name)
+    manifest = export_curated(shards, list(ledger_dirs), out, cfg, subset_ids=ids)
+    if domain_of_id is not None:
+        counts: dict[str, int] = {}
+        for sh in manifest["shards"]:
+            for i in sh["ids"]:
+                d = domain_of_id.get(i, "")
+                counts[d] = counts.get(d, 0) + 1
+        manifest["domain_counts"] = dict(sorted(counts.items()))
+        with open(os.path.join(out, MANIFEST), "w") as f:
+            f.write(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def train_plan(data_dir: str, base_ckpt: str, plan: ExpertPlan, cfg: MixingConfig, out_dir: str) -> str:
+    """Train one expert (or mixture) from `base_ckpt` with the built-in trainer for exactly `plan.steps`
+    steps; returns the final checkpoint directory."""
+    from core.train.config import TrainConfig
+    from core.train.loop import train
+
+    tcfg = TrainConfig(output_dir=out_dir, vision_model="", lm_path="", init_from=base_ckpt, stage="full",
+                       epochs=plan.epochs, max_steps=plan.steps, batch_size=plan.batch_size, lr=cfg.lr,
+                       lr_schedule=cfg.lr_schedule, max_seq_len=cfg.max_seq_len, val_size=cfg.val_size,
+                       val_every_n_steps=max(plan.steps, 1), ckpt_every_n_steps=0, seed=cfg.seed, device=cfg.device)
+    res = train(data_dir, tcfg)
+    if res.global_step != plan.steps:
+        raise RuntimeError(f"{plan.name}: trained {res.global_step} steps, planned {plan.steps}")
+    return res.checkpoints[-1]
+
+
+def sample_nll(ckpt: str, data_dir: str, device: str = "cpu", max_seq_len: int = 256) -> list[dict[str, Any]]:
+    """Per sample of the shards in `data_dir`: id, summed assistant-token NLL and token count under `ckpt`
+    (images seen by the model, image and prompt tokens masked; the trainer's own encoding)."""
+    import torch
+
+    from core.evals.backends import _LOAD_LOCK  # transformers model construction is not thread-safe
+    from core.train.data import Collator, ConversationDataset, build_index, list_tar_shards, read_entry
+    from core.train.mini_llava import load_mini_llava
+
+    with _LOAD_LOCK:  # eval workers may run as threads (evaluate_checkpoints); loads are serialized there too
+        model = load_mini_llava(ckpt, device=device)
+    entries = build_index(list_tar_shards(data_dir))
+    ds = ConversationDataset(entries, model.tokenizer, model.preprocess, model.image_token_id, model.n_image_tokens,
+                             max_seq_len)
+    collate = Collator(model.tokenizer.pad_token_id)
+    rows = []
+    with torch.no_grad():
+        for i, e in enumerate(entries):
+            b = collate([ds[i]])
+            s, n = model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
+            rows.append({"sample_id": read_entry(e)[0]["id"], "nll_sum": float(s), "n_tokens": int(n)})
+    del model
+    return rows
+
+
+def heldout_scores(ckpt: str, heldout: Mapping[str, str], device: str = "cpu", max_seq_len: int = 256) -> dict[str, float]:
+    """`nll_<domain>` -> -(token-mean NLL) of `ckpt` on each domain's held-out shards (higher is better)."""
+    out = {}
+    for d, data_dir in sorted(heldout.items()):
+        rows = sample_nll(ckpt, data_dir, device, max_seq_len)
+        tok = sum(r["n_tokens"] for r in rows)
+        out[NLL_PREFIX + d] = -sum(r["nll_sum"] for r in rows) / tok if tok else math.nan
+    return out
+
+
+def domain_perplexity_ledger(rows: Sequence[Mapping[str, Any]], out: str) -> dict[str, Any]:
+    """Write the expert/base perplexity ratio as a `perplexity` ledger under `out`, the layout
+    `slice_by_perplexity` ranks: keep rows with extra.nll = log(ppl_expert / ppl_base) (so its exp is the
+    ratio) and extra.n_scored; samples without scored tokens are quarantined `ppl_no_scored_tokens`.
+
+    rows: sample_id, domain, expert_nll_sum, base_nll_sum, n_tokens, shard."""
+    from core.ledger import LedgerWriter, step_dir
+
+    ratios: dict[str, list[float]] = {}
+    path = step_dir(out, "perplexity") / "part-all.parquet"
+    with LedgerWriter(path, "perplexity") as led:
+        for r in rows:
+            n = int(r["n_tokens"])
+            if n <= 0:
+                led.add(r["sample_id"], "quarantine", "ppl_no_scored_tokens", shard=r.get("shard", ""), domain=r["domain"])
+                continue
+            log_ratio = (r["expert_nll_sum"] - r["base_nll_sum"]) / n
+            led.add(r["sample_id"], "keep", score=math.exp(log_ratio), shard=r.get("shard", ""), nll=log_ratio,
+                    n_scored=n, domain=r["domain"], expert_ppl=math.exp(r["expert_nll_sum"] / n),
+                    base_ppl=math.exp(r["base_nll_sum"] / n))
+            ratios.setdefault(r["domain"], []).append(math.exp(log_ratio))
+    summary = {d: {"n": len(v), "median_ratio": float(sorted(v)[len(v) // 2])} for d, v in sorted(ratios.items())}
+    Path(out, "domain_perplexity").mkdir(parents=True, exist_ok=True)
+    Path(out, "domain_perplexity", "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def score_table(summary: Any, name_of: Mapping[str, str]) -> Any:
+    """Eval summary rows (checkpoint, benchmark, score) -> wide table: one row per name (subset key), one
+    column per benchmark, plus `overall` (mean over benchmarks)."""
+    df = summary[summary["checkpoint"].isin(list(name_of))].copy()
+    df["name"] = df["checkpoint"].map(name_of)
+    wide = df.pivot_table(index="name", columns="benchmark", values="score", aggfunc="first")
+    wide.columns.name = None
+    wide["overall"] = wide.mean(axis=1)
+    return wide
+
+
+def spearman_by_benchmark(soup: Any, trained: Any) -> Any:
+    """Spearman rank correlation between soup and trained-mixture scores per benchmark (and overall), with the
+    number of pairs; NaN where fewer than 3 pairs or one side is constant."""
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    rows = []
+    common = [i for i in trained.index if i in soup.index]
+    for b in trained.columns:
+        if b not in soup.columns:
+            continue
+        x = soup.loc[common, b].astype(float)
+        y = trained.loc[common, b].astype(float)
+        ok = ~(x.isna() | y.isna())
+        n = int(ok.sum())
+        rho = math.nan
+        if n >= 3 and x[ok].nunique() > 1 and y[ok].nunique() > 1:
+            rho = float(spearmanr(x[ok], y[ok]).statistic)
+        rows.append({"benchmark": b, "spearman": rho, "n_pairs": n,
+                     "n_distinct_soup": int(x[ok].nunique()), "n_distinct_trained": int(y[ok].nunique())})
+    return pd.DataFrame(rows)

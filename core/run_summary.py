@@ -1,0 +1,109 @@
+"""What a curation run did, proven from its ledgers: source accounting, per-step balance, known-bad recall,
+and one sentence that says what happened (also for degenerate runs: empty source, everything quarantined).
+
+Flyte-free; `tasks/run_report.py` wraps it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from core.ledger import PASSING, LedgerError, StepBalance
+
+
+def check_source_accounting(ingest_ledger_dir: str | os.PathLike, ingest_ledger: pd.DataFrame) -> dict[str, Any] | None:
+    """Prove source records == ingest ledger rows == kept + quarantined, from the count ingest made of the raw
+    source (`source_accounting.json`) and the ledger itself. Raises LedgerError on a mismatch; None when the
+    run predates source accounting."""
+    from core.ingest import read_source_accounting
+
+    acc = read_source_accounting(ingest_ledger_dir)
+    if acc is None:
+        return None
+    rows = len(ingest_ledger)
+    c = ingest_ledger["decision"].value_counts()
+    kept, quarantined = int(c.get("keep", 0)), int(c.get("quarantine", 0))
+    ok = acc["source_records"] == rows == kept + quarantined and acc.get("balanced", False)
+    out = {"source_records": int(acc["source_records"]), "ledger_rows": rows, "kept": kept,
+           "quarantined": quarantined, "files": len(acc.get("files", [])), "balanced": bool(ok)}
+    if not ok:
+        raise LedgerError(f"source accounting: {acc['source_records']} records in the source, {rows} ingest ledger "
+                          f"rows, {kept} kept + {quarantined} quarantined (per file: {acc.get('files')})")
+    return out
+
+
+def load_id_list(path: str) -> list[str]:
+    """Ids from a file: a JSON list, a JSON object with an "ids" (or "bad") list, or one id per line."""
+    import fsspec
+
+    with fsspec.open(path, "r") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if isinstance(data, dict):
+        data = data.get("ids", data.get("bad"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of ids, an object with an 'ids' list, or lines")
+    return [str(x) for x in data]
+
+
+def known_bad_recall(frames: Sequence[tuple[str, pd.DataFrame]], ids: Iterable[str]) -> list[dict[str, Any]]:
+    """Per step, what happened to the known-bad ids: how many entered it, and how many it kept (or
+    modified), dropped and quarantined; `removed` = dropped + quarantined and `recall` = removed / entered
+    (the share of the known-bad ids reaching the step that it caught). `absent` counts ids the run never saw."""
+    bad = set(ids)
+    rows = []
+    for step, df in frames:
+        hit = df[df["sample_id"].isin(bad)]
+        c = hit["decision"].value_counts()
+        kept = int(sum(c.get(d, 0) for d in PASSING))
+        dropped, quarantined = int(c.get("drop", 0)), int(c.get("quarantine", 0))
+        entered = len(hit)
+        rows.append({"step": step, "entered": entered, "kept": kept, "dropped": dropped,
+                     "quarantined": quarantined, "removed": dropped + quarantined,
+                     "recall": round((dropped + quarantined) / entered, 4) if entered else None})
+    if frames:
+        seen = set(frames[0][1]["sample_id"])
+        rows[0]["absent"] = len(bad - seen)
+    return rows
+
+
+def run_sentence(balance: Sequence[StepBalance], accounting: dict[str, Any] | None) -> str:
+    """One sentence saying what the run did (also when it produced nothing, and why)."""
+    if not balance:
+        return "No step ran."
+    first, last = balance[0], balance[-1]
+    out = last.kept + last.modified
+    src = f"{accounting['source_records']} source records" if accounting else f"{first.inputs} input records"
+    if first.inputs == 0:
+        return f"The source holds no records ({src}): nothing was curated; check the source path and format."
+    passed0 = first.kept + first.modified
+    if passed0 == 0:
+        return (f"All {src} were quarantined at {first.step} ({first.quarantined} quarantined, {first.dropped} "
+                f"dropped): nothing was curated; see the {first.step} reasons.")
+    removed = [f"{b.step} -{b.dropped + b.quarantined}" for b in balance[1:] if b.dropped + b.quarantined]
+    tail = f" ({', '.join(removed)})" if removed else ""
+    return (f"{src} -> {passed0} passed {first.step} ({first.quarantined} quarantined) -> {out} samples out of "
+            f"{last.step}{tail}; every record accounted for.")
+
+
+def summarize(frames: Sequence[tuple[str, pd.DataFrame]], balance: Sequence[StepBalance],
+              accounting: dict[str, Any] | None, known_bad: Sequence[str] | None = None) -> dict[str, Any]:
+    """The run summary dict (summary.json): steps, reasons, source accounting, known-bad recall, sentence."""
+    ledger = pd.concat([df for _, df in frames], ignore_index=True) if frames else pd.DataFrame()
+    reasons = (ledger[ledger.reason != ""].groupby(["step", "decision", "reason"]).size().rename("count")
+               .reset_index()) if len(ledger) else pd.DataFrame(columns=["step", "decision", "reason", "count"])
+    last = balance[-1] if balance else None
+    out = {"steps": [b.as_dict() for b in balance], "reasons": reasons.to_dict("records"), "balanced": True,
+           "final_samples": int(last.kept + last.modified) if last else 0,
+           "source_accounting": accounting, "sentence": run_sentence(balance, accounting)}
+    if known_bad is not None:
+        out["known_bad"] = {"n_ids": len(set(known_bad)), "per_step": known_bad_recall(frames, known_bad)}
+    return out
