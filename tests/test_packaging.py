@@ -228,14 +228,19 @@ def test_make_register_refuses_a_dirty_tree():
 
 
 # ---------------------------------------------------------------- what a cluster accepts (protobufs, flyteidl)
-from tests.package_checks import package_problems, reachable_tasks, read_entities, task_gpus  # noqa: E402
+from tests.package_checks import _nodes, package_problems, reachable_tasks, read_entities, task_gpus  # noqa: E402
 
 # Steps that need a GPU in production, and the CPU twins the tiny presets run instead.
 GPU_TASKS = ["tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.dedup.prune_cluster_group",
              "tasks.perplexity.score_perplexity", "tasks.rephrase.rephrase_samples", "tasks.train.train_mini_llava",
-             "tasks.evals.evaluate_checkpoint_benchmarks"]
-TINY_PLANS = ["embedding_tiny", "semdedup_tiny"]  # static; curate_demo/standard_ablation: see the dynamic test
-GPU_PLANS = ["embedding_siglip2", "semdedup_target10", "nightly_eval", "perplexity_deciles"]
+             "tasks.evals.evaluate_checkpoint_benchmarks", "tasks.mixing.train_expert", "tasks.mixing.evaluate_soup",
+             "tasks.targeted.generate_targeted_shard"]
+# static; curate_demo/standard_ablation and targeted generation's map (a @dynamic): see the dynamic tests
+TINY_PLANS = ["embedding_tiny", "semdedup_tiny", "mixing_demo", "targeted_demo", "targeted_ablation_demo"]
+GPU_PLANS = ["embedding_siglip2", "semdedup_target10", "nightly_eval", "perplexity_deciles", "targeted_qwen_vl"]
+# production workflows without a named plan of their own, and the tiny twins of each
+GPU_WORKFLOWS = ["workflows.mixing.mixing_search", "workflows.mixing.soup_mixing",
+                 "workflows.targeted.targeted_generation", "workflows.targeted.targeted_ablation"]
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +276,14 @@ def test_tiny_plans_run_no_gpu_task_and_production_plans_do(entities):
     for plan in GPU_PLANS:
         tasks = reachable_tasks(entities, entities.launch_plans[plan].spec.workflow_id.name)
         assert any(task_gpus(entities.tasks[t]) for t in tasks), (plan, tasks)
+    for wf in GPU_WORKFLOWS:
+        tasks = reachable_tasks(entities, wf)
+        assert any(task_gpus(entities.tasks[t]) for t in tasks), (wf, tasks)
+        twin = reachable_tasks(entities, wf + "_cpu")
+        assert twin and not any(task_gpus(entities.tasks[t]) for t in twin), (wf + "_cpu", twin)
+    assert entities.launch_plans["mixing_demo"].spec.workflow_id.name == "workflows.mixing.mixing_search_cpu"
+    assert (entities.launch_plans["targeted_ablation_demo"].spec.workflow_id.name
+            == "workflows.targeted.targeted_ablation_cpu")
 
 
 def test_map_tasks_carry_their_concurrency_caps(entities):
@@ -279,6 +292,20 @@ def test_map_tasks_carry_their_concurrency_caps(entities):
     for wf in ("workflows.evaluate.evaluation", "workflows.evaluate.evaluation_cpu"):
         arrays = [n for n in entities.workflows[wf].template.nodes if n.WhichOneof("target") == "array_node"]
         assert [n.array_node.parallelism for n in arrays] == [EVAL_CONCURRENCY]
+    from workflows.mixing import EXPERT_CONCURRENCY
+
+    for wf in ("workflows.mixing.soup_mixing", "workflows.mixing.soup_mixing_cpu"):
+        # experts and mixtures: trainings (cap EXPERT_CONCURRENCY); soups and mixtures evaluated (EVAL_CONCURRENCY)
+        arrays = [n.array_node for n in _nodes(entities.workflows[wf].template.nodes)
+                  if n.WhichOneof("target") == "array_node"]
+        caps: dict = {}
+        for a in arrays:  # map task names: <module>.map_<task>_<hash>
+            name = a.node.task_node.reference_id.name.split(".")[-1].split("_", 1)[1].rsplit("_", 1)[0]
+            caps.setdefault(name, []).append(a.parallelism)
+        suffix = "_cpu" if wf.endswith("_cpu") else ""
+        assert caps == {f"train_expert{suffix}": [EXPERT_CONCURRENCY] * 2,
+                        f"evaluate_soup{suffix}": [EVAL_CONCURRENCY] * 2}, caps
+        assert {task_gpus(entities.tasks[a.node.task_node.reference_id.name]) for a in arrays} == {0 if suffix else 1}
 
 
 def test_schedules_serialized_but_registered_inactive(entities):
@@ -396,3 +423,22 @@ def test_semdedup_map_task_cap_is_the_configs(tmp_path):
         arrays = [n for n in spec.nodes if n.WhichOneof("target") == "array_node"]
         assert [n.array_node.parallelism for n in arrays] == [3]
         assert [task_gpus(t) for t in spec.tasks] == [gpus]
+
+
+def test_targeted_generation_map_runs_the_cpu_twin_on_tiny_and_is_capped(tmp_path):
+    """generate_all (@dynamic): the tiny preset maps the CPU twin, qwen2.5-vl the GPU task; both capped."""
+    from flytekit.types.directory import FlyteDirectory
+
+    from tasks.targeted import targeted_config
+    from workflows.targeted import TINY_OVERRIDES, generate_all
+
+    d = FlyteDirectory(str(tmp_path))
+    for preset, overrides, gpus in (("tiny", TINY_OVERRIDES, 0), ("qwen2.5-vl", "{}", 1)):
+        cfg = targeted_config(preset, overrides)
+        spec = compile_dynamic(generate_all, shards=["gen-000000", "gen-000001"], retrieved=d, subgroups=d, pool=d,
+                               model=d, preset=preset, overrides=overrides)
+        arrays = [n for n in spec.nodes if n.WhichOneof("target") == "array_node"]
+        assert [n.array_node.parallelism for n in arrays] == [cfg.max_parallel_shards]
+        [task] = spec.tasks  # tasks.targeted.map_generate_targeted_shard[_cpu]_<hash>-arraynode
+        name = task.id.name.removeprefix("tasks.targeted.map_").rsplit("_", 1)[0]
+        assert (name, task_gpus(task)) == ("generate_targeted_shard" + ("_cpu" if preset == "tiny" else ""), gpus)
