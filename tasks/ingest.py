@@ -86,7 +86,7 @@ def ingest_dataset(
         a dialect `llava|messages`, or both (`jsonl:messages`).
     :return: The run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
     """
-    t0 = step_started("ingest", source=source, image_root=image_root)
+    t0 = step_started("ingest", source=source, image_root=image_root, format=format)
     from core.ingest import IngestConfig, ingest
 
     run_dir = os.path.join(current_context().working_directory, "run")

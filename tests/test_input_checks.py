@@ -86,6 +86,45 @@ def test_validate_task_accepts_good_inputs(tmp_path):
     assert out.startswith("inputs ok")
 
 
+def test_validate_task_checks_format_known_bad_ids_and_inline_image_sources(tmp_path):
+    """i13's inputs: the format spec, the known-bad id list, and a WebDataset folder (images inside the
+    shards, so no image_root is needed) whose first record is peeked."""
+    import io
+
+    import webdataset as wds
+    from flytekit.types.file import FlyteFile
+    from PIL import Image
+
+    from tasks.validate import validate_curate_inputs
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, "JPEG")
+    with wds.TarWriter(str(shards / "part-0000.tar")) as w:
+        w.write({"__key__": "s0", "jpg": buf.getvalue(), "txt": "A red square."})
+    ids = tmp_path / "bad.txt"
+    ids.write_text("s0\n")
+    kw = dict(source=str(shards), image_root="", shard_max_samples=10, dedup_config=tiny_dedup_config(),
+              decontaminate=False, eval_cache="", decontam_benchmarks=["docvqa"], decontam_config=DecontamConfig(),
+              perplexity=False, ppl_low_pct=0.0, ppl_high_pct=90.0, lm_steps=10, reference_source="",
+              reference_image_root="", export_max_samples=10)
+    assert validate_curate_inputs(**kw, format="wds", known_bad_ids=FlyteFile(str(ids))).startswith("inputs ok")
+    assert validate_curate_inputs(**kw).startswith("inputs ok")  # auto-detected from the .tar extension
+    empty_ids = tmp_path / "none.txt"
+    empty_ids.write_text("")
+    with pytest.raises(InputError) as e:
+        validate_curate_inputs(**kw, format="wds:sharegpt", known_bad_ids=FlyteFile(str(empty_ids)))
+    msg = str(e.value)
+    assert "--format: 'wds:sharegpt' is not a format; valid: auto, json|jsonl|wds|parquet, llava|messages" in msg
+    assert f"--known_bad_ids: '{empty_ids}' holds no id" in msg
+    # a JSON source names its images relative to image_root: then it is required
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps({"id": "a", "image": "a.jpg", "conversations": []}) + "\n")
+    with pytest.raises(InputError, match="--image_root: is required"):
+        validate_curate_inputs(**(kw | {"source": str(src)}))
+
+
 def _pyflyte_run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([PYFLYTE, "--config", str(ROOT / "flyte.config"), "run", "workflows/curate.py", "curate",
