@@ -63,9 +63,10 @@ DOMAIN ?= development
 PKGS ?= workflows
 
 PYTEST_ARGS ?=
+ACTIVATE_ARGS ?=
 DOCKERFILES := $(sort $(wildcard containers/*.Dockerfile))
 
-.PHONY: help setup test demo lint format package register register-dry-run images bench gpu-check lock lock-vllm clean
+.PHONY: help setup test demo lint format package register activate register-dry-run images bench gpu-check lock lock-vllm clean
 
 help: ## List the targets
 	@echo "mmcurate targets (variables: VERSION=$(VERSION) REGISTRY=$(REGISTRY) PACKAGE_OUT=$(PACKAGE_OUT)):"
@@ -111,13 +112,18 @@ package: setup ## Serialize every workflow/launch plan into $(PACKAGE_OUT), offl
 	$(ISOLATED_ENV) $(VENV)/bin/pyflyte --pkgs $(PKGS) package $(IMAGE_ARGS) --force --output $(PACKAGE_OUT)
 	@echo "wrote $(PACKAGE_OUT) (images: $(IMAGE_CPU), $(IMAGE_GPU), $(IMAGE_VLLM), $(IMAGE_TRAIN))"
 
-register: setup ## Register every workflow/launch plan with --version $(VERSION) (refuses a dirty tree)
+register: setup ## Register every workflow/launch plan with --version $(VERSION), schedules off (refuses a dirty tree)
 	@if [ -n "$(GIT_DIRTY)" ]; then echo "make register: the tree has uncommitted changes (git status);" \
 		"commit them first so that version $(VERSION) names a commit" >&2; exit 1; fi
 	@# Fast registration (pyflyte's default --copy all): the code travels next to the images, so an image
 	@# only needs rebuilding when pins or Dockerfiles change (IMAGE_TAG=... reuses one).
 	$(VENV)/bin/pyflyte --config $(FLYTE_CONFIG) register --project $(PROJECT) --domain $(DOMAIN) \
-		--version $(VERSION) $(IMAGE_ARGS) --activate-launchplans $(PKGS)
+		--version $(VERSION) $(IMAGE_ARGS) $(PKGS)
+	@echo "registered $(VERSION); scheduled launch plans stay inactive until \`make activate VERSION=$(VERSION)\`"
+
+activate: setup ## Activate the scheduled launch plans of VERSION (refuses placeholder paths; ACTIVATE_ARGS=--dry-run)
+	$(ISOLATED_ENV) $(PY) scripts/activate_schedules.py --config $(FLYTE_CONFIG) --project $(PROJECT) \
+		--domain $(DOMAIN) --version $(VERSION) $(ACTIVATE_ARGS)
 
 register-dry-run: setup ## Serialize exactly what `make register` would send, without contacting a cluster
 	@mkdir -p $(STATE_DIRS)

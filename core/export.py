@@ -37,8 +37,10 @@ from typing import Any
 
 import fsspec
 
+from core.configs import check_ranges
 from core.images import decode_image, sniff_format
 from core.ledger import LedgerWriter, check_balance, find_step_dir, passing_ids, read_ledger, step_dir
+from core.log import progress
 from core.sample import Sample, SampleError
 from core.wds import ShardWriter, image_member_names, iter_samples
 
@@ -76,6 +78,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None)})
 
 
 def default_export_config() -> ExportConfig:
@@ -254,7 +257,8 @@ def export_curated(
     fallbacks: dict[str, int] = {}
     n_rephrased = n = 0
     with LedgerWriter(led_path, STEP) as led:
-        for s in iter_samples(shard_urls, quarantine=led, include_ids=wanted, verify_images=cfg.verify_images):
+        samples = iter_samples(shard_urls, quarantine=led, include_ids=wanted, verify_images=cfg.verify_images)
+        for s in progress(samples, desc="export", total=len(wanted), unit="sample"):
             reason = ""
             try:
                 s = to_loader_schema(s, cfg.image_format)

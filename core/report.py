@@ -68,3 +68,49 @@ def text_html(text: str, title: str = "") -> str:
 def page(*parts: str) -> str:
     """Join report parts into one HTML fragment."""
     return "\n".join(parts)
+
+
+DECKS_DIR = "decks"
+
+
+def deck_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+    """A standalone HTML page of deck sections `(name, html)` (what Flyte shows as one task's decks)."""
+    body = "\n".join(f"<section><h2>{html.escape(name)}</h2>\n{part}\n</section>" for name, part in sections)
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
+            f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def collect_decks(dirs: Sequence[str], dest: str, suffixes: Sequence[str] | None = None) -> dict[str, str]:
+    """Copy every `<dir>/decks/*.html` (dir: path or fsspec URL) into the local folder `dest`.
+
+    Names are kept (`<step>.html`, or `<step>_<suffix>.html` with `suffixes[i]` for `dirs[i]`); a second
+    page of the same name gets `-2`, `-3`. A dir without decks is skipped. Returns page name -> copied
+    path, in the order found.
+    """
+    import os
+
+    import fsspec
+
+    os.makedirs(dest, exist_ok=True)
+    found: dict[str, str] = {}
+    for i, d in enumerate(dirs):
+        fs, root = fsspec.core.url_to_fs(d)
+        pattern = root.rstrip("/") + f"/{DECKS_DIR}/*.html"
+        for src in sorted(fs.glob(pattern)):
+            stem = os.path.splitext(os.path.basename(src))[0]
+            if suffixes and suffixes[i]:
+                stem = f"{stem}_{suffixes[i]}"
+            name, k = stem, 1
+            while name in found:
+                k += 1
+                name = f"{stem}-{k}"
+            target = os.path.join(dest, f"{name}.html")
+            fs.get_file(src, target)
+            found[name] = target
+    return found
+
+
+def paths_block(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """`title` then one `  label  path` line per row (the end-of-run listing of where things are)."""
+    width = max((len(label) for label, _ in rows), default=0)
+    return "\n".join([title] + [f"  {label:<{width}}  {path}" for label, path in rows])

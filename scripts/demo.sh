@@ -7,7 +7,7 @@ export PYTHONWARNINGS="ignore::UserWarning:click.core,ignore::UserWarning:flytek
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${DEMO_OUT:-demo_out}
 N=${DEMO_N:-300}
-rm -rf "$OUT/run"
+rm -rf "$OUT/run" "$OUT/ablation"  # no stale pages or tables from an earlier run
 t0=$(date +%s)
 # Benchmark caches in their published layouts (tiny, drawn): the eval sets of decontamination and of the
 # ablation's evaluations. The demo data gets a few copies of their items planted (eval contamination).
@@ -54,5 +54,16 @@ cols = ["variant", "n_samples", "n_tokens", "tokens_vs_baseline", "mean_score"] 
 print(t[cols].round(3).to_string(index=False))
 print("(tiny models trained for a few CPU steps: scores show the plumbing works, not which data is better)")
 PY
+fi
+# Where everything is (what the runs published; listed from the files, not from expectations).
+echo "== where things are"
+where() { printf '  %-14s %s\n' "$1" "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; }
+where "run summary" "$OUT/run/summary.json"
+where "ledger" "$OUT/run/ledger.parquet"
+where "export" "$OUT/run/export"
+echo "  decks (curate) $(cd "$OUT/run/decks" && pwd)/: $(cd "$OUT/run/decks" && ls *.html | sed 's/\.html$//' | tr '\n' ' ')"
+if [ "${DEMO_ABLATE:-1}" = 1 ]; then
+  where "comparison" "$OUT/ablation/comparison.csv"
+  echo "  decks (ablate) $(cd "$OUT/ablation/decks" && pwd)/: $(cd "$OUT/ablation/decks" && ls *.html | sed 's/\.html$//' | tr '\n' ' ')"
 fi
 echo "demo done in $(( $(date +%s) - t0 )) s"

@@ -12,8 +12,10 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import task_version
+from tasks.decks import display_root, save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ def compare_variants(
     evaluation: FlyteDirectory,
     tokenizer: Optional[FlyteDirectory] = None,
     output_dir: str = "",
+    step_dirs: Optional[List[FlyteDirectory]] = None,
     known_bad_ids: Optional[FlyteFile] = None,
 ) -> FlyteDirectory:
     """One comparison table: variant x benchmark (final checkpoint), deltas vs baseline, sample and token counts.
@@ -85,12 +88,17 @@ def compare_variants(
     :param output_dir: Optional path/URL to publish the comparison and the evaluation results to.
     :param known_bad_ids: Optional id list (JSON or one per line) of known low-quality samples: per variant, how
         many of them its export kept (`known_bad_kept`) and removed vs the baseline (`known_bad_removed`).
-    :return: Directory with comparison.parquet, comparison.csv, scores_by_epoch.parquet.
+    :param step_dirs: Output directories of the shared steps (ingest, embed, semdedup, ...), for their decks.
+    :return: Directory with comparison.parquet, comparison.csv, scores_by_epoch.parquet and decks/ (each
+        step's deck page: shared steps, export_<variant>, train_<variant>, evaluation, ablation).
+
+    Ends by printing where the comparison, the evaluation results and each deck page are.
     """
+    t0 = step_started("ablation", variants=len(variants))
     import pandas as pd
 
-    from core.ablation import comparison_table
-    from core.report import figure_html, new_figure, page, table_html
+    from core.ablation import comparison_table, parse_variant
+    from core.report import DECKS_DIR, collect_decks, figure_html, new_figure, page, paths_block, table_html
     from core.wds import iter_samples, list_shards
 
     tok = None
@@ -142,6 +150,12 @@ def compare_variants(
         parts.append(score_vs_step_html(long))  # one line per variant over its checkpoints' steps
     Deck("ablation", page(*parts))
     log.info("ablation table:\n%s", table.to_string(index=False))
+    names = [parse_variant(v).name for v in variants]
+    shared = [source(d) for d in step_dirs or []]
+    deck_dirs = shared + [source(ex) for ex in exports] + [cks[-1] for cks in checkpoints if cks] + [eval_dir]
+    suffixes = ([""] * len(shared) + [""] * len(exports) + [n for n, cks in zip(names, checkpoints) if cks] + [""])
+    decks = list(collect_decks(deck_dirs, os.path.join(out, DECKS_DIR), suffixes)) + ["ablation"]
+    save_decks(out, "ablation")
     if output_dir:
         import fsspec
 
@@ -149,4 +163,10 @@ def compare_variants(
         fs.makedirs(root, exist_ok=True)
         fs.put(out.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
         fs.put(eval_dir.rstrip("/") + "/", root.rstrip("/") + "/evaluation/", recursive=True)
+    step_finished("ablation", t0, variants=len(variants))
+    where = display_root(output_dir) if output_dir else out
+    rows = [("comparison", f"{where}/comparison.csv"),
+            ("evaluation", f"{where}/evaluation" if output_dir else eval_dir)]
+    rows += [(f"deck {name}", f"{where}/{DECKS_DIR}/{name}.html") for name in decks]
+    print(paths_block(f"ablation finished: {len(variants)} variants; outputs:", rows), flush=True)
     return FlyteDirectory(out)

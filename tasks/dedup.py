@@ -19,8 +19,11 @@ from flytekit.types.file import FlyteFile
 
 from core.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.cache import task_version
+from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
+from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,10 @@ def cluster_embeddings(
     return ClusterOutputs(FlyteDirectory(str(out)), [FlyteFile(g) for g in plan.group_files])
 
 
+cluster_embeddings_cpu = task(container_image=GPU_IMAGE, requests=TINY_REQUESTS, retries=1, **CACHE)(
+    renamed(cluster_embeddings.task_function, "cluster_embeddings_cpu"))
+
+
 @task(container_image=GPU_IMAGE, requests=Resources(cpu="4", mem="32Gi", gpu="1"), retries=2, **CACHE)
 def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     """M (max similarity to an earlier cluster member) and its neighbour for one cluster group.
@@ -89,6 +96,10 @@ def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     from core.dedup.pipeline import prune_cluster_group as run
 
     return FlyteFile(run(group.download(), config, workdir("scores")))
+
+
+prune_cluster_group_cpu = task(container_image=GPU_IMAGE, requests=TINY_REQUESTS, retries=2, **CACHE)(
+    renamed(prune_cluster_group.task_function, "prune_cluster_group_cpu"))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True, **CACHE)
@@ -106,12 +117,15 @@ def decide_semdedup(
     :param run: Ingest output (shards) for the removed-pair gallery; optional.
     :return: Step output directory: semdedup/{summary.json, removed_pairs.parquet, ...}, ledger/semdedup/.
     """
+    t0 = step_started("semdedup", groups=len(scores))
     from core.dedup.pipeline import decide_semdedup as run_decide
 
     out = workdir("semdedup_run")
     shutil.copytree(work.download(), out, dirs_exist_ok=True)
     summary = run_decide(out, config, [f.download() for f in scores])
     _deck(summary, run, str(out))
+    save_decks(str(out), "semdedup")
+    step_finished("semdedup", t0, str(out))
     return FlyteDirectory(str(out))
 
 
@@ -132,12 +146,15 @@ def dedup_embeddings(
     :param run: Ingest output (shards) for the removed-pair gallery; optional.
     :return: Step output directory: semdedup/ artifacts and ledger/semdedup/.
     """
+    t0 = step_started("semdedup", prev_step=prev_step)
     from core.dedup.pipeline import run_semdedup
 
     out = workdir("semdedup_run")
     prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
     summary = run_semdedup(embeddings.download(), out, config, prev_step, prev_dir)
     _deck(summary, run, str(out))
+    save_decks(str(out), "semdedup")
+    step_finished("semdedup", t0, str(out))
     return FlyteDirectory(str(out))
 
 
@@ -183,6 +200,7 @@ def decontaminate_evals(
     :return: Step output directory: mining/<benchmark>.parquet, ledger/decontam/ (reason
         eval_contamination:<benchmark>).
     """
+    t0 = step_started("decontam", prev_step=prev_step)
     from core.dedup.mining import decontaminate
     from core.dedup.report import decontam_report_html, shard_fetcher
     from core.evals.eval_shards import eval_embedding_sets
@@ -201,4 +219,6 @@ def decontaminate_evals(
         eled = read_ledger(step_dir(eval_run.download(), "ingest"))
         fetch_eval = shard_fetcher(f"{source(eval_run).rstrip('/')}/shards", dict(zip(eled.sample_id, eled.shard)))
     Deck("decontam", decontam_report_html(str(out), counts, config, fetch_train, fetch_eval))
+    save_decks(str(out), "decontam")
+    step_finished("decontam", t0, str(out))
     return FlyteDirectory(str(out))

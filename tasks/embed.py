@@ -18,7 +18,10 @@ from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from core.embed.config import PRESETS, EmbedConfig, siglip2_embed_config
 from tasks.cache import task_version
+from tasks.decks import save_decks
 from tasks.images import GPU_IMAGE
+from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +59,11 @@ def _include_ids(upstream: str, step: str) -> dict[str, list[str]]:
     return {shard: list(g.sample_id) for shard, g in led.groupby("shard", sort=True)}
 
 
-@task(
-    task_config=ray_job_config(siglip2_embed_config()),
-    container_image=GPU_IMAGE,
-    enable_deck=True,
-    requests=Resources(cpu="2", mem="8Gi"),
-    cache=True,
-    cache_version=task_version(__name__),
-)
+_EMBED_OPTS = dict(container_image=GPU_IMAGE, enable_deck=True, cache=True,
+                   cache_version=task_version(__name__))
+
+
+@task(task_config=ray_job_config(siglip2_embed_config()), requests=Resources(cpu="2", mem="8Gi"), **_EMBED_OPTS)
 def embed_shards(
     shards: FlyteDirectory,
     upstream: Optional[FlyteDirectory] = None,
@@ -107,6 +107,7 @@ def embed_shards(
     :param out_url: Persistent folder (path or s3://) to write into and resume from; default: a fresh local folder.
     :return: Folder with `embed/` and `ledger/embed/`.
     """
+    t0 = step_started("embed", preset=preset, upstream_step=upstream_step)
     from core.embed import embed_shards as run_embed
     from core.embed.report import embed_report_html
     from core.ledger import read_ledger
@@ -130,4 +131,10 @@ def embed_shards(
     log.info("embed: %s", summary.as_dict())
     ledger = read_ledger(f"{run_dir}/ledger/embed") if "://" not in run_dir else None
     Deck("embed", embed_report_html(f"{run_dir}/embed", summary.as_dict(), summary.shards, ledger))
+    save_decks(run_dir, "embed")
+    step_finished("embed", t0, run_dir, shards=len(urls))
     return FlyteDirectory(run_dir)
+
+
+# CPU twin for the tiny preset: no Ray cluster, no GPU; the body starts a local Ray in its own pod.
+embed_shards_cpu = task(requests=TINY_REQUESTS, **_EMBED_OPTS)(renamed(embed_shards.task_function, "embed_shards_cpu"))

@@ -10,7 +10,10 @@ from typing import NamedTuple, Optional
 from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
+from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
+from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,10 @@ def plan_eval_jobs(checkpoints: list[str], benchmarks: list[str], group_size: in
     return EvalJobs([c for c, _ in jobs], [g for _, g in jobs])
 
 
-@task(container_image=VLLM_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1, enable_deck=True)
+_EVAL_OPTS = dict(container_image=VLLM_IMAGE, retries=1, enable_deck=True)
+
+
+@task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), **_EVAL_OPTS)
 def evaluate_checkpoint_benchmarks(
     checkpoint: str,
     benchmarks: str,
@@ -80,6 +86,7 @@ def evaluate_checkpoint_benchmarks(
     :return: Directory with records.parquet (per sample), summary.parquet (per benchmark) and lmms_eval/
         (results.json, samples_<benchmark>.jsonl).
     """
+    t0 = step_started("eval", checkpoint=checkpoint, benchmarks=benchmarks)
     from core.evals.runner import CheckpointStore, EvalConfig, evaluate_checkpoint
 
     work = current_context().working_directory
@@ -89,7 +96,13 @@ def evaluate_checkpoint_benchmarks(
     out = os.path.join(work, "eval_out")
     wdir = evaluate_checkpoint(checkpoint, cfg, out, CheckpointStore(local_dir=work))
     _worker_deck(wdir)
+    step_finished("eval", t0, checkpoint=checkpoint)
     return FlyteDirectory(wdir)
+
+
+# CPU twin: the tiny checkpoints of the demo/ablation evaluate on CPU.
+evaluate_checkpoint_benchmarks_cpu = task(requests=TINY_REQUESTS, **_EVAL_OPTS)(
+    renamed(evaluate_checkpoint_benchmarks.task_function, "evaluate_checkpoint_benchmarks_cpu"))
 
 
 def _worker_deck(wdir: str) -> None:
@@ -117,6 +130,7 @@ def collect_eval_results(
     :return: Directory with records.parquet, summary.parquet, results.csv, report.html, results.json and
         lmms_eval/<worker>/ (lmms-eval-shaped results.json and samples_<benchmark>.jsonl).
     """
+    t0 = step_started("evaluation", workers=len(results))
     from core.evals.report import eval_report_html
     from core.evals.runner import RECORD_COLUMNS, SUMMARY_COLUMNS, _failed_row, collect_results, write_parquet
 
@@ -137,6 +151,8 @@ def collect_eval_results(
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(html)
     Deck("evaluation", html)
+    save_decks(out, "evaluation")
+    step_finished("evaluation", t0, checkpoints=res.table.shape[0], failed=len(res.failed_checkpoints))
     n_failed = len(res.failed_checkpoints)
     log.info("evaluated %d checkpoints, %d with failures", res.table.shape[0], n_failed)
     return FlyteDirectory(out)

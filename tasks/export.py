@@ -11,8 +11,10 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import task_version
+from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ def export_dataset(
         quality 95) | png (lossless, `key.png`) | keep (source bytes and extension).
     :return: Directory with `shards/*.tar`, `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
     """
+    t0 = step_started("export", subset=subset_name or "-", max_samples=max_samples)
     from core.export import ExportConfig, export_curated, export_report_html, load_id_list
     from core.wds import list_shards
 
@@ -88,4 +91,6 @@ def export_dataset(
                               rephrased_dir=_rephrased_records(rephrased) if rephrased is not None else None)
     log.info("exported %d samples in %d shards", manifest["n_samples"], manifest["n_shards"])
     Deck("export", export_report_html(manifest))
+    save_decks(out, f"export_{subset_name}" if subset_name else "export")
+    step_finished("export", t0, out, shards=manifest["n_shards"])
     return FlyteDirectory(out)

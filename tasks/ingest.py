@@ -9,7 +9,9 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
 from tasks.cache import task_version
+from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ def ingest_dataset(
         a dialect `llava|messages`, or both (`jsonl:messages`).
     :return: The run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
     """
+    t0 = step_started("ingest", source=source, image_root=image_root, format=format)
     from core.ingest import IngestConfig, ingest
 
     run_dir = os.path.join(current_context().working_directory, "run")
@@ -92,4 +95,6 @@ def ingest_dataset(
     res = ingest(cfg)
     log.info("ingest: %s", res.summary())
     _deck(res, run_dir)
+    save_decks(run_dir, "ingest")
+    step_finished("ingest", t0, run_dir)
     return FlyteDirectory(run_dir)

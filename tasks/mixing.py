@@ -16,6 +16,7 @@ from core.mixing.pipeline import MixingConfig
 from tasks.cache import task_version
 from tasks.images import CPU_IMAGE, TRAIN_IMAGE, VLLM_IMAGE
 from tasks.paths import source
+from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
 MIXING_CODE = task_version(__name__)
@@ -111,8 +112,12 @@ def prepare_experts(run: FlyteDirectory, domains: FlyteDirectory, config: Mixing
                       [json.dumps(p) for p in plan["plans"]])
 
 
-@task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), retries=1, cache=True,
-      cache_version=MIXING_CODE)
+_EXPERT_OPTS = dict(container_image=TRAIN_IMAGE, retries=1, cache=True, cache_version=MIXING_CODE)
+
+
+# Production: one GPU per expert (or mixture) training, like train_mini_llava; the tiny preset runs the CPU twin
+# `train_expert_cpu` (chosen by the workflow: soup_mixing_cpu / mixing_search_cpu).
+@task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), limits=Resources(gpu="1"), **_EXPERT_OPTS)
 def train_expert(data: FlyteDirectory, plan: str, base: FlyteDirectory, config: MixingConfig,
                  external_command: str = "") -> FlyteDirectory:
     """Train one expert (or one mixture) from the shared base for exactly the planned steps.
@@ -148,6 +153,10 @@ def train_expert(data: FlyteDirectory, plan: str, base: FlyteDirectory, config: 
              p.epochs, ck)
     print(f"checkpoint: {ck}")
     return FlyteDirectory(ck)
+
+
+train_expert_cpu = task(requests=TINY_REQUESTS, **_EXPERT_OPTS)(renamed(train_expert.task_function,
+                                                                       "train_expert_cpu"))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
@@ -186,7 +195,12 @@ def plan_soups(domains: List[str], max_k: int = 8) -> List[str]:
     return uris
 
 
-@task(container_image=VLLM_IMAGE, requests=Resources(cpu="4", mem="16Gi"), retries=1)
+_SOUP_OPTS = dict(container_image=VLLM_IMAGE, retries=1)
+
+
+# Production: one GPU per eval worker (merging a soup and running the benchmarks), like
+# evaluate_checkpoint_benchmarks; the tiny preset runs the CPU twin `evaluate_soup_cpu`.
+@task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), limits=Resources(gpu="1"), **_SOUP_OPTS)
 def evaluate_soup(uri: str, domains: List[str], experts: List[str], base: str, prep: FlyteDirectory,
                   config: MixingConfig, cache_dir: str) -> FlyteDirectory:
     """One eval worker: merge the soup from its downloaded experts (one at a time), score held-out loss per
@@ -208,6 +222,10 @@ def evaluate_soup(uri: str, domains: List[str], experts: List[str], base: str, p
     wdir = run_eval(uri, dict(zip(domains, experts, strict=True)), base or None, prep.download(), config, cache_dir,
                     os.path.join(work, "soup_eval"), work)
     return FlyteDirectory(wdir)
+
+
+evaluate_soup_cpu = task(requests=TINY_REQUESTS, **_SOUP_OPTS)(renamed(evaluate_soup.task_function,
+                                                                     "evaluate_soup_cpu"))
 
 
 class SoupAnalysis(NamedTuple):

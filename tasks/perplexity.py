@@ -13,8 +13,11 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import task_version
+from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
+from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ def train_reference_lm(
     :param seed: Seed of tokenizer-independent randomness (init, batches): same seed, same weights.
     :return: A model directory loadable with AutoTokenizer / AutoModelForCausalLM.
     """
+    t0 = step_started("reference_lm", steps=steps)
     from core.perplexity.reference import load_id_list
     from core.perplexity.reference import train_reference_lm as train
     from core.wds import list_shards
@@ -47,11 +51,15 @@ def train_reference_lm(
     ids = load_id_list(reference_ids.download(), reference_key) if reference_ids is not None else None
     out = train(list_shards(f"{source(run).rstrip('/')}/shards"), workdir("reference_lm") / "model", ids,
                 steps=steps, vocab_size=vocab_size, seed=seed)
+    step_finished("reference_lm", t0, trained_on=len(ids) if ids is not None else "all")
     return FlyteDirectory(out)
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi", gpu="1"), retries=1, enable_deck=True,
-      cache=True, cache_version=task_version(__name__))
+_SCORE_OPTS = dict(container_image=GPU_IMAGE, retries=1, enable_deck=True, cache=True,
+                   cache_version=task_version(__name__))
+
+
+@task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), **_SCORE_OPTS)
 def score_perplexity(
     run: FlyteDirectory,
     model: FlyteDirectory,
@@ -86,6 +94,7 @@ def score_perplexity(
     :param chat_template: `auto` (model's template, else the plain one), `model` or `plain`.
     :return: `perplexity/scores-<shard>.parquet`, `perplexity/summary.json`, `ledger/perplexity/`.
     """
+    t0 = step_started("perplexity", mode=mode, prev_step=prev_step)
     from dataclasses import replace
 
     from core.ledger import find_step_dir, passing_ids, read_ledger
@@ -104,7 +113,14 @@ def score_perplexity(
     summary = score_shards(list_shards(f"{source(run).rstrip('/')}/shards"), out, cfg, include_ids=include)
     log.info("perplexity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})
     Deck("perplexity", score_report_html(out, summary))
+    save_decks(str(out), "perplexity")
+    step_finished("perplexity", t0, str(out))
     return FlyteDirectory(str(out))
+
+
+# CPU twin for the tiny presets (the embedded reference LM scores on CPU).
+score_perplexity_cpu = task(requests=TINY_REQUESTS, **_SCORE_OPTS)(renamed(score_perplexity.task_function,
+                                                                             "score_perplexity_cpu"))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True,
@@ -128,6 +144,7 @@ def slice_by_perplexity(
         one-token answers do not swamp the extremes (0 = raw perplexity).
     :return: `ledger/ppl_filter/` and `ppl_filter/` (kept_ids.json, or slice-NN.json + slices.json/.parquet).
     """
+    t0 = step_started("ppl_filter", mode=mode, low_pct=low_pct, high_pct=high_pct)
     from core.perplexity.report import slice_report_html
     from core.perplexity.slices import SliceConfig
     from core.perplexity.slices import slice_by_perplexity as run_slices
@@ -138,4 +155,6 @@ def slice_by_perplexity(
                                  shrink_tokens=shrink_tokens))
     log.info("ppl_filter: %s", {k: v for k, v in res.items() if k != "slices"})
     Deck("ppl_filter", slice_report_html(out, res))
+    save_decks(str(out), "ppl_filter")
+    step_finished("ppl_filter", t0, str(out))
     return FlyteDirectory(str(out))

@@ -11,7 +11,10 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import task_version
+from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
+from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +36,15 @@ def _tiny_model_for(shards_dir: str, work: str) -> str:
     return train_demo_model(samples, os.path.join(work, "tiny_lm"))
 
 
-# GPU request: this task runs vLLM in the vllm image. For the CPU demo (preset tiny) a workflow overrides
-# it with `.with_overrides(requests=Resources(cpu="2", mem="8Gi"), limits=...)`; resources never depend
-# on the machine that serializes the task. Cached (seeded generation; the LLM pass is the expensive step): a
+# GPU request: this task runs vLLM in the vllm image. The tiny preset runs its CPU twin
+# `rephrase_samples_cpu` (tasks/resources.py); resources never depend on the machine that serializes the
+# task. Cached (seeded generation; the LLM pass is the expensive step): a
 # re-run that changes only a later knob (export shard size, ...) reuses the rephrased records.
-@task(
-    container_image=VLLM_IMAGE,
-    enable_deck=True,
-    retries=2,
-    cache=True,
-    cache_version=task_version(__name__),
-    requests=Resources(cpu="8", mem="32Gi", gpu="1"),
-    limits=Resources(gpu="1"),
-)
+_REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, retries=2, cache=True,
+                      cache_version=task_version(__name__))
+
+
+@task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), limits=Resources(gpu="1"), **_REPHRASE_OPTS)
 def rephrase_samples(
     run_dir: FlyteDirectory,
     preset: str = "tiny",
@@ -96,6 +95,7 @@ def rephrase_samples(
     :return: out_dir with `ledger/rephrase/`, `rephrase/records/` (sample_id -> new conversations for
         export), `rephrase/report.json|html`; report is the JSON report.
     """
+    t0 = step_started("rephrase", preset=preset, prev_step=prev_step)
     from core.rephrase.config import preset_config
     from core.rephrase.report import report_html, write_report
     from core.rephrase.run import rephrase_run
@@ -146,4 +146,10 @@ def rephrase_samples(
     jp, _hp, summary = write_report(out, model=cfg.model, tokenizer=cfg.tokenizer_path)
     log.info("rephrase report: %s", summary["verdict"])
     Deck("rephrase", report_html(summary, out))
+    save_decks(str(out), "rephrase")
+    step_finished("rephrase", t0, str(out))
     return RephraseOutputs(out_dir=FlyteDirectory(out), report=FlyteFile(str(jp)))
+
+
+rephrase_samples_cpu = task(requests=TINY_REQUESTS, **_REPHRASE_OPTS)(renamed(rephrase_samples.task_function,
+                                                                              "rephrase_samples_cpu"))

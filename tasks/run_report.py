@@ -11,7 +11,10 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from tasks.decks import display_root, save_decks
 from tasks.images import CPU_IMAGE
+from tasks.paths import source
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,17 @@ def summarize_run(
         and `export/` (the curated WebDataset).
     :param known_bad_ids: Optional file of sample ids known to be low quality (JSON list, {"ids": [...]}, or one
         per line): the summary and the deck report, per step, how many of them it kept, dropped, quarantined.
-    :return: Directory with summary.json, counts.parquet and the merged ledger (ledger.parquet).
+    :return: Directory with summary.json, counts.parquet, the merged ledger (ledger.parquet) and decks/
+        (every step's deck page, `<step>.html`, plus run_summary.html).
+
+    Ends by printing where the summary, the export and each step's deck are (under `output_dir` when given).
     """
+    t0 = step_started("summary", steps=",".join(steps))
     import fsspec
     import pandas as pd
 
     from core.ledger import check_balance, find_step_dir, read_ledger
-    from core.report import figure_html, new_figure, page, table_html, text_html
+    from core.report import DECKS_DIR, collect_decks, figure_html, new_figure, page, paths_block, table_html, text_html
     from core.run_summary import check_source_accounting, load_id_list, summarize
 
     bad_ids = load_id_list(known_bad_ids.download()) if known_bad_ids is not None else None
@@ -79,6 +86,8 @@ def summarize_run(
     if bad_ids is not None:  # one deck per step, so each step's effect on the known-bad ids reads on its own
         for row in summary["known_bad"]["per_step"]:
             Deck(f"known-bad: {row['step']}", page(table_html([row], f"known-bad ids at {row['step']}")))
+    decks = list(collect_decks(dirs, os.path.join(out, DECKS_DIR))) + ["run_summary"]
+    save_decks(out, "run_summary")
     if output_dir:
         fs, root = fsspec.core.url_to_fs(output_dir)
         fs.makedirs(root, exist_ok=True)
@@ -88,4 +97,11 @@ def summarize_run(
         log.info("published run summary%s to %s", " and export" if export is not None else "", output_dir)
     log.info("run balanced over %s: %s", steps, summary["sentence"])
     print(summary["sentence"])
+    step_finished("summary", t0, samples_out=summary["final_samples"])
+    where = display_root(output_dir) if output_dir else out
+    rows = [("run summary", f"{where}/summary.json"), ("ledger", f"{where}/ledger.parquet")]
+    if export is not None:
+        rows.append(("export", f"{where}/export" if output_dir else source(export)))
+    rows += [(f"deck {name}", f"{where}/{DECKS_DIR}/{name}.html") for name in decks]
+    print(paths_block(f"run finished: {summary['final_samples']} samples out; outputs:", rows), flush=True)
     return FlyteDirectory(out)

@@ -19,6 +19,7 @@ from flytekit.types.file import FlyteFile
 from tasks.cache import task_version
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
 from tasks.paths import source, workdir
+from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
 CACHE = dict(cache=True, cache_version=task_version(__name__))
@@ -145,10 +146,13 @@ def retrieve_images(subgroups: FlyteDirectory, reference_embeddings: FlyteDirect
     return RetrieveOutputs(out_dir=FlyteDirectory(str(out)), shards=shards)
 
 
-# One vLLM engine per task on one GPU (vllm image). For the CPU preset the workflow overrides the resources;
-# they never depend on the machine that serializes the task. Cached: generation is seeded per request.
-@task(container_image=VLLM_IMAGE, retries=2, requests=Resources(cpu="8", mem="48Gi", gpu="1"),
-      limits=Resources(gpu="1"), **CACHE)
+_GEN_OPTS = dict(container_image=VLLM_IMAGE, retries=2, **CACHE)
+
+
+# One vLLM engine per task on one GPU (vllm image). The CPU preset (transformers on CPU) runs the CPU twin
+# `generate_targeted_shard_cpu` (chosen by generate_all from the preset's config); resources never depend on
+# the machine that serializes the task. Cached: generation is seeded per request.
+@task(requests=Resources(cpu="8", mem="48Gi", gpu="1"), limits=Resources(gpu="1"), **_GEN_OPTS)
 def generate_targeted_shard(shard: str, retrieved: FlyteDirectory, subgroups: FlyteDirectory, pool: FlyteDirectory,
                             model: FlyteDirectory, preset: str = "tiny", overrides: str = "{}") -> FlyteDirectory:
     """Generate one question/answer per retrieved image of one generation shard with the VLM, parse it into a
@@ -178,6 +182,10 @@ def generate_targeted_shard(shard: str, retrieved: FlyteDirectory, subgroups: Fl
     log.info("%s: %d images, %d accepted, %.1fs generating of %.1fs; rejected %s -> %s", shard, st.n, st.n_accepted,
              st.seconds_generate, st.seconds_total, st.reasons, out)
     return FlyteDirectory(str(out))
+
+
+generate_targeted_shard_cpu = task(requests=TINY_REQUESTS, **_GEN_OPTS)(
+    renamed(generate_targeted_shard.task_function, "generate_targeted_shard_cpu"))
 
 
 class FilterOutputs(NamedTuple):

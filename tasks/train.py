@@ -27,8 +27,11 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from tasks.cache import task_version
+from tasks.decks import save_decks
 from tasks.images import TRAIN_IMAGE
 from tasks.paths import source
+from tasks.resources import TINY_REQUESTS, renamed
+from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,11 @@ def _output_dir(checkpoint_uri: str, key: str) -> tuple[str, Optional[str]]:
     return os.path.join(tempfile.gettempdir(), "mmcurate-train", key), None
 
 
-@_train_task(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
-             cache_version=task_version(__name__),
-             task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False),
-             requests=Resources(cpu="2", mem="8Gi"))
+_TRAIN_OPTS = dict(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
+                   cache_version=task_version(__name__),
+                   task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False))
+
+
 def train_mini_llava(
     data: FlyteDirectory,
     vision_model: str,
@@ -119,6 +123,7 @@ def train_mini_llava(
     :return: The epoch checkpoints (Hugging Face LLaVA folders: `LlavaForConditionalGeneration.from_pretrained`
         + `AutoProcessor.from_pretrained` load them; see docs/train.md) and metrics.jsonl.
     """
+    t0 = step_started("train", stage=stage, epochs=epochs, max_steps=max_steps)
     from core.train.config import TrainConfig
     from core.train.loop import train
     from core.train.report import train_report_html
@@ -145,9 +150,20 @@ def train_mini_llava(
     )
     res = train(data_dir, cfg)
     log.info("trained to step %d; checkpoints %s", res.global_step, res.checkpoints)
+    step_finished("train", t0, steps=res.global_step, checkpoints=len(res.checkpoints))
     if int(os.environ.get("RANK", "0")) == 0:
         Deck("training", train_report_html(res.metrics_path, res.checkpoints))
+        if res.checkpoints:  # the deck travels with the last checkpoint (the one an ablation compares)
+            save_decks(res.checkpoints[-1], "train")
     return TrainOutputs([FlyteDirectory(c) for c in res.checkpoints], FlyteFile(res.metrics_path))
+
+
+# Production: one GPU per (single-process) elastic worker. The tiny presets (demo, ablation on the embedded
+# models) run the CPU twin. Both are decorated here, from the one function above.
+_train_fn = train_mini_llava
+train_mini_llava_cpu = _train_task(requests=TINY_REQUESTS, **_TRAIN_OPTS)(renamed(_train_fn, "train_mini_llava_cpu"))
+train_mini_llava = _train_task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), limits=Resources(gpu="1"),
+                               **_TRAIN_OPTS)(_train_fn)
 
 
 @task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), retries=2)

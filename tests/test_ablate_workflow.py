@@ -10,7 +10,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_two_variant_grid_end_to_end(tmp_path):
+def test_two_variant_grid_end_to_end(tmp_path, capsys):
     import ray
     from flytekit.types.file import FlyteFile
 
@@ -43,3 +43,13 @@ def test_two_variant_grid_end_to_end(tmp_path):
     by_epoch = pd.read_parquet(os.path.join(out.comparison.path, "scores_by_epoch.parquet"))
     ckpts = by_epoch.groupby("variant")["checkpoint"].unique()
     assert set(ckpts["baseline"]).isdisjoint(ckpts["semdedup@0.2"])  # each variant trained its own model
+
+    # every step's deck page lands in the comparison's decks/ (shared steps, per-variant export and training,
+    # evaluation, the table itself), and the run ends by printing their paths
+    decks = os.path.join(out.comparison.path, "decks")
+    names = sorted(f[: -len(".html")] for f in os.listdir(decks))
+    assert names == sorted(["ingest", "embed", "semdedup", "export_baseline", "export_semdedup-0.2", "train_baseline",
+                            "train_semdedup-0.2", "evaluation", "ablation"])
+    printed = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  deck ")]
+    assert sorted(row[1] for row in printed) == names  # without output_dir: the task's own copies, which exist
+    assert all(os.path.isfile(row[2]) and row[2].endswith(f"/decks/{row[1]}.html") for row in printed), printed

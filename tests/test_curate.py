@@ -64,7 +64,8 @@ def _curate(demo: Path, output_dir: Path, **kw):
 
 
 @pytest.mark.slow
-def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_local_cache, monkeypatch, tmp_path):
+def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_local_cache, monkeypatch, tmp_path,
+                                                       capsys):
     out = tmp_path / "run"
     ref = dict(rephrase=True, rephrase_preset="tiny",
                reference_source=str(demo / "reference" / "data.json"),
@@ -119,6 +120,19 @@ def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_lo
     assert len(exported) == len(set(exported))
     assert set(exported) == set(kept)
     assert set(kept) == set(ledger[(ledger.step == "rephrase") & ledger.decision.isin(PASSING)].sample_id)
+
+    # findability: each step's deck page is copied to output_dir/decks/<step>.html, and the run ends by
+    # printing where the summary, the export and every deck page are
+    pages = {p.stem: p.read_text() for p in (out / "decks").glob("*.html")}
+    assert sorted(pages) == sorted(steps + ["run_summary"])
+    for name, text in pages.items():  # a real page with the step's own deck section(s), not an empty shell
+        assert text.startswith("<!doctype html>") and text.count("<section>") >= 1 and len(text) > 2000, name
+    assert "samples per step" in pages["run_summary"] and "<img" in pages["semdedup"]
+    printed = capsys.readouterr().out
+    root = out.resolve()
+    assert f"{root}/summary.json" in printed and f"{root}/export" in printed
+    for name in pages:
+        assert f"{root}/decks/{name}.html" in printed, name
 
     # a re-run with only another export shard size reuses every step before export, the LLM pass included
     calls = _count_calls(monkeypatch)

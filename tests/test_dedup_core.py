@@ -105,7 +105,7 @@ def test_singleton_clusters_remove_nothing_and_cap_targets():
     single = np.isin(r.scores.cluster, np.flatnonzero(sizes == 1))
     assert not r.decision.removed[single].any()
     # more clusters than samples is capped, not an error
-    r2 = semdedup_arrays(ids[:5], x[:5], cfg(n_clusters=50, eps=2.0))
+    r2 = semdedup_arrays(ids[:5], x[:5], cfg(n_clusters=50, eps=0.99))
     assert r2.n_clusters == 5
 
 

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 
 import pytest
 from flytekit.types.directory import FlyteDirectory
@@ -128,14 +129,18 @@ def test_prune_map_task_serializes_its_concurrency_cap(tmp_path):
     for i in range(5):
         (tmp_path / f"g{i}.npz").write_bytes(b"x")
         groups.append(FlyteFile(str(tmp_path / f"g{i}.npz")))
-    for cap in (1, 3):
+    for cap, on_cpu in ((1, False), (3, True)):
         cfg = tiny_dedup_config()
         cfg.max_parallel_groups = cap
         ctx = FlyteContextManager.current_context().with_serialization_settings(settings)
         prune_groups._wf = None  # flytekit caches the compiled sub-workflow per process (a pod compiles once)
         with FlyteContextManager.with_context(ctx) as c:
-            spec = prune_groups.compile_into_workflow(c, prune_groups._task_function, groups=groups, config=cfg)
+            # every input, defaults included, as propeller passes them (an omitted one would stay a Promise)
+            spec = prune_groups.compile_into_workflow(c, prune_groups._task_function, groups=groups, config=cfg,
+                                                      on_cpu=on_cpu)
         assert isinstance(spec, DynamicJobSpec)
         arrays = [n.array_node.to_flyte_idl() for n in spec.nodes if n.array_node is not None]
         assert len(arrays) == 1 and arrays[0].parallelism == cap
-        assert "prune_cluster_group" in arrays[0].node.task_node.reference_id.name
+        worker = arrays[0].node.task_node.reference_id.name
+        m = re.search(r"\.map_prune_cluster_group(_cpu)?_[0-9a-f]+-arraynode$", worker)  # the CPU twin on tiny
+        assert m is not None and m.group(1) == ("_cpu" if on_cpu else None), worker

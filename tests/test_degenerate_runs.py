@@ -1,6 +1,7 @@
-"""Degenerate curate runs (flytekit local execution, real local Ray): an empty source, a source whose every
-record is quarantined, and fewer samples than SemDeDup clusters. Every step still writes its ledger, the run
-balances, and the summary says what happened in one sentence; none of them fails."""
+"""Degenerate curate runs (flytekit local execution, real local Ray): a source whose every record is quarantined
+(every switchable step then runs on nothing), and fewer samples than SemDeDup clusters. Every step still writes
+its ledger, the run balances, and the summary says what happened in one sentence; none of them fails. An empty
+source is refused by the validate task in seconds (issue 12: the source must hold a record), before any step."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def conv(q, a):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["empty", "all_quarantined", "fewer_than_clusters"])
+@pytest.mark.parametrize("kind", ["all_quarantined", "fewer_than_clusters"])
 def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, local_ray, flyte_local_cache):
     from workflows.curate import curate
 
@@ -43,7 +44,7 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
     src.write_text(json.dumps(recs))
     out = tmp_path / "out"
     extra, steps = {}, ["ingest", "embed", "semdedup", "perplexity", "ppl_filter", "export"]
-    if kind == "empty":  # every switchable step on
+    if kind == "all_quarantined":  # every switchable step on: each runs on zero samples
         from core.evals.fixtures import write_fixtures
 
         write_fixtures(str(tmp_path / "eval_cache"))
@@ -55,9 +56,7 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
     assert [x["step"] for x in s["steps"]] == steps
     assert s["balanced"] and s["source_accounting"]["balanced"]
     assert s["source_accounting"]["source_records"] == len(recs) == s["steps"][0]["inputs"]
-    if kind == "empty":
-        assert s["sentence"].startswith("The source holds no records") and s["final_samples"] == 0
-    elif kind == "all_quarantined":
+    if kind == "all_quarantined":
         assert s["sentence"].startswith("All 4 source records were quarantined at ingest") and s["final_samples"] == 0
     else:
         # 8 clusters for 3 samples: nothing can be compared, so nothing is removed (the decision's note
@@ -65,3 +64,15 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
         by = {x["step"]: x for x in s["steps"]}
         assert by["semdedup"]["dropped"] == 0 and by["semdedup"]["inputs"] == 3
         assert s["final_samples"] >= 1 and "samples out of export" in s["sentence"]
+
+
+def test_empty_source_is_refused_before_any_step(tmp_path):
+    """curate validates first: an empty source stops the run in the validate task, naming the input."""
+    from core.checks import InputError
+    from workflows.curate import curate
+
+    src = tmp_path / "data.json"
+    src.write_text("[]")
+    with pytest.raises(InputError, match=r"--source: .* has no readable record: .*no record"):
+        curate(source=str(src), image_root=str(tmp_path), lm_steps=5, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -5,22 +5,25 @@ every variant is a cheap selection over their ledgers.
 
 from typing import List, NamedTuple, Optional
 
-from flytekit import LaunchPlan, dynamic
+from flytekit import LaunchPlan, dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.ablation import parse_variant
+from core.configs import EmbedPreset, value_of
 from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_decontam_config, tiny_dedup_config
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
-from tasks.embed import embed_shards
+from tasks.embed import embed_shards, embed_shards_cpu
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
 from tasks.ingest import fingerprint_source, ingest_dataset
-from tasks.perplexity import score_perplexity, train_reference_lm
-from tasks.rephrase import rephrase_samples
-from tasks.train import train_mini_llava
-from workflows.dedup import decontamination_wf, semdedup_wf
-from workflows.evaluate import ALL_BENCHMARKS, evaluation
+from tasks.perplexity import score_perplexity, score_perplexity_cpu, train_reference_lm
+from tasks.rephrase import rephrase_samples, rephrase_samples_cpu
+from tasks.resources import is_tiny
+from tasks.train import train_mini_llava, train_mini_llava_cpu
+from tasks.validate import validate_ablate_inputs
+from workflows.dedup import decontamination_cpu_wf, decontamination_wf, semdedup_cpu_wf, semdedup_wf
+from workflows.evaluate import ALL_BENCHMARKS, evaluation, evaluation_cpu
 
 STANDARD_VARIANTS = ["baseline", "semdedup@0.1", "semdedup@0.3", "ppl@0-90", "ppl_decile@1", "ppl_decile@10"]
 
@@ -31,6 +34,79 @@ class AblationOutputs(NamedTuple):
 
 
 @dynamic(container_image=CPU_IMAGE)
+def ablate_steps(
+    source: str,
+    image_root: str,
+    variants: List[str],
+    eval_cache: str,
+    benchmarks: List[str] = ALL_BENCHMARKS,
+    reference_source: str = "",
+    reference_image_root: str = "",
+    reference_ids: Optional[FlyteFile] = None,
+    shard_max_samples: int = 1000,
+    embed_preset: EmbedPreset = EmbedPreset.tiny,
+    dedup_config: SemDedupConfig = tiny_dedup_config(),
+    decontam_config: DecontamConfig = tiny_decontam_config(),
+    lm_steps: int = 300,
+    epochs: int = 1,
+    max_steps: int = 0,
+    batch_size: int = 8,
+    eval_max_samples: int = 0,
+    output_dir: str = "",
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
+) -> AblationOutputs:
+    """The grid of `ablate` (see its docstring for the inputs), wired at run time from the variants.
+
+    The tiny embed preset runs every step on its CPU twin (tasks/resources.py); the others on GPU tasks.
+    """
+    parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
+    tiny = is_tiny(embed_preset)  # the tiny preset runs the CPU twins of the GPU steps
+    embed, score = (embed_shards_cpu, score_perplexity_cpu) if tiny else (embed_shards, score_perplexity)
+    semdedup, decontam = (semdedup_cpu_wf, decontamination_cpu_wf) if tiny else (semdedup_wf, decontamination_wf)
+    rephrase, train = (rephrase_samples_cpu, train_mini_llava_cpu) if tiny else (rephrase_samples, train_mini_llava)
+    evaluate = evaluation_cpu if tiny else evaluation
+    # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
+    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
+                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
+    emb = embed(shards=run, upstream=run, upstream_step="ingest", preset=value_of(embed_preset))
+    ref = run
+    if reference_source:
+        ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
+                             shard_max_samples=shard_max_samples,
+                             source_fingerprint=fingerprint_source(source=reference_source, image_root=reference_image_root))
+    lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
+    step_dirs = [run, emb]
+    needs = {p.needs for p in parsed}
+    if "semdedup" in needs:  # in isolation: SemDeDup sees the whole baseline
+        step_dirs.append(semdedup(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run))
+    if "decontam" in needs:  # the eval sets are embedded with the same model as the training data
+        step_dirs.append(decontam(embeddings=emb, eval_cache=eval_cache, benchmarks=benchmarks,
+                                  embed_preset=value_of(embed_preset), config=decontam_config, prev=emb,
+                                  prev_step="embed", run=run))
+    if "perplexity" in needs:
+        step_dirs.append(score(run=run, model=lm, prev=emb, prev_step="embed"))
+    rephrased = None
+    if any(p.kind == "rephrased" for p in parsed):
+        rephrased = rephrase(run_dir=run, preset="tiny", model_dir=lm, prev_ledger=emb, prev_step="embed").out_dir
+    vision = build_tiny_vision_tower()
+    exports, ckpts = [], []
+    for p in parsed:
+        ids = select_variant(step_dirs=step_dirs, variant=p.spec)
+        ex = export_dataset(run_dir=run, step_dirs=[emb], steps=["ingest", "embed"], subset_ids=ids,
+                            subset_name=p.name, rephrased=rephrased if p.kind == "rephrased" else None)
+        tr = train(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=epochs,
+                   max_steps=max_steps, batch_size=batch_size)
+        exports.append(ex)
+        ckpts.append(tr.checkpoints)
+    uris = checkpoint_uris(per_variant=ckpts)
+    ev = evaluate(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
+    table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
+                             tokenizer=lm, output_dir=output_dir, step_dirs=step_dirs, known_bad_ids=known_bad_ids)
+    return AblationOutputs(comparison=table, evaluation=ev)
+
+
+@workflow
 def ablate(
     source: str,
     image_root: str,
@@ -41,7 +117,7 @@ def ablate(
     reference_image_root: str = "",
     reference_ids: Optional[FlyteFile] = None,
     shard_max_samples: int = 1000,
-    embed_preset: str = "tiny",
+    embed_preset: EmbedPreset = EmbedPreset.tiny,
     dedup_config: SemDedupConfig = tiny_dedup_config(),
     decontam_config: DecontamConfig = tiny_decontam_config(),
     lm_steps: int = 300,
@@ -79,46 +155,14 @@ def ablate(
     :param format: Input format of `source` (auto, json|jsonl|wds|parquet, llava|messages; docs/ingest.md).
     :param known_bad_ids: Optional id list of known low-quality samples: the comparison table says how many of
         them each variant removed and kept.
+
+    Every input is checked first (validate_ablate_inputs, seconds); the grid then runs in `ablate_steps`.
+    The tiny embed preset runs every step on its CPU twin; production presets request GPUs.
     """
-    parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
-    # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
-    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
-                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
-    emb = embed_shards(shards=run, upstream=run, upstream_step="ingest", preset=embed_preset)
-    ref = run
-    if reference_source:
-        ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
-                             shard_max_samples=shard_max_samples,
-                             source_fingerprint=fingerprint_source(source=reference_source, image_root=reference_image_root))
-    lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
-    step_dirs = [run, emb]
-    needs = {p.needs for p in parsed}
-    if "semdedup" in needs:  # in isolation: SemDeDup sees the whole baseline
-        step_dirs.append(semdedup_wf(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run))
-    if "decontam" in needs:  # the eval sets are embedded with the same model as the training data
-        step_dirs.append(decontamination_wf(embeddings=emb, eval_cache=eval_cache, benchmarks=benchmarks,
-                                            embed_preset=embed_preset, config=decontam_config, prev=emb,
-                                            prev_step="embed", run=run))
-    if "perplexity" in needs:
-        step_dirs.append(score_perplexity(run=run, model=lm, prev=emb, prev_step="embed"))
-    rephrased = None
-    if any(p.kind == "rephrased" for p in parsed):
-        rephrased = rephrase_samples(run_dir=run, preset="tiny", model_dir=lm, prev_ledger=emb, prev_step="embed").out_dir
-    vision = build_tiny_vision_tower()
-    exports, ckpts = [], []
-    for p in parsed:
-        ids = select_variant(step_dirs=step_dirs, variant=p.spec)
-        ex = export_dataset(run_dir=run, step_dirs=[emb], steps=["ingest", "embed"], subset_ids=ids,
-                            subset_name=p.name, rephrased=rephrased if p.kind == "rephrased" else None)
-        tr = train_mini_llava(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=epochs,
-                              max_steps=max_steps, batch_size=batch_size)
-        exports.append(ex)
-        ckpts.append(tr.checkpoints)
-    uris = checkpoint_uris(per_variant=ckpts)
-    ev = evaluation(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
-    table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
-                             tokenizer=lm, output_dir=output_dir, known_bad_ids=known_bad_ids)
-    return AblationOutputs(comparison=table, evaluation=ev)
+    checked = validate_ablate_inputs(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root, shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontam_config=decontam_config, lm_steps=lm_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_max_samples=eval_max_samples, format=format, known_bad_ids=known_bad_ids)
+    out = ablate_steps(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root, reference_ids=reference_ids, shard_max_samples=shard_max_samples, embed_preset=embed_preset, dedup_config=dedup_config, decontam_config=decontam_config, lm_steps=lm_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_max_samples=eval_max_samples, output_dir=output_dir, format=format, known_bad_ids=known_bad_ids)
+    checked >> out.comparison
+    return out.comparison, out.evaluation
 
 
 # A standard ablation with fixed inputs (the demo dataset layout of `make demo`); override paths on a cluster.
@@ -126,5 +170,5 @@ standard_ablation = LaunchPlan.get_or_create(
     ablate,
     name="standard_ablation",
     default_inputs={"variants": STANDARD_VARIANTS, "epochs": 2},
-    fixed_inputs={"embed_preset": "tiny"},
+    fixed_inputs={"embed_preset": EmbedPreset.tiny},
 )

@@ -6,10 +6,11 @@ to its code, so a re-run with one changed knob recomputes only that step and wha
 
 from typing import List, NamedTuple, Optional
 
-from flytekit import LaunchPlan, dynamic
+from flytekit import LaunchPlan, dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from core.configs import EmbedPreset, PplMode, RephrasePreset, value_of
 from core.dedup.config import (
     DecontamConfig,
     SemDedupConfig,
@@ -18,14 +19,16 @@ from core.dedup.config import (
     tiny_decontam_config,
     tiny_dedup_config,
 )
-from tasks.embed import embed_shards
+from tasks.embed import embed_shards, embed_shards_cpu
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
 from tasks.ingest import fingerprint_source, ingest_dataset
-from tasks.perplexity import score_perplexity, slice_by_perplexity, train_reference_lm
-from tasks.rephrase import rephrase_samples
+from tasks.perplexity import score_perplexity, score_perplexity_cpu, slice_by_perplexity, train_reference_lm
+from tasks.rephrase import rephrase_samples, rephrase_samples_cpu
+from tasks.resources import is_tiny
 from tasks.run_report import summarize_run
-from workflows.dedup import decontamination_wf, semdedup_wf
+from tasks.validate import validate_curate_inputs
+from workflows.dedup import decontamination_cpu_wf, decontamination_wf, semdedup_cpu_wf, semdedup_wf
 from workflows.evaluate import ALL_BENCHMARKS
 
 
@@ -35,11 +38,11 @@ class CurateOutputs(NamedTuple):
 
 
 @dynamic(container_image=CPU_IMAGE)
-def curate(
+def curate_steps(
     source: str,
     image_root: str,
     shard_max_samples: int = 1000,
-    embed_preset: str = "tiny",
+    embed_preset: EmbedPreset = EmbedPreset.tiny,
     semdedup: bool = True,
     dedup_config: SemDedupConfig = tiny_dedup_config(),
     decontaminate: bool = False,
@@ -47,7 +50,7 @@ def curate(
     decontam_benchmarks: List[str] = ALL_BENCHMARKS,
     decontam_config: DecontamConfig = tiny_decontam_config(),
     perplexity: bool = True,
-    ppl_mode: str = "assistant_only",
+    ppl_mode: PplMode = PplMode.assistant_only,
     ppl_low_pct: float = 0.0,
     ppl_high_pct: float = 90.0,
     lm_steps: int = 300,
@@ -55,7 +58,83 @@ def curate(
     reference_image_root: str = "",
     reference_ids: Optional[FlyteFile] = None,
     rephrase: bool = False,
-    rephrase_preset: str = "tiny",
+    rephrase_preset: RephrasePreset = RephrasePreset.tiny,
+    export_max_samples: int = 1000,
+    output_dir: str = "",
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
+) -> CurateOutputs:
+    """The steps of `curate` (see its docstring for the inputs), wired at run time from the switches.
+
+    The tiny embed preset runs every step on its CPU twin (tasks/resources.py); the others on GPU tasks.
+    """
+    tiny = is_tiny(embed_preset)
+    embed = embed_shards_cpu if tiny else embed_shards
+    # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
+    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
+                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
+    emb = embed(shards=run, upstream=run, upstream_step="ingest", preset=value_of(embed_preset))
+    dirs, steps = [run, emb], ["ingest", "embed"]
+    prev, prev_step = emb, "embed"
+    if decontaminate:
+        decontam = decontamination_cpu_wf if tiny else decontamination_wf
+        dc = decontam(embeddings=emb, eval_cache=eval_cache, benchmarks=decontam_benchmarks,
+                                embed_preset=value_of(embed_preset), config=decontam_config, prev=prev, prev_step=prev_step,
+                                run=run)
+        dirs, steps = dirs + [dc], steps + ["decontam"]
+        prev, prev_step = dc, "decontam"
+    if semdedup:
+        dd = (semdedup_cpu_wf if tiny else semdedup_wf)(embeddings=emb, config=dedup_config, prev=prev, prev_step=prev_step, run=run)
+        dirs, steps = dirs + [dd], steps + ["semdedup"]
+        prev, prev_step = dd, "semdedup"
+    if perplexity:
+        ref = run
+        if reference_source:
+            ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
+                                 shard_max_samples=shard_max_samples,
+                                 source_fingerprint=fingerprint_source(source=reference_source,
+                                                                       image_root=reference_image_root))
+        lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
+        score = score_perplexity_cpu if tiny else score_perplexity
+        scores = score(run=run, model=lm, prev=prev, prev_step=prev_step, mode=value_of(ppl_mode))
+        cut = slice_by_perplexity(scores=scores, mode="range", low_pct=ppl_low_pct, high_pct=ppl_high_pct)
+        dirs, steps = dirs + [scores, cut], steps + ["perplexity", "ppl_filter"]
+        prev, prev_step = cut, "ppl_filter"
+    rephrased = None
+    if rephrase:
+        rephrase_task = rephrase_samples_cpu if is_tiny(rephrase_preset) else rephrase_samples
+        rephrased = rephrase_task(run_dir=run, preset=value_of(rephrase_preset), prev_ledger=prev,
+                                  prev_step=prev_step).out_dir
+        dirs, steps = dirs + [rephrased], steps + ["rephrase"]
+    out = export_dataset(run_dir=run, step_dirs=dirs[1:], steps=steps, rephrased=rephrased,
+                         max_samples=export_max_samples)
+    summary = summarize_run(step_dirs=dirs + [out], steps=steps + ["export"], export=out, output_dir=output_dir,
+                            known_bad_ids=known_bad_ids)
+    return CurateOutputs(export=out, summary=summary)
+
+
+@workflow
+def curate(
+    source: str,
+    image_root: str,
+    shard_max_samples: int = 1000,
+    embed_preset: EmbedPreset = EmbedPreset.tiny,
+    semdedup: bool = True,
+    dedup_config: SemDedupConfig = tiny_dedup_config(),
+    decontaminate: bool = False,
+    eval_cache: str = "",
+    decontam_benchmarks: List[str] = ALL_BENCHMARKS,
+    decontam_config: DecontamConfig = tiny_decontam_config(),
+    perplexity: bool = True,
+    ppl_mode: PplMode = PplMode.assistant_only,
+    ppl_low_pct: float = 0.0,
+    ppl_high_pct: float = 90.0,
+    lm_steps: int = 300,
+    reference_source: str = "",
+    reference_image_root: str = "",
+    reference_ids: Optional[FlyteFile] = None,
+    rephrase: bool = False,
+    rephrase_preset: RephrasePreset = RephrasePreset.tiny,
     export_max_samples: int = 1000,
     output_dir: str = "",
     format: str = "auto",
@@ -93,55 +172,23 @@ def curate(
         (`jsonl:messages`); see docs/ingest.md.
     :param known_bad_ids: Optional id list (JSON list or one id per line) of samples known to be low quality: the
         run summary reports, per step, how many of them it removed, kept or quarantined.
+
+    Every input is checked first (validate_curate_inputs, seconds); the steps then run in `curate_steps`.
+    The tiny embed preset runs every step on its CPU twin; production presets request GPUs.
     """
-    # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
-    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
-                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
-    emb = embed_shards(shards=run, upstream=run, upstream_step="ingest", preset=embed_preset)
-    dirs, steps = [run, emb], ["ingest", "embed"]
-    prev, prev_step = emb, "embed"
-    if decontaminate:
-        if not eval_cache:
-            raise ValueError("decontaminate needs eval_cache (the root of the benchmark caches)")
-        dc = decontamination_wf(embeddings=emb, eval_cache=eval_cache, benchmarks=decontam_benchmarks,
-                                embed_preset=embed_preset, config=decontam_config, prev=prev, prev_step=prev_step,
-                                run=run)
-        dirs, steps = dirs + [dc], steps + ["decontam"]
-        prev, prev_step = dc, "decontam"
-    if semdedup:
-        dd = semdedup_wf(embeddings=emb, config=dedup_config, prev=prev, prev_step=prev_step, run=run)
-        dirs, steps = dirs + [dd], steps + ["semdedup"]
-        prev, prev_step = dd, "semdedup"
-    if perplexity:
-        ref = run
-        if reference_source:
-            ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
-                                 shard_max_samples=shard_max_samples,
-                                 source_fingerprint=fingerprint_source(source=reference_source,
-                                                                       image_root=reference_image_root))
-        lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
-        scores = score_perplexity(run=run, model=lm, prev=prev, prev_step=prev_step, mode=ppl_mode)
-        cut = slice_by_perplexity(scores=scores, mode="range", low_pct=ppl_low_pct, high_pct=ppl_high_pct)
-        dirs, steps = dirs + [scores, cut], steps + ["perplexity", "ppl_filter"]
-        prev, prev_step = cut, "ppl_filter"
-    rephrased = None
-    if rephrase:
-        rephrased = rephrase_samples(run_dir=run, preset=rephrase_preset, prev_ledger=prev, prev_step=prev_step).out_dir
-        dirs, steps = dirs + [rephrased], steps + ["rephrase"]
-    out = export_dataset(run_dir=run, step_dirs=dirs[1:], steps=steps, rephrased=rephrased,
-                         max_samples=export_max_samples)
-    summary = summarize_run(step_dirs=dirs + [out], steps=steps + ["export"], export=out, output_dir=output_dir,
-                            known_bad_ids=known_bad_ids)
-    return CurateOutputs(export=out, summary=summary)
+    checked = validate_curate_inputs(source=source, image_root=image_root, shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontaminate=decontaminate, eval_cache=eval_cache, decontam_benchmarks=decontam_benchmarks, decontam_config=decontam_config, perplexity=perplexity, ppl_low_pct=ppl_low_pct, ppl_high_pct=ppl_high_pct, lm_steps=lm_steps, reference_source=reference_source, reference_image_root=reference_image_root, export_max_samples=export_max_samples, format=format, known_bad_ids=known_bad_ids)
+    out = curate_steps(source=source, image_root=image_root, shard_max_samples=shard_max_samples, embed_preset=embed_preset, semdedup=semdedup, dedup_config=dedup_config, decontaminate=decontaminate, eval_cache=eval_cache, decontam_benchmarks=decontam_benchmarks, decontam_config=decontam_config, perplexity=perplexity, ppl_mode=ppl_mode, ppl_low_pct=ppl_low_pct, ppl_high_pct=ppl_high_pct, lm_steps=lm_steps, reference_source=reference_source, reference_image_root=reference_image_root, reference_ids=reference_ids, rephrase=rephrase, rephrase_preset=rephrase_preset, export_max_samples=export_max_samples, output_dir=output_dir, format=format, known_bad_ids=known_bad_ids)
+    checked >> out.export
+    return out.export, out.summary
 
 
 # Named presets as launch plans: the embedded CPU demo, and the production MAmmoTH-VL curation.
-curate_demo = LaunchPlan.get_or_create(curate, name="curate_demo", default_inputs={"embed_preset": "tiny"})
+curate_demo = LaunchPlan.get_or_create(curate, name="curate_demo", default_inputs={"embed_preset": EmbedPreset.tiny})
 mammoth_v1_curation = LaunchPlan.get_or_create(
     curate,
     name="mammoth_v1_curation",
     default_inputs={
-        "embed_preset": "siglip2",
+        "embed_preset": EmbedPreset.siglip2,
         "dedup_config": target_dedup_config(0.10, n_clusters=1200),
         "decontam_config": default_decontam_config(),
         "ppl_high_pct": 90.0,

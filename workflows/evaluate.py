@@ -5,12 +5,19 @@ first; `nightly_eval` runs `prefix_evaluation` on a cron schedule. The cap is th
 (map_task `concurrency`): at most EVAL_CONCURRENCY workers run at once, each holding one checkpoint.
 """
 
+import os
 from functools import partial
 
 from flytekit import CronSchedule, LaunchPlan, map_task, workflow
 from flytekit.types.directory import FlyteDirectory
 
-from tasks.evals import collect_eval_results, evaluate_checkpoint_benchmarks, find_checkpoints, plan_eval_jobs
+from tasks.evals import (
+    collect_eval_results,
+    evaluate_checkpoint_benchmarks,
+    evaluate_checkpoint_benchmarks_cpu,
+    find_checkpoints,
+    plan_eval_jobs,
+)
 
 # Hard cap on concurrently running eval workers (= checkpoints held at once). It is compiled into the
 # workflow spec as the array node's parallelism, so it cannot be a run-time input.
@@ -19,8 +26,11 @@ EVAL_CONCURRENCY = 2
 # failing the run, as long as one worker succeeded.
 EVAL_MIN_SUCCESS_RATIO = 0.01
 ALL_BENCHMARKS = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
-NIGHTLY_PREFIX = "s3://mmcurate/checkpoints/latest/"  # set by the lead when wiring the ablation grid
-NIGHTLY_CACHE = "s3://mmcurate/eval-cache/"
+# The nightly plan's paths come from the environment of `make register` / `make activate`. Unset, they are
+# placeholders under PLACEHOLDER_URL, and `make activate` refuses to switch the schedule on.
+PLACEHOLDER_URL = "s3://mmcurate-placeholder/"
+NIGHTLY_PREFIX = os.environ.get("MMCURATE_NIGHTLY_PREFIX", PLACEHOLDER_URL + "checkpoints/latest/")
+NIGHTLY_CACHE = os.environ.get("MMCURATE_NIGHTLY_CACHE", PLACEHOLDER_URL + "eval-cache/")
 
 
 @workflow
@@ -48,13 +58,48 @@ def evaluation(
     :param scoring: exact (lmms-eval / Molmo reference) | lenient (adds the lenient score beside it).
     :return: records.parquet, summary.parquet, results.csv, report.html, results.json, lmms_eval/.
     """
+    return _evaluate(evaluate_checkpoint_benchmarks, checkpoints, benchmarks, cache_dir, backend, device, batch_size,
+                     max_samples, group_size, scoring)  # fmt: skip
+
+
+def _evaluate(task, checkpoints, benchmarks, cache_dir, backend, device, batch_size, max_samples, group_size,
+              scoring):
+    """The fan-out wiring shared by `evaluation` (GPU workers) and `evaluation_cpu` (their CPU twin)."""
     jobs = plan_eval_jobs(checkpoints=checkpoints, benchmarks=benchmarks, group_size=group_size)
-    worker = partial(evaluate_checkpoint_benchmarks, cache_dir=cache_dir, backend=backend, device=device,
-                     batch_size=batch_size, max_samples=max_samples, scoring=scoring)  # fmt: skip
+    worker = partial(task, cache_dir=cache_dir, backend=backend, device=device, batch_size=batch_size,
+                     max_samples=max_samples, scoring=scoring)  # fmt: skip
     results = map_task(worker, concurrency=EVAL_CONCURRENCY, min_success_ratio=EVAL_MIN_SUCCESS_RATIO)(
         checkpoint=jobs.checkpoints, benchmarks=jobs.groups
     )
     return collect_eval_results(results=results, checkpoints=jobs.checkpoints, groups=jobs.groups)
+
+
+@workflow
+def evaluation_cpu(
+    checkpoints: list[str],
+    benchmarks: list[str],
+    cache_dir: str,
+    backend: str = "auto",
+    device: str = "cpu",
+    batch_size: int = 8,
+    max_samples: int = 0,
+    group_size: int = 0,
+    scoring: str = "exact",
+) -> FlyteDirectory:
+    """`evaluation` on CPU workers (tiny checkpoints of the demo and the tiny ablation), same cap.
+
+    :param checkpoints: Checkpoint URIs (directories).
+    :param benchmarks: Benchmark names (countbench, docvqa, chartqa, realworldqa, pixmo_points).
+    :param cache_dir: Root of the benchmark caches (`<cache_dir>/<benchmark>/...`).
+    :param backend: auto | mini_llava | transformers | vllm.
+    :param device: cpu | cuda | auto.
+    :param batch_size: Requests per generate call.
+    :param max_samples: Per-benchmark sample cap (0 = all).
+    :param group_size: Benchmarks per worker (0 = all in one, one download per checkpoint).
+    :param scoring: exact (lmms-eval / Molmo reference) | lenient (adds the lenient score beside it).
+    """
+    return _evaluate(evaluate_checkpoint_benchmarks_cpu, checkpoints, benchmarks, cache_dir, backend, device,
+                     batch_size, max_samples, group_size, scoring)  # fmt: skip
 
 
 @workflow

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from core.configs import ConfigJSON
+
 KEEP_POLICIES = ("hard", "easy", "random")
 EMBEDDING_KINDS = ("image", "text", "joint_concat", "joint_mean")
 DEVICES = ("cpu", "cuda", "auto")
@@ -14,7 +16,7 @@ AUTO_BRANCHING = 32
 
 
 @dataclass
-class SemDedupConfig:
+class SemDedupConfig(ConfigJSON):
     """SemDeDup settings. Exactly one of `eps` / `target_removal` must be set.
 
     n_clusters: spherical k-means clusters (the paper uses ~N/10k..N/50; mean cluster size is what matters).
@@ -63,18 +65,33 @@ class SemDedupConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def cli_preset(cls) -> SemDedupConfig:
+        """A partial `--dedup_config` JSON merges onto the workflows' default preset."""
+        return tiny_dedup_config()
+
+    @staticmethod
+    def _merge_onto(base: dict, data: dict) -> dict:
+        """eps and target_removal exclude each other: setting one clears the preset's other."""
+        merged = {**base, **data}
+        for key, other in (("eps", "target_removal"), ("target_removal", "eps")):
+            if data.get(key) is not None and other not in data:
+                merged[other] = None
+        return merged
+
     def validate(self) -> None:
         """Raise ValueError on an inconsistent config (called on construction)."""
         if (self.eps is None) == (self.target_removal is None):
             raise ValueError("set exactly one of eps and target_removal")
-        if self.eps is not None and not (0.0 <= self.eps <= 2.0):
-            raise ValueError(f"eps={self.eps} outside [0, 2] (cosine similarity lies in [-1, 1])")
+        if self.eps is not None and not (0.0 <= self.eps < 1.0):
+            raise ValueError(f"eps={self.eps} out of range; valid: [0, 1) (a pair is a duplicate when its cosine "
+                             "similarity > 1 - eps; eps >= 1 would call unrelated samples duplicates)")
         if self.target_removal is not None and not (0.0 <= self.target_removal <= 1.0):
-            raise ValueError(f"target_removal={self.target_removal} outside [0, 1]")
+            raise ValueError(f"target_removal={self.target_removal} out of range; valid: [0, 1]")
         if self.min_similarity is not None and not (-1.0 <= self.min_similarity <= 1.0):
-            raise ValueError(f"min_similarity={self.min_similarity} outside [-1, 1] (a cosine similarity)")
+            raise ValueError(f"min_similarity={self.min_similarity} out of range; valid: [-1, 1] (a cosine similarity)")
         if self.n_clusters < 1:
-            raise ValueError("n_clusters must be >= 1")
+            raise ValueError(f"n_clusters={self.n_clusters} out of range; valid: >= 1")
         if self.keep not in KEEP_POLICIES:
             raise ValueError(f"keep={self.keep!r} not in {KEEP_POLICIES}")
         if self.kind not in EMBEDDING_KINDS:
@@ -118,7 +135,7 @@ def target_dedup_config(fraction: float = 0.10, n_clusters: int = 1200) -> SemDe
 
 
 @dataclass
-class DecontamConfig:
+class DecontamConfig(ConfigJSON):
     """Eval mining and decontamination.
 
     threshold: drop a training sample whose max cosine similarity to any eval item is > threshold.
@@ -135,10 +152,14 @@ class DecontamConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and its valid range."""
         if not (-1.0 <= self.threshold <= 1.0):
-            raise ValueError("threshold must be a cosine similarity in [-1, 1]")
+            raise ValueError(f"threshold={self.threshold} out of range; valid: [-1, 1] (a cosine similarity)")
         if self.k < 1 or self.batch_size < 1:
-            raise ValueError("k and batch_size must be >= 1")
+            raise ValueError(f"k={self.k}, batch_size={self.batch_size}: both must be >= 1")
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r} not in {DEVICES}")
         if self.kind not in EMBEDDING_KINDS:

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from core.configs import check_ranges
+
 TEXT_VIEWS = ("first_human", "all_human", "all")
 WHAT = ("image", "text", "both")
 DEVICES = ("auto", "cpu", "cuda")
@@ -75,10 +77,9 @@ class EmbedConfig:
         _check("device", self.device, DEVICES)
         _check("precision", self.precision, PRECISIONS)
         _check("out_dtype", self.out_dtype, OUT_DTYPES)
-        if self.batch_size < 1 or self.num_actors < 1 or self.decode_workers < 1 or self.cpus_per_actor < 1:
-            raise ValueError("batch_size, num_actors, decode_workers and cpus_per_actor must be >= 1")
-        if self.num_gpus < 0:
-            raise ValueError("num_gpus must be >= 0")
+        check_ranges(self, {"batch_size": (1, None), "num_actors": (1, None), "decode_workers": (1, None),
+                            "cpus_per_actor": (1, None), "num_gpus": (0, None), "max_shard_retries": (0, None),
+                            "prefetch_batches": (1, None), "actor_start_timeout_s": (0, None, {"lo_open": True})})
         if self.device == "cpu" and self.num_gpus:
             raise ValueError("device='cpu' with num_gpus > 0 would hold GPUs it never uses")
         if self.device == "cuda" and not self.num_gpus:

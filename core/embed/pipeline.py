@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from core.embed.config import EmbedConfig
 from core.embed.model import as_ray_actor
 from core.embed.worker import STEP, ShardEmbedWorker, ShardResult
+from core.log import progress
 
 log = logging.getLogger(__name__)
 
@@ -163,32 +164,37 @@ def embed_shards(
         return include_ids, False
 
     failed: dict[str, str] = {}
-    if todo and not use_ray:
-        worker = ShardEmbedWorker(cfg)
-        summary.n_actors = 1
-        for i, url in enumerate(todo):
-            ids, expected = shard_args(url)
-            nxt = todo[i + 1] if i + 1 < len(todo) else None  # read + decoded while this shard finishes
-            res = worker.embed_shard(url, ids, expected, prefetch=(nxt, shard_args(nxt)[0]) if nxt else None)
-            _publish(res, out_dir, ledger_dir)
-            _log_shard(res, summary)
-    elif todo:
-        failed = _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix)
+    bar = progress(desc="embed", total=len(todo), unit="shard")
+    with bar:
+        if todo and not use_ray:
+            worker = ShardEmbedWorker(cfg)
+            summary.n_actors = 1
+            for i, url in enumerate(todo):
+                ids, expected = shard_args(url)
+                nxt = todo[i + 1] if i + 1 < len(todo) else None  # read + decoded while this shard finishes
+                res = worker.embed_shard(url, ids, expected, prefetch=(nxt, shard_args(nxt)[0]) if nxt else None)
+                _publish(res, out_dir, ledger_dir)
+                _log_shard(res, summary, bar)
+        elif todo:
+            failed = _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix, bar)
     summary.wall_s = time.perf_counter() - t0
     if failed:
         raise EmbedIncomplete(failed, summary)
     return summary
 
 
-def _log_shard(res: ShardResult, summary: EmbedSummary) -> None:
+def _log_shard(res: ShardResult, summary: EmbedSummary, bar: Any = None) -> None:
     summary.shards.append(res.stats)
     s = res.stats
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(kept=summary.n_kept, quarantined=summary.n_quarantined, refresh=False)
     log.info("embed: %s kept=%d quarantined=%d images=%d in %.1fs (forward %.1fs, waited %.1fs) [%d/%d]",
              res.shard, s["n_kept"], s["n_quarantined"], s["n_images"], s["wall_s"], s["forward_s"],
              s["wait_s"], len(summary.shards) + len(summary.skipped), summary.n_shards)
 
 
-def _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix) -> dict[str, str]:
+def _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix, bar=None) -> dict[str, str]:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -255,7 +261,7 @@ def _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix) 
                 idle.append(actor)
                 continue
             _publish(res, out_dir, ledger_dir)
-            _log_shard(res, summary)
+            _log_shard(res, summary, bar)
             idle.append(actor)
     finally:
         for a in actors:

@@ -31,9 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.configs import check_ranges
 from core.evals.backends import GenRequest, VLMBackend, load_backend
 from core.evals.base import Benchmark, EvalItem, LoadFailure, Parsed, Reference, get_benchmark
 from core.evals.exact import mean_and_stderr
+from core.log import progress
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        check_ranges(self, {"batch_size": (1, None), "max_samples": (0, None), "concurrency": (1, None)})
 
 
 def tiny_eval_config(cache_dir: str) -> EvalConfig:
@@ -307,11 +310,13 @@ def evaluate_benchmark(
         pending.clear()
 
     n = 0
+    bar = progress(desc=f"eval {bench.name}", total=max_samples or None, unit="item")
     for item in bench.load(root):
         if max_samples and n >= max_samples:
             break
         doc_id = n
         n += 1
+        bar.update(1)
         if isinstance(item, LoadFailure):
             records.append(record(item.id, doc_id, error=f"load_error:{item.reason}"))
             continue
@@ -327,6 +332,7 @@ def evaluate_benchmark(
             flush()
     if pending:
         flush()
+    bar.close()
     return records
 
 

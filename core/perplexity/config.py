@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.configs import check_ranges
+
 MODES = ("text", "assistant_only", "vlm")
 TEXT_VIEWS = ("all", "assistant", "all_human")
 
@@ -57,8 +59,8 @@ class PerplexityConfig:
             raise ValueError(f"chat_template {self.chat_template!r} not in (auto, model, plain)")
         if self.text_view not in TEXT_VIEWS:
             raise ValueError(f"text_view {self.text_view!r} not in {TEXT_VIEWS}")
-        if self.max_length < 2 or self.batch_tokens < self.max_length:
-            raise ValueError(f"need 2 <= max_length <= batch_tokens, got {self.max_length}, {self.batch_tokens}")
+        check_ranges(self, {"max_length": (2, None), "batch_tokens": (self.max_length, None),
+                            "max_padding_waste": (0, 1)})
 
 
 def tiny_perplexity_config(model: str, mode: str = "assistant_only") -> PerplexityConfig:

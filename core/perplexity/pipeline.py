@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.ledger import LedgerWriter, read_ledger, step_dir
+from core.log import progress
 from core.perplexity.config import PerplexityConfig
 from core.perplexity.scorer import BatchStats, PerplexityScorer, SampleScore
 from core.perplexity.vlm import HFVLMScorer, VLMScorer
@@ -60,8 +61,12 @@ def score_samples_to_part(
     scorer: PerplexityScorer | VLMScorer,
     led: LedgerWriter,
     chunk_samples: int = 4096,
+    bar: Any = None,
 ) -> list[SampleScore]:
-    """Score a stream of samples (one shard) in chunks; add their ledger rows; write the scores parquet."""
+    """Score a stream of samples (one shard) in chunks; add their ledger rows; write the scores parquet.
+
+    `bar`: an optional progress bar (core.log.progress) advanced by the samples of each scored chunk.
+    """
     scores: list[SampleScore] = []
     previews: dict[str, str] = {}
     buf: list[Sample] = []
@@ -83,6 +88,8 @@ def score_samples_to_part(
                 led.add(s.sample_id, "quarantine", s.reason or "ppl_no_scored_tokens", shard=shard,
                         truncated=s.truncated)
         scores.extend(got)
+        if bar is not None:
+            bar.update(len(buf))
         buf.clear()
 
     for s in samples:
@@ -121,6 +128,7 @@ def score_shards(
     t0 = time.time()
     stats = BatchStats()
     done, skipped = 0, 0
+    bar = progress(desc="perplexity", total=len(include_ids) if include_ids is not None else None, unit="sample")
     for i, url in enumerate(shards):
         name = shard_name(url)
         part = step_dir(out, STEP) / f"part-{name}.parquet"
@@ -137,9 +145,10 @@ def score_shards(
         with LedgerWriter(part, STEP) as led:
             samples = read_shard(url, quarantine=led, include_ids=include_ids, load_images=config.mode == "vlm",
                                  verify_images=False)
-            got = score_samples_to_part(samples, name, out, scorer, led)  # an empty part is still published
+            got = score_samples_to_part(samples, name, out, scorer, led, bar=bar)  # an empty part is still published
         done += 1
         log.info("perplexity: shard %d/%d %s scored %d samples", i + 1, len(shards), name, len(got))
+    bar.close()
     stats = getattr(scorer, "stats", None) or stats
     if not shards and not step_dir(out, STEP).exists():  # a degenerate run: the step still writes its ledger
         LedgerWriter(step_dir(out, STEP) / "part-empty.parquet", STEP).close()

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from core.configs import check_ranges
 from core.ledger import LedgerWriter, find_step_dir, passing_ids, read_ledger, step_dir
 
 STEP = "ppl_filter"
@@ -57,12 +58,10 @@ class SliceConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("range", "slices"):
             raise ValueError(f"mode {self.mode!r} not in (range, slices)")
-        if not 0 <= self.low_pct < self.high_pct <= 100:
-            raise ValueError(f"need 0 <= low_pct < high_pct <= 100, got {self.low_pct}, {self.high_pct}")
-        if self.n_slices < 1:
-            raise ValueError("n_slices must be >= 1")
-        if self.shrink_tokens < 0:
-            raise ValueError("shrink_tokens must be >= 0")
+        check_ranges(self, {"low_pct": (0, 100, {"hi_open": True}), "high_pct": (0, 100, {"lo_open": True}),
+                            "n_slices": (1, None), "shrink_tokens": (0, None)})
+        if not self.low_pct < self.high_pct:
+            raise ValueError(f"low_pct={self.low_pct} must be below high_pct={self.high_pct}")
 
 
 def ranking_values(nll: np.ndarray, n_scored: np.ndarray, shrink_tokens: float) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.configs import check_ranges
+
 DEFAULT_SYSTEM_PROMPT = (
     "You rewrite text from a visual question answering dataset so that it is as short as possible "
     "while keeping every fact, number, name and option. Reply with the rewritten text only."
@@ -107,10 +109,11 @@ class RephraseConfig:
             raise ValueError(f"backend {self.backend!r} must be 'vllm' or 'transformers'")
         if "{text}" not in self.human_prompt or "{text}" not in self.gpt_prompt:
             raise ValueError("human_prompt and gpt_prompt must contain '{text}'")
-        if not 0.0 <= self.min_shortening < 1.0:
-            raise ValueError("min_shortening must be in [0, 1)")
-        if self.chunk_size < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("chunk_size, batch_size and max_new_tokens must be >= 1")
+        check_ranges(self, {"min_shortening": (0, 1, {"hi_open": True}), "chunk_size": (1, None),
+                            "batch_size": (1, None), "max_new_tokens": (1, None), "temperature": (0, None),
+                            "top_p": (0, 1, {"lo_open": True}), "tensor_parallel": (1, None),
+                            "min_turn_chars": (0, None), "max_turn_chars": (1, None), "n_examples": (0, None),
+                            "gpu_memory_utilization": (0, 1, {"lo_open": True}), "min_similarity": (-1, 1)})
         self.refusal_patterns = tuple(self.refusal_patterns)
         self.keep_suffixes = tuple(self.keep_suffixes)
 

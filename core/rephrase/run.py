@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.ledger import LedgerWriter, step_dir
+from core.log import progress
 from core.rephrase.config import RephraseConfig
 from core.rephrase.generate import Generator, Messages
 from core.rephrase.similarity import SimilarityScorer
@@ -231,11 +232,13 @@ def rephrase_shard(
     counter: TokenCounter,
     quarantine: LedgerWriter | None = None,
     scorer: SimilarityScorer | None = None,
+    bar: Any = None,
 ) -> ShardSummary:
     """Rephrase one shard's samples (reader order) into the run directory; resumable (see module doc).
 
     `quarantine`, when given, is the reader's quarantine writer for this shard: it is closed (published)
-    after every sample was read and before the ledger part, so a finished shard has both."""
+    after every sample was read and before the ledger part, so a finished shard has both.
+    `bar`: an optional progress bar (core.log.progress) advanced by each chunk's samples."""
     t_start = time.perf_counter()
     summary = ShardSummary(shard)
     run = Path(run_dir)
@@ -266,6 +269,8 @@ def rephrase_shard(
                 chunk = list(itertools.islice(it, cfg.chunk_size))
                 if not chunk:
                     break
+                if bar is not None:
+                    bar.update(len(chunk))
                 if ci in done:
                     summary.chunks_resumed += 1
                     continue
@@ -362,6 +367,7 @@ def rephrase_shards(
     (called only for shards not finished yet)."""
     counter = counter or TokenCounter(cfg.tokenizer_path)
     out = []
+    bar = progress(desc="rephrase", unit="sample")
     for name, open_samples in shards:
         if ledger_part(run_dir, name).exists():
             log.info("rephrase %s: ledger part exists, skipped", name)
@@ -369,9 +375,10 @@ def rephrase_shards(
             continue
         if scorer is None and cfg.similarity_model:
             scorer = SimilarityScorer(cfg.similarity_model, device=cfg.device)
-        s = rephrase_shard(name, open_samples(), run_dir, cfg, generator, counter, scorer=scorer)
+        s = rephrase_shard(name, open_samples(), run_dir, cfg, generator, counter, scorer=scorer, bar=bar)
         log.info("rephrase %s: %d samples, %d modified, reasons %s", name, s.n_samples, s.n_modified, s.reasons)
         out.append(s)
+    bar.close()
     return out
 
 
@@ -410,6 +417,7 @@ def rephrase_run(
     root = Path(shards_dir)
     urls = list_shards(str(root / "shards")) if (root / "shards").is_dir() else list_shards(str(shards_dir))
     out = []
+    bar = progress(desc="rephrase", total=len(include) if include is not None else None, unit="sample")
     for url in urls:
         name = shard_name(url)
         if ledger_part(out_dir, name).exists():
@@ -421,9 +429,10 @@ def rephrase_run(
             scorer = SimilarityScorer(cfg.similarity_model, device=cfg.device)
         q = LedgerWriter(step_dir(out_dir, STEP) / f"quarantine-{name}.parquet", STEP)
         samples = iter_shard(url, quarantine=q, include_ids=include, load_images=False, verify_images=False)
-        s = rephrase_shard(name, samples, out_dir, cfg, generator, counter, quarantine=q, scorer=scorer)
+        s = rephrase_shard(name, samples, out_dir, cfg, generator, counter, quarantine=q, scorer=scorer, bar=bar)
         log.info("rephrase %s: %d samples, %d modified, reasons %s", name, s.n_samples, s.n_modified, s.reasons)
         out.append(s)
+    bar.close()
     if not urls and not step_dir(out_dir, STEP).is_dir():  # a degenerate run: the step still writes its ledger
         LedgerWriter(step_dir(out_dir, STEP) / "part-empty.parquet", STEP).close()
         rec_path = Path(out_dir) / STEP / "records" / "part-empty.parquet"  # and an empty records table

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from core.configs import check_ranges
+
 STAGES = ("projector", "full")
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -52,12 +54,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r} not in {STAGES}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        check_ranges(self, {"epochs": (1, None), "batch_size": (1, None), "lr": (0, None, {"lo_open": True}),
+                            "weight_decay": (0, None), "warmup_steps": (0, None), "max_seq_len": (1, None),
+                            "max_steps": (1, None, {"allow_none": True}), "val_size": (0, None),
+                            "val_every_n_steps": (1, None), "ckpt_every_n_steps": (0, None),
+                            "keep_step_checkpoints": (0, None), "num_workers": (0, None), "nnodes": (1, None),
+                            "nproc_per_node": (1, None), "log_every_n_steps": (1, None)})
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} not in {LR_SCHEDULES}")
-        if self.val_every_n_steps < 1:
-            raise ValueError("val_every_n_steps must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

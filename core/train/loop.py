@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from core.log import progress
 from core.train.config import TrainConfig
 from core.train.data import (
     Collator,
@@ -327,6 +328,9 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
 
     stopped = False
     t0 = time.time()
+    log.info("train: %d samples (%d train, %d val), %d steps/epoch, %d steps from step %d", len(entries),
+             len(train_idx), len(val_entries), steps_per_epoch, total_steps, global_step)
+    bar = progress(desc="train", total=total_steps, initial=global_step, unit="step", enabled=rank == 0)
     for epoch in range(start_epoch, cfg.epochs):
         batches = rank_batches(epoch_order(train_idx, cfg.seed, epoch), cfg.batch_size, world, rank)
         first = start_step if epoch == start_epoch else 0
@@ -343,8 +347,10 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
             opt.step()
             sched.step()
             global_step += 1
+            bar.update(1)
             red = _all_reduce_sum(torch.stack([s.detach().double(), n.double()]), world)
             if global_step % cfg.log_every_n_steps == 0:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(red[0] / max(red[1], 1)):.3f}", refresh=False)
                 metrics.log({"step": global_step, "epoch": epoch, "loss": float(red[0] / max(red[1], 1)),
                              "lr": sched.get_last_lr()[0], "tokens": int(red[1]), "elapsed_s": time.time() - t0})
             if global_step % cfg.val_every_n_steps == 0:
@@ -371,7 +377,9 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
         _barrier(world)
         if done:
             break
+    bar.close()
     metrics.close()
+    log.info("train: done at step %d in %.1f s", global_step, time.time() - t0)
     return TrainResult(_finished_list(out), str(metrics.path), global_step, str(resume) if resume else None)
 
 

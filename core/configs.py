@@ -1,0 +1,150 @@
+"""Choices and config loading shared by every stage.
+
+- The presets and modes users pick on the command line are Enums, so `pyflyte run ... --help` lists the
+  choices and a typo is rejected by the CLI before anything runs.
+- `load_config(cls, data, preset)` merges a partial JSON/dict onto a preset, rejects unknown keys (listing the
+  valid ones, with a did-you-mean), and wraps the dataclass's own validation so the message names the class,
+  the field and its valid range. It is driven by the dataclass fields, so a new field needs no change here.
+- `ConfigJSON` gives a config dataclass the `from_json` that `pyflyte run --<config> '{...}'` calls: the JSON
+  on the command line is loaded with `load_config` onto the class's CLI preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from enum import Enum
+from typing import Any, TypeVar
+
+
+class EmbedPreset(Enum):
+    """Embedding model: `tiny` (embedded CPU model) or `siglip2` (production, GPU)."""
+
+    tiny = "tiny"
+    siglip2 = "siglip2"
+
+
+class PplMode(Enum):
+    """Perplexity scoring: `assistant_only` (answers given the question, image tokens masked) or `text`."""
+
+    assistant_only = "assistant_only"
+    text = "text"
+
+
+class RephrasePreset(Enum):
+    """Rephrasing LLM: `tiny` (embedded CPU model) or `qwen` (vLLM)."""
+
+    tiny = "tiny"
+    qwen = "qwen"
+
+
+def value_of(choice: Any) -> Any:
+    """The plain value of an Enum choice (a str passes through)."""
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built: unknown or missing keys, or a value out of range."""
+
+
+def check_range(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False, allow_none: bool = False) -> None:
+    """Raise ValueError `name=value out of range; valid: [lo, hi)` unless lo <= value <= hi (open ends per flag).
+
+    The message format every config dataclass uses, so a user reads the field and its range in one line.
+    """
+    if value is None and allow_none:
+        return
+    ok = value is not None and not (isinstance(value, float) and value != value)  # NaN is never in range
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        left = "(" if lo_open or lo is None else "["
+        right = ")" if hi_open or hi is None else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name}={value!r} out of range; valid: {left}{lo_s}, {hi_s}{right}{extra}")
+
+
+def check_ranges(obj: Any, ranges: dict[str, tuple]) -> None:
+    """`check_range` for several fields of `obj`: {field: (lo, hi)} or (lo, hi, {flags})."""
+    for name, spec in ranges.items():
+        lo, hi, *flags = spec
+        check_range(name, getattr(obj, name), lo, hi, **(flags[0] if flags else {}))
+
+
+C = TypeVar("C")
+
+
+def _read(data: Any) -> dict:
+    if data is None:
+        return {}
+    if isinstance(data, dict):
+        return dict(data)
+    if isinstance(data, str):
+        text = data
+        if not data.lstrip().startswith("{") and os.path.isfile(data):
+            with open(data) as f:
+                text = f.read()
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"not a JSON object (or a path to one): {e}") from None
+        if not isinstance(out, dict):
+            raise ConfigError(f"expected a JSON object of config fields, got {type(out).__name__}")
+        return out
+    raise ConfigError(f"expected a dict, a JSON object or a path, got {type(data).__name__}")
+
+
+def load_config(cls: type[C], data: Any = None, preset: C | None = None) -> C:
+    """Build `cls` from `data` (dict, JSON text or a JSON file path) merged onto `preset`.
+
+    Unknown keys are rejected with the valid ones listed; keys missing from `data` come from `preset` (or the
+    field defaults when there is none); a required field missing from both is named. A class may define
+    `_merge_onto(base: dict, data: dict) -> dict` for fields that exclude each other (e.g. eps vs
+    target_removal). The class's own validation (__post_init__ / validate) runs, its message is kept.
+    """
+    name = cls.__name__
+    values = _read(data)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        hints = []
+        for k in unknown:
+            # match the whole name or one of its words (`tagret` -> target_removal)
+            words = {w: f for f in fields for w in [f, *f.split("_")]}
+            close = [words[w] for w in difflib.get_close_matches(k, list(words), n=1, cutoff=0.6)]
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{name}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(fields)}")
+    base = {f: getattr(preset, f) for f in fields} if preset is not None else {}
+    merge = getattr(cls, "_merge_onto", None)
+    merged = merge(base, values) if merge else {**base, **values}
+    missing = [f for f, spec in fields.items() if f not in merged and spec.default is dataclasses.MISSING
+               and spec.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{name}: missing required key(s) {missing} (no preset to take them from)")
+    try:
+        return cls(**merged)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+class ConfigJSON:
+    """Mixin: `from_json` for the command line (`pyflyte run ... --dedup_config '{"eps": 0.05}'`).
+
+    The JSON is merged onto `cli_preset()` (a classmethod returning the preset the workflows default to);
+    without one, onto the field defaults.
+    """
+
+    @classmethod
+    def cli_preset(cls):
+        return None
+
+    @classmethod
+    def from_json(cls, text: str, **_: Any):
+        return load_config(cls, text, cls.cli_preset())

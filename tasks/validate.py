@@ -1,0 +1,150 @@
+"""The first, cheap task of `curate` and `ablate`: every input checked before any heavy task starts.
+
+Paths exist, the source has at least one record (a peek at its first bytes), the eval cache holds the
+requested benchmarks, numbers are in range, configs pass their own validation. All problems are reported at
+once (core.checks.InputError), each naming the input and what it accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+from flytekit import Resources, task
+from flytekit.types.file import FlyteFile
+
+from core.dedup.config import DecontamConfig, SemDedupConfig
+from tasks.images import CPU_IMAGE
+
+log = logging.getLogger(__name__)
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def validate_curate_inputs(
+    source: str,
+    image_root: str,
+    shard_max_samples: int,
+    dedup_config: SemDedupConfig,
+    decontaminate: bool,
+    eval_cache: str,
+    decontam_benchmarks: List[str],
+    decontam_config: DecontamConfig,
+    perplexity: bool,
+    ppl_low_pct: float,
+    ppl_high_pct: float,
+    lm_steps: int,
+    reference_source: str,
+    reference_image_root: str,
+    export_max_samples: int,
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
+) -> str:
+    """Check the inputs of `curate` (see its docstring); raises InputError listing every bad input.
+
+    :param format: Ingest format spec of `source` (auto, json|jsonl|wds|parquet, llava|messages, container:dialect).
+    :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
+    :return: A one-line summary of what was checked.
+    """
+    from core.checks import (
+        Problems,
+        check_benchmarks,
+        check_config,
+        check_data,
+        check_dir,
+        check_id_list,
+        check_source,
+        in_range,
+    )
+    from core.log import setup_logging
+
+    setup_logging()
+    p = Problems("curate")
+    check_data(p, source, image_root, format)
+    check_id_list(p, "known_bad_ids", known_bad_ids.download() if known_bad_ids is not None else None)
+    in_range(p, "shard_max_samples", shard_max_samples, lo=1)
+    in_range(p, "export_max_samples", export_max_samples, lo=1)
+    check_config(p, "dedup_config", dedup_config)
+    check_config(p, "decontam_config", decontam_config)
+    if decontaminate:
+        check_benchmarks(p, "decontam_benchmarks", decontam_benchmarks, eval_cache)
+    if perplexity:
+        in_range(p, "ppl_low_pct", ppl_low_pct, lo=0.0, hi=100.0, hi_open=True)
+        in_range(p, "ppl_high_pct", ppl_high_pct, lo=0.0, hi=100.0, lo_open=True)
+        if 0 <= ppl_low_pct < 100 and 0 < ppl_high_pct <= 100:
+            p.check(ppl_low_pct < ppl_high_pct, "ppl_low_pct",
+                    f"{ppl_low_pct} must be below --ppl_high_pct {ppl_high_pct} (nothing would be kept)")
+        in_range(p, "lm_steps", lm_steps, lo=1)
+    if reference_source:
+        check_source(p, "reference_source", reference_source)
+        check_dir(p, "reference_image_root", reference_image_root)
+    p.raise_if_any()
+    msg = f"inputs ok: source {source}, image_root {image_root}"
+    log.info("validate: %s", msg)
+    return msg
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def validate_ablate_inputs(
+    source: str,
+    image_root: str,
+    variants: List[str],
+    eval_cache: str,
+    benchmarks: List[str],
+    reference_source: str,
+    reference_image_root: str,
+    shard_max_samples: int,
+    dedup_config: SemDedupConfig,
+    decontam_config: DecontamConfig,
+    lm_steps: int,
+    epochs: int,
+    max_steps: int,
+    batch_size: int,
+    eval_max_samples: int,
+    format: str = "auto",
+    known_bad_ids: Optional[FlyteFile] = None,
+) -> str:
+    """Check the inputs of `ablate` (see its docstring); raises InputError listing every bad input.
+
+    :param format: Ingest format spec of `source` (auto, json|jsonl|wds|parquet, llava|messages, container:dialect).
+    :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
+    :return: A one-line summary of what was checked.
+    """
+    from core.ablation import parse_variant
+    from core.checks import (
+        Problems,
+        check_benchmarks,
+        check_config,
+        check_data,
+        check_dir,
+        check_id_list,
+        check_source,
+        in_range,
+    )
+    from core.log import setup_logging
+
+    setup_logging()
+    p = Problems("ablate")
+    check_data(p, source, image_root, format)
+    check_id_list(p, "known_bad_ids", known_bad_ids.download() if known_bad_ids is not None else None)
+    p.check(bool(variants), "variants", "needs at least one variant (e.g. baseline)")
+    for v in variants:
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            p.add("variants", str(e))
+    check_benchmarks(p, "benchmarks", benchmarks, eval_cache)
+    if reference_source:
+        check_source(p, "reference_source", reference_source)
+        check_dir(p, "reference_image_root", reference_image_root)
+    in_range(p, "shard_max_samples", shard_max_samples, lo=1)
+    check_config(p, "dedup_config", dedup_config)
+    check_config(p, "decontam_config", decontam_config)
+    in_range(p, "lm_steps", lm_steps, lo=1)
+    in_range(p, "epochs", epochs, lo=1)
+    in_range(p, "max_steps", max_steps, lo=0)
+    in_range(p, "batch_size", batch_size, lo=1)
+    in_range(p, "eval_max_samples", eval_max_samples, lo=0)
+    p.raise_if_any()
+    msg = f"inputs ok: {len(variants)} variants, {len(benchmarks)} benchmarks"
+    log.info("validate: %s", msg)
+    return msg
