@@ -41,6 +41,7 @@ def test_export_shows_a_bar_when_asked(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     ingest(IngestConfig(source=str(tmp_path / "data" / "data.json"), image_root=str(tmp_path / "data" / "images"),
                         run_dir=str(run), shard_max_samples=20))
+    monkeypatch.delenv("CI", raising=False)  # CI=true silences bars by design (first test); here a user forces one
     monkeypatch.setenv("MMCURATE_PROGRESS", "1")
     capsys.readouterr()
     m = export_curated(list_shards(str(run / "shards")), str(run), str(tmp_path / "export"), ExportConfig(max_samples=10))
