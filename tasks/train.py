@@ -92,6 +92,7 @@ def train_mini_llava(
     checkpoint_uri: str = "",
     wandb_project: str = "",
     lr_schedule: str = "cosine",
+    run_name: str = "",
 ) -> TrainOutputs:
     """Train the built-in minimal LLaVA model (frozen open_clip tower -> MLP projector -> causal LM).
 
@@ -120,6 +121,8 @@ def train_mini_llava(
     :param wandb_project: Also log to this W&B project (a run started by the trainer); ignored when the task
         runs under the W&B plugin (MMCURATE_WANDB_PROJECT), whose run gets the metrics.
     :param lr_schedule: `cosine` (decay after warmup) or `constant` (after warmup).
+    :param run_name: Label recorded in each checkpoint's trainer_state.json (e.g. the ablation variant); evaluation
+        groups checkpoints by it (else by the folder holding them).
     :return: The epoch checkpoints (Hugging Face LLaVA folders: `LlavaForConditionalGeneration.from_pretrained`
         + `AutoProcessor.from_pretrained` load them; see docs/train.md) and metrics.jsonl.
     """
@@ -136,7 +139,7 @@ def train_mini_llava(
     # e.g. the variants of an ablation grid) but agree between elastic ranks/restarts of the same training.
     ident = [current_context().raw_output_prefix, os.environ.get("TORCHELASTIC_RUN_ID", ""),
              source(data), vm, source(lm), stage, epochs, batch_size, lr, seed, max_steps, max_seq_len, lr_schedule,
-             source(init_from) if init_from is not None else ""]
+             source(init_from) if init_from is not None else "", run_name]
     key = hashlib.sha1("|".join(map(str, ident)).encode())
     out, mirror = _output_dir(checkpoint_uri, key.hexdigest()[:16])
     cfg = TrainConfig(
@@ -145,7 +148,7 @@ def train_mini_llava(
         batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_seq_len=max_seq_len,
         max_steps=max_steps or None, val_size=val_size, val_every_n_steps=val_every_n_steps,
         ckpt_every_n_steps=ckpt_every_n_steps, seed=seed, device=device, mirror_uri=mirror,
-        wandb_project=wandb_project or None, lr_schedule=lr_schedule,
+        wandb_project=wandb_project or None, lr_schedule=lr_schedule, run_name=run_name,
         nnodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")), nproc_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
     res = train(data_dir, cfg)

@@ -43,6 +43,10 @@ def test_two_variant_grid_end_to_end(tmp_path, capsys):
     by_epoch = pd.read_parquet(os.path.join(out.comparison.path, "scores_by_epoch.parquet"))
     ckpts = by_epoch.groupby("variant")["checkpoint"].unique()
     assert set(ckpts["baseline"]).isdisjoint(ckpts["semdedup@0.2"])  # each variant trained its own model
+    # the evaluation itself names each checkpoint's run by its variant (trainer_state.json run_name), so its
+    # score-vs-step plot and results carry variant names, not the trainer's hashed output folders
+    ev_table = pd.read_csv(os.path.join(out.evaluation.path, "results.csv"))
+    assert set(ev_table["variant"]) == {"baseline", "semdedup@0.2"}
 
     # every step's deck page lands in the comparison's decks/ (shared steps, per-variant export and training,
     # evaluation, the table itself), and the run ends by printing their paths

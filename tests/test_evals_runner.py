@@ -284,6 +284,12 @@ def test_trainer_state_gives_step_and_fractional_epoch(tmp_path):
     (hf / "trainer_state.json").write_text(json.dumps({"global_step": 300, "epoch": 2.5, "log_history": []}))
     pos = checkpoint_position(str(hf))
     assert (pos.step, pos.epoch, pos.variant) == (300, 2.5, "hf")
+    # the trainer's run_name (an ablation variant) names the run even under a hashed output folder
+    named = tmp_path / "1e9b4f1de6f24918" / "checkpoints" / "step-00000030"
+    named.mkdir(parents=True)
+    (named / "trainer_state.json").write_text(json.dumps({"global_step": 30, "epoch": 0, "step_in_epoch": 30,
+                                                          "run_name": "semdedup@0.1"}))
+    assert checkpoint_position(str(named)).variant == "semdedup@0.1"
 
 
 def test_config_validation(cache, tmp_path):

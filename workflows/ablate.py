@@ -96,7 +96,7 @@ def ablate_steps(
         ex = export_dataset(run_dir=run, step_dirs=[emb], steps=["ingest", "embed"], subset_ids=ids,
                             subset_name=p.name, rephrased=rephrased if p.kind == "rephrased" else None)
         tr = train(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=epochs,
-                   max_steps=max_steps, batch_size=batch_size)
+                   max_steps=max_steps, batch_size=batch_size, run_name=p.spec)
         exports.append(ex)
         ckpts.append(tr.checkpoints)
     uris = checkpoint_uris(per_variant=ckpts)

@@ -168,7 +168,9 @@ def checkpoint_position(uri: str) -> CheckpointPosition:
             step = int(m.group(1))
         elif m := _EPOCH_RE.search(name):
             epoch = float(m.group(1))
-    pos = CheckpointPosition(step, epoch, checkpoint_variant(uri))
+    run_name = state.get("run_name") if state is not None else None
+    variant = run_name if isinstance(run_name, str) and run_name else checkpoint_variant(uri)
+    pos = CheckpointPosition(step, epoch, variant)
     _POSITIONS[uri] = pos
     return pos
 

@@ -34,6 +34,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    run_name: str = ""  # label of this training run (e.g. an ablation variant); evals group checkpoints by it
     lr_schedule: str = "cosine"  # cosine decay after warmup, or constant (soup experts stay near their start)
     max_seq_len: int = 512
     max_steps: int | None = None  # stop early (smoke runs); a checkpoint is written at the stop

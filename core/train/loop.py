@@ -100,7 +100,7 @@ def _save_checkpoint(model: MiniLlava, opt: Any, sched: Any, cfg: TrainConfig, n
     model.save(tmp)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / OPTIM_FILE)
-    state = {**state, "config": portable_config(cfg, final)}
+    state = {**state, "config": portable_config(cfg, final), "run_name": cfg.run_name}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
