@@ -45,26 +45,16 @@ def validate_curate_inputs(
     :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
     :return: A one-line summary of what was checked.
     """
-    from core.checks import (
-        Problems,
-        check_benchmarks,
-        check_config,
-        check_data,
-        check_dir,
-        check_id_list,
-        check_source,
-        in_range,
-    )
+    from core.checks import Problems, check_benchmarks, check_run_inputs, in_range
     from core.log import setup_logging
 
     setup_logging()
     p = Problems("curate")
-    check_data(p, source, image_root, format)
-    check_id_list(p, "known_bad_ids", known_bad_ids.download() if known_bad_ids is not None else None)
-    in_range(p, "shard_max_samples", shard_max_samples, lo=1)
+    check_run_inputs(p, source=source, image_root=image_root, format=format,
+                     known_bad_ids=known_bad_ids.download() if known_bad_ids is not None else None,
+                     shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontam_config=decontam_config,
+                     reference_source=reference_source, reference_image_root=reference_image_root)
     in_range(p, "export_max_samples", export_max_samples, lo=1)
-    check_config(p, "dedup_config", dedup_config)
-    check_config(p, "decontam_config", decontam_config)
     if decontaminate:
         check_benchmarks(p, "decontam_benchmarks", decontam_benchmarks, eval_cache)
     if perplexity:
@@ -74,9 +64,6 @@ def validate_curate_inputs(
             p.check(ppl_low_pct < ppl_high_pct, "ppl_low_pct",
                     f"{ppl_low_pct} must be below --ppl_high_pct {ppl_high_pct} (nothing would be kept)")
         in_range(p, "lm_steps", lm_steps, lo=1)
-    if reference_source:
-        check_source(p, "reference_source", reference_source)
-        check_dir(p, "reference_image_root", reference_image_root)
     p.raise_if_any()
     msg = f"inputs ok: source {source}, image_root {image_root}"
     log.info("validate: %s", msg)
@@ -110,22 +97,15 @@ def validate_ablate_inputs(
     :return: A one-line summary of what was checked.
     """
     from core.ablation import parse_variant
-    from core.checks import (
-        Problems,
-        check_benchmarks,
-        check_config,
-        check_data,
-        check_dir,
-        check_id_list,
-        check_source,
-        in_range,
-    )
+    from core.checks import Problems, check_benchmarks, check_run_inputs, in_range
     from core.log import setup_logging
 
     setup_logging()
     p = Problems("ablate")
-    check_data(p, source, image_root, format)
-    check_id_list(p, "known_bad_ids", known_bad_ids.download() if known_bad_ids is not None else None)
+    check_run_inputs(p, source=source, image_root=image_root, format=format,
+                     known_bad_ids=known_bad_ids.download() if known_bad_ids is not None else None,
+                     shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontam_config=decontam_config,
+                     reference_source=reference_source, reference_image_root=reference_image_root)
     p.check(bool(variants), "variants", "needs at least one variant (e.g. baseline)")
     for v in variants:
         try:
@@ -133,12 +113,6 @@ def validate_ablate_inputs(
         except ValueError as e:
             p.add("variants", str(e))
     check_benchmarks(p, "benchmarks", benchmarks, eval_cache)
-    if reference_source:
-        check_source(p, "reference_source", reference_source)
-        check_dir(p, "reference_image_root", reference_image_root)
-    in_range(p, "shard_max_samples", shard_max_samples, lo=1)
-    check_config(p, "dedup_config", dedup_config)
-    check_config(p, "decontam_config", decontam_config)
     in_range(p, "lm_steps", lm_steps, lo=1)
     in_range(p, "epochs", epochs, lo=1)
     in_range(p, "max_steps", max_steps, lo=0)
