@@ -146,34 +146,16 @@ class TargetedGenerateStep(ShardStep):
     def process(self, unit: Unit, led: LedgerWriter) -> ShardStats:
         """Generate, parse and publish one generation shard (see module doc)."""
         t0 = time.perf_counter()
-        cfg, examples, generator, shard, out = self.cfg, self.examples, self.generator, unit.name, self.out
+        shard, out, gen = unit.name, self.out, self.generator
         st = ShardStats(shard)
         rows = self.retrieved[self.retrieved["gen_shard"] == shard].reset_index(drop=True)
-        images = load_pool_images(rows, self.pool_shards)
-        plans = plan_requests(rows, images, examples, cfg)
+        plans = plan_requests(rows, load_pool_images(rows, self.pool_shards), self.examples, self.cfg)
         t1 = time.perf_counter()
-        gens = generator.generate([p[1] for p in plans]) if plans else []
+        gens = gen.generate([p[1] for p in plans]) if plans else []
         st.seconds_generate = time.perf_counter() - t1
         if len(gens) != len(plans):
             raise RuntimeError(f"generator returned {len(gens)} answers for {len(plans)} requests")
-        recs: list[dict[str, Any]] = []
-        accepted: list[Sample] = []
-        for (r, req, ex, sha), g in zip(plans, gens):
-            p = parse_generation(g.text, g.finish_reason, cfg.prompts[r.family], examples=[e["question"] for e in ex],
-                                 max_question_words=cfg.max_question_words)
-            recs.append({"gen_id": r.gen_id, "pool_id": r.pool_id, "subgroup": r.subgroup, "family": r.family,
-                         "seed": req.seed, "prompt_sha256": sha, "examples": json.dumps([e["ref_id"] for e in ex]),
-                         "raw": g.text, "finish_reason": g.finish_reason, "n_tokens": g.n_tokens,
-                         "reason": "" if p.ok else p.reason,
-                         "conversations_json": json.dumps(p.conversations, ensure_ascii=False) if p.ok else ""})
-            if p.ok:
-                meta = {"targeted": {"subgroup": r.subgroup, "family": r.family, "pool_id": r.pool_id,
-                                     "generator": generator.name, "prompt_sha256": sha, "seed": req.seed}}
-                rec = {"id": r.gen_id, "image": f"{r.gen_id}.{image_ext(req.image)}", "conversations": p.conversations,
-                       "source": f"targeted:{r.subgroup}", "metadata": meta}
-                s = Sample.from_record(rec)
-                s.image_bytes = [req.image]
-                accepted.append(s)
+        recs, accepted = parse_outputs(plans, gens, self.cfg, gen.name)
         write_parquet_atomic(pa.Table.from_pylist(recs, schema=GEN_SCHEMA) if recs else GEN_SCHEMA.empty_table(),
                              out / "targeted" / "generations" / f"part-{shard}.parquet")
         tar = ""
@@ -182,20 +164,7 @@ class TargetedGenerateStep(ShardStep):
             with ShardWriter(str(out / "shards"), shard, max_samples=len(accepted) + 1, max_bytes=1 << 40) as w:
                 for s in accepted:
                     tar = w.write(s)
-        by_id = {rec["gen_id"]: rec for rec in recs}
-        for r in rows.itertuples(index=False):
-            common = dict(subgroup=r.subgroup, family=r.family, pool_id=r.pool_id, pool_shard=r.pool_shard,
-                          ref_id=r.ref_id, similarity=float(r.similarity))
-            rec = by_id.get(r.gen_id)
-            if rec is None:
-                led.add(r.gen_id, "quarantine", "missing_pool_image", None, shard, **common)
-                continue
-            common.update(generator=generator.name, prompt_sha256=rec["prompt_sha256"], seed=rec["seed"],
-                          n_tokens=rec["n_tokens"])
-            if rec["reason"]:
-                led.add(r.gen_id, "drop", f"gen_rejected:{rec['reason']}", None, shard, raw=rec["raw"][:300], **common)
-            else:
-                led.add(r.gen_id, "keep", "", None, shard_name(tar), **common)
+        decide(led, rows, recs, shard, shard_name(tar), gen.name)
         st.n, st.n_accepted, st.reasons = len(rows), len(accepted), dict(led.reasons)
         st.seconds_total = time.perf_counter() - t0
         by_code: dict[str, int] = {}
@@ -205,6 +174,50 @@ class TargetedGenerateStep(ShardStep):
         log.info("tg_generate %s: %d images, %d accepted, %.1fs generating; rejected: %s", shard, st.n, st.n_accepted,
                  st.seconds_generate, by_code)
         return st
+
+
+def parse_outputs(plans: Sequence[tuple[Any, VLMRequest, list[dict[str, str]], str]], gens: Sequence[Any],
+                  cfg: TargetedConfig, generator: str) -> tuple[list[dict[str, Any]], list[Sample]]:
+    """(a GEN_SCHEMA record per request, the accepted samples in training schema with their image) of one shard."""
+    recs: list[dict[str, Any]] = []
+    accepted: list[Sample] = []
+    for (r, req, ex, sha), g in zip(plans, gens):
+        p = parse_generation(g.text, g.finish_reason, cfg.prompts[r.family], examples=[e["question"] for e in ex],
+                             max_question_words=cfg.max_question_words)
+        recs.append({"gen_id": r.gen_id, "pool_id": r.pool_id, "subgroup": r.subgroup, "family": r.family,
+                     "seed": req.seed, "prompt_sha256": sha, "examples": json.dumps([e["ref_id"] for e in ex]),
+                     "raw": g.text, "finish_reason": g.finish_reason, "n_tokens": g.n_tokens,
+                     "reason": "" if p.ok else p.reason,
+                     "conversations_json": json.dumps(p.conversations, ensure_ascii=False) if p.ok else ""})
+        if p.ok:
+            meta = {"targeted": {"subgroup": r.subgroup, "family": r.family, "pool_id": r.pool_id,
+                                 "generator": generator, "prompt_sha256": sha, "seed": req.seed}}
+            rec = {"id": r.gen_id, "image": f"{r.gen_id}.{image_ext(req.image)}", "conversations": p.conversations,
+                   "source": f"targeted:{r.subgroup}", "metadata": meta}
+            s = Sample.from_record(rec)
+            s.image_bytes = [req.image]
+            accepted.append(s)
+    return recs, accepted
+
+
+def decide(led: LedgerWriter, rows: pd.DataFrame, recs: Sequence[dict[str, Any]], shard: str, tar_shard: str,
+           generator: str) -> None:
+    """One ledger row per retrieved row: keep (in `tar_shard`), drop gen_rejected:<reason>, or quarantine
+    missing_pool_image (its image was not found, so no request was made)."""
+    by_id = {rec["gen_id"]: rec for rec in recs}
+    for r in rows.itertuples(index=False):
+        common = dict(subgroup=r.subgroup, family=r.family, pool_id=r.pool_id, pool_shard=r.pool_shard,
+                      ref_id=r.ref_id, similarity=float(r.similarity))
+        rec = by_id.get(r.gen_id)
+        if rec is None:
+            led.add(r.gen_id, "quarantine", "missing_pool_image", None, shard, **common)
+            continue
+        common.update(generator=generator, prompt_sha256=rec["prompt_sha256"], seed=rec["seed"],
+                      n_tokens=rec["n_tokens"])
+        if rec["reason"]:
+            led.add(r.gen_id, "drop", f"gen_rejected:{rec['reason']}", None, shard, raw=rec["raw"][:300], **common)
+        else:
+            led.add(r.gen_id, "keep", "", None, tar_shard, **common)
 
 
 # fields that change what is generated (the rest: scheduling and filters)
