@@ -205,11 +205,12 @@ def decontaminate_evals(
     from core.dedup.report import decontam_report_html, shard_fetcher
     from core.evals.eval_shards import eval_embedding_sets
     from core.ledger import read_ledger, step_dir
+    from core.step import Passing
 
     out = workdir("decontam_run")
-    prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
+    passing = Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
     eval_sets = eval_embedding_sets(evals.download())
-    counts = decontaminate(embeddings.download(), out, eval_sets, config, prev_step, prev_dir)
+    counts = decontaminate(embeddings.download(), out, eval_sets, config, passing)
     log.info("decontam: %s", counts)
     fetch_train = fetch_eval = None
     if run is not None:
