@@ -80,7 +80,7 @@ def evaluate(run: Path, ev: Path, gt: dict, pretrained: str | None, cache: str, 
     shutil.rmtree(sd, ignore_errors=True)
     cfg_sd = tiny_dedup_config()
     cfg_sd.device = "cpu"
-    s = run_semdedup(str(run / "embed"), str(sd), cfg_sd, prev_step="decontam", prev_run_dir=str(keep_dir))
+    s = run_semdedup(str(run / "embed"), str(sd), cfg_sd, Passing.read(keep_dir, "decontam"))
     led = read_ledger(step_dir(sd, "semdedup"))
     removed = set(led[led.decision == "drop"].sample_id)
     groups = [tuple(g) for g in gt["near_duplicate_groups"] + gt["exact_duplicate_groups"]]
