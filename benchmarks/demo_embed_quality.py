@@ -37,6 +37,7 @@ from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
 from core.evals.fixtures import write_fixtures
 from core.ingest import IngestConfig, ingest
 from core.ledger import read_ledger, step_dir
+from core.step import Passing
 from core.wds import list_shards
 
 BENCHES = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
@@ -59,7 +60,7 @@ def evaluate(run: Path, ev: Path, gt: dict, pretrained: str | None, cache: str, 
         dc = run / f"decontam_{thr}"
         shutil.rmtree(dc, ignore_errors=True)
         decontaminate(str(run / "embed"), str(dc), sets, DecontamConfig(threshold=thr, k=5, device="cpu"),
-                      prev_step="embed", prev_run_dir=str(run))
+                      Passing.read(run, "embed"))
         led = read_ledger(step_dir(dc, "decontam"))
         dropped = set(led[led.decision == "drop"].sample_id)
         out[f"decontam@{thr}"] = (f"dropped {len(dropped)}, copies caught {len(dropped & copies)}/{len(copies)}, "
@@ -72,13 +73,12 @@ def evaluate(run: Path, ev: Path, gt: dict, pretrained: str | None, cache: str, 
     keep_dir = run / f"decontam_{preset_threshold}"
     if not keep_dir.exists():
         decontaminate(str(run / "embed"), str(keep_dir), sets,
-                      DecontamConfig(threshold=preset_threshold, k=5, device="cpu"), prev_step="embed",
-                      prev_run_dir=str(run))
+                      DecontamConfig(threshold=preset_threshold, k=5, device="cpu"), Passing.read(run, "embed"))
     sd = run / "semdedup"
     shutil.rmtree(sd, ignore_errors=True)
     cfg_sd = tiny_dedup_config()
     cfg_sd.device = "cpu"
-    s = run_semdedup(str(run / "embed"), str(sd), cfg_sd, prev_step="decontam", prev_run_dir=str(keep_dir))
+    s = run_semdedup(str(run / "embed"), str(sd), cfg_sd, Passing.read(keep_dir, "decontam"))
     led = read_ledger(step_dir(sd, "semdedup"))
     removed = set(led[led.decision == "drop"].sample_id)
     groups = [tuple(g) for g in gt["near_duplicate_groups"] + gt["exact_duplicate_groups"]]

@@ -18,6 +18,7 @@ from core.evals.base import LoadFailure, get_benchmark
 from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
 from core.evals.fixtures import write_fixtures
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
+from core.step import Passing
 from core.wds import iter_samples, list_shards, write_shards
 from tests.embed_data import encode, sample, scene
 
@@ -114,7 +115,7 @@ def test_planted_eval_copies_dropped_and_mined(cache, eval_run, tmp_path):
     # the tiny ViT is trained (contrastive, demo-generator pairs): its threshold is on SigLIP2's scale
     cfg_dc = tiny_decontam_config(k=2, device="cpu")
     assert cfg_dc.threshold == 0.98
-    counts = decontaminate(str(run), str(dc), sets, cfg_dc, prev_step="embed", prev_run_dir=str(run))
+    counts = decontaminate(str(run), str(dc), sets, cfg_dc, Passing.read(run, "embed"))
     led = read_ledger(step_dir(dc, "decontam")).set_index("sample_id")
     assert led.loc["copy_docvqa", "reason"] == "eval_contamination:docvqa"
     assert led.loc["reenc_chartqa", "reason"] == "eval_contamination:chartqa"
