@@ -11,7 +11,7 @@ import pytest
 from core.dedup import kmeans
 from core.dedup import semdedup as sd
 from core.dedup.config import AUTO_BRANCHING, AUTO_HIERARCHICAL_MIN_CLUSTERS, KMEANS_AUTO, SemDedupConfig
-from core.dedup.synthetic import clustered_embeddings, plant_duplicates
+from core.demo.embeddings import clustered_embeddings, plant_duplicates
 
 
 def _cfg(**kw) -> SemDedupConfig:
