@@ -49,10 +49,8 @@ def evaluate(run: Path, ev: Path, gt: dict, pretrained: str | None, cache: str, 
     shutil.rmtree(ev / "embed", ignore_errors=True)
     shutil.rmtree(step_dir(ev, "embed"), ignore_errors=True)
     t0 = time.perf_counter()
-    embed_shards(list_shards(f"{run}/shards"), str(run / "embed"), cfg, ledger_dir=str(step_dir(run, "embed")),
-                 use_ray=False)
-    embed_shards(list_shards(f"{ev}/shards"), str(ev / "embed"), cfg, ledger_dir=str(step_dir(ev, "embed")),
-                 use_ray=False)
+    embed_shards(list_shards(f"{run}/shards"), str(run / "embed"), cfg, use_ray=False)  # ledger: <run>/ledger/embed
+    embed_shards(list_shards(f"{ev}/shards"), str(ev / "embed"), cfg, use_ray=False)
     t_embed = time.perf_counter() - t0
     sets = eval_embedding_sets(str(ev))
     copies = set(gt.get("eval_contamination", {}))

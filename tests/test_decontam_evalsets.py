@@ -104,11 +104,9 @@ def test_planted_eval_copies_dropped_and_mined(cache, eval_run, tmp_path):
             led.add(s.id, "keep", shard=next(sh.name for sh in shards if s.id in sh.ids))
 
     cfg = tiny_embed_config(cache_dir=str(tmp_path / "models"), batch_size=8)
-    embed_shards([sh.path for sh in shards], str(run / "embed"), cfg, ledger_dir=str(step_dir(run, "embed")),
-                 use_ray=False)
+    embed_shards([sh.path for sh in shards], str(run / "embed"), cfg, use_ray=False)
     ev_out = tmp_path / "eval_emb"
-    embed_shards(list_shards(f"{eval_run}/shards"), str(ev_out / "embed"), cfg,
-                 ledger_dir=str(step_dir(ev_out, "embed")), use_ray=False)
+    embed_shards(list_shards(f"{eval_run}/shards"), str(ev_out / "embed"), cfg, use_ray=False)
     sets = eval_embedding_sets(str(ev_out))
     assert set(sets) == set(BENCHES)
 
