@@ -31,10 +31,10 @@ from core.dedup.config import DecontamConfig, tiny_decontam_config, tiny_dedup_c
 from core.dedup.mining import decontaminate
 from core.dedup.pipeline import run_semdedup
 from core.demo import generate_demo, load_ground_truth, plant_eval_contamination
+from core.demo.eval_fixtures import write_fixtures
 from core.embed import embed_shards, tiny_embed_config
 from core.embed.model import RANDOM_INIT
 from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
-from core.evals.fixtures import write_fixtures
 from core.ingest import IngestConfig, ingest
 from core.ledger import read_ledger, step_dir
 from core.step import Passing

@@ -12,7 +12,7 @@ from core.dedup.embeddings import load_embeddings, read_embeddings
 from core.dedup.mining import decontaminate, mine_neighbours
 from core.dedup.pipeline import cluster_embeddings, decide_semdedup, prune_cluster_group, run_semdedup
 from core.dedup.report import semdedup_report_html
-from core.dedup.synthetic import clustered_embeddings, plant_duplicates, write_embedding_parquet
+from core.demo.embeddings import clustered_embeddings, plant_duplicates, write_embedding_parquet
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
 from core.step import Passing
 

@@ -10,7 +10,7 @@ from flytekit.types.directory import FlyteDirectory
 from PIL import Image
 
 from core.dedup.config import DecontamConfig, SemDedupConfig
-from core.dedup.synthetic import clustered_embeddings, plant_duplicates, write_embedding_parquet
+from core.demo.embeddings import clustered_embeddings, plant_duplicates, write_embedding_parquet
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
 from core.sample import Sample, Turn
 from core.step import Passing
