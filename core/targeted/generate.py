@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from core.images import image_ext
 from core.ledger import LedgerWriter, step_dir
-from core.rephrase.run import request_seed
+from core.rephrase.chunks import request_seed
 from core.sample import Sample
 from core.targeted.config import FamilyPrompt, TargetedConfig
 from core.targeted.parse import parse_generation, reason_code
