@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from core.images import image_ext
 from core.ledger import LedgerWriter
-from core.rephrase.run import request_seed
+from core.rephrase.chunks import request_seed
 from core.sample import Sample
 from core.step import ShardStep, StepSummary, Unit, write_atomic, write_parquet_atomic
 from core.targeted.config import FamilyPrompt, TargetedConfig
