@@ -248,7 +248,7 @@ def analyze_soups(results: List[Optional[FlyteDirectory]], uris: List[str], run:
     :param prep: prepare_experts output (plan.json).
     :param config: MixingConfig.
     """
-    from core.evals.runner import collect_results
+    from core.evals.results import collect_results
     from core.mixing.analysis import analyze, mixing_report_html
     from core.mixing.pipeline import score_table
     from core.mixing.steps import choose_proxy_subsets, export_mixtures, holds_peak, key_of
@@ -336,7 +336,7 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
     """
     import pandas as pd
 
-    from core.evals.runner import collect_results
+    from core.evals.results import collect_results
     from core.mixing.analysis import mixing_report_html
     from core.mixing.pipeline import export_ids, score_table, spearman_by_benchmark
     from core.mixing.steps import mixture_ids

@@ -14,9 +14,10 @@ from core.ablation import parse_variant, select_variant
 from core.dedup.config import tiny_decontam_config
 from core.dedup.mining import decontaminate
 from core.embed import embed_shards, tiny_embed_config
-from core.evals.base import LoadFailure, get_benchmark
+from core.evals.base import LoadFailure
 from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
 from core.evals.fixtures import write_fixtures
+from core.evals.registry import get_benchmark
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
 from core.wds import iter_samples, list_shards, write_shards
 from tests.embed_data import encode, sample, scene
