@@ -371,10 +371,9 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
         f.write(html)
     Deck("mixing", html)
     if output_dir:
-        import fsspec
+        from core.publish import publish
 
-        fs, root = fsspec.core.url_to_fs(output_dir)
-        fs.put(out.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
+        publish(out, output_dir)
     log.info("proxy: %s", proxy.to_dict("records"))
     print(f"mixing report: {out}; recommended mixture {best}: {rec}")
     return MixingOutputs(FlyteDirectory(out), FlyteDirectory(rec))
