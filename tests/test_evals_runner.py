@@ -9,6 +9,7 @@ import threading
 import pandas as pd
 import pytest
 
+from core.demo.eval_fixtures import write_fixtures
 from core.evals import (
     CheckpointStore,
     EvalConfig,
@@ -24,7 +25,6 @@ from core.evals import (
     unregister_backend,
 )
 from core.evals.checkpoints import checkpoint_epoch, checkpoint_position, checkpoint_step
-from core.evals.fixtures import write_fixtures
 from core.evals.results import RECORD_COLUMNS
 from tests.evals_doubles import OracleBackend, oracle_table
 

@@ -12,9 +12,9 @@ import argparse
 import logging
 import os
 
+from core.demo.eval_fixtures import write_fixtures
 from core.evals.checkpoints import list_checkpoints
 from core.evals.config import tiny_eval_config
-from core.evals.fixtures import write_fixtures
 from core.evals.report import eval_report_html
 from core.evals.results import EvalResults
 from core.evals.runner import evaluate_checkpoints
