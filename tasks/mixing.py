@@ -247,7 +247,7 @@ def analyze_soups(results: List[Optional[FlyteDirectory]], uris: List[str], run:
     :param prep: prepare_experts output (plan.json).
     :param config: MixingConfig.
     """
-    from core.evals.runner import collect_results
+    from core.evals.results import collect_results
     from core.mixing.analysis import analyze, mixing_report_html
     from core.mixing.pipeline import score_table
     from core.mixing.steps import choose_proxy_subsets, export_mixtures, holds_peak, key_of
@@ -330,7 +330,7 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
     """
     import pandas as pd
 
-    from core.evals.runner import collect_results
+    from core.evals.results import collect_results
     from core.mixing.analysis import mixing_report_html
     from core.mixing.pipeline import export_ids, score_table, spearman_by_benchmark
     from core.mixing.steps import mixture_ids
@@ -365,10 +365,9 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
         f.write(html)
     Deck("mixing", html)
     if output_dir:
-        import fsspec
+        from core.publish import publish
 
-        fs, root = fsspec.core.url_to_fs(output_dir)
-        fs.put(out.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
+        publish(out, output_dir)
     log.info("proxy: %s", proxy.to_dict("records"))
     print(f"mixing report: {out}; recommended mixture {best}: {rec}")
     return MixingOutputs(FlyteDirectory(out), FlyteDirectory(rec))

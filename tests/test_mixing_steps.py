@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.evals.runner import EvalConfig, evaluate_checkpoints
+from core.evals.config import EvalConfig
+from core.evals.runner import evaluate_checkpoints
 from core.ledger import read_ledger, step_dir
 from core.mixing.domains import DomainConfig, assign_domains, domain_of, load_domains
 from core.mixing.pipeline import DomainPerplexityStep, MixingConfig, spearman_by_benchmark, split_heldout

@@ -94,8 +94,9 @@ def dedup_generated(out: Path, samples: dict[str, tuple[str, str, str]], ref_tex
 
 def eval_questions(eval_cache: str, benchmarks: Sequence[str]) -> dict[str, dict[str, str]]:
     """{benchmark: {eval id: question text}} of every loadable eval item (the test items)."""
-    from core.evals.base import EvalItem, get_benchmark
+    from core.evals.base import EvalItem
     from core.evals.eval_shards import eval_item_sample
+    from core.evals.registry import get_benchmark
     from core.targeted.subgroups import first_pair
 
     out: dict[str, dict[str, str]] = {}
