@@ -10,20 +10,22 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.ablation import parse_variant
-from core.configs import EmbedPreset, value_of
+from core.configs import EmbedPreset, preset, value_of
 from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_decontam_config, tiny_dedup_config
+from core.embed.config import EmbedConfig
+from core.rephrase.config import tiny_rephrase_config
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
-from tasks.embed import embed_shards, embed_shards_cpu
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
 from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.perplexity import score_perplexity, score_perplexity_cpu, train_reference_lm
 from tasks.rephrase import rephrase_samples, rephrase_samples_cpu
-from tasks.resources import is_tiny
+from tasks.resources import on_cpu
 from tasks.train import train_mini_llava, train_mini_llava_cpu
 from tasks.validate import validate_ablate_inputs
 from workflows.dedup import decontamination_cpu_wf, decontamination_wf, semdedup_cpu_wf, semdedup_wf
 from workflows.evaluate import ALL_BENCHMARKS, evaluation, evaluation_cpu
+from workflows.opening import opening_for
 
 STANDARD_VARIANTS = ["baseline", "semdedup@0.1", "semdedup@0.3", "ppl@0-90", "ppl_decile@1", "ppl_decile@10"]
 
@@ -61,15 +63,14 @@ def ablate_steps(
     The tiny embed preset runs every step on its CPU twin (tasks/resources.py); the others on GPU tasks.
     """
     parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
-    tiny = is_tiny(embed_preset)  # the tiny preset runs the CPU twins of the GPU steps
-    embed, score = (embed_shards_cpu, score_perplexity_cpu) if tiny else (embed_shards, score_perplexity)
+    embed_config = preset(EmbedConfig, value_of(embed_preset))
+    tiny = on_cpu(embed_config)  # the tiny preset runs the CPU twins of the GPU steps
+    score = score_perplexity_cpu if tiny else score_perplexity
     semdedup, decontam = (semdedup_cpu_wf, decontamination_cpu_wf) if tiny else (semdedup_wf, decontamination_wf)
     rephrase, train = (rephrase_samples_cpu, train_mini_llava_cpu) if tiny else (rephrase_samples, train_mini_llava)
     evaluate = evaluation_cpu if tiny else evaluation
-    # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
-    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
-                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
-    emb = embed(shards=run, upstream=run, upstream_step="ingest", preset=value_of(embed_preset))
+    run, emb = opening_for(embed_config)(source=source, image_root=image_root, embed_config=embed_config,
+                                         shard_max_samples=shard_max_samples, format=format)
     ref = run
     if reference_source:
         ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
@@ -82,13 +83,14 @@ def ablate_steps(
         step_dirs.append(semdedup(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run))
     if "decontam" in needs:  # the eval sets are embedded with the same model as the training data
         step_dirs.append(decontam(embeddings=emb, eval_cache=eval_cache, benchmarks=benchmarks,
-                                  embed_preset=value_of(embed_preset), config=decontam_config, prev=emb,
+                                  embed_config=embed_config, config=decontam_config, prev=emb,
                                   prev_step="embed", run=run))
     if "perplexity" in needs:
         step_dirs.append(score(run=run, model=lm, prev=emb, prev_step="embed"))
     rephrased = None
     if any(p.kind == "rephrased" for p in parsed):
-        rephrased = rephrase(run_dir=run, preset="tiny", model_dir=lm, prev_ledger=emb, prev_step="embed").out_dir
+        rephrased = rephrase(run_dir=run, config=tiny_rephrase_config(), model_dir=lm, prev_ledger=emb,
+                             prev_step="embed").out_dir
     vision = build_tiny_vision_tower()
     exports, ckpts = [], []
     for p in parsed:

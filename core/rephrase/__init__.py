@@ -1,9 +1,7 @@
 """LLM rephrasing of conversation turns for token efficiency, validated, with a token-savings report."""
 
 from core.rephrase.config import (
-    PRESETS,
     RephraseConfig,
-    preset_config,
     qwen_rephrase_config,
     tiny_rephrase_config,
 )
@@ -21,7 +19,6 @@ from core.rephrase.tokens import TokenCounter
 from core.rephrase.validate import REJECT_REASONS, protect, validate_rephrasing
 
 __all__ = [
-    "PRESETS",
     "REJECT_REASONS",
     "Generation",
     "Generator",
@@ -31,7 +28,6 @@ __all__ = [
     "TransformersGenerator",
     "VLLMGenerator",
     "make_generator",
-    "preset_config",
     "protect",
     "qwen_rephrase_config",
     "read_rephrased",

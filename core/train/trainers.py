@@ -28,9 +28,10 @@ class MiniLlavaTrainer:
     val_dir: str | None = None
 
     def fit(self, data_dir: str, ckpt_dir: str) -> list[str]:
+        from core.configs import override
         from core.train.loop import train
 
-        return train(data_dir, self.cfg.replace(output_dir=ckpt_dir), val_data=self.val_dir).checkpoints
+        return train(data_dir, override(self.cfg, output_dir=ckpt_dir), val_data=self.val_dir).checkpoints
 
 
 @dataclass
