@@ -1,7 +1,6 @@
 """Choices and config loading shared by every stage.
 
-- The presets and modes users pick on the command line are Enums, so `pyflyte run ... --help` lists the
-  choices and a typo is rejected by the CLI before anything runs.
+- Configs are dataclasses that cross Flyte task boundaries whole; on the command line they are JSON.
 - `load_config(cls, data, preset)` merges a partial JSON/dict onto a preset, rejects unknown keys (listing the
   valid ones, with a did-you-mean), and wraps the dataclass's own validation so the message names the class,
   the field and its valid range. It is driven by the dataclass fields, so a new field needs no change here.
@@ -24,34 +23,7 @@ import difflib
 import json
 import os
 import typing
-from enum import Enum
 from typing import Any, Callable, TypeVar
-
-
-class EmbedPreset(Enum):
-    """Embedding model: `tiny` (embedded CPU model) or `siglip2` (production, GPU)."""
-
-    tiny = "tiny"
-    siglip2 = "siglip2"
-
-
-class PplMode(Enum):
-    """Perplexity scoring: `assistant_only` (answers given the question, image tokens masked) or `text`."""
-
-    assistant_only = "assistant_only"
-    text = "text"
-
-
-class RephrasePreset(Enum):
-    """Rephrasing LLM: `tiny` (embedded CPU model) or `qwen` (vLLM)."""
-
-    tiny = "tiny"
-    qwen = "qwen"
-
-
-def value_of(choice: Any) -> Any:
-    """The plain value of an Enum choice (a str passes through)."""
-    return choice.value if isinstance(choice, Enum) else choice
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,7 @@ from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.perplexity.config import PerplexityConfig, tiny_perplexity_config
+from core.perplexity.config import PerplexityConfig, reference_perplexity_config
 from core.perplexity.slices import SliceConfig, p90_slice_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
@@ -67,7 +67,7 @@ def score_perplexity(
     model: FlyteDirectory,
     prev: Optional[FlyteDirectory] = None,
     prev_step: str = "",
-    config: PerplexityConfig = tiny_perplexity_config(),
+    config: PerplexityConfig = reference_perplexity_config(),
 ) -> FlyteDirectory:
     """Score every input sample's perplexity under a causal LM; ledger keep (score = ppl) or quarantine.
 
@@ -79,7 +79,8 @@ def score_perplexity(
     :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids.
     :param prev_step: Name of the previous step ("" = score every sample of the shards).
     :param config: PerplexityConfig (mode `assistant_only` / `text` / `vlm`, device, dtype, batch token budget,
-        max length, truncation side, chat template; presets `tiny`, `qwen0.5b`); its `model` is set to `model`.
+        max length, truncation side, chat template; presets `reference` (default), `tiny`, `qwen0.5b`); its `model` is
+        set to `model`.
         `vlm` mode: `model` is an HF image-text-to-text model whose processor expands `<image>`, LLaVA-style.
     :return: `perplexity/scores-<shard>.parquet`, `perplexity/summary.json`, `ledger/perplexity/`.
     """

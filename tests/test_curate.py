@@ -57,7 +57,7 @@ def local_ray():
 def _curate(demo: Path, output_dir: Path, config: dict | None = None, **kw):
     """curate on the demo data; `config`: CurateConfig changes (the one override rule) onto the test's sizes."""
     from core.configs import preset
-    from core.curate_config import CurateConfig
+    from core.run_config import CurateConfig
     from workflows.curate import curate
 
     cfg = preset(CurateConfig, "demo", shard_max_samples=SHARD, lm_steps=LM_STEPS, export_max_samples=EXPORT_SHARD,

@@ -1,7 +1,8 @@
 """Bad inputs are rejected before any heavy step, with a message naming the input and its valid range.
 
 Config loading (core.configs.load_config / ConfigJSON.from_json), the cheap checks (core.checks), the first
-task of curate (validate_curate_inputs), and the CLI itself (`pyflyte run ... --help` choices, Enum rejection).
+task of curate (validate_curate_inputs), CurateConfig, the preset registry and its one override rule, and the CLI
+itself (`pyflyte run ... --help`, a bad `--config` rejected before anything runs).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pytest
 
 from core.checks import InputError
 from core.configs import ConfigError, load_config, preset
-from core.curate_config import CurateConfig
 from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_dedup_config
+from core.run_config import CurateConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PYFLYTE = str(Path(sys.executable).with_name("pyflyte"))
@@ -207,7 +208,7 @@ def test_one_preset_registry_and_one_override_rule():
 
     names = {c.__name__: preset_names(c) for c in (EmbedConfig, PerplexityConfig, SliceConfig, RephraseConfig,
                                                     TrainConfig, SemDedupConfig, DecontamConfig, CurateConfig)}
-    assert names == {"EmbedConfig": ["tiny", "siglip2"], "PerplexityConfig": ["tiny", "qwen0.5b"],
+    assert names == {"EmbedConfig": ["tiny", "siglip2"], "PerplexityConfig": ["tiny", "qwen0.5b", "reference"],
                      "SliceConfig": ["p90", "deciles"], "RephraseConfig": ["tiny", "qwen"],
                      "TrainConfig": ["tiny", "llava_stage1", "llava_stage2"],
                      "SemDedupConfig": ["tiny", "paper", "target10"], "DecontamConfig": ["default", "tiny"],

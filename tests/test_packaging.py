@@ -399,15 +399,17 @@ def test_curate_tiny_preset_runs_no_gpu_task_production_does():
 
 
 def test_ablate_tiny_preset_runs_no_gpu_task_production_does():
-    from core.configs import EmbedPreset
+    from core.configs import override
     from workflows.ablate import ablate_steps, standard_ablation
 
     on = dict(source="s.json", image_root="img", eval_cache="ec", variants=["baseline", "semdedup@0.1", "ppl@0-90"])
-    assert standard_ablation.saved_inputs["embed_preset"] == EmbedPreset.tiny
+    tiny_cfg = standard_ablation.saved_inputs["config"]
+    assert tiny_cfg.embed_config.num_gpus == 0 and tiny_cfg.epochs == 2
     tiny = compile_dynamic(ablate_steps, **(standard_ablation.saved_inputs | on))
     assert not any(_dynamic_gpus(tiny).values()), _dynamic_gpus(tiny)
-    assert "workflows.evaluate.evaluation_cpu" in {w.id.name for w in tiny.subworkflows}
-    prod = _dynamic_gpus(compile_dynamic(ablate_steps, embed_preset=EmbedPreset.siglip2, **on))
+    assert {"workflows.evaluate.evaluation_cpu", "workflows.opening.ingest_embed_cpu"} <= {
+        w.id.name for w in tiny.subworkflows}
+    prod = _dynamic_gpus(compile_dynamic(ablate_steps, config=override(tiny_cfg, embed_config="siglip2"), **on))
     for name in ("tasks.embed.embed_shards", "tasks.perplexity.score_perplexity", "tasks.train.train_mini_llava"):
         assert prod[name] >= 1, prod
 

@@ -16,7 +16,7 @@ from tasks.perplexity import score_perplexity, slice_by_perplexity, train_refere
 def perplexity_slices(
     run: FlyteDirectory,
     reference_ids: Optional[FlyteFile] = None,
-    config: PerplexityConfig = preset(PerplexityConfig, "tiny", device="auto", dtype="auto"),
+    config: PerplexityConfig = preset(PerplexityConfig, "reference"),
     slice_config: SliceConfig = preset(SliceConfig, "deciles"),
     lm_steps: int = 300,
 ) -> FlyteDirectory:

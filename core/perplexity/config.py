@@ -64,7 +64,7 @@ class PerplexityConfig(ConfigJSON):
                             "max_padding_waste": (0, 1)})
 
 
-@register_preset(PerplexityConfig, "tiny", default=True)
+@register_preset(PerplexityConfig, "tiny")
 def tiny_perplexity_config(model: str = "", mode: str = "assistant_only") -> PerplexityConfig:
     """The project's tiny LM (core/tiny_lm.py) on CPU, fp32: demo and tests."""
     # ~2k-token batches: on CPU larger ones spill the activations out of cache and get slower
@@ -78,3 +78,9 @@ def qwen_perplexity_config(model: str = "", mode: str = "assistant_only") -> Per
     return PerplexityConfig(model=model, mode=mode, device="auto", dtype="auto", batch_tokens=32768,
                             max_length=4096)
 
+
+@register_preset(PerplexityConfig, "reference", default=True)
+def reference_perplexity_config(model: str = "", mode: str = "assistant_only") -> PerplexityConfig:
+    """The tiny preset with device and dtype `auto`: what `score_perplexity`, `curate` and `ablate` run by default
+    with the embedded reference LM (the GPU task scores on its GPU in bf16, the CPU twin on CPU in fp32)."""
+    return PerplexityConfig(model=model, mode=mode, device="auto", dtype="auto", batch_tokens=2048, max_length=256)

@@ -1,8 +1,9 @@
-"""`CurateConfig`: what the `curate` workflow runs, as one nested config that crosses the Flyte boundary whole.
+"""`CurateConfig` and `AblateConfig`: what the `curate` and `ablate` workflows run, each one nested config that
+crosses the Flyte boundary whole.
 
 Step switches plus each step's own config dataclass; the data paths (source, image root, eval cache, output
-folder, ...) stay workflow inputs. On the command line `--config '{...}'` is a partial JSON merged onto the
-`demo` preset by the one override rule of core/configs.py: `{"decontaminate": true, "embed_config": "siglip2",
+folder, ...) and ablate's variants and benchmarks stay workflow inputs. On the command line `--config '{...}'` is a partial JSON merged onto the
+default preset (`demo`, `tiny`) by the one override rule of core/configs.py: `{"decontaminate": true, "embed_config": "siglip2",
 "dedup_config": {"target_removal": 0.2}}` (a nested config takes a dict merged onto it, or a preset name).
 """
 
@@ -19,18 +20,12 @@ from core.dedup.config import (
     tiny_dedup_config,
 )
 from core.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
-from core.perplexity.config import PerplexityConfig
+from core.perplexity.config import PerplexityConfig, reference_perplexity_config
 from core.perplexity.slices import SliceConfig, p90_slice_config
 from core.rephrase.config import RephraseConfig, tiny_rephrase_config
 
 # The benchmarks decontamination checks by default (core/evals knows how to load each).
 BENCHMARKS = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
-
-
-def scoring_config() -> PerplexityConfig:
-    """The perplexity scoring `curate` and `ablate` run by default: the tiny reference LM's preset with device and
-    dtype `auto` (the GPU task scores on its GPU in bf16, the CPU twin on CPU in fp32)."""
-    return preset(PerplexityConfig, "tiny", device="auto", dtype="auto")
 
 
 @dataclass
@@ -64,7 +59,7 @@ class CurateConfig(ConfigJSON):
     dedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
     perplexity: bool = True
     lm_steps: int = 300
-    ppl_config: PerplexityConfig = field(default_factory=scoring_config)
+    ppl_config: PerplexityConfig = field(default_factory=reference_perplexity_config)
     ppl_filter_config: SliceConfig = field(default_factory=p90_slice_config)
     rephrase: bool = False
     rephrase_config: RephraseConfig = field(default_factory=tiny_rephrase_config)
@@ -90,3 +85,39 @@ def mammoth_v1_curate_config() -> CurateConfig:
     return CurateConfig(shard_max_samples=5000, embed_config=siglip2_embed_config(),
                         dedup_config=target_dedup_config(0.10, n_clusters=1200),
                         decontam_config=preset(DecontamConfig, "default"), export_max_samples=5000)
+
+
+@dataclass
+class AblateConfig(ConfigJSON):
+    """The shared steps and the per-variant training/eval recipe of `ablate` (variants and benchmarks are inputs).
+
+    :param shard_max_samples: Samples per ingested shard.
+    :param embed_config: Embedding model (`tiny`: the embedded CPU model, and every step runs its CPU twin).
+    :param dedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
+    :param decontam_config: Decontamination threshold and mined neighbours per eval item (decontam, mined).
+    :param lm_steps: Training steps of the embedded reference LM.
+    :param epochs: Training epochs per variant (one checkpoint per epoch).
+    :param max_steps: Cap on training steps per variant (0 = no cap).
+    :param batch_size: Training batch size.
+    :param eval_max_samples: Per-benchmark sample cap (0 = all).
+    """
+
+    shard_max_samples: int = 1000
+    embed_config: EmbedConfig = field(default_factory=tiny_embed_config)
+    dedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
+    decontam_config: DecontamConfig = field(default_factory=tiny_decontam_config)
+    lm_steps: int = 300
+    epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 8
+    eval_max_samples: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None), "epochs": (1, None),
+                            "max_steps": (0, None), "batch_size": (1, None), "eval_max_samples": (0, None)})
+
+
+@register_preset(AblateConfig, "tiny", default=True)
+def tiny_ablate_config() -> AblateConfig:
+    """The embedded CPU models on every step (the demo layout, tests), one epoch per variant, no caps."""
+    return AblateConfig()
