@@ -86,7 +86,8 @@ def load_config(cls: type[C], data: Any = None, preset: C | None = None) -> C:
     """Build `cls` from `data` (dict, JSON text or a JSON file path) merged onto `preset`.
 
     Unknown keys are rejected with the valid ones listed; keys missing from `data` come from `preset` (or the
-    field defaults when there is none; a `"preset": "<name>"` key in `data` picks a registered preset instead); a required field missing from both is named. A class may define
+    field defaults when there is none; a `"preset": "<name>"` key in `data` picks a registered preset instead); a
+    required field missing from both is named. A class may define
     `_merge_onto(base: dict, data: dict) -> dict` for fields that exclude each other (e.g. eps vs
     target_removal). The class's own validation (__post_init__ / validate) runs, its message is kept.
     """

@@ -99,8 +99,8 @@ def test_flyte_task_runs_locally_on_ray_with_upstream_ledger(ray_cluster, tmp_pa
             shard = f"shard-{i // 7:06d}"
             led.add(s.id, "quarantine", "role_broken", shard=shard) if s.id == dropped else led.add(s.id, "keep", shard=shard)
 
-    out = embed_task(shards=FlyteDirectory(str(run)), upstream=FlyteDirectory(str(run)),
-                     cache_dir=str(tmp_path / "cache"), num_actors=2, batch_size=8)
+    cfg = tiny_embed_config(cache_dir=str(tmp_path / "cache"), num_actors=2, batch_size=8)
+    out = embed_task(shards=FlyteDirectory(str(run)), upstream=FlyteDirectory(str(run)), config=cfg)
     out_dir = Path(out.path)
     assert len(list((out_dir / "embed").glob("*.parquet"))) == len(urls)
     ledger = read_ledger(out_dir / "ledger" / "embed")
