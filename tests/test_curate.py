@@ -60,8 +60,8 @@ def _curate(demo: Path, output_dir: Path, config: dict | None = None, **kw):
     from core.run_config import CurateConfig
     from workflows.curate import curate
 
-    cfg = preset(CurateConfig, "demo", shard_max_samples=SHARD, lm_steps=LM_STEPS, export_max_samples=EXPORT_SHARD,
-                 **(config or {}))
+    sizes = dict(shard_max_samples=SHARD, lm_steps=LM_STEPS, export_max_samples=EXPORT_SHARD)
+    cfg = preset(CurateConfig, "demo", **(sizes | (config or {})))
     args = dict(source=str(demo / "data" / "data.json"), image_root=str(demo / "data" / "images"),
                 output_dir=str(output_dir), config=cfg)
     return curate(**(args | kw))
