@@ -16,7 +16,7 @@ def test_two_variant_grid_end_to_end(tmp_path, capsys):
 
     from core.configs import preset
     from core.demo import generate_demo, load_ground_truth
-    from core.evals.fixtures import write_fixtures
+    from core.demo.eval_fixtures import write_fixtures
     from core.run_config import AblateConfig
     from workflows.ablate import ablate
 

@@ -48,7 +48,7 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
     changes, extra = {"lm_steps": 5}, {}
     steps = ["ingest", "embed", "semdedup", "perplexity", "ppl_filter", "export"]
     if kind == "all_quarantined":  # every switchable step on: each runs on zero samples
-        from core.evals.fixtures import write_fixtures
+        from core.demo.eval_fixtures import write_fixtures
 
         write_fixtures(str(tmp_path / "eval_cache"))
         changes |= dict(rephrase=True, decontaminate=True, decontam_benchmarks=["docvqa"])

@@ -83,7 +83,7 @@ def test_kill_actor_mid_run_then_resume_is_byte_identical(ray_cluster, tmp_path)
     check_balance(run, ["embed"], inputs=[s.id for s in samples])  # no duplicates, nothing missing
 
 
-def test_flyte_task_runs_locally_on_ray_with_upstream_ledger(ray_cluster, tmp_path):
+def test_flyte_task_runs_locally_on_ray_with_prev_ledger(ray_cluster, tmp_path):
     """The Flyte task body on an already-initialised local Ray (as flytekit's Ray plugin leaves it)."""
     from flytekit.types.directory import FlyteDirectory
 
@@ -100,7 +100,7 @@ def test_flyte_task_runs_locally_on_ray_with_upstream_ledger(ray_cluster, tmp_pa
             led.add(s.id, "quarantine", "role_broken", shard=shard) if s.id == dropped else led.add(s.id, "keep", shard=shard)
 
     cfg = tiny_embed_config(cache_dir=str(tmp_path / "cache"), num_actors=2, batch_size=8)
-    out = embed_task(shards=FlyteDirectory(str(run)), upstream=FlyteDirectory(str(run)), config=cfg)
+    out = embed_task(shards=FlyteDirectory(str(run)), prev=FlyteDirectory(str(run)), config=cfg)
     out_dir = Path(out.path)
     assert len(list((out_dir / "embed").glob("*.parquet"))) == len(urls)
     ledger = read_ledger(out_dir / "ledger" / "embed")

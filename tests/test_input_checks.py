@@ -89,7 +89,7 @@ def test_curate_config_rejects_bad_values_when_built():
 
 def test_validate_task_accepts_good_inputs(tmp_path):
     from core.demo import generate_demo
-    from core.evals.fixtures import write_fixtures
+    from core.demo.eval_fixtures import write_fixtures
     from tasks.validate import validate_curate_inputs
 
     generate_demo(str(tmp_path / "d"), n_samples=40, seed=0)

@@ -20,8 +20,8 @@ def _embedding_wf(name: str, embed_task):
     def embedding(
         shards: FlyteDirectory,
         config: EmbedConfig = preset(EmbedConfig, "tiny"),
-        upstream: Optional[FlyteDirectory] = None,
-        upstream_step: str = "ingest",
+        prev: Optional[FlyteDirectory] = None,
+        prev_step: str = "ingest",
         out_url: Optional[str] = None,
     ) -> FlyteDirectory:
         """Embed images and conversation text of WDS shards (see tasks.embed.embed_shards).
@@ -29,12 +29,11 @@ def _embedding_wf(name: str, embed_task):
         :param shards: Folder of `*.tar` shards, or a run folder holding `shards/`.
         :param config: EmbedConfig (default: the tiny preset); on the CLI a JSON merged onto the tiny preset
             (`{"preset": "siglip2", "cache_dir": "/models"}` starts from the production one).
-        :param upstream: Folder holding `ledger/<upstream_step>/`; only its passing ids are embedded.
-        :param upstream_step: Step name of the upstream ledger.
+        :param prev: Folder holding `ledger/<prev_step>/`; only its passing ids are embedded.
+        :param prev_step: Step name of the previous step's ledger.
         :param out_url: Persistent folder to write into and resume from.
         """
-        return embed_task(shards=shards, upstream=upstream, upstream_step=upstream_step, config=config,
-                          out_url=out_url)
+        return embed_task(shards=shards, prev=prev, prev_step=prev_step, config=config, out_url=out_url)
 
     return named_workflow(embedding, name)
 

@@ -39,7 +39,7 @@ def _ingest_embed_wf(name: str, embed_task):
         # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
         run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
                              source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
-        emb = embed_task(shards=run, upstream=run, upstream_step="ingest", config=embed_config)
+        emb = embed_task(shards=run, prev=run, prev_step="ingest", config=embed_config)
         return Opening(run=run, embeddings=emb)
 
     return named_workflow(ingest_embed, name)
