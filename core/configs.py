@@ -1,12 +1,19 @@
 """Choices and config loading shared by every stage.
 
-- The presets and modes users pick on the command line are Enums, so `pyflyte run ... --help` lists the
-  choices and a typo is rejected by the CLI before anything runs.
+- Configs are dataclasses that cross Flyte task boundaries whole; on the command line they are JSON.
 - `load_config(cls, data, preset)` merges a partial JSON/dict onto a preset, rejects unknown keys (listing the
   valid ones, with a did-you-mean), and wraps the dataclass's own validation so the message names the class,
   the field and its valid range. It is driven by the dataclass fields, so a new field needs no change here.
 - `ConfigJSON` gives a config dataclass the `from_json` that `pyflyte run --<config> '{...}'` calls: the JSON
-  on the command line is loaded with `load_config` onto the class's CLI preset.
+  on the command line is loaded with `load_config` onto the class's default preset.
+- One preset registry for every stage config: `@register_preset(EmbedConfig, "tiny", default=True)` on a
+  function returning the config; `preset(EmbedConfig, "tiny", **changes)` builds it; `preset_names(cls)`.
+- One override rule, `override(cfg, **changes)` (the same rule as `load_config` and the CLI JSON):
+  every given key replaces its field, `None` included (None is a value of an optional field, never "keep");
+  unknown keys are rejected with a did-you-mean; a nested config field takes a dict (merged onto its current
+  value by this same rule) or a preset name of its class; a `"preset": "<name>"` key in a dict (CLI JSON
+  included) makes that registered preset the base instead; a class's `_merge_onto` resolves fields that exclude
+  each other (eps vs target_removal); the result is validated again by the class.
 """
 
 from __future__ import annotations
@@ -15,34 +22,8 @@ import dataclasses
 import difflib
 import json
 import os
-from enum import Enum
-from typing import Any, TypeVar
-
-
-class EmbedPreset(Enum):
-    """Embedding model: `tiny` (embedded CPU model) or `siglip2` (production, GPU)."""
-
-    tiny = "tiny"
-    siglip2 = "siglip2"
-
-
-class PplMode(Enum):
-    """Perplexity scoring: `assistant_only` (answers given the question, image tokens masked) or `text`."""
-
-    assistant_only = "assistant_only"
-    text = "text"
-
-
-class RephrasePreset(Enum):
-    """Rephrasing LLM: `tiny` (embedded CPU model) or `qwen` (vLLM)."""
-
-    tiny = "tiny"
-    qwen = "qwen"
-
-
-def value_of(choice: Any) -> Any:
-    """The plain value of an Enum choice (a str passes through)."""
-    return choice.value if isinstance(choice, Enum) else choice
+import typing
+from typing import Any, Callable, TypeVar
 
 
 class ConfigError(ValueError):
@@ -105,13 +86,16 @@ def load_config(cls: type[C], data: Any = None, preset: C | None = None) -> C:
     """Build `cls` from `data` (dict, JSON text or a JSON file path) merged onto `preset`.
 
     Unknown keys are rejected with the valid ones listed; keys missing from `data` come from `preset` (or the
-    field defaults when there is none); a required field missing from both is named. A class may define
+    field defaults when there is none; a `"preset": "<name>"` key in `data` picks a registered preset instead); a
+    required field missing from both is named. A class may define
     `_merge_onto(base: dict, data: dict) -> dict` for fields that exclude each other (e.g. eps vs
     target_removal). The class's own validation (__post_init__ / validate) runs, its message is kept.
     """
     name = cls.__name__
     values = _read(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "preset" in values and "preset" not in fields:  # {"preset": "siglip2", ...}: that preset is the base
+        preset = _registered(cls, values.pop("preset"))
     unknown = [k for k in values if k not in fields]
     if unknown:
         hints = []
@@ -122,6 +106,7 @@ def load_config(cls: type[C], data: Any = None, preset: C | None = None) -> C:
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"{name}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(fields)}")
     base = {f: getattr(preset, f) for f in fields} if preset is not None else {}
+    values = _nested(cls, values, base)
     merge = getattr(cls, "_merge_onto", None)
     merged = merge(base, values) if merge else {**base, **values}
     missing = [f for f, spec in fields.items() if f not in merged and spec.default is dataclasses.MISSING
@@ -134,17 +119,93 @@ def load_config(cls: type[C], data: Any = None, preset: C | None = None) -> C:
         raise ConfigError(f"{name}: {e}") from None
 
 
+def _nested(cls: type, values: dict, base: dict) -> dict:
+    """Values of nested config fields: a dict merges onto the current value (or the class's default preset),
+    a str names a preset of the field's class; an int for a float field becomes a float; others pass through."""
+    out = dict(values)
+    hints = typing.get_type_hints(cls) if values else {}
+    for k, v in values.items():
+        if type(v) is int and hints.get(k) in (float, float | None):  # JSON `80` for a float field: 80.0
+            out[k] = float(v)
+        if not isinstance(v, (dict, str)):
+            continue
+        sub = _config_class(hints.get(k))
+        if sub is None:
+            continue
+        if isinstance(v, str):
+            out[k] = preset(sub, v)
+        else:
+            current = base.get(k)
+            out[k] = load_config(sub, v, current if current is not None else default_preset(sub))
+    return out
+
+
+def _config_class(tp: Any) -> type | None:
+    """The dataclass of a field annotated `X` or `Optional[X]` (None for other types)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+# ---- the preset registry: {config class: {name: function returning a config}}
+_PRESETS: dict[type, dict[str, Callable[[], Any]]] = {}
+_DEFAULT: dict[type, str] = {}
+
+
+def register_preset(cls: type, name: str, *, default: bool = False) -> Callable:
+    """Decorator: register a function returning a `cls` config as preset `name` (called with no arguments).
+    `default=True` makes it the preset a partial CLI JSON merges onto (`ConfigJSON.from_json`)."""
+
+    def deco(fn: Callable) -> Callable:
+        _PRESETS.setdefault(cls, {})[name] = fn
+        if default:
+            _DEFAULT[cls] = name
+        return fn
+
+    return deco
+
+
+def preset_names(cls: type) -> list[str]:
+    """The registered preset names of a config class, in registration order."""
+    return list(_PRESETS.get(cls, {}))
+
+
+def preset(cls: type[C], name: str, **changes: Any) -> C:
+    """Preset `name` of `cls` with `changes` applied by the one override rule (`override`)."""
+    cfg = _registered(cls, name)
+    return override(cfg, **changes) if changes else cfg
+
+
+def _registered(cls: type[C], name: str) -> C:
+    table = _PRESETS.get(cls, {})
+    if name not in table:
+        raise ConfigError(f"{cls.__name__}: unknown preset {name!r}; valid: {', '.join(table) or 'none registered'}")
+    return table[name]()
+
+
+def default_preset(cls: type[C]) -> C | None:
+    """The class's default preset (`register_preset(..., default=True)`), or None."""
+    name = _DEFAULT.get(cls)
+    return preset(cls, name) if name else None
+
+
+def override(cfg: C, **changes: Any) -> C:
+    """A copy of `cfg` with `changes`: THE override rule of every config (see the module docstring).
+
+    Each key replaces its field, None included; unknown keys are rejected; nested configs take a dict
+    (merged) or a preset name; the class validates the result.
+    """
+    return load_config(type(cfg), changes, cfg)
+
+
 class ConfigJSON:
     """Mixin: `from_json` for the command line (`pyflyte run ... --dedup_config '{"eps": 0.05}'`).
 
-    The JSON is merged onto `cli_preset()` (a classmethod returning the preset the workflows default to);
-    without one, onto the field defaults.
+    The JSON is merged onto the class's default preset (`register_preset(..., default=True)`); without one,
+    onto the field defaults.
     """
 
     @classmethod
-    def cli_preset(cls):
-        return None
-
-    @classmethod
     def from_json(cls, text: str, **_: Any):
-        return load_config(cls, text, cls.cli_preset())
+        return load_config(cls, text, default_preset(cls))

@@ -19,9 +19,8 @@ python -m core.demo --out "$OUT/reference" --n 300 --seed 1 --no-corrupt
 pyflyte --config flyte.config run workflows/curate.py curate \
   --source "$OUT/data/data.json" --image_root "$OUT/data/images" \
   --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
-  --reference_ids "$OUT/reference/ground_truth.json" \
-  --decontaminate --eval_cache "$OUT/eval_cache" \
-  "$( [ "${DEMO_REPHRASE:-1}" = 1 ] && echo --rephrase || echo --no-rephrase )" \
+  --reference_ids "$OUT/reference/ground_truth.json" --eval_cache "$OUT/eval_cache" \
+  --config "{\"decontaminate\": true, \"rephrase\": $( [ "${DEMO_REPHRASE:-1}" = 1 ] && echo true || echo false )}" \
   --output_dir "$OUT/run"
 echo "== run summary ($OUT/run/summary.json)"
 python - "$OUT/run/summary.json" <<'PY'
@@ -45,7 +44,7 @@ if [ "${DEMO_ABLATE:-1}" = 1 ]; then
     --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
     --reference_ids "$OUT/reference/ground_truth.json" \
     --variants '["baseline", "semdedup@0.1", "ppl@0-90", "decontam"]' --eval_cache "$OUT/eval_cache" \
-    --max_steps "${DEMO_TRAIN_STEPS:-30}" --eval_max_samples 8 --output_dir "$OUT/ablation"
+    --config "{\"max_steps\": ${DEMO_TRAIN_STEPS:-30}, \"eval_max_samples\": 8}" --output_dir "$OUT/ablation"
   python - "$OUT/ablation/comparison.csv" <<'PY'
 import sys
 import pandas as pd

@@ -29,12 +29,13 @@ def main() -> None:
     ap.add_argument("--workdir", default="")
     a = ap.parse_args()
 
+    from core.configs import preset
     from core.dedup.config import SemDedupConfig
     from core.dedup.embeddings import read_embeddings
     from core.dedup.semdedup import removal_curve, semdedup_arrays
     from core.demo import generate_demo, load_ground_truth
     from core.embed import embed_shards
-    from core.embed.config import PRESETS
+    from core.embed.config import EmbedConfig
     from core.ingest import IngestConfig, ingest
     from core.wds import list_shards
 
@@ -44,7 +45,7 @@ def main() -> None:
     gt = load_ground_truth(data)
     run = os.path.join(wd, "run")
     ingest(IngestConfig(source=f"{data}/data.json", image_root=f"{data}/images", run_dir=run))
-    embed_shards(list_shards(f"{run}/shards"), f"{run}/embed", PRESETS[a.preset](device="cpu"), use_ray=False)
+    embed_shards(list_shards(f"{run}/shards"), f"{run}/embed", preset(EmbedConfig, a.preset, device="cpu"), use_ray=False)
     es = read_embeddings(f"{run}/embed", "image")
     cfg = SemDedupConfig(n_clusters=a.clusters, eps=0.0, kmeans_iters=20, device="cpu", sweep_subsample=0)
     r = semdedup_arrays(es.ids, es.matrix, cfg)

@@ -16,7 +16,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
-from core.embed.config import PRESETS, EmbedConfig, siglip2_embed_config
+from core.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import GPU_IMAGE
@@ -51,18 +51,7 @@ def embed_shards(
     shards: FlyteDirectory,
     prev: Optional[FlyteDirectory] = None,
     prev_step: str = "ingest",
-    preset: str = "tiny",
-    model_name: Optional[str] = None,
-    pretrained: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    device: Optional[str] = None,
-    batch_size: Optional[int] = None,
-    num_actors: Optional[int] = None,
-    num_gpus: Optional[float] = None,
-    decode_workers: Optional[int] = None,
-    text_view: Optional[str] = None,
-    what: Optional[str] = None,
-    out_dtype: Optional[str] = None,
+    config: EmbedConfig = tiny_embed_config(),
     out_url: Optional[str] = None,
 ) -> FlyteDirectory:
     """Embed the images and conversation text of WDS shards with an open_clip model on Ray actors.
@@ -75,34 +64,19 @@ def embed_shards(
     :param shards: Folder of `*.tar` WDS shards, or a run folder holding `shards/` (e.g. ingest's output).
     :param prev: Folder holding `ledger/<prev_step>/`; only its kept/modified ids are embedded.
     :param prev_step: Step name of the previous step's ledger (ingest, semdedup, ...).
-    :param preset: Base config: `tiny` (CPU, embedded default) or `siglip2` (GPU production).
-    :param model_name: open_clip model id (`ViT-B-16`, `hf-hub:org/repo`, `local-dir:/path` or `local-dir:s3://...`).
-    :param pretrained: open_clip tag, checkpoint path or fsspec URL (models without a schema prefix).
-    :param cache_dir: Local model cache (Hugging Face cache for hf-hub models); no network is used.
-    :param device: auto, cpu or cuda.
-    :param batch_size: Images (and texts) per forward pass.
-    :param num_actors: Ray actors, one model each (cluster size is fixed by the task's RayJobConfig).
-    :param num_gpus: GPUs per actor (0 on CPU).
-    :param decode_workers: Decode/preprocess threads per actor.
-    :param text_view: first_human, all_human or all.
-    :param what: image, text or both.
-    :param out_dtype: float16 or float32.
+    :param config: EmbedConfig: model, device, batch size, actors, GPUs per actor, text view, what, output dtype
+        (presets: `tiny_embed_config()` on CPU, `siglip2_embed_config()` on GPU; the CLI takes JSON merged onto the
+        tiny preset, `{"preset": "siglip2", ...}` for another base).
     :param out_url: Persistent folder (path or s3://) to write into and resume from; default: a fresh local folder.
     :return: Folder with `embed/` and `ledger/embed/`.
     """
-    t0 = step_started("embed", preset=preset, prev_step=prev_step)
+    t0 = step_started("embed", model=config.model_name, prev_step=prev_step)
     from core.embed import embed_shards as run_embed
     from core.embed.report import embed_report_html
     from core.ledger import read_ledger
     from core.step import Passing, shards_of
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}; expected one of {sorted(PRESETS)}")
-    cfg = PRESETS[preset]().replace(
-        model_name=model_name, pretrained=pretrained, cache_dir=cache_dir, device=device, batch_size=batch_size,
-        num_actors=num_actors, num_gpus=num_gpus, decode_workers=decode_workers, text_view=text_view, what=what,
-        out_dtype=out_dtype,
-    )
+    cfg = config
     # actors read shards themselves: give them the remote URL when there is one (multi-node clusters)
     src = shards.remote_source or shards.download()
     urls = shards_of(src)

@@ -12,6 +12,8 @@ from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from core.perplexity.config import PerplexityConfig, reference_perplexity_config
+from core.perplexity.slices import SliceConfig, p90_slice_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
@@ -65,14 +67,7 @@ def score_perplexity(
     model: FlyteDirectory,
     prev: Optional[FlyteDirectory] = None,
     prev_step: str = "",
-    preset: str = "tiny",
-    mode: str = "assistant_only",
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_tokens: int = 0,
-    max_length: int = 0,
-    truncation_side: str = "left",
-    chat_template: str = "auto",
+    config: PerplexityConfig = reference_perplexity_config(),
 ) -> FlyteDirectory:
     """Score every input sample's perplexity under a causal LM; ledger keep (score = ppl) or quarantine.
 
@@ -83,28 +78,19 @@ def score_perplexity(
     :param model: Directory of an HF causal LM + fast tokenizer (train_reference_lm's output or a real model).
     :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids.
     :param prev_step: Name of the previous step ("" = score every sample of the shards).
-    :param preset: Base settings: `tiny` (CPU fp32, 4k-token batches) or `qwen0.5b` (bf16 GPU, 32k-token batches).
-    :param mode: `assistant_only` (answers given the preceding turns), `text` (all turns, no images) or `vlm`
-        (`model` is then an HF image-text-to-text model whose processor expands `<image>`, LLaVA-style).
-    :param device: `auto`, `cpu`, `cuda`.
-    :param dtype: `auto` (bf16 on cuda, fp32 on cpu), `float32`, `bfloat16`, `float16`.
-    :param batch_tokens: Token budget per batch including padding (0 = preset's).
-    :param max_length: Longest scored sequence; longer ones are truncated and flagged (0 = preset's).
-    :param truncation_side: `left` keeps the conversation's end, `right` its start.
-    :param chat_template: `auto` (model's template, else the plain one), `model` or `plain`.
+    :param config: PerplexityConfig (mode `assistant_only` / `text` / `vlm`, device, dtype, batch token budget,
+        max length, truncation side, chat template; presets `reference` (default), `tiny`, `qwen0.5b`); its `model` is
+        set to `model`.
+        `vlm` mode: `model` is an HF image-text-to-text model whose processor expands `<image>`, LLaVA-style.
     :return: `perplexity/scores-<shard>.parquet`, `perplexity/summary.json`, `ledger/perplexity/`.
     """
-    t0 = step_started("perplexity", mode=mode, prev_step=prev_step)
-    from dataclasses import replace
-
-    from core.perplexity.config import PRESETS
+    t0 = step_started("perplexity", mode=config.mode, prev_step=prev_step)
+    from core.configs import override
     from core.perplexity.pipeline import score_shards
     from core.perplexity.report import score_report_html
     from core.step import Passing, shards_of
 
-    cfg = PRESETS[preset](model.download(), mode=mode)
-    cfg = replace(cfg, device=device, dtype=dtype, truncation_side=truncation_side, chat_template=chat_template,
-                  batch_tokens=batch_tokens or cfg.batch_tokens, max_length=max_length or cfg.max_length)
+    cfg = override(config, model=model.download())
     passing = Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
     out = workdir("perplexity_out")
     summary = score_shards(shards_of(source(run)), out, cfg, prev=passing)
@@ -124,32 +110,22 @@ score_perplexity_cpu = task(requests=TINY_REQUESTS, **_SCORE_OPTS)(renamed(score
       cache=True, cache_version=task_version(__name__))
 def slice_by_perplexity(
     scores: FlyteDirectory,
-    mode: str = "range",
-    low_pct: float = 0.0,
-    high_pct: float = 90.0,
-    n_slices: int = 10,
-    shrink_tokens: float = 10.0,
+    config: SliceConfig = p90_slice_config(),
 ) -> FlyteDirectory:
     """Keep a perplexity percentile range, or cut the kept samples into equal-size perplexity slices.
 
     :param scores: score_perplexity's output directory.
-    :param mode: `range` (drop outside [low_pct, high_pct]: ppl_above_pXX / ppl_below_pXX) or `slices`.
-    :param low_pct: Lowest kept percentile (range mode).
-    :param high_pct: Highest kept percentile (range mode).
-    :param n_slices: Number of slices (slices mode); slice 00 has the lowest perplexity.
-    :param shrink_tokens: Rank by perplexity shrunk toward the corpus mean by this many pseudo-tokens, so
-        one-token answers do not swamp the extremes (0 = raw perplexity).
+    :param config: SliceConfig: `range` mode (drop outside [low_pct, high_pct]: ppl_above_pXX / ppl_below_pXX) or
+        `slices` (n_slices equal-size id lists, slice 00 lowest); shrink_tokens shrinks each perplexity toward the
+        corpus mean so one-token answers do not swamp the extremes. Presets `p90` (default), `deciles`.
     :return: `ledger/ppl_filter/` and `ppl_filter/` (kept_ids.json, or slice-NN.json + slices.json/.parquet).
     """
-    t0 = step_started("ppl_filter", mode=mode, low_pct=low_pct, high_pct=high_pct)
+    t0 = step_started("ppl_filter", mode=config.mode, low_pct=config.low_pct, high_pct=config.high_pct)
     from core.perplexity.report import slice_report_html
-    from core.perplexity.slices import SliceConfig
     from core.perplexity.slices import slice_by_perplexity as run_slices
 
     out = workdir("ppl_filter_out")
-    res = run_slices(local_ledger_root(scores, "perplexity"), out,
-                     SliceConfig(mode=mode, low_pct=low_pct, high_pct=high_pct, n_slices=n_slices,
-                                 shrink_tokens=shrink_tokens))
+    res = run_slices(local_ledger_root(scores, "perplexity"), out, config)
     log.info("ppl_filter: %s", {k: v for k, v in res.items() if k != "slices"})
     Deck("ppl_filter", slice_report_html(out, res))
     save_decks(str(out), "ppl_filter")

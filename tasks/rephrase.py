@@ -10,6 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from core.rephrase.config import RephraseConfig, tiny_rephrase_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
@@ -46,22 +47,11 @@ _REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, retries=2, c
 @task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), limits=Resources(gpu="1"), **_REPHRASE_OPTS)
 def rephrase_samples(
     run_dir: FlyteDirectory,
-    preset: str = "tiny",
+    config: RephraseConfig = tiny_rephrase_config(),
     model_dir: Optional[FlyteDirectory] = None,
     tokenizer_dir: Optional[FlyteDirectory] = None,
     prev: Optional[FlyteDirectory] = None,
     prev_step: str = "",
-    system_prompt: Optional[str] = None,
-    human_prompt: Optional[str] = None,
-    gpt_prompt: Optional[str] = None,
-    max_new_tokens: Optional[int] = None,
-    temperature: Optional[float] = None,
-    seed: int = 0,
-    tensor_parallel: Optional[int] = None,
-    min_shortening: Optional[float] = None,
-    check_numbers: Optional[bool] = None,
-    min_similarity: Optional[float] = None,
-    chunk_size: Optional[int] = None,
     checkpoint_dir: str = "",
 ) -> RephraseOutputs:
     """Rewrite each human and gpt turn concisely with a local LLM; keep a rephrasing only if it passes
@@ -71,31 +61,23 @@ def rephrase_samples(
     and before/after examples.
 
     :param run_dir: Ingested run directory (holds `shards/*.tar`).
-    :param preset: `tiny` (embedded tiny LM, transformers on CPU) or `qwen` (Qwen2.5-1.5B-Instruct on vLLM).
-    :param model_dir: Local chat model directory (HF layout with chat template). Required for `qwen`; for
-        `tiny`, empty means: train the project's tiny LM on this run's text.
+    :param config: RephraseConfig: backend, prompts, generation budget, temperature, seed, tensor parallel, the
+        validation thresholds (min_shortening, check_numbers, min_similarity), chunk size. Presets `tiny` (the
+        embedded tiny LM, transformers on CPU; default) and `qwen` (Qwen2.5-1.5B-Instruct on vLLM).
+    :param model_dir: Local chat model directory (HF layout with chat template); sets `config.model`. Without it,
+        `config.model` is used; when that is empty too, the transformers backend trains the project's tiny LM
+        on this run's text and vLLM fails (nothing is downloaded).
     :param tokenizer_dir: Training tokenizer used for the before/after token counts (default: the model's).
     :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids
         (only kept/modified ids are rephrased).
     :param prev_step: Name of the previous step ("" = rephrase every sample of the shards; needed with `prev`).
-    :param system_prompt: System message (default: preset's concise-rewriter prompt; "" for none).
-    :param human_prompt: Template for question turns; must contain `{text}`.
-    :param gpt_prompt: Template for answer turns; `{text}` and optional `{question}`.
-    :param max_new_tokens: Generation budget per turn; cut turns are rejected as `unfinished`.
-    :param temperature: 0 = greedy; > 0 samples (seeded per request).
-    :param seed: Base seed; each request's seed derives from it and the sample id.
-    :param tensor_parallel: GPUs per vLLM engine.
-    :param min_shortening: Required relative token saving per sample (0.05 = at least 5% shorter).
-    :param check_numbers: Reject rephrasings that lose a number of the original turn or add one.
-    :param min_similarity: Reject a rewritten turn whose MiniLM cosine similarity to the original is lower.
-    :param chunk_size: Samples per checkpointed chunk (a crash loses at most one).
     :param checkpoint_dir: Persistent local directory to write to and resume from across retries
         (default: the task's working directory, so a retry starts over).
     :return: out_dir with `ledger/rephrase/`, `rephrase/records/` (sample_id -> new conversations for
         export), `rephrase/report.json|html`; report is the JSON report.
     """
-    t0 = step_started("rephrase", preset=preset, prev_step=prev_step)
-    from core.rephrase.config import preset_config
+    t0 = step_started("rephrase", backend=config.backend, prev_step=prev_step)
+    from core.configs import override
     from core.rephrase.report import report_html, write_report
     from core.rephrase.step import RephraseStep
     from core.step import Passing, shards_of
@@ -109,31 +91,19 @@ def rephrase_samples(
     if model_dir is not None:
         model_dir.download()
         model = model_dir.path
-    elif preset == "tiny":
+    elif config.model:
+        model = config.model
+    elif config.backend == "transformers":
         model = _tiny_model_for(shards, work)
     else:
-        raise ValueError(f"preset {preset!r} needs model_dir (a local copy of the model; nothing is downloaded)")
-    tokenizer = ""
+        raise ValueError(f"backend {config.backend!r} needs model_dir or config.model (a local copy of the model; "
+                         "nothing is downloaded)")
+    tokenizer = config.tokenizer
     if tokenizer_dir is not None:
         tokenizer_dir.download()
         tokenizer = tokenizer_dir.path
     passing = Passing.read(local_ledger_root(prev, prev_step), prev_step) if prev is not None else None
-    cfg = preset_config(
-        preset,
-        model,
-        tokenizer,
-        system_prompt=system_prompt,
-        human_prompt=human_prompt,
-        gpt_prompt=gpt_prompt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        tensor_parallel=tensor_parallel,
-        min_shortening=min_shortening,
-        check_numbers=check_numbers,
-        min_similarity=min_similarity,
-        chunk_size=chunk_size,
-    )
+    cfg = override(config, model=model, tokenizer=tokenizer)
     log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
     done = RephraseStep(out, cfg, prev=passing).run(shards_of(shards))
     log.info("rephrase: %d shards rephrased, %d already done; %s", len(done.done), len(done.skipped), done.counts)

@@ -28,6 +28,9 @@ def renamed(fn: Callable, name: str) -> Callable:
     return twin
 
 
-def is_tiny(preset: str) -> bool:
-    """True for the presets that run the embedded CPU models (the demo, tests): their steps use CPU twins."""
-    return str(getattr(preset, "value", preset)) == "tiny"
+def on_cpu(config) -> bool:
+    """True when a stage config runs on CPU (the embedded tiny models of the demo and tests), so the workflow wires
+    the CPU twins: an EmbedConfig with no GPU per actor; any other config with `device == "cpu"`."""
+    if hasattr(config, "num_gpus"):
+        return not config.num_gpus
+    return getattr(config, "device", "") == "cpu"

@@ -13,7 +13,7 @@ from typing import List, Optional
 from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
 
-from core.dedup.config import DecontamConfig, SemDedupConfig
+from core.run_config import AblateConfig, CurateConfig
 from tasks.images import CPU_IMAGE
 
 log = logging.getLogger(__name__)
@@ -23,47 +23,34 @@ log = logging.getLogger(__name__)
 def validate_curate_inputs(
     source: str,
     image_root: str,
-    shard_max_samples: int,
-    dedup_config: SemDedupConfig,
-    decontaminate: bool,
-    eval_cache: str,
-    decontam_benchmarks: List[str],
-    decontam_config: DecontamConfig,
-    perplexity: bool,
-    ppl_low_pct: float,
-    ppl_high_pct: float,
-    lm_steps: int,
-    reference_source: str,
-    reference_image_root: str,
-    export_max_samples: int,
+    config: CurateConfig,
+    eval_cache: str = "",
+    reference_source: str = "",
+    reference_image_root: str = "",
     format: str = "auto",
     known_bad_ids: Optional[FlyteFile] = None,
 ) -> str:
     """Check the inputs of `curate` (see its docstring); raises InputError listing every bad input.
 
+    The config's own ranges were checked when it was built (a bad `--config` stops the CLI); here: the paths, the
+    first record, the known-bad ids, the reference set, and the eval cache when decontaminate is on.
+
     :param format: Ingest format spec of `source` (auto, json|jsonl|wds|parquet, llava|messages, container:dialect).
     :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
     :return: A one-line summary of what was checked.
     """
-    from core.checks import Problems, check_benchmarks, check_run_inputs, in_range
+    from core.checks import Problems, check_benchmarks, check_run_inputs
     from core.log import setup_logging
 
     setup_logging()
     p = Problems("curate")
     check_run_inputs(p, source=source, image_root=image_root, format=format,
                      known_bad_ids=known_bad_ids.download() if known_bad_ids is not None else None,
-                     shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontam_config=decontam_config,
-                     reference_source=reference_source, reference_image_root=reference_image_root)
-    in_range(p, "export_max_samples", export_max_samples, lo=1)
-    if decontaminate:
-        check_benchmarks(p, "decontam_benchmarks", decontam_benchmarks, eval_cache)
-    if perplexity:
-        in_range(p, "ppl_low_pct", ppl_low_pct, lo=0.0, hi=100.0, hi_open=True)
-        in_range(p, "ppl_high_pct", ppl_high_pct, lo=0.0, hi=100.0, lo_open=True)
-        if 0 <= ppl_low_pct < 100 and 0 < ppl_high_pct <= 100:
-            p.check(ppl_low_pct < ppl_high_pct, "ppl_low_pct",
-                    f"{ppl_low_pct} must be below --ppl_high_pct {ppl_high_pct} (nothing would be kept)")
-        in_range(p, "lm_steps", lm_steps, lo=1)
+                     shard_max_samples=config.shard_max_samples, dedup_config=config.dedup_config,
+                     decontam_config=config.decontam_config, reference_source=reference_source,
+                     reference_image_root=reference_image_root)
+    if config.decontaminate:
+        check_benchmarks(p, "decontam_benchmarks", config.decontam_benchmarks, eval_cache)
     p.raise_if_any()
     msg = f"inputs ok: source {source}, image_root {image_root}"
     log.info("validate: %s", msg)
@@ -76,36 +63,31 @@ def validate_ablate_inputs(
     image_root: str,
     variants: List[str],
     eval_cache: str,
+    config: AblateConfig,
     benchmarks: List[str],
-    reference_source: str,
-    reference_image_root: str,
-    shard_max_samples: int,
-    dedup_config: SemDedupConfig,
-    decontam_config: DecontamConfig,
-    lm_steps: int,
-    epochs: int,
-    max_steps: int,
-    batch_size: int,
-    eval_max_samples: int,
+    reference_source: str = "",
+    reference_image_root: str = "",
     format: str = "auto",
     known_bad_ids: Optional[FlyteFile] = None,
 ) -> str:
-    """Check the inputs of `ablate` (see its docstring); raises InputError listing every bad input.
+    """Check the inputs of `ablate` (see its docstring); raises InputError listing every bad input (the config's
+    numbers were checked when it was built).
 
     :param format: Ingest format spec of `source` (auto, json|jsonl|wds|parquet, llava|messages, container:dialect).
     :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
     :return: A one-line summary of what was checked.
     """
     from core.ablation import parse_variant
-    from core.checks import Problems, check_benchmarks, check_run_inputs, in_range
+    from core.checks import Problems, check_benchmarks, check_run_inputs
     from core.log import setup_logging
 
     setup_logging()
     p = Problems("ablate")
     check_run_inputs(p, source=source, image_root=image_root, format=format,
                      known_bad_ids=known_bad_ids.download() if known_bad_ids is not None else None,
-                     shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontam_config=decontam_config,
-                     reference_source=reference_source, reference_image_root=reference_image_root)
+                     shard_max_samples=config.shard_max_samples, dedup_config=config.dedup_config,
+                     decontam_config=config.decontam_config, reference_source=reference_source,
+                     reference_image_root=reference_image_root)
     p.check(bool(variants), "variants", "needs at least one variant (e.g. baseline)")
     for v in variants:
         try:
@@ -113,11 +95,6 @@ def validate_ablate_inputs(
         except ValueError as e:
             p.add("variants", str(e))
     check_benchmarks(p, "benchmarks", benchmarks, eval_cache)
-    in_range(p, "lm_steps", lm_steps, lo=1)
-    in_range(p, "epochs", epochs, lo=1)
-    in_range(p, "max_steps", max_steps, lo=0)
-    in_range(p, "batch_size", batch_size, lo=1)
-    in_range(p, "eval_max_samples", eval_max_samples, lo=0)
     p.raise_if_any()
     msg = f"inputs ok: {len(variants)} variants, {len(benchmarks)} benchmarks"
     log.info("validate: %s", msg)

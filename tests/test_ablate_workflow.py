@@ -14,8 +14,10 @@ def test_two_variant_grid_end_to_end(tmp_path, capsys):
     import ray
     from flytekit.types.file import FlyteFile
 
+    from core.configs import preset
     from core.demo import generate_demo, load_ground_truth
     from core.demo.eval_fixtures import write_fixtures
+    from core.run_config import AblateConfig
     from workflows.ablate import ablate
 
     info = generate_demo(str(tmp_path / "data"), n_samples=48, seed=0)
@@ -26,8 +28,10 @@ def test_two_variant_grid_end_to_end(tmp_path, capsys):
     try:
         out = ablate(
             source=str(info.data_json), image_root=str(info.images_dir), variants=["baseline", "semdedup@0.2"],
-            eval_cache=str(tmp_path / "evals"), benchmarks=["countbench", "chartqa"], shard_max_samples=20,
-            lm_steps=20, max_steps=3, batch_size=4, eval_max_samples=2, known_bad_ids=FlyteFile(str(tmp_path / "bad.txt")),
+            eval_cache=str(tmp_path / "evals"), benchmarks=["countbench", "chartqa"],
+            config=preset(AblateConfig, "tiny", shard_max_samples=20, lm_steps=20, max_steps=3, batch_size=4,
+                          eval_max_samples=2),
+            known_bad_ids=FlyteFile(str(tmp_path / "bad.txt")),
         )
     finally:
         ray.shutdown()  # the embed task's local ray.init() is never shut down by flytekit

@@ -3,7 +3,7 @@ the run summary's loud failure on unbalanced ledgers.
 
 - end to end: rephrase on, a trusted reference set for the perplexity LM; the published run (summary.json,
   ledger.parquet, export/) is checked against the planted defects and against itself.
-- caching: with flytekit's local cache, a re-run that changes only `ppl_high_pct` re-executes the
+- caching: with flytekit's local cache, a re-run that changes only `ppl_filter_config.high_pct` re-executes the
   perplexity filter and what follows it, and nothing before it; an identical third run re-executes nothing
   cacheable. Proven with call counters on the core functions the task bodies call.
 """
@@ -54,12 +54,16 @@ def local_ray():
         ray.shutdown()
 
 
-def _curate(demo: Path, output_dir: Path, **kw):
+def _curate(demo: Path, output_dir: Path, config: dict | None = None, **kw):
+    """curate on the demo data; `config`: CurateConfig changes (the one override rule) onto the test's sizes."""
+    from core.configs import preset
+    from core.run_config import CurateConfig
     from workflows.curate import curate
 
+    sizes = dict(shard_max_samples=SHARD, lm_steps=LM_STEPS, export_max_samples=EXPORT_SHARD)
+    cfg = preset(CurateConfig, "demo", **(sizes | (config or {})))
     args = dict(source=str(demo / "data" / "data.json"), image_root=str(demo / "data" / "images"),
-                shard_max_samples=SHARD, lm_steps=LM_STEPS, export_max_samples=EXPORT_SHARD,
-                output_dir=str(output_dir))
+                output_dir=str(output_dir), config=cfg)
     return curate(**(args | kw))
 
 
@@ -67,12 +71,12 @@ def _curate(demo: Path, output_dir: Path, **kw):
 def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_local_cache, monkeypatch, tmp_path,
                                                        capsys):
     out = tmp_path / "run"
-    ref = dict(rephrase=True, rephrase_preset="tiny",
-               reference_source=str(demo / "reference" / "data.json"),
+    on = dict(rephrase=True, rephrase_config="tiny", decontaminate=True, decontam_benchmarks=["docvqa", "chartqa"])
+    ref = dict(reference_source=str(demo / "reference" / "data.json"),
                reference_image_root=str(demo / "reference" / "images"),
                reference_ids=FlyteFile(str(demo / "reference" / "ground_truth.json")),
-               decontaminate=True, eval_cache=str(demo / "eval_cache"), decontam_benchmarks=["docvqa", "chartqa"])
-    res = _curate(demo, out, **ref)
+               eval_cache=str(demo / "eval_cache"))
+    res = _curate(demo, out, on, **ref)
     assert Path(res.summary.path, "summary.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     steps = [s["step"] for s in summary["steps"]]
@@ -136,7 +140,7 @@ def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_lo
 
     # a re-run with only another export shard size reuses every step before export, the LLM pass included
     calls = _count_calls(monkeypatch)
-    _curate(demo, tmp_path / "rerun", **ref | {"export_max_samples": EXPORT_SHARD + 10})
+    _curate(demo, tmp_path / "rerun", on | {"export_max_samples": EXPORT_SHARD + 10}, **ref)
     assert calls["rephrase"] == calls["ingest"] == calls["reference_lm"] == calls["perplexity"] == 0, calls
     assert calls["export"] == 1, calls
     again = json.loads((tmp_path / "rerun" / "export" / "manifest.json").read_text())
@@ -195,7 +199,7 @@ def test_changed_perplexity_knob_reruns_only_perplexity_filter_and_after(demo, l
 
     def run(label: str, high: float):
         calls.clear()
-        _curate(demo, tmp_path / label, ppl_high_pct=high)
+        _curate(demo, tmp_path / label, {"ppl_filter_config": {"high_pct": high}})
         table[label] = dict(calls)
 
     run("first", 90.0)

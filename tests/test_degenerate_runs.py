@@ -30,6 +30,8 @@ def conv(q, a):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["all_quarantined", "fewer_than_clusters"])
 def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, local_ray, flyte_local_cache):
+    from core.configs import preset
+    from core.run_config import CurateConfig
     from workflows.curate import curate
 
     recs = []
@@ -43,15 +45,17 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
     src = tmp_path / "data.json"
     src.write_text(json.dumps(recs))
     out = tmp_path / "out"
-    extra, steps = {}, ["ingest", "embed", "semdedup", "perplexity", "ppl_filter", "export"]
+    changes, extra = {"lm_steps": 5}, {}
+    steps = ["ingest", "embed", "semdedup", "perplexity", "ppl_filter", "export"]
     if kind == "all_quarantined":  # every switchable step on: each runs on zero samples
         from core.demo.eval_fixtures import write_fixtures
 
         write_fixtures(str(tmp_path / "eval_cache"))
-        extra = dict(rephrase=True, decontaminate=True, eval_cache=str(tmp_path / "eval_cache"),
-                     decontam_benchmarks=["docvqa"])
+        changes |= dict(rephrase=True, decontaminate=True, decontam_benchmarks=["docvqa"])
+        extra = dict(eval_cache=str(tmp_path / "eval_cache"))
         steps = ["ingest", "embed", "decontam", "semdedup", "perplexity", "ppl_filter", "rephrase", "export"]
-    curate(source=str(src), image_root=str(tmp_path), lm_steps=5, output_dir=str(out), **extra)
+    curate(source=str(src), image_root=str(tmp_path), config=preset(CurateConfig, "demo", **changes),
+           output_dir=str(out), **extra)
     s = json.loads((out / "summary.json").read_text())
     assert [x["step"] for x in s["steps"]] == steps
     assert s["balanced"] and s["source_accounting"]["balanced"]
@@ -69,10 +73,13 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
 def test_empty_source_is_refused_before_any_step(tmp_path):
     """curate validates first: an empty source stops the run in the validate task, naming the input."""
     from core.checks import InputError
+    from core.configs import preset
+    from core.run_config import CurateConfig
     from workflows.curate import curate
 
     src = tmp_path / "data.json"
     src.write_text("[]")
     with pytest.raises(InputError, match=r"--source: .* has no readable record: .*no record"):
-        curate(source=str(src), image_root=str(tmp_path), lm_steps=5, output_dir=str(tmp_path / "out"))
+        curate(source=str(src), image_root=str(tmp_path), config=preset(CurateConfig, "demo", lm_steps=5),
+               output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from core.configs import override
 from core.embed import EmbedConfig, embed_shards, load_embeddings, siglip2_embed_config, tiny_embed_config
 from core.embed.model import SigLIP2ImageEmbedder, SigLIP2TextEmbedder, tiny_checkpoint
 from core.ledger import check_balance, read_ledger
@@ -261,7 +262,7 @@ def test_embed_shards_layout_quarantine_resume(cfg, shards, tmp_path):
 
 def test_float16_output_and_text_view(cfg, shards, tmp_path):
     _, urls = shards
-    c16 = cfg.replace(out_dtype="float16", what="text", text_view="all")
+    c16 = override(cfg, out_dtype="float16", what="text", text_view="all")
     embed_shards(urls[:1], str(tmp_path / "embed"), c16, use_ray=False)
     t = pq.read_table(tmp_path / "embed" / "shard-000000.parquet")
     assert "image_emb" not in t.column_names and str(t.schema.field("text_emb").type.value_type) == "halffloat"
@@ -273,7 +274,7 @@ def test_float16_output_and_text_view(cfg, shards, tmp_path):
 
 
 def _first_view(cfg, urls, d) -> str:
-    embed_shards(urls, str(d / "embed"), cfg.replace(what="text"), use_ray=False)
+    embed_shards(urls, str(d / "embed"), override(cfg, what="text"), use_ray=False)
     return str(d / "embed")
 
 
@@ -321,7 +322,7 @@ def test_demo_planted_near_duplicates_retrieve_their_original(cfg, tmp_path):
     ingest(IngestConfig(source=str(tmp_path / "data" / "data.jsonl"), image_root=str(tmp_path / "data" / "images"),
                         run_dir=str(tmp_path / "run"), shard_max_samples=80))
     embed_shards(list_shards(str(tmp_path / "run" / "shards")), str(tmp_path / "run" / "embed"),
-                 cfg.replace(what="image"), use_ray=False)
+                 override(cfg, what="image"), use_ray=False)
     ids, x = load_embeddings(tmp_path / "run" / "embed", "image")
     pos = {s: i for i, s in enumerate(ids)}
     sims = x @ x.T

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from core.configs import override
 from core.embed import EmbedIncomplete, embed_shards, tiny_embed_config
 from core.ledger import check_balance
 from tests.embed_data import mixed_samples, write_test_shards
@@ -75,7 +76,7 @@ def test_kill_actor_mid_run_then_resume_is_byte_identical(ray_cluster, tmp_path)
     # every published shard has both files (never half a shard)
     assert {p.split("part-")[1] for p in done} == {p.split("/")[-1] for p in first if p.startswith("embed")}
 
-    summary = embed_shards(urls, str(run / "embed"), cfg.replace(max_shard_retries=1), actor_prefix="killtest")
+    summary = embed_shards(urls, str(run / "embed"), override(cfg, max_shard_retries=1), actor_prefix="killtest")
     assert len(summary.skipped) == len(done) and len(summary.shards) == len(urls) - len(done)
     assert summary.n_actors == min(2, len(urls) - len(done))
     assert _files(run) == _files(ref)  # byte-identical to the uninterrupted run
@@ -98,8 +99,8 @@ def test_flyte_task_runs_locally_on_ray_with_prev_ledger(ray_cluster, tmp_path):
             shard = f"shard-{i // 7:06d}"
             led.add(s.id, "quarantine", "role_broken", shard=shard) if s.id == dropped else led.add(s.id, "keep", shard=shard)
 
-    out = embed_task(shards=FlyteDirectory(str(run)), prev=FlyteDirectory(str(run)),
-                     cache_dir=str(tmp_path / "cache"), num_actors=2, batch_size=8)
+    cfg = tiny_embed_config(cache_dir=str(tmp_path / "cache"), num_actors=2, batch_size=8)
+    out = embed_task(shards=FlyteDirectory(str(run)), prev=FlyteDirectory(str(run)), config=cfg)
     out_dir = Path(out.path)
     assert len(list((out_dir / "embed").glob("*.parquet"))) == len(urls)
     ledger = read_ledger(out_dir / "ledger" / "embed")

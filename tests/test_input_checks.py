@@ -1,7 +1,8 @@
 """Bad inputs are rejected before any heavy step, with a message naming the input and its valid range.
 
 Config loading (core.configs.load_config / ConfigJSON.from_json), the cheap checks (core.checks), the first
-task of curate (validate_curate_inputs), and the CLI itself (`pyflyte run ... --help` choices, Enum rejection).
+task of curate (validate_curate_inputs), CurateConfig, the preset registry and its one override rule, and the CLI
+itself (`pyflyte run ... --help`, a bad `--config` rejected before anything runs).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from core.checks import InputError
-from core.configs import ConfigError, load_config
+from core.configs import ConfigError, load_config, preset
 from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_dedup_config
+from core.run_config import CurateConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PYFLYTE = str(Path(sys.executable).with_name("pyflyte"))
@@ -56,18 +58,33 @@ def test_validate_task_reports_every_bad_input_at_once(tmp_path):
 
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    kw = dict(source=str(empty), image_root=str(tmp_path / "missing"), shard_max_samples=0,
-              dedup_config=tiny_dedup_config(), decontaminate=True, eval_cache=str(tmp_path),
-              decontam_benchmarks=["docvqa", "docvq"], decontam_config=DecontamConfig(), perplexity=True,
-              ppl_low_pct=0.0, ppl_high_pct=150.0, lm_steps=10, reference_source="", reference_image_root="",
-              export_max_samples=10)
+    cfg = preset(CurateConfig, "demo", decontaminate=True, decontam_benchmarks=["docvqa", "docvq"])
+    kw = dict(source=str(empty), image_root=str(tmp_path / "missing"), config=cfg, eval_cache=str(tmp_path))
     with pytest.raises(InputError) as e:
         validate_curate_inputs(**kw)
     msg = str(e.value)
-    for needle in ("--source: ", "no record", "--image_root: ", "not an existing folder", "--shard_max_samples: 0",
-                   "--ppl_high_pct: 150.0 is out of range; valid: (0.0, 100.0]", "unknown benchmark(s) ['docvq']",
-                   "--eval_cache: ", "['docvqa']"):
+    for needle in ("--source: ", "no record", "--image_root: ", "not an existing folder",
+                   "unknown benchmark(s) ['docvq']", "--eval_cache: ", "['docvqa']"):
         assert needle in msg, (needle, msg)
+
+
+def test_curate_config_rejects_bad_values_when_built():
+    """The numbers of `curate` live in CurateConfig: a bad one stops the build (the CLI's `--config`), naming the
+    class, the field and its range; nested configs merge by the same rule and validate themselves."""
+    for change, needle in (({"shard_max_samples": 0}, "CurateConfig: shard_max_samples=0 out of range; valid: [1, inf)"),
+                           ({"ppl_filter_config": {"high_pct": 150}},
+                            "SliceConfig: high_pct=150.0 out of range; valid: (0, 100]"),
+                           ({"ppl_filter_config": {"low_pct": 50, "high_pct": 40}}, "low_pct=50.0 must be below"),
+                           ({"dedup_config": {"tagret": 0.1}}, "did you mean 'target_removal'"),
+                           ({"embed_config": "siglip3"}, "unknown preset 'siglip3'; valid: tiny, siglip2")):
+        with pytest.raises(ConfigError) as e:
+            CurateConfig.from_json(json.dumps(change))
+        assert needle in str(e.value), (needle, str(e.value))
+    cfg = CurateConfig.from_json('{"embed_config": "siglip2", "dedup_config": {"eps": 0.05}}')
+    assert cfg.embed_config.num_gpus == 1 and cfg.dedup_config.eps == 0.05
+    assert cfg.dedup_config.target_removal is None  # eps set: the preset's target is cleared (_merge_onto)
+    assert cfg.dedup_config.n_clusters == tiny_dedup_config().n_clusters  # the rest from the nested current value
+    assert CurateConfig.from_json('{"preset": "mammoth_v1"}') == preset(CurateConfig, "mammoth_v1")
 
 
 def test_validate_task_accepts_good_inputs(tmp_path):
@@ -77,12 +94,10 @@ def test_validate_task_accepts_good_inputs(tmp_path):
 
     generate_demo(str(tmp_path / "d"), n_samples=40, seed=0)
     write_fixtures(str(tmp_path / "ec"))
-    out = validate_curate_inputs(
-        source=str(tmp_path / "d" / "data.json"), image_root=str(tmp_path / "d" / "images"), shard_max_samples=10,
-        dedup_config=tiny_dedup_config(), decontaminate=True, eval_cache=str(tmp_path / "ec"),
-        decontam_benchmarks=["docvqa", "chartqa"], decontam_config=DecontamConfig(), perplexity=True,
-        ppl_low_pct=0.0, ppl_high_pct=90.0, lm_steps=10, reference_source="", reference_image_root="",
-        export_max_samples=10)
+    cfg = preset(CurateConfig, "demo", shard_max_samples=10, decontaminate=True,
+                 decontam_benchmarks=["docvqa", "chartqa"], lm_steps=10, export_max_samples=10)
+    out = validate_curate_inputs(source=str(tmp_path / "d" / "data.json"), image_root=str(tmp_path / "d" / "images"),
+                                 config=cfg, eval_cache=str(tmp_path / "ec"))
     assert out.startswith("inputs ok")
 
 
@@ -105,10 +120,8 @@ def test_validate_task_checks_format_known_bad_ids_and_inline_image_sources(tmp_
         w.write({"__key__": "s0", "jpg": buf.getvalue(), "txt": "A red square."})
     ids = tmp_path / "bad.txt"
     ids.write_text("s0\n")
-    kw = dict(source=str(shards), image_root="", shard_max_samples=10, dedup_config=tiny_dedup_config(),
-              decontaminate=False, eval_cache="", decontam_benchmarks=["docvqa"], decontam_config=DecontamConfig(),
-              perplexity=False, ppl_low_pct=0.0, ppl_high_pct=90.0, lm_steps=10, reference_source="",
-              reference_image_root="", export_max_samples=10)
+    kw = dict(source=str(shards), image_root="",
+              config=preset(CurateConfig, "demo", shard_max_samples=10, perplexity=False))
     assert validate_curate_inputs(**kw, format="wds", known_bad_ids=FlyteFile(str(ids))).startswith("inputs ok")
     assert validate_curate_inputs(**kw).startswith("inputs ok")  # auto-detected from the .tar extension
     empty_ids = tmp_path / "none.txt"
@@ -136,10 +149,12 @@ def test_cli_lists_choices_and_rejects_bad_ones_before_running(tmp_path):
     assert help_.returncode == 0
     assert "tiny|siglip2" in help_.stdout.replace(" ", "") or "siglip2" in help_.stdout
     assert "used more than once" not in help_.stderr  # flytekit's duplicate bool flags, silenced in workflows/
-    bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--embed_preset", "siglip3")
-    assert bad.returncode != 0 and "siglip3" in bad.stderr and "siglip2" in bad.stderr
-    bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--dedup_config", '{"tagret": 0.1}')
+    bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--config", '{"embed_config": "siglip3"}')
     out = " ".join((bad.stderr + bad.stdout).replace("│", " ").split())  # rich wraps the message
+    assert bad.returncode != 0 and "siglip3" in out and "siglip2" in out
+    bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--config",
+                       '{"dedup_config": {"tagret": 0.1}}')
+    out = " ".join((bad.stderr + bad.stdout).replace("│", " ").split())
     assert bad.returncode != 0 and "did you mean 'target_removal'" in out
 
 
@@ -156,7 +171,7 @@ def _stage_configs():
     return [
         (EmbedConfig, tiny_embed_config(), "batch_size", 0, "[1, inf)"),
         (PerplexityConfig, PerplexityConfig(model="m"), "max_padding_waste", 1.5, "[0, 1]"),
-        (SliceConfig, SliceConfig(), "high_pct", 150, "(0, 100]"),
+        (SliceConfig, SliceConfig(), "high_pct", 150.0, "(0, 100]"),
         (RephraseConfig, RephraseConfig(backend="transformers", model="m"), "top_p", 0.0, "(0, 1]"),
         (ExportConfig, ExportConfig(), "max_samples", 0, "[1, inf)"),
         (TrainConfig, TrainConfig(output_dir="o", vision_model="v", lm_path="l"), "lr", -0.1, "(0, inf)"),
@@ -179,3 +194,32 @@ def test_every_stage_config_checks_ranges_and_rejects_unknown_keys(case):
     assert set(msg.split("valid keys: ")[1].split(", ")) == set(preset.__dataclass_fields__)
     ok = load_config(cls, {}, preset)  # the preset itself is in range
     assert ok == preset
+
+
+def test_one_preset_registry_and_one_override_rule():
+    """Every stage config registers its presets in core.configs; `override` is the one rule: a given key replaces
+    its field (None included: it is a value, not "keep"), unknown keys are rejected, the class validates."""
+    from core.configs import override, preset_names
+    from core.embed.config import EmbedConfig, siglip2_embed_config
+    from core.perplexity.config import PerplexityConfig
+    from core.perplexity.slices import SliceConfig
+    from core.rephrase.config import RephraseConfig
+    from core.train.config import TrainConfig
+
+    names = {c.__name__: preset_names(c) for c in (EmbedConfig, PerplexityConfig, SliceConfig, RephraseConfig,
+                                                    TrainConfig, SemDedupConfig, DecontamConfig, CurateConfig)}
+    assert names == {"EmbedConfig": ["tiny", "siglip2"], "PerplexityConfig": ["tiny", "qwen0.5b", "reference"],
+                     "SliceConfig": ["p90", "deciles"], "RephraseConfig": ["tiny", "qwen"],
+                     "TrainConfig": ["tiny", "llava_stage1", "llava_stage2"],
+                     "SemDedupConfig": ["tiny", "paper", "target10"], "DecontamConfig": ["default", "tiny"],
+                     "CurateConfig": ["demo", "mammoth_v1"]}
+    sig = preset(EmbedConfig, "siglip2", cache_dir="/models")
+    assert sig == siglip2_embed_config(cache_dir="/models")
+    assert override(sig, cache_dir=None).cache_dir is None  # None is a value
+    assert override(preset(TrainConfig, "tiny"), max_steps=None).max_steps is None
+    with pytest.raises(ConfigError, match="unknown key"):
+        override(sig, bacth_size=4)
+    with pytest.raises(ConfigError, match="device='cpu' with num_gpus > 0"):  # validated again
+        override(sig, device="cpu")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; valid: tiny, qwen"):
+        preset(RephraseConfig, "huge")

@@ -377,32 +377,39 @@ def _dynamic_gpus(spec) -> dict:
 
 
 def test_curate_tiny_preset_runs_no_gpu_task_production_does():
-    from core.configs import EmbedPreset
+    from core.configs import override
     from workflows.curate import curate_demo, curate_steps, mammoth_v1_curation
 
-    on = dict(source="s.json", image_root="img", decontaminate=True, eval_cache="ec", rephrase=True)
-    demo = compile_dynamic(curate_steps, **(curate_demo.saved_inputs | on))
+    paths = dict(source="s.json", image_root="img", eval_cache="ec")
+    on = dict(decontaminate=True, rephrase=True)
+    demo_cfg = override(curate_demo.saved_inputs["config"], **on)
+    demo = compile_dynamic(curate_steps, config=demo_cfg, **paths)
     assert demo.tasks and not any(_dynamic_gpus(demo).values()), _dynamic_gpus(demo)
-    assert {w.id.name for w in demo.subworkflows} == {"workflows.dedup.semdedup_cpu_wf",
+    assert {w.id.name for w in demo.subworkflows} == {"workflows.opening.ingest_embed_cpu",
+                                                      "workflows.dedup.semdedup_cpu_wf",
                                                       "workflows.dedup.decontamination_cpu_wf"}
-    prod = compile_dynamic(curate_steps, **(mammoth_v1_curation.saved_inputs | on))
+    prod_cfg = override(mammoth_v1_curation.saved_inputs["config"], **on)
+    prod = compile_dynamic(curate_steps, config=prod_cfg, **paths)
     gpus = _dynamic_gpus(prod)
-    assert mammoth_v1_curation.saved_inputs["embed_preset"] == EmbedPreset.siglip2
+    assert prod_cfg.embed_config.num_gpus >= 1 and prod_cfg.embed_config.model_name.endswith("SigLIP2-378")
     for name in ("tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.perplexity.score_perplexity"):
         assert gpus[name] >= 1, gpus
-    assert {w.id.name for w in prod.subworkflows} == {"workflows.dedup.semdedup_wf", "workflows.dedup.decontamination_wf"}
+    assert {w.id.name for w in prod.subworkflows} == {"workflows.opening.ingest_embed", "workflows.dedup.semdedup_wf",
+                                                      "workflows.dedup.decontamination_wf"}
 
 
 def test_ablate_tiny_preset_runs_no_gpu_task_production_does():
-    from core.configs import EmbedPreset
+    from core.configs import override
     from workflows.ablate import ablate_steps, standard_ablation
 
     on = dict(source="s.json", image_root="img", eval_cache="ec", variants=["baseline", "semdedup@0.1", "ppl@0-90"])
-    assert standard_ablation.saved_inputs["embed_preset"] == EmbedPreset.tiny
+    tiny_cfg = standard_ablation.saved_inputs["config"]
+    assert tiny_cfg.embed_config.num_gpus == 0 and tiny_cfg.epochs == 2
     tiny = compile_dynamic(ablate_steps, **(standard_ablation.saved_inputs | on))
     assert not any(_dynamic_gpus(tiny).values()), _dynamic_gpus(tiny)
-    assert "workflows.evaluate.evaluation_cpu" in {w.id.name for w in tiny.subworkflows}
-    prod = _dynamic_gpus(compile_dynamic(ablate_steps, embed_preset=EmbedPreset.siglip2, **on))
+    assert {"workflows.evaluate.evaluation_cpu", "workflows.opening.ingest_embed_cpu"} <= {
+        w.id.name for w in tiny.subworkflows}
+    prod = _dynamic_gpus(compile_dynamic(ablate_steps, config=override(tiny_cfg, embed_config="siglip2"), **on))
     for name in ("tasks.embed.embed_shards", "tasks.perplexity.score_perplexity", "tasks.train.train_mini_llava"):
         assert prod[name] >= 1, prod
 

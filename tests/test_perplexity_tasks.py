@@ -9,7 +9,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from ppl_helpers import clean_records, garbled_records, samples  # noqa: E402
 
+from core.configs import preset  # noqa: E402
 from core.ledger import check_balance  # noqa: E402
+from core.perplexity.config import PerplexityConfig  # noqa: E402
+from core.perplexity.slices import SliceConfig  # noqa: E402
 from core.wds import write_shards  # noqa: E402
 
 
@@ -30,16 +33,16 @@ def test_tasks_end_to_end(tmp_path):
 
     model = train_reference_lm(run=FlyteDirectory(str(run)), reference_ids=FlyteFile(str(ref)), steps=30,
                                vocab_size=300)
-    scored = score_perplexity(run=FlyteDirectory(str(run)), model=model, device="cpu", batch_tokens=1024,
-                              max_length=256)
+    cfg = preset(PerplexityConfig, "tiny", device="cpu", batch_tokens=1024, max_length=256)
+    scored = score_perplexity(run=FlyteDirectory(str(run)), model=model, config=cfg)
     summary = json.loads((Path(scored.path) / "perplexity" / "summary.json").read_text())
     assert summary["n_kept"] == len(recs) and summary["shards_scored"] == 2
-    sliced = slice_by_perplexity(scores=scored, mode="slices", n_slices=3)
+    sliced = slice_by_perplexity(scores=scored, config=SliceConfig(mode="slices", n_slices=3))
     manifest = json.loads((Path(sliced.path) / "ppl_filter" / "slices.json").read_text())
     assert [m["n"] for m in manifest] == [12, 11, 11]
     worst = json.loads(Path(manifest[-1]["ids"]).read_text())
     assert {f"g{i:04d}" for i in range(4)} <= set(worst)
-    filtered = slice_by_perplexity(scores=scored, mode="range", high_pct=90.0)
+    filtered = slice_by_perplexity(scores=scored, config=SliceConfig(mode="range", high_pct=90.0))
     check_balance([scored.path, filtered.path], ["perplexity", "ppl_filter"], inputs=[r["id"] for r in recs])
 
 
@@ -61,7 +64,7 @@ def test_workflow_runs_locally_after_ingest(tmp_path):
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"clean": [r["id"] for r in recs if r["id"].startswith("c")]}))
     out = perplexity_slices(run=FlyteDirectory(str(tmp_path / "run")), reference_ids=FlyteFile(str(ref)),
-                            n_slices=3, lm_steps=30)
+                            slice_config=SliceConfig(mode="slices", n_slices=3), lm_steps=30)
     manifest = json.loads((Path(out.path) / "ppl_filter" / "slices.json").read_text())
     assert [m["n"] for m in manifest] == [9, 9, 9]
     assert {f"g{i:04d}" for i in range(3)} <= set(json.loads(Path(manifest[-1]["ids"]).read_text()))

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from core.configs import preset_names
 from core.ledger import read_ledger, step_dir
-from core.rephrase.config import PRESETS, RephraseConfig, qwen_rephrase_config, tiny_rephrase_config
+from core.rephrase.config import RephraseConfig, qwen_rephrase_config, tiny_rephrase_config
 from core.rephrase.generate import TransformersGenerator, make_generator
 from core.rephrase.step import rephrase_shards
 from core.rephrase.tiny_model import random_chat_lm
@@ -99,7 +100,7 @@ def test_config_validation_and_presets(tmp_path):
         RephraseConfig(backend="transformers", model="m", gpt_prompt="Shorten it")
     c = RephraseConfig(backend="transformers", model="m", human_prompt="Q: {text}", gpt_prompt="A: {text}")
     assert c.tokenizer_path == "m" and c.to_dict()["human_prompt"] == "Q: {text}"
-    assert set(PRESETS) == {"tiny", "qwen"}
+    assert preset_names(RephraseConfig) == ["tiny", "qwen"]
     assert tiny_rephrase_config("m", "tok").tokenizer_path == "tok"
 
 

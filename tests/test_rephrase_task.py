@@ -4,7 +4,9 @@ import json
 
 from flytekit.types.directory import FlyteDirectory
 
+from core.configs import preset
 from core.ledger import read_ledger, step_dir
+from core.rephrase.config import RephraseConfig
 from core.rephrase.tiny_model import random_chat_lm
 from core.sample import Sample
 from core.wds import write_shards
@@ -23,10 +25,8 @@ def test_rephrase_samples_task_runs_locally_and_reports(tmp_path):
     model = random_chat_lm([r["conversations"][1]["value"] for r in recs] * 5, tmp_path / "model")
     out = rephrase_samples(
         run_dir=FlyteDirectory(str(tmp_path / "run")),
-        preset="tiny",
+        config=preset(RephraseConfig, "tiny", max_new_tokens=6, chunk_size=2),
         model_dir=FlyteDirectory(str(model)),
-        max_new_tokens=6,
-        chunk_size=2,
         checkpoint_dir=str(tmp_path / "out"),
     )
     report = json.loads(open(out.report.path).read())

@@ -10,6 +10,7 @@ import pytest
 import torch
 from export_train_fixtures import make_records, make_tiny_lm, register_tiny_clip, write_tar
 
+from core.configs import override
 from core.train.config import TrainConfig
 from core.train.data import IGNORE_INDEX, build_index, encode_conversation, epoch_order, list_tar_shards, read_entry
 from core.train.loop import STATE_FILE, list_checkpoints, train
@@ -177,7 +178,7 @@ def test_mirror_lets_a_fresh_pod_resume(env):
         train(env["data"], cfg, on_step=kill)
     fs = fsspec.filesystem("memory")
     assert fs.exists("/mmcurate-test/run3/checkpoints/step-00000003/trainer_state.json")
-    res = train(env["data"], cfg.replace(output_dir=str(env["tmp"] / "pod_b")))  # new, empty local dir
+    res = train(env["data"], override(cfg, output_dir=str(env["tmp"] / "pod_b")))  # new, empty local dir
     assert res.resumed_from.endswith("step-00000003")
     b = _rows(res.metrics_path)
     assert [r.get("loss", r.get("val_loss")) for r in b] == pytest.approx(

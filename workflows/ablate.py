@@ -10,20 +10,21 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.ablation import parse_variant
-from core.configs import EmbedPreset, value_of
-from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_decontam_config, tiny_dedup_config
+from core.configs import preset
+from core.rephrase.config import tiny_rephrase_config
+from core.run_config import AblateConfig
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
-from tasks.embed import embed_shards, embed_shards_cpu
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
 from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.perplexity import score_perplexity, score_perplexity_cpu, train_reference_lm
 from tasks.rephrase import rephrase_samples, rephrase_samples_cpu
-from tasks.resources import is_tiny
+from tasks.resources import on_cpu
 from tasks.train import train_mini_llava, train_mini_llava_cpu
 from tasks.validate import validate_ablate_inputs
 from workflows.dedup import decontamination_cpu_wf, decontamination_wf, semdedup_cpu_wf, semdedup_wf
 from workflows.evaluate import ALL_BENCHMARKS, evaluation, evaluation_cpu
+from workflows.opening import opening_for
 
 STANDARD_VARIANTS = ["baseline", "semdedup@0.1", "semdedup@0.3", "ppl@0-90", "ppl_decile@1", "ppl_decile@10"]
 
@@ -39,19 +40,11 @@ def ablate_steps(
     image_root: str,
     variants: List[str],
     eval_cache: str,
+    config: AblateConfig,
     benchmarks: List[str] = ALL_BENCHMARKS,
     reference_source: str = "",
     reference_image_root: str = "",
     reference_ids: Optional[FlyteFile] = None,
-    shard_max_samples: int = 1000,
-    embed_preset: EmbedPreset = EmbedPreset.tiny,
-    dedup_config: SemDedupConfig = tiny_dedup_config(),
-    decontam_config: DecontamConfig = tiny_decontam_config(),
-    lm_steps: int = 300,
-    epochs: int = 1,
-    max_steps: int = 0,
-    batch_size: int = 8,
-    eval_max_samples: int = 0,
     output_dir: str = "",
     format: str = "auto",
     known_bad_ids: Optional[FlyteFile] = None,
@@ -61,46 +54,46 @@ def ablate_steps(
     The tiny embed preset runs every step on its CPU twin (tasks/resources.py); the others on GPU tasks.
     """
     parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
-    tiny = is_tiny(embed_preset)  # the tiny preset runs the CPU twins of the GPU steps
-    embed, score = (embed_shards_cpu, score_perplexity_cpu) if tiny else (embed_shards, score_perplexity)
+    c, embed_config = config, config.embed_config
+    tiny = on_cpu(embed_config)  # the tiny preset runs the CPU twins of the GPU steps
+    score = score_perplexity_cpu if tiny else score_perplexity
     semdedup, decontam = (semdedup_cpu_wf, decontamination_cpu_wf) if tiny else (semdedup_wf, decontamination_wf)
     rephrase, train = (rephrase_samples_cpu, train_mini_llava_cpu) if tiny else (rephrase_samples, train_mini_llava)
     evaluate = evaluation_cpu if tiny else evaluation
-    # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
-    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
-                         source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
-    emb = embed(shards=run, prev=run, prev_step="ingest", preset=value_of(embed_preset))
+    run, emb = opening_for(embed_config)(source=source, image_root=image_root, embed_config=embed_config,
+                                         shard_max_samples=c.shard_max_samples, format=format)
     ref = run
     if reference_source:
         ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
-                             shard_max_samples=shard_max_samples,
+                             shard_max_samples=c.shard_max_samples,
                              source_fingerprint=fingerprint_source(source=reference_source, image_root=reference_image_root))
-    lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
+    lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=c.lm_steps)
     step_dirs = [run, emb]
     needs = {p.needs for p in parsed}
     if "semdedup" in needs:  # in isolation: SemDeDup sees the whole baseline
-        step_dirs.append(semdedup(embeddings=emb, config=dedup_config, prev=emb, prev_step="embed", run=run))
+        step_dirs.append(semdedup(embeddings=emb, config=c.dedup_config, prev=emb, prev_step="embed", run=run))
     if "decontam" in needs:  # the eval sets are embedded with the same model as the training data
         step_dirs.append(decontam(embeddings=emb, eval_cache=eval_cache, benchmarks=benchmarks,
-                                  embed_preset=value_of(embed_preset), config=decontam_config, prev=emb,
+                                  embed_config=embed_config, config=c.decontam_config, prev=emb,
                                   prev_step="embed", run=run))
     if "perplexity" in needs:
         step_dirs.append(score(run=run, model=lm, prev=emb, prev_step="embed"))
     rephrased = None
     if any(p.kind == "rephrased" for p in parsed):
-        rephrased = rephrase(run_dir=run, preset="tiny", model_dir=lm, prev=emb, prev_step="embed").out_dir
+        rephrased = rephrase(run_dir=run, config=tiny_rephrase_config(), model_dir=lm, prev=emb,
+                             prev_step="embed").out_dir
     vision = build_tiny_vision_tower()
     exports, ckpts = [], []
     for p in parsed:
         ids = select_variant(step_dirs=step_dirs, variant=p.spec)
         ex = export_dataset(run_dir=run, step_dirs=[emb], steps=["ingest", "embed"], subset_ids=ids,
                             subset_name=p.name, rephrased=rephrased if p.kind == "rephrased" else None)
-        tr = train(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=epochs,
-                   max_steps=max_steps, batch_size=batch_size, run_name=p.spec)
+        tr = train(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=c.epochs,
+                   max_steps=c.max_steps, batch_size=c.batch_size, run_name=p.spec)
         exports.append(ex)
         ckpts.append(tr.checkpoints)
     uris = checkpoint_uris(per_variant=ckpts)
-    ev = evaluate(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
+    ev = evaluate(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=c.eval_max_samples)
     table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
                              tokenizer=lm, output_dir=output_dir, step_dirs=step_dirs, known_bad_ids=known_bad_ids)
     return AblationOutputs(comparison=table, evaluation=ev)
@@ -112,19 +105,11 @@ def ablate(
     image_root: str,
     variants: List[str],
     eval_cache: str,
+    config: AblateConfig = preset(AblateConfig, "tiny"),
     benchmarks: List[str] = ALL_BENCHMARKS,
     reference_source: str = "",
     reference_image_root: str = "",
     reference_ids: Optional[FlyteFile] = None,
-    shard_max_samples: int = 1000,
-    embed_preset: EmbedPreset = EmbedPreset.tiny,
-    dedup_config: SemDedupConfig = tiny_dedup_config(),
-    decontam_config: DecontamConfig = tiny_decontam_config(),
-    lm_steps: int = 300,
-    epochs: int = 1,
-    max_steps: int = 0,
-    batch_size: int = 8,
-    eval_max_samples: int = 0,
     output_dir: str = "",
     format: str = "auto",
     known_bad_ids: Optional[FlyteFile] = None,
@@ -137,20 +122,14 @@ def ablate(
         decontam (minus near-copies of the eval items of `benchmarks`), mined (only the eval items' nearest
         training neighbours).
     :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
+    :param config: AblateConfig (core/run_config.py): shard size, embed/dedup/decontam configs, reference-LM steps,
+        training epochs/max_steps/batch_size per variant, eval cap. On the CLI a partial JSON merged onto the tiny
+        preset: `{"max_steps": 30, "eval_max_samples": 8}`, `{"embed_config": "siglip2"}`.
     :param benchmarks: Benchmarks to evaluate every checkpoint on.
     :param reference_source: Trusted dataset the perplexity reference LM (and the trained model's LM) learns from;
         empty: the base dataset.
     :param reference_image_root: Image folder of the reference dataset.
     :param reference_ids: Optional JSON ids (or an object with a "clean" list) of its trusted samples.
-    :param shard_max_samples: Samples per ingested shard.
-    :param embed_preset: tiny (embedded CPU model) or siglip2.
-    :param dedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
-    :param decontam_config: Decontamination threshold and mined neighbours per eval item (decontam, mined).
-    :param lm_steps: Training steps of the embedded reference LM.
-    :param epochs: Training epochs per variant (one checkpoint per epoch).
-    :param max_steps: Cap on training steps per variant (0 = no cap).
-    :param batch_size: Training batch size.
-    :param eval_max_samples: Per-benchmark sample cap (0 = all).
     :param output_dir: Where to publish comparison.{parquet,csv} and the evaluation results (path or URL).
     :param format: Input format of `source` (auto, json|jsonl|wds|parquet, llava|messages; docs/ingest.md).
     :param known_bad_ids: Optional id list of known low-quality samples: the comparison table says how many of
@@ -159,8 +138,11 @@ def ablate(
     Every input is checked first (validate_ablate_inputs, seconds); the grid then runs in `ablate_steps`.
     The tiny embed preset runs every step on its CPU twin; production presets request GPUs.
     """
-    checked = validate_ablate_inputs(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root, shard_max_samples=shard_max_samples, dedup_config=dedup_config, decontam_config=decontam_config, lm_steps=lm_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_max_samples=eval_max_samples, format=format, known_bad_ids=known_bad_ids)
-    out = ablate_steps(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root, reference_ids=reference_ids, shard_max_samples=shard_max_samples, embed_preset=embed_preset, dedup_config=dedup_config, decontam_config=decontam_config, lm_steps=lm_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_max_samples=eval_max_samples, output_dir=output_dir, format=format, known_bad_ids=known_bad_ids)
+    inputs = dict(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, config=config,
+                  benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root,
+                  format=format, known_bad_ids=known_bad_ids)
+    checked = validate_ablate_inputs(**inputs)
+    out = ablate_steps(reference_ids=reference_ids, output_dir=output_dir, **inputs)
     checked >> out.comparison
     return out.comparison, out.evaluation
 
@@ -169,6 +151,5 @@ def ablate(
 standard_ablation = LaunchPlan.get_or_create(
     ablate,
     name="standard_ablation",
-    default_inputs={"variants": STANDARD_VARIANTS, "epochs": 2},
-    fixed_inputs={"embed_preset": EmbedPreset.tiny},
+    default_inputs={"variants": STANDARD_VARIANTS, "config": preset(AblateConfig, "tiny", epochs=2)},
 )

@@ -1,17 +1,18 @@
 """Semantic dedup workflow: k-means task -> capped map task over cluster groups -> decision + deck; and the
 eval decontamination workflow: eval sets -> shards -> the same embedder -> decontam step.
 
-Each comes twice, same wiring: the production workflow runs the GPU tasks, the `*_cpu_wf` one their CPU
-twins (tasks/resources.py) for the tiny presets."""
+Each comes twice from one wiring (a factory): the production workflow runs the GPU tasks, the `*_cpu_wf` one
+their CPU twins (tasks/resources.py) for the tiny presets."""
 
 import functools
 from typing import List, Optional
 
-from flytekit import LaunchPlan, dynamic, map_task, workflow
+from flytekit import LaunchPlan, dynamic, map_task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.dedup.config import DecontamConfig, SemDedupConfig, target_dedup_config, tiny_dedup_config
+from core.embed.config import EmbedConfig
 from tasks.dedup import (
     cluster_embeddings,
     cluster_embeddings_cpu,
@@ -24,6 +25,7 @@ from tasks.dedup import (
 from tasks.embed import embed_shards, embed_shards_cpu
 from tasks.images import CPU_IMAGE
 from tasks.ingest import fingerprint_source
+from workflows import named_workflow
 
 
 @dynamic(container_image=CPU_IMAGE)
@@ -39,111 +41,73 @@ def prune_groups(groups: list[FlyteFile], config: SemDedupConfig, on_cpu: bool =
     return mapped(group=groups)
 
 
-def _semdedup(embeddings, config, prev, prev_step, run, on_cpu: bool):
-    """The SemDeDup wiring shared by the GPU and CPU workflows (runs at workflow compile time)."""
-    cluster = cluster_embeddings_cpu if on_cpu else cluster_embeddings
-    c = cluster(embeddings=embeddings, config=config, prev=prev, prev_step=prev_step)
-    scores = prune_groups(groups=c.groups, config=config, on_cpu=on_cpu)
-    return decide_semdedup(work=c.work, scores=scores, config=config, run=run)
+def _semdedup_wf(name: str, on_cpu: bool):
+    """`semdedup_wf` (GPU tasks) or `semdedup_cpu_wf` (their CPU twins, the tiny presets): one wiring."""
+
+    def semdedup(
+        embeddings: FlyteDirectory,
+        config: SemDedupConfig,
+        prev: Optional[FlyteDirectory] = None,
+        prev_step: str = "",
+        run: Optional[FlyteDirectory] = None,
+    ) -> FlyteDirectory:
+        """SemDeDup at scale: returns the step output directory (semdedup/ artifacts, ledger/semdedup/).
+
+        :param embeddings: The embed step's Parquet files (sample_id, image_emb, text_emb).
+        :param config: SemDedupConfig (eps or target_removal, n_clusters, keep, kind, device, ...).
+        :param prev: Output directory of the previous step; its ledger selects the input ids.
+        :param prev_step: Name of the previous step ("" = every embedded sample).
+        :param run: Ingest output (shards) for the removed-pair gallery in the deck.
+        """
+        cluster = cluster_embeddings_cpu if on_cpu else cluster_embeddings
+        c = cluster(embeddings=embeddings, config=config, prev=prev, prev_step=prev_step)
+        scores = prune_groups(groups=c.groups, config=config, on_cpu=on_cpu)
+        return decide_semdedup(work=c.work, scores=scores, config=config, run=run)
+
+    return named_workflow(semdedup, name)
 
 
-@workflow
-def semdedup_wf(
-    embeddings: FlyteDirectory,
-    config: SemDedupConfig,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
-    run: Optional[FlyteDirectory] = None,
-) -> FlyteDirectory:
-    """SemDeDup at scale: returns the step output directory (semdedup/ artifacts, ledger/semdedup/).
-
-    :param embeddings: The embed step's Parquet files (sample_id, image_emb, text_emb).
-    :param config: SemDedupConfig (eps or target_removal, n_clusters, keep, kind, device, ...).
-    :param prev: Output directory of the previous step; its ledger selects the input ids.
-    :param prev_step: Name of the previous step ("" = every embedded sample).
-    :param run: Ingest output (shards) for the removed-pair gallery in the deck.
-    """
-    return _semdedup(embeddings, config, prev, prev_step, run, on_cpu=False)
+semdedup_wf = _semdedup_wf("semdedup_wf", on_cpu=False)
+semdedup_cpu_wf = _semdedup_wf("semdedup_cpu_wf", on_cpu=True)
 
 
-@workflow
-def semdedup_cpu_wf(
-    embeddings: FlyteDirectory,
-    config: SemDedupConfig,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
-    run: Optional[FlyteDirectory] = None,
-) -> FlyteDirectory:
-    """SemDeDup on CPU (the tiny presets): the same steps as semdedup_wf, on the CPU twins of its GPU tasks.
+def _decontamination_wf(name: str, on_cpu: bool):
+    """`decontamination_wf` (GPU embedder) or `decontamination_cpu_wf` (its CPU twin): one wiring."""
 
-    :param embeddings: The embed step's Parquet files (sample_id, image_emb, text_emb).
-    :param config: SemDedupConfig (eps or target_removal, n_clusters, keep, kind, device, ...).
-    :param prev: Output directory of the previous step; its ledger selects the input ids.
-    :param prev_step: Name of the previous step ("" = every embedded sample).
-    :param run: Ingest output (shards) for the removed-pair gallery in the deck.
-    """
-    return _semdedup(embeddings, config, prev, prev_step, run, on_cpu=True)
+    def decontamination(
+        embeddings: FlyteDirectory,
+        eval_cache: str,
+        benchmarks: List[str],
+        embed_config: EmbedConfig,
+        config: DecontamConfig,
+        prev: Optional[FlyteDirectory] = None,
+        prev_step: str = "",
+        run: Optional[FlyteDirectory] = None,
+    ) -> FlyteDirectory:
+        """Decontaminate training data against eval sets embedded with the same model: returns the step output
+        directory (mining/<benchmark>.parquet, ledger/decontam/).
 
+        :param embeddings: The training data's embed output.
+        :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
+        :param benchmarks: Benchmarks to decontaminate against.
+        :param embed_config: The EmbedConfig the training data was embedded with (the eval sets get the same).
+        :param config: DecontamConfig (threshold, k, kind).
+        :param prev: Output directory of the previous step; its ledger selects the input ids.
+        :param prev_step: Name of the previous step ("" = every embedded sample).
+        :param run: Ingest output of the training data (images for the deck's gallery).
+        """
+        ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=benchmarks,
+                                  source_fingerprint=fingerprint_source(source=eval_cache))
+        embed = embed_shards_cpu if on_cpu else embed_shards
+        ev_emb = embed(shards=ev_run, prev=ev_run, prev_step="ingest", config=embed_config)
+        return decontaminate_evals(embeddings=embeddings, evals=ev_emb, config=config, prev=prev,
+                                   prev_step=prev_step, run=run, eval_run=ev_run)
 
-def _decontaminate(embeddings, eval_cache, benchmarks, embed_preset, config, prev, prev_step, run, on_cpu: bool):
-    """The decontamination wiring shared by the GPU and CPU workflows (runs at workflow compile time)."""
-    ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=benchmarks,
-                              source_fingerprint=fingerprint_source(source=eval_cache))
-    embed = embed_shards_cpu if on_cpu else embed_shards
-    ev_emb = embed(shards=ev_run, prev=ev_run, prev_step="ingest", preset=embed_preset)
-    return decontaminate_evals(embeddings=embeddings, evals=ev_emb, config=config, prev=prev, prev_step=prev_step,
-                               run=run, eval_run=ev_run)
-
-
-@workflow
-def decontamination_wf(
-    embeddings: FlyteDirectory,
-    eval_cache: str,
-    benchmarks: List[str],
-    embed_preset: str,
-    config: DecontamConfig,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
-    run: Optional[FlyteDirectory] = None,
-) -> FlyteDirectory:
-    """Decontaminate training data against eval sets embedded with the same model: returns the step output
-    directory (mining/<benchmark>.parquet, ledger/decontam/).
-
-    :param embeddings: The training data's embed output.
-    :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
-    :param benchmarks: Benchmarks to decontaminate against.
-    :param embed_preset: The embed preset the training data was embedded with (the eval sets get the same).
-    :param config: DecontamConfig (threshold, k, kind).
-    :param prev: Output directory of the previous step; its ledger selects the input ids.
-    :param prev_step: Name of the previous step ("" = every embedded sample).
-    :param run: Ingest output of the training data (images for the deck's gallery).
-    """
-    return _decontaminate(embeddings, eval_cache, benchmarks, embed_preset, config, prev, prev_step, run, on_cpu=False)
+    return named_workflow(decontamination, name)
 
 
-@workflow
-def decontamination_cpu_wf(
-    embeddings: FlyteDirectory,
-    eval_cache: str,
-    benchmarks: List[str],
-    embed_preset: str,
-    config: DecontamConfig,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
-    run: Optional[FlyteDirectory] = None,
-) -> FlyteDirectory:
-    """Decontamination on CPU (the tiny presets): decontamination_wf with the CPU twin of the embedder.
-
-    :param embeddings: The training data's embed output.
-    :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
-    :param benchmarks: Benchmarks to decontaminate against.
-    :param embed_preset: The embed preset the training data was embedded with (the eval sets get the same).
-    :param config: DecontamConfig (threshold, k, kind).
-    :param prev: Output directory of the previous step; its ledger selects the input ids.
-    :param prev_step: Name of the previous step ("" = every embedded sample).
-    :param run: Ingest output of the training data (images for the deck's gallery).
-    """
-    return _decontaminate(embeddings, eval_cache, benchmarks, embed_preset, config, prev, prev_step, run, on_cpu=True)
+decontamination_wf = _decontamination_wf("decontamination_wf", on_cpu=False)
+decontamination_cpu_wf = _decontamination_wf("decontamination_cpu_wf", on_cpu=True)
 
 
 semdedup_tiny_lp = LaunchPlan.get_or_create(semdedup_cpu_wf, name="semdedup_tiny",

@@ -18,6 +18,7 @@ from tasks.evals import (
     find_checkpoints,
     plan_eval_jobs,
 )
+from workflows import named_workflow
 
 # Hard cap on concurrently running eval workers (= checkpoints held at once). It is compiled into the
 # workflow spec as the array node's parallelism, so it cannot be a run-time input.
@@ -33,73 +34,47 @@ NIGHTLY_PREFIX = os.environ.get("MMCURATE_NIGHTLY_PREFIX", PLACEHOLDER_URL + "ch
 NIGHTLY_CACHE = os.environ.get("MMCURATE_NIGHTLY_CACHE", PLACEHOLDER_URL + "eval-cache/")
 
 
-@workflow
-def evaluation(
-    checkpoints: list[str],
-    benchmarks: list[str],
-    cache_dir: str,
-    backend: str = "auto",
-    device: str = "auto",
-    batch_size: int = 8,
-    max_samples: int = 0,
-    group_size: int = 0,
-    scoring: str = "exact",
-) -> FlyteDirectory:
-    """Evaluate checkpoints on benchmarks, at most EVAL_CONCURRENCY checkpoints at a time.
+def _evaluation_wf(name: str, worker_task, default_device: str):
+    """`evaluation` (GPU workers) or `evaluation_cpu` (their CPU twin, the tiny checkpoints): one wiring."""
 
-    :param checkpoints: Checkpoint URIs (directories).
-    :param benchmarks: Benchmark names (countbench, docvqa, chartqa, realworldqa, pixmo_points).
-    :param cache_dir: Root of the benchmark caches (`<cache_dir>/<benchmark>/...`).
-    :param backend: auto | mini_llava | transformers | vllm.
-    :param device: cpu | cuda | auto.
-    :param batch_size: Requests per generate call.
-    :param max_samples: Per-benchmark sample cap (0 = all).
-    :param group_size: Benchmarks per worker (0 = all in one, one download per checkpoint).
-    :param scoring: exact (lmms-eval / Molmo reference) | lenient (adds the lenient score beside it).
-    :return: records.parquet, summary.parquet, results.csv, report.html, results.json, lmms_eval/.
-    """
-    return _evaluate(evaluate_checkpoint_benchmarks, checkpoints, benchmarks, cache_dir, backend, device, batch_size,
-                     max_samples, group_size, scoring)  # fmt: skip
+    def evaluation(
+        checkpoints: list[str],
+        benchmarks: list[str],
+        cache_dir: str,
+        backend: str = "auto",
+        device: str = default_device,
+        batch_size: int = 8,
+        max_samples: int = 0,
+        group_size: int = 0,
+        scoring: str = "exact",
+    ) -> FlyteDirectory:
+        """Evaluate checkpoints on benchmarks, at most EVAL_CONCURRENCY checkpoints at a time.
 
+        :param checkpoints: Checkpoint URIs (directories).
+        :param benchmarks: Benchmark names (countbench, docvqa, chartqa, realworldqa, pixmo_points).
+        :param cache_dir: Root of the benchmark caches (`<cache_dir>/<benchmark>/...`).
+        :param backend: auto | mini_llava | transformers | vllm.
+        :param device: cpu | cuda | auto.
+        :param batch_size: Requests per generate call.
+        :param max_samples: Per-benchmark sample cap (0 = all).
+        :param group_size: Benchmarks per worker (0 = all in one, one download per checkpoint).
+        :param scoring: exact (lmms-eval / Molmo reference) | lenient (adds the lenient score beside it).
+        :return: records.parquet, summary.parquet, results.csv, report.html, results.json, lmms_eval/.
+        """
+        jobs = plan_eval_jobs(checkpoints=checkpoints, benchmarks=benchmarks, group_size=group_size)
+        worker = partial(worker_task, cache_dir=cache_dir, backend=backend, device=device, batch_size=batch_size,
+                         max_samples=max_samples, scoring=scoring)  # fmt: skip
+        results = map_task(worker, concurrency=EVAL_CONCURRENCY, min_success_ratio=EVAL_MIN_SUCCESS_RATIO)(
+            checkpoint=jobs.checkpoints, benchmarks=jobs.groups
+        )
+        return collect_eval_results(results=results, checkpoints=jobs.checkpoints, groups=jobs.groups)
 
-def _evaluate(task, checkpoints, benchmarks, cache_dir, backend, device, batch_size, max_samples, group_size,
-              scoring):
-    """The fan-out wiring shared by `evaluation` (GPU workers) and `evaluation_cpu` (their CPU twin)."""
-    jobs = plan_eval_jobs(checkpoints=checkpoints, benchmarks=benchmarks, group_size=group_size)
-    worker = partial(task, cache_dir=cache_dir, backend=backend, device=device, batch_size=batch_size,
-                     max_samples=max_samples, scoring=scoring)  # fmt: skip
-    results = map_task(worker, concurrency=EVAL_CONCURRENCY, min_success_ratio=EVAL_MIN_SUCCESS_RATIO)(
-        checkpoint=jobs.checkpoints, benchmarks=jobs.groups
-    )
-    return collect_eval_results(results=results, checkpoints=jobs.checkpoints, groups=jobs.groups)
+    return named_workflow(evaluation, name)
 
 
-@workflow
-def evaluation_cpu(
-    checkpoints: list[str],
-    benchmarks: list[str],
-    cache_dir: str,
-    backend: str = "auto",
-    device: str = "cpu",
-    batch_size: int = 8,
-    max_samples: int = 0,
-    group_size: int = 0,
-    scoring: str = "exact",
-) -> FlyteDirectory:
-    """`evaluation` on CPU workers (tiny checkpoints of the demo and the tiny ablation), same cap.
-
-    :param checkpoints: Checkpoint URIs (directories).
-    :param benchmarks: Benchmark names (countbench, docvqa, chartqa, realworldqa, pixmo_points).
-    :param cache_dir: Root of the benchmark caches (`<cache_dir>/<benchmark>/...`).
-    :param backend: auto | mini_llava | transformers | vllm.
-    :param device: cpu | cuda | auto.
-    :param batch_size: Requests per generate call.
-    :param max_samples: Per-benchmark sample cap (0 = all).
-    :param group_size: Benchmarks per worker (0 = all in one, one download per checkpoint).
-    :param scoring: exact (lmms-eval / Molmo reference) | lenient (adds the lenient score beside it).
-    """
-    return _evaluate(evaluate_checkpoint_benchmarks_cpu, checkpoints, benchmarks, cache_dir, backend, device,
-                     batch_size, max_samples, group_size, scoring)  # fmt: skip
+evaluation = _evaluation_wf("evaluation", evaluate_checkpoint_benchmarks, "auto")
+# CPU workers (tiny checkpoints of the demo and the tiny ablation), same cap.
+evaluation_cpu = _evaluation_wf("evaluation_cpu", evaluate_checkpoint_benchmarks_cpu, "cpu")
 
 
 @workflow

@@ -9,6 +9,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.dedup.config import DecontamConfig, tiny_decontam_config
+from core.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
 from core.targeted.filters import FILTER_STEPS
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants
 from tasks.embed import embed_shards, embed_shards_cpu
@@ -68,7 +69,7 @@ def _targeted_generation_wf(name: str, embed_task, decontam_wf):
         reference_ids: Optional[FlyteFile] = None,
         eval_cache: str = "",
         benchmarks: List[str] = ALL_BENCHMARKS,
-        embed_preset: str = "tiny",
+        embed_config: EmbedConfig = tiny_embed_config(),
         decontam_config: DecontamConfig = tiny_decontam_config(),
         preset: str = "tiny",
         model_dir: Optional[FlyteDirectory] = None,
@@ -89,7 +90,7 @@ def _targeted_generation_wf(name: str, embed_task, decontam_wf):
         :param eval_cache: Root of the benchmark caches; the pool is decontaminated against their test items (images)
             and the generated questions against their questions.
         :param benchmarks: Benchmarks to decontaminate against.
-        :param embed_preset: Embedding preset of reference and pool (`tiny` or `siglip2`).
+        :param embed_config: EmbedConfig of reference and pool (CLI: JSON onto the tiny preset, `{"preset": "siglip2"}`).
         :param decontam_config: Image decontamination of the pool (threshold, k, kind).
         :param preset: `tiny` (tiny LLaVA, transformers, CPU) or `qwen2.5-vl` (vLLM, one GPU per shard).
         :param model_dir: Generator model directory (required for qwen2.5-vl; tiny builds its own).
@@ -103,9 +104,9 @@ def _targeted_generation_wf(name: str, embed_task, decontam_wf):
                              source_fingerprint=fingerprint_source(source=reference_source, image_root=reference_image_root))
         pool = ingest_dataset(source=pool_source, image_root=pool_image_root, shard_max_samples=shard_max_samples,
                               source_fingerprint=fingerprint_source(source=pool_source, image_root=pool_image_root))
-        ref_emb = embed_task(shards=ref, prev=ref, prev_step="ingest", preset=embed_preset)
-        pool_emb = embed_task(shards=pool, prev=pool, prev_step="ingest", preset=embed_preset)
-        dc = decontam_wf(embeddings=pool_emb, eval_cache=eval_cache, benchmarks=benchmarks, embed_preset=embed_preset,
+        ref_emb = embed_task(shards=ref, prev=ref, prev_step="ingest", config=embed_config)
+        pool_emb = embed_task(shards=pool, prev=pool, prev_step="ingest", config=embed_config)
+        dc = decontam_wf(embeddings=pool_emb, eval_cache=eval_cache, benchmarks=benchmarks, embed_config=embed_config,
                          config=decontam_config, prev=pool_emb, prev_step="embed", run=pool)
         sub = split_reference(reference=ref, reference_ids=reference_ids, preset=preset, overrides=overrides)
         vlm = build_tiny_vlm(reference=ref, subgroups=sub, model_dir=model_dir, preset=preset, overrides=overrides,
@@ -224,7 +225,7 @@ targeted_demo = LaunchPlan.get_or_create(
 # Production: Qwen2.5-VL-7B-Instruct on vLLM (pass model_dir = its local snapshot), SigLIP2 embeddings.
 targeted_qwen_vl = LaunchPlan.get_or_create(
     targeted_generation, name="targeted_qwen_vl",
-    default_inputs={"preset": "qwen2.5-vl", "embed_preset": "siglip2", "shard_max_samples": 5000},
+    default_inputs={"preset": "qwen2.5-vl", "embed_config": siglip2_embed_config(), "shard_max_samples": 5000},
 )
 targeted_ablation_demo = LaunchPlan.get_or_create(
     targeted_ablation_cpu, name="targeted_ablation_demo",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from core.configs import ConfigJSON
+from core.configs import ConfigJSON, register_preset
 
 KEEP_POLICIES = ("hard", "easy", "random")
 EMBEDDING_KINDS = ("image", "text", "joint_concat", "joint_mean")
@@ -65,11 +65,6 @@ class SemDedupConfig(ConfigJSON):
     def __post_init__(self) -> None:
         self.validate()
 
-    @classmethod
-    def cli_preset(cls) -> SemDedupConfig:
-        """A partial `--dedup_config` JSON merges onto the workflows' default preset."""
-        return tiny_dedup_config()
-
     @staticmethod
     def _merge_onto(base: dict, data: dict) -> dict:
         """eps and target_removal exclude each other: setting one clears the preset's other."""
@@ -106,6 +101,7 @@ class SemDedupConfig(ConfigJSON):
             raise ValueError("chunk_size, cluster_groups, max_parallel_groups and kmeans_iters must be >= 1")
 
 
+@register_preset(SemDedupConfig, "tiny", default=True)  # a partial CLI JSON merges onto the workflows' default
 def tiny_dedup_config() -> SemDedupConfig:
     """Demo / test preset: a handful of clusters, 10% removal target, CPU-friendly.
 
@@ -120,11 +116,13 @@ def tiny_dedup_config() -> SemDedupConfig:
     )
 
 
+@register_preset(SemDedupConfig, "paper")
 def semdedup_paper_config(n_clusters: int = 1200) -> SemDedupConfig:
     """Paper eps mode (eps=0.07 lies in the paper's studied range); 1200 clusters ~ 10k samples each at 12M."""
     return SemDedupConfig(n_clusters=n_clusters, eps=0.07, kmeans_iters=100, cluster_groups=64)
 
 
+@register_preset(SemDedupConfig, "target10")
 def target_dedup_config(fraction: float = 0.10, n_clusters: int = 1200) -> SemDedupConfig:
     """Production preset: remove `fraction` of the samples, never one with M <= 0.93 (the paper-mode
     threshold of `semdedup_paper_config`, eps=0.07: pairs less similar than what eps mode would call a
@@ -166,11 +164,13 @@ class DecontamConfig(ConfigJSON):
             raise ValueError(f"kind={self.kind!r} not in {EMBEDDING_KINDS}")
 
 
+@register_preset(DecontamConfig, "default", default=True)
 def default_decontam_config() -> DecontamConfig:
     """Near-duplicate threshold 0.95 on image embeddings, 10 mined neighbours per eval item (SigLIP2-class)."""
     return DecontamConfig()
 
 
+@register_preset(DecontamConfig, "tiny")
 def tiny_decontam_config(**overrides) -> DecontamConfig:
     """For the embedded tiny open_clip model, trained contrastively on demo-generator pairs
     (core/embed/tiny_train.py): 0.98, on SigLIP2's scale. On the demo (benchmarks/demo_embed_quality.py)

@@ -7,11 +7,10 @@ cache directory, a `local-dir:` folder or an fsspec checkpoint (never from the n
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from core.configs import check_ranges
+from core.configs import ConfigJSON, check_ranges, override, register_preset
 
 TEXT_VIEWS = ("first_human", "all_human", "all")
 WHAT = ("image", "text", "both")
@@ -24,7 +23,7 @@ SIGLIP2_MODEL_NAME = "hf-hub:timm/ViT-SO400M-14-SigLIP2-378"
 
 
 @dataclass
-class EmbedConfig:
+class EmbedConfig(ConfigJSON):
     """How to embed samples.
 
     model_name:   any open_clip model id: a built-in name (`ViT-B-16`), `hf-hub:org/repo` (resolved from
@@ -93,10 +92,6 @@ class EmbedConfig:
     def embeds_texts(self) -> bool:
         return self.what in ("text", "both")
 
-    def replace(self, **changes: Any) -> EmbedConfig:
-        """A copy with some fields changed (validated again); `None` values mean "keep"."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
     def model_key(self) -> tuple:
         """Fields that determine the model weights and preprocessing (one loaded model per key)."""
         return (self.model_name, self.pretrained, self.precision, self.device, self.cache_dir, self.seed)
@@ -107,6 +102,7 @@ def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r}; expected one of {allowed}")
 
 
+@register_preset(EmbedConfig, "tiny", default=True)
 def tiny_embed_config(**overrides: Any) -> EmbedConfig:
     """Embedded default: the tiny registered open_clip ViT on CPU, two actors, float32 output."""
     cfg = EmbedConfig(
@@ -121,9 +117,10 @@ def tiny_embed_config(**overrides: Any) -> EmbedConfig:
         decode_workers=1,
         out_dtype="float32",
     )
-    return cfg.replace(**overrides)
+    return override(cfg, **overrides)
 
 
+@register_preset(EmbedConfig, "siglip2")
 def siglip2_embed_config(cache_dir: str | None = None, **overrides: Any) -> EmbedConfig:
     """Production: SigLIP2 so400m/14 at 378 px, bf16 autocast on one GPU per actor, float16 output.
 
@@ -145,7 +142,5 @@ def siglip2_embed_config(cache_dir: str | None = None, **overrides: Any) -> Embe
         cache_dir=cache_dir,
         prefetch_batches=4,
     )
-    return cfg.replace(**overrides)
+    return override(cfg, **overrides)
 
-
-PRESETS = {"tiny": tiny_embed_config, "siglip2": siglip2_embed_config}

@@ -1,6 +1,6 @@
 """Perplexity scoring of conversations (text / assistant_only / vlm modes) and perplexity slices."""
 
-from core.perplexity.config import PRESETS, PerplexityConfig, qwen_perplexity_config, tiny_perplexity_config
+from core.perplexity.config import PerplexityConfig, qwen_perplexity_config, tiny_perplexity_config
 from core.perplexity.encode import Encoded, EncodeError, Encoder
 from core.perplexity.pipeline import PerplexityStep, read_scores, score_shards
 from core.perplexity.scorer import BatchStats, PerplexityScorer, SampleScore, make_batches, naive_scores
@@ -8,7 +8,7 @@ from core.perplexity.slices import SliceConfig, slice_by_perplexity
 from core.perplexity.vlm import HFVLMScorer, VLMScorer
 
 __all__ = [
-    "PRESETS", "BatchStats", "HFVLMScorer", "EncodeError", "Encoded", "Encoder", "PerplexityConfig", "PerplexityScorer",
+    "BatchStats", "HFVLMScorer", "EncodeError", "Encoded", "Encoder", "PerplexityConfig", "PerplexityScorer",
     "PerplexityStep", "SampleScore", "SliceConfig", "VLMScorer", "make_batches", "naive_scores", "qwen_perplexity_config",
     "read_scores", "score_shards", "slice_by_perplexity", "tiny_perplexity_config",
 ]

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.configs import check_ranges
+from core.configs import ConfigJSON, check_ranges, register_preset
 
 MODES = ("text", "assistant_only", "vlm")
 TEXT_VIEWS = ("all", "assistant", "all_human")
 
 
 @dataclass
-class PerplexityConfig:
+class PerplexityConfig(ConfigJSON):
     """How to score samples with a causal LM.
 
-    :param model: Local directory of any HF causal LM + tokenizer (no network at run time).
+    :param model: Local directory of any HF causal LM + tokenizer (no network at run time). The presets leave it
+        "": the scoring task fills it with its `model` input (a directory known only at run time).
     :param mode: `text` (all turns joined as plain text, `<image>` placeholders removed with LLaVA's
         newline), `assistant_only` (loss only on assistant-turn content tokens, conditioned on all
         preceding turns, rendered with the model's chat template or the plain template), or `vlm`
@@ -63,17 +64,23 @@ class PerplexityConfig:
                             "max_padding_waste": (0, 1)})
 
 
-def tiny_perplexity_config(model: str, mode: str = "assistant_only") -> PerplexityConfig:
+@register_preset(PerplexityConfig, "tiny")
+def tiny_perplexity_config(model: str = "", mode: str = "assistant_only") -> PerplexityConfig:
     """The project's tiny LM (core/tiny_lm.py) on CPU, fp32: demo and tests."""
     # ~2k-token batches: on CPU larger ones spill the activations out of cache and get slower
     return PerplexityConfig(model=model, mode=mode, device="cpu", dtype="float32", batch_tokens=2048,
                             max_length=256)
 
 
-def qwen_perplexity_config(model: str, mode: str = "assistant_only") -> PerplexityConfig:
+@register_preset(PerplexityConfig, "qwen0.5b")
+def qwen_perplexity_config(model: str = "", mode: str = "assistant_only") -> PerplexityConfig:
     """A ~0.5B chat LM (e.g. a local copy of Qwen2.5-0.5B-Instruct) in bf16 on one GPU."""
     return PerplexityConfig(model=model, mode=mode, device="auto", dtype="auto", batch_tokens=32768,
                             max_length=4096)
 
 
-PRESETS = {"tiny": tiny_perplexity_config, "qwen0.5b": qwen_perplexity_config}
+@register_preset(PerplexityConfig, "reference", default=True)
+def reference_perplexity_config(model: str = "", mode: str = "assistant_only") -> PerplexityConfig:
+    """The tiny preset with device and dtype `auto`: what `score_perplexity`, `curate` and `ablate` run by default
+    with the embedded reference LM (the GPU task scores on its GPU in bf16, the CPU twin on CPU in fp32)."""
+    return PerplexityConfig(model=model, mode=mode, device="auto", dtype="auto", batch_tokens=2048, max_length=256)

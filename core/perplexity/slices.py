@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from core.configs import check_ranges
+from core.configs import ConfigJSON, check_ranges, register_preset
 from core.ledger import LedgerWriter, find_step_dir, passing_ids, read_ledger, step_dir
 
 STEP = "ppl_filter"
@@ -38,7 +38,7 @@ SOURCE_STEP = "perplexity"
 
 
 @dataclass
-class SliceConfig:
+class SliceConfig(ConfigJSON):
     """What to do with the scored samples.
 
     :param mode: `range` (keep percentiles [low_pct, high_pct] of perplexity, drop the rest) or `slices`
@@ -62,6 +62,18 @@ class SliceConfig:
                             "n_slices": (1, None), "shrink_tokens": (0, None)})
         if not self.low_pct < self.high_pct:
             raise ValueError(f"low_pct={self.low_pct} must be below high_pct={self.high_pct}")
+
+
+@register_preset(SliceConfig, "p90", default=True)
+def p90_slice_config() -> SliceConfig:
+    """Range mode: drop the samples above the 90th perplexity percentile (`ppl_above_p90`)."""
+    return SliceConfig(mode="range", low_pct=0.0, high_pct=90.0)
+
+
+@register_preset(SliceConfig, "deciles")
+def decile_slice_config() -> SliceConfig:
+    """Slices mode: ten equal-size id lists sorted by perplexity (training runs on slices)."""
+    return SliceConfig(mode="slices", n_slices=10)
 
 
 def ranking_values(nll: np.ndarray, n_scored: np.ndarray, shrink_tokens: float) -> np.ndarray:

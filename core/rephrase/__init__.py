@@ -2,9 +2,7 @@
 
 from core.rephrase.chunks import rephrase_chunk
 from core.rephrase.config import (
-    PRESETS,
     RephraseConfig,
-    preset_config,
     qwen_rephrase_config,
     tiny_rephrase_config,
 )
@@ -15,7 +13,6 @@ from core.rephrase.tokens import TokenCounter
 from core.rephrase.validate import REJECT_REASONS, protect, validate_rephrasing
 
 __all__ = [
-    "PRESETS",
     "REJECT_REASONS",
     "Generation",
     "Generator",
@@ -26,7 +23,6 @@ __all__ = [
     "TransformersGenerator",
     "VLLMGenerator",
     "make_generator",
-    "preset_config",
     "protect",
     "qwen_rephrase_config",
     "read_rephrased",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.configs import check_ranges
+from core.configs import ConfigJSON, check_ranges, register_preset
 
 DEFAULT_SYSTEM_PROMPT = (
     "You rewrite text from a visual question answering dataset so that it is as short as possible "
@@ -45,11 +45,12 @@ DEFAULT_REFUSAL_PATTERNS = (
 
 
 @dataclass
-class RephraseConfig:
+class RephraseConfig(ConfigJSON):
     """Everything the rephrase step needs. Required fields have no default.
 
     :param backend: ``"vllm"`` (GPU, vllm image) or ``"transformers"`` (CPU/GPU, tests, demo).
-    :param model: local directory of a chat model with a chat template (HF layout); never downloaded.
+    :param model: local directory of a chat model with a chat template (HF layout); never downloaded. The presets
+        leave it "": the rephrase task fills it from its `model_dir` input (or trains the tiny LM for `tiny`).
     :param tokenizer: training tokenizer directory used to count tokens before/after; empty = `model`.
     :param system_prompt: system message of every request (empty string: no system message).
     :param human_prompt: user message template for human turns; must contain ``{text}``.
@@ -128,7 +129,8 @@ class RephraseConfig:
         return d
 
 
-def tiny_rephrase_config(model: str, tokenizer: str = "") -> RephraseConfig:
+@register_preset(RephraseConfig, "tiny", default=True)
+def tiny_rephrase_config(model: str = "", tokenizer: str = "") -> RephraseConfig:
     """Embedded default (demo, tests): the project's tiny causal LM on CPU with the transformers backend.
 
     The tiny model writes poor text; expect validation to reject most of its rephrasings.
@@ -148,7 +150,8 @@ def tiny_rephrase_config(model: str, tokenizer: str = "") -> RephraseConfig:
 QWEN_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
 
 
-def qwen_rephrase_config(model: str, tokenizer: str = "") -> RephraseConfig:
+@register_preset(RephraseConfig, "qwen")
+def qwen_rephrase_config(model: str = "", tokenizer: str = "") -> RephraseConfig:
     """Production: Qwen/Qwen2.5-1.5B-Instruct on vLLM (one GPU per engine), loaded from a local dir.
 
     `model` is the local snapshot directory of ``Qwen/Qwen2.5-1.5B-Instruct`` (no download at run
@@ -166,15 +169,3 @@ def qwen_rephrase_config(model: str, tokenizer: str = "") -> RephraseConfig:
         overlap_io=True,  # vLLM generates in its engine process: validation/I/O hide behind it
     )
 
-
-PRESETS = {"tiny": tiny_rephrase_config, "qwen": qwen_rephrase_config}
-
-
-def preset_config(preset: str, model: str, tokenizer: str = "", **overrides: Any) -> RephraseConfig:
-    """A preset (`tiny` or `qwen`) with the given overrides applied; `None` overrides are ignored."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown rephrase preset {preset!r}; choose from {sorted(PRESETS)}")
-    from dataclasses import replace
-
-    cfg = PRESETS[preset](model, tokenizer)
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -6,21 +6,22 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from core.configs import check_ranges
+from core.configs import ConfigJSON, check_ranges, register_preset
 
 STAGES = ("projector", "full")
 LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigJSON):
     """Configuration of the built-in minimal LLaVA-style trainer.
 
     `vision_model` is an open_clip model name (a registered config name, `local-dir:/path` or
     `hf-hub:org/repo`) with optional `vision_pretrained` weights; `lm_path` a Hugging Face causal-LM
     directory whose tokenizer has (or gets) an `<image>` special token. `stage="projector"` trains the
     projector only (stage 1, captions); `stage="full"` trains projector and LM (stage 2, conversations).
-    The vision tower is always frozen.
+    The vision tower is always frozen. The presets leave the run-time paths (`output_dir`, `lm_path`, and
+    `vision_model` / `init_from` where a task input gives them) "" for the training task to fill.
     """
 
     output_dir: str
@@ -72,11 +73,9 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
 
-
-def tiny_train_config(output_dir: str, vision_model: str, lm_path: str, **overrides: Any) -> TrainConfig:
+@register_preset(TrainConfig, "tiny", default=True)
+def tiny_train_config(output_dir: str = "", vision_model: str = "", lm_path: str = "", **overrides: Any) -> TrainConfig:
     """Embedded default: tiny models, trains for real on 2 CPU cores in a minute or two."""
     base = dict(
         epochs=2, batch_size=8, lr=2e-3, max_seq_len=256, val_size=16, val_every_n_steps=10,
@@ -86,7 +85,8 @@ def tiny_train_config(output_dir: str, vision_model: str, lm_path: str, **overri
     return TrainConfig(output_dir=output_dir, vision_model=vision_model, lm_path=lm_path, **base)
 
 
-def llava_stage1_config(output_dir: str, vision_model: str, lm_path: str, **overrides: Any) -> TrainConfig:
+@register_preset(TrainConfig, "llava_stage1")
+def llava_stage1_config(output_dir: str = "", vision_model: str = "", lm_path: str = "", **overrides: Any) -> TrainConfig:
     """Stage 1 (LLaVA-1.5 recipe): projector only, one epoch on a caption set, lr 1e-3."""
     base = dict(
         stage="projector", epochs=1, batch_size=32, lr=1e-3, warmup_steps=100, max_seq_len=2048,
@@ -96,8 +96,9 @@ def llava_stage1_config(output_dir: str, vision_model: str, lm_path: str, **over
     return TrainConfig(output_dir=output_dir, vision_model=vision_model, lm_path=lm_path, **base)
 
 
+@register_preset(TrainConfig, "llava_stage2")
 def llava_stage2_config(
-    output_dir: str, vision_model: str, lm_path: str, init_from: str, **overrides: Any
+    output_dir: str = "", vision_model: str = "", lm_path: str = "", init_from: str = "", **overrides: Any
 ) -> TrainConfig:
     """Stage 2: projector + LM on the instruction mixture, from a stage-1 checkpoint, lr 2e-5."""
     base = dict(
