@@ -93,7 +93,7 @@ def run_size(n: int, d: int, niter: int, chunk: int, seed: int, branching: int =
     from core.dedup.config import SemDedupConfig
     from core.dedup.embeddings import normalize_rows
     from core.dedup.semdedup import cluster_rows, decide_eps, decide_target, score_clusters
-    from core.dedup.synthetic import clustered_embeddings, plant_duplicates
+    from core.demo.embeddings import clustered_embeddings, plant_duplicates
 
     rss0 = rss_bytes()
     base = clustered_embeddings(int(n * 0.98), d, max(1, n // 100), seed=seed, spread=0.7)
@@ -152,7 +152,7 @@ def run_size(n: int, d: int, niter: int, chunk: int, seed: int, branching: int =
 def skew_child(mode: str, n: int, d: int, chunk: int) -> None:
     """One big cluster's pairwise pass in a fresh process: prints JSON with the peak RSS over baseline."""
     from core.dedup.semdedup import dense_max_earlier_similarity, max_earlier_similarity
-    from core.dedup.synthetic import clustered_embeddings
+    from core.demo.embeddings import clustered_embeddings
 
     x = clustered_embeddings(n, d, 1, seed=7, spread=0.7)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

@@ -31,12 +31,13 @@ from core.dedup.config import DecontamConfig, tiny_decontam_config, tiny_dedup_c
 from core.dedup.mining import decontaminate
 from core.dedup.pipeline import run_semdedup
 from core.demo import generate_demo, load_ground_truth, plant_eval_contamination
+from core.demo.eval_fixtures import write_fixtures
 from core.embed import embed_shards, tiny_embed_config
 from core.embed.model import RANDOM_INIT
 from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
-from core.evals.fixtures import write_fixtures
 from core.ingest import IngestConfig, ingest
 from core.ledger import read_ledger, step_dir
+from core.step import Passing
 from core.wds import list_shards
 
 BENCHES = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
@@ -49,10 +50,8 @@ def evaluate(run: Path, ev: Path, gt: dict, pretrained: str | None, cache: str, 
     shutil.rmtree(ev / "embed", ignore_errors=True)
     shutil.rmtree(step_dir(ev, "embed"), ignore_errors=True)
     t0 = time.perf_counter()
-    embed_shards(list_shards(f"{run}/shards"), str(run / "embed"), cfg, ledger_dir=str(step_dir(run, "embed")),
-                 use_ray=False)
-    embed_shards(list_shards(f"{ev}/shards"), str(ev / "embed"), cfg, ledger_dir=str(step_dir(ev, "embed")),
-                 use_ray=False)
+    embed_shards(list_shards(f"{run}/shards"), str(run / "embed"), cfg, use_ray=False)  # ledger: <run>/ledger/embed
+    embed_shards(list_shards(f"{ev}/shards"), str(ev / "embed"), cfg, use_ray=False)
     t_embed = time.perf_counter() - t0
     sets = eval_embedding_sets(str(ev))
     copies = set(gt.get("eval_contamination", {}))
@@ -61,7 +60,7 @@ def evaluate(run: Path, ev: Path, gt: dict, pretrained: str | None, cache: str, 
         dc = run / f"decontam_{thr}"
         shutil.rmtree(dc, ignore_errors=True)
         decontaminate(str(run / "embed"), str(dc), sets, DecontamConfig(threshold=thr, k=5, device="cpu"),
-                      prev_step="embed", prev_run_dir=str(run))
+                      Passing.read(run, "embed"))
         led = read_ledger(step_dir(dc, "decontam"))
         dropped = set(led[led.decision == "drop"].sample_id)
         out[f"decontam@{thr}"] = (f"dropped {len(dropped)}, copies caught {len(dropped & copies)}/{len(copies)}, "
@@ -74,13 +73,12 @@ def evaluate(run: Path, ev: Path, gt: dict, pretrained: str | None, cache: str, 
     keep_dir = run / f"decontam_{preset_threshold}"
     if not keep_dir.exists():
         decontaminate(str(run / "embed"), str(keep_dir), sets,
-                      DecontamConfig(threshold=preset_threshold, k=5, device="cpu"), prev_step="embed",
-                      prev_run_dir=str(run))
+                      DecontamConfig(threshold=preset_threshold, k=5, device="cpu"), Passing.read(run, "embed"))
     sd = run / "semdedup"
     shutil.rmtree(sd, ignore_errors=True)
     cfg_sd = tiny_dedup_config()
     cfg_sd.device = "cpu"
-    s = run_semdedup(str(run / "embed"), str(sd), cfg_sd, prev_step="decontam", prev_run_dir=str(keep_dir))
+    s = run_semdedup(str(run / "embed"), str(sd), cfg_sd, Passing.read(keep_dir, "decontam"))
     led = read_ledger(step_dir(sd, "semdedup"))
     removed = set(led[led.decision == "drop"].sample_id)
     groups = [tuple(g) for g in gt["near_duplicate_groups"] + gt["exact_duplicate_groups"]]

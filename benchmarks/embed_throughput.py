@@ -86,7 +86,7 @@ def main() -> None:
         def end_to_end(k: int) -> float:
             out = f"{tmp}/run{k}/embed"
             t0, c0 = time.perf_counter(), time.process_time()
-            s = embed_shards(urls, out, cfg, ledger_dir=f"{tmp}/run{k}/ledger/embed", use_ray=False)
+            s = embed_shards(urls, out, cfg, use_ray=False)  # ledger: {tmp}/run{k}/ledger/embed
             dt = time.perf_counter() - t0
             cpu_ms["end_to_end"].append((time.process_time() - c0) / n * 1e3)
             assert s.n_images == n, s.as_dict()

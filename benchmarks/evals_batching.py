@@ -17,9 +17,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from core.demo.eval_fixtures import write_fixtures  # noqa: E402
 from core.evals.backends import GenRequest, load_backend  # noqa: E402
 from core.evals.base import EvalItem, get_benchmark  # noqa: E402
-from core.evals.fixtures import write_fixtures  # noqa: E402
 from core.evals.runner import _decode  # noqa: E402
 
 

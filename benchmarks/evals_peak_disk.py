@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from core.evals.fixtures import write_fixtures  # noqa: E402
+from core.demo.eval_fixtures import write_fixtures  # noqa: E402
 from core.evals.runner import CheckpointStore, evaluate_checkpoints, tiny_eval_config  # noqa: E402
 
 

@@ -234,8 +234,9 @@ def check_kmeans(t: Table, device: str, smoke: bool) -> None:
 
     from benchmarks.dedup_scale import kmeans_flops, pairwise_flops
     from core.dedup.config import SemDedupConfig
-    from core.dedup.semdedup import _fp32_highest, cluster_rows, decide_target, kmeans_backend, score_clusters
-    from core.dedup.synthetic import clustered_embeddings
+    from core.dedup.device import _fp32_highest
+    from core.dedup.semdedup import cluster_rows, decide_target, kmeans_backend, score_clusters
+    from core.demo.embeddings import clustered_embeddings
 
     n, d, k = (4000, 32, 8) if smoke else (1_000_000, 1152, 100)
     x = clustered_embeddings(n, d, k, seed=0, spread=0.7)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--workdir", default="")
     a = ap.parse_args(argv)
-    from core.demo import generate_demo  # the demo generator (core/demo.py, from main)
+    from core.demo import generate_demo  # the demo generator (core/demo/dataset.py, from main)
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="ppl_demo_"))
     demo, ref = work / "demo", work / "ref"

@@ -53,7 +53,7 @@ def check_pins(role: str) -> dict[str, str]:
     wrong |= {n: (v, installed[n]) for n, v in lock.items() if n in installed and installed[n] != v}
     if wrong:
         raise SystemExit(f"smoke {role}: installed versions differ from the pins (pinned, installed): {wrong}")
-    unlocked = sorted(set(installed) - set(lock) - {"pip", "setuptools", "wheel"})
+    unlocked = sorted(set(installed) - set(lock) - set(wanted) - {"pip", "setuptools", "wheel"})
     log(f"pins ok: {len(wanted)} requirements, {sum(n in installed for n in lock)} locked packages at their pins"
         + (f"; not in the lock: {unlocked}" if unlocked else ""))
     return {n: installed[n] for n in sorted(wanted)}

@@ -11,7 +11,7 @@ rm -rf "$OUT/run" "$OUT/ablation"  # no stale pages or tables from an earlier ru
 t0=$(date +%s)
 # Benchmark caches in their published layouts (tiny, drawn): the eval sets of decontamination and of the
 # ablation's evaluations. The demo data gets a few copies of their items planted (eval contamination).
-python -c "from core.evals.fixtures import write_fixtures; write_fixtures('$OUT/eval_cache')"
+python -c "from core.demo.eval_fixtures import write_fixtures; write_fixtures('$OUT/eval_cache')"
 python -m core.demo --out "$OUT/data" --n "$N" --seed 0 --contaminate-from "$OUT/eval_cache"
 # A separate, trusted reference set (clean samples of another seed) trains the perplexity reference LM,
 # as DFN trains its filter on trusted data: an LM trained on the data it scores learns its defects too.
@@ -36,7 +36,7 @@ for r in s["reasons"]:
     print(f"    {r['step']:<11} {r['decision']:<10} {r['reason']:<32} {r['count']}")
 PY
 echo "== scored against the planted defects"
-python -m core.demo_score --ground-truth "$OUT/data/ground_truth.json" --ledger "$OUT/run/ledger.parquet"
+python -m core.demo.score --ground-truth "$OUT/data/ground_truth.json" --ledger "$OUT/run/ledger.parquet"
 if [ "${DEMO_ABLATE:-1}" = 1 ]; then
   # The team's habit, in miniature: each algorithm in isolation -> export -> train -> capped eval -> compare.
   echo "== ablation grid: baseline vs semdedup@0.1 vs ppl@0-90 vs decontam (train a few steps each, eval with cap 2)"

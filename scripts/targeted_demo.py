@@ -65,10 +65,10 @@ def prepare(o: str, n: int, benches: list[str]) -> None:
     from core.dedup.config import tiny_decontam_config
     from core.dedup.mining import decontaminate
     from core.demo import generate_demo, plant_eval_contamination
+    from core.demo.eval_fixtures import write_fixtures
     from core.embed.config import tiny_embed_config
     from core.embed.pipeline import embed_shards
     from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
-    from core.evals.fixtures import write_fixtures
     from core.ingest import IngestConfig, ingest
     from core.wds import list_shards
 

@@ -39,6 +39,13 @@ def _fetcher(run: Optional[FlyteDirectory], out_dir: str):
     return shard_fetcher(f"{source(run).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
 
 
+def _passing(prev: Optional[FlyteDirectory], prev_step: str):
+    """The previous step's passing ids (`core.step.Passing`), fetching only its ledger; None = every sample."""
+    from core.step import Passing
+
+    return Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
+
+
 def _deck(summary: dict, run: Optional[FlyteDirectory], out_dir: str) -> None:
     from core.dedup.report import semdedup_report_html
 
@@ -75,8 +82,7 @@ def cluster_embeddings(
 
     out = workdir("semdedup_out")
     groups = workdir("semdedup_groups")
-    prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
-    plan = run(embeddings.download(), out, config, prev_step, prev_dir, groups)
+    plan = run(embeddings.download(), out, config, _passing(prev, prev_step), groups)
     log.info("clustered %d samples into %d clusters, %d groups", plan.n_deduped, plan.n_clusters, len(plan.group_files))
     return ClusterOutputs(FlyteDirectory(str(out)), [FlyteFile(g) for g in plan.group_files])
 
@@ -150,8 +156,7 @@ def dedup_embeddings(
     from core.dedup.pipeline import run_semdedup
 
     out = workdir("semdedup_run")
-    prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
-    summary = run_semdedup(embeddings.download(), out, config, prev_step, prev_dir)
+    summary = run_semdedup(embeddings.download(), out, config, _passing(prev, prev_step))
     _deck(summary, run, str(out))
     save_decks(str(out), "semdedup")
     step_finished("semdedup", t0, str(out))
@@ -207,9 +212,8 @@ def decontaminate_evals(
     from core.ledger import read_ledger, step_dir
 
     out = workdir("decontam_run")
-    prev_dir = local_ledger_root(prev, prev_step) if (prev is not None and prev_step) else None
     eval_sets = eval_embedding_sets(evals.download())
-    counts = decontaminate(embeddings.download(), out, eval_sets, config, prev_step, prev_dir)
+    counts = decontaminate(embeddings.download(), out, eval_sets, config, _passing(prev, prev_step))
     log.info("decontam: %s", counts)
     fetch_train = fetch_eval = None
     if run is not None:

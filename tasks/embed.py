@@ -42,23 +42,6 @@ def ray_job_config(cfg: EmbedConfig, worker_mem: str = "64Gi") -> RayJobConfig:
     )
 
 
-def _shard_root(path: str) -> str:
-    """Accept a shard folder, or a run folder holding `shards/`."""
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(path)
-    return f"{path.rstrip('/')}/shards" if fs.isdir(f"{p.rstrip('/')}/shards") else path
-
-
-def _include_ids(upstream: str, step: str) -> dict[str, list[str]]:
-    """Passing ids of the upstream step, grouped by the shard they live in."""
-    from core.ledger import PASSING, find_step_dir, read_ledger
-
-    led = read_ledger(find_step_dir(upstream, step))
-    led = led[led.decision.isin(PASSING)]
-    return {shard: list(g.sample_id) for shard, g in led.groupby("shard", sort=True)}
-
-
 _EMBED_OPTS = dict(container_image=GPU_IMAGE, enable_deck=True, cache=True,
                    cache_version=task_version(__name__))
 
@@ -66,8 +49,8 @@ _EMBED_OPTS = dict(container_image=GPU_IMAGE, enable_deck=True, cache=True,
 @task(task_config=ray_job_config(siglip2_embed_config()), requests=Resources(cpu="2", mem="8Gi"), **_EMBED_OPTS)
 def embed_shards(
     shards: FlyteDirectory,
-    upstream: Optional[FlyteDirectory] = None,
-    upstream_step: str = "ingest",
+    prev: Optional[FlyteDirectory] = None,
+    prev_step: str = "ingest",
     preset: str = "tiny",
     model_name: Optional[str] = None,
     pretrained: Optional[str] = None,
@@ -90,8 +73,8 @@ def embed_shards(
     `out_url` are skipped, so re-running after a failure resumes.
 
     :param shards: Folder of `*.tar` WDS shards, or a run folder holding `shards/` (e.g. ingest's output).
-    :param upstream: Folder holding `ledger/<upstream_step>/`; only its kept/modified ids are embedded.
-    :param upstream_step: Step name of the upstream ledger (ingest, semdedup, ...).
+    :param prev: Folder holding `ledger/<prev_step>/`; only its kept/modified ids are embedded.
+    :param prev_step: Step name of the previous step's ledger (ingest, semdedup, ...).
     :param preset: Base config: `tiny` (CPU, embedded default) or `siglip2` (GPU production).
     :param model_name: open_clip model id (`ViT-B-16`, `hf-hub:org/repo`, `local-dir:/path` or `local-dir:s3://...`).
     :param pretrained: open_clip tag, checkpoint path or fsspec URL (models without a schema prefix).
@@ -107,11 +90,11 @@ def embed_shards(
     :param out_url: Persistent folder (path or s3://) to write into and resume from; default: a fresh local folder.
     :return: Folder with `embed/` and `ledger/embed/`.
     """
-    t0 = step_started("embed", preset=preset, upstream_step=upstream_step)
+    t0 = step_started("embed", preset=preset, prev_step=prev_step)
     from core.embed import embed_shards as run_embed
     from core.embed.report import embed_report_html
     from core.ledger import read_ledger
-    from core.wds import list_shards
+    from core.step import Passing, shards_of
 
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {sorted(PRESETS)}")
@@ -121,13 +104,12 @@ def embed_shards(
         out_dtype=out_dtype,
     )
     # actors read shards themselves: give them the remote URL when there is one (multi-node clusters)
-    src = _shard_root(shards.remote_source or shards.download())
-    urls = list_shards(src)
-    include = _include_ids(upstream.download(), upstream_step) if upstream is not None else None
+    src = shards.remote_source or shards.download()
+    urls = shards_of(src)
+    passing = Passing.read(prev.download() if prev is not None else None, prev_step)
     run_dir = out_url or os.path.join(current_context().working_directory, "embed_run")
     log.info("embed: %d shards from %s -> %s with %s", len(urls), src, run_dir, cfg)
-    summary = run_embed(urls, f"{run_dir.rstrip('/')}/embed", cfg, include_ids=include,
-                        ledger_dir=f"{run_dir.rstrip('/')}/ledger/embed")
+    summary = run_embed(urls, f"{run_dir.rstrip('/')}/embed", cfg, prev=passing)
     log.info("embed: %s", summary.as_dict())
     ledger = read_ledger(f"{run_dir}/ledger/embed") if "://" not in run_dir else None
     Deck("embed", embed_report_html(f"{run_dir}/embed", summary.as_dict(), summary.shards, ledger))

@@ -137,8 +137,7 @@ def train_expert(data: FlyteDirectory, plan: str, base: FlyteDirectory, config: 
     data_dir = os.path.join(data.download(), "shards")
     out = _work("expert_" + p.name)
     if external_command:
-        from core.train.external import ExternalTrainerConfig
-        from core.train.trainers import ExternalTrainer
+        from core.train.external import ExternalTrainer, ExternalTrainerConfig
 
         ext = ExternalTrainerConfig(image="", command=external_command,
                                     extra={"max_steps": str(p.steps), "batch_size": str(p.batch_size),

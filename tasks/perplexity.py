@@ -97,20 +97,17 @@ def score_perplexity(
     t0 = step_started("perplexity", mode=mode, prev_step=prev_step)
     from dataclasses import replace
 
-    from core.ledger import find_step_dir, passing_ids, read_ledger
     from core.perplexity.config import PRESETS
     from core.perplexity.pipeline import score_shards
     from core.perplexity.report import score_report_html
-    from core.wds import list_shards
+    from core.step import Passing, shards_of
 
     cfg = PRESETS[preset](model.download(), mode=mode)
     cfg = replace(cfg, device=device, dtype=dtype, truncation_side=truncation_side, chat_template=chat_template,
                   batch_tokens=batch_tokens or cfg.batch_tokens, max_length=max_length or cfg.max_length)
-    include = None
-    if prev is not None and prev_step:
-        include = set(passing_ids(read_ledger(find_step_dir(local_ledger_root(prev, prev_step), prev_step))))
+    passing = Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
     out = workdir("perplexity_out")
-    summary = score_shards(list_shards(f"{source(run).rstrip('/')}/shards"), out, cfg, include_ids=include)
+    summary = score_shards(shards_of(source(run)), out, cfg, prev=passing)
     log.info("perplexity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})
     Deck("perplexity", score_report_html(out, summary))
     save_decks(str(out), "perplexity")

@@ -195,8 +195,7 @@ def train_external(
     :param checkpoint_glob: Which directories under {ckpt_dir} are checkpoints.
     :return: The checkpoint directories the trainer wrote, sorted by name.
     """
-    from core.train.external import ExternalTrainerConfig
-    from core.train.trainers import ExternalTrainer
+    from core.train.external import ExternalTrainer, ExternalTrainerConfig
 
     data_dir = data.download()
     if os.path.isdir(os.path.join(data_dir, "shards")):

@@ -15,7 +15,7 @@ def test_two_variant_grid_end_to_end(tmp_path, capsys):
     from flytekit.types.file import FlyteFile
 
     from core.demo import generate_demo, load_ground_truth
-    from core.evals.fixtures import write_fixtures
+    from core.demo.eval_fixtures import write_fixtures
     from workflows.ablate import ablate
 
     info = generate_demo(str(tmp_path / "data"), n_samples=48, seed=0)

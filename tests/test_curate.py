@@ -20,8 +20,8 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.demo import generate_demo, plant_eval_contamination
-from core.demo_score import score_run
-from core.evals.fixtures import write_fixtures
+from core.demo.eval_fixtures import write_fixtures
+from core.demo.score import score_run
 from core.ledger import PASSING, LedgerError, LedgerWriter, read_ledger, step_dir
 from core.wds import iter_samples, list_shards
 

@@ -13,11 +13,12 @@ from PIL import Image
 from core.ablation import parse_variant, select_variant
 from core.dedup.config import tiny_decontam_config
 from core.dedup.mining import decontaminate
+from core.demo.eval_fixtures import write_fixtures
 from core.embed import embed_shards, tiny_embed_config
 from core.evals.base import LoadFailure, get_benchmark
 from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
-from core.evals.fixtures import write_fixtures
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
+from core.step import Passing
 from core.wds import iter_samples, list_shards, write_shards
 from tests.embed_data import encode, sample, scene
 
@@ -104,11 +105,9 @@ def test_planted_eval_copies_dropped_and_mined(cache, eval_run, tmp_path):
             led.add(s.id, "keep", shard=next(sh.name for sh in shards if s.id in sh.ids))
 
     cfg = tiny_embed_config(cache_dir=str(tmp_path / "models"), batch_size=8)
-    embed_shards([sh.path for sh in shards], str(run / "embed"), cfg, ledger_dir=str(step_dir(run, "embed")),
-                 use_ray=False)
+    embed_shards([sh.path for sh in shards], str(run / "embed"), cfg, use_ray=False)
     ev_out = tmp_path / "eval_emb"
-    embed_shards(list_shards(f"{eval_run}/shards"), str(ev_out / "embed"), cfg,
-                 ledger_dir=str(step_dir(ev_out, "embed")), use_ray=False)
+    embed_shards(list_shards(f"{eval_run}/shards"), str(ev_out / "embed"), cfg, use_ray=False)
     sets = eval_embedding_sets(str(ev_out))
     assert set(sets) == set(BENCHES)
 
@@ -116,7 +115,7 @@ def test_planted_eval_copies_dropped_and_mined(cache, eval_run, tmp_path):
     # the tiny ViT is trained (contrastive, demo-generator pairs): its threshold is on SigLIP2's scale
     cfg_dc = tiny_decontam_config(k=2, device="cpu")
     assert cfg_dc.threshold == 0.98
-    counts = decontaminate(str(run), str(dc), sets, cfg_dc, prev_step="embed", prev_run_dir=str(run))
+    counts = decontaminate(str(run), str(dc), sets, cfg_dc, Passing.read(run, "embed"))
     led = read_ledger(step_dir(dc, "decontam")).set_index("sample_id")
     assert led.loc["copy_docvqa", "reason"] == "eval_contamination:docvqa"
     assert led.loc["reenc_chartqa", "reason"] == "eval_contamination:chartqa"

@@ -16,7 +16,7 @@ from core.dedup.semdedup import (
     score_clusters,
     semdedup_arrays,
 )
-from core.dedup.synthetic import clustered_embeddings, plant_duplicates
+from core.demo.embeddings import clustered_embeddings, plant_duplicates
 
 
 def cfg(**kw):

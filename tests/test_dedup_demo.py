@@ -12,8 +12,8 @@ from PIL import Image
 
 from core.dedup.config import SemDedupConfig
 from core.dedup.pipeline import run_semdedup
-from core.dedup.synthetic import write_embedding_parquet
 from core.demo import generate_demo, load_ground_truth, load_records
+from core.demo.embeddings import write_embedding_parquet
 from core.ledger import read_ledger, step_dir
 
 

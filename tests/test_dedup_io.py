@@ -12,8 +12,9 @@ from core.dedup.embeddings import load_embeddings, read_embeddings
 from core.dedup.mining import decontaminate, mine_neighbours
 from core.dedup.pipeline import cluster_embeddings, decide_semdedup, prune_cluster_group, run_semdedup
 from core.dedup.report import semdedup_report_html
-from core.dedup.synthetic import clustered_embeddings, plant_duplicates, write_embedding_parquet
+from core.demo.embeddings import clustered_embeddings, plant_duplicates, write_embedding_parquet
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
+from core.step import Passing
 
 
 @pytest.mark.parametrize("fixed", [False, True])
@@ -87,7 +88,7 @@ def test_pipeline_writes_balanced_ledger_and_quarantines_bad_rows(tmp_path):
     emb, run, ids, planted = _write_run(tmp_path)
     c = SemDedupConfig(n_clusters=8, target_removal=0.05, kmeans_iters=8, chunk_size=64, cluster_groups=3,
                        device="cpu", sweep_subsample=600)
-    summary = run_semdedup(emb, run, c, prev_step="ingest")
+    summary = run_semdedup(emb, run, c, Passing.read(run, "ingest"))
     led = read_ledger(step_dir(run, "semdedup"))
     bal = check_balance(run, ["ingest", "semdedup"])[1]
     assert bal.inputs == len(ids) + 1
@@ -188,3 +189,31 @@ def test_decontaminate_drops_near_copies_with_benchmark_reason(tmp_path):
     # resume: existing ledger parts are kept, mining is still complete
     decontaminate(emb, run, {"docvqa": str(tmp_path / "docvqa.parquet")}, c)
     assert len(read_ledger(step_dir(run, "decontam"))) == 300
+
+
+def test_decontam_quarantines_absent_ids_and_resumes_one_file(tmp_path):
+    """DecontamStep on the shard-step base: ids of `prev` found in no embeddings file are quarantined once;
+    a rerun decides only the file whose ledger part is gone, while mining still sees every file."""
+    tids, train, eids, ev = _eval_world()
+    emb = tmp_path / "embed"
+    emb.mkdir()
+    write_embedding_parquet(str(emb / "shard-0.parquet"), tids[:150], train[:150], None)
+    write_embedding_parquet(str(emb / "shard-1.parquet"), tids[150:], train[150:], None)
+    write_embedding_parquet(str(tmp_path / "docvqa.parquet"), eids, ev, None)
+    prev = Passing.of(tids[:290] + ["ghost"])  # t290..t299 did not pass the previous step
+    evals, c = {"docvqa": str(tmp_path / "docvqa.parquet")}, DecontamConfig(threshold=0.95, k=3, device="cpu")
+    counts = decontaminate(emb, tmp_path / "dc", evals, c, prev)
+    ldir = step_dir(tmp_path / "dc", "decontam")
+    led = read_ledger(ldir).set_index("sample_id")
+    assert set(led.index) == set(tids[:290]) | {"ghost"} and led.loc["ghost", "reason"] == "missing_embedding"
+    assert counts == {"n_input": 290, "n_dropped": 2, "n_quarantined": 1, "by_benchmark": {"docvqa": 2}}
+    mined = pq.read_table(tmp_path / "dc" / "mining" / "docvqa.parquet").to_pandas()
+    assert not set(mined.sample_id) & set(tids[290:])  # ids the previous step removed are never mined
+    (ldir / "part-shard-1.parquet").unlink()
+    again = decontaminate(emb, tmp_path / "dc", evals, c, prev)
+    assert again["n_input"] == 140 and again["n_quarantined"] == 0  # ghost's row is still there: not written twice
+    assert read_ledger(ldir).sample_id.tolist() == read_ledger(ldir).sample_id.drop_duplicates().tolist()
+    assert sorted(p.name for p in ldir.iterdir()) == ["part-shard-0.parquet", "part-shard-1.parquet",
+                                                      "part-zz-missing.parquet"]
+    pd_again = pq.read_table(tmp_path / "dc" / "mining" / "docvqa.parquet").to_pandas()
+    assert pd_again.equals(mined)

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from core.dedup import kmeans
 from core.dedup import semdedup as sd
 from core.dedup.config import AUTO_BRANCHING, AUTO_HIERARCHICAL_MIN_CLUSTERS, KMEANS_AUTO, SemDedupConfig
-from core.dedup.synthetic import clustered_embeddings, plant_duplicates
+from core.demo.embeddings import clustered_embeddings, plant_duplicates
 
 
 def _cfg(**kw) -> SemDedupConfig:
@@ -72,7 +73,7 @@ def test_auto_goes_hierarchical_above_threshold(monkeypatch):
     branching AUTO_BRANCHING explicitly, and a different clustering from flat."""
     x = clustered_embeddings(4000, 32, 80, seed=5, spread=0.6)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    monkeypatch.setattr(sd, "AUTO_HIERARCHICAL_MIN_CLUSTERS", 64)
+    monkeypatch.setattr(kmeans, "AUTO_HIERARCHICAL_MIN_CLUSTERS", 64)  # read by kmeans.effective_branching
     auto = sd.cluster_rows(x, _cfg(n_clusters=80), "cpu")
     explicit = sd.cluster_rows(x, _cfg(n_clusters=80, kmeans_branching=AUTO_BRANCHING), "cpu")
     flat = sd.cluster_rows(x, _cfg(n_clusters=80, kmeans_branching=0), "cpu")

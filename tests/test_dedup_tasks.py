@@ -10,9 +10,10 @@ from flytekit.types.directory import FlyteDirectory
 from PIL import Image
 
 from core.dedup.config import DecontamConfig, SemDedupConfig
-from core.dedup.synthetic import clustered_embeddings, plant_duplicates, write_embedding_parquet
+from core.demo.embeddings import clustered_embeddings, plant_duplicates, write_embedding_parquet
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
 from core.sample import Sample, Turn
+from core.step import Passing
 from core.wds import write_shards
 
 
@@ -80,7 +81,7 @@ def test_report_gallery_shows_images_and_text(world):
     emb, run, ids, _ = world
     out = run.parent / "dd"
     cfg = SemDedupConfig(n_clusters=4, eps=0.01, kmeans_iters=5, device="cpu", sweep_subsample=0)
-    summary = run_semdedup(emb, out, cfg, "ingest", run)
+    summary = run_semdedup(emb, out, cfg, Passing.read(run, "ingest"))
     led = read_ledger(step_dir(out, "semdedup"))
     html = semdedup_report_html(summary, shard_fetcher(str(run / "shards"), dict(zip(led.sample_id, led.shard))))
     pair = summary["most_similar_pairs"][0]

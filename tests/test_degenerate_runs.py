@@ -45,7 +45,7 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
     out = tmp_path / "out"
     extra, steps = {}, ["ingest", "embed", "semdedup", "perplexity", "ppl_filter", "export"]
     if kind == "all_quarantined":  # every switchable step on: each runs on zero samples
-        from core.evals.fixtures import write_fixtures
+        from core.demo.eval_fixtures import write_fixtures
 
         write_fixtures(str(tmp_path / "eval_cache"))
         extra = dict(rephrase=True, decontaminate=True, eval_cache=str(tmp_path / "eval_cache"),

@@ -12,6 +12,7 @@ import pytest
 from core.embed import EmbedConfig, embed_shards, load_embeddings, siglip2_embed_config, tiny_embed_config
 from core.embed.model import SigLIP2ImageEmbedder, SigLIP2TextEmbedder, tiny_checkpoint
 from core.ledger import check_balance, read_ledger
+from core.step import Passing
 from tests.embed_data import (
     bomb_png,
     corrupt_jpeg,
@@ -276,18 +277,37 @@ def _first_view(cfg, urls, d) -> str:
     return str(d / "embed")
 
 
-def test_include_ids_mapping_and_truncated_shard(cfg, tmp_path):
+def test_prev_ids_by_shard_and_truncated_shard(cfg, tmp_path):
     samples = mixed_samples(10, seed=2)
     urls = write_test_shards(str(tmp_path / "shards"), samples, per_shard=10)
     truncate_tar(urls[0], keep_members=8)  # cut inside the 5th sample's members
     wanted = [s.id for s in samples if s.id != samples[1].id]  # samples[1] was dropped upstream
-    embed_shards(urls, str(tmp_path / "embed"), cfg, include_ids={"shard-000000": wanted}, use_ray=False)
+    embed_shards(urls, str(tmp_path / "embed"), cfg, prev=Passing("ingest", {"shard-000000": wanted}), use_ray=False)
     ledger = read_ledger(tmp_path / "ledger" / "embed")
     assert sorted(ledger.sample_id) == sorted(wanted)  # every input decided once, the dropped one absent
     reasons = ledger.set_index("sample_id")["reason"]
     assert (reasons[samples[-1].id]) == "missing_from_shard"
     ids, _ = load_embeddings(tmp_path / "embed", "text")
     assert set(ids) == set(ledger.loc[ledger.decision == "keep", "sample_id"]) and samples[1].id not in ids
+
+
+def test_prev_ids_in_no_embedded_shard_are_quarantined_once(cfg, shards, tmp_path):
+    """Ids the previous ledger places in a shard that is not embedded, and ids without a shard name that
+    no shard holds, get one `missing_from_shard` row each (the base's part-zz-missing), never vanish."""
+    samples, urls = shards
+    first = [s.id for s in samples[:8]]  # shard-000000
+    prev = Passing("ingest", {"shard-000000": first, "shard-000009": ["ghost"]})
+    embed_shards(urls[:1], str(tmp_path / "a" / "embed"), cfg, prev=prev, use_ray=False)
+    check_balance(tmp_path / "a", ["embed"], inputs=first + ["ghost"])
+    led = read_ledger(tmp_path / "a" / "ledger" / "embed").set_index("sample_id")
+    assert led.loc["ghost", "reason"] == "missing_from_shard" and (led.decision == "keep").sum() == 8
+    assert (tmp_path / "a" / "ledger" / "embed" / "part-zz-missing.parquet").exists()
+
+    loose = Passing.of([samples[0].id, samples[9].id, "ghost"])  # no shard names: every shard restricted to them
+    embed_shards(urls[:2], str(tmp_path / "b" / "embed"), cfg, prev=loose, use_ray=False)
+    check_balance(tmp_path / "b", ["embed"], inputs=[samples[0].id, samples[9].id, "ghost"])
+    led = read_ledger(tmp_path / "b" / "ledger" / "embed").set_index("sample_id")
+    assert led.decision.to_dict() == {samples[0].id: "keep", samples[9].id: "keep", "ghost": "quarantine"}
 
 
 def test_demo_planted_near_duplicates_retrieve_their_original(cfg, tmp_path):
@@ -314,12 +334,12 @@ def test_demo_planted_near_duplicates_retrieve_their_original(cfg, tmp_path):
 
 def test_shard_without_inputs_is_marked_done_with_empty_files(cfg, shards, tmp_path):
     _, urls = shards
-    s = embed_shards(urls[:1], str(tmp_path / "embed"), cfg, include_ids={}, use_ray=False)  # no inputs here
+    s = embed_shards(urls[:1], str(tmp_path / "embed"), cfg, prev=Passing("ingest", {}), use_ray=False)  # no inputs
     assert s.n_kept == 0 and s.n_quarantined == 0
     t = pq.read_table(tmp_path / "embed" / "shard-000000.parquet")
     assert t.num_rows == 0 and t.schema.field("text_emb").type.list_size == 128
     assert len(read_ledger(tmp_path / "ledger" / "embed")) == 0
-    assert embed_shards(urls[:1], str(tmp_path / "embed"), cfg, include_ids={}, use_ray=False).skipped
+    assert embed_shards(urls[:1], str(tmp_path / "embed"), cfg, prev=Passing("ingest", {}), use_ray=False).skipped
 
 
 def test_next_shard_prefetch_is_byte_identical_and_dropped_when_not_asked_for(cfg, shards, tmp_path):

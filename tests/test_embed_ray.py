@@ -82,7 +82,7 @@ def test_kill_actor_mid_run_then_resume_is_byte_identical(ray_cluster, tmp_path)
     check_balance(run, ["embed"], inputs=[s.id for s in samples])  # no duplicates, nothing missing
 
 
-def test_flyte_task_runs_locally_on_ray_with_upstream_ledger(ray_cluster, tmp_path):
+def test_flyte_task_runs_locally_on_ray_with_prev_ledger(ray_cluster, tmp_path):
     """The Flyte task body on an already-initialised local Ray (as flytekit's Ray plugin leaves it)."""
     from flytekit.types.directory import FlyteDirectory
 
@@ -98,7 +98,7 @@ def test_flyte_task_runs_locally_on_ray_with_upstream_ledger(ray_cluster, tmp_pa
             shard = f"shard-{i // 7:06d}"
             led.add(s.id, "quarantine", "role_broken", shard=shard) if s.id == dropped else led.add(s.id, "keep", shard=shard)
 
-    out = embed_task(shards=FlyteDirectory(str(run)), upstream=FlyteDirectory(str(run)),
+    out = embed_task(shards=FlyteDirectory(str(run)), prev=FlyteDirectory(str(run)),
                      cache_dir=str(tmp_path / "cache"), num_actors=2, batch_size=8)
     out_dir = Path(out.path)
     assert len(list((out_dir / "embed").glob("*.parquet"))) == len(urls)

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from core.demo.eval_fixtures import write_fixtures
 from core.evals import GenRequest, load_backend, tiny_eval_config
 from core.evals.backends import detect_kind
-from core.evals.fixtures import write_fixtures
 from core.evals.runner import evaluate_checkpoints
 from tests.evals_doubles import make_tiny_llava
 

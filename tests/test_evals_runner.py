@@ -9,6 +9,7 @@ import threading
 import pandas as pd
 import pytest
 
+from core.demo.eval_fixtures import write_fixtures
 from core.evals import (
     CheckpointStore,
     EvalConfig,
@@ -23,7 +24,6 @@ from core.evals import (
     tiny_eval_config,
     unregister_backend,
 )
-from core.evals.fixtures import write_fixtures
 from core.evals.runner import RECORD_COLUMNS, checkpoint_epoch, checkpoint_position, checkpoint_step
 from tests.evals_doubles import OracleBackend, oracle_table
 

@@ -11,8 +11,8 @@ import tarfile
 import pandas as pd
 import pytest
 
+from core.demo.eval_fixtures import write_fixtures
 from core.evals import register_backend, unregister_backend
-from core.evals.fixtures import write_fixtures
 from tests.evals_doubles import OracleBackend, oracle_table
 
 BENCHES = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]

@@ -72,7 +72,7 @@ def test_validate_task_reports_every_bad_input_at_once(tmp_path):
 
 def test_validate_task_accepts_good_inputs(tmp_path):
     from core.demo import generate_demo
-    from core.evals.fixtures import write_fixtures
+    from core.demo.eval_fixtures import write_fixtures
     from tasks.validate import validate_curate_inputs
 
     generate_demo(str(tmp_path / "d"), n_samples=40, seed=0)

@@ -120,7 +120,7 @@ def weight_backend():
 
 @pytest.mark.parametrize("cap", [1, 2])
 def test_capped_soup_evaluation_holds_at_most_cap(tmp_path, weight_backend, cap):
-    from core.evals.fixtures import write_fixtures
+    from core.demo.eval_fixtures import write_fixtures
 
     cache = str(tmp_path / "cache")
     write_fixtures(cache)

@@ -14,7 +14,7 @@ import pytest
 @pytest.mark.slow
 def test_mixing_search_end_to_end(tmp_path):
     from core.demo import generate_demo
-    from core.evals.fixtures import write_fixtures
+    from core.demo.eval_fixtures import write_fixtures
     from core.ledger import read_ledger, step_dir
     from core.mixing.pipeline import tiny_mixing_config
     from workflows.mixing import mixing_search

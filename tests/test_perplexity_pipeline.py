@@ -19,6 +19,7 @@ from core.ledger import check_balance, read_ledger, step_dir  # noqa: E402
 from core.perplexity import SliceConfig, read_scores, score_shards, slice_by_perplexity, tiny_perplexity_config  # noqa: E402
 from core.perplexity.report import score_report_html, slice_report_html  # noqa: E402
 from core.sample import Sample  # noqa: E402
+from core.step import Passing  # noqa: E402
 from core.wds import list_shards, write_shards  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def test_score_shards_ledger_scores_and_resume(lm, run):
     assert len(shards) == 3
     out = root / "ppl"
     cfg = tiny_perplexity_config(lm)
-    summary = score_shards(shards, out, cfg, include_ids=set(ids) | {"ghost"})
+    summary = score_shards(shards, out, cfg, prev=Passing.of(ids + ["ghost"]))
     led = read_ledger(step_dir(out, "perplexity"))
     assert sorted(led.sample_id) == sorted(ids + ["ghost"])
     q = led[led.decision == "quarantine"].set_index("sample_id").reason.to_dict()
@@ -76,7 +77,7 @@ def test_score_shards_ledger_scores_and_resume(lm, run):
     parts = sorted(step_dir(out, "perplexity").glob("part-shard-*.parquet"))
     keep_mtime = parts[0].stat().st_mtime_ns
     parts[1].unlink()
-    again = score_shards(shards, out, cfg, include_ids=set(ids) | {"ghost"})
+    again = score_shards(shards, out, cfg, prev=Passing.of(ids + ["ghost"]))
     assert (again["shards_scored"], again["shards_skipped"]) == (1, 2)
     assert parts[0].stat().st_mtime_ns == keep_mtime
     led2 = read_ledger(step_dir(out, "perplexity"))
@@ -102,7 +103,7 @@ def test_reader_quarantine_lands_in_ledger(lm, run, tmp_path):
     shards = list_shards(str(root / "shards"))
     out = tmp_path / "ppl2"
     inputs = ids + ["bad1", "lost"]
-    score_shards(shards, out, tiny_perplexity_config(lm), include_ids=set(inputs))
+    score_shards(shards, out, tiny_perplexity_config(lm), prev=Passing.of(inputs))
     led = read_ledger(step_dir(out, "perplexity"))
     q = led[led.decision == "quarantine"].set_index("sample_id").reason.to_dict()
     assert q == {"zero": "ppl_no_scored_tokens", "bad1": "role_broken", "lost": "missing_from_shard"}
@@ -112,7 +113,7 @@ def test_reader_quarantine_lands_in_ledger(lm, run, tmp_path):
 def test_range_filter_and_slices(lm, run, tmp_path):
     root, ids = run
     out = root / "ppl"
-    score_shards(list_shards(str(root / "shards")), out, tiny_perplexity_config(lm), include_ids=set(ids))
+    score_shards(list_shards(str(root / "shards")), out, tiny_perplexity_config(lm), prev=Passing.of(ids))
     rng = slice_by_perplexity(out, tmp_path / "f", SliceConfig(mode="range", low_pct=10, high_pct=90))
     led = read_ledger(step_dir(tmp_path / "f", "ppl_filter"))
     assert set(led.reason[led.decision == "drop"]) == {"ppl_above_p90", "ppl_below_p10"}

@@ -155,3 +155,24 @@ def test_atomic_writes_replace_whole_files(tmp_path):
     write_parquet_atomic(pa.table({"a": [1, 2]}), tmp_path / "d" / "t.parquet")
     assert (tmp_path / "d" / "x.txt").read_text() == "two"
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["t.parquet", "x.txt"]  # no temp files left
+
+
+def test_the_ten_line_example_of_docs_architecture_runs(run, tmp_path):
+    """docs/architecture.md's "Adding a step" block is real code: run it on a run folder with a semdedup ledger."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    block = re.search(r"### Adding a step.*?```python\n(.*?)```", doc, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 10
+    (run / "ledger" / "ingest").rename(run / "ledger" / "semdedup")
+    for p in (run / "ledger" / "semdedup").glob("*.parquet"):  # the parts carry their step name: rewrite it
+        df = read_ledger(p).assign(step="semdedup")
+        with LedgerWriter(p, "semdedup") as led:
+            for r in df.itertuples():
+                led.add(r.sample_id, r.decision, r.reason, shard=r.shard)
+    ns = {"out": tmp_path / "out", "prev_dir": run, "run": run}
+    exec(block, ns)
+    led = read_ledger(tmp_path / "out" / "ledger" / "answer_len")
+    assert len(led) == 29 and set(led.decision) == {"keep"}
+    check_balance([run, tmp_path / "out"], ["semdedup", "answer_len"])

@@ -6,7 +6,7 @@ import pytest
 
 from core.dedup.config import DecontamConfig
 from core.dedup.mining import decontaminate
-from core.dedup.synthetic import write_embedding_parquet
+from core.demo.embeddings import write_embedding_parquet
 from core.ledger import passing_ids, read_ledger, step_dir
 from core.targeted.config import TargetedConfig
 from core.targeted.retrieve import STEP, generated_id, retrieve

@@ -13,7 +13,8 @@ from PIL import Image
 
 from core.ledger import LedgerWriter
 from core.sample import Sample
-from core.wds import _tarinfo, iter_shard, sample_members, write_shards
+from core.wds import iter_shard, sample_members, write_shards
+from core.wds.members import _tarinfo
 
 
 def _jpeg(seed: int, size=(40, 30)) -> bytes:
@@ -115,7 +116,7 @@ def test_local_reader_matches_stream_reader_on_cuts(tmp_path, monkeypatch, cut):
 
 def test_member_header_equals_tarfile_header():
     """The template-built header is tarfile's header for every name length (PAX above 100 bytes) and size."""
-    from core.wds import _TEMPLATE, _TEMPLATE_INFO, _member_header
+    from core.wds.members import _TEMPLATE, _TEMPLATE_INFO, _member_header
 
     for n in (1, 5, 37, 99, 100, 101, 120, 140):
         for size in (0, 1, 511, 512, 513, 123_456, 8**11 - 1):
@@ -144,7 +145,7 @@ def test_plain_index_matches_tarfile_and_rejects_other_tars(tmp_path):
     other writers' tars and damaged shards are left to tarfile (None)."""
     import os
 
-    from core.wds import _scan_plain
+    from core.wds.tars import _scan_plain
 
     samples = _samples() + [_sample("b" * 110, 2), _sample("c" * 128, 1)]
     write_shards(samples, str(tmp_path / "w"), max_samples=100)

@@ -69,7 +69,7 @@ def ablate_steps(
     # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
     run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
                          source_fingerprint=fingerprint_source(source=source, image_root=image_root), format=format)
-    emb = embed(shards=run, upstream=run, upstream_step="ingest", preset=value_of(embed_preset))
+    emb = embed(shards=run, prev=run, prev_step="ingest", preset=value_of(embed_preset))
     ref = run
     if reference_source:
         ref = ingest_dataset(source=reference_source, image_root=reference_image_root,

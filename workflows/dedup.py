@@ -90,7 +90,7 @@ def _decontaminate(embeddings, eval_cache, benchmarks, embed_preset, config, pre
     ev_run = ingest_eval_sets(cache_dir=eval_cache, benchmarks=benchmarks,
                               source_fingerprint=fingerprint_source(source=eval_cache))
     embed = embed_shards_cpu if on_cpu else embed_shards
-    ev_emb = embed(shards=ev_run, upstream=ev_run, upstream_step="ingest", preset=embed_preset)
+    ev_emb = embed(shards=ev_run, prev=ev_run, prev_step="ingest", preset=embed_preset)
     return decontaminate_evals(embeddings=embeddings, evals=ev_emb, config=config, prev=prev, prev_step=prev_step,
                                run=run, eval_run=ev_run)
 

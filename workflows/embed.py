@@ -13,8 +13,8 @@ from tasks.embed import embed_shards, embed_shards_cpu
 @workflow
 def embedding(
     shards: FlyteDirectory,
-    upstream: Optional[FlyteDirectory] = None,
-    upstream_step: str = "ingest",
+    prev: Optional[FlyteDirectory] = None,
+    prev_step: str = "ingest",
     preset: str = "tiny",
     cache_dir: Optional[str] = None,
     out_url: Optional[str] = None,
@@ -22,21 +22,21 @@ def embedding(
     """Embed images and conversation text of WDS shards (see tasks.embed.embed_shards).
 
     :param shards: Folder of `*.tar` shards, or a run folder holding `shards/`.
-    :param upstream: Folder holding `ledger/<upstream_step>/`; only its passing ids are embedded.
-    :param upstream_step: Step name of the upstream ledger.
+    :param prev: Folder holding `ledger/<prev_step>/`; only its passing ids are embedded.
+    :param prev_step: Step name of the previous step's ledger.
     :param preset: `tiny` (CPU, embedded default) or `siglip2` (GPU production).
     :param cache_dir: Local model cache (Hugging Face cache for hf-hub models).
     :param out_url: Persistent folder to write into and resume from.
     """
-    return embed_shards(shards=shards, upstream=upstream, upstream_step=upstream_step, preset=preset,
+    return embed_shards(shards=shards, prev=prev, prev_step=prev_step, preset=preset,
                         cache_dir=cache_dir, out_url=out_url)
 
 
 @workflow
 def embedding_cpu(
     shards: FlyteDirectory,
-    upstream: Optional[FlyteDirectory] = None,
-    upstream_step: str = "ingest",
+    prev: Optional[FlyteDirectory] = None,
+    prev_step: str = "ingest",
     preset: str = "tiny",
     cache_dir: Optional[str] = None,
     out_url: Optional[str] = None,
@@ -44,13 +44,13 @@ def embedding_cpu(
     """Embed on CPU (the tiny preset): the same step as `embedding`, without the GPU Ray cluster.
 
     :param shards: Folder of `*.tar` shards, or a run folder holding `shards/`.
-    :param upstream: Folder holding `ledger/<upstream_step>/`; only its passing ids are embedded.
-    :param upstream_step: Step name of the upstream ledger.
+    :param prev: Folder holding `ledger/<prev_step>/`; only its passing ids are embedded.
+    :param prev_step: Step name of the previous step's ledger.
     :param preset: `tiny` (the embedded CPU model).
     :param cache_dir: Local model cache (Hugging Face cache for hf-hub models).
     :param out_url: Persistent folder to write into and resume from.
     """
-    return embed_shards_cpu(shards=shards, upstream=upstream, upstream_step=upstream_step, preset=preset,
+    return embed_shards_cpu(shards=shards, prev=prev, prev_step=prev_step, preset=preset,
                             cache_dir=cache_dir, out_url=out_url)
 
 

@@ -103,8 +103,8 @@ def _targeted_generation_wf(name: str, embed_task, decontam_wf):
                              source_fingerprint=fingerprint_source(source=reference_source, image_root=reference_image_root))
         pool = ingest_dataset(source=pool_source, image_root=pool_image_root, shard_max_samples=shard_max_samples,
                               source_fingerprint=fingerprint_source(source=pool_source, image_root=pool_image_root))
-        ref_emb = embed_task(shards=ref, upstream=ref, upstream_step="ingest", preset=embed_preset)
-        pool_emb = embed_task(shards=pool, upstream=pool, upstream_step="ingest", preset=embed_preset)
+        ref_emb = embed_task(shards=ref, prev=ref, prev_step="ingest", preset=embed_preset)
+        pool_emb = embed_task(shards=pool, prev=pool, prev_step="ingest", preset=embed_preset)
         dc = decontam_wf(embeddings=pool_emb, eval_cache=eval_cache, benchmarks=benchmarks, embed_preset=embed_preset,
                          config=decontam_config, prev=pool_emb, prev_step="embed", run=pool)
         sub = split_reference(reference=ref, reference_ids=reference_ids, preset=preset, overrides=overrides)

@@ -2,22 +2,24 @@
 that are near-duplicates of eval items), with faiss inner-product search on normalized vectors.
 
 Training embeddings are streamed one Parquet file (shard) at a time, so memory is one shard plus the
-eval sets; decontamination writes one ledger part per embeddings file and skips finished ones on re-run.
+eval sets. `DecontamStep` is a `core.step.ShardStep` whose units are embeddings files: one ledger part per
+file, finished files skipped on re-run (but still mined).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core.dedup.config import DecontamConfig
 from core.dedup.embeddings import embedding_files, invalid_rows, normalize_rows, read_embeddings
-from core.ledger import LedgerWriter, passing_ids, read_ledger, step_dir
+from core.ledger import LedgerWriter
+from core.step import Passing, ShardStep, StepSummary, Unit, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 DECONTAM_STEP = "decontam"
@@ -125,88 +127,105 @@ def max_eval_similarity(
     return best, which, row
 
 
-def decontaminate(
-    embeddings_dir: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    eval_embeddings: dict[str, str | list[str]],
-    cfg: DecontamConfig,
-    prev_step: str = "",
-    prev_run_dir: str | os.PathLike | None = None,
-) -> dict:
-    """Mine and decontaminate against several eval sets in one streamed pass over training shards.
+class DecontamStep(ShardStep):
+    """Per embeddings file: drop training samples more similar than `cfg.threshold` to an eval item, while
+    mining the k nearest training samples of every eval item over all files (finished ones included).
 
-    eval_embeddings: {benchmark: path (or list of files) of that eval set's embeddings, same Parquet format}.
-    Writes `<run>/mining/<benchmark>.parquet` (k nearest training samples per eval item, with
-    similarities) and `<run>/ledger/decontam/part-<file>.parquet`: drop with reason
-    `eval_contamination:<benchmark>` when max similarity > threshold, score = max similarity, extra =
-    nearest eval id. Invalid vectors are quarantined; samples without an embedding of cfg.kind are kept.
-    The previous step's ledger is read from `prev_run_dir` (default `run_dir`). Returns counts.
-    """
-    gpu = _use_gpu(cfg.device)
-    for b in eval_embeddings:
-        if not b or ":" in b:
-            raise ValueError(f"benchmark name {b!r} must be non-empty without ':'")
-    evals_ids: dict[str, list[str]] = {}
-    evals_x: dict[str, np.ndarray] = {}
-    for b, p in eval_embeddings.items():
-        es = read_embeddings(p, cfg.kind)
-        if es.missing:  # e.g. text-only eval items under kind=image: they cannot match by that modality
-            log.warning("%s: %d eval items have no %s embedding and are not used, e.g. %s", b, len(es.missing),
-                        cfg.kind, es.missing[:5])
-        evals_ids[b], evals_x[b] = es.ids, normalize_rows(es.ids, es.matrix)
-    miners = {b: NeighbourMiner(evals_ids[b], evals_x[b], cfg.k, gpu) for b in eval_embeddings}
-    include = (
-        set(passing_ids(read_ledger(step_dir(prev_run_dir or run_dir, prev_step)))) if prev_step else None
-    )
-    ldir = step_dir(run_dir, DECONTAM_STEP)
-    names = list(eval_embeddings)
-    counts = {"n_input": 0, "n_dropped": 0, "n_quarantined": 0, "by_benchmark": {b: 0 for b in names}}
-    seen: set[str] = set()
-    for f in embedding_files(embeddings_dir):
-        es = read_embeddings(f, cfg.kind, include)
-        seen.update(es.ids)
-        seen.update(es.missing)
+    Ledger rows: drop `eval_contamination:<benchmark>` (score = max similarity, extra = nearest eval id);
+    keep (score, nearest eval id and benchmark); quarantine of invalid vectors; keep
+    `decontam_skipped:no_<kind>_embedding` for samples without an embedding of `cfg.kind`; ids of `prev`
+    in no file: quarantine `missing_embedding`. `run` publishes `mining/<benchmark>.parquet` at the end."""
+
+    name = DECONTAM_STEP
+    missing_reason = "missing_embedding"
+    missing_detail = "input id has no row in any embeddings file"
+
+    def __init__(self, out: str | os.PathLike, eval_embeddings: dict[str, str | list[str]], cfg: DecontamConfig,
+                 prev: Passing | None = None):
+        super().__init__(out, prev)
+        for b in eval_embeddings:
+            if not b or ":" in b:
+                raise ValueError(f"benchmark name {b!r} must be non-empty without ':'")
+        self.eval_embeddings, self.cfg = eval_embeddings, cfg
+        self.counts = {"n_input": 0, "n_dropped": 0, "n_quarantined": 0, "by_benchmark": {b: 0 for b in eval_embeddings}}
+
+    def unit_name(self, url: str) -> str:
+        return Path(url).stem
+
+    def setup(self) -> None:
+        """Eval sets (normalized) and one running top-k miner per benchmark."""
+        self.gpu = _use_gpu(self.cfg.device)
+        self.evals_ids: dict[str, list[str]] = {}
+        self.evals_x: dict[str, np.ndarray] = {}
+        for b, p in self.eval_embeddings.items():
+            es = read_embeddings(p, self.cfg.kind)
+            if es.missing:  # e.g. text-only eval items under kind=image: they cannot match by that modality
+                log.warning("%s: %d eval items have no %s embedding and are not used, e.g. %s", b, len(es.missing),
+                            self.cfg.kind, es.missing[:5])
+            self.evals_ids[b], self.evals_x[b] = es.ids, normalize_rows(es.ids, es.matrix)
+        self.miners = {b: NeighbourMiner(self.evals_ids[b], self.evals_x[b], self.cfg.k, self.gpu)
+                       for b in self.eval_embeddings}
+
+    def _mine(self, unit: Unit):
+        """Read one file's input rows, add its valid normalized vectors to every miner."""
+        es = read_embeddings(unit.url, self.cfg.kind, self.include)
         bad = invalid_rows(es.ids, es.matrix)
         ok = np.array([i not in bad for i in es.ids], bool)
         ids = np.asarray(es.ids, dtype=object)[ok].astype(str).tolist() if es.ids else []
         x = normalize_rows(ids, es.matrix[ok], inplace=True) if ids else np.zeros((0, 1), np.float32)
-        for b in names:  # mining needs every shard, also ones whose ledger part already exists
-            miners[b].add(ids, x)
-        part = ldir / f"part-{f.stem}.parquet"
-        if part.exists():
-            log.info("%s exists: skipping ledger for %s (resume)", part, f.name)
-            continue
-        best, which, row = max_eval_similarity(x, evals_x, cfg.batch_size, gpu) if ids else (np.zeros(0),) * 3
+        for m in self.miners.values():
+            m.add(ids, x)
+        return es, bad, ids, x
+
+    def visit_finished(self, unit: Unit) -> None:
+        self.ensure_setup()  # mining needs every file, also ones whose ledger part already exists
+        self._mine(unit)
+
+    def process(self, unit: Unit, led: LedgerWriter) -> None:
+        es, bad, ids, x = self._mine(unit)
+        cfg, names, c = self.cfg, list(self.eval_embeddings), self.counts
+        best, which, row = max_eval_similarity(x, self.evals_x, cfg.batch_size, self.gpu) if ids else (np.zeros(0),) * 3
         shard_of = dict(zip(es.ids, es.shards))
-        with LedgerWriter(part, DECONTAM_STEP) as led:
-            for sid, sh in zip(es.missing, es.missing_shards):
-                led.add(sid, "keep", f"decontam_skipped:no_{cfg.kind}_embedding", None, sh)
-            for sid, why in sorted(bad.items()):
-                led.add(sid, "quarantine", why, None, shard_of[sid])
-                counts["n_quarantined"] += 1
-            for j, sid in enumerate(ids):
-                b = names[which[j]]
-                near = evals_ids[b][row[j]]
-                if best[j] > cfg.threshold:
-                    led.add(sid, "drop", f"eval_contamination:{b}", float(best[j]), shard_of[sid], eval_id=near)
-                    counts["n_dropped"] += 1
-                    counts["by_benchmark"][b] += 1
-                else:
-                    led.add(sid, "keep", "", float(best[j]), shard_of[sid], eval_id=near, benchmark=b)
-        counts["n_input"] += len(es.ids) + len(es.missing)
-    if include is not None:
-        absent = sorted(include - seen)
-        if absent:
-            with LedgerWriter(ldir / "part-missing.parquet", DECONTAM_STEP) as led:
-                for sid in absent:
-                    led.add(sid, "quarantine", "missing_embedding")
-            counts["n_quarantined"] += len(absent)
-    if not ldir.exists():  # no embeddings (empty source, all quarantined): the step still writes its ledger
-        LedgerWriter(ldir / "part-empty.parquet", DECONTAM_STEP).close()
-    mdir = Path(run_dir) / "mining"
-    mdir.mkdir(parents=True, exist_ok=True)
-    for b, m in miners.items():
-        tmp = mdir / f"{b}.parquet.tmp"
-        pq.write_table(m.result(b), tmp)
-        os.replace(tmp, mdir / f"{b}.parquet")
-    return counts
+        for sid, sh in zip(es.missing, es.missing_shards):
+            led.add(sid, "keep", f"decontam_skipped:no_{cfg.kind}_embedding", None, sh)
+        for sid, why in sorted(bad.items()):
+            led.add(sid, "quarantine", why, None, shard_of[sid])
+            c["n_quarantined"] += 1
+        for j, sid in enumerate(ids):
+            b = names[which[j]]
+            near = self.evals_ids[b][row[j]]
+            if best[j] > cfg.threshold:
+                led.add(sid, "drop", f"eval_contamination:{b}", float(best[j]), shard_of[sid], eval_id=near)
+                c["n_dropped"] += 1
+                c["by_benchmark"][b] += 1
+            else:
+                led.add(sid, "keep", "", float(best[j]), shard_of[sid], eval_id=near, benchmark=b)
+        c["n_input"] += len(es.ids) + len(es.missing)
+
+    def run(self, urls: Sequence[str]) -> StepSummary:
+        self.ensure_setup()  # the eval sets are checked and mined even when no file is left to decide
+        summary = super().run(urls)
+        self.counts["n_quarantined"] += summary.missing
+        for b, m in self.miners.items():
+            write_parquet_atomic(m.result(b), self.out / "mining" / f"{b}.parquet")
+        return summary
+
+
+def decontaminate(
+    embeddings_dir: str | os.PathLike | list[str | os.PathLike],
+    run_dir: str | os.PathLike,
+    eval_embeddings: dict[str, str | list[str]],
+    cfg: DecontamConfig,
+    prev: Passing | None = None,
+) -> dict:
+    """Mine and decontaminate against several eval sets in one streamed pass over training embeddings files.
+
+    eval_embeddings: {benchmark: path (or list of files) of that eval set's embeddings, same Parquet format}.
+    `prev`: the previous step's passing ids (None = every embedded sample). Writes
+    `<run>/mining/<benchmark>.parquet` (k nearest training samples per eval item, with similarities) and
+    `<run>/ledger/decontam/part-<file>.parquet` (see `DecontamStep`); finished files keep their ledger part
+    on re-run. Returns counts (n_input, n_dropped, n_quarantined, by_benchmark) of the files decided now.
+    """
+    step = DecontamStep(run_dir, eval_embeddings, cfg, prev)
+    step.run([str(f) for f in embedding_files(embeddings_dir)])
+    return step.counts

@@ -35,7 +35,8 @@ from core.dedup.semdedup import (
     resolve_device,
     score_clusters,
 )
-from core.ledger import LedgerWriter, passing_ids, read_ledger, step_dir
+from core.ledger import LedgerWriter, step_dir
+from core.step import Passing, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 STEP = "semdedup"
@@ -66,7 +67,7 @@ class ClusterPlan:
 
     def save(self) -> Path:
         p = work_dir(self.run_dir) / "plan.json"
-        _atomic_write_text(p, json.dumps(asdict(self), indent=1))
+        write_json_atomic(asdict(self), p, indent=1)
         return p
 
     @staticmethod
@@ -74,42 +75,24 @@ class ClusterPlan:
         return ClusterPlan(**json.loads(Path(path).read_text()))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 def cluster_embeddings(
     embeddings_dir: str | os.PathLike,
     run_dir: str | os.PathLike,
     cfg: SemDedupConfig,
-    prev_step: str = "",
-    prev_run_dir: str | os.PathLike | None = None,
+    prev: Passing | None = None,
     groups_dir: str | os.PathLike | None = None,
 ) -> ClusterPlan:
     """Step 1: k-means + assignment; writes balanced cluster-group files for the pairwise map task.
 
-    Decides about exactly the ids that passed `prev_step` (all embedded ids when empty), whose ledger
-    is read from `prev_run_dir` (default: `run_dir`). Group files go to `groups_dir` (default
-    `<run>/semdedup/groups`). Rows with
+    Decides about exactly the ids of `prev`, the previous step's passing ids (all embedded ids when None).
+    Group files go to `groups_dir` (default `<run>/semdedup/groups`). Rows with
     NaN/inf/zero-norm vectors are quarantined (or raise, with on_invalid="error"); samples without an
     embedding of cfg.kind (text-only samples for kind=image) are kept unchanged with a reason; ids that
-    passed prev_step but are absent from the embeddings are quarantined as `missing_embedding`.
+    passed the previous step but are absent from the embeddings are quarantined as `missing_embedding`.
     """
     t0 = time.perf_counter()
     wd = work_dir(run_dir)
-    include = (
-        set(passing_ids(read_ledger(step_dir(prev_run_dir or run_dir, prev_step)))) if prev_step else None
-    )
+    include = None if prev is None else set(prev.ids)
     es = read_embeddings(embeddings_dir, cfg.kind, include)
     log.info("read %d %s embeddings (%d without one) in %.1fs", len(es.ids), cfg.kind, len(es.missing),
              time.perf_counter() - t0)
@@ -144,7 +127,7 @@ def cluster_embeddings(
         x = es.matrix
     del es
     x = normalize_rows(list(ids), x, inplace=True) if len(ids) else x
-    _atomic_parquet(pa.table({k: pa.array(v, pa.string()) for k, v in side.items()}), wd / "side.parquet")
+    write_parquet_atomic(pa.table({k: pa.array(v, pa.string()) for k, v in side.items()}), wd / "side.parquet")
 
     device = resolve_device(cfg.device)
     n, d = (x.shape[0], x.shape[1]) if len(ids) else (0, 0)
@@ -166,7 +149,7 @@ def cluster_embeddings(
     for g, members in enumerate(groups):
         rows = np.flatnonzero(np.isin(labels, members))
         path = gdir / f"group-{g:05d}.npz"
-        tmp = gdir / f"group-{g:05d}.tmp.npz"
+        tmp = gdir / f"group-{g:05d}.tmp.npz"  # streamed, not write_atomic: a group holds GBs of vectors at scale
         np.savez(tmp, ids=ids[rows], shards=shards[rows], labels=labels[rows], sims=sims[rows], x=x[rows])
         os.replace(tmp, path)
         files.append(str(path))
@@ -197,7 +180,7 @@ def _cluster_sweep(x: np.ndarray, ids: np.ndarray, cfg: SemDedupConfig, device: 
         sc = score_clusters(xs, ids_s, labels, sims, cfg, device)
         rows_k.append(np.full(len(sc.m), k, np.int64))
         rows_m.append(sc.m)
-    _atomic_parquet(pa.table({"k": np.concatenate(rows_k), "m": np.concatenate(rows_m)}), wd / "sweep.parquet")
+    write_parquet_atomic(pa.table({"k": np.concatenate(rows_k), "m": np.concatenate(rows_m)}), wd / "sweep.parquet")
 
 
 def prune_cluster_group(
@@ -230,7 +213,7 @@ def prune_cluster_group(
             "neighbour_id": pa.array(sc.neighbour_id.tolist(), pa.string()),
         }
     )
-    _atomic_parquet(table, out)
+    write_parquet_atomic(table, out)
     log.info("%s: %d samples in %d clusters scored in %.1fs on %s", gf.name, len(ids), len(np.unique(labels)),
              time.perf_counter() - t0, device)
     return str(out)
@@ -301,9 +284,9 @@ def decide_semdedup(run_dir: str | os.PathLike, cfg: SemDedupConfig, score_files
             "cluster": sc.cluster[rem],
         }
     )
-    _atomic_parquet(pairs, wd / "removed_pairs.parquet")
+    write_parquet_atomic(pairs, wd / "removed_pairs.parquet")
     summary = summarize(sc, dec, plan, cfg, wd)
-    _atomic_write_text(wd / "summary.json", json.dumps(summary, indent=1))
+    write_json_atomic(summary, wd / "summary.json", indent=1)
     log.info("semdedup: removed %d of %d (%.3f%%) at eps=%.5f", summary["n_removed"], summary["n_deduped"],
              100 * summary["removed_fraction"], summary["eps"])
     return summary
@@ -365,10 +348,9 @@ def run_semdedup(
     embeddings_dir: str | os.PathLike,
     run_dir: str | os.PathLike,
     cfg: SemDedupConfig,
-    prev_step: str = "",
-    prev_run_dir: str | os.PathLike | None = None,
+    prev: Passing | None = None,
 ) -> dict:
-    """All three steps in one process (local runs, tests). Returns the summary."""
-    plan = cluster_embeddings(embeddings_dir, run_dir, cfg, prev_step, prev_run_dir)
+    """All three steps in one process (local runs, tests); `prev` as in `cluster_embeddings`. Returns the summary."""
+    plan = cluster_embeddings(embeddings_dir, run_dir, cfg, prev)
     files = [prune_cluster_group(g, cfg) for g in plan.group_files]
     return decide_semdedup(run_dir, cfg, files)

@@ -1,20 +1,19 @@
-"""`embed_shards`: spread WDS shards over Ray actors (or one in-process worker), write per-shard
-embeddings and ledger parts atomically, skip shards already done.
+"""The embed step: `EmbedStep`, a `core.step.ShardStep` over WDS shards whose units run on Ray actors
+(or one in-process worker); `embed_shards` is its entry point.
 
-Resume contract (docs/architecture.md): a shard is done when both `<out_dir>/<shard>.parquet` and
-`<ledger_dir>/part-<shard>.parquet` exist. The driver writes the embeddings first and the ledger part
-last, each via tmp + rename, so a crash at any point leaves the shard either done or absent, never half.
+Outputs: `<out_dir>/<shard>.parquet` (embeddings) and `<run>/ledger/embed/part-<shard>.parquet`, `<run>`
+being the parent of `out_dir`. A shard is done when both exist: the embeddings are published first and
+the ledger part last (`core.step.write_atomic`), so a crash leaves each shard done or absent, never half.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -22,7 +21,9 @@ from fsspec.implementations.local import LocalFileSystem
 from core.embed.config import EmbedConfig
 from core.embed.model import as_ray_actor
 from core.embed.worker import STEP, ShardEmbedWorker, ShardResult
+from core.ledger import SCHEMA, LedgerWriter
 from core.log import progress
+from core.step import Passing, ShardStep, Unit, write_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,105 +79,127 @@ class EmbedSummary:
                 **{k: round(v, 3) for k, v in self.throughput().items()}}
 
 
-def output_paths(shard: str, out_dir: str, ledger_dir: str) -> tuple[str, str]:
-    """(embedding file, ledger part) of a shard name."""
-    return f"{str(out_dir).rstrip('/')}/{shard}.parquet", f"{str(ledger_dir).rstrip('/')}/part-{shard}.parquet"
+class EmbedStep(ShardStep):
+    """The embed step over WDS shards. The work of a shard is `ShardEmbedWorker.embed_shard`: in this
+    process through the base's `run` (`process` prefetches the next pending shard), or on Ray actors
+    (`embed_shards`) whose `ShardResult`s are published here (`publish`) before the base's `finish`.
 
+    :param out_dir: embeddings folder (`<run>/embed`); the ledger goes to `<run>/ledger/embed`. A path or
+        fsspec URL (object stores: the in-process `run` needs a local folder; missing ids are then only
+        quarantined per shard).
+    :param prev: the previous step's passing ids. With shard names (a ledger's `shard` column) each shard
+        embeds its own ids and quarantines those it lacks as `missing_from_shard`; without, every shard is
+        restricted to all of them. Ids in no shard are quarantined by the base's `finish`.
+    """
 
-def _write_atomic(path: str, data: bytes) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(os.path.dirname(p) or ".", exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{p}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    else:  # object stores publish a whole object on close
-        with fs.open(p, "wb") as f:
-            f.write(data)
+    name = STEP
 
+    def __init__(self, out_dir: str, cfg: EmbedConfig, prev: Passing | None = None,
+                 on_shard: Callable[[ShardResult], None] | None = None):
+        self.emb_dir = str(out_dir).rstrip("/")
+        self.run_url = self.emb_dir.rsplit("/", 1)[0] if "/" in self.emb_dir else "."
+        super().__init__(self.run_url, prev)
+        self.cfg = cfg
+        self.on_shard = on_shard
+        self.local = isinstance(fsspec.core.url_to_fs(self.run_url)[0], LocalFileSystem)
+        self.worker: ShardEmbedWorker | None = None
+        self._after: dict[str, Unit] = {}
 
-def _is_done(shard: str, out_dir: str, ledger_dir: str) -> bool:
-    return all(fs.exists(p) for fs, p in (fsspec.core.url_to_fs(u) for u in output_paths(shard, out_dir, ledger_dir)))
+    def emb_path(self, unit_name: str) -> str:
+        return f"{self.emb_dir}/{unit_name}.parquet"
 
+    def part(self, unit_name: str) -> Any:
+        return super().part(unit_name) if self.local else f"{self.run_url}/ledger/{self.name}/part-{unit_name}.parquet"
 
-def _publish(res: ShardResult, out_dir: str, ledger_dir: str) -> None:
-    emb, led = output_paths(res.shard, out_dir, ledger_dir)
-    _write_atomic(emb, res.embeddings)
-    _write_atomic(led, res.ledger)  # last: its existence marks the shard done
+    def is_done(self, unit_name: str) -> bool:
+        return all(fs.exists(p) for fs, p in (fsspec.core.url_to_fs(str(u))
+                                              for u in (self.emb_path(unit_name), self.part(unit_name))))
 
+    def shard_ids(self, unit: Unit) -> tuple[set[str] | None, bool]:
+        """(ids the shard embeds, whether the ones it lacks are quarantined there); (None, False): all."""
+        if self.prev is None:
+            return None, False
+        if set(self.prev.by_shard) <= {""}:  # ids without shard names
+            return set(self.prev.ids), False
+        return self.prev.in_shard(unit.name), True
 
-def default_ledger_dir(out_dir: str) -> str:
-    """`<run>/embed` -> `<run>/ledger/embed` (the run-directory layout)."""
-    parent = str(out_dir).rstrip("/").rsplit("/", 1)[0] if "/" in str(out_dir).rstrip("/") else "."
-    return f"{parent}/ledger/{STEP}"
+    def publish(self, res: ShardResult) -> None:
+        """Publish a shard embedded elsewhere: embeddings first, the ledger part last (marks it done)."""
+        write_atomic(self.emb_path(res.shard), res.embeddings)
+        self.publish_part(res.shard, res.ledger)
+        if self.on_shard is not None:
+            self.on_shard(res)
+
+    # ---- in-process: the base's run ----------------------------------------------------------------
+    def run(self, urls: Sequence[str]) -> Any:
+        todo, _ = self.pending(urls)
+        if todo and not self.local:
+            raise ValueError(f"embed in-process (use_ray=False) writes local folders only, not {self.run_url}")
+        self._after = {a.name: b for a, b in zip(todo, todo[1:])}  # the shard to prefetch after each one
+        return super().run(urls)
+
+    def setup(self) -> None:
+        self.worker = ShardEmbedWorker(self.cfg)
+
+    def process(self, unit: Unit, led: LedgerWriter) -> dict[str, Any]:
+        ids, expected = self.shard_ids(unit)
+        nxt = self._after.get(unit.name)  # read + decoded while this shard finishes
+        res = self.worker.embed_shard(unit.url, ids, expected, prefetch=(nxt.url, self.shard_ids(nxt)[0]) if nxt else None,
+                                      led=led)
+        write_atomic(self.emb_path(unit.name), res.embeddings)  # the base closes `led` (the ledger part) after
+        if self.on_shard is not None:
+            self.on_shard(res)
+        return res.stats
+
+    def finish(self, n_units: int) -> int:
+        if n_units == 0:  # an empty embeddings folder: downstream steps read zero rows
+            fs, p = fsspec.core.url_to_fs(self.emb_dir)
+            fs.makedirs(p, exist_ok=True)
+        if self.local:
+            return super().finish(n_units)
+        if n_units == 0:
+            write_parquet_atomic(SCHEMA.empty_table(), self.part("empty"))
+        return 0
 
 
 def embed_shards(
     shard_urls: list[str],
     out_dir: str,
     cfg: EmbedConfig,
-    include_ids: Mapping[str, Collection[str]] | Collection[str] | None = None,
-    ledger_dir: str | None = None,
+    prev: Passing | None = None,
     use_ray: bool = True,
     actor_prefix: str = ACTOR_PREFIX,
 ) -> EmbedSummary:
-    """Embed WDS shards into `<out_dir>/<shard>.parquet` plus `<ledger_dir>/part-<shard>.parquet`.
+    """Embed WDS shards into `<out_dir>/<shard>.parquet` plus `<run>/ledger/embed/part-<shard>.parquet`
+    (`<run>` = the parent of `out_dir`); shards already done are skipped.
 
-    include_ids: the step's inputs. A mapping shard name -> ids (as in an upstream ledger's `shard`
-    column) restricts each shard and quarantines expected ids the shard lacks (`missing_from_shard`);
-    a plain collection only restricts; None embeds every sample.
+    prev: the step's inputs, the previous step's passing ids (`core.step.Passing`); None embeds every
+    sample. See `EmbedStep` for how ids with and without shard names are used.
     use_ray: spread shards over `cfg.num_actors` Ray actors (`ray.init()` locally if Ray is not yet
     initialised); False runs one in-process worker (tests, benchmarks).
     Raises `EmbedIncomplete` when shards failed (actor died more than `cfg.max_shard_retries` times, or
     a shard raised); the shards that finished are published, so a re-run resumes.
     """
     t0 = time.perf_counter()
-    ledger_dir = ledger_dir or default_ledger_dir(out_dir)
-    from core.wds import shard_name
-
-    names = {shard_name(u): u for u in shard_urls}
-    if len(names) != len(shard_urls):
-        raise ValueError("two shard URLs share a shard name; outputs would collide")
     summary = EmbedSummary(n_shards=len(shard_urls))
+    step = EmbedStep(out_dir, cfg, prev)
+    todo, done = step.pending(shard_urls)  # also refuses two URLs with one shard name
+    summary.skipped = [u.url for u in done]
     if not shard_urls:  # a degenerate run (empty source, all quarantined): the step still writes its ledger
-        import io
-
-        import pyarrow.parquet as pq
-
-        from core.ledger import SCHEMA
-
-        buf = io.BytesIO()
-        pq.write_table(SCHEMA.empty_table(), buf)
-        _write_atomic(f"{ledger_dir.rstrip('/')}/part-empty.parquet", buf.getvalue())
-        fs, p = fsspec.core.url_to_fs(out_dir)
-        fs.makedirs(p, exist_ok=True)  # an empty embeddings folder: downstream steps read zero rows
         log.warning("embed: no shards to embed (the source is empty or every record was quarantined)")
-    todo = []
-    for name, url in names.items():
-        (summary.skipped if _is_done(name, out_dir, ledger_dir) else todo).append(url)
-    if summary.skipped:
-        log.info("embed: %d/%d shards already done, skipping them", len(summary.skipped), len(shard_urls))
-
-    def shard_args(url: str) -> tuple[Collection[str] | None, bool]:
-        if isinstance(include_ids, Mapping):
-            return include_ids.get(shard_name(url), ()), True
-        return include_ids, False
-
     failed: dict[str, str] = {}
-    bar = progress(desc="embed", total=len(todo), unit="shard")
-    with bar:
-        if todo and not use_ray:
-            worker = ShardEmbedWorker(cfg)
-            summary.n_actors = 1
-            for i, url in enumerate(todo):
-                ids, expected = shard_args(url)
-                nxt = todo[i + 1] if i + 1 < len(todo) else None  # read + decoded while this shard finishes
-                res = worker.embed_shard(url, ids, expected, prefetch=(nxt, shard_args(nxt)[0]) if nxt else None)
-                _publish(res, out_dir, ledger_dir)
-                _log_shard(res, summary, bar)
-        elif todo:
-            failed = _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix, bar)
+    with progress(desc="embed", total=len(todo), unit="shard") as bar:
+        step.on_shard = lambda res: _log_shard(res, summary, bar)
+        if not use_ray:
+            summary.n_actors = 1 if todo else 0
+            step.run(shard_urls)
+        else:
+            if summary.skipped:
+                log.info("embed: %d/%d shards already done, skipping them", len(summary.skipped), len(shard_urls))
+            if todo:
+                failed = _run_ray(step, todo, summary, actor_prefix)
+            if not failed:  # a failed shard's ids are not missing: a re-run decides them
+                step.finish(len(shard_urls))
     summary.wall_s = time.perf_counter() - t0
     if failed:
         raise EmbedIncomplete(failed, summary)
@@ -194,12 +217,11 @@ def _log_shard(res: ShardResult, summary: EmbedSummary, bar: Any = None) -> None
              s["wait_s"], len(summary.shards) + len(summary.skipped), summary.n_shards)
 
 
-def _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix, bar=None) -> dict[str, str]:
+def _run_ray(step: EmbedStep, todo: list[Unit], summary: EmbedSummary, actor_prefix: str) -> dict[str, str]:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from core.wds import shard_name
-
+    cfg = step.cfg
     owns_ray = not ray.is_initialized()
     if owns_ray:  # a Flyte Ray task has already called ray.init(); a plain call starts a local cluster
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -233,35 +255,34 @@ def _run_ray(todo, out_dir, ledger_dir, cfg, shard_args, summary, actor_prefix, 
         queue_ = deque(todo)
         attempts: dict[str, int] = {}
         idle = [a for a, _ in live]
-        inflight: dict[Any, tuple[Any, str]] = {}
+        inflight: dict[Any, tuple[Any, Unit]] = {}
         while queue_ or inflight:
             while idle and queue_:
-                actor, url = idle.pop(), queue_.popleft()
-                ids, expected = shard_args(url)
-                inflight[actor.embed_shard.remote(url, ids, expected)] = (actor, url)
+                actor, unit = idle.pop(), queue_.popleft()
+                ids, expected = step.shard_ids(unit)
+                inflight[actor.embed_shard.remote(unit.url, ids, expected)] = (actor, unit)
             if not inflight:  # work left, no live actor
-                for url in queue_:
-                    failed[shard_name(url)] = "no live embed actor left"
+                for unit in queue_:
+                    failed[unit.name] = "no live embed actor left"
                 break
             done, _ = ray.wait(list(inflight), num_returns=1)
-            actor, url = inflight.pop(done[0])
+            actor, unit = inflight.pop(done[0])
             try:
                 res = ray.get(done[0])
             except RayActorError as e:  # the actor (process/node) died: retry the shard elsewhere
-                attempts[url] = attempts.get(url, 0) + 1
-                log.error("embed: actor died on %s (attempt %d): %s", url, attempts[url], str(e)[:300])
-                if attempts[url] <= cfg.max_shard_retries:
-                    queue_.append(url)
+                attempts[unit.name] = attempts.get(unit.name, 0) + 1
+                log.error("embed: actor died on %s (attempt %d): %s", unit.url, attempts[unit.name], str(e)[:300])
+                if attempts[unit.name] <= cfg.max_shard_retries:
+                    queue_.append(unit)
                 else:
-                    failed[shard_name(url)] = f"actor died: {type(e).__name__}"
+                    failed[unit.name] = f"actor died: {type(e).__name__}"
                 continue
             except RayTaskError as e:  # the shard raised (e.g. unreadable storage): actor is fine
-                log.error("embed: shard %s failed: %s", url, str(e)[:1000])
-                failed[shard_name(url)] = str(e.cause if hasattr(e, "cause") else e)[:300]
+                log.error("embed: shard %s failed: %s", unit.url, str(e)[:1000])
+                failed[unit.name] = str(e.cause if hasattr(e, "cause") else e)[:300]
                 idle.append(actor)
                 continue
-            _publish(res, out_dir, ledger_dir)
-            _log_shard(res, summary, bar)
+            step.publish(res)
             idle.append(actor)
     finally:
         for a in actors:

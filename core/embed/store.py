@@ -34,10 +34,6 @@ import pyarrow.parquet as pq
 META_KEY = b"mmcurate.embed"
 
 
-def _vec_type(dtype: str, dim: int) -> pa.DataType:
-    return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim)
-
-
 def _fixed(vecs: np.ndarray, dtype: str, dim: int, valid: np.ndarray | None = None) -> pa.Array:
     flat = pa.array(np.ascontiguousarray(vecs, dtype=np.dtype(dtype)).reshape(-1))
     mask = None if valid is None else pa.array(~valid)
@@ -119,15 +115,6 @@ def embedding_files(out_dir: str | Path) -> list[str]:
     files = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return files if proto in ("file", "local") else [f"{proto}://{p}" for p in files]
-
-
-def read_meta(path: str) -> dict[str, Any]:
-    """The `mmcurate.embed` metadata of one embedding file."""
-    import fsspec
-
-    with fsspec.open(path, "rb") as f:
-        md = pq.read_schema(f).metadata or {}
-    return json.loads(md.get(META_KEY, b"{}"))
 
 
 def _to_matrix(col: pa.ChunkedArray, dim: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 A random-weight ViT maps every white-background drawing to nearly the same direction (unrelated charts
 reach cosine 0.9995), so the demo's semdedup dropped unrelated drawings and decontamination needed a
 0.9999 threshold. Trained CLIP-style (symmetric InfoNCE between image and caption) on scenes drawn by
-`core.demo_scenes` with their own ground-truth descriptions, the same tiny architecture separates
+`core.demo.scenes` with their own ground-truth descriptions, the same tiny architecture separates
 scenes by content, on a cosine scale comparable to SigLIP2's (decontamination at 0.98 instead of 0.9999).
 
 The pairs come from seeds disjoint from every demo dataset the project scores (the scored demo uses
@@ -48,7 +48,7 @@ DEFAULT_PARAMS: dict[str, Any] = {"n_pairs": 512, "steps": 150, "batch_size": 64
 def demo_pairs(n: int, seed: int = 0) -> list[tuple[Any, str]]:
     """`n` (PIL image, caption) pairs drawn like the demo's images: a scene of a random image source and,
     as caption, the sentences of every question the scene answers (title, values, counts, fields...)."""
-    from core import demo_scenes as S
+    from core.demo import scenes as S
 
     out = []
     for i in range(n):

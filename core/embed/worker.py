@@ -242,8 +242,12 @@ class ShardEmbedWorker:
         return max(2, self.cfg.prefetch_batches * self.cfg.batch_size)
 
     def embed_shard(self, url: str, include_ids: Collection[str] | None = None, expected: bool = False,
-                    prefetch: tuple[str, Collection[str] | None] | None = None) -> ShardResult:
+                    prefetch: tuple[str, Collection[str] | None] | None = None,
+                    led: LedgerWriter | None = None) -> ShardResult:
         """Embed the samples of one shard (restricted to `include_ids` when given).
+
+        The ledger rows go to `led` when given (the caller publishes it; `ShardResult.ledger` is then
+        empty); otherwise to a temporary part whose bytes are returned (a Ray actor: the driver publishes).
 
         With `expected=True`, ids of `include_ids` that the shard does not yield (lost to a truncated tar)
         are quarantined as `missing_from_shard`, so every input of the step gets one ledger row.
@@ -251,6 +255,16 @@ class ShardEmbedWorker:
         read and decoded as soon as this shard has been read, and used if the next call asks for exactly
         that shard and ids (otherwise dropped). Results never depend on it.
         """
+        if led is not None:
+            return self._embed_shard(url, include_ids, expected, prefetch, led)
+        with tempfile.TemporaryDirectory(prefix="embed-ledger-") as td:
+            with LedgerWriter(Path(td) / "part.parquet", STEP) as own:  # an error drops the half-written part
+                res = self._embed_shard(url, include_ids, expected, prefetch, own)
+            res.ledger = own.path.read_bytes()
+        return res
+
+    def _embed_shard(self, url: str, include_ids: Collection[str] | None, expected: bool,
+                     prefetch: tuple[str, Collection[str] | None] | None, led: LedgerWriter) -> ShardResult:
         import torch
 
         from core.wds import shard_name
@@ -296,66 +310,59 @@ class ShardEmbedWorker:
                 txt_vecs.append(v)
                 txt_norms.append(n)
 
-        with tempfile.TemporaryDirectory(prefix="embed-ledger-") as td:
-            led = LedgerWriter(Path(td) / "part.parquet", STEP)
-            met: set[str] = set()
-            try:
-                while True:
+        met: set[str] = set()
+        try:
+            while True:
+                t = time.perf_counter()
+                item = q.get()
+                st["wait_s"] += time.perf_counter() - t
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item[0] == "ledger":
+                    _, sid, decision, reason, shard, extra = item
+                    led.add(sid, decision, reason, shard=shard, **extra)
+                    met.add(sid)
+                    continue
+                s, fut = item
+                met.add(s.id)
+                n_img = 0
+                if fut is not None:
                     t = time.perf_counter()
-                    item = q.get()
-                    st["wait_s"] += time.perf_counter() - t
-                    if item is _END:
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item[0] == "ledger":
-                        _, sid, decision, reason, shard, extra = item
-                        led.add(sid, decision, reason, shard=shard, **extra)
-                        met.add(sid)
+                    try:
+                        tensors, dt = fut.result()
+                    except SampleError as e:
+                        led.add(s.id, "quarantine", e.reason, shard=name, detail=e.detail[:500])
                         continue
-                    s, fut = item
-                    met.add(s.id)
-                    n_img = 0
-                    if fut is not None:
-                        t = time.perf_counter()
-                        try:
-                            tensors, dt = fut.result()
-                        except SampleError as e:
-                            led.add(s.id, "quarantine", e.reason, shard=name, detail=e.detail[:500])
-                            continue
-                        finally:
-                            st["wait_s"] += time.perf_counter() - t
-                        st["decode_s"] += dt
-                        n_img = len(tensors)
-                        img_pending.extend(tensors)
-                        flush_images()
-                    row = {"sample_id": s.id, "source": s.source, "n_images": n_img,
-                           "image_start": st["n_images"]}
-                    st["n_images"] += n_img
-                    if self.text is not None:
-                        txt_pending.append(s.text(cfg.text_view))
-                        row["text_row"] = st["n_texts"]
-                        st["n_texts"] += 1
-                        flush_texts()
-                    rows.append(row)
-                    led.add(s.id, "keep", shard=name, n_images=n_img)
-                flush_images(final=True)
-                flush_texts(final=True)
-                if expected and include is not None:
-                    for sid in sorted(include - met):
-                        led.add(sid, "quarantine", "missing_from_shard", shard=name,
-                                detail="expected input not found in shard (truncated or corrupt tar)")
-                if not led.counts["keep"] and not led.counts["quarantine"]:
-                    led.flush()  # an empty part still marks the shard done
-                part = led.close()
-            except BaseException as e:
-                led.__exit__(type(e), e, None)  # drops the half-written part
-                reader.cancel()
-                if self._next is not None:
-                    self._next.cancel()
-                    self._next = None
-                raise
-            ledger_bytes = part.read_bytes()
+                    finally:
+                        st["wait_s"] += time.perf_counter() - t
+                    st["decode_s"] += dt
+                    n_img = len(tensors)
+                    img_pending.extend(tensors)
+                    flush_images()
+                row = {"sample_id": s.id, "source": s.source, "n_images": n_img,
+                       "image_start": st["n_images"]}
+                st["n_images"] += n_img
+                if self.text is not None:
+                    txt_pending.append(s.text(cfg.text_view))
+                    row["text_row"] = st["n_texts"]
+                    st["n_texts"] += 1
+                    flush_texts()
+                rows.append(row)
+                led.add(s.id, "keep", shard=name, n_images=n_img)
+            flush_images(final=True)
+            flush_texts(final=True)
+            if expected and include is not None:
+                for sid in sorted(include - met):
+                    led.add(sid, "quarantine", "missing_from_shard", shard=name,
+                            detail="expected input not found in shard (truncated or corrupt tar)")
+        except BaseException:
+            reader.cancel()
+            if self._next is not None:
+                self._next.cancel()
+                self._next = None
+            raise
         reader.thread.join()
 
         table = build_table(
@@ -369,7 +376,7 @@ class ShardEmbedWorker:
         )
         st.update(shard=name, n_kept=led.counts["keep"], n_quarantined=led.counts["quarantine"],
                   wall_s=time.perf_counter() - t_start, pid=self.pid, reasons=dict(led.reasons))
-        return ShardResult(name, table_bytes(table), ledger_bytes, st)
+        return ShardResult(name, table_bytes(table), b"", st)
 
     @property
     def dim(self) -> int:

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 
-from core.evals.fixtures import write_fixtures
+from core.demo.eval_fixtures import write_fixtures
 from core.evals.report import eval_report_html
 from core.evals.runner import EvalResults, evaluate_checkpoints, list_checkpoints, tiny_eval_config
 

@@ -2,13 +2,13 @@
 
 from core.perplexity.config import PRESETS, PerplexityConfig, qwen_perplexity_config, tiny_perplexity_config
 from core.perplexity.encode import Encoded, EncodeError, Encoder
-from core.perplexity.pipeline import read_scores, score_shards
+from core.perplexity.pipeline import PerplexityStep, read_scores, score_shards
 from core.perplexity.scorer import BatchStats, PerplexityScorer, SampleScore, make_batches, naive_scores
 from core.perplexity.slices import SliceConfig, slice_by_perplexity
 from core.perplexity.vlm import HFVLMScorer, VLMScorer
 
 __all__ = [
     "PRESETS", "BatchStats", "HFVLMScorer", "EncodeError", "Encoded", "Encoder", "PerplexityConfig", "PerplexityScorer",
-    "SampleScore", "SliceConfig", "VLMScorer", "make_batches", "naive_scores", "qwen_perplexity_config",
+    "PerplexityStep", "SampleScore", "SliceConfig", "VLMScorer", "make_batches", "naive_scores", "qwen_perplexity_config",
     "read_scores", "score_shards", "slice_by_perplexity", "tiny_perplexity_config",
 ]

@@ -9,17 +9,16 @@ Layout under the step's output directory `out`::
         | reader quarantines (corrupt records met while streaming) | missing_from_shard (part-zz-missing)
     out/perplexity/summary.json             counts, throughput, padding waste of the last run
 
-A shard whose ledger part exists is skipped on re-run (the part is published last, atomically).
+`PerplexityStep` is a `core.step.ShardStep`: a shard whose ledger part exists is skipped on re-run (the
+part is published last, atomically), ids of `prev` in no shard are quarantined `missing_from_shard`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from core.perplexity.config import PerplexityConfig
 from core.perplexity.scorer import BatchStats, PerplexityScorer, SampleScore
 from core.perplexity.vlm import HFVLMScorer, VLMScorer
 from core.sample import Sample
+from core.step import Passing, ShardStep, Unit, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,37 @@ def score_samples_to_part(
             flush()
     flush()
     rows = [s.as_dict() | {"shard": shard, "preview": previews.get(s.sample_id, "")} for s in scores]
-    path = scores_dir(out) / f"scores-{shard}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA) if rows else SCORES_SCHEMA.empty_table()
-    pq.write_table(table, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+    write_parquet_atomic(table, scores_dir(out) / f"scores-{shard}.parquet")
     return scores
+
+
+class PerplexityStep(ShardStep):
+    """Per shard: score every input sample, publish `perplexity/scores-<shard>.parquet`, then the ledger part.
+
+    The model is loaded once, lazily, only when a shard needs scoring (`HFVLMScorer` in vlm mode,
+    `PerplexityScorer` otherwise, unless a `scorer` is given)."""
+
+    name = STEP
+
+    def __init__(self, out: str | os.PathLike, config: PerplexityConfig, prev: Passing | None = None,
+                 scorer: PerplexityScorer | VLMScorer | None = None):
+        super().__init__(out, prev)
+        self.config, self.scorer, self.bar = config, scorer, None
+
+    def setup(self) -> None:
+        if self.scorer is None:
+            from core.perplexity.reference import NO_MODEL
+
+            if os.path.exists(os.path.join(str(self.config.model), NO_MODEL)):
+                raise ValueError(f"the reference LM at {self.config.model} was trained on no samples (its reference "
+                                 "set is empty or entirely quarantined): give a reference_source with usable samples")
+            self.scorer = HFVLMScorer(self.config) if self.config.mode == "vlm" else PerplexityScorer(self.config)
+        self.bar = progress(desc=STEP, total=len(self.prev) if self.prev is not None else None, unit="sample")
+
+    def process(self, unit: Unit, led: LedgerWriter) -> int:
+        samples = self.read(unit, led, load_images=self.config.mode == "vlm")
+        return len(score_samples_to_part(samples, unit.name, self.out, self.scorer, led, bar=self.bar))
 
 
 def score_shards(
@@ -112,64 +137,23 @@ def score_shards(
     out: str | os.PathLike,
     config: PerplexityConfig,
     *,
-    include_ids: set[str] | None = None,
+    prev: Passing | None = None,
     scorer: PerplexityScorer | VLMScorer | None = None,
-    read_shard: Callable[..., Iterable[Sample]] | None = None,
 ) -> dict[str, Any]:
-    """Score every sample of `shards` (restricted to `include_ids`, the previous step's passing ids).
+    """Run `PerplexityStep` over `shards` (restricted to `prev`, the previous step's passing ids; None = all).
 
-    Skips shards whose ledger part already exists (resume). The model is loaded once, lazily, only when
-    a shard needs scoring (`HFVLMScorer` in vlm mode unless another `VLMScorer` is given). `read_shard(url, quarantine=, include_ids=, load_images=, verify_images=)`
-    defaults to `core.wds.iter_shard`. Returns the summary (also written to `perplexity/summary.json`).
-    """
-    from core.wds import iter_shard, shard_name
-
-    read_shard = read_shard or iter_shard
-    t0 = time.time()
-    stats = BatchStats()
-    done, skipped = 0, 0
-    bar = progress(desc="perplexity", total=len(include_ids) if include_ids is not None else None, unit="sample")
-    for i, url in enumerate(shards):
-        name = shard_name(url)
-        part = step_dir(out, STEP) / f"part-{name}.parquet"
-        if part.exists():
-            skipped += 1
-            continue
-        if scorer is None:
-            from core.perplexity.reference import NO_MODEL
-
-            if os.path.exists(os.path.join(str(config.model), NO_MODEL)):
-                raise ValueError(f"the reference LM at {config.model} was trained on no samples (its reference set "
-                                 "is empty or entirely quarantined): give a reference_source with usable samples")
-            scorer = HFVLMScorer(config) if config.mode == "vlm" else PerplexityScorer(config)
-        with LedgerWriter(part, STEP) as led:
-            samples = read_shard(url, quarantine=led, include_ids=include_ids, load_images=config.mode == "vlm",
-                                 verify_images=False)
-            got = score_samples_to_part(samples, name, out, scorer, led, bar=bar)  # an empty part is still published
-        done += 1
-        log.info("perplexity: shard %d/%d %s scored %d samples", i + 1, len(shards), name, len(got))
-    bar.close()
-    stats = getattr(scorer, "stats", None) or stats
-    if not shards and not step_dir(out, STEP).exists():  # a degenerate run: the step still writes its ledger
-        LedgerWriter(step_dir(out, STEP) / "part-empty.parquet", STEP).close()
-    if include_ids is not None:
-        _ledger_missing(out, include_ids)
-    summary = summarize(out) | {"shards_scored": done, "shards_skipped": skipped, "seconds": round(time.time() - t0, 2),
-                                "batching": stats.as_dict(), "mode": config.mode, "model": config.model}
-    (scores_dir(out) / "summary.json").parent.mkdir(parents=True, exist_ok=True)
-    (scores_dir(out) / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    Returns the summary (also written to `perplexity/summary.json`): counts and quantiles over everything
+    scored in `out`, shards scored/skipped, seconds, batching stats, mode and model."""
+    step = PerplexityStep(out, config, prev, scorer)
+    run = step.run(shards)
+    if step.bar is not None:
+        step.bar.close()
+    stats = getattr(step.scorer, "stats", None) or BatchStats()
+    summary = summarize(out) | {"shards_scored": len(run.done), "shards_skipped": len(run.skipped),
+                                "seconds": round(run.seconds, 2), "batching": stats.as_dict(), "mode": config.mode,
+                                "model": config.model}
+    write_json_atomic(summary, scores_dir(out) / "summary.json", indent=1, default=_json_default)
     return summary
-
-
-def _ledger_missing(out: str | os.PathLike, include_ids: set[str]) -> None:
-    """Inputs never met in any shard get a quarantine row (`missing_from_shard`), so none vanish."""
-    sd = step_dir(out, STEP)
-    decided = set(read_ledger(sd)["sample_id"]) if sd.exists() else set()
-    missing = sorted(set(include_ids) - decided)
-    if missing:
-        with LedgerWriter(sd / f"part-zz-missing-{len(list(sd.glob('part-zz-missing-*')))}.parquet", STEP) as led:
-            for sid in missing:
-                led.add(sid, "quarantine", "missing_from_shard", detail="input id not found in any shard")
 
 
 def read_scores(out: str | os.PathLike | Sequence[str | os.PathLike]) -> Any:

@@ -285,15 +285,3 @@ def naive_scores(model: Any, encoded: Sequence[Encoded], device: str = "cpu") ->
             labels = torch.from_numpy(e.labels())[None].to(device)
             out.append(float(model(input_ids=ids, labels=labels, use_cache=False).loss))
     return out
-
-
-@dataclass
-class ScoreSummary:
-    """Aggregate of a scoring run (what the deck and the task output report)."""
-
-    n_samples: int = 0
-    n_scored: int = 0
-    n_quarantined: int = 0
-    n_truncated: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)

@@ -123,6 +123,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
     from core.perplexity.pipeline import score_shards
     from core.perplexity.slices import SliceConfig, slice_by_perplexity
     from core.rephrase.similarity import SimilarityScorer
+    from core.step import Passing
     from core.wds import iter_samples, list_shards
 
     out = Path(out_dir)
@@ -131,7 +132,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
     shard_dir = gen / "shards"
     urls = list_shards(str(shard_dir)) if shard_dir.is_dir() and any(shard_dir.glob("*.tar")) else []
     pcfg = tiny_perplexity_config(ppl_model)
-    score_shards(urls, out, pcfg, include_ids=passed)
+    score_shards(urls, out, pcfg, prev=Passing.read(gen, "tg_generate"))
     if not step_dir(out, "perplexity").exists():  # nothing accepted: the step still publishes its (empty) ledger
         with LedgerWriter(step_dir(out, "perplexity") / "part-empty.parquet", "perplexity"):
             pass
@@ -163,7 +164,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
             evals[b] = str(f)
     if evals and kept2:
         dc = DecontamConfig(threshold=cfg.decontam_threshold, k=1, kind="text", device="cpu")
-        decontaminate(emb / "generated.parquet", out, evals, dc, DEDUP_STEP, out)
+        decontaminate(emb / "generated.parquet", out, evals, dc, Passing.read(out, DEDUP_STEP))
     else:  # nothing to compare: every input is kept with the reason why the check did not run
         with LedgerWriter(step_dir(out, "decontam") / "part-all.parquet", "decontam") as led:
             for sid in kept2:

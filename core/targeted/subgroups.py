@@ -1,7 +1,7 @@
 """Reference subgroups: the kinds of question of a target task's reference set (its train/val split).
 
 A subgroup comes from a field of the reference records (`source`, `metadata.<key>`) or from spherical
-k-means (the SemDeDup k-means, core/dedup/semdedup.py) on MiniLM embeddings of the reference questions.
+k-means (the SemDeDup k-means, core/dedup/kmeans.py) on MiniLM embeddings of the reference questions.
 Every reference sample gets one row: used (with its subgroup) or excluded with a reason (`no_image`:
 the subgroup's images are what retrieval looks for; `no_subgroup_field`; `subgroup_not_included`).
 """

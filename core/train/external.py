@@ -81,3 +81,18 @@ def run_external(cfg: ExternalTrainerConfig, values: Mapping[str, Any]) -> list[
     if rc != 0:
         raise subprocess.CalledProcessError(rc, argv)
     return sorted(str(d) for d in ckpt_dir.glob(cfg.checkpoint_glob) if d.is_dir())
+
+
+@dataclass
+class ExternalTrainer:
+    """External trainer: `train` values (epochs, lr, ...) fill the matching template placeholders."""
+
+    cfg: ExternalTrainerConfig
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def fit(self, data_dir: str, ckpt_dir: str) -> list[str]:
+        """Run the trainer on training-schema WDS shards in `data_dir`; return the checkpoint dirs under `ckpt_dir`."""
+        vals = placeholder_values(self.cfg, data_dir, ckpt_dir, self.nnodes, self.nproc_per_node, **self.train)
+        return run_external(self.cfg, vals)

@@ -4,6 +4,9 @@ started when asked), and resume from the newest checkpoint with the same data or
 
 Data order is a pure function of (seed, epoch) (`data.epoch_order`), and a checkpoint records
 (epoch, step_in_epoch), so a resumed run trains on exactly the batches the killed run had not done yet.
+
+Distributed helpers are in `core/train/distributed.py`, checkpoint I/O in `core/train/checkpoints.py`, metrics
+in `core/train/metrics.py`; `STATE_FILE`, `OPTIM_FILE` and `list_checkpoints` stay importable from here.
 """
 
 from __future__ import annotations
@@ -11,9 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -24,6 +24,14 @@ from typing import Any
 import torch
 
 from core.log import progress
+from core.train.checkpoints import (
+    OPTIM_FILE,
+    STATE_FILE,
+    _finished_list,
+    _publish,
+    _save_checkpoint,
+    list_checkpoints,
+)
 from core.train.config import TrainConfig
 from core.train.data import (
     Collator,
@@ -34,11 +42,13 @@ from core.train.data import (
     rank_batches,
     split_train_val,
 )
-from core.train.mini_llava import MiniLlava, build_mini_llava, load_mini_llava, resolve_device
+from core.train.distributed import _all_reduce_sum, _barrier, _dist_setup
+from core.train.metrics import Metrics
+from core.train.mini_llava import build_mini_llava, load_mini_llava, resolve_device
+
+__all__ = ["OPTIM_FILE", "STATE_FILE", "TrainResult", "list_checkpoints", "train"]
 
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.json"
-OPTIM_FILE = "optimizer.pt"
 
 
 @dataclass
@@ -50,158 +60,6 @@ class TrainResult:
     global_step: int
     resumed_from: str | None
 
-
-# ---- distributed helpers -------------------------------------------------------------------------
-def _dist_setup(device: str) -> tuple[int, int, int]:
-    """Join the process group when launched by torchrun / torch elastic; (rank, world, local_rank)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, local
-
-
-def _all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(global_step, dir) of complete checkpoints (state file present), oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    out = []
-    for d in root.glob("*") if root.is_dir() else []:
-        f = d / STATE_FILE
-        if d.is_dir() and not d.name.endswith(".tmp") and f.is_file():
-            out.append((json.loads(f.read_text())["global_step"], d))
-    return sorted(out, key=lambda x: (x[0], x[1].name.startswith("epoch")))
-
-
-def _save_checkpoint(model: MiniLlava, opt: Any, sched: Any, cfg: TrainConfig, name: str,
-                     state: dict[str, Any]) -> Path:
-    """Write `checkpoints/<name>` atomically (tmp dir, then rename): a crash never leaves a half checkpoint."""
-    root = Path(cfg.output_dir) / "checkpoints"
-    final, tmp = root / name, root / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / OPTIM_FILE)
-    state = {**state, "config": portable_config(cfg, final), "run_name": cfg.run_name}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def portable_config(cfg: TrainConfig, ckpt_dir: Path) -> dict[str, Any]:
-    """The config as recorded in a checkpoint: local paths relative to the checkpoint dir (a checkpoint holds no
-    absolute path, so a moved run directory still reads right); URLs and model names stay as they are."""
-    out = cfg.to_dict()
-    for key in ("output_dir", "lm_path", "init_from", "vision_model", "vision_pretrained"):
-        v = out.get(key)
-        if not isinstance(v, str):
-            continue
-        prefix = "local-dir:" if v.startswith("local-dir:") else ""
-        path = v[len(prefix):]
-        if "://" not in path and os.path.isabs(path):
-            out[key] = prefix + os.path.relpath(path, ckpt_dir)
-    return out
-
-
-def _publish(cfg: TrainConfig, ckpt: Path) -> None:
-    """Prune old mid-epoch checkpoints, then mirror the new one when `mirror_uri` is set."""
-    _prune_step_checkpoints(cfg)
-    if cfg.mirror_uri:
-        from core.train.storage import push
-
-        push(ckpt, cfg.output_dir, cfg.mirror_uri)
-
-
-def _prune_step_checkpoints(cfg: TrainConfig) -> None:
-    """Drop mid-epoch checkpoints older than the newest epoch checkpoint, then all but the newest K."""
-    ck = list_checkpoints(cfg.output_dir)
-    last_epoch = max((s for s, d in ck if d.name.startswith("epoch-")), default=-1)
-    steps = [d for s, d in ck if d.name.startswith("step-")]
-    stale = [d for s, d in ck if d.name.startswith("step-") and s <= last_epoch]
-    fresh = [d for d in steps if d not in stale]
-    for d in stale + fresh[: max(0, len(fresh) - cfg.keep_step_checkpoints)]:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-# ---- metrics --------------------------------------------------------------------------------------
-class Metrics:
-    """Append-only JSONL on rank 0; on resume, rows after the checkpoint's step are dropped first.
-
-    W&B (rank 0 only): a run already active in this process gets every row (the flytekit W&B plugin starts
-    one around the training task, see tasks/train.py); else, with `cfg.wandb_project`, a run is started here
-    (and finished in `close`). wandb is never imported just to look for an active run.
-    """
-
-    def __init__(self, cfg: TrainConfig, rank: int, resume_step: int | None):
-        self.path = Path(cfg.output_dir) / "metrics.jsonl"
-        self.rank = rank
-        self.wandb = None
-        self.owns_wandb = False
-        if rank != 0:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
-            keep = [r for r in rows if json.loads(r)["step"] <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in keep))
-        active = active_wandb_run()
-        if active is not None:
-            if cfg.wandb_project and cfg.wandb_project != getattr(active, "project", None):
-                log.info("a W&B run is already active (project %s): logging to it, not to wandb_project=%s",
-                         getattr(active, "project", None), cfg.wandb_project)
-            self.wandb = active
-            active.config.update(cfg.to_dict(), allow_val_change=True)
-        elif cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                log.warning("wandb_project=%s but wandb is not installed; metrics go to %s only",
-                            cfg.wandb_project, self.path)
-            else:
-                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                                        config=cfg.to_dict(), resume="allow")
-                self.owns_wandb = True
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-    def close(self) -> None:
-        """Finish the W&B run this object started; a run started by someone else is theirs to finish."""
-        if self.wandb is not None and self.owns_wandb:
-            self.wandb.finish()
-
-
-def active_wandb_run() -> Any:
-    """The W&B run active in this process (`wandb.run`), or None; None too when wandb was never imported."""
-    wandb = sys.modules.get("wandb")
-    return getattr(wandb, "run", None) if wandb is not None else None
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -381,16 +239,6 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
     metrics.close()
     log.info("train: done at step %d in %.1f s", global_step, time.time() - t0)
     return TrainResult(_finished_list(out), str(metrics.path), global_step, str(resume) if resume else None)
-
-
-def _finished_list(out: Path) -> list[str]:
-    """Epoch checkpoints in order, plus a final step checkpoint if the run stopped mid-epoch."""
-    ck = list_checkpoints(out)
-    epochs = [str(d) for _, d in ck if d.name.startswith("epoch-")]
-    if ck and ck[-1][1].name.startswith("step-"):
-        if json.loads((ck[-1][1] / STATE_FILE).read_text()).get("done"):
-            epochs.append(str(ck[-1][1]))
-    return epochs
 
 
 class _BatchLoader:

@@ -13,7 +13,7 @@ A record is ``{"id": "demo_000123", "image": "demo_000123.png" | ["demo_000123_0
 "source": "chartqa_like" | "count_like" | "doc_like" | "photo_like" | "text_only",
 "domain": "chart" | "counting" | "document" | "photo" | "text"}`` (the domain is the scene family,
 `DOMAINS`; planted eval copies are "web"); text-only records have no "image" key. Images are drawn charts, counted shapes, receipts/forms/memos and landscape
-"photos" (core/demo_scenes.py); every answer is computed from the image's generating parameters.
+"photos" (core/demo/scenes.py); every answer is computed from the image's generating parameters.
 
 ground_truth.json (keys sorted; every list of ids sorted)::
 
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from core import demo_scenes as S
+from core.demo import scenes as S
 from core.sample import IMAGE_TOKEN, strip_image_placeholders
 
 SOURCES = ("chartqa_like", "count_like", "doc_like", "photo_like", "text_only")
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> DemoInfo:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-corrupt", action="store_true", help="plant no corrupt samples")
     ap.add_argument("--contaminate-from", default="", metavar="EVAL_CACHE",
-                    help="also plant copies of eval items from this benchmark cache (core.evals.fixtures)")
+                    help="also plant copies of eval items from this benchmark cache (core.demo.eval_fixtures)")
     args = ap.parse_args(argv)
     info = generate_demo(args.out, n_samples=args.n, seed=args.seed, corrupt=not args.no_corrupt)
     print(info.summary())

@@ -7,7 +7,7 @@ Quarantine: planted corrupt samples must be quarantined at ingest with exactly t
 Decontamination: planted copies of eval items (`eval_contamination` in the ground truth) must be dropped
 with `eval_contamination:<their benchmark>`; precision = share of decontam drops that were planted.
 
-    python -m core.demo_score --ground-truth demo_out/data/ground_truth.json --ledger demo_out/run/ledger.parquet
+    python -m core.demo.score --ground-truth demo_out/data/ground_truth.json --ledger demo_out/run/ledger.parquet
 """
 
 from __future__ import annotations
