@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from core.demo.eval_fixtures import write_fixtures  # noqa: E402
 from core.evals.backends import GenRequest, load_backend  # noqa: E402
-from core.evals.base import EvalItem, get_benchmark  # noqa: E402
-from core.evals.runner import _decode  # noqa: E402
+from core.evals.base import EvalItem  # noqa: E402
+from core.evals.registry import get_benchmark  # noqa: E402
+from core.evals.runner import decode_images  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
             b = get_benchmark(name)
             for item in b.load(os.path.join(cache, name)):
                 if isinstance(item, EvalItem):
-                    reqs.append(GenRequest(_decode(item), b.prompt(item), args.max_new_tokens))
+                    reqs.append(GenRequest(decode_images(item), b.prompt(item), args.max_new_tokens))
         reqs = (reqs * (args.n // len(reqs) + 1))[: args.n]
         backend = load_backend("transformers", ckpt, "cpu")
         backend.generate(reqs[:2])  # warm-up

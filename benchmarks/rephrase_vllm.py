@@ -42,9 +42,10 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from rephrase_overhead import make_samples
 
+    from core.rephrase.chunks import prepare_chunk
     from core.rephrase.config import qwen_rephrase_config
     from core.rephrase.generate import VLLMGenerator
-    from core.rephrase.run import prepare_chunk, rephrase_shards
+    from core.rephrase.step import rephrase_shards
     from core.rephrase.tokens import TokenCounter
 
     cfg = qwen_rephrase_config(args.model, args.tokenizer)
@@ -66,6 +67,7 @@ def main() -> int:
         t0 = time.perf_counter()
         res = rephrase_shards([("shard-000000", lambda: iter(samples))], tmp, cfg, gen, counter)
         t_pipe = time.perf_counter() - t0
+    res = list(res.results.values())
     pipe_tokens = sum(r.generated_tokens for r in res)
     raw_tps, pipe_tps = raw_tokens / t_raw, pipe_tokens / t_pipe
     print(f"device: {torch.cuda.get_device_name(0)}  model: {args.model}  samples: {len(samples)}  "

@@ -1,4 +1,4 @@
-"""Ablation grid: named dataset variants chosen from a run's ledgers, and the comparison table.
+"""Ablation grid: named dataset variants chosen from a run's ledgers (their comparison: `core.ablation_compare`).
 
 A variant is a string:
     baseline              every sample that passed ingest (and embed, when there is an embed ledger)
@@ -126,38 +126,3 @@ def select_variant(variant: Variant, run_dirs: Sequence[str]) -> list[str]:
         chosen = list(ids[sl == int(variant.args[0]) - 1])
     keep = set(chosen)
     return [i for i in base if i in keep]
-
-
-def comparison_table(variants: Sequence[str], checkpoints: Sequence[Sequence[str]], summary, counts: Sequence[dict]):
-    """variant x benchmark table of the final checkpoint's scores, with deltas vs `baseline`.
-
-    :param variants: variant specs, in grid order.
-    :param checkpoints: per variant, its checkpoint URIs in epoch order (the last one is compared).
-    :param summary: the evaluation summary DataFrame (checkpoint, benchmark, score, parse_rate, status, ...).
-    :param counts: per variant {"n_samples", "n_tokens"}.
-    :return: (wide DataFrame: variant, n_samples, n_tokens, <bench>, <bench>_delta..., long DataFrame of all epochs)
-    """
-    import pandas as pd
-
-    owner = {c: v for v, cks in zip(variants, checkpoints) for c in cks}
-    last = {cks[-1]: v for v, cks in zip(variants, checkpoints) if cks}
-    long = summary.copy()
-    long["variant"] = long["checkpoint"].map(owner)
-    final = long[long["checkpoint"].isin(last)]
-    wide = final.pivot_table(index="variant", columns="benchmark", values="score", aggfunc="first")
-    benches = sorted(wide.columns)
-    rows = []
-    for v, c in zip(variants, counts):
-        row = {"variant": v, "n_samples": int(c.get("n_samples", 0)), "n_tokens": int(c.get("n_tokens", 0))}
-        for b in benches:
-            row[b] = float(wide.loc[v, b]) if v in wide.index and pd.notna(wide.loc[v, b]) else float("nan")
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if "baseline" in set(variants):
-        base = table[table["variant"] == "baseline"].iloc[0]
-        for b in benches:
-            table[f"{b}_delta"] = table[b] - base[b]
-        table["tokens_vs_baseline"] = table["n_tokens"] / max(int(base["n_tokens"]), 1)
-    if benches:
-        table["mean_score"] = table[benches].mean(axis=1)
-    return table, long

@@ -146,7 +146,7 @@ def check_id_list(p: Problems, name: str, path: str | None) -> bool:
 def check_benchmarks(p: Problems, name: str, benchmarks: Iterable[str], eval_cache: str,
                      cache_name: str = "eval_cache") -> bool:
     """Known benchmark names, each with a non-empty folder `<eval_cache>/<benchmark>`."""
-    from core.evals.base import benchmark_names
+    from core.evals.registry import benchmark_names
 
     known = benchmark_names()
     benchmarks = list(benchmarks)

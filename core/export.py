@@ -39,9 +39,10 @@ import fsspec
 
 from core.configs import check_ranges
 from core.images import decode_image, sniff_format
-from core.ledger import LedgerWriter, check_balance, find_step_dir, passing_ids, read_ledger, step_dir
+from core.ledger import LedgerWriter, check_balance, find_step_dir, read_ledger
 from core.log import progress
 from core.sample import Sample, SampleError
+from core.step import Passing, ShardStep, Unit, write_json_atomic
 from core.wds import ShardWriter, image_member_names, iter_samples
 
 log = logging.getLogger(__name__)
@@ -79,16 +80,6 @@ class ExportConfig:
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None)})
-
-
-def default_export_config() -> ExportConfig:
-    """1000 samples / 256 MB per shard, step order from the ledgers."""
-    return ExportConfig()
-
-
-def small_shards_export_config() -> ExportConfig:
-    """Small shards (100 samples / 64 MB), e.g. for the demo or for many data-loader workers."""
-    return ExportConfig(max_samples=100, max_bytes=64 << 20)
 
 
 # ---- ledgers --------------------------------------------------------------------------------------
@@ -207,6 +198,60 @@ def to_loader_schema(s: Sample, image_format: str) -> Sample:
 
 
 # ---- export ---------------------------------------------------------------------------------------
+@dataclass
+class _Written:
+    shards: list[Any]
+    n: int
+    n_rephrased: int
+    fallbacks: dict[str, int]
+
+
+class ExportStep(ShardStep):
+    """The export on the shard-step contract: one unit (the whole run), one ledger part
+    `ledger/export/part-export.parquet`, the wanted ids as `prev` (missing ones quarantined by the base).
+
+    One unit because output shards are size-bounded and numbered across the input shards: an input shard
+    is no unit of work, and an export is always rewritten whole (so `run`'s skip of finished parts does
+    not apply; `export_curated` drives `process` and `finish` itself)."""
+
+    name = STEP
+
+    def __init__(self, ledger_root: str | os.PathLike, wanted: Passing, cfg: ExportConfig, out: str,
+                 shard_urls: Sequence[str], rephrased: dict[str, str]):
+        super().__init__(ledger_root, wanted)
+        self.cfg, self.dest, self.shard_urls, self.rephrased = cfg, out, shard_urls, rephrased
+
+    def process(self, unit: Unit, led: LedgerWriter) -> _Written:
+        t0 = time.time()
+        cfg, rephrased, total = self.cfg, self.rephrased, len(self.prev or ())
+        writer = ShardWriter(f"{self.dest}/shards", cfg.prefix, cfg.max_samples, cfg.max_bytes)
+        fallbacks: dict[str, int] = {}
+        n_rephrased = n = 0
+        samples = iter_samples(self.shard_urls, quarantine=led, include_ids=self.include, expected=False,
+                               verify_images=cfg.verify_images)  # ids in no shard: `finish` (the base)
+        for s in progress(samples, desc="export", total=total, unit="sample"):
+            reason = ""
+            try:
+                s = to_loader_schema(s, cfg.image_format)
+            except SampleError as e:  # an image that does not decode: quarantined, the count check then fails
+                led.add(s.id, "quarantine", e.reason, detail=e.detail, shard=s.shard)
+                continue
+            if s.id in rephrased:
+                try:
+                    s = _apply_rephrase(s, rephrased[s.id])
+                    n_rephrased += 1
+                except SampleError as e:
+                    reason = f"rephrase_invalid:{e.reason}"
+                    fallbacks[reason] = fallbacks.get(reason, 0) + 1
+                    log.warning("sample %s: rephrase rejected (%s); exporting the original text", s.id, e)
+            shard = writer.write(s)
+            led.add(s.id, "keep", reason, shard=shard, rephrased=s.id in rephrased and not reason)
+            n += 1
+            if n % 10_000 == 0:
+                log.info("export: %d/%d samples, %.0f samples/s", n, total, n / (time.time() - t0))
+        return _Written(writer.close(), n, n_rephrased, fallbacks)
+
+
 def export_curated(
     shard_urls: Iterable[str],
     run_dir: str | Sequence[str],
@@ -233,17 +278,17 @@ def export_curated(
     if not steps:
         raise ExportError(f"no step ledgers under {dirs}")
     balance = check_balance(dirs, steps)
-    kept = passing_ids(read_ledger(find_step_dir(dirs, steps[-1])))
-    kept_set = set(kept)
+    kept = Passing.read(dirs, steps[-1])
+    assert kept is not None
+    kept_set = kept.ids
     if subset_ids is not None:
-        wanted_list = list(dict.fromkeys(str(x) for x in subset_ids))
-        wanted = set(wanted_list)
-        outside = len(wanted - kept_set)
+        wanted = Passing.of(subset_ids, "subset")
+        outside = len(wanted.ids - kept_set)
         if outside:
             log.warning("subset %r: %d ids did not pass step %s", cfg.subset_name, outside, steps[-1])
     else:
-        wanted, outside = kept_set, 0
-    rephrased = load_rephrased(rephrased_dir, wanted) if rephrased_dir else {}
+        wanted, outside = kept, 0
+    rephrased = load_rephrased(rephrased_dir, set(wanted.ids)) if rephrased_dir else {}
     log.info("export: %d samples wanted (%s), %d rephrased, from %d shards", len(wanted),
              f"subset {cfg.subset_name!r}" if subset_ids is not None else f"kept by {steps[-1]}",
              len(rephrased), len(shard_urls))
@@ -252,45 +297,27 @@ def export_curated(
     remote = "://" in out and not out.startswith("file://")
     # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
     led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else out
-    led_path = step_dir(led_root, STEP) / "part-export.parquet"
-    writer = ShardWriter(f"{out}/shards", cfg.prefix, cfg.max_samples, cfg.max_bytes)
-    fallbacks: dict[str, int] = {}
-    n_rephrased = n = 0
-    with LedgerWriter(led_path, STEP) as led:
-        samples = iter_samples(shard_urls, quarantine=led, include_ids=wanted, verify_images=cfg.verify_images)
-        for s in progress(samples, desc="export", total=len(wanted), unit="sample"):
-            reason = ""
-            try:
-                s = to_loader_schema(s, cfg.image_format)
-            except SampleError as e:  # an image that does not decode: quarantined, the count check then fails
-                led.add(s.id, "quarantine", e.reason, detail=e.detail, shard=s.shard)
-                continue
-            if s.id in rephrased:
-                try:
-                    s = _apply_rephrase(s, rephrased[s.id])
-                    n_rephrased += 1
-                except SampleError as e:
-                    reason = f"rephrase_invalid:{e.reason}"
-                    fallbacks[reason] = fallbacks.get(reason, 0) + 1
-                    log.warning("sample %s: rephrase rejected (%s); exporting the original text", s.id, e)
-            shard = writer.write(s)
-            led.add(s.id, "keep", reason, shard=shard, rephrased=s.id in rephrased and not reason)
-            n += 1
-            if n % 10_000 == 0:
-                log.info("export: %d/%d samples, %.0f samples/s", n, len(wanted), n / (time.time() - t0))
-        shards = writer.close()
-        quarantined = dict(led.reasons)
-        for r in fallbacks:
-            quarantined.pop(r, None)
+    step = ExportStep(led_root, wanted, cfg, out, shard_urls, rephrased)
+    for stale in step.ledger_dir.glob("*.parquet"):  # an export is rewritten whole, its ledger too
+        stale.unlink()
+    with LedgerWriter(step.part(STEP), STEP) as led:
+        w = step.process(Unit(out, STEP), led)
+    quarantined = {r: c for r, c in led.reasons.items() if r not in w.fallbacks}
+    if w.n != len(wanted):  # some wanted id was not exported: unreadable (quarantined above) or in no shard
+        missing = step.finish(1)
+        if missing:
+            quarantined[step.missing_reason] = missing
     if remote:
         fs, root = fsspec.core.url_to_fs(out)
-        fs.put_file(str(led_path), f"{root}/ledger/{STEP}/{led_path.name}")
+        for p in sorted(step.ledger_dir.glob("*.parquet")):
+            fs.put_file(str(p), f"{root}/ledger/{STEP}/{p.name}")
         shutil.rmtree(led_root, ignore_errors=True)
-    if n != len(wanted):
+    if w.n != len(wanted):
         raise ExportError(
-            f"exported {n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
+            f"exported {w.n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
             f"(see {out}/ledger/{STEP})"
         )
+    shards, n = w.shards, w.n
     manifest = {
         "format": 1,
         "subset": cfg.subset_name if subset_ids is not None else "",
@@ -299,8 +326,8 @@ def export_curated(
         "n_samples": n,
         "n_bytes": sum(s.n_bytes for s in shards),
         "n_shards": len(shards),
-        "n_rephrased": n_rephrased,
-        "rephrase_fallbacks": dict(sorted(fallbacks.items())),
+        "n_rephrased": w.n_rephrased,
+        "rephrase_fallbacks": dict(sorted(w.fallbacks.items())),
         "subset_outside_kept": outside,
         "n_kept_by_last_step": len(kept_set),
         "balance": [b.as_dict() for b in balance],
@@ -313,8 +340,7 @@ def export_curated(
                           "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep" else cfg.image_format),
                           "json_image_names": "tar member names"},
     }
-    with fsspec.open(f"{out}/{MANIFEST}", "w", encoding="utf-8") as f:
-        f.write(json.dumps(manifest, indent=1, sort_keys=True))
+    write_json_atomic(manifest, f"{out}/{MANIFEST}", indent=1, sort_keys=True)
     log.info("export done: %d samples in %d shards, %.1f MB, %.1f s", n, len(shards),
              manifest["n_bytes"] / 1e6, time.time() - t0)
     return manifest

@@ -1,7 +1,7 @@
 """What a curation run did, proven from its ledgers: source accounting, per-step balance, known-bad recall,
 and one sentence that says what happened (also for degenerate runs: empty source, everything quarantined).
 
-Flyte-free; `tasks/run_report.py` wraps it.
+Flyte-free; `tasks/run_report.py` wraps `write_run_summary` and `run_summary_decks`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -107,3 +108,75 @@ def summarize(frames: Sequence[tuple[str, pd.DataFrame]], balance: Sequence[Step
     if known_bad is not None:
         out["known_bad"] = {"n_ids": len(set(known_bad)), "per_step": known_bad_recall(frames, known_bad)}
     return out
+
+
+@dataclass
+class RunReport:
+    """What `write_run_summary` found: the summary dict (summary.json), per-step counts, decisions with a
+    reason, the source accounting (None when ingest did not record it)."""
+
+    summary: dict[str, Any]
+    counts: pd.DataFrame
+    reasons: pd.DataFrame
+    accounting: dict[str, Any] | None
+
+
+def write_run_summary(step_dirs: Sequence[str], steps: Sequence[str], out_dir: str,
+                      known_bad: Sequence[str] | None = None) -> RunReport:
+    """Prove the run's ledgers balance and write `<out_dir>/summary.json`, `counts.parquet` (per step) and
+    `ledger.parquet` (every step's ledger, merged).
+
+    Raises LedgerError when a step lost or duplicated a sample, or when the ingest ledger does not hold one
+    row per record counted in the source.
+
+    :param step_dirs: local output directories of the run's steps (each holds `ledger/<step>/`).
+    :param steps: step names in pipeline order; source accounting is checked when the first is `ingest`.
+    :param out_dir: where the files go (created).
+    :param known_bad: ids of known low-quality samples: the summary reports, per step, what it did with them.
+    """
+    from core.ledger import check_balance, find_step_dir, read_ledger  # looked up per call (tests count calls)
+
+    if not steps:
+        raise ValueError("steps is empty: name the run's steps in pipeline order")
+    balance = check_balance(step_dirs, steps)
+    frames = [(s, read_ledger(find_step_dir(step_dirs, s))) for s in steps]
+    accounting = (check_source_accounting(find_step_dir(step_dirs, steps[0]), frames[0][1])
+                  if steps[0] == "ingest" else None)
+    summary = summarize(frames, balance, accounting, known_bad)
+    ledger = pd.concat([df for _, df in frames], ignore_index=True)
+    reasons = pd.DataFrame(summary["reasons"], columns=["step", "decision", "reason", "count"])
+    counts = pd.DataFrame([b.as_dict() for b in balance])
+    os.makedirs(out_dir, exist_ok=True)
+    counts.to_parquet(os.path.join(out_dir, "counts.parquet"), index=False)
+    ledger.to_parquet(os.path.join(out_dir, "ledger.parquet"), index=False)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return RunReport(summary, counts, reasons, accounting)
+
+
+def run_summary_decks(rep: RunReport) -> list[tuple[str, str]]:
+    """(deck name, HTML) of the run summary: what happened, source accounting, samples per step (table and
+    plot), decisions with a reason, known-bad recall; plus one deck per step for the known-bad ids."""
+    from core.report import figure_html, new_figure, page, table_html, text_html
+
+    summary, counts, accounting = rep.summary, rep.counts, rep.accounting
+    fig, ax = new_figure(7, 3.5)
+    ax.bar(counts["step"], counts["inputs"], label="inputs", color="#ccc")
+    ax.bar(counts["step"], counts["kept"] + counts["modified"], label="passed on", color="#4a8")
+    ax.set_ylabel("samples")
+    ax.legend()
+    parts = [text_html(summary["sentence"], "what happened"),
+             table_html([accounting] if accounting else [{"source_accounting": "not recorded by this ingest"}],
+                        "source accounting (source records == ingest ledger rows == kept + quarantined)"),
+             table_html(counts, "samples per step (inputs = kept + modified + dropped + quarantined)"),
+             figure_html(fig, "samples through the pipeline"),
+             table_html(rep.reasons, "decisions with a reason (dropped, quarantined, kept with a note)")]
+    known_bad = summary.get("known_bad")
+    if known_bad is not None:
+        parts.append(table_html(known_bad["per_step"],
+                                f"known-bad ids ({known_bad['n_ids']}): what each step did with them"))
+    decks = [("run summary", page(*parts))]
+    if known_bad is not None:  # one deck per step, so each step's effect on the known-bad ids reads on its own
+        decks += [(f"known-bad: {row['step']}", page(table_html([row], f"known-bad ids at {row['step']}")))
+                  for row in known_bad["per_step"]]
+    return decks

@@ -13,7 +13,8 @@ import logging
 import os
 import time
 
-from core.evals.runner import EvalConfig, evaluate_checkpoints
+from core.evals.config import EvalConfig
+from core.evals.runner import evaluate_checkpoints
 from core.mixing.pipeline import heldout_scores
 from core.mixing.soups import HoldLog, SoupStore, peak_held
 from core.mixing.steps import heldout_dirs, soup_uris

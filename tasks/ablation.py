@@ -12,9 +12,9 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import task_version
-from tasks.decks import display_root, save_decks
+from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
-from tasks.paths import source
+from tasks.paths import source, workdir
 from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
@@ -94,75 +94,27 @@ def compare_variants(
 
     Ends by printing where the comparison, the evaluation results and each deck page are.
     """
+    if not variants or len(checkpoints) != len(variants) or len(exports) != len(variants):
+        raise ValueError(f"one checkpoint list and one export per variant: {len(variants)} variants, "
+                         f"{len(checkpoints)} checkpoint lists, {len(exports)} exports")
     t0 = step_started("ablation", variants=len(variants))
-    import pandas as pd
-
-    from core.ablation import comparison_table, parse_variant
-    from core.report import DECKS_DIR, collect_decks, figure_html, new_figure, page, paths_block, table_html
-    from core.wds import iter_samples, list_shards
-
-    tok = None
-    if tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer.download())
+    from core.ablation_compare import collect_ablation_decks, comparison_html
+    from core.ablation_compare import compare_variants as compare
+    from core.publish import display_root, publish
+    from core.report import DECKS_DIR, paths_block
     from core.run_summary import load_id_list
 
-    bad = set(load_id_list(known_bad_ids.download())) if known_bad_ids is not None else None
-    counts, exported = [], []
-    for ex in exports:
-        root = ex.download()
-        n_samples = n_tokens = 0
-        ids = set()
-        for s in iter_samples(list_shards(os.path.join(root, "shards")), load_images=False, verify_images=False):
-            text = "\n".join(t.value for t in s.conversations)
-            n_tokens += len(tok(text)["input_ids"]) if tok is not None else len(text) // 4
-            n_samples += 1
-            ids.add(s.id)
-        counts.append({"n_samples": n_samples, "n_tokens": n_tokens})
-        exported.append(ids)
+    bad = load_id_list(known_bad_ids.download()) if known_bad_ids is not None else None
     eval_dir = evaluation.download()
-    summary = pd.read_parquet(os.path.join(eval_dir, "summary.parquet"))
-    table, long = comparison_table(variants, checkpoints, summary, counts)
-    if bad is not None:  # recall of each variant's filter on the known-bad ids, against the baseline export
-        base = exported[list(variants).index("baseline")] if "baseline" in variants else set().union(*exported)
-        table["known_bad_kept"] = [len(ids & bad) for ids in exported]
-        table["known_bad_removed"] = [len((base - ids) & bad) for ids in exported]
-    out = os.path.join(current_context().working_directory, "ablation")
-    os.makedirs(out, exist_ok=True)
-    table.to_parquet(os.path.join(out, "comparison.parquet"), index=False)
-    table.to_csv(os.path.join(out, "comparison.csv"), index=False)
-    long.to_parquet(os.path.join(out, "scores_by_epoch.parquet"), index=False)
-    parts = [table_html(table, "variant x benchmark (final checkpoint), deltas vs baseline")]
-    benches = sorted(set(long["benchmark"]))
-    if benches:
-        fig, ax = new_figure(7, 3.5)
-        w = 0.8 / max(len(table), 1)
-        for i, row in table.reset_index(drop=True).iterrows():
-            ax.bar([j + i * w for j in range(len(benches))], [row.get(b, float("nan")) for b in benches], w,
-                   label=row["variant"])
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(benches))], benches, rotation=20)
-        ax.set_ylabel("score")
-        ax.legend(fontsize=7)
-        parts.append(figure_html(fig, "scores by variant"))
-        from core.evals.report import score_vs_step_html
-
-        parts.append(score_vs_step_html(long))  # one line per variant over its checkpoints' steps
-    Deck("ablation", page(*parts))
-    log.info("ablation table:\n%s", table.to_string(index=False))
-    names = [parse_variant(v).name for v in variants]
-    shared = [source(d) for d in step_dirs or []]
-    deck_dirs = shared + [source(ex) for ex in exports] + [cks[-1] for cks in checkpoints if cks] + [eval_dir]
-    suffixes = ([""] * len(shared) + [""] * len(exports) + [n for n, cks in zip(names, checkpoints) if cks] + [""])
-    decks = list(collect_decks(deck_dirs, os.path.join(out, DECKS_DIR), suffixes)) + ["ablation"]
+    out = str(workdir("ablation"))
+    cmp = compare(variants, checkpoints, [ex.download() for ex in exports], eval_dir, out,
+                  tokenizer.download() if tokenizer is not None else None, bad)
+    Deck("ablation", comparison_html(cmp))
+    decks = collect_ablation_decks(out, variants, checkpoints, [source(d) for d in step_dirs or []],
+                                   [source(ex) for ex in exports], eval_dir) + ["ablation"]
     save_decks(out, "ablation")
     if output_dir:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(output_dir)
-        fs.makedirs(root, exist_ok=True)
-        fs.put(out.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
-        fs.put(eval_dir.rstrip("/") + "/", root.rstrip("/") + "/evaluation/", recursive=True)
+        publish(out, output_dir, {"evaluation": eval_dir})
     step_finished("ablation", t0, variants=len(variants))
     where = display_root(output_dir) if output_dir else out
     rows = [("comparison", f"{where}/comparison.csv"),

@@ -3,7 +3,7 @@
 Local execution writes flytekit's deck.html only under a random sandbox folder that nothing names; a cluster
 keeps it beside the task's outputs in the blob store. `save_decks` also writes `<out_dir>/decks/<step>.html`,
 which travels with the task's output directory; the run summary (tasks/run_report.py) and the ablation table
-(tasks/ablation.py) copy these pages to `<output_dir>/decks/` and print their paths.
+(tasks/ablation.py) copy these pages to `<output_dir>/decks/` (`core.publish.publish`) and print their paths.
 """
 
 from __future__ import annotations
@@ -37,11 +37,3 @@ def save_decks(out_dir: str, step: str) -> str:
     log.debug("deck page %s", path)
     return path
 
-
-def display_root(output_dir: str) -> str:
-    """`output_dir` as a user should read it at the end of a run: local paths absolute, URLs unchanged."""
-    import os
-
-    if "://" in output_dir and not output_dir.startswith("file://"):
-        return output_dir.rstrip("/")
-    return os.path.abspath(output_dir.removeprefix("file://")).rstrip("/")

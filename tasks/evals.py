@@ -28,7 +28,7 @@ def find_checkpoints(prefix: str, pattern: str = "*") -> list[str]:
     :param pattern: Glob on the directory names (e.g. "epoch_*").
     :return: Checkpoint URIs, epoch order.
     """
-    from core.evals.runner import list_checkpoints
+    from core.evals.checkpoints import list_checkpoints
 
     ckpts = list_checkpoints(prefix, pattern)
     log.info("found %d checkpoints under %s", len(ckpts), prefix)
@@ -45,7 +45,7 @@ def plan_eval_jobs(checkpoints: list[str], benchmarks: list[str], group_size: in
         downloaded exactly once.
     :return: checkpoints[i] and groups[i] (comma-joined benchmark names) describe job i.
     """
-    from core.evals.base import benchmark_names
+    from core.evals.registry import benchmark_names
 
     unknown = sorted(set(benchmarks) - set(benchmark_names()))
     if unknown:
@@ -87,7 +87,9 @@ def evaluate_checkpoint_benchmarks(
         (results.json, samples_<benchmark>.jsonl).
     """
     t0 = step_started("eval", checkpoint=checkpoint, benchmarks=benchmarks)
-    from core.evals.runner import CheckpointStore, EvalConfig, evaluate_checkpoint
+    from core.evals.checkpoints import CheckpointStore
+    from core.evals.config import EvalConfig
+    from core.evals.runner import evaluate_checkpoint
 
     work = current_context().working_directory
     cfg = EvalConfig(cache_dir=cache_dir, benchmarks=[b for b in benchmarks.split(",") if b], backend=backend,
@@ -130,29 +132,20 @@ def collect_eval_results(
     :return: Directory with records.parquet, summary.parquet, results.csv, report.html, results.json and
         lmms_eval/<worker>/ (lmms-eval-shaped results.json and samples_<benchmark>.jsonl).
     """
+    if not len(results) == len(checkpoints) == len(groups):
+        raise ValueError(f"results, checkpoints and groups must align: {len(results)}, {len(checkpoints)}, "
+                         f"{len(groups)}")
     t0 = step_started("evaluation", workers=len(results))
-    from core.evals.report import eval_report_html
-    from core.evals.runner import RECORD_COLUMNS, SUMMARY_COLUMNS, _failed_row, collect_results, write_parquet
+    from core.evals.results import collect_worker_outputs, write_eval_report
 
     work = current_context().working_directory
-    dirs = []
-    for i, (res, ckpt, group) in enumerate(zip(results, checkpoints, groups, strict=True)):
-        if res is None:  # the worker crashed (OOM, node loss) after its retries: say so in the table
-            lost = os.path.join(work, "lost", str(i))
-            rows = [_failed_row(ckpt, b, "worker_lost") for b in group.split(",") if b]
-            write_parquet([], RECORD_COLUMNS, os.path.join(lost, "records.parquet"))
-            write_parquet(rows, SUMMARY_COLUMNS, os.path.join(lost, "summary.parquet"))
-            dirs.append(lost)
-        else:
-            dirs.append(res.download())
     out = os.path.join(work, "eval_results")
-    res = collect_results(dirs, out)
-    html = eval_report_html(res.summary, res.table, res.records)
-    with open(os.path.join(out, "report.html"), "w") as f:
-        f.write(html)
-    Deck("evaluation", html)
+    # a None result is a worker that crashed (OOM, node loss) after its retries: failed rows, `worker_lost`
+    res = collect_worker_outputs([r.download() if r is not None else None for r in results], checkpoints, groups,
+                                 out, os.path.join(work, "lost"))
+    Deck("evaluation", write_eval_report(res, out))
     save_decks(out, "evaluation")
     step_finished("evaluation", t0, checkpoints=res.table.shape[0], failed=len(res.failed_checkpoints))
-    n_failed = len(res.failed_checkpoints)
-    log.info("evaluated %d checkpoints, %d with failures", res.table.shape[0], n_failed)
+    log.info("evaluated %d checkpoints, %d with failures", res.table.shape[0], len(res.failed_checkpoints))
+    print(f"evaluation results: {out}/results.csv; report: {out}/report.html", flush=True)
     return FlyteDirectory(out)

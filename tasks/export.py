@@ -74,7 +74,7 @@ def export_dataset(
     """
     t0 = step_started("export", subset=subset_name or "-", max_samples=max_samples)
     from core.export import ExportConfig, export_curated, export_report_html, load_id_list
-    from core.wds import list_shards
+    from core.step import shards_of
 
     cfg = ExportConfig(steps=list(steps) if steps else None, max_samples=max_samples, max_bytes=max_bytes,
                        subset_name=subset_name, image_format=image_format)  # validates before any download
@@ -87,7 +87,7 @@ def export_dataset(
     if subset_ids is not None:
         ids = load_id_list(subset_ids.download())
     out = os.path.join(work, "export")
-    manifest = export_curated(list_shards(f"{src.rstrip('/')}/shards"), dirs, out, cfg, subset_ids=ids,
+    manifest = export_curated(shards_of(src), dirs, out, cfg, subset_ids=ids,
                               rephrased_dir=_rephrased_records(rephrased) if rephrased is not None else None)
     log.info("exported %d samples in %d shards", manifest["n_samples"], manifest["n_shards"])
     Deck("export", export_report_html(manifest))

@@ -247,7 +247,7 @@ def analyze_soups(results: List[Optional[FlyteDirectory]], uris: List[str], run:
     :param prep: prepare_experts output (plan.json).
     :param config: MixingConfig.
     """
-    from core.evals.runner import collect_results
+    from core.evals.results import collect_results
     from core.mixing.analysis import analyze, mixing_report_html
     from core.mixing.pipeline import score_table
     from core.mixing.steps import choose_proxy_subsets, export_mixtures, holds_peak, key_of
@@ -290,21 +290,16 @@ def score_domain_perplexity(prep: FlyteDirectory, domains: List[str], experts: L
     :param config: MixingConfig (device, max_seq_len).
     :return: `ledger/perplexity/` (extra.nll = log ratio) and `domain_perplexity/summary.json`.
     """
-    from core.mixing.pipeline import domain_perplexity_ledger, sample_nll
+    from core.mixing.pipeline import DomainPerplexityStep
     from core.report import page, table_html
 
     root = prep.download()
-    base_dir = base.download()
-    rows = []
-    for d, ex in zip(domains, experts, strict=True):
-        data = os.path.join(root, "train", d, "shards")
-        e_rows = sample_nll(ex.download(), data, config.device, config.max_seq_len)
-        b_rows = {r["sample_id"]: r for r in sample_nll(base_dir, data, config.device, config.max_seq_len)}
-        for r in e_rows:
-            rows.append({"sample_id": r["sample_id"], "domain": d, "expert_nll_sum": r["nll_sum"],
-                         "base_nll_sum": b_rows[r["sample_id"]]["nll_sum"], "n_tokens": r["n_tokens"]})
+    experts_of = {d: ex.download() for d, ex in zip(domains, experts, strict=True)}
+    data = {d: os.path.join(root, "train", d, "shards") for d in domains}
     out = _work("domain_ppl")
-    summary = domain_perplexity_ledger(rows, out)
+    step = DomainPerplexityStep(out, experts_of, base.download(), data, config.device, config.max_seq_len)
+    step.run(list(domains))
+    summary = step.summary()
     Deck("domain perplexity", page(table_html([{"domain": d, **v} for d, v in summary.items()],
                                               "Expert / base perplexity ratio on the expert's own domain")))
     print(f"domain perplexity ledger written to {out}")
@@ -335,7 +330,7 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
     """
     import pandas as pd
 
-    from core.evals.runner import collect_results
+    from core.evals.results import collect_results
     from core.mixing.analysis import mixing_report_html
     from core.mixing.pipeline import export_ids, score_table, spearman_by_benchmark
     from core.mixing.steps import mixture_ids
@@ -370,10 +365,9 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
         f.write(html)
     Deck("mixing", html)
     if output_dir:
-        import fsspec
+        from core.publish import publish
 
-        fs, root = fsspec.core.url_to_fs(output_dir)
-        fs.put(out.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
+        publish(out, output_dir)
     log.info("proxy: %s", proxy.to_dict("records"))
     print(f"mixing report: {out}; recommended mixture {best}: {rec}")
     return MixingOutputs(FlyteDirectory(out), FlyteDirectory(rec))

@@ -13,6 +13,7 @@ from flytekit.types.file import FlyteFile
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
+from tasks.paths import local_ledger_root
 from tasks.resources import TINY_REQUESTS, renamed
 from tasks.steplog import step_finished, step_started
 
@@ -21,15 +22,13 @@ log = logging.getLogger(__name__)
 RephraseOutputs = NamedTuple("RephraseOutputs", [("out_dir", FlyteDirectory), ("report", FlyteFile)])
 
 
-def _tiny_model_for(shards_dir: str, work: str) -> str:
+def _tiny_model_for(run_dir: str, work: str) -> str:
     """The embedded default model: the project's tiny LM trained on this run's conversations (CPU demo)."""
-    from pathlib import Path
-
     from core.rephrase.tiny_model import train_demo_model
-    from core.wds import iter_samples, list_shards
+    from core.step import shards_of
+    from core.wds import iter_samples
 
-    root = Path(shards_dir)
-    urls = list_shards(str(root / "shards")) if (root / "shards").is_dir() else list_shards(shards_dir)
+    urls = shards_of(run_dir)
     if not urls:  # a degenerate run (empty source, all quarantined): nothing to rephrase, no model needed
         return ""
     samples = iter_samples(urls, load_images=False, verify_images=False)
@@ -50,7 +49,7 @@ def rephrase_samples(
     preset: str = "tiny",
     model_dir: Optional[FlyteDirectory] = None,
     tokenizer_dir: Optional[FlyteDirectory] = None,
-    prev_ledger: Optional[FlyteDirectory] = None,
+    prev: Optional[FlyteDirectory] = None,
     prev_step: str = "",
     system_prompt: Optional[str] = None,
     human_prompt: Optional[str] = None,
@@ -76,9 +75,9 @@ def rephrase_samples(
     :param model_dir: Local chat model directory (HF layout with chat template). Required for `qwen`; for
         `tiny`, empty means: train the project's tiny LM on this run's text.
     :param tokenizer_dir: Training tokenizer used for the before/after token counts (default: the model's).
-    :param prev_ledger: Ledger directory of the previous step (or its step output dir, with prev_step);
-        only its kept/modified ids are rephrased.
-    :param prev_step: When set, the ledger is `prev_ledger/ledger/<prev_step>/` (a step output directory).
+    :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids
+        (only kept/modified ids are rephrased).
+    :param prev_step: Name of the previous step ("" = rephrase every sample of the shards; needed with `prev`).
     :param system_prompt: System message (default: preset's concise-rewriter prompt; "" for none).
     :param human_prompt: Template for question turns; must contain `{text}`.
     :param gpt_prompt: Template for answer turns; `{text}` and optional `{question}`.
@@ -98,8 +97,11 @@ def rephrase_samples(
     t0 = step_started("rephrase", preset=preset, prev_step=prev_step)
     from core.rephrase.config import preset_config
     from core.rephrase.report import report_html, write_report
-    from core.rephrase.run import rephrase_run
+    from core.rephrase.step import RephraseStep
+    from core.step import Passing, shards_of
 
+    if prev is not None and not prev_step:
+        raise ValueError("prev needs prev_step: the name of the step whose ledger selects the input ids")
     work = current_context().working_directory
     out = checkpoint_dir or os.path.join(work, "rephrase_out")
     run_dir.download()
@@ -115,14 +117,7 @@ def rephrase_samples(
     if tokenizer_dir is not None:
         tokenizer_dir.download()
         tokenizer = tokenizer_dir.path
-    prev = None
-    if prev_ledger is not None:
-        prev_ledger.download()
-        prev = prev_ledger.path
-        if prev_step:
-            from core.ledger import find_step_dir
-
-            prev = str(find_step_dir(prev, prev_step))
+    passing = Passing.read(local_ledger_root(prev, prev_step), prev_step) if prev is not None else None
     cfg = preset_config(
         preset,
         model,
@@ -140,9 +135,8 @@ def rephrase_samples(
         chunk_size=chunk_size,
     )
     log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
-    summaries = rephrase_run(shards, out, cfg, prev_ledger=prev)
-    for s in summaries:
-        log.info("rephrase %s: skipped=%s samples=%d modified=%d", s.shard, s.skipped, s.n_samples, s.n_modified)
+    done = RephraseStep(out, cfg, prev=passing).run(shards_of(shards))
+    log.info("rephrase: %d shards rephrased, %d already done; %s", len(done.done), len(done.skipped), done.counts)
     jp, _hp, summary = write_report(out, model=cfg.model, tokenizer=cfg.tokenizer_path)
     log.info("rephrase report: %s", summary["verdict"])
     Deck("rephrase", report_html(summary, out))

@@ -10,7 +10,8 @@ import threading
 import numpy as np
 
 from core.evals.backends import GenRequest
-from core.evals.base import EvalItem, get_benchmark
+from core.evals.base import EvalItem
+from core.evals.registry import get_benchmark
 
 
 def image_key(images) -> str:
@@ -48,7 +49,7 @@ def ideal_answer(bench: str, item: EvalItem) -> str:
 
 def oracle_table(cache_dir: str, benches: list[str]) -> dict[tuple[str, str], str]:
     """(prompt, image hash) -> ideal answer for every loadable, decodable fixture item."""
-    from core.evals.runner import _decode
+    from core.evals.runner import decode_images
 
     table = {}
     for name in benches:
@@ -57,7 +58,7 @@ def oracle_table(cache_dir: str, benches: list[str]) -> dict[tuple[str, str], st
             if not isinstance(item, EvalItem):
                 continue
             try:
-                images = _decode(item)
+                images = decode_images(item)
             except Exception:
                 continue
             table[(b.prompt(item), image_key(images))] = ideal_answer(name, item)

@@ -1,4 +1,5 @@
-"""Ablation variants: parsing, selection from ledgers (isolation), and the comparison table."""
+"""Ablation variants: parsing, selection from ledgers (isolation), and the comparison (table, export counts,
+known-bad columns, files, deck page sources)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import pandas as pd
 import pytest
 
-from core.ablation import comparison_table, parse_variant, select_variant
+from core.ablation import parse_variant, select_variant
+from core.ablation_compare import compare_variants, comparison_html, comparison_table
 from core.ledger import LedgerError, LedgerWriter, step_dir
 
 IDS = [f"s{i:02d}" for i in range(20)]
@@ -89,3 +91,33 @@ def test_comparison_table_deltas():
     assert table.set_index("variant").loc["baseline", "docvqa"] == pytest.approx(0.3)  # final epoch, not the first
     assert set(long["variant"]) == {"baseline", "semdedup@0.1"}
     json.dumps(table.to_dict("records"))
+
+
+def test_compare_variants_counts_exports_and_known_bad(tmp_path):
+    from core.wds import write_shards
+    from tests.embed_data import sample
+
+    ids = {"baseline": ["a", "b", "c", "d"], "semdedup@0.5": ["a", "c"]}
+    exports = []
+    for v, keep in ids.items():
+        write_shards([sample(i, [], question="What is shown?", answer="Shapes.") for i in keep],
+                     str(tmp_path / v / "shards"))
+        exports.append(str(tmp_path / v))
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    row = {"benchmark": "docvqa", "metric": "anls", "status": "ok", "step": 3, "epoch": 1.0}
+    pd.DataFrame([{**row, "checkpoint": "b/e1", "variant": "baseline", "score": 0.2},
+                  {**row, "checkpoint": "d/e1", "variant": "semdedup", "score": 0.5}]
+                 ).to_parquet(ev / "summary.parquet", index=False)
+    out = tmp_path / "out"
+    cmp = compare_variants(list(ids), [["b/e1"], ["d/e1"]], exports, str(ev), str(out), known_bad=["b", "c", "zz"])
+    t = cmp.table.set_index("variant")
+    per_sample = len("What is shown?\nShapes.") // 4  # no tokenizer: characters / 4
+    assert t["n_samples"].tolist() == [4, 2] and t["n_tokens"].tolist() == [4 * per_sample, 2 * per_sample]
+    assert t["known_bad_kept"].tolist() == [2, 1] and t["known_bad_removed"].tolist() == [0, 1]  # "b" removed
+    assert t.loc["semdedup@0.5", "docvqa_delta"] == pytest.approx(0.3)
+    assert pd.read_csv(out / "comparison.csv")["variant"].tolist() == list(ids)
+    assert pd.read_parquet(out / "comparison.parquet").equals(cmp.table)
+    assert set(pd.read_parquet(out / "scores_by_epoch.parquet")["variant"]) == set(ids)
+    html = comparison_html(cmp)
+    assert "scores by variant" in html and "semdedup@0.5" in html

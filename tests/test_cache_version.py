@@ -55,7 +55,7 @@ def test_real_tasks_see_the_code_they_run():
     assert "core/evals/benchmarks.py" in dedup  # reached only transitively
     embed = {p.relative_to(ROOT).as_posix() for p in import_closure("tasks.embed")}
     assert "core/embed/model_configs/mmcurate-tiny-vit.json" in embed
-    assert "core/export.py" not in embed and "core/rephrase/run.py" not in embed
+    assert "core/export.py" not in embed and "core/rephrase/step.py" not in embed
 
 
 def test_editing_a_real_module_changes_its_tasks_version_only(tmp_path):

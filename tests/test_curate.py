@@ -157,7 +157,7 @@ def _count_calls(monkeypatch) -> Counter:
     import core.perplexity.pipeline
     import core.perplexity.reference
     import core.perplexity.slices
-    import core.rephrase.run
+    import core.rephrase.step
 
     calls: Counter = Counter()
     targets = {
@@ -169,7 +169,7 @@ def _count_calls(monkeypatch) -> Counter:
         "reference_lm": (core.perplexity.reference, "train_reference_lm"),
         "perplexity": (core.perplexity.pipeline, "score_shards"),
         "ppl_filter": (core.perplexity.slices, "slice_by_perplexity"),
-        "rephrase": (core.rephrase.run, "rephrase_run"),
+        "rephrase": (core.rephrase.step.RephraseStep, "run"),
         "export": (core.export, "export_curated"),
         "summary": (core.ledger, "check_balance"),  # summarize_run's; export_curated holds its own reference
     }

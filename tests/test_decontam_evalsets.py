@@ -15,8 +15,9 @@ from core.dedup.config import tiny_decontam_config
 from core.dedup.mining import decontaminate
 from core.demo.eval_fixtures import write_fixtures
 from core.embed import embed_shards, tiny_embed_config
-from core.evals.base import LoadFailure, get_benchmark
+from core.evals.base import LoadFailure
 from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
+from core.evals.registry import get_benchmark
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
 from core.step import Passing
 from core.wds import iter_samples, list_shards, write_shards

@@ -24,7 +24,8 @@ from core.evals import (
     tiny_eval_config,
     unregister_backend,
 )
-from core.evals.runner import RECORD_COLUMNS, checkpoint_epoch, checkpoint_position, checkpoint_step
+from core.evals.checkpoints import checkpoint_epoch, checkpoint_position, checkpoint_step
+from core.evals.results import RECORD_COLUMNS
 from tests.evals_doubles import OracleBackend, oracle_table
 
 BENCHES = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]

@@ -13,7 +13,7 @@ import pytest
 from export_train_fixtures import make_records
 
 from core.export import ExportConfig, ExportError, export_curated, ledger_steps, load_id_list, verify_export
-from core.ledger import LedgerWriter, step_dir
+from core.ledger import LedgerWriter, read_ledger, step_dir
 from core.sample import Sample
 from core.wds import iter_samples, list_shards, write_shards
 
@@ -147,6 +147,13 @@ def test_missing_kept_sample_raises(run, tmp_path):
     with pytest.raises(ExportError, match="missing_from_shard"):
         export_curated(shards[:1], str(rdir), str(tmp_path / "x"), ExportConfig())
     assert not (tmp_path / "x" / "manifest.json").exists()
+    led = read_ledger(tmp_path / "x" / "ledger" / "export")
+    assert sorted(led.sample_id) == sorted(kept)  # the ids in no shard are quarantined (core.step), not lost
+    assert (tmp_path / "x" / "ledger" / "export" / "part-zz-missing.parquet").exists()
+    # exporting again into the same folder rewrites the whole ledger: no stale missing part survives
+    m = export_curated(shards, str(rdir), str(tmp_path / "x"), ExportConfig())
+    led = read_ledger(tmp_path / "x" / "ledger" / "export")
+    assert sorted(led.sample_id) == sorted(kept) and set(led.decision) == {"keep"} and m["n_samples"] == len(kept)
 
 
 def test_rephrased_conversations_applied_and_bad_ones_fall_back(run, tmp_path):
@@ -267,7 +274,7 @@ def test_damaged_input_shard_quarantines_kept_samples(run, tmp_path, damage):
     with pytest.raises(ExportError, match="truncated_tar"):
         export_curated(list_shards(str(tmp_path / "shards")), str(rdir), str(out), ExportConfig())
     assert not (out / "manifest.json").exists()
-    led = pq.read_table(out / "ledger" / "export" / "part-export.parquet").to_pylist()
+    led = read_ledger(out / "ledger" / "export").to_dict("records")
     assert sorted(r["sample_id"] for r in led) == sorted(kept)  # nothing vanished
     lost = [r for r in led if r["decision"] == "quarantine"]
     assert lost and {r["reason"] for r in lost} <= {"truncated_tar", "missing_from_shard"}

@@ -146,7 +146,7 @@ def test_cli_lists_choices_and_rejects_bad_ones_before_running(tmp_path):
 def _stage_configs():
     """(class, preset, one out-of-range field with its value and the range the message must show)."""
     from core.embed.config import EmbedConfig, tiny_embed_config
-    from core.evals.runner import EvalConfig
+    from core.evals.config import EvalConfig
     from core.export import ExportConfig
     from core.perplexity.config import PerplexityConfig
     from core.perplexity.slices import SliceConfig

@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.evals.runner import EvalConfig, evaluate_checkpoints
+from core.evals.config import EvalConfig
+from core.evals.runner import evaluate_checkpoints
 from core.ledger import read_ledger, step_dir
 from core.mixing.domains import DomainConfig, assign_domains, domain_of, load_domains
-from core.mixing.pipeline import MixingConfig, domain_perplexity_ledger, spearman_by_benchmark, split_heldout
+from core.mixing.pipeline import DomainPerplexityStep, MixingConfig, spearman_by_benchmark, split_heldout
 from core.mixing.plan import expert_budget, plan_training
 from core.mixing.soups import HoldLog, SoupStore, peak_held
 from core.mixing.steps import choose_proxy_subsets, key_of, plan_mixtures, soup_uris
@@ -158,11 +159,23 @@ def test_choose_proxy_subsets_top_and_random_multi_domain():
 def test_domain_perplexity_ledger_is_sliceable(tmp_path):
     from core.perplexity.slices import SliceConfig, load_ranking, slice_by_perplexity
 
-    rows = [{"sample_id": f"s{i}", "domain": "a", "expert_nll_sum": float(i), "base_nll_sum": 5.0, "n_tokens": 5}
-            for i in range(10)] + [{"sample_id": "z", "domain": "a", "expert_nll_sum": 0.0, "base_nll_sum": 0.0,
-                                    "n_tokens": 0}]
-    summary = domain_perplexity_ledger(rows, str(tmp_path))
-    assert summary["a"]["n"] == 10
+    # sample_nll rows per (checkpoint, data dir): the expert of `a` finds s_i costing i nats, the base 5
+    nll = {("exp_a", "data_a"): [{"sample_id": f"s{i}", "nll_sum": float(i), "n_tokens": 5} for i in range(10)]
+           + [{"sample_id": "z", "nll_sum": 0.0, "n_tokens": 0}],
+           ("base", "data_a"): [{"sample_id": f"s{i}", "nll_sum": 5.0, "n_tokens": 5} for i in range(10)]
+           + [{"sample_id": "z", "nll_sum": 0.0, "n_tokens": 0}]}
+    calls = []
+
+    def scorer(ckpt, data, device, max_seq_len):
+        calls.append(ckpt)
+        return nll[(ckpt, data)]
+
+    step = DomainPerplexityStep(str(tmp_path), {"a": "exp_a"}, "base", {"a": "data_a"}, nll=scorer)
+    assert step.run(["a"]).done == ["a"] and calls == ["exp_a", "base"]
+    summary = step.summary()
+    assert summary["a"]["n"] == 10 and summary == json.loads((tmp_path / "domain_perplexity" / "summary.json").read_text())
+    again = DomainPerplexityStep(str(tmp_path), {"a": "exp_a"}, "base", {"a": "data_a"}, nll=scorer)
+    assert again.run(["a"]).skipped == ["a"] and len(calls) == 2 and again.summary() == summary  # resumed: no rescoring
     ids, ppl, _, raw = load_ranking(str(tmp_path), 0.0)
     assert raw[list(ids).index("s0")] == pytest.approx(math.exp(-1.0))  # ratio = exp((0 - 5) / 5)
     res = slice_by_perplexity(str(tmp_path), str(tmp_path / "sl"), SliceConfig(mode="slices", n_slices=2,

@@ -8,7 +8,7 @@ import pytest
 from core.ledger import read_ledger, step_dir
 from core.rephrase.config import PRESETS, RephraseConfig, qwen_rephrase_config, tiny_rephrase_config
 from core.rephrase.generate import TransformersGenerator, make_generator
-from core.rephrase.run import rephrase_shard
+from core.rephrase.step import rephrase_shards
 from core.rephrase.tiny_model import random_chat_lm
 from core.rephrase.tokens import TokenCounter
 from core.sample import Sample
@@ -73,8 +73,8 @@ def test_transformers_backend_end_to_end_is_deterministic(tiny_model, tmp_path):
     counter = TokenCounter(cfg.tokenizer_path)
     g = make_generator(cfg)
     assert isinstance(g, TransformersGenerator)
-    rephrase_shard("p", samples, tmp_path / "a", cfg, g, counter)
-    rephrase_shard("p", samples, tmp_path / "b", cfg, make_generator(cfg), counter)
+    rephrase_shards([("p", lambda: samples)], tmp_path / "a", cfg, g, counter)
+    rephrase_shards([("p", lambda: samples)], tmp_path / "b", cfg, make_generator(cfg), counter)
     a, b = read_ledger(step_dir(tmp_path / "a", "rephrase")), read_ledger(step_dir(tmp_path / "b", "rephrase"))
     assert a.equals(b) and len(a) == 6
     # a random model does not write acceptable rephrasings: every sample keeps its original

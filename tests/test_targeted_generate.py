@@ -206,3 +206,14 @@ def test_merge_of_per_shard_outputs_keeps_every_ledger_part(tmp_path, pool):
     (tmp_path / "gen-000001" / "targeted" / "generate_config.json").write_text("{}")
     with pytest.raises(ValueError, match="differs"):
         merge_generation([tmp_path / "gen-000000", tmp_path / "gen-000001"], tmp_path / "m2")
+
+
+def test_the_step_is_a_shard_step_and_an_empty_run_still_writes_its_ledger(tmp_path, pool):
+    from core.step import ShardStep
+    from core.targeted.generate import TargetedGenerateStep
+
+    assert issubclass(TargetedGenerateStep, ShardStep) and TargetedGenerateStep.name == STEP
+    rows = _retrieved([], "count_like")  # nothing retrieved: no unit, no model load (model "m" does not exist)
+    assert generate_shards(rows, pool, tmp_path / "g", tiny_targeted_config("m"), EXAMPLES, generator=None) == []
+    assert [p.name for p in step_dir(tmp_path / "g", STEP).iterdir()] == ["part-empty.parquet"]
+    check_balance(tmp_path / "g", [STEP])

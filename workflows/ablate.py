@@ -88,7 +88,7 @@ def ablate_steps(
         step_dirs.append(score(run=run, model=lm, prev=emb, prev_step="embed"))
     rephrased = None
     if any(p.kind == "rephrased" for p in parsed):
-        rephrased = rephrase(run_dir=run, preset="tiny", model_dir=lm, prev_ledger=emb, prev_step="embed").out_dir
+        rephrased = rephrase(run_dir=run, preset="tiny", model_dir=lm, prev=emb, prev_step="embed").out_dir
     vision = build_tiny_vision_tower()
     exports, ckpts = [], []
     for p in parsed:

@@ -103,7 +103,7 @@ def curate_steps(
     rephrased = None
     if rephrase:
         rephrase_task = rephrase_samples_cpu if is_tiny(rephrase_preset) else rephrase_samples
-        rephrased = rephrase_task(run_dir=run, preset=value_of(rephrase_preset), prev_ledger=prev,
+        rephrased = rephrase_task(run_dir=run, preset=value_of(rephrase_preset), prev=prev,
                                   prev_step=prev_step).out_dir
         dirs, steps = dirs + [rephrased], steps + ["rephrase"]
     out = export_dataset(run_dir=run, step_dirs=dirs[1:], steps=steps, rephrased=rephrased,

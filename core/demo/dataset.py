@@ -447,7 +447,8 @@ def plant_eval_contamination(out_dir: str, eval_cache: str, benchmarks: list[str
     """
     from PIL import Image
 
-    from core.evals.base import LoadFailure, benchmark_names, get_benchmark
+    from core.evals.base import LoadFailure
+    from core.evals.registry import benchmark_names, get_benchmark
     from core.images import decode_image, image_ext
 
     gt = load_ground_truth(out_dir)

@@ -1,8 +1,8 @@
-"""The benchmark plugin interface and registry.
+"""The benchmark plugin interface.
 
 A benchmark is four things: a loader that reads the benchmark's published files from a local or fsspec
 cache directory, a prompt template, an answer parser and a per-sample metric. Register a new one with
-`register_benchmark(MyBenchmark())`; the runner only talks to this interface.
+`core.evals.registry.register_benchmark(MyBenchmark())`; the runner only talks to this interface.
 """
 
 from __future__ import annotations
@@ -95,30 +95,3 @@ class Benchmark:
     def score(self, parsed: Parsed, item: EvalItem) -> Scored:
         """Score a parsed answer; called for unparsed answers too (they score 0 unless stated)."""
         raise NotImplementedError
-
-
-_REGISTRY: dict[str, Benchmark] = {}
-
-
-def register_benchmark(benchmark: Benchmark) -> Benchmark:
-    """Add (or replace) a benchmark under `benchmark.name`."""
-    if not benchmark.name:
-        raise ValueError("benchmark has no name")
-    _REGISTRY[benchmark.name] = benchmark
-    return benchmark
-
-
-def get_benchmark(name: str) -> Benchmark:
-    """The registered benchmark `name` (KeyError lists the known ones)."""
-    import core.evals.benchmarks  # noqa: F401  (registers the built-in benchmarks)
-
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown benchmark {name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
-
-
-def benchmark_names() -> list[str]:
-    """Names of all registered benchmarks."""
-    import core.evals.benchmarks  # noqa: F401
-
-    return sorted(_REGISTRY)

@@ -13,8 +13,11 @@ import logging
 import os
 
 from core.demo.eval_fixtures import write_fixtures
+from core.evals.checkpoints import list_checkpoints
+from core.evals.config import tiny_eval_config
 from core.evals.report import eval_report_html
-from core.evals.runner import EvalResults, evaluate_checkpoints, list_checkpoints, tiny_eval_config
+from core.evals.results import EvalResults
+from core.evals.runner import evaluate_checkpoints
 
 
 def run_eval_demo(checkpoints_prefix: str, out_dir: str, cap: int = 2, backend: str = "auto") -> EvalResults:

@@ -54,12 +54,13 @@ def write_eval_shards(
     """Write each benchmark's items under `out_dir/shards/` and the ledger; return per-benchmark counts.
 
     :param cache_dir: root of the benchmark caches (`<cache_dir>/<benchmark>/...`, see docs/evals.md).
-    :param benchmarks: benchmark names (`core.evals.base.benchmark_names()`).
+    :param benchmarks: benchmark names (`core.evals.registry.benchmark_names()`).
     :param out_dir: receives `shards/<benchmark>-NNNNNN.tar` and `ledger/ingest/`.
     :param max_items: items per benchmark (0 = all).
     :param shard_max_samples: items per shard.
     """
-    from core.evals.base import LoadFailure, get_benchmark
+    from core.evals.base import LoadFailure
+    from core.evals.registry import get_benchmark
 
     for b in benchmarks:
         if not _SHARD_RE.match(f"{b}-000000"):

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.evals.base import get_benchmark
+from core.evals.registry import get_benchmark
 
 LMMS_EVAL_REFERENCE = "0.7.3"
 REFERENCES = {

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field  # noqa: F401
 from pathlib import Path
 from typing import Any
 
+from core.ledger import LedgerWriter, read_ledger
 from core.mixing.plan import ExpertPlan
+from core.step import ShardStep, Unit, write_json_atomic
 
 NLL_PREFIX = "nll_"  # held-out loss "benchmarks": score = -mean token NLL on that domain's held-out samples
 
@@ -89,8 +91,7 @@ def export_ids(shards: Sequence[str], ledger_dirs: Sequence[str], ids: Sequence[
                 d = domain_of_id.get(i, "")
                 counts[d] = counts.get(d, 0) + 1
         manifest["domain_counts"] = dict(sorted(counts.items()))
-        with open(os.path.join(out, MANIFEST), "w") as f:
-            f.write(json.dumps(manifest, indent=1, sort_keys=True))
+        write_json_atomic(manifest, os.path.join(out, MANIFEST), indent=1, sort_keys=True)
     return manifest
 
 
@@ -145,31 +146,53 @@ def heldout_scores(ckpt: str, heldout: Mapping[str, str], device: str = "cpu", m
     return out
 
 
-def domain_perplexity_ledger(rows: Sequence[Mapping[str, Any]], out: str) -> dict[str, Any]:
-    """Write the expert/base perplexity ratio as a `perplexity` ledger under `out`, the layout
-    `slice_by_perplexity` ranks: keep rows with extra.nll = log(ppl_expert / ppl_base) (so its exp is the
-    ratio) and extra.n_scored; samples without scored tokens are quarantined `ppl_no_scored_tokens`.
+class DomainPerplexityStep(ShardStep):
+    """Domain perplexity on the shared shard-step base (core/step.py): a unit is one domain, its training
+    export scored by the domain's expert and by the base (`sample_nll`); one ledger part per domain,
+    resumable by domain. The ledger `perplexity` has the layout `slice_by_perplexity` ranks: keep rows with
+    extra.nll = log(ppl_expert / ppl_base) (so the score, its exp, is the ratio) and extra.n_scored; samples
+    without scored tokens are quarantined `ppl_no_scored_tokens`. `summary()` writes
+    `domain_perplexity/summary.json` ({domain: {n, median_ratio}}) from the ledger.
 
-    rows: sample_id, domain, expert_nll_sum, base_nll_sum, n_tokens, shard."""
-    from core.ledger import LedgerWriter, step_dir
+    :param experts: domain -> expert checkpoint.  :param base: the shared base checkpoint.
+    :param data: domain -> shards directory of its samples.  :param nll: the scorer (default `sample_nll`).
+    """
 
-    ratios: dict[str, list[float]] = {}
-    path = step_dir(out, "perplexity") / "part-all.parquet"
-    with LedgerWriter(path, "perplexity") as led:
-        for r in rows:
+    name = "perplexity"
+
+    def __init__(self, out: str | os.PathLike, experts: Mapping[str, str], base: str, data: Mapping[str, str],
+                 device: str = "cpu", max_seq_len: int = 256, nll: Any = None):
+        super().__init__(out)
+        self.experts, self.base, self.data, self.device, self.max_seq_len = experts, base, data, device, max_seq_len
+        self.nll = nll or sample_nll
+
+    def unit_name(self, url: str) -> str:
+        return url  # the units are domain names
+
+    def process(self, unit: Unit, led: LedgerWriter) -> int:
+        d, data = unit.name, self.data[unit.name]
+        e_rows = self.nll(self.experts[d], data, self.device, self.max_seq_len)
+        b_rows = {r["sample_id"]: r for r in self.nll(self.base, data, self.device, self.max_seq_len)}
+        for r in e_rows:
             n = int(r["n_tokens"])
             if n <= 0:
-                led.add(r["sample_id"], "quarantine", "ppl_no_scored_tokens", shard=r.get("shard", ""), domain=r["domain"])
+                led.add(r["sample_id"], "quarantine", "ppl_no_scored_tokens", shard=r.get("shard", ""), domain=d)
                 continue
-            log_ratio = (r["expert_nll_sum"] - r["base_nll_sum"]) / n
+            e, b = r["nll_sum"], b_rows[r["sample_id"]]["nll_sum"]
+            log_ratio = (e - b) / n
             led.add(r["sample_id"], "keep", score=math.exp(log_ratio), shard=r.get("shard", ""), nll=log_ratio,
-                    n_scored=n, domain=r["domain"], expert_ppl=math.exp(r["expert_nll_sum"] / n),
-                    base_ppl=math.exp(r["base_nll_sum"] / n))
-            ratios.setdefault(r["domain"], []).append(math.exp(log_ratio))
-    summary = {d: {"n": len(v), "median_ratio": float(sorted(v)[len(v) // 2])} for d, v in sorted(ratios.items())}
-    Path(out, "domain_perplexity").mkdir(parents=True, exist_ok=True)
-    Path(out, "domain_perplexity", "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+                    n_scored=n, domain=d, expert_ppl=math.exp(e / n), base_ppl=math.exp(b / n))
+        return len(e_rows)
+
+    def summary(self) -> dict[str, Any]:
+        """{domain: {n, median_ratio}} of the kept samples (all parts), also written as summary.json."""
+        led = read_ledger(self.ledger_dir)
+        ratios: dict[str, list[float]] = {}
+        for score, extra in zip(led.loc[led["decision"] == "keep", "score"], led.loc[led["decision"] == "keep", "extra"]):
+            ratios.setdefault(json.loads(extra)["domain"], []).append(float(score))
+        summary = {d: {"n": len(v), "median_ratio": float(sorted(v)[len(v) // 2])} for d, v in sorted(ratios.items())}
+        write_json_atomic(summary, Path(self.out, "domain_perplexity", "summary.json"), indent=1)
+        return summary
 
 
 def score_table(summary: Any, name_of: Mapping[str, str]) -> Any:

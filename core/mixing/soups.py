@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.evals.runner import CheckpointStore
+from core.evals.checkpoints import CheckpointStore
 from core.mixing.merge import SoupBuilder, normalize_weights
 
 PREFIX = "soup/"

@@ -53,7 +53,9 @@ def evaluate_soup(uri: str, experts: Mapping[str, str], base: str | None, heldou
     soup. Writes records/summary.parquet (held-out loss rows appended to the summary) and holds.json."""
     import pandas as pd
 
-    from core.evals.runner import SUMMARY_COLUMNS, EvalConfig, evaluate_checkpoint, write_parquet
+    from core.evals.config import EvalConfig
+    from core.evals.results import SUMMARY_COLUMNS, write_parquet
+    from core.evals.runner import evaluate_checkpoint
 
     held = heldout_dirs(heldout_root) if heldout_root else {}
     dev = cfg.device

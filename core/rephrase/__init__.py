@@ -1,5 +1,6 @@
 """LLM rephrasing of conversation turns for token efficiency, validated, with a token-savings report."""
 
+from core.rephrase.chunks import rephrase_chunk
 from core.rephrase.config import (
     PRESETS,
     RephraseConfig,
@@ -9,14 +10,7 @@ from core.rephrase.config import (
 )
 from core.rephrase.generate import Generation, Generator, TransformersGenerator, VLLMGenerator, make_generator
 from core.rephrase.report import summarize, write_report
-from core.rephrase.run import (
-    ShardSummary,
-    read_rephrased,
-    rephrase_chunk,
-    rephrase_run,
-    rephrase_shard,
-    rephrase_shards,
-)
+from core.rephrase.step import RephraseStep, ShardSummary, read_rephrased, rephrase_shards
 from core.rephrase.tokens import TokenCounter
 from core.rephrase.validate import REJECT_REASONS, protect, validate_rephrasing
 
@@ -26,6 +20,7 @@ __all__ = [
     "Generation",
     "Generator",
     "RephraseConfig",
+    "RephraseStep",
     "ShardSummary",
     "TokenCounter",
     "TransformersGenerator",
@@ -36,8 +31,6 @@ __all__ = [
     "qwen_rephrase_config",
     "read_rephrased",
     "rephrase_chunk",
-    "rephrase_run",
-    "rephrase_shard",
     "rephrase_shards",
     "summarize",
     "tiny_rephrase_config",

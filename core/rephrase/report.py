@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from core.ledger import read_ledger, step_dir
-from core.rephrase.run import STEP
+from core.rephrase.step import STEP
 from core.report import figure_html, new_figure, page, table_html, text_html
 
 LOW_ACCEPTANCE = 0.2

@@ -15,7 +15,6 @@ The generation step already decontaminated on images (retrieval searched only de
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -24,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core.ledger import LedgerWriter, passing_ids, read_ledger, step_dir
+from core.step import write_json_atomic, write_parquet_atomic
 from core.targeted.config import TargetedConfig
 
 log = logging.getLogger(__name__)
@@ -49,11 +48,10 @@ def ppl_bounds(cfg: TargetedConfig) -> tuple[float, float]:
 
 def write_text_embeddings(path: Path, ids: Sequence[str], x: np.ndarray) -> None:
     """Vectors in the embed step's Parquet format (sample_id, image_emb null, text_emb) for decontaminate."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     t = pa.table({"sample_id": pa.array(list(ids), pa.string()),
                   "image_emb": pa.nulls(len(ids), pa.list_(pa.float32())),
                   "text_emb": pa.array([row.tolist() for row in x], pa.list_(pa.float32()))})
-    pq.write_table(t, path)
+    write_parquet_atomic(t, path)
 
 
 def dedup_generated(out: Path, samples: dict[str, tuple[str, str, str]], ref_texts: dict[str, str],
@@ -96,8 +94,9 @@ def dedup_generated(out: Path, samples: dict[str, tuple[str, str, str]], ref_tex
 
 def eval_questions(eval_cache: str, benchmarks: Sequence[str]) -> dict[str, dict[str, str]]:
     """{benchmark: {eval id: question text}} of every loadable eval item (the test items)."""
-    from core.evals.base import EvalItem, get_benchmark
+    from core.evals.base import EvalItem
     from core.evals.eval_shards import eval_item_sample
+    from core.evals.registry import get_benchmark
     from core.targeted.subgroups import first_pair
 
     out: dict[str, dict[str, str]] = {}
@@ -175,8 +174,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
         counts[st] = {"inputs": int(len(df)), "passed": int(df["decision"].isin(["keep", "modify"]).sum()),
                       "reasons": {str(k): int(v) for k, v in df.loc[df["reason"] != "", "reason"].value_counts().items()
                                   if df.loc[df["reason"] == k, "decision"].iloc[0] in ("drop", "quarantine")}}
-    (out / "targeted").mkdir(parents=True, exist_ok=True)
-    (out / "targeted" / "filters.json").write_text(json.dumps(counts, indent=1))
+    write_json_atomic(counts, out / "targeted" / "filters.json", indent=1)
     kept = passing_ids(read_ledger(step_dir(out, FILTER_STEPS[-1])))
-    (out / "targeted" / "kept_ids.json").write_text(json.dumps(kept))  # the named subset the export takes
+    write_json_atomic(kept, out / "targeted" / "kept_ids.json")  # the named subset the export takes
     return counts

@@ -9,10 +9,10 @@ Layout inside a generation output directory:
     ledger/tg_generate/part-<gen shard>.parquet     keep (parsed) | drop gen_rejected:<reason> |
                                                     quarantine missing_pool_image, one row per retrieved image
 
-A shard is one unit: its records and tar are written first, the ledger part last (atomically); a re-run
-skips shards whose ledger part exists, so a kill loses at most the shard in flight. Every request's seed
-and in-context examples derive from (seed, generated id): the output does not depend on batching, on
-which shards ran before, or on where a resumed run starts.
+A shard is one unit of `TargetedGenerateStep` (the core/step.py contract: records and tar published first,
+the ledger part last, atomically; a re-run skips shards whose ledger part exists, so a kill loses at most the
+shard in flight). Every request's seed and in-context examples derive from (seed, generated id): the output
+does not depend on batching, on which shards ran before, or on where a resumed run starts.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core.images import image_ext
-from core.ledger import LedgerWriter, step_dir
-from core.rephrase.run import request_seed
+from core.ledger import LedgerWriter
+from core.rephrase.chunks import request_seed
 from core.sample import Sample
+from core.step import ShardStep, StepSummary, Unit, write_atomic, write_parquet_atomic
 from core.targeted.config import FamilyPrompt, TargetedConfig
 from core.targeted.parse import parse_generation, reason_code
 from core.targeted.vlm import VLMGenerator, VLMRequest
@@ -54,7 +54,7 @@ GEN_SCHEMA = pa.schema([
 
 @dataclass
 class ShardStats:
-    """What one call of `generate_shard` did (timings of this call only)."""
+    """What one unit of `TargetedGenerateStep` did (timings of this call only; the ledger close excluded)."""
 
     shard: str
     n: int = 0
@@ -112,43 +112,73 @@ def load_pool_images(rows: pd.DataFrame, pool_shards: dict[str, str]) -> dict[st
     return got
 
 
-def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+class TargetedGenerateStep(ShardStep):
+    """The generation step on the shared shard-step base: a unit is one generation shard (`gen-NNNNNN`, named
+    by retrieval), its generations parquet and tar are published first, its ledger part last.
 
-
-def ledger_part(out_dir: str | os.PathLike, shard: str) -> Path:
-    return step_dir(out_dir, STEP) / f"part-{shard}.parquet"
-
-
-def generate_shard(shard: str, rows: pd.DataFrame, pool_shards: dict[str, str], out_dir: str | os.PathLike,
-                   cfg: TargetedConfig, generator: VLMGenerator | None,
-                   examples: dict[str, list[dict[str, str]]]) -> ShardStats:
-    """Generate, parse and publish one generation shard (see module doc); skipped when already published.
-
-    :param rows: the retrieved rows of this shard (core/targeted/retrieve.py RETRIEVED_COLUMNS).
+    :param retrieved: the retrieved rows (core/targeted/retrieve.py RETRIEVED_COLUMNS) of every unit.
     :param pool_shards: pool shard name -> shard URL (where the retrieved images are read from).
-    :param generator: the loaded VLM (None is allowed only when the shard is already done).
     :param examples: subgroup -> reference examples (question, answer) the in-context examples come from.
+    :param generator: the VLM; None: built from `cfg` by `setup`, only if a unit still needs generating.
     """
-    t0 = time.perf_counter()
-    st = ShardStats(shard)
-    out = Path(out_dir)
-    part = ledger_part(out, shard)
-    if part.exists():
-        st.skipped = True
+
+    name = STEP
+
+    def __init__(self, out: str | os.PathLike, retrieved: pd.DataFrame, pool_shards: dict[str, str],
+                 cfg: TargetedConfig, examples: dict[str, list[dict[str, str]]], generator: VLMGenerator | None = None):
+        super().__init__(out)  # no `prev`: every retrieved row gets its decision here (missing images included)
+        self.retrieved, self.pool_shards, self.cfg, self.examples = retrieved, pool_shards, cfg, examples
+        self.generator = generator
+
+    def unit_name(self, url: str) -> str:
+        return url  # the units are generation shard names, not URLs
+
+    def setup(self) -> None:
+        from core.targeted.vlm import make_vlm
+
+        if self.generator is None:
+            self.generator = make_vlm(self.cfg)
+
+    def run(self, urls: Sequence[str]) -> StepSummary:
+        _check_same_config(self.out, self.cfg)
+        return super().run(urls)
+
+    def process(self, unit: Unit, led: LedgerWriter) -> ShardStats:
+        """Generate, parse and publish one generation shard (see module doc)."""
+        t0 = time.perf_counter()
+        shard, out, gen = unit.name, self.out, self.generator
+        st = ShardStats(shard)
+        rows = self.retrieved[self.retrieved["gen_shard"] == shard].reset_index(drop=True)
+        plans = plan_requests(rows, load_pool_images(rows, self.pool_shards), self.examples, self.cfg)
+        t1 = time.perf_counter()
+        gens = gen.generate([p[1] for p in plans]) if plans else []
+        st.seconds_generate = time.perf_counter() - t1
+        if len(gens) != len(plans):
+            raise RuntimeError(f"generator returned {len(gens)} answers for {len(plans)} requests")
+        recs, accepted = parse_outputs(plans, gens, self.cfg, gen.name)
+        write_parquet_atomic(pa.Table.from_pylist(recs, schema=GEN_SCHEMA) if recs else GEN_SCHEMA.empty_table(),
+                             out / "targeted" / "generations" / f"part-{shard}.parquet")
+        tar = ""
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        if accepted:  # ShardWriter publishes the tar atomically too
+            with ShardWriter(str(out / "shards"), shard, max_samples=len(accepted) + 1, max_bytes=1 << 40) as w:
+                for s in accepted:
+                    tar = w.write(s)
+        decide(led, rows, recs, shard, shard_name(tar), gen.name)
+        st.n, st.n_accepted, st.reasons = len(rows), len(accepted), dict(led.reasons)
+        st.seconds_total = time.perf_counter() - t0
+        by_code: dict[str, int] = {}
+        for k, v in st.reasons.items():
+            code = reason_code(k.removeprefix("gen_rejected:"))
+            by_code[code] = by_code.get(code, 0) + v
+        log.info("tg_generate %s: %d images, %d accepted, %.1fs generating; rejected: %s", shard, st.n, st.n_accepted,
+                 st.seconds_generate, by_code)
         return st
-    if generator is None:
-        raise ValueError(f"shard {shard} needs generating but no generator was given")
-    rows = rows.reset_index(drop=True)
-    images = load_pool_images(rows, pool_shards)
-    plans = plan_requests(rows, images, examples, cfg)
-    t1 = time.perf_counter()
-    gens = generator.generate([p[1] for p in plans]) if plans else []
-    st.seconds_generate = time.perf_counter() - t1
-    if len(gens) != len(plans):
-        raise RuntimeError(f"generator returned {len(gens)} answers for {len(plans)} requests")
+
+
+def parse_outputs(plans: Sequence[tuple[Any, VLMRequest, list[dict[str, str]], str]], gens: Sequence[Any],
+                  cfg: TargetedConfig, generator: str) -> tuple[list[dict[str, Any]], list[Sample]]:
+    """(a GEN_SCHEMA record per request, the accepted samples in training schema with their image) of one shard."""
     recs: list[dict[str, Any]] = []
     accepted: list[Sample] = []
     for (r, req, ex, sha), g in zip(plans, gens):
@@ -161,45 +191,33 @@ def generate_shard(shard: str, rows: pd.DataFrame, pool_shards: dict[str, str], 
                      "conversations_json": json.dumps(p.conversations, ensure_ascii=False) if p.ok else ""})
         if p.ok:
             meta = {"targeted": {"subgroup": r.subgroup, "family": r.family, "pool_id": r.pool_id,
-                                 "generator": generator.name, "prompt_sha256": sha, "seed": req.seed}}
+                                 "generator": generator, "prompt_sha256": sha, "seed": req.seed}}
             rec = {"id": r.gen_id, "image": f"{r.gen_id}.{image_ext(req.image)}", "conversations": p.conversations,
                    "source": f"targeted:{r.subgroup}", "metadata": meta}
             s = Sample.from_record(rec)
             s.image_bytes = [req.image]
             accepted.append(s)
-    _write_atomic_parquet(pa.Table.from_pylist(recs, schema=GEN_SCHEMA) if recs else GEN_SCHEMA.empty_table(),
-                          out / "targeted" / "generations" / f"part-{shard}.parquet")
-    tar = ""
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    if accepted:
-        with ShardWriter(str(out / "shards"), shard, max_samples=len(accepted) + 1,
-                         max_bytes=1 << 40) as w:
-            for s in accepted:
-                tar = w.write(s)
+    return recs, accepted
+
+
+def decide(led: LedgerWriter, rows: pd.DataFrame, recs: Sequence[dict[str, Any]], shard: str, tar_shard: str,
+           generator: str) -> None:
+    """One ledger row per retrieved row: keep (in `tar_shard`), drop gen_rejected:<reason>, or quarantine
+    missing_pool_image (its image was not found, so no request was made)."""
     by_id = {rec["gen_id"]: rec for rec in recs}
-    with LedgerWriter(part, STEP) as led:
-        for r in rows.itertuples(index=False):
-            common = dict(subgroup=r.subgroup, family=r.family, pool_id=r.pool_id, pool_shard=r.pool_shard,
-                          ref_id=r.ref_id, similarity=float(r.similarity))
-            rec = by_id.get(r.gen_id)
-            if rec is None:
-                led.add(r.gen_id, "quarantine", "missing_pool_image", None, shard, **common)
-                continue
-            common.update(generator=generator.name, prompt_sha256=rec["prompt_sha256"], seed=rec["seed"],
-                          n_tokens=rec["n_tokens"])
-            if rec["reason"]:
-                led.add(r.gen_id, "drop", f"gen_rejected:{rec['reason']}", None, shard, raw=rec["raw"][:300], **common)
-            else:
-                led.add(r.gen_id, "keep", "", None, shard_name(tar), **common)
-        reasons = dict(led.reasons)
-    st.n, st.n_accepted, st.reasons = len(rows), len(accepted), reasons
-    st.seconds_total = time.perf_counter() - t0
-    by_code: dict[str, int] = {}
-    for k, v in reasons.items():
-        by_code[reason_code(k.removeprefix("gen_rejected:"))] = by_code.get(reason_code(k.removeprefix("gen_rejected:")), 0) + v
-    log.info("tg_generate %s: %d images, %d accepted, %.1fs generating; rejected: %s", shard, st.n, st.n_accepted,
-             st.seconds_generate, by_code)
-    return st
+    for r in rows.itertuples(index=False):
+        common = dict(subgroup=r.subgroup, family=r.family, pool_id=r.pool_id, pool_shard=r.pool_shard,
+                      ref_id=r.ref_id, similarity=float(r.similarity))
+        rec = by_id.get(r.gen_id)
+        if rec is None:
+            led.add(r.gen_id, "quarantine", "missing_pool_image", None, shard, **common)
+            continue
+        common.update(generator=generator, prompt_sha256=rec["prompt_sha256"], seed=rec["seed"],
+                      n_tokens=rec["n_tokens"])
+        if rec["reason"]:
+            led.add(r.gen_id, "drop", f"gen_rejected:{rec['reason']}", None, shard, raw=rec["raw"][:300], **common)
+        else:
+            led.add(r.gen_id, "keep", "", None, tar_shard, **common)
 
 
 # fields that change what is generated (the rest: scheduling and filters)
@@ -217,24 +235,14 @@ def _check_same_config(out: Path, cfg: TargetedConfig) -> None:
             raise ValueError(f"{out} holds shards generated with another config ({path}); use a fresh output "
                              "directory or the same config")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(want, "utf-8")
+    write_atomic(path, want)
 
 
 def generate_shards(retrieved: pd.DataFrame, pool_shards: dict[str, str], out_dir: str | os.PathLike,
                     cfg: TargetedConfig, examples: dict[str, list[dict[str, str]]],
                     shards: Sequence[str] | None = None, generator: VLMGenerator | None = None) -> list[ShardStats]:
-    """Run `generate_shard` over the given generation shards (default: all); the model loads once, lazily,
-    only if a shard still needs generating."""
-    from core.targeted.vlm import make_vlm
-
+    """Run `TargetedGenerateStep` over the given generation shards (default: all); the model loads once, lazily,
+    only if a shard still needs generating. One `ShardStats` per shard (`skipped` for finished ones)."""
     names = list(shards) if shards is not None else sorted(retrieved["gen_shard"].unique())
-    _check_same_config(Path(out_dir), cfg)
-    stats = []
-    for i, name in enumerate(names):
-        rows = retrieved[retrieved["gen_shard"] == name]
-        if generator is None and not ledger_part(out_dir, name).exists():
-            generator = make_vlm(cfg)
-        stats.append(generate_shard(name, rows, pool_shards, out_dir, cfg, generator, examples))
-        log.info("tg_generate: shard %d/%d %s done", i + 1, len(names), name)
-    return stats
+    done = TargetedGenerateStep(out_dir, retrieved, pool_shards, cfg, examples, generator).run(names).results
+    return [done.get(n) or ShardStats(n, skipped=True) for n in names]

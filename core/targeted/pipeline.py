@@ -4,7 +4,6 @@ reference -> subgroups -> retrieval -> generation (by shard) -> filters -> expor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from core.ledger import passing_ids, read_ledger, step_dir
+from core.step import write_json_atomic
 from core.targeted.config import TargetedConfig
 from core.targeted.filters import FILTER_STEPS
 from core.wds import iter_samples, list_shards, shard_name
@@ -118,5 +118,5 @@ def run_targeted(ref_shards: Sequence[str], ref_emb: str, pool_run: str, pool_em
                "generation": generation_summary(out / "generate"), "filters": filt,
                "exported": manifest["n_samples"], "seconds_generate": sum(s.seconds_generate for s in stats),
                "seconds_generation_step": sum(s.seconds_total for s in stats)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_json_atomic(summary, out / "summary.json", indent=1, default=str)
     return summary

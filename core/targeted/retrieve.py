@@ -16,6 +16,7 @@ retrieved (extra: subgroup, similarity, nearest reference, generated id), `drop`
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from core.dedup.embeddings import embedding_files, invalid_rows, normalize_rows,
 from core.dedup.mining import NeighbourMiner
 from core.ledger import LedgerWriter, step_dir
 from core.sample import sample_key
+from core.step import write_atomic
 from core.targeted.config import TargetedConfig
 
 log = logging.getLogger(__name__)
@@ -149,10 +151,9 @@ def retrieve(
             log.warning("subgroup %s: %d images retrieved, budget %d (pool too small or taken)", g, n,
                         cfg.budget_per_subgroup)
     out = Path(out_dir)
-    (out / "targeted").mkdir(parents=True, exist_ok=True)
-    tmp = out / "targeted" / "retrieved.parquet.tmp"
-    got.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "targeted" / "retrieved.parquet")
+    buf = io.BytesIO()
+    got.to_parquet(buf, index=False)
+    write_atomic(out / "targeted" / "retrieved.parquet", buf.getvalue())
     picked = got.set_index("pool_id")
     best = cand.sort_values(["similarity", "subgroup"], ascending=[False, True]).drop_duplicates("pool_id")
     with LedgerWriter(step_dir(out, STEP) / "part-retrieve.parquet", STEP) as led:

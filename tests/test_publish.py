@@ -1,0 +1,34 @@
+"""core.publish: one copy of a task's output folder (plus named extra folders) to the user's output_dir."""
+
+from __future__ import annotations
+
+import os
+
+from core.publish import display_root, publish
+
+
+def test_publish_copies_tree_and_extras_and_keeps_other_files(tmp_path):
+    out = tmp_path / "work" / "run_summary"
+    (out / "decks").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    (out / "decks" / "ingest.html").write_text("<p>ingest</p>")
+    export = tmp_path / "work" / "export"
+    (export / "shards").mkdir(parents=True)
+    (export / "shards" / "shard-000000.tar").write_bytes(b"tar")
+    dest = tmp_path / "published" / "run"  # does not exist yet
+    (dest / "old").mkdir(parents=True)
+    (dest / "old" / "keep.txt").write_text("earlier")
+    where = publish(str(out), str(dest), {"export": str(export)})
+    assert where == str(dest)
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["decks/ingest.html", "export/shards/shard-000000.tar", "old/keep.txt", "summary.json"]
+    (out / "summary.json").write_text('{"again": 1}')  # publishing again overwrites
+    publish(str(out) + "/", f"file://{dest}/")
+    assert (dest / "summary.json").read_text() == '{"again": 1}'
+
+
+def test_display_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert display_root("s3://bucket/run/") == "s3://bucket/run"
+    assert display_root("rel/dir/") == os.path.join(str(tmp_path), "rel/dir")
+    assert display_root(f"file://{tmp_path}/x") == f"{tmp_path}/x"
