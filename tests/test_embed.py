@@ -75,6 +75,26 @@ def test_tiny_training_is_reproducible(tmp_path):
     assert not torch_equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
 
 
+def test_tiny_training_patch_dropout(tmp_path):
+    """Patch dropout only changes training: it is in the cache key, changes the trained weights, and the saved
+    state dict has exactly the untrained model's tensors (the embedder loads it into the plain architecture)."""
+    from safetensors.torch import load_file
+
+    from core.embed.model import random_tiny_checkpoint
+    from core.embed.tiny_train import DEFAULT_PARAMS, tiny_vit_key, train_tiny_vit
+
+    assert DEFAULT_PARAMS["patch_dropout"] > 0
+    assert tiny_vit_key(0) != tiny_vit_key(0, patch_dropout=0.0)
+    small = dict(n_pairs=16, steps=3, batch_size=8, views=2)
+    train_tiny_vit(tmp_path / "pd.safetensors", seed=0, **small)
+    train_tiny_vit(tmp_path / "no.safetensors", seed=0, patch_dropout=0.0, **small)
+    pd, no = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("pd", "no"))
+    ref = load_file(str(random_tiny_checkpoint(tmp_path, seed=0)))
+    assert pd.keys() == no.keys() == ref.keys()
+    assert all(pd[k].shape == ref[k].shape for k in ref)
+    assert not torch_equal(pd["visual.conv1.weight"], no["visual.conv1.weight"])
+
+
 def torch_equal(x, y) -> bool:
     import torch
 
