@@ -23,6 +23,7 @@ from core.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_conf
 from core.perplexity.config import PerplexityConfig, reference_perplexity_config
 from core.perplexity.slices import SliceConfig, p90_slice_config
 from core.rephrase.config import RephraseConfig, tiny_rephrase_config
+from core.train.config import TrainConfig, default_train_config
 
 # The benchmarks decontamination checks by default (core/evals knows how to load each).
 BENCHMARKS = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
@@ -96,9 +97,8 @@ class AblateConfig(ConfigJSON):
     :param dedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
     :param decontam_config: Decontamination threshold and mined neighbours per eval item (decontam, mined).
     :param lm_steps: Training steps of the embedded reference LM.
-    :param epochs: Training epochs per variant (one checkpoint per epoch).
-    :param max_steps: Cap on training steps per variant (0 = no cap).
-    :param batch_size: Training batch size.
+    :param train_config: The training recipe of every variant (TrainConfig: epochs = one checkpoint per epoch,
+        max_steps None = no cap, batch_size, lr, ...); the paths are filled by the training task.
     :param eval_max_samples: Per-benchmark sample cap (0 = all).
     """
 
@@ -107,14 +107,12 @@ class AblateConfig(ConfigJSON):
     dedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
     decontam_config: DecontamConfig = field(default_factory=tiny_decontam_config)
     lm_steps: int = 300
-    epochs: int = 1
-    max_steps: int = 0
-    batch_size: int = 8
+    train_config: TrainConfig = field(default_factory=default_train_config)
     eval_max_samples: int = 0
 
     def __post_init__(self) -> None:
-        check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None), "epochs": (1, None),
-                            "max_steps": (0, None), "batch_size": (1, None), "eval_max_samples": (0, None)})
+        check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None),
+                            "eval_max_samples": (0, None)})
 
 
 @register_preset(AblateConfig, "tiny", default=True)

@@ -44,7 +44,7 @@ if [ "${DEMO_ABLATE:-1}" = 1 ]; then
     --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
     --reference_ids "$OUT/reference/ground_truth.json" \
     --variants '["baseline", "semdedup@0.1", "ppl@0-90", "decontam"]' --eval_cache "$OUT/eval_cache" \
-    --config "{\"max_steps\": ${DEMO_TRAIN_STEPS:-30}, \"eval_max_samples\": 8}" --output_dir "$OUT/ablation"
+    --config "{\"train_config\": {\"max_steps\": ${DEMO_TRAIN_STEPS:-30}}, \"eval_max_samples\": 8}" --output_dir "$OUT/ablation"
   python - "$OUT/ablation/comparison.csv" <<'PY'
 import sys
 import pandas as pd

@@ -13,6 +13,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
 from core.mixing.pipeline import MixingConfig
+from core.train.config import TrainConfig
 from tasks.cache import task_version
 from tasks.images import CPU_IMAGE, TRAIN_IMAGE, VLLM_IMAGE
 from tasks.paths import source
@@ -156,6 +157,19 @@ def train_expert(data: FlyteDirectory, plan: str, base: FlyteDirectory, config: 
 
 train_expert_cpu = task(requests=TINY_REQUESTS, **_EXPERT_OPTS)(renamed(train_expert.task_function,
                                                                        "train_expert_cpu"))
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def base_train_config(config: MixingConfig, steps: int) -> TrainConfig:
+    """The shared base's TrainConfig: `steps` steps with the mixing config's batch size, lr, sequence length,
+    held-out size and device (core.mixing.pipeline.base_train_config).
+
+    :param config: The mixing search's config.
+    :param steps: Training steps of the base (0 = no cap).
+    """
+    from core.mixing.pipeline import base_train_config as build
+
+    return build(config, steps)
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))

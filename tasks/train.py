@@ -26,6 +26,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
+from core.train.config import TrainConfig, default_train_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import TRAIN_IMAGE
@@ -74,24 +75,12 @@ def train_mini_llava(
     data: FlyteDirectory,
     vision_model: str,
     lm: FlyteDirectory,
+    config: TrainConfig = default_train_config(),
     vision_dir: Optional[FlyteDirectory] = None,
     vision_pretrained: str = "",
     init_from: Optional[FlyteDirectory] = None,
-    stage: str = "full",
-    epochs: int = 1,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    warmup_steps: int = 0,
-    max_seq_len: int = 512,
-    max_steps: int = 0,
-    val_size: int = 16,
-    val_every_n_steps: int = 50,
-    ckpt_every_n_steps: int = 0,
-    seed: int = 0,
-    device: str = "auto",
     checkpoint_uri: str = "",
     wandb_project: str = "",
-    lr_schedule: str = "cosine",
     run_name: str = "",
 ) -> TrainOutputs:
     """Train the built-in minimal LLaVA model (frozen open_clip tower -> MLP projector -> causal LM).
@@ -102,32 +91,27 @@ def train_mini_llava(
     :param data: Exported shards: an export output (with `shards/`) or a directory of `*.tar`.
     :param vision_model: open_clip model name (ignored when `vision_dir` is given).
     :param lm: Hugging Face causal-LM directory (model + tokenizer).
+    :param config: TrainConfig (core/train/config.py): stage (`projector` = stage 1, `full` = stage 2), epochs,
+        batch size per rank, lr, lr_schedule (`cosine` / `constant` after warmup), warmup_steps, max_seq_len
+        (truncation never splits an image), max_steps (None = no cap; a checkpoint is written at the stop),
+        val_size, val_every_n_steps, ckpt_every_n_steps (0 = only at epoch ends), seed, device (cpu/cuda/auto).
+        Its run-time paths (output_dir, lm_path, vision_model, init_from, mirror_uri) and the world shape are
+        filled here from the other inputs. Default: preset `default` (the field defaults); on the CLI a partial
+        JSON merged onto it, e.g. `--config '{"epochs": 2, "lr": 2e-3}'` or `'{"preset": "llava_stage1"}'`.
     :param vision_dir: open_clip `local-dir` (open_clip_config.json + weights) for the vision tower.
-    :param vision_pretrained: open_clip pretrained tag or weights file for `vision_model`.
+    :param vision_pretrained: open_clip pretrained tag or weights file for `vision_model` (empty: the config's).
     :param init_from: A checkpoint to start from (stage 2 starts from stage 1's last epoch).
-    :param stage: `projector` (stage 1: projector only) or `full` (stage 2: projector + LM).
-    :param epochs: Epochs over the training shards.
-    :param batch_size: Samples per rank per step.
-    :param lr: Peak learning rate (cosine decay after warmup).
-    :param warmup_steps: Linear warmup steps.
-    :param max_seq_len: Tokens per sample (truncation never splits an image).
-    :param max_steps: Stop after this many steps (0 = no limit); a checkpoint is written at the stop.
-    :param val_size: Held-out validation samples (chosen once by seed, kept in memory).
-    :param val_every_n_steps: Validation loss every N steps.
-    :param ckpt_every_n_steps: Mid-epoch checkpoint every N steps (0 = only at epoch ends).
-    :param seed: Seed for init, held-out split and per-epoch shuffling.
-    :param device: cpu, cuda or auto.
     :param checkpoint_uri: Durable location of the run's checkpoints (shared path or s3://...); re-using it resumes.
     :param wandb_project: Also log to this W&B project (a run started by the trainer); ignored when the task
         runs under the W&B plugin (MMCURATE_WANDB_PROJECT), whose run gets the metrics.
     :param lr_schedule: `cosine` (decay after warmup) or `constant` (after warmup).
     :param run_name: Label recorded in each checkpoint's trainer_state.json (e.g. the ablation variant); evaluation
-        groups checkpoints by it (else by the folder holding them).
+        groups checkpoints by it (else by the folder holding them). Empty: the config's.
     :return: The epoch checkpoints (Hugging Face LLaVA folders: `LlavaForConditionalGeneration.from_pretrained`
         + `AutoProcessor.from_pretrained` load them; see docs/train.md) and metrics.jsonl.
     """
-    t0 = step_started("train", stage=stage, epochs=epochs, max_steps=max_steps)
-    from core.train.config import TrainConfig
+    t0 = step_started("train", stage=config.stage, epochs=config.epochs, max_steps=config.max_steps or 0)
+    from core.configs import override
     from core.train.loop import train
     from core.train.report import train_report_html
 
@@ -135,20 +119,19 @@ def train_mini_llava(
     if os.path.isdir(os.path.join(data_dir, "shards")):
         data_dir = os.path.join(data_dir, "shards")
     vm = f"local-dir:{vision_dir.download()}" if vision_dir is not None else vision_model
+    c, run_name = config, run_name or config.run_name
     # The pod-local dir must differ between trainings of one execution (local runs share raw_output_prefix,
     # e.g. the variants of an ablation grid) but agree between elastic ranks/restarts of the same training.
     ident = [current_context().raw_output_prefix, os.environ.get("TORCHELASTIC_RUN_ID", ""),
-             source(data), vm, source(lm), stage, epochs, batch_size, lr, seed, max_steps, max_seq_len, lr_schedule,
-             source(init_from) if init_from is not None else "", run_name]
+             source(data), vm, source(lm), c.stage, c.epochs, c.batch_size, c.lr, c.seed, c.max_steps or 0,
+             c.max_seq_len, c.lr_schedule, source(init_from) if init_from is not None else "", run_name]
     key = hashlib.sha1("|".join(map(str, ident)).encode())
     out, mirror = _output_dir(checkpoint_uri, key.hexdigest()[:16])
-    cfg = TrainConfig(
-        output_dir=out, vision_model=vm, lm_path=lm.download(), vision_pretrained=vision_pretrained or None,
-        stage=stage, init_from=init_from.download() if init_from is not None else None, epochs=epochs,
-        batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_seq_len=max_seq_len,
-        max_steps=max_steps or None, val_size=val_size, val_every_n_steps=val_every_n_steps,
-        ckpt_every_n_steps=ckpt_every_n_steps, seed=seed, device=device, mirror_uri=mirror,
-        wandb_project=wandb_project or None, lr_schedule=lr_schedule, run_name=run_name,
+    cfg = override(
+        config, output_dir=out, vision_model=vm, lm_path=lm.download(),
+        vision_pretrained=vision_pretrained or config.vision_pretrained,
+        init_from=init_from.download() if init_from is not None else config.init_from or None, mirror_uri=mirror,
+        wandb_project=wandb_project or config.wandb_project, run_name=run_name,
         nnodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")), nproc_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
     res = train(data_dir, cfg)

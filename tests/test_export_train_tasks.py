@@ -10,6 +10,8 @@ from export_train_fixtures import make_tiny_clip_dir, make_tiny_lm
 from flytekit.types.directory import FlyteDirectory
 from test_export import _make_run
 
+from core.configs import preset
+from core.train.config import TrainConfig
 from core.train.mini_llava import load_mini_llava
 
 
@@ -60,7 +62,8 @@ def test_train_task_runs_ddp_under_torch_elastic(exported, flyte_env):
     clip_dir = make_tiny_clip_dir(flyte_env / "clip", flyte_env)
     lm = make_tiny_lm(flyte_env / "lm")
     res = two(data=out, vision_model="", vision_dir=FlyteDirectory(clip_dir), lm=FlyteDirectory(lm),
-              epochs=2, batch_size=2, lr=3e-3, val_size=4, val_every_n_steps=2, device="cpu",
+              config=preset(TrainConfig, "default", epochs=2, batch_size=2, lr=3e-3, val_size=4, val_every_n_steps=2,
+                            device="cpu"),
               checkpoint_uri=str(flyte_env / "ckpt"))
     names = [os.path.basename(c.path) for c in res.checkpoints]
     assert names == ["epoch-0001", "epoch-0002"]

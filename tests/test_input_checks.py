@@ -210,7 +210,7 @@ def test_one_preset_registry_and_one_override_rule():
                                                     TrainConfig, SemDedupConfig, DecontamConfig, CurateConfig)}
     assert names == {"EmbedConfig": ["tiny", "siglip2"], "PerplexityConfig": ["tiny", "qwen0.5b", "reference"],
                      "SliceConfig": ["p90", "deciles"], "RephraseConfig": ["tiny", "qwen"],
-                     "TrainConfig": ["tiny", "llava_stage1", "llava_stage2"],
+                     "TrainConfig": ["default", "tiny", "llava_stage1", "llava_stage2"],
                      "SemDedupConfig": ["tiny", "paper", "target10"], "DecontamConfig": ["default", "tiny"],
                      "CurateConfig": ["demo", "mammoth_v1"]}
     sig = preset(EmbedConfig, "siglip2", cache_dir="/models")

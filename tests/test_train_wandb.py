@@ -24,6 +24,7 @@ import pytest
 import torch
 from export_train_fixtures import make_records, make_tiny_clip_dir, make_tiny_lm, register_tiny_clip, write_tar
 
+from core.configs import preset
 from core.train.config import TrainConfig
 from core.train.loop import train
 
@@ -172,8 +173,9 @@ def test_plugin_run_of_the_training_task_holds_the_metrics_rows(env, offline_wan
     with train_module(monkeypatch, MMCURATE_WANDB_PROJECT="mmcurate-plugin", MMCURATE_WANDB_ENTITY="team") as tt:
         res = tt.train_mini_llava(
             data=FlyteDirectory(env["data"]), vision_model="", vision_dir=FlyteDirectory(clip_dir),
-            lm=FlyteDirectory(env["lm"]), epochs=1, batch_size=4, max_steps=4, val_size=4, val_every_n_steps=2,
-            max_seq_len=200, device="cpu", checkpoint_uri=str(env["tmp"] / "plugin"), wandb_project="not-this-one",
+            lm=FlyteDirectory(env["lm"]),
+            config=preset(TrainConfig, "default", epochs=1, batch_size=4, max_steps=4, val_size=4, val_every_n_steps=2,
+                          max_seq_len=200, device="cpu"), checkpoint_uri=str(env["tmp"] / "plugin"), wandb_project="not-this-one",
         )
     runs = offline_runs(offline_wandb)
     assert [(r["project"], r["entity"]) for r in runs] == [("mmcurate-plugin", "team")]

@@ -88,8 +88,8 @@ def ablate_steps(
         ids = select_variant(step_dirs=step_dirs, variant=p.spec)
         ex = export_dataset(run_dir=run, step_dirs=[emb], steps=["ingest", "embed"], subset_ids=ids,
                             subset_name=p.name, rephrased=rephrased if p.kind == "rephrased" else None)
-        tr = train(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=c.epochs,
-                   max_steps=c.max_steps, batch_size=c.batch_size, run_name=p.spec)
+        tr = train(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, config=c.train_config,
+                   run_name=p.spec)
         exports.append(ex)
         ckpts.append(tr.checkpoints)
     uris = checkpoint_uris(per_variant=ckpts)
@@ -123,8 +123,8 @@ def ablate(
         training neighbours).
     :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
     :param config: AblateConfig (core/run_config.py): shard size, embed/dedup/decontam configs, reference-LM steps,
-        training epochs/max_steps/batch_size per variant, eval cap. On the CLI a partial JSON merged onto the tiny
-        preset: `{"max_steps": 30, "eval_max_samples": 8}`, `{"embed_config": "siglip2"}`.
+        training recipe per variant (`train_config`, a TrainConfig), eval cap. On the CLI a partial JSON merged onto
+        the tiny preset: `{"train_config": {"max_steps": 30}, "eval_max_samples": 8}`, `{"embed_config": "siglip2"}`.
     :param benchmarks: Benchmarks to evaluate every checkpoint on.
     :param reference_source: Trusted dataset the perplexity reference LM (and the trained model's LM) learns from;
         empty: the base dataset.
@@ -151,5 +151,5 @@ def ablate(
 standard_ablation = LaunchPlan.get_or_create(
     ablate,
     name="standard_ablation",
-    default_inputs={"variants": STANDARD_VARIANTS, "config": preset(AblateConfig, "tiny", epochs=2)},
+    default_inputs={"variants": STANDARD_VARIANTS, "config": preset(AblateConfig, "tiny", train_config={"epochs": 2})},
 )

@@ -20,6 +20,7 @@ from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.mixing import (
     analyze_soups,
     assign_domains,
+    base_train_config,
     checkpoint_uris,
     evaluate_soup,
     evaluate_soup_cpu,
@@ -130,8 +131,7 @@ def _mixing_search_wf(name: str, train_task, soup_wf):
         lm = train_reference_lm(run=run, steps=lm_steps)
         vision = build_tiny_vision_tower()
         base = train_task(data=prep.all_data, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision,
-                          max_steps=base_steps, batch_size=config.batch_size, lr=config.lr,
-                          max_seq_len=config.max_seq_len, val_size=config.val_size, device=config.device)
+                          config=base_train_config(config=config, steps=base_steps))
         return soup_wf(run=run, domains=doms, base=last_checkpoint(checkpoints=base.checkpoints),
                        config=config, eval_cache=eval_cache, external_command=external_command,
                        output_dir=output_dir)

@@ -8,9 +8,11 @@ from flytekit import LaunchPlan, dynamic, map_task, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from core.configs import override
 from core.dedup.config import DecontamConfig, tiny_decontam_config
 from core.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
 from core.targeted.filters import FILTER_STEPS
+from core.train.config import TrainConfig, default_train_config
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants
 from tasks.embed import embed_shards, embed_shards_cpu
 from tasks.export import export_dataset
@@ -152,9 +154,7 @@ def _targeted_ablation_wf(name: str, generation_wf, train_task, eval_wf):
         model_dir: Optional[FlyteDirectory] = None,
         overrides: str = "{}",
         variant_name: str = "baseline+targeted",
-        max_steps: int = 0,
-        epochs: int = 1,
-        batch_size: int = 8,
+        train_config: TrainConfig = default_train_config(),
         eval_max_samples: int = 0,
         output_dir: str = "",
     ) -> TargetedAblationOutputs:
@@ -172,9 +172,8 @@ def _targeted_ablation_wf(name: str, generation_wf, train_task, eval_wf):
         :param model_dir: Generator model directory (qwen2.5-vl).
         :param overrides: JSON TargetedConfig fields.
         :param variant_name: Name of the mixed variant in the table (e.g. "baseline+targeted:countbench").
-        :param max_steps: Cap on training steps per variant (0 = no cap).
-        :param epochs: Training epochs per variant.
-        :param batch_size: Training batch size.
+        :param train_config: The training recipe of both variants (TrainConfig: epochs, max_steps, batch_size, lr, ...;
+            preset `default`); on the CLI a partial JSON, e.g. `--train_config '{"max_steps": 30}'`.
         :param eval_max_samples: Per-benchmark sample cap (0 = all).
         :param output_dir: Where to publish the comparison (path or URL; empty: none).
         """
@@ -190,10 +189,10 @@ def _targeted_ablation_wf(name: str, generation_wf, train_task, eval_wf):
         mixed = mix_exports(exports=[base, tg.export], name=variant_name)
         lm = train_reference_lm(run=ref, reference_ids=reference_ids)
         vision = build_tiny_vision_tower()
-        tr_base = train_task(data=base, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=epochs,
-                             max_steps=max_steps, batch_size=batch_size)
-        tr_mix = train_task(data=mixed, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, epochs=epochs,
-                            max_steps=max_steps, batch_size=batch_size)
+        tr_base = train_task(data=base, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision,
+                             config=train_config)
+        tr_mix = train_task(data=mixed, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision,
+                            config=train_config)
         uris = checkpoint_uris(per_variant=[tr_base.checkpoints, tr_mix.checkpoints])
         ev = eval_wf(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples)
         table = compare_variants(variants=["baseline", variant_name], checkpoints=uris.per_variant, exports=[base, mixed],
@@ -231,6 +230,7 @@ targeted_ablation_demo = LaunchPlan.get_or_create(
     targeted_ablation_cpu, name="targeted_ablation_demo",
     default_inputs={"reference_source": "demo_out/reference/data.json", "reference_image_root": "demo_out/reference/images",
                     "pool_source": "demo_out/data/data.json", "pool_image_root": "demo_out/data/images",
-                    "eval_cache": "demo_out/eval_cache", "overrides": TINY_OVERRIDES, "max_steps": 30,
+                    "eval_cache": "demo_out/eval_cache", "overrides": TINY_OVERRIDES,
+                    "train_config": override(default_train_config(), max_steps=30),
                     "eval_max_samples": 8, "variant_name": "baseline+targeted_demo"},
 )

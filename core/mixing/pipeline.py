@@ -95,6 +95,17 @@ def export_ids(shards: Sequence[str], ledger_dirs: Sequence[str], ids: Sequence[
     return manifest
 
 
+def base_train_config(cfg: MixingConfig, steps: int) -> Any:
+    """The TrainConfig of the shared base (trained on all domains before the experts): `steps` steps (0 = no cap)
+    with the search's batch size, lr, sequence length, held-out size and device; the rest is TrainConfig's
+    `default` preset (cosine schedule, seed 0). The training task fills the paths."""
+    from core.configs import preset
+    from core.train.config import TrainConfig
+
+    return preset(TrainConfig, "default", max_steps=steps or None, batch_size=cfg.batch_size, lr=float(cfg.lr),
+                  max_seq_len=cfg.max_seq_len, val_size=cfg.val_size, device=cfg.device)
+
+
 def train_plan(data_dir: str, base_ckpt: str, plan: ExpertPlan, cfg: MixingConfig, out_dir: str) -> str:
     """Train one expert (or mixture) from `base_ckpt` with the built-in trainer for exactly `plan.steps`
     steps; returns the final checkpoint directory."""

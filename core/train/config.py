@@ -74,7 +74,14 @@ class TrainConfig(ConfigJSON):
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@register_preset(TrainConfig, "tiny", default=True)
+@register_preset(TrainConfig, "default", default=True)
+def default_train_config() -> TrainConfig:
+    """The field defaults: one epoch, batch 8, lr 1e-3 cosine, 512 tokens, no step cap, seed 0, device auto (what
+    `train_mini_llava` trains with when given no config; a partial CLI JSON merges onto it)."""
+    return TrainConfig(output_dir="", vision_model="", lm_path="")
+
+
+@register_preset(TrainConfig, "tiny")
 def tiny_train_config(output_dir: str = "", vision_model: str = "", lm_path: str = "", **overrides: Any) -> TrainConfig:
     """Embedded default: tiny models, trains for real on 2 CPU cores in a minute or two."""
     base = dict(
