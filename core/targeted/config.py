@@ -8,8 +8,10 @@ is one of `ANSWER_FORMATS` (core/targeted/parse.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
+
+from core.configs import override, preset, register_preset
 
 ANSWER_FORMATS = ("number", "short", "letter", "points")
 PPL_DIRECTIONS = ("drop_high", "drop_low", "none")
@@ -173,7 +175,8 @@ class TargetedConfig:
         return cls(**d)
 
 
-def tiny_targeted_config(model: str, **overrides: Any) -> TargetedConfig:
+@register_preset(TargetedConfig, "tiny", default=True)
+def tiny_targeted_config(model: str = "", **overrides: Any) -> TargetedConfig:
     """CPU demo/tests: the project's tiny random HF LLaVA (core/targeted/tiny_vlm.py) with transformers.
 
     Subgroups are the demo's scene sources (chart, count, document). The tiny model writes noise, so
@@ -186,28 +189,24 @@ def tiny_targeted_config(model: str, **overrides: Any) -> TargetedConfig:
         temperature=1.0, top_p=1.0, batch_size=8, shard_size=12, max_parallel_shards=2, device="cpu",
         subset_name="targeted_demo",
     )
-    return replace(cfg, **overrides)
+    return override(cfg, **overrides) if overrides else cfg
 
 
 QWEN_VL_MODEL_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
-def qwen_vl_targeted_config(model: str, **overrides: Any) -> TargetedConfig:
+@register_preset(TargetedConfig, "qwen2.5-vl")
+def qwen_vl_targeted_config(model: str = "", **overrides: Any) -> TargetedConfig:
     """Production: Qwen/Qwen2.5-VL-7B-Instruct (local snapshot in `model`) on vLLM, one GPU per shard."""
     cfg = TargetedConfig(model=model, backend="vllm", budget_per_subgroup=20_000, shard_size=4096,
                          max_parallel_shards=8, k_shot=3, max_new_tokens=256, temperature=0.7, top_p=0.9,
                          batch_size=256, device="cuda")
-    return replace(cfg, **overrides)
+    return override(cfg, **overrides) if overrides else cfg
 
 
-PRESETS = {"tiny": tiny_targeted_config, "qwen2.5-vl": qwen_vl_targeted_config}
-
-
-def preset_config(preset: str, model: str, overrides: Optional[dict[str, Any]] = None) -> TargetedConfig:
-    """A preset with overrides (a dict of TargetedConfig fields; validated)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown targeted preset {preset!r}; choose from {sorted(PRESETS)}")
-    unknown = set(overrides or {}) - set(TargetedConfig.__dataclass_fields__) | ({"model"} & set(overrides or {}))
-    if unknown:
-        raise ValueError(f"unknown TargetedConfig fields in overrides: {sorted(unknown)} (model comes from model_dir)")
-    return PRESETS[preset](model, **(overrides or {}))
+def preset_config(name: str, model: str, overrides: Optional[dict[str, Any]] = None) -> TargetedConfig:
+    """Registered preset `name` (core/configs.py registry) with `overrides` (TargetedConfig fields) applied by the
+    one override rule (`override`: unknown keys rejected, None is a value, validated) and `model` filled in."""
+    if "model" in (overrides or {}):
+        raise ValueError("unknown TargetedConfig field in overrides: 'model' (model comes from model_dir)")
+    return override(preset(TargetedConfig, name, **(overrides or {})), model=model)
