@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from core.checks import InputError
-from core.configs import ConfigError, load_config, preset
+from core.configs import ConfigError, load_config, preset, preset_names
 from core.dedup.config import DecontamConfig, SemDedupConfig, tiny_dedup_config
 from core.run_config import CurateConfig
 
@@ -199,7 +199,7 @@ def test_every_stage_config_checks_ranges_and_rejects_unknown_keys(case):
 def test_one_preset_registry_and_one_override_rule():
     """Every stage config registers its presets in core.configs; `override` is the one rule: a given key replaces
     its field (None included: it is a value, not "keep"), unknown keys are rejected, the class validates."""
-    from core.configs import override, preset_names
+    from core.configs import override
     from core.embed.config import EmbedConfig, siglip2_embed_config
     from core.perplexity.config import PerplexityConfig
     from core.perplexity.slices import SliceConfig
@@ -223,3 +223,29 @@ def test_one_preset_registry_and_one_override_rule():
         override(sig, device="cpu")
     with pytest.raises(ConfigError, match="unknown preset 'huge'; valid: tiny, qwen"):
         preset(RephraseConfig, "huge")
+
+
+def test_train_configs_cross_the_flyte_boundary_whole():
+    """TrainConfig (alone and nested in AblateConfig) survives flytekit's type engine, None/float fields included;
+    the mixing base's config is the default preset with the MixingConfig's training fields."""
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.type_engine import TypeEngine
+
+    from core.mixing.pipeline import base_train_config, tiny_mixing_config
+    from core.run_config import AblateConfig
+    from core.train.config import TrainConfig
+
+    ctx = FlyteContextManager.current_context()
+    cases = [(TrainConfig, preset(TrainConfig, name, max_steps=30)) for name in preset_names(TrainConfig)]
+    cases += [(TrainConfig, preset(TrainConfig, "llava_stage2", init_from="/ckpt", vision_pretrained="w.bin")),
+              (AblateConfig, preset(AblateConfig, "tiny", train_config={"epochs": 2, "lr": 3})),
+              (AblateConfig, preset(AblateConfig, "tiny", train_config="llava_stage1"))]
+    for cls, cfg in cases:
+        lit = TypeEngine.to_literal(ctx, cfg, cls, TypeEngine.to_literal_type(cls))
+        assert TypeEngine.to_python_value(ctx, lit, cls) == cfg
+    assert cases[-2][1].train_config.lr == 3.0 and cases[-2][1].train_config.max_steps is None
+    assert AblateConfig().train_config == preset(TrainConfig, "default")
+    mix = tiny_mixing_config()
+    assert base_train_config(mix, 0) == preset(TrainConfig, "default", batch_size=mix.batch_size, lr=mix.lr,
+                                               max_seq_len=mix.max_seq_len, val_size=mix.val_size, device=mix.device)
+    assert base_train_config(mix, 20).max_steps == 20
