@@ -404,7 +404,7 @@ def test_ablate_tiny_preset_runs_no_gpu_task_production_does():
 
     on = dict(source="s.json", image_root="img", eval_cache="ec", variants=["baseline", "semdedup@0.1", "ppl@0-90"])
     tiny_cfg = standard_ablation.saved_inputs["config"]
-    assert tiny_cfg.embed_config.num_gpus == 0 and tiny_cfg.epochs == 2
+    assert tiny_cfg.embed_config.num_gpus == 0 and tiny_cfg.train_config.epochs == 2
     tiny = compile_dynamic(ablate_steps, **(standard_ablation.saved_inputs | on))
     assert not any(_dynamic_gpus(tiny).values()), _dynamic_gpus(tiny)
     assert {"workflows.evaluate.evaluation_cpu", "workflows.opening.ingest_embed_cpu"} <= {
