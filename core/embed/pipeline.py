@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -115,12 +115,12 @@ class EmbedStep(ShardStep):
         return all(fs.exists(p) for fs, p in (fsspec.core.url_to_fs(str(u))
                                               for u in (self.emb_path(unit_name), self.part(unit_name))))
 
-    def shard_ids(self, unit: Unit) -> tuple[set[str] | None, bool]:
+    def shard_ids(self, unit: Unit) -> tuple[Collection[str] | None, bool]:
         """(ids the shard embeds, whether the ones it lacks are quarantined there); (None, False): all."""
         if self.prev is None:
             return None, False
         if set(self.prev.by_shard) <= {""}:  # ids without shard names
-            return set(self.prev.ids), False
+            return self.prev.ids, False  # shared, not copied per shard
         return self.prev.in_shard(unit.name), True
 
     def publish(self, res: ShardResult) -> None:

@@ -72,7 +72,7 @@ class _ShardReader:
     run in one long stretch, would hold the GIL for whole switch intervals (5 ms) each time a decode
     thread or the model's thread (between torch ops) wants it back; in short bursts it never does."""
 
-    def __init__(self, worker: ShardEmbedWorker, url: str, include: set[str] | None, maxsize: int):
+    def __init__(self, worker: ShardEmbedWorker, url: str, include: Collection[str] | None, maxsize: int):
         from core.wds import shard_name
 
         self.worker, self.url, self.include = worker, url, include
@@ -229,10 +229,10 @@ class ShardEmbedWorker:
         return out, time.perf_counter() - t0
 
     # ---- shard ----------------------------------------------------------------------------------
-    def _reader(self, url: str, include: set[str] | None) -> _ShardReader:
+    def _reader(self, url: str, include: Collection[str] | None) -> _ShardReader:
         """The reader of `url`: the prefetched one when it is that shard with the same ids, else a new one."""
         nxt, self._next = self._next, None
-        if nxt is not None and nxt.url == url and nxt.include == include:
+        if nxt is not None and nxt.url == url and (nxt.include is include or nxt.include == include):
             return nxt
         if nxt is not None:
             nxt.cancel()
@@ -270,7 +270,8 @@ class ShardEmbedWorker:
         from core.wds import shard_name
 
         cfg, name = self.cfg, shard_name(url)
-        include = set(include_ids) if include_ids is not None else None
+        # a set the caller already holds (the previous step's ids, maybe millions) is used as is, not copied
+        include = include_ids if include_ids is None or isinstance(include_ids, (set, frozenset)) else set(include_ids)
         t_start = time.perf_counter()
         reader = self._reader(url, include)
         if prefetch is not None:
