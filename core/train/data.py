@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Sequence
@@ -18,6 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from core.fingerprint import files_fingerprint
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"  # core.export.MANIFEST (not imported: export pulls in the image stack)
 IGNORE_INDEX = -100
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
@@ -33,13 +39,66 @@ class Entry:
 
 
 def list_tar_shards(data: str | Sequence[str]) -> list[str]:
-    """Sorted `*.tar` files of a directory, or the given list of shard paths."""
+    """The shards to train on: an export's manifest list, else the sorted `*.tar` of a directory, or the given
+    list of shard paths.
+
+    An export folder (`manifest.json` + `shards/`), or its `shards/` folder, is read through the manifest: only
+    the shards it names, in its order, and every one must exist. Tars beside them that the manifest does not
+    name (left by an earlier, larger export into the same folder) are never trained on.
+    """
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.is_dir():
+            listed = manifest_shards(p)
+            if listed is not None:
+                return listed
             return sorted(str(x) for x in p.glob("*.tar"))
         return [str(p)]
     return [str(x) for x in data]
+
+
+def _export_manifest(p: Path) -> tuple[dict[str, Any], Path] | None:
+    """(manifest, shards folder) of an export folder or of its `shards/` folder; None for a plain folder."""
+    for man, shard_dir in ((p / MANIFEST, p / "shards"), (p.parent / MANIFEST, p)):
+        if man.is_file() and (shard_dir == p or shard_dir.is_dir()):
+            m = json.loads(man.read_text("utf-8"))
+            # export manifests name their shards; ingest's shards/manifest.json lists paths and is not one
+            if isinstance(m, dict) and isinstance(m.get("shards"), list) and all(
+                    isinstance(s, dict) and "name" in s for s in m["shards"]):
+                return m, shard_dir
+    return None
+
+
+def manifest_shards(p: str | os.PathLike) -> list[str] | None:
+    """Shard paths listed by the export manifest of `p` (see `list_tar_shards`), or None when there is none."""
+    found = _export_manifest(Path(p))
+    if found is None:
+        return None
+    m, shard_dir = found
+    out = []
+    for s in m["shards"]:
+        name = str(s["name"])
+        if Path(name).name != name or name in (".", ".."):  # a manifest names files of its own shards/ only
+            raise ValueError(f"{shard_dir}: manifest shard name {name!r} is not a plain file name")
+        f = shard_dir / name
+        if not f.is_file():
+            raise ValueError(f"{shard_dir}: shard {name} listed in the manifest is missing")
+        out.append(str(f))
+    stale = sorted({x.name for x in shard_dir.glob("*.tar")} - {Path(x).name for x in out})
+    if stale:
+        log.warning("%s: %d tar file(s) not in the manifest are ignored: %s", shard_dir, len(stale), stale[:5])
+    return out
+
+
+def data_fingerprint(shards: Sequence[str]) -> str:
+    """Identity of the training data: each shard's name and size, in order, plus its sha256 when an export
+    manifest records one (cheap: no shard is read)."""
+    digests: dict[str, str] = {}
+    for d in {str(Path(s).parent) for s in shards}:
+        found = _export_manifest(Path(d))
+        if found is not None:
+            digests.update({str(found[1] / s["name"]): str(s.get("sha256", "")) for s in found[0]["shards"]})
+    return files_fingerprint((Path(s).name, os.path.getsize(s), digests.get(s, "")) for s in shards)
 
 
 def build_index(shards: Sequence[str]) -> list[Entry]:
@@ -134,12 +193,16 @@ def encode_conversation(
 ) -> tuple[list[int], list[int], int]:
     """Token ids and labels (-100 on non-assistant and image tokens) plus how many images survive truncation.
 
-    Truncation never splits an image: it cuts before the first incomplete image block.
+    Truncation never splits an image: it cuts before the first incomplete image block. Segments past
+    `max_len` are not tokenized at all, so a conversation of 40,000 turns costs what its first `max_len`
+    tokens cost (each segment is tokenized on its own, so the cut does not change the kept ids).
     """
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in chatml_segments(turns, image_token, n_image_tokens):
+        if len(ids) >= max_len:
+            break
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         labels.extend(piece if trainable else [IGNORE_INDEX] * len(piece))
