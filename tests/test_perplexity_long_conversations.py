@@ -18,10 +18,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from capped import run_capped  # noqa: E402
 
-from core.perplexity import Encoder, EncodeError, tiny_perplexity_config  # noqa: E402
+from core.perplexity import EncodeError, Encoder, tiny_perplexity_config  # noqa: E402
 from core.perplexity.encode import _IMAGE_RE, SKELETON_CACHE_TURNS, _sentinel, last_overlap  # noqa: E402
 from core.sample import Sample, Turn  # noqa: E402
-from core.tiny_lm import CHATML_TEMPLATE, build_tokenizer  # noqa: E402
+from core.tiny_lm import build_tokenizer  # noqa: E402
 
 CORPUS = ["What color is the cat in the picture?", "The cat is red.", "Ünïcödé 猫 🐱 text", "<image>\nDescribe.",
           "<|im_start|>user\nhi<|im_end|>\n"] * 10
