@@ -33,11 +33,14 @@ class Entry:
 
 
 def list_tar_shards(data: str | Sequence[str]) -> list[str]:
-    """Sorted `*.tar` files of a directory, or the given list of shard paths."""
+    """The shards of a directory (`core.wds.list_shards`: an export's `shards/` is its manifest's list, other
+    folders their sorted `*.tar`), or the given list of shard paths."""
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.is_dir():
-            return sorted(str(x) for x in p.glob("*.tar"))
+            from core.wds import list_shards
+
+            return list_shards(str(p))
         return [str(p)]
     return [str(x) for x in data]
 
