@@ -78,13 +78,16 @@ def manifest_shards(p: str | os.PathLike) -> list[str] | None:
     out = []
     for s in m["shards"]:
         name = str(s["name"])
-        if Path(name).name != name or name in (".", ".."):  # a manifest names files of its own shards/ only
-            raise ValueError(f"{shard_dir}: manifest shard name {name!r} is not a plain file name")
+        parts = name.split("/")  # "<file>" (format 1) or "<kind>/<file>" (format 2: kind folders)
+        if len(parts) > 2 or any(not x or x in (".", "..") or "\\" in x for x in parts):
+            # a manifest names files of its own shards/ only
+            raise ValueError(f"{shard_dir}: manifest shard name {name!r} is not a file of its shards/ folder")
         f = shard_dir / name
         if not f.is_file():
             raise ValueError(f"{shard_dir}: shard {name} listed in the manifest is missing")
         out.append(str(f))
-    stale = sorted({x.name for x in shard_dir.glob("*.tar")} - {Path(x).name for x in out})
+    listed = {Path(x).relative_to(shard_dir).as_posix() for x in out}
+    stale = sorted({x.relative_to(shard_dir).as_posix() for x in shard_dir.glob("**/*.tar")} - listed)
     if stale:
         log.warning("%s: %d tar file(s) not in the manifest are ignored: %s", shard_dir, len(stale), stale[:5])
     return out
@@ -94,7 +97,8 @@ def data_fingerprint(shards: Sequence[str]) -> str:
     """Identity of the training data: each shard's name and size, in order, plus its sha256 when an export
     manifest records one (cheap: no shard is read)."""
     digests: dict[str, str] = {}
-    for d in {str(Path(s).parent) for s in shards}:
+    # an export's shards sit in shards/ (format 1) or shards/<kind>/ (format 2): look one level up too
+    for d in {str(q) for s in shards for q in (Path(s).parent, Path(s).parent.parent)}:
         found = _export_manifest(Path(d))
         if found is not None:
             digests.update({str(found[1] / s["name"]): str(s.get("sha256", "")) for s in found[0]["shards"]})

@@ -22,8 +22,26 @@ log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 8 << 20  # a key.json larger than this is quarantined as oversize_text unparsed
 
 
+def _export_listed(fs, root: str, path: str) -> list[str] | None:
+    """The shard list of an export's `shards/` folder from the export's manifest (format >= 2: shards in
+    `shards/<kind>/` folders), or None for any other folder. Readers of an export take the manifest's list,
+    never a glob: a stray tar beside the manifest is not part of the export."""
+    if root.rstrip("/").rsplit("/", 1)[-1] != "shards":
+        return None
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        with fs.open(f"{root.rstrip('/').rsplit('/', 1)[0]}/manifest.json", "r", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format", 0) < 2 or "kinds" not in manifest:
+        return None
+    return [f"{parent}/shards/{sh['name']}" for sh in manifest["shards"]]
+
+
 def list_shards(path: str) -> list[str]:
-    """Sorted `.tar` shard URLs under a local dir / fsspec URL, or matching a brace/glob pattern."""
+    """Sorted `.tar` shard URLs under a local dir / fsspec URL, or matching a brace/glob pattern; an export's
+    `shards/` folder lists what its manifest names (kind folders, manifest order)."""
     if any(c in path for c in "{*?["):
         import braceexpand
 
@@ -34,6 +52,9 @@ def list_shards(path: str) -> list[str]:
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isfile(root):
         return [path]
+    listed = _export_listed(fs, root, path)
+    if listed is not None:
+        return listed
     names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return names if proto in ("file", "local") else [f"{proto}://{p}" for p in names]
