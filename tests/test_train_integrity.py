@@ -73,10 +73,11 @@ def test_manifest_naming_a_missing_or_escaping_shard_is_refused(env, tmp_path):
     (export / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ValueError, match="shard-000009.tar listed in the manifest is missing"):
         list_tar_shards(str(export))
-    man["shards"][-1] = {"name": "../../etc/passwd"}
-    (export / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(ValueError, match="not a plain file name"):
-        list_tar_shards(str(export))
+    for bad in ("../../etc/passwd", "image/../../x.tar", "/etc/passwd", "a/b/c.tar", "image//x.tar"):
+        man["shards"][-1] = {"name": bad}
+        (export / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(ValueError, match="is not a file of its shards/ folder"):
+            list_tar_shards(str(export))
 
 
 # ---- "already finished" only for the same run --------------------------------------------------------------
