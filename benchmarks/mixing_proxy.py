@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--unbalanced", action="store_true", help="keep each domain's full training set")
     ap.add_argument("--reseed", action="store_true", help="also train every mixture with another seed")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="", help="work folder (default: a temporary one, deleted)")
     args = ap.parse_args()
 
@@ -60,7 +61,7 @@ def main() -> None:
                              balance_domains=not args.unbalanced, seed=args.seed)
     cfg = ProxyCheckConfig(mixing=mc, n_samples=args.samples, domains=tuple(args.domains.split(",")),
                            lm_steps=args.lm_steps, base_steps=args.base_steps, n_mixtures=args.mixtures,
-                           reseed=args.reseed)
+                           reseed=args.reseed, threads=args.threads)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mixing_proxy-") as tmp:
         work = args.out or tmp
@@ -70,7 +71,8 @@ def main() -> None:
 
     print(f"\nsettings: {args.samples} samples, domains {check.domains} (train {check.sizes}, held out "
           f"{check.heldout_sizes}), base {args.base_steps} steps, {args.steps} steps x {args.batch_size} per expert "
-          f"and per mixture ({args.compute} compute), lr {args.lr}, balanced {not args.unbalanced}, seed {args.seed}")
+          f"and per mixture ({args.compute} compute), lr {args.lr}, balanced {not args.unbalanced}, seed {args.seed}, "
+          f"{len(check.rows)} mixtures, {args.threads} torch thread(s)")
     print(f"base overall {check.config['base_overall']:.4f}")
     print(f"{'mixture':<36} {'trained':>9} {'soup':>9} {'experts':>9}" + (f" {'reseed':>9}" if args.reseed else ""))
     for r in sorted(check.rows, key=lambda r: -overall(r["trained"])):

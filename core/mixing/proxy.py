@@ -49,7 +49,9 @@ class ProxyCheckConfig:
     Models: the embedded tiny LM trained `lm_steps`, a base trained `base_steps` on all domains. Experts and
     mixtures: `mixing` (budget_steps, batch_size, lr, mixture_compute, balance_domains, heldout_per_domain).
     `n_mixtures`: mixtures drawn (seed `mixing.seed`) from the subsets of >= 2 domains (0: all of them).
-    `reseed`: train the mixtures a second time with data-order seed `mixing.seed + 1` (the ceiling)."""
+    `reseed`: train the mixtures a second time with data-order seed `mixing.seed + 1` (the ceiling).
+    `threads`: torch intra-op threads while the check runs (1: on a shared 2-core machine two spinning OpenMP
+    threads per process made a training step ~10x slower in wall time; 0: leave torch's setting)."""
 
     mixing: MixingConfig
     n_samples: int = 400
@@ -60,6 +62,7 @@ class ProxyCheckConfig:
     n_mixtures: int = 12
     reseed: bool = False
     n_boot: int = N_BOOT
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if len(self.domains) < 3:
@@ -124,6 +127,18 @@ def run_proxy_check(cfg: ProxyCheckConfig, work: str | os.PathLike,
                     log: Callable[[str], None] = lambda m: None) -> ProxyCheck:
     """Run the protocol of the module docstring in `work` (created; reused files are not trusted: callers
     pass a fresh folder) and return the measurements."""
+    import torch
+
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, work, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: ProxyCheckConfig, work: str | os.PathLike, log: Callable[[str], None]) -> ProxyCheck:
     from core.demo import generate_demo
     from core.embed.model import tiny_local_dir
     from core.ingest import IngestConfig, ingest
