@@ -38,13 +38,13 @@ def _fmt(s: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=400, help="demo records")
+    ap.add_argument("--samples", type=int, default=800, help="demo records")
     ap.add_argument("--domains", default=",".join(DEMO_DOMAINS))
     ap.add_argument("--steps", type=int, default=24, help="steps per expert and per mixture")
     ap.add_argument("--base_steps", type=int, default=20)
     ap.add_argument("--lm_steps", type=int, default=300)
     ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--heldout", type=int, default=16, help="held-out samples per domain")
     ap.add_argument("--mixtures", type=int, default=12, help="mixtures of >= 2 domains to train, drawn by seed (0: all)")
     ap.add_argument("--compute", choices=("expert", "sum"), default="expert",
@@ -73,7 +73,9 @@ def main() -> None:
           f"{check.heldout_sizes}), base {args.base_steps} steps, {args.steps} steps x {args.batch_size} per expert "
           f"and per mixture ({args.compute} compute), lr {args.lr}, balanced {not args.unbalanced}, seed {args.seed}, "
           f"{len(check.rows)} mixtures, {args.threads} torch thread(s)")
-    print(f"base overall {check.config['base_overall']:.4f}")
+    gains = check.config["expert_self_gain"]
+    print(f"base overall {check.config['base_overall']:.4f}; expert gain over the base on its own domain "
+          f"(nats/token, > 0: it learned its domain): " + ", ".join(f"{d} {g:+.3f}" for d, g in gains.items()))
     print(f"{'mixture':<36} {'trained':>9} {'soup':>9} {'experts':>9}" + (f" {'reseed':>9}" if args.reseed else ""))
     for r in sorted(check.rows, key=lambda r: -overall(r["trained"])):
         line = f"{r['subset']:<36} {overall(r['trained']):>9.4f} {overall(r['soup']):>9.4f} " \
