@@ -100,7 +100,7 @@ def mixing_report_html(table: Any, domains: Sequence[str], result: dict[str, Any
     he = result["surrogate_heldout"]
     parts.append(table_html([he], "Surrogate (ridge, indicators + pairs) k-fold held-out error"))
     if proxy is not None:
-        parts.append(table_html(proxy, "Proof of the proxy: Spearman(soup score, trained-mixture score)"))
+        parts.append(table_html(proxy, "Proof of the proxy: Spearman(soup score, trained-mixture score), 95% bootstrap interval over mixtures"))
     parts.append(table_html(t.reset_index(names="subset").round(4), "All soups"))
     return page(*parts)
 
