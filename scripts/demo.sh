@@ -67,3 +67,5 @@ if [ "${DEMO_ABLATE:-1}" = 1 ]; then
   echo "  decks (ablate) $(cd "$OUT/ablation/decks" && pwd)/: $(cd "$OUT/ablation/decks" && ls *.html | sed 's/\.html$//' | tr '\n' ' ')"
 fi
 echo "demo done in $(( $(date +%s) - t0 )) s"
+# Last line: the page to open first (what happened, the funnel, one card per step linking to its page).
+echo "run report: $(cd "$OUT/run/decks" && pwd)/index.html"
