@@ -37,11 +37,12 @@ def funnel_html(counts: pd.DataFrame, source_records: int | None = None) -> str:
     fig, ax = new_figure(7, 0.5 + 0.42 * len(labels))
     y = list(range(len(labels)))
     off = 1 if source_records is not None else 0
+    top = max([source_records or 0] + inputs + [1])
     if source_records is not None:
         ax.barh([0], [source_records], color="#8ab")
+        ax.text(source_records + top * 0.01, 0, f"{source_records} records", va="center", fontsize=8)
     ax.barh(y[off:], inputs, color="#ddd", label="entered the step")
     ax.barh(y[off:], passed, color="#4a8", label="passed on")
-    top = max([source_records or 0] + inputs + [1])
     for yi, p, n in zip(y[off:], passed, inputs):
         ax.text(p + top * 0.01, yi, f"{p} / {n}", va="center", fontsize=8)
     ax.set_yticks(y, plot_texts(labels))
