@@ -44,19 +44,25 @@ def funnel_html(counts: pd.DataFrame, source_records: int | None = None) -> str:
     ax.barh(y[off:], inputs, color="#ddd", label="entered the step")
     ax.barh(y[off:], passed, color="#4a8", label="passed on")
     for yi, p, n in zip(y[off:], passed, inputs):
-        ax.text(p + top * 0.01, yi, f"{p} / {n}", va="center", fontsize=8)
+        ax.text(max(p, n) + top * 0.01, yi, f"{p} / {n}", va="center", fontsize=8)
     ax.set_yticks(y, plot_texts(labels))
     ax.invert_yaxis()
-    ax.set_xlim(0, top * 1.15)
+    ax.set_xlim(0, top * 1.18)
     ax.set_xlabel("samples")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)  # above the bars
     return figure_html(fig, "samples through the steps (passed on / entered)")
+
+
+# Which reasons a card shows first: what the step removed, then what it rewrote, then notes on kept samples.
+_DECISION_RANK = {"drop": 0, "quarantine": 0, "modify": 1, "keep": 2}
 
 
 def _reasons_of(reasons: pd.DataFrame, step: str, n: int = TOP_REASONS) -> list[dict[str, Any]]:
     if reasons.empty:
         return []
-    r = reasons[reasons["step"] == step].sort_values(["count", "reason"], ascending=[False, True]).head(n)
+    r = reasons[reasons["step"] == step]
+    r = r.assign(_rank=r["decision"].map(_DECISION_RANK).fillna(3))
+    r = r.sort_values(["_rank", "count", "reason"], ascending=[True, False, True]).head(n)
     return [{"decision": x["decision"], "reason": x["reason"], "n": int(x["count"])} for x in r.to_dict("records")]
 
 
