@@ -127,7 +127,7 @@ def compare_variants(variants: Sequence[str], checkpoints: Sequence[Sequence[str
 def comparison_html(cmp: Comparison) -> str:
     """The ablation deck page: the table, scores by variant (bars) and score vs step (one line per variant)."""
     from core.evals.report import score_vs_step_html
-    from core.report import figure_html, new_figure, page, table_html
+    from core.report import figure_html, new_figure, page, plot_text, plot_texts, table_html
 
     table, long = cmp.table, cmp.long
     parts = [table_html(table, "variant x benchmark (final checkpoint), deltas vs baseline")]
@@ -137,8 +137,8 @@ def comparison_html(cmp: Comparison) -> str:
         w = 0.8 / max(len(table), 1)
         for i, row in table.reset_index(drop=True).iterrows():
             ax.bar([j + i * w for j in range(len(benches))], [row.get(b, float("nan")) for b in benches], w,
-                   label=row["variant"])
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(benches))], benches, rotation=20)
+                   label=plot_text(row["variant"]))
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(benches))], plot_texts(benches), rotation=20)
         ax.set_ylabel("score")
         ax.legend(fontsize=7)
         parts.append(figure_html(fig, "scores by variant"))

@@ -413,7 +413,7 @@ def export_report_html(manifest: dict[str, Any]) -> str:
     """Deck HTML: summary, samples removed per step and reason, shard sizes."""
     import pandas as pd
 
-    from core.report import figure_html, new_figure, page, table_html
+    from core.report import figure_html, new_figure, page, plot_texts, table_html
 
     summary = {k: manifest[k] for k in ("selection", "subset", "n_samples", "n_shards", "n_bytes", "n_rephrased",
                                         "n_kept_by_last_step", "subset_outside_kept")}
@@ -429,7 +429,8 @@ def export_report_html(manifest: dict[str, Any]) -> str:
     if len(reasons):
         fig, ax = new_figure(7, 0.35 * len(reasons) + 1.2)
         labels = [f"{r.step}: {r.reason}" for r in reasons.itertuples()]
-        ax.barh(labels[::-1], reasons["count"].tolist()[::-1])
+        ax.barh(range(len(labels)), reasons["count"].tolist()[::-1])  # reasons carry data details: escaped
+        ax.set_yticks(range(len(labels)), plot_texts(labels[::-1]))
         ax.set_xlabel("samples removed")
         parts += [figure_html(fig, "removed by step and reason"), table_html(reasons, "removed by reason")]
     fig, ax = new_figure()
