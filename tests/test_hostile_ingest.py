@@ -1,0 +1,131 @@
+"""Hostile inputs at ingest (issue 23): each is one quarantine row with its reason, the other records of the run
+are kept, and the run stays small. Every bomb runs in a capped child (tests/capped.py): a regression fails
+the test instead of taking the machine down. The inputs are built in tests/hostile_inputs.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.evals.base import LoadFailure
+from core.ingest import IngestConfig
+from core.sample import Sample, sample_key
+from core.sources import iter_source, parse_format
+from tests.capped import run_capped
+from tests.hostile_inputs import CASES, Case, bigint_wds, rec, run_case, sparse_member
+
+MEM_MB = 4096  # address-space cap of the child (the interpreter and its libraries map ~1-2 GB)
+GROWN_MB = 500  # the issue's bound on what one hostile record may add to the run's memory
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hostile_input_is_quarantined_with_its_reason_in_bounded_memory(name, tmp_path):
+    case = CASES[name](tmp_path)
+    res = run_capped(run_case, case, tmp_path / "run", mem_mb=MEM_MB, timeout_s=120)
+    out = res.value
+    assert {k: out["reasons"].get(k) for k in case.expected} == case.expected, out["details"]
+    assert out["kept"] == sorted(case.good)  # the other records of the run are kept
+    assert out["source_records"] == len(case.good) + len(case.expected)
+    assert res.grown_mb < GROWN_MB, res
+
+
+def test_the_detail_names_the_limit(tmp_path):
+    """Each bound's quarantine detail names the config field and its value, so the user knows what to raise."""
+    for name, field in [("deep_array", "max_json_depth=100"), ("bigint_jsonl", "max_int_digits=100"),
+                        ("big_metadata", "max_record_bytes=8388608"), ("many_turns", "max_turns=1000"),
+                        ("big_image_file", "max_image_bytes=134217728")]:
+        (tmp_path / name).mkdir()
+        case = CASES[name](tmp_path / name)
+        out = run_capped(run_case, case, tmp_path / name / "run", mem_mb=MEM_MB, timeout_s=120).value
+        (sid,) = case.expected
+        assert field in out["details"][sid], (name, out["details"][sid])
+
+
+@pytest.mark.parametrize("build", [sparse_member, bigint_wds], ids=["sparse_member", "bigint_wds"])
+def test_the_wds_reader_quarantines_the_same_members(build, tmp_path):
+    """Downstream steps read shards with core.wds.iter_shard: it bounds members and JSON the same way."""
+    from tests.hostile_inputs import read_shard
+
+    case = build(tmp_path)
+    res = run_capped(read_shard, case.source, mem_mb=MEM_MB, timeout_s=60)
+    assert res.value["kept"] == ["g0", "g2"]
+    reason = {"sparse_member": "unsafe_member", "bigint_wds": "oversize_int"}[build.__name__]
+    assert reason in res.value["reasons"].values(), res.value
+    assert res.grown_mb < GROWN_MB
+
+
+def test_limits_are_config_fields_with_checked_ranges(tmp_path):
+    cfg = IngestConfig(source="s", image_root="", run_dir="r", max_turns=50, max_json_depth=20)
+    assert cfg.limits().max_turns == 50 and cfg.limits().max_json_depth == 20
+    with pytest.raises(ValueError, match="max_record_bytes"):  # above what the shard reader accepts
+        IngestConfig(source="s", image_root="", run_dir="r", max_record_bytes=64 << 20)
+
+
+def test_a_stricter_limit_applies(tmp_path):
+    """A small max_turns quarantines an ordinary 4-turn conversation: the bound is the config's, not a constant."""
+    src = tmp_path / "d.jsonl"
+    four = rec("four", None)
+    four["conversations"] = four["conversations"] * 2
+    src.write_text(json.dumps(four) + "\n" + json.dumps(rec("two", None)) + "\n")
+    out = run_case(Case(src, "", {}, [], {"max_turns": 3}), tmp_path / "run")
+    assert out["reasons"] == {"four": "too_many_turns"} and out["kept"] == ["two"]
+
+
+def test_ids_match_whole_and_keys_never_carry_a_newline():
+    assert sample_key("x") == "x"
+    assert "\n" not in sample_key("x\n") and sample_key("x\n") != "x"
+    with pytest.raises(ValueError, match="bad_id"):
+        Sample.from_record(rec("x\n", None))
+
+
+# ---- issue 26: sharegpt alias and a top-level system prompt ----------------------------------------------
+def test_sharegpt_is_an_alias_of_the_messages_dialect(tmp_path):
+    assert parse_format("sharegpt") == parse_format("messages") == ("auto", "messages")
+    assert parse_format("jsonl:sharegpt") == ("jsonl", "messages")
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"id": "m", "messages": [{"role": "user", "content": "Q?"},
+                                                       {"role": "assistant", "content": "A."}]}))
+    (r,) = iter_source(str(src), "sharegpt")
+    assert r.problem is None and r.record["conversations"] == [{"from": "human", "value": "Q?"},
+                                                               {"from": "gpt", "value": "A."}]
+
+
+def test_lmms_finetune_system_prompt_becomes_the_system_turn(tmp_path):
+    """lmms-finetune's layout: LLaVA conversations plus a per-record `system_prompt`; LLaMA-Factory's `system`."""
+    rows = [
+        {"id": "l1", "system_prompt": "You are a chart expert.", "image": "a.jpg",
+         "conversations": [{"from": "human", "value": "<image>\nWhat is the peak?"}, {"from": "gpt", "value": "42."}]},
+        {"id": "l2", "system": "Answer briefly.", "conversations": [{"from": "human", "value": "Hi?"},
+                                                                    {"from": "gpt", "value": "Hello."}]},
+        {"id": "l3", "system_prompt": "ignored", "messages": [
+            {"role": "system", "content": "Own system."}, {"role": "user", "content": "Q?"},
+            {"role": "assistant", "content": "A."}]},
+    ]
+    src = tmp_path / "lmms.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    got = {r.record["id"]: Sample.from_record(r.record) for r in iter_source(str(src)) if not r.problem}
+    assert [(t.role, t.value) for t in got["l1"].conversations] == [
+        ("system", "You are a chart expert."), ("human", "<image>\nWhat is the peak?"), ("gpt", "42.")]
+    assert "system_prompt" not in got["l1"].meta
+    assert got["l2"].conversations[0].role == "system" and got["l2"].conversations[0].value == "Answer briefly."
+    # the conversation's own system turn wins; the top-level field is kept in meta, not lost
+    assert got["l3"].conversations[0].value == "Own system." and got["l3"].meta == {"system_prompt": "ignored"}
+
+
+# ---- eval loaders -----------------------------------------------------------------------------------------
+def test_chartqa_refuses_image_names_that_leave_its_folder(tmp_path):
+    from core.evals.benchmarks import ChartQA
+
+    root = tmp_path / "chartqa"
+    (root / "test" / "png").mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(b"not for eval")
+    (root / "test" / "png" / "ok.png").write_bytes(b"\x89PNG")
+    items = [{"imgname": "ok.png", "query": "q", "label": "1"},
+             {"imgname": "../../secret.png", "query": "q", "label": "1"},
+             {"imgname": str(tmp_path / "secret.png"), "query": "q", "label": "1"},
+             {"imgname": "ok.png\x00", "query": "q", "label": "1"}]
+    (root / "test" / "test_human.json").write_text(json.dumps(items))
+    out = list(ChartQA().load(str(root)))
+    assert not isinstance(out[0], LoadFailure)
+    assert [o.reason.split(":")[0] for o in out[1:]] == ["unsafe_path"] * 3
