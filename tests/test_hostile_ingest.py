@@ -129,3 +129,66 @@ def test_chartqa_refuses_image_names_that_leave_its_folder(tmp_path):
     out = list(ChartQA().load(str(root)))
     assert not isinstance(out[0], LoadFailure)
     assert [o.reason.split(":")[0] for o in out[1:]] == ["unsafe_path"] * 3
+
+
+# ---- the byte scanner's bounds ------------------------------------------------------------------------------
+def test_bounded_splitter_delimits_the_same_items_and_flags_only_those_over_a_bound():
+    """With depth and size bounds (and tiny chunks, so long strings of dropped items straddle reads), the
+    scanner yields the same items at the same offsets as without; an item within both bounds has the same
+    bytes, one over a bound has no bytes and its reason; the depth found on the bytes is json's."""
+    import io
+    import random
+
+    from core.limits import json_depth
+    from core.sources import split_json_array
+
+    rng = random.Random(1)
+    alphabet = ['a', ',', ']', '[', '{', '}', '"', '\\', 'é', ' ']
+
+    def value(depth):
+        k = rng.randrange(5 if depth < 6 else 2)
+        if k == 0:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(40)))
+        if k == 1:
+            return rng.choice([0, -1.5, None, True])
+        if k == 2:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {str(i): value(depth + 1) for i in range(rng.randrange(4))}
+
+    def depth_of(v):
+        return 1 + max((depth_of(x) for x in (v.values() if isinstance(v, dict) else v)), default=0) \
+            if isinstance(v, (dict, list)) else 0
+
+    for _ in range(80):
+        items = [value(0) for _ in range(rng.randrange(1, 8))]
+        raw = json.dumps(items, ensure_ascii=rng.random() < 0.5).encode()
+        max_depth, max_bytes = rng.choice([2, 3, 5]), rng.choice([20, 60, 200])
+        chunk = rng.choice([1, 3, 16, 1 << 20])
+        plain = list(split_json_array(io.BytesIO(raw), chunk_size=chunk))
+        bounded = list(split_json_array(io.BytesIO(raw), chunk_size=chunk, max_depth=max_depth,
+                                        max_item_bytes=max_bytes))
+        assert [(i, off) for i, off, _, _ in bounded] == [(i, off) for i, off, _, _ in plain], raw
+        for (_, _, b, err), (_, _, full, _), item in zip(bounded, plain, items):
+            deep, big = depth_of(item) > max_depth, len(full) > max_bytes
+            assert (json_depth(full, max_depth) > 0) == deep
+            if deep:
+                assert b is None and err.startswith("too_deep"), (item, err)
+            elif big:
+                assert b is None and err.startswith("oversize_record"), (item, err)
+            else:
+                assert b == full and err == ""
+
+
+def test_bounded_lines_match_plain_splitting_and_never_hold_a_long_line():
+    import io
+    import random
+
+    from core.sources import iter_lines
+
+    rng = random.Random(2)
+    for _ in range(100):
+        lines = [rng.choice([b"", b"  ", b"\t\r", b"x" * rng.randrange(1, 40), b" y "]) for _ in range(rng.randrange(8))]
+        data = b"\n".join(lines) + rng.choice([b"", b"\n"])
+        bound = rng.choice([3, 10, 100])
+        want = [ln if len(ln) <= bound else len(ln) for ln in data.split(b"\n") if ln.strip()]
+        assert list(iter_lines(io.BytesIO(data), bound, chunk_size=rng.choice([1, 4, 1 << 20]))) == want, data
