@@ -297,6 +297,23 @@ def split_json_array(f, keep_bytes: bool = True, chunk_size: int = 1 << 20, max_
         raise SourceError("empty file: expected a JSON array")
 
 
+class _DigitWatch:
+    """A file wrapper for the count pass: notes whether the bytes hold a run of more than `max_digits`
+    digits anywhere (a number ijson would parse whole, where the scanner's path bounds it). Runs inside
+    strings count too: a false alarm only sends the file to the slower, bounded path."""
+
+    def __init__(self, f, max_digits: int):
+        self.f, self.max_digits, self.found, self.tail = f, max_digits, False, b""
+        self.run = re.compile(rb"[0-9]{%d}" % (max_digits + 1))
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if data and not self.found:
+            self.found = self.run.search(self.tail + data) is not None
+            self.tail = data[-self.max_digits:]  # a run cut by the chunk boundary is seen whole next time
+        return data
+
+
 def _json_item(raw: bytes, limits: InputLimits = DEFAULT_LIMITS) -> Any:
     """One record's JSON bytes -> its value, the door's bounds checked first (core/limits.py)."""
     try:
@@ -311,7 +328,7 @@ def _json_item(raw: bytes, limits: InputLimits = DEFAULT_LIMITS) -> Any:
 
 def _iter_json(path: str, limits: InputLimits = DEFAULT_LIMITS, clean: bool = False) -> Iterator[SourceRecord]:
     """A JSON array's records. `clean`: the count pass scanned this file with the same `limits` and found
-    no item over a bound; then ijson streams it (fast; its memory grows with the square of an item's depth,
+    no item over a bound and no over-long number; then ijson streams it (fast; its memory grows with the square of an item's depth,
     which is why it never sees an unchecked file). At ijson's first error, and for any file not known
     clean, the byte splitter delimits every item (bounding depth and size before a parser sees it) and json
     parses the item alone: a malformed or hostile item is quarantined alone (with its byte offset) and
@@ -729,7 +746,8 @@ def count_records(source: str, format: str = "auto", limits: InputLimits = DEFAU
     tail), Parquet by the row counts in the file footers. Raises SourceError where a JSON array's items
     cannot be delimited (naming the byte offset). `limits` bound the scan's memory as they bound the
     readers' (and must be the readers', so both delimit the same items). `flagged`, when given, receives
-    per JSON array file {item index: error} for the items over a bound (`split_json_array`)."""
+    per JSON array file {item index: error} for the items over a bound (`split_json_array`), and at -1 a
+    run of more digits than `max_int_digits` somewhere in the file (only the bounded parser checks ints)."""
     import pyarrow.parquet as pq
 
     container, _ = parse_format(format)
@@ -741,11 +759,14 @@ def count_records(source: str, format: str = "auto", limits: InputLimits = DEFAU
             if kind == "json":
                 try:
                     bad: dict[int, str] = {}
-                    for idx, _, _, err in split_json_array(f, keep_bytes=False, max_depth=limits.max_json_depth,
+                    watch = _DigitWatch(f, limits.max_int_digits)
+                    for idx, _, _, err in split_json_array(watch, keep_bytes=False, max_depth=limits.max_json_depth,
                                                            max_item_bytes=limits.max_record_bytes):
                         n += 1
                         if err:
                             bad[idx] = err
+                    if watch.found:  # -1: the file as a whole is for the bounded path
+                        bad[-1] = f"a run of more than max_int_digits={limits.max_int_digits} digits"
                     if flagged is not None:
                         flagged[path] = bad
                 except SourceError as e:

@@ -192,3 +192,17 @@ def test_bounded_lines_match_plain_splitting_and_never_hold_a_long_line():
         bound = rng.choice([3, 10, 100])
         want = [ln if len(ln) <= bound else len(ln) for ln in data.split(b"\n") if ln.strip()]
         assert list(iter_lines(io.BytesIO(data), bound, chunk_size=rng.choice([1, 4, 1 << 20]))) == want, data
+
+
+def test_an_integer_over_the_digit_bound_is_quarantined_in_a_json_array_too(tmp_path):
+    """150 digits parse fine in ijson (under Python's 4,300): the count pass sends the file to the bounded
+    path, so a JSON array quarantines it as JSONL does; a long float and a long digit string stay kept."""
+    rows = [rec("g0", None), {**rec("n", None), "metadata": {"v": int("9" * 150)}},
+            {**rec("f", None), "metadata": {"v": "1" + "2" * 150}}]
+    src = tmp_path / "nums.json"
+    src.write_text(json.dumps(rows).replace('"1' + "2" * 150 + '"', "0." + "2" * 150) + "\n")
+    (tmp_path / "s.json").write_text(json.dumps([{**rec("s", None), "metadata": {"v": "7" * 150}}, rec("t", None)]))
+    out = run_case(Case(src, "", {}, []), tmp_path / "run")
+    assert out["reasons"] == {"nums#1": "oversize_int"} and out["kept"] == ["f", "g0"]  # unparsed: keyed by position
+    out = run_case(Case(tmp_path / "s.json", "", {}, []), tmp_path / "run2")
+    assert out["reasons"] == {} and out["kept"] == ["s", "t"]
