@@ -153,10 +153,22 @@ def _read_local_image(path: str, name: str, max_bytes: int) -> bytes:
             raise SampleError("unsafe_path", f"image {name!r} is {kind}; only regular files are read")
         if st.st_size > max_bytes:
             raise SampleError("oversize_image", f"{name}: {st.st_size} bytes > max_image_bytes={max_bytes}")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # grew after the check
-        raise SampleError("oversize_image", f"{name}: more than max_image_bytes={max_bytes} bytes")
-    return data
+        return _read_bounded(f, st.st_size, name, max_bytes)
+
+
+def _read_bounded(f: Any, size: int | None, name: str, max_bytes: int) -> bytes:
+    """At most `max_bytes` of `f` (else oversize_image), read as `size` (the size reported before, None when
+    unknown) + 1 bytes, then on: a read asks for no more than the file holds (`read(n)` allocates n
+    up front), and a file that grew after its size was taken is still bounded."""
+    parts, n = [], 0
+    want = min(size, max_bytes) + 1 if size is not None else 1 << 20
+    while chunk := f.read(min(want, max_bytes + 1 - n)):
+        parts.append(chunk)
+        n += len(chunk)
+        if n > max_bytes:
+            raise SampleError("oversize_image", f"{name}: more than max_image_bytes={max_bytes} bytes")
+        want = 1 << 20
+    return b"".join(parts)
 
 
 def _read_remote_image(fs: Any, path: str, name: str, max_bytes: int) -> bytes:
@@ -164,14 +176,12 @@ def _read_remote_image(fs: Any, path: str, name: str, max_bytes: int) -> bytes:
     try:
         with fs.open(path, "rb") as f:
             size = getattr(f, "size", None)
-            if isinstance(size, int) and size > max_bytes:
+            size = size if isinstance(size, int) else None
+            if size is not None and size > max_bytes:
                 raise SampleError("oversize_image", f"{name}: {size} bytes > max_image_bytes={max_bytes}")
-            data = f.read(max_bytes + 1)
+            return _read_bounded(f, size, name, max_bytes)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
-    if len(data) > max_bytes:
-        raise SampleError("oversize_image", f"{name}: more than max_image_bytes={max_bytes} bytes")
-    return data
 
 
 def _record_id(rec: Any, fallback: str) -> str:
