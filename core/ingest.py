@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -18,11 +19,22 @@ from typing import Any
 import fsspec
 import fsspec.implementations.local
 
+from core.configs import check_ranges
 from core.images import DEFAULT_MAX_PIXELS, decode_image
 from core.ledger import LedgerWriter, step_dir
-from core.sample import MAX_TEXT_CHARS, Sample, SampleError
+from core.limits import (
+    MAX_IMAGE_BYTES,
+    MAX_INT_DIGITS,
+    MAX_JSON_DEPTH,
+    MAX_RECORD_BYTES,
+    InputLimits,
+    control_chars,
+    printable,
+)
+from core.sample import MAX_TEXT_CHARS, MAX_TURNS, Sample, SampleError
 from core.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
 from core.wds import ShardInfo, ShardWriter
+from core.wds.reader import MAX_JSON_BYTES
 
 log = logging.getLogger(__name__)
 STEP = "ingest"
@@ -37,6 +49,13 @@ class IngestConfig:
     either ("auto", "jsonl", "wds:messages", ...). `image_root` is the folder that the records' image
     names are relative to (unused for images carried inline by WDS/Parquet); `run_dir` receives
     `shards/` and `ledger/ingest/`.
+
+    Bounds at the door (docs/security.md; each over-bound record is one quarantine row with the limit in
+    its detail): `max_json_depth` (JSON nesting, checked on the bytes before a parser runs: too_deep),
+    `max_int_digits` (integer literals: oversize_int), `max_record_bytes` (a record's bytes in the source
+    and as written to its shard, text + metadata + meta: oversize_record; at most the shard reader's
+    bound), `max_turns` (turns per conversation: too_many_turns), `max_image_bytes` (an image file, tar
+    member or Parquet cell: oversize_image).
     """
 
     source: str
@@ -51,9 +70,22 @@ class IngestConfig:
     ledger_dir: str = ""  # local run dir for the ledger when run_dir is remote (default: run_dir)
     format: str = "auto"
     caption_prompt: str = DEFAULT_CAPTION_PROMPT  # question of caption-only WDS samples (image + .txt)
+    max_json_depth: int = MAX_JSON_DEPTH
+    max_int_digits: int = MAX_INT_DIGITS
+    max_record_bytes: int = MAX_RECORD_BYTES
+    max_turns: int = MAX_TURNS
+    max_image_bytes: int = MAX_IMAGE_BYTES
 
     def __post_init__(self) -> None:
         parse_format(self.format)  # ValueError on an unknown format, before any work
+        check_ranges(self, {"max_json_depth": (2, None), "max_int_digits": (1, None),
+                            "max_record_bytes": (1, MAX_JSON_BYTES), "max_turns": (2, None),
+                            "max_image_bytes": (1, None)})
+
+    def limits(self) -> InputLimits:
+        """The door's bounds as the readers take them."""
+        return InputLimits(self.max_json_depth, self.max_int_digits, self.max_record_bytes, self.max_turns,
+                           self.max_image_bytes)
 
 
 @dataclass
@@ -81,7 +113,11 @@ class IngestResult:
 
 def _safe_image_path(root: str, name: str, local: bool = False) -> str:
     """`root/name`, refusing names that leave the root: absolute, `..`, or (local roots) a symlink whose
-    real path lies outside the real root -> SampleError(unsafe_path)."""
+    real path lies outside the real root; and names with NUL or control characters (`open` raises on NUL)
+    -> SampleError(unsafe_path)."""
+    bad = control_chars(name)
+    if bad:
+        raise SampleError("unsafe_path", f"image name {printable(name)!r} has the control character {bad}")
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise SampleError("unsafe_path", f"image name {name!r} escapes the image root")
@@ -92,6 +128,73 @@ def _safe_image_path(root: str, name: str, local: bool = False) -> str:
         if os.path.commonpath([real_root, real]) != real_root:
             raise SampleError("unsafe_path", f"image {name!r} resolves outside the image root (symlink)")
     return path
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _read_local_image(path: str, name: str, max_bytes: int) -> bytes:
+    """A local image file's bytes: regular files only, at most `max_bytes`. Opened non-blocking and checked
+    on the open descriptor (`fstat`), so a FIFO never blocks and no file swapped in after a check is read;
+    a device cannot stream forever past the bound."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+    except OSError as e:  # permission denied, too many symlink levels, ...
+        raise SampleError("missing_image", f"{name}: {type(e).__name__}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise SampleError("missing_image", f"{name}: IsADirectoryError")
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise SampleError("unsafe_path", f"image {name!r} is {kind}; only regular files are read")
+        if st.st_size > max_bytes:
+            raise SampleError("oversize_image", f"{name}: {st.st_size} bytes > max_image_bytes={max_bytes}")
+        return _read_bounded(f, st.st_size, name, max_bytes)
+
+
+def _read_bounded(f: Any, size: int | None, name: str, max_bytes: int) -> bytes:
+    """At most `max_bytes` of `f` (else oversize_image), read as `size` (the size reported before, None when
+    unknown) + 1 bytes, then on: a read asks for no more than the file holds (`read(n)` allocates n
+    up front), and a file that grew after its size was taken is still bounded."""
+    parts, n = [], 0
+    want = min(size, max_bytes) + 1 if size is not None else 1 << 20
+    while chunk := f.read(min(want, max_bytes + 1 - n)):
+        parts.append(chunk)
+        n += len(chunk)
+        if n > max_bytes:
+            raise SampleError("oversize_image", f"{name}: more than max_image_bytes={max_bytes} bytes")
+        want = 1 << 20
+    return b"".join(parts)
+
+
+def _read_remote_image(fs: Any, path: str, name: str, max_bytes: int) -> bytes:
+    """An fsspec image's bytes, at most `max_bytes`: the size the store reports is checked before reading."""
+    try:
+        with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)
+            size = size if isinstance(size, int) else None
+            if size is not None and size > max_bytes:
+                raise SampleError("oversize_image", f"{name}: {size} bytes > max_image_bytes={max_bytes}")
+            return _read_bounded(f, size, name, max_bytes)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+
+
+def _record_id(rec: Any, fallback: str) -> str:
+    """The ledger key of a record before validation: its id when that is a usable string or integer, else
+    `fallback` (an id with control characters or too many digits is quarantined as bad_id under it)."""
+    sid = rec.get("id") if isinstance(rec, dict) else None
+    if not isinstance(sid, (str, int)):
+        return fallback
+    try:
+        text = str(sid)
+    except ValueError:  # str() of an int over Python's 4,300 digits
+        return fallback
+    return fallback if control_chars(text) else text
 
 
 def source_fingerprint(*urls: str, max_entries: int = 10_000) -> str:
@@ -159,31 +262,41 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     src_name = cfg.source_name or PurePosixPath(cfg.source.rstrip("/")).stem
     fs_img, _ = fsspec.core.url_to_fs(cfg.image_root or ".")
     local_img = isinstance(fs_img, fsspec.implementations.local.LocalFileSystem)
-    counted = count_records(cfg.source, cfg.format)  # validates the containers before any work
+    limits = cfg.limits()
+    flagged: dict[str, dict[int, str]] = {}  # JSON-array items the count pass found over a bound
+    counted = count_records(cfg.source, cfg.format, limits, flagged)  # validates the containers before any work
     log.info("ingest: %d records counted in %d file(s) of %s", sum(counted.values()), len(counted), cfg.source)
     rows: dict[str, int] = {f: 0 for f in counted}
     n = 0
     led_dir = step_dir(cfg.ledger_dir or cfg.run_dir, STEP)
     writer = ShardWriter(f"{cfg.run_dir.rstrip('/')}/shards", cfg.prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
     with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led:
-        for r in iter_source(cfg.source, cfg.format, cfg.caption_prompt):
+        for r in iter_source(cfg.source, cfg.format, cfg.caption_prompt, limits, flagged):
             n += 1
             rows[r.file] = rows.get(r.file, 0) + 1
             idx = r.index
             stem = PurePosixPath(r.file).stem if len(counted) > 1 else src_name
             fallback = r.fallback_id or f"{stem}#{idx}"
             rec = r.record
-            rid = str(rec["id"]) if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) else fallback
+            rid = _record_id(rec, fallback)
             try:
                 if r.problem:
                     raise SampleError(*r.problem)
-                s = Sample.from_record(rec, source=src_name, max_text_chars=cfg.max_text_chars)
+                s = Sample.from_record(rec, source=src_name, max_text_chars=cfg.max_text_chars,
+                                       max_turns=cfg.max_turns)
                 rid = s.id
                 if rid in led.decided:
                     raise SampleError("duplicate_id", f"id {rid!r} seen earlier (the first one in file order is kept)")
+                n_bytes = len(s.to_json_bytes())  # what the shard's key.json will hold: text + metadata + meta
+                if n_bytes > cfg.max_record_bytes:
+                    raise SampleError("oversize_record", f"{n_bytes} bytes as written > max_record_bytes="
+                                                         f"{cfg.max_record_bytes}")
                 if r.image_bytes is not None:
                     data = list(r.image_bytes)
-                    for b in data:
+                    for i, b in enumerate(data):
+                        if len(b) > cfg.max_image_bytes:
+                            raise SampleError("oversize_image", f"image #{i}: {len(b)} bytes > max_image_bytes="
+                                                                f"{cfg.max_image_bytes}")
                         decode_image(b, cfg.max_image_pixels)
                 else:
                     if s.images and not cfg.image_root:
@@ -191,11 +304,10 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
                     data = []
                     for name in s.images:
                         path = _safe_image_path(cfg.image_root, name, local_img)
-                        try:
-                            with fs_img.open(path, "rb") as f:
-                                data.append(f.read())
-                        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-                            raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+                        if local_img:
+                            data.append(_read_local_image(fs_img._strip_protocol(path), name, cfg.max_image_bytes))
+                        else:
+                            data.append(_read_remote_image(fs_img, path, name, cfg.max_image_bytes))
                         decode_image(data[-1], cfg.max_image_pixels)
                 s.image_bytes = data
                 shard = writer.write(s)

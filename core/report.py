@@ -88,17 +88,18 @@ def new_figure(width: float = 6.0, height: float = 3.5) -> tuple[Any, Any]:
 
 
 def image_html(data: bytes, max_px: int = 160, caption: str = "") -> str:
-    """An encoded image (any PIL-readable bytes) as an inline thumbnail with an optional caption."""
-    from PIL import Image
+    """An encoded image (any PIL-readable bytes) as an inline thumbnail with an optional caption; decoded
+    through the project's checks (core.images.decode_image), so a decompression bomb is not decoded."""
+    from core.images import decode_image
 
     try:
-        im = Image.open(io.BytesIO(data)).convert("RGB")
+        im = decode_image(data)
         im.thumbnail((max_px, max_px))
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=85)
         tag = f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
     except Exception as e:  # a thumbnail must never sink a report; say why it is missing
-        tag = f"<i>[image not renderable: {esc(type(e).__name__)}]</i>"
+        tag = f"<i>[image not renderable: {esc(getattr(e, 'reason', '') or type(e).__name__)}]</i>"
     cap = f"<br/><small>{esc(caption)}</small>" if caption else ""
     return f'<div style="display:inline-block;margin:4px;vertical-align:top">{tag}{cap}</div>'
 

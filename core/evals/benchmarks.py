@@ -47,6 +47,19 @@ def _image_item(row_id: str, row: dict[str, Any], key: str = "image") -> bytes |
         return LoadFailure(row_id, f"missing_image:{e}")
 
 
+def _unsafe_name(name: Any) -> str:
+    """Why an image name from a benchmark's JSON must not be joined to its image folder ("" when it may):
+    absolute, with `..`, or with NUL/control characters, it would read a file outside the folder."""
+    if not isinstance(name, str) or not name:
+        return f"imgname {name!r} is not a file name"
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        return f"imgname {name!r} leaves the image folder"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"imgname {name!r} has a control character"
+    return ""
+
+
 class CountBench(Benchmark):
     """CountBenchQA (HF `vikhyatk/CountBenchQA`): `<root>/data/*.parquet`, columns image{bytes,path},
     text, question, number. Metric: exact count (accuracy)."""
@@ -143,6 +156,10 @@ class ChartQA(Benchmark):
                     continue
                 for i, rec in enumerate(io.read_json(path)):
                     sid = f"chartqa-{split}-{i:05d}"
+                    bad = _unsafe_name(rec["imgname"]) if isinstance(rec, dict) and "imgname" in rec else ""
+                    if bad:
+                        yield LoadFailure(sid, f"unsafe_path:{bad}")
+                        continue
                     try:
                         img = io.read_bytes(io.join(root, "test/png", rec["imgname"]))
                     except (FileNotFoundError, KeyError) as e:

@@ -20,7 +20,6 @@ these stop the other samples, benchmarks or checkpoints.
 from __future__ import annotations
 
 import hashlib
-import io as _io
 import logging
 import os
 import re
@@ -45,20 +44,17 @@ from core.evals.results import (
     write_parquet,
 )
 from core.log import progress
+from core.sample import SampleError
 
 log = logging.getLogger(__name__)
 
 
 def decode_images(item: EvalItem) -> list[Any]:
-    """The item's images as RGB PIL images (raises on corrupt bytes)."""
-    from PIL import Image
+    """The item's images as RGB PIL images, through the project's decode checks (core.images.decode_image:
+    SampleError on corrupt bytes or a decompression bomb)."""
+    from core.images import decode_image
 
-    images = []
-    for data in item.images:
-        im = Image.open(_io.BytesIO(data))
-        im.load()
-        images.append(im.convert("RGB"))
-    return images
+    return [decode_image(data) for data in item.images]
 
 
 def _target_json(bench: Benchmark, item: EvalItem) -> str:
@@ -146,8 +142,10 @@ def evaluate_benchmark(
         prompt = bench.prompt(item)
         try:
             images = decode_images(item)
-        except Exception as e:  # corrupt image bytes: record, never crash
-            records.append(record(item.id, doc_id, prompt=prompt, error=f"corrupt_image:{type(e).__name__}",
+        except Exception as e:  # corrupt image bytes or a bomb: record, never crash
+            why = f"{e.reason}:{e.detail.split(':')[0]}" if isinstance(e, SampleError) else \
+                f"corrupt_image:{type(e).__name__}"
+            records.append(record(item.id, doc_id, prompt=prompt, error=why,
                                   target=_target_json(bench, item)))  # fmt: skip
             continue
         pending.append((doc_id, item, GenRequest(images, prompt, bench.max_new_tokens)))

@@ -7,7 +7,6 @@ exactly the batches it already trained on.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -238,13 +237,14 @@ class ConversationDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
-        from PIL import Image
+
+        from core.images import decode_image  # the project's checks: a bomb or corrupt image raises SampleError
 
         record, images = read_entry(self.entries[int(i)])
         ids, labels, n_img = encode_conversation(
             self.tokenizer, record["conversations"], self.image_token_id, self.n_image_tokens, self.max_len
         )
-        pix = [self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[:n_img]]
+        pix = [self.preprocess(decode_image(b)) for b in images[:n_img]]
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
