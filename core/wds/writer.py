@@ -77,8 +77,11 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._offset = 0
         if self.local:
-            # written in place under a temp name (no in-memory copy of the shard), renamed when complete
-            self._tmp = f"{self.root}/{name}.tmp"
+            # written in place under a unique temp name (no in-memory copy of the shard; two writers of one
+            # folder, even on two pods, never share it), renamed when complete
+            from core.step import temp_path  # core.step imports core.wds
+
+            self._tmp = temp_path(f"{self.root}/{name}")
             self._f = open(self._tmp, "wb")
         else:
             self._f = io.BytesIO()
