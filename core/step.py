@@ -134,6 +134,32 @@ def local_temp(final: str | os.PathLike) -> Iterator[tuple[Any, str]]:
         raise
 
 
+def fresh_dir(final: str | os.PathLike, what: str = "building") -> str:
+    """A new empty folder beside the local folder `final` (`.<name>.<what>-<random>`, same filesystem, so it
+    can be renamed over `final`; mode as `mkdir` would give): build a whole output there, then `swap_in`."""
+    final = os.path.abspath(os.fspath(final))
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    d = tempfile.mkdtemp(prefix=f".{name}.{what}-", dir=parent)
+    os.chmod(d, 0o777 & ~_umask())
+    return d
+
+
+def swap_in(staging: str | os.PathLike, final: str | os.PathLike) -> str | None:
+    """Put the finished folder `staging` (from `fresh_dir`) at `final` whole: the old `final` is renamed
+    aside first (`.<name>.old-<random>`, returned; None when there was none), then `staging` renamed to
+    `final`. A reader never sees old and new files mixed; between the two renames `final` is briefly
+    absent. Callers hold the folder's lock (`folder_lock(parent, ..., lock_name=...)`)."""
+    final = os.path.abspath(os.fspath(final))
+    aside = None
+    if os.path.lexists(final):
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+        os.rmdir(aside)  # a unique free name; rename(dir, existing empty dir) would also work, not for files
+        os.rename(final, aside)
+    os.rename(os.fspath(staging), final)
+    return aside
+
+
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     """`write_atomic` of a Parquet table (pyarrow's default writer options)."""
     buf = io.BytesIO()
@@ -159,20 +185,21 @@ def _is_local(url: str | os.PathLike) -> bool:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str = "") -> Iterator[Path | None]:
+def folder_lock(folder: str | os.PathLike, what: str = "", lock_name: str = LOCK_FILE) -> Iterator[Path | None]:
     """Hold the exclusive writer lock of `folder` (created if needed) for the `with` block.
 
     Local paths: `fcntl.flock(LOCK_EX | LOCK_NB)` on `<folder>/.writer.lock` (also across hosts on NFS v4,
     which maps flock to its own locks). The file records the holder (host, pid, time, `what`); a second
     writer raises `FolderBusy` naming it, at once. The kernel drops the lock when the holder dies, so a
     crash never leaves the folder locked; the file is removed on a clean release. Object-store URLs have no
-    lock (yields None): there each task writes its own fresh prefix."""
+    lock (yields None): there each task writes its own fresh prefix. `lock_name` names the lock of one
+    entry of `folder` (an export folder swapped in whole is locked in its parent: `.<name>.writer.lock`)."""
     if not _is_local(folder):
         yield None
         return
     p = Path(fsspec.core.url_to_fs(str(folder))[1])
     p.mkdir(parents=True, exist_ok=True)
-    path = p / LOCK_FILE
+    path = p / lock_name
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
