@@ -42,8 +42,9 @@ from core.configs import check_ranges
 from core.images import decode_image, sniff_format
 from core.ledger import LedgerWriter, check_balance, find_step_dir, read_ledger
 from core.log import progress
+from core.outputs import folder_lock, fresh_dir, swap_in, write_json_atomic
 from core.sample import Sample, SampleError
-from core.step import Passing, ShardStep, Unit, folder_lock, fresh_dir, swap_in, write_json_atomic
+from core.step import Passing, ShardStep, Unit
 from core.wds import ShardWriter, image_member_names, iter_samples
 
 log = logging.getLogger(__name__)

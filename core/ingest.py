@@ -20,9 +20,9 @@ import fsspec.implementations.local
 
 from core.images import DEFAULT_MAX_PIXELS, decode_image
 from core.ledger import LedgerWriter, step_dir
+from core.outputs import folder_lock, write_json_atomic
 from core.sample import MAX_TEXT_CHARS, Sample, SampleError
 from core.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
-from core.step import folder_lock, write_json_atomic
 from core.wds import ShardInfo, ShardWriter
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.outputs import temp_path
+
 DECISIONS = ("keep", "drop", "quarantine", "modify")
 PASSING = ("keep", "modify")  # decisions whose samples flow on to the next step
 
@@ -95,8 +97,6 @@ class LedgerWriter:
             return
         table = pa.Table.from_pydict(self._rows, schema=SCHEMA)
         if self._writer is None:
-            from core.step import temp_path  # core.step imports this module
-
             self._tmp = temp_path(self.path)  # unique: two writers of one part never share a temp file
             self._writer = pq.ParquetWriter(self._tmp, SCHEMA)
         self._writer.write_table(table)

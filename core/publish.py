@@ -53,7 +53,7 @@ def _files(local: str) -> list[str]:
 
 
 def _publish_local(trees: Mapping[str, str], files: list[str], root: str) -> None:
-    from core.step import folder_lock, fresh_dir, swap_in, write_json_atomic
+    from core.outputs import folder_lock, fresh_dir, swap_in, write_json_atomic
 
     final = os.path.abspath(root)
     staging = fresh_dir(final, "publishing")
@@ -86,7 +86,7 @@ def _recorded_local(folder: str) -> list[str]:
 
 
 def _publish_remote(fs, trees: Mapping[str, str], files: list[str], root: str) -> None:
-    from core.step import write_json_atomic
+    from core.outputs import write_json_atomic
 
     record = f"{root}/{RECORD}"
     before = {p[len(root) + 1:] for p in fs.find(root)} if fs.exists(root) else set()

@@ -25,7 +25,8 @@ Writing a step (datatrove's `PipelineStep` idea, with the ledger as the completi
 atomic-write helper of the project); a step whose units run elsewhere (Ray actors) uses `pending`,
 `publish_part` and `finish` instead of `run` (inside `with step.writing():`).
 
-One writer per step folder, and resume that checks (shared storage: several people and pods write there):
+One writer per step folder, and resume that checks (shared storage: several people and pods write there;
+the helpers live in core/outputs.py and core/stamp.py and are re-exported here):
 
 - `folder_lock(folder, what)`: an exclusive `fcntl.flock` on `<folder>/.writer.lock` (local paths; released
   by the kernel when the process dies, the file removed on a clean release). The file names its holder
@@ -41,7 +42,7 @@ One writer per step folder, and resume that checks (shared storage: several peop
 - The same check for code outside `ShardStep` (a trainer's output folder, rephrase's chunk folder)::
 
       state = ensure_stamp(folder, "train", asdict(cfg), code_version=code_version(__name__),
-                           has_outputs=any(Path(folder).iterdir()), on_mismatch="refuse", clear=None)
+                           has_outputs=bool(glob.glob(f"{folder}/checkpoint-*")), on_mismatch="refuse")
       # "new" (stamp written) | "resume" (same stamp) | "recompute" (clear() ran, stamp rewritten)
 
   `stamp_diff(folder, step, config, code_version)` only compares (the differing field lines, [] when equal
@@ -50,364 +51,53 @@ One writer per step folder, and resume that checks (shared storage: several peop
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import dataclasses
-import fcntl
-import hashlib
-import io
-import json
 import logging
 import os
-import socket
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core.ledger import LedgerWriter, find_step_dir, read_ledger, step_dir
+from core.outputs import (
+    FolderBusy,
+    folder_lock,
+    fresh_dir,
+    local_temp,
+    swap_in,
+    temp_path,
+    write_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from core.stamp import (
+    SCHEDULING_FIELDS,
+    STAMP_FILE,
+    StepMismatch,
+    code_version,
+    ensure_stamp,
+    make_stamp,
+    path_identity,
+    plain_config,
+    read_stamp,
+    stamp_diff,
+)
+
+__all__ = [  # the shard-step contract, and the output helpers it is built on (core/outputs.py, core/stamp.py)
+    "EMPTY_PART", "MISSING_PART", "SCHEDULING_FIELDS", "STAMP_FILE", "FolderBusy", "Passing", "ShardStep",
+    "StepMismatch", "StepSummary", "Unit", "code_version", "ensure_stamp", "folder_lock", "fresh_dir",
+    "local_temp", "make_stamp", "path_identity", "plain_config", "read_stamp", "shards_of", "stamp_diff",
+    "swap_in", "temp_path", "write_atomic", "write_json_atomic", "write_parquet_atomic",
+]
 
 log = logging.getLogger(__name__)
 
 MISSING_PART = "part-zz-missing"
 EMPTY_PART = "part-empty"
-
-
-# ---- atomic publication ---------------------------------------------------------------------------
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Publish `data` at `path` (local path or fsspec URL) so a reader sees the whole file or none of it.
-
-    Local files: written to a unique sibling temp file (`local_temp`), then renamed (atomic on POSIX). Object
-    stores publish a whole object on close, so they are written directly."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fs, p = fsspec.core.url_to_fs(str(path))
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        with local_temp(p) as (f, _):
-            f.write(raw)
-        return
-    fs.makedirs(os.path.dirname(p), exist_ok=True)
-    with fs.open(p, "wb") as f:
-        f.write(raw)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide outputs from the team
-
-
-def temp_path(final: str | os.PathLike) -> str:
-    """A fresh, unique temp file beside `final` (created empty, mode as `open()` would give): the name is
-    `.<final name>.<random>.tmp`, so two writers of one file, on one host or on several pods sharing the
-    folder, never write the same temp file (a pid alone repeats across pods), and no `*.parquet` / `*.tar`
-    glob sees it."""
-    d, base = os.path.split(os.fspath(final))
-    os.makedirs(d or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d or ".")
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
-    return tmp
-
-
-@contextlib.contextmanager
-def local_temp(final: str | os.PathLike) -> Iterator[tuple[Any, str]]:
-    """`with local_temp(path) as (f, tmp):` write to `f`; on success the temp file replaces `path`
-    atomically, on an error it is removed (no half file under the final name, no litter)."""
-    tmp = temp_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            yield f, tmp
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def fresh_dir(final: str | os.PathLike, what: str = "building") -> str:
-    """A new empty folder beside the local folder `final` (`.<name>.<what>-<random>`, same filesystem, so it
-    can be renamed over `final`; mode as `mkdir` would give): build a whole output there, then `swap_in`."""
-    final = os.path.abspath(os.fspath(final))
-    parent, name = os.path.split(final)
-    os.makedirs(parent, exist_ok=True)
-    d = tempfile.mkdtemp(prefix=f".{name}.{what}-", dir=parent)
-    os.chmod(d, 0o777 & ~_umask())
-    return d
-
-
-def swap_in(staging: str | os.PathLike, final: str | os.PathLike) -> str | None:
-    """Put the finished folder `staging` (from `fresh_dir`) at `final` whole: the old `final` is renamed
-    aside first (`.<name>.old-<random>`, returned; None when there was none), then `staging` renamed to
-    `final`. A reader never sees old and new files mixed; between the two renames `final` is briefly
-    absent. Callers hold the folder's lock (`folder_lock(parent, ..., lock_name=...)`)."""
-    final = os.path.abspath(os.fspath(final))
-    aside = None
-    if os.path.lexists(final):
-        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
-        os.rmdir(aside)  # a unique free name; rename(dir, existing empty dir) would also work, not for files
-        os.rename(final, aside)
-    os.rename(os.fspath(staging), final)
-    return aside
-
-
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """`write_atomic` of a Parquet table (pyarrow's default writer options)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    write_atomic(path, buf.getvalue())
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike, **dumps: Any) -> None:
-    """`write_atomic` of `json.dumps(obj, **dumps)` (UTF-8)."""
-    write_atomic(path, json.dumps(obj, **dumps))
-
-
-# ---- one writer per folder ------------------------------------------------------------------------
-LOCK_FILE = ".writer.lock"
-
-
-class FolderBusy(RuntimeError):
-    """Another writer (this host or another one sharing the folder) holds the folder's writer lock."""
-
-
-def _is_local(url: str | os.PathLike) -> bool:
-    return isinstance(fsspec.core.url_to_fs(str(url))[0], fsspec.implementations.local.LocalFileSystem)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str = "", lock_name: str = LOCK_FILE) -> Iterator[Path | None]:
-    """Hold the exclusive writer lock of `folder` (created if needed) for the `with` block.
-
-    Local paths: `fcntl.flock(LOCK_EX | LOCK_NB)` on `<folder>/.writer.lock` (also across hosts on NFS v4,
-    which maps flock to its own locks). The file records the holder (host, pid, time, `what`); a second
-    writer raises `FolderBusy` naming it, at once. The kernel drops the lock when the holder dies, so a
-    crash never leaves the folder locked; the file is removed on a clean release. Object-store URLs have no
-    lock (yields None): there each task writes its own fresh prefix. `lock_name` names the lock of one
-    entry of `folder` (an export folder swapped in whole is locked in its parent: `.<name>.writer.lock`)."""
-    if not _is_local(folder):
-        yield None
-        return
-    p = Path(fsspec.core.url_to_fs(str(folder))[1])
-    p.mkdir(parents=True, exist_ok=True)
-    path = p / lock_name
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(holder not yet recorded)"
-            os.close(fd)
-            raise FolderBusy(f"{p} is being written by another writer: {holder}; wait for it to finish or write "
-                             f"to another folder (lock file {path})") from None
-        try:  # the previous holder may have removed the file after we opened it: then lock the new one
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "what": what,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info, sort_keys=True).encode(), 0)
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # still holding the lock: a waiter that opened this file re-checks the inode
-        os.close(fd)
-
-
-# ---- resume that checks: the step stamp -----------------------------------------------------------
-STAMP_FILE = "_step.json"
-# Config fields that say where and how fast a step runs, not what it outputs: a resume may change them.
-SCHEDULING_FIELDS = frozenset({
-    "device", "num_actors", "num_gpus", "cpus_per_actor", "decode_workers", "prefetch_batches",
-    "actor_start_timeout_s", "max_shard_retries", "cache_dir", "overlap_io", "gpu_memory_utilization",
-    "tensor_parallel", "max_parallel_shards", "num_workers",
-})
-MISMATCH_ACTIONS = ("refuse", "recompute")
-
-
-class StepMismatch(RuntimeError):
-    """A step folder was made with another config or code version than the resuming step's."""
-
-    def __init__(self, folder: str, step: str, fields: list[str]):
-        self.folder, self.step, self.fields = folder, step, fields
-        super().__init__(
-            f"{folder} holds {step!r} outputs made with another config or code; differing fields: "
-            f"{'; '.join(fields)}. Use a fresh output folder, the same config, or on_mismatch='recompute' "
-            "(clears the folder's outputs)")
-
-
-def _plain(x: Any) -> Any:
-    """JSON-comparable form of a config value (dataclasses and tuples become dicts and lists; local paths
-    become what they hold, `path_identity`)."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        x = dataclasses.asdict(x)
-    return _paths_by_content(json.loads(json.dumps(x, sort_keys=True, default=str)))
-
-
-def _paths_by_content(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _paths_by_content(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_paths_by_content(v) for v in x]
-    if isinstance(x, str) and os.sep in x and "://" not in x and os.path.exists(x):
-        return path_identity(x)
-    return x
-
-
-def path_identity(path: str, max_entries: int = 10_000) -> str:
-    """What a local file or folder holds, not where it is: `<dir N files B bytes sha256:...>` over the
-    relative names and sizes of its files (up to `max_entries`). A Flyte task downloads its model or eval
-    set to a new path on every attempt; stamping the path would refuse every retry, stamping nothing would
-    accept another model."""
-    h, n, size = hashlib.sha256(), 0, 0
-    if os.path.isfile(path):
-        st = os.stat(path)
-        h.update(f"{st.st_size}".encode())
-        return f"<file {st.st_size} bytes sha256:{h.hexdigest()[:16]}>"
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            if n >= max_entries:
-                break
-            f = os.path.join(root, name)
-            st = os.stat(f)
-            h.update(f"{os.path.relpath(f, path)}\0{st.st_size}\0".encode())
-            n, size = n + 1, size + st.st_size
-    return f"<dir {n} files {size} bytes sha256:{h.hexdigest()[:16]}>"
-
-
-def _diff(old: Any, new: Any, where: str, out: list[str]) -> None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            name = f"{where}.{k}" if where else str(k)
-            if k not in old:
-                out.append(f"{name}: (absent) -> {_short(new[k])}")
-            elif k not in new:
-                out.append(f"{name}: {_short(old[k])} -> (absent)")
-            else:
-                _diff(old[k], new[k], name, out)
-    elif old != new:
-        out.append(f"{where or 'config'}: {_short(old)} -> {_short(new)}")
-
-
-def _short(v: Any, n: int = 80) -> str:
-    r = json.dumps(v, sort_keys=True)
-    return r if len(r) <= n else r[: n - 3] + "..."
-
-
-def make_stamp(step: str, config: Any, code_version: str = "") -> dict[str, Any]:
-    """The stamp of a step folder: step name, config (plain JSON), code version."""
-    return {"step": step, "config": _plain(config if config is not None else {}), "code_version": code_version}
-
-
-def read_stamp(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """`<folder>/_step.json` (path or fsspec URL), or None when the folder has no stamp."""
-    fs, p = fsspec.core.url_to_fs(f"{str(folder).rstrip('/')}/{STAMP_FILE}")
-    if not fs.exists(p):
-        return None
-    with fs.open(p, "rb") as f:
-        return json.loads(f.read())
-
-
-def stamp_diff(folder: str | os.PathLike, step: str, config: Any, code_version: str = "") -> list[str]:
-    """Lines `field: old -> new` for each field where the folder's stamp differs from (step, config,
-    code_version); [] when they agree or the folder has no stamp."""
-    old = read_stamp(folder)
-    if old is None:
-        return []
-    out: list[str] = []
-    _diff(old, make_stamp(step, config, code_version), "", out)
-    return [line.removeprefix("config.") for line in out]
-
-
-def ensure_stamp(folder: str | os.PathLike, step: str, config: Any, *, code_version: str = "",
-                 has_outputs: bool = False, on_mismatch: str = "refuse",
-                 clear: Callable[[], None] | None = None) -> str:
-    """Check the folder's stamp against (step, config, code_version) before resuming into it.
-
-    Returns "new" (no stamp: written now), "resume" (same stamp) or "recompute" (it differed and
-    `on_mismatch="recompute"`: `clear()` ran first, then the new stamp was written). A differing stamp with
-    `on_mismatch="refuse"` raises `StepMismatch` listing the differing fields; so does a folder without a
-    stamp whose caller says it `has_outputs` (made before stamps, or by a writer that did not stamp)."""
-    if on_mismatch not in MISMATCH_ACTIONS:
-        raise ValueError(f"on_mismatch={on_mismatch!r}; expected one of {MISMATCH_ACTIONS}")
-    stamp = make_stamp(step, config, code_version)
-    old = read_stamp(folder)
-    if old == stamp:
-        return "resume"
-    if old is None and not has_outputs:
-        write_json_atomic(stamp, f"{str(folder).rstrip('/')}/{STAMP_FILE}", indent=1, sort_keys=True)
-        return "new"
-    fields = ["(no stamp: outputs of an unknown config)"] if old is None else stamp_diff(folder, step, config,
-                                                                                       code_version)
-    if on_mismatch == "refuse":
-        raise StepMismatch(str(folder), step, fields)
-    log.warning("%s: %s made with another config (%s): recomputing", folder, step, "; ".join(fields))
-    if clear is not None:
-        clear()  # before the new stamp: a crash here leaves the old stamp, so the next run clears again
-    write_json_atomic(stamp, f"{str(folder).rstrip('/')}/{STAMP_FILE}", indent=1, sort_keys=True)
-    return "recompute"
-
-
-_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or install) holding core/ and tasks/
-_PROJECT = ("core", "tasks")
-
-
-def _module_file(dotted: str) -> Path | None:
-    """The source file of a module, found without importing it (importing would load torch & co)."""
-    import sys
-
-    if dotted.split(".")[0] in _PROJECT:
-        base = _ROOT.joinpath(*dotted.split("."))
-        for cand in (base.with_suffix(".py"), base / "__init__.py"):
-            if cand.is_file():
-                return cand
-        return None
-    f = getattr(sys.modules.get(dotted), "__file__", None)  # a step defined outside the project (a test)
-    return Path(f) if f and f.endswith(".py") else None
-
-
-@lru_cache(maxsize=None)
-def code_version(module: str) -> str:
-    """sha256 (16 hex) of the source of `module` and of every project module (`core`, `tasks`) it imports,
-    transitively (function-local imports included): the code that can change a step's outputs. "" when the
-    source is not available (a zipped install)."""
-    h, seen, todo = hashlib.sha256(), set(), [module]
-    while todo:
-        mod = todo.pop()
-        f = None if mod in seen else _module_file(mod)
-        if f is None:
-            continue
-        seen.add(mod)
-        src = f.read_bytes()
-        h.update(mod.encode() + b"\0" + src + b"\0")
-        pkg = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(src)):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative import: resolved against this module's package
-                    parts = pkg.split(".")
-                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-                names = [base] + [f"{base}.{a.name}" for a in node.names]
-            todo += [n for n in names if n.split(".")[0] in _PROJECT and n not in seen]
-    return h.hexdigest()[:16] if seen else ""
 
 
 # ---- where the inputs are -------------------------------------------------------------------------
@@ -559,7 +249,7 @@ class ShardStep:
             v = getattr(self, attr, None)
             if v is None:
                 continue
-            v = _plain(v)
+            v = plain_config(v)
             if isinstance(v, dict) and attr in ("cfg", "config"):
                 out.update(v)
             else:
