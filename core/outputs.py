@@ -52,7 +52,10 @@ def _umask() -> int:
     return mask
 
 
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide outputs from the team
+# read once at import: os.umask can only be read by setting it, which would race with other threads later
+_UMASK = _umask()
+_FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp's 0600 would hide outputs from the team
+_DIR_MODE = 0o777 & ~_UMASK  # what mkdir would give; mkdtemp's 0700 likewise
 
 
 def temp_path(final: str | os.PathLike) -> str:
@@ -90,7 +93,7 @@ def fresh_dir(final: str | os.PathLike, what: str = "building") -> str:
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
     d = tempfile.mkdtemp(prefix=f".{name}.{what}-", dir=parent)
-    os.chmod(d, 0o777 & ~_umask())
+    os.chmod(d, _DIR_MODE)
     return d
 
 
@@ -103,7 +106,7 @@ def swap_in(staging: str | os.PathLike, final: str | os.PathLike) -> str | None:
     aside = None
     if os.path.lexists(final):
         aside = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
-        os.rmdir(aside)  # a unique free name; rename(dir, existing empty dir) would also work, not for files
+        os.rmdir(aside)  # keep only the unique name: `final` may be a file, which cannot replace a folder
         os.rename(final, aside)
     os.rename(os.fspath(staging), final)
     return aside
