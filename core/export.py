@@ -25,6 +25,7 @@ their own extension: jpg, png, webp ...).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -33,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ from core.export_card import dataset_card
 from core.images import decode_image, sniff_format
 from core.ledger import LedgerWriter, check_balance, find_step_dir, read_ledger
 from core.log import progress
+from core.outputs import folder_lock, fresh_dir, swap_in, write_atomic, write_json_atomic
 from core.sample import Sample, SampleError
-from core.step import Passing, ShardStep, Unit, write_atomic, write_json_atomic
+from core.step import Passing, ShardStep, Unit
 from core.wds import ShardWriter, image_member_names, iter_samples
 
 log = logging.getLogger(__name__)
@@ -319,72 +321,117 @@ def export_curated(
              len(rephrased), len(shard_urls))
 
     out = out_dir.rstrip("/")
-    remote = "://" in out and not out.startswith("file://")
-    # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
-    led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else out
-    step = ExportStep(led_root, wanted, cfg, out, shard_urls, rephrased)
-    for stale in step.ledger_dir.glob("*.parquet"):  # an export is rewritten whole, its ledger too
-        stale.unlink()
-    with LedgerWriter(step.part(STEP), STEP) as led:
-        w = step.process(Unit(out, STEP), led)
-    quarantined = {r: c for r, c in led.reasons.items() if r not in w.fallbacks}
-    if w.n != len(wanted):  # some wanted id was not exported: unreadable (quarantined above) or in no shard
-        missing = step.finish(1)
-        if missing:
-            quarantined[step.missing_reason] = missing
-    if remote:
-        fs, root = fsspec.core.url_to_fs(out)
-        for p in sorted(step.ledger_dir.glob("*.parquet")):
-            fs.put_file(str(p), f"{root}/ledger/{STEP}/{p.name}")
-        shutil.rmtree(led_root, ignore_errors=True)
-    if w.n != len(wanted):
-        raise ExportError(
-            f"exported {w.n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
-            f"(see {out}/ledger/{STEP})"
-        )
-    shards, n = w.shards, w.n
-    manifest = {
-        "format": 2,  # 2: shards/<kind>/ folders, shard names relative to shards/
-        "subset": cfg.subset_name if subset_ids is not None else "",
-        "selection": "subset" if subset_ids is not None else f"kept_by:{steps[-1]}",
-        "steps": steps,
-        "n_samples": n,
-        "n_bytes": sum(s.n_bytes for _, s in shards),
-        "n_shards": len(shards),
-        "n_rephrased": w.n_rephrased,
-        "rephrase_fallbacks": dict(sorted(w.fallbacks.items())),
-        "subset_outside_kept": outside,
-        "n_kept_by_last_step": len(kept_set),
-        "balance": [b.as_dict() for b in balance],
-        "removed_by_step": removal_summary(dirs, steps),
-        "kinds": {k: {"n_samples": sum(s.n_samples for kk, s in shards if kk == k),
-                      "n_shards": sum(1 for kk, _ in shards if kk == k)} for k in sorted({k for k, _ in shards})},
-        "shards": [{"name": f"{k}/{Path(s.path).name}", "kind": k, "n_samples": s.n_samples, "n_bytes": s.n_bytes,
-                    "sha256": s.sha256, "ids": s.ids} for k, s in shards],
-        "config": asdict(cfg),
-        "loader_schema": {"image_format": cfg.image_format,
-                          "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
-                          "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep" else cfg.image_format),
-                          "json_image_names": "tar member names"},
-    }
-    write_json_atomic(manifest, f"{out}/{MANIFEST}", indent=1, sort_keys=True)
-    write_atomic(f"{out}/{CARD}", dataset_card(manifest, code_version=code_version, source=source))
+    remote = _is_remote(out)
+    with _fresh_export(out) as build:  # local: a fresh sibling folder swapped in whole at the end
+        # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
+        led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else build
+        step = ExportStep(led_root, wanted, cfg, build, shard_urls, rephrased)
+        step.check_stamp()  # a fresh folder: records the export's config and code version
+        with LedgerWriter(step.part(STEP), STEP) as led:
+            w = step.process(Unit(build, STEP), led)
+        quarantined = {r: c for r, c in led.reasons.items() if r not in w.fallbacks}
+        if w.n != len(wanted):  # some wanted id was not exported: unreadable (quarantined above) or in no shard
+            missing = step.finish(1)
+            if missing:
+                quarantined[step.missing_reason] = missing
+        if remote:
+            fs, root = fsspec.core.url_to_fs(out)
+            for p in sorted(step.ledger_dir.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    fs.put_file(str(p), f"{root}/ledger/{STEP}/{p.name}")
+            shutil.rmtree(led_root, ignore_errors=True)
+        if w.n != len(wanted):  # the failed export still replaces the old one (its ledger says why), unmixed
+            raise ExportError(
+                f"exported {w.n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
+                f"(see {out}/ledger/{STEP})"
+            )
+        shards, n = w.shards, w.n
+        manifest = {
+            "format": 2,  # 2: shards/<kind>/ folders, shard names relative to shards/
+            "subset": cfg.subset_name if subset_ids is not None else "",
+            "selection": "subset" if subset_ids is not None else f"kept_by:{steps[-1]}",
+            "steps": steps,
+            "n_samples": n,
+            "n_bytes": sum(s.n_bytes for _, s in shards),
+            "n_shards": len(shards),
+            "n_rephrased": w.n_rephrased,
+            "rephrase_fallbacks": dict(sorted(w.fallbacks.items())),
+            "subset_outside_kept": outside,
+            "n_kept_by_last_step": len(kept_set),
+            "balance": [b.as_dict() for b in balance],
+            "removed_by_step": removal_summary(dirs, steps),
+            "kinds": {k: {"n_samples": sum(s.n_samples for kk, s in shards if kk == k),
+                          "n_shards": sum(1 for kk, _ in shards if kk == k)} for k in sorted({k for k, _ in shards})},
+            "shards": [{"name": f"{k}/{Path(s.path).name}", "kind": k, "n_samples": s.n_samples,
+                        "n_bytes": s.n_bytes, "sha256": s.sha256, "ids": s.ids} for k, s in shards],
+            "config": asdict(cfg),
+            "loader_schema": {"image_format": cfg.image_format,
+                              "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
+                              "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep"
+                                                             else cfg.image_format),
+                              "json_image_names": "tar member names"},
+        }
+        write_json_atomic(manifest, f"{build}/{MANIFEST}", indent=1, sort_keys=True)
+        write_atomic(f"{build}/{CARD}", dataset_card(manifest, code_version=code_version, source=source))
     log.info("export done: %d samples in %d shards, %.1f MB, %.1f s", n, len(shards),
              manifest["n_bytes"] / 1e6, time.time() - t0)
     return manifest
 
 
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+@contextlib.contextmanager
+def _fresh_export(out: str) -> Iterator[str]:
+    """The folder to build the export in, so that no file of an earlier export survives beside it.
+
+    Local: a fresh sibling folder (`core.step.fresh_dir`), swapped in whole (`core.step.swap_in`) when the
+    export is written or has failed its count check (its ledger then says why); the previous export is
+    removed. Any other error leaves the previous export untouched. The swap holds the writer lock
+    `<parent>/.<name>.writer.lock`, so two exports into one folder cannot interleave their renames.
+    Object stores (no rename): the previous manifest is removed first (a reader finds no export rather than
+    a mixed one), then its shards and ledger, and the export is written in place."""
+    if _is_remote(out):
+        fs, root = fsspec.core.url_to_fs(out)
+        for sub in (MANIFEST, "shards", f"ledger/{STEP}"):
+            if fs.exists(f"{root}/{sub}"):
+                fs.rm(f"{root}/{sub}", recursive=True)
+        yield out
+        return
+    final = os.path.abspath(out.removeprefix("file://"))
+    staging = fresh_dir(final)
+    try:
+        yield staging
+    except ExportError:
+        _swap_export(staging, final)
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_export(staging, final)
+
+
+def _swap_export(staging: str, final: str) -> None:
+    parent, name = os.path.split(final)
+    with folder_lock(parent, f"export swap of {final}", lock_name=f".{name}.writer.lock"):
+        old = swap_in(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def read_manifest(out_dir: str) -> dict[str, Any]:
-    """The manifest of an export folder (local path or URL)."""
+    """The manifest of an export folder (local path or URL); FileNotFoundError when it has none (a failed or
+    unfinished export)."""
     with fsspec.open(f"{out_dir.rstrip('/')}/{MANIFEST}", "r", encoding="utf-8") as f:
         return json.load(f)
 
 
-def export_shard_urls(out_dir: str, kinds: Iterable[str] | None = None) -> list[str]:
-    """The shards of an export as its manifest lists them (kind order, then write order), optionally of some
-    kinds only. Readers take this list, never a glob of the folder: a file the manifest does not name is not
-    part of the export."""
-    out = out_dir.rstrip("/")
+def manifest_shards(export_dir: str, kinds: Iterable[str] | None = None) -> list[str]:
+    """The shard URLs of an export, from its manifest (kind order, then write order), optionally of some kinds
+    only: what a trainer reads, never a glob of `shards/` (a glob of a folder that was ever written twice finds
+    what the manifest does not list). Raises FileNotFoundError when the export has no manifest."""
+    out = export_dir.rstrip("/")
     wanted = set(kinds) if kinds is not None else None
     return [f"{out}/shards/{sh['name']}" for sh in read_manifest(out)["shards"]
             if wanted is None or sh.get("kind") in wanted]

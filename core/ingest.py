@@ -31,6 +31,7 @@ from core.limits import (
     control_chars,
     printable,
 )
+from core.outputs import folder_lock, write_json_atomic
 from core.sample import MAX_TEXT_CHARS, MAX_TURNS, Sample, SampleError
 from core.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
 from core.wds import ShardInfo, ShardWriter
@@ -252,6 +253,22 @@ def read_source_accounting(ingest_ledger_dir: str | os.PathLike) -> dict[str, An
 
 
 def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
+    """Ingest `cfg.source` into `cfg.run_dir/shards` + `ledger/ingest/` as the run folder's one writer.
+
+    Holds the writer lock of `ledger/ingest/` (`core.step.folder_lock`: a second ingest into the same run
+    folder raises `FolderBusy` naming the holder, instead of both writing the same shards), and removes the
+    previous ingest's shards and manifest first: an ingest is rewritten whole, so a re-run with fewer
+    records leaves no old shard for a glob to find. See `_ingest` for the work itself."""
+    with folder_lock(step_dir(cfg.ledger_dir or cfg.run_dir, STEP), f"ingest of {cfg.source}"):
+        fs, shards = fsspec.core.url_to_fs(f"{cfg.run_dir.rstrip('/')}/shards")
+        old = fs.glob(f"{shards}/*.tar") + fs.glob(f"{shards}/manifest.json")
+        if old:
+            log.info("ingest: removing the %d files of the previous ingest in %s/shards", len(old), cfg.run_dir)
+            fs.rm(old)
+        return _ingest(cfg, progress_every)
+
+
+def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     """Ingest `cfg.source` into `cfg.run_dir/shards` and write `ledger/ingest/part-ingest.parquet`.
 
     The source's records are first counted per file without the parser (`core.sources.count_records`);
@@ -329,15 +346,13 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
         "source_records": res.source_records, "ledger_rows": n, "kept": res.n_kept, "quarantined": res.n_quarantined,
         "balanced": all(p["source_records"] == p["ledger_rows"] for p in per_file) and n == res.n_kept + res.n_quarantined,
     }
-    with open(led_dir / ACCOUNTING_FILE, "w") as f:
-        json.dump(accounting, f, indent=1)
+    write_json_atomic(accounting, led_dir / ACCOUNTING_FILE, indent=1)
     manifest = {
         "source": cfg.source,
         "summary": res.summary(),
         "shards": [{"path": s.path, "n_samples": s.n_samples, "n_bytes": s.n_bytes, "sha256": s.sha256} for s in shards],
     }
-    with fsspec.open(f"{cfg.run_dir.rstrip('/')}/shards/manifest.json", "w") as f:
-        json.dump(manifest, f, indent=1)
+    write_json_atomic(manifest, f"{cfg.run_dir.rstrip('/')}/shards/manifest.json", indent=1)
     if not accounting["balanced"]:
         bad = [p for p in per_file if p["source_records"] != p["ledger_rows"]]
         raise SourceAccountingError(f"ingest wrote {n} ledger rows for {res.source_records} source records: {bad}")

@@ -202,6 +202,7 @@ class DomainPerplexityStep(ShardStep):
     """
 
     name = "perplexity"
+    stamp_attrs = ("experts", "base", "max_seq_len")  # the models scoring it (core/step.py stamp)
 
     def __init__(self, out: str | os.PathLike, experts: Mapping[str, str], base: str, data: Mapping[str, str],
                  device: str = "cpu", max_seq_len: int = 256, nll: Any = None):
