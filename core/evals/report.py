@@ -40,11 +40,12 @@ def score_vs_step_html(summary: Any) -> str:
             v = v.sort_values("x")
             err = v["score_stderr"].astype(float).fillna(0.0) if "score_stderr" in v else None
             ax.errorbar(v["x"], v["score"], yerr=err, marker="o", capsize=2, label=variant or "(no variant)")
-        ax.set_title(f"{bench} ({g['metric'].iloc[0]})", fontsize=9)
+        ax.set_title(f"{bench} ({g['metric'].iloc[0]})", fontsize=9, parse_math=False)  # names are data: no mathtext
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        for t in ax.legend(fontsize=6, loc="best").get_texts():
+            t.set_parse_math(False)
     fig.tight_layout()
     return figure_html(fig, f"Score vs {xlabel} (one line per variant)")
 
