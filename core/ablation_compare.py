@@ -328,8 +328,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description="Print an ablation's paired comparison with the baseline.")
     ap.add_argument("comparison_dir", help="the ablation's output folder (paired.parquet)")
+    ap.add_argument("--metrics", nargs="+", default=["score", "answer_nll", "mc_acc", "val_loss"],
+                    help="metrics to show (score, answer_nll, mc_acc, mc_gold_prob, val_loss)")
     a = ap.parse_args(argv)
-    print(format_paired(pd.read_parquet(os.path.join(a.comparison_dir, "paired.parquet"))))
+    print(format_paired(pd.read_parquet(os.path.join(a.comparison_dir, "paired.parquet")), a.metrics))
 
 
 def comparison_html(cmp: Comparison) -> str:
