@@ -30,8 +30,6 @@ SUMMARY_COLUMNS = [
     "parse_rate", "n", "n_scored", "n_errors", "lenient_metric", "lenient_score", "metrics", "status", "error",
     "answer_nll", "answer_nll_stderr", "n_answer_nll", "mc_acc", "mc_acc_stderr", "mc_gold_prob", "n_mc",
 ]  # fmt: skip
-# The early-signal columns (core/evals/likelihood.py): record column -> (summary column, higher is better)
-EARLY_METRICS = {"answer_nll": ("answer_nll", False), "mc_correct": ("mc_acc", True), "mc_gold_prob": ("mc_gold_prob", True)}
 
 
 def jsonable(value: Any) -> str:

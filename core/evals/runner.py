@@ -5,6 +5,8 @@ hard cap on checkpoints held at once. Settings: `core.evals.config`; checkpoints
 
 Scoring: `score` is always the reference score (lmms-eval's task code; Molmo's PointingEval for PixMo),
 `EvalConfig.scoring = "lenient"` adds the lenient parsers' score beside it (`lenient_score`), never instead.
+Early-signal metrics (core/evals/likelihood.py: the gold answer's teacher-forced NLL, lmms-eval's multiple-choice
+likelihood pick) are computed by the same worker on the same batches, as extra columns beside the score.
 
 Outputs per checkpoint worker: `records.parquet`, `summary.parquet`, and the lmms-eval-shaped
 `lmms_eval/samples_<benchmark>.jsonl` (doc_id, target, resps, filtered_resps, metric values, prompt) and
