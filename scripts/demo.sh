@@ -52,8 +52,9 @@ import pandas as pd
 t = pd.read_csv(sys.argv[1])
 cols = ["variant", "n_samples", "n_tokens", "tokens_vs_baseline", "mean_score"] + [c for c in t.columns if c.endswith("_delta")]
 print(t[cols].round(3).to_string(index=False))
-print("(tiny models trained for a few CPU steps: scores show the plumbing works, not which data is better)")
 PY
+  echo "== early signal: answer NLL paired with the baseline (95% interval; noise = spread of the baseline seeds)"
+  python -m core.ablation_compare "$OUT/ablation" --metrics answer_nll val_loss
 fi
 # Where everything is (what the runs published; listed from the files, not from expectations).
 echo "== where things are"

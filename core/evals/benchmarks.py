@@ -133,6 +133,9 @@ class DocVQA(Benchmark):
         s = anls(parsed.value if parsed.ok else "", item.target)
         return Scored(s, s > 0.0)
 
+    def gold_answer(self, item: EvalItem) -> str | None:
+        return str(item.target[0])  # the first reference answer (lmms-eval's doc_to_target for docvqa)
+
 
 class ChartQA(Benchmark):
     """ChartQA test, either layout:
@@ -228,6 +231,14 @@ class RealWorldQA(Benchmark):
         ok = parsed.ok and str(parsed.value).upper() == str(target).upper()
         return Scored(float(ok), ok)
 
+    def choices(self, item: EvalItem) -> tuple[list[str], int | None] | None:
+        """The option letters (the prompt asks for the letter), gold = the target letter."""
+        letters = sorted(item.meta.get("options") or {})
+        if len(letters) < 2:
+            return None  # a free-form question (RealWorldQA has a few)
+        gold = str(item.target).strip().upper()
+        return letters, letters.index(gold) if gold in letters else None
+
 
 class PixMoPoints(Benchmark):
     """PixMo-Points-Eval (HF `allenai/pixmo-points-eval`): `<root>/data/test-*.parquet`, columns image_url,
@@ -293,6 +304,25 @@ class PixMoPoints(Benchmark):
             return Scored(0.0, False, {"precision": 0.0, "recall": 0.0, "n_gt": s.n_gt})
         details = {k: getattr(s, k) for k in ("precision", "recall", "n_pred", "n_gt", "n_tp", "n_outside")}
         return Scored(s.f1, s.f1 == 1.0, details)
+
+    def gold_answer(self, item: EvalItem) -> str | None:
+        """The target points in the format the prompt asks for (Molmo's, percent of width/height, 1 decimal)."""
+        return molmo_point_answer(item)
+
+
+def molmo_point_answer(item: EvalItem) -> str:
+    """An item's ground-truth points as a Molmo point reply: `<point ...>`, `<points ...>` or "There are none."."""
+    from PIL import Image
+
+    w, h = Image.open(_io.BytesIO(item.images[0])).size
+    pts = [(x / w * 100, y / h * 100) for x, y in item.target.get("points") or []]
+    q = item.question
+    if not pts:
+        return "There are none."
+    if len(pts) == 1:
+        return f'<point x="{pts[0][0]:.1f}" y="{pts[0][1]:.1f}" alt="{q}">{q}</point>'
+    attrs = " ".join(f'x{i}="{x:.1f}" y{i}="{y:.1f}"' for i, (x, y) in enumerate(pts, 1))
+    return f'<points {attrs} alt="{q}">{q}</points>'
 
 
 def builtin_benchmarks() -> list[Benchmark]:

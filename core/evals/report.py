@@ -44,7 +44,7 @@ def score_vs_step_html(summary: Any) -> str:
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc="best")  # labels escaped by plot_text
     fig.tight_layout()
     return figure_html(fig, f"Score vs {xlabel} (one line per variant)")
 
