@@ -121,7 +121,7 @@ def test_embed_deck_renders_a_mathtext_source(tmp_path, no_fallback):
     rows = [{"sample_id": f"s{i}", "source": MACRO if i % 2 else XSS, "n_images": 1, "image_start": i}
             for i in range(n)]
     cfg = types.SimpleNamespace(out_dtype="float32", embeds_images=True, embeds_texts=False, model_name="m",
-                                pretrained="", text_view="question", what="image")
+                                pretrained="", seed=0, text_view="question", what="image")
     table = build_table(rows, image_vecs=vecs, image_norms=np.ones(n, np.float32), text_vecs=None, text_norms=None,
                         cfg=cfg, dim=dim)
     (tmp_path / "shard-000000.parquet").write_bytes(table_bytes(table))
