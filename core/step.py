@@ -281,7 +281,11 @@ class ShardStep:
             has = bool(fs.glob(f"{root}/*.parquet"))
             self._stamp_state = ensure_stamp(self.ledger_url, self.name, self.stamp_config(),
                                              code_version=code_version(type(self).__module__), has_outputs=has,
-                                             on_mismatch=self.on_mismatch, clear=self.clear_outputs)
+                                             # no finished part: nothing would be resumed, so a differing
+                                             # stamp just means "start over" (a step's own in-flight artifacts,
+                                             # such as rephrase's chunks, are checked by that step)
+                                             on_mismatch=self.on_mismatch if has else "recompute",
+                                             clear=self.clear_outputs)
         return self._stamp_state
 
     @contextlib.contextmanager

@@ -59,8 +59,15 @@ def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict, mem_mb: int)
     conn.close()
 
 
-def run_capped(fn: Callable[..., Any], *args: Any, mem_mb: int = 2048, timeout_s: float = 120, **kwargs: Any) -> Capped:
-    """`fn(*args, **kwargs)` in a forked child capped at `mem_mb` of address space and `timeout_s` seconds."""
+def run_capped(fn: Callable[..., Any], *args: Any, mem_mb: int | None = None, headroom_mb: int = 2048,
+               timeout_s: float = 120, **kwargs: Any) -> Capped:
+    """`fn(*args, **kwargs)` in a forked child capped in address space and at `timeout_s` seconds.
+
+    The cap is `mem_mb` when given, else the parent's current address space plus `headroom_mb`: a forked
+    child inherits the parent's mappings (a test process that imported torch maps GBs it never touches),
+    so an absolute cap that suits a fresh process kills the child of a long test session at start."""
+    if mem_mb is None:
+        mem_mb = int(_status_mb("VmSize")) + headroom_mb
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(child, fn, args, kwargs, mem_mb), daemon=True)

@@ -187,6 +187,6 @@ def _encode_long(lm: str, n_turns: int) -> dict:
 
 
 def test_training_encoding_of_40000_turns_is_bounded(env):
-    res = run_capped(_encode_long, env["lm"], 40_000, mem_mb=3000, timeout_s=60)
+    res = run_capped(_encode_long, env["lm"], 40_000, headroom_mb=2048, timeout_s=60)
     assert res.value == {"same": True, "len": 512}
     assert res.grown_mb < 500

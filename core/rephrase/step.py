@@ -51,6 +51,7 @@ class RephraseStep(ShardStep):
     loads no model. `StepSummary.results[shard]` is the shard's `ShardSummary`."""
 
     name = STEP
+    stamp_ignore = ShardStep.stamp_ignore | {"on_config_change"}  # what to do on a change, not what is made
 
     def __init__(
         self,
@@ -63,6 +64,7 @@ class RephraseStep(ShardStep):
     ):
         super().__init__(out, prev)
         self.cfg = cfg
+        self.on_mismatch = cfg.on_config_change  # one switch for finished shards (stamp) and chunks in flight
         self.generator, self.counter, self.scorer = generator, counter, scorer
         self.bar: Any = None
         self._published: list[str] = []  # units whose chunk files go once their ledger part exists
