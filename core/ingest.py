@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -19,6 +21,7 @@ import fsspec
 import fsspec.implementations.local
 
 from core.images import DEFAULT_MAX_PIXELS, decode_image
+from core.io_pool import read_ahead
 from core.ledger import LedgerWriter, step_dir
 from core.sample import MAX_TEXT_CHARS, Sample, SampleError
 from core.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
@@ -51,9 +54,12 @@ class IngestConfig:
     ledger_dir: str = ""  # local run dir for the ledger when run_dir is remote (default: run_dir)
     format: str = "auto"
     caption_prompt: str = DEFAULT_CAPTION_PROMPT  # question of caption-only WDS samples (image + .txt)
+    image_readers: int = 16  # threads reading image_root files ahead (core/io_pool.py); 1 = one after another
 
     def __post_init__(self) -> None:
         parse_format(self.format)  # ValueError on an unknown format, before any work
+        if self.image_readers < 1:
+            raise ValueError(f"image_readers={self.image_readers} out of range; valid: [1, inf)")
 
 
 @dataclass
@@ -92,6 +98,25 @@ def _safe_image_path(root: str, name: str, local: bool = False) -> str:
         if os.path.commonpath([real_root, real]) != real_root:
             raise SampleError("unsafe_path", f"image {name!r} resolves outside the image root (symlink)")
     return path
+
+
+def _read_image(fs: fsspec.AbstractFileSystem, root: str, local: bool, name: str) -> bytes:
+    """The bytes of image `name` under `root` (runs in the read-ahead pool): SampleError(unsafe_path) for a name
+    leaving the root, SampleError(missing_image) when there is no such file."""
+    path = _safe_image_path(root, name, local)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+
+
+def _parse_ahead(cfg: IngestConfig, src_name: str, r: Any) -> tuple[Sample | None, list[str]]:
+    """A source record's Sample (parsed ahead of its turn) and the image names the pool can start reading."""
+    if r.problem:
+        return None, []
+    s = Sample.from_record(r.record, source=src_name, max_text_chars=cfg.max_text_chars)
+    return s, (s.images if r.image_bytes is None and cfg.image_root else [])
 
 
 def source_fingerprint(*urls: str, max_entries: int = 10_000) -> str:
@@ -165,8 +190,11 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     n = 0
     led_dir = step_dir(cfg.ledger_dir or cfg.run_dir, STEP)
     writer = ShardWriter(f"{cfg.run_dir.rstrip('/')}/shards", cfg.prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
-    with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led:
-        for r in iter_source(cfg.source, cfg.format, cfg.caption_prompt):
+    records = read_ahead(iter_source(cfg.source, cfg.format, cfg.caption_prompt), partial(_parse_ahead, cfg, src_name),
+                         partial(_read_image, fs_img, cfg.image_root, local_img), cfg.image_readers)
+    with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led, closing(records):
+        for ahead in records:
+            r = ahead.item
             n += 1
             rows[r.file] = rows.get(r.file, 0) + 1
             idx = r.index
@@ -177,7 +205,7 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
             try:
                 if r.problem:
                     raise SampleError(*r.problem)
-                s = Sample.from_record(rec, source=src_name, max_text_chars=cfg.max_text_chars)
+                s = ahead.prepared()  # Sample.from_record(rec, ...), run ahead of time
                 rid = s.id
                 if rid in led.decided:
                     raise SampleError("duplicate_id", f"id {rid!r} seen earlier (the first one in file order is kept)")
@@ -189,13 +217,8 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
                     if s.images and not cfg.image_root:
                         raise SampleError("missing_image", "the record names images but no image_root was given")
                     data = []
-                    for name in s.images:
-                        path = _safe_image_path(cfg.image_root, name, local_img)
-                        try:
-                            with fs_img.open(path, "rb") as f:
-                                data.append(f.read())
-                        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-                            raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+                    for name in s.images:  # read ahead by the pool; errors raised here, in order
+                        data.append(ahead.read(name))
                         decode_image(data[-1], cfg.max_image_pixels)
                 s.image_bytes = data
                 shard = writer.write(s)
