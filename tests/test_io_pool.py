@@ -164,7 +164,7 @@ def test_ingest_from_s3_images_is_byte_identical_with_1_and_16_readers(tmp_path,
     for name, data in FILES.items():
         fs.pipe(f"{root}/{name}", data)
     src = tmp_path / "d.json"
-    src.write_text(json.dumps([r for r in RECORDS if r["id"] != "dir"]))  # object stores have no folders to open
+    src.write_text(json.dumps(RECORDS))
     runs = {}
     for readers in (1, 16):
         run = tmp_path / f"run{readers}"
@@ -172,6 +172,10 @@ def test_ingest_from_s3_images_is_byte_identical_with_1_and_16_readers(tmp_path,
                             image_readers=readers))
         runs[readers] = _outputs(run)
     assert runs[1] == runs[16]
+    led = __import__("pandas").read_parquet(io.BytesIO(runs[16]["ledger/ingest/part-ingest.parquet"]))
+    reasons = dict(zip(led.sample_id, led.reason))
+    # a name that is only a prefix ("folder") of other objects is a missing image, as a folder is locally
+    assert reasons["dir"] == "missing_image" and reasons["first_error"] == "corrupt_image"
 
 
 def test_image_readers_must_be_positive(tmp_path):

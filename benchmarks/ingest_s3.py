@@ -1,0 +1,148 @@
+"""Ingest from an S3-compatible store with per-request latency: images/s with the concurrent image reader
+(`IngestConfig.image_readers`, core/io_pool.py) vs the serial one (`image_readers=1`), measured in the same run.
+
+A moto S3 server runs in its own process on 127.0.0.1 (as tests/conftest.py's `moto_s3`, but out of this
+process so its request handling does not share our GIL); N small JPEGs are uploaded under `images/`, a JSONL
+source names them, and `ingest` reads them from `s3://` with every S3 request delayed by `--latency` seconds
+(injected by wrapping s3fs's request coroutine with an `asyncio.sleep`, so concurrent requests wait together, as
+they would on a network). Both runs must write byte-identical ledgers and shards. Last line: `speedup: Nx` =
+concurrent images/s / serial images/s (goal >= 8).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/ingest_s3.py [--n 400] [--latency 0.02] [--readers 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from core.ingest import IngestConfig, ingest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server in a child process; returns (process, endpoint URL) once it answers."""
+    import requests
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            requests.get(f"{url}/moto-api/", timeout=1)
+            return proc, url
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("moto server did not start")
+
+
+def use_endpoint(url: str) -> None:
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url})
+    for key in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        os.environ.pop(key, None)
+
+
+def inject_latency(seconds: float) -> dict[str, int]:
+    """Delay every S3 request s3fs makes by `seconds` (asynchronously); returns a live count per S3 method."""
+    import s3fs
+
+    calls: dict[str, int] = {}
+    orig = s3fs.S3FileSystem._call_s3
+
+    async def slow(self, method, *args, **kwargs):
+        calls[method] = calls.get(method, 0) + 1
+        await asyncio.sleep(seconds)
+        return await orig(self, method, *args, **kwargs)
+
+    s3fs.S3FileSystem._call_s3 = slow
+    return calls
+
+
+def _jpeg(rng: np.random.Generator, px: int) -> bytes:
+    arr = rng.integers(0, 255, (px, px, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _outputs(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}  # the manifest holds timings and the run path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=400, help="images (one per record)")
+    ap.add_argument("--px", type=int, default=64, help="image side (small: the point is latency, not decode)")
+    ap.add_argument("--latency", type=float, default=0.02, help="seconds added to every S3 request")
+    ap.add_argument("--readers", type=int, default=16, help="image_readers of the concurrent run")
+    a = ap.parse_args()
+
+    import s3fs
+
+    proc, url = start_moto()
+    try:
+        use_endpoint(url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        bucket = "ingest-bench"
+        fs.mkdir(bucket)
+        rng = np.random.default_rng(0)
+        pool = [_jpeg(rng, a.px) for _ in range(32)]
+        fs.pipe({f"{bucket}/images/{i:06d}.jpg": pool[i % len(pool)] for i in range(a.n)})
+        work = Path(tempfile.mkdtemp(prefix="ingest-s3-"))
+        src = work / "data.jsonl"
+        src.write_text("".join(json.dumps({"id": f"r{i:06d}", "image": f"{i:06d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Noise."}]}) + "\n"
+            for i in range(a.n)))
+        calls = inject_latency(a.latency)
+        root = f"s3://{bucket}/images"
+        warm = work / "warm.jsonl"
+        warm.write_text("".join(src.read_text().splitlines(keepends=True)[:20]))
+        ingest(IngestConfig(source=str(warm), image_root=root, run_dir=str(work / "warm"), image_readers=a.readers))
+        print(f"{a.n} images of {a.px}x{a.px} px on moto S3 ({url}), +{a.latency * 1000:.0f} ms per S3 request")
+        rate, outs = {}, {}
+        for readers in (1, a.readers):
+            calls.clear()
+            t0 = time.perf_counter()
+            res = ingest(IngestConfig(source=str(src), image_root=root, run_dir=str(work / f"run{readers}"),
+                                      image_readers=readers))
+            sec = time.perf_counter() - t0
+            assert res.n_kept == a.n, res.summary()
+            rate[readers] = a.n / sec
+            outs[readers] = _outputs(work / f"run{readers}")
+            print(f"  image_readers={readers:<3} {sec:6.2f} s  {rate[readers]:7.1f} images/s  "
+                  f"S3 requests: {dict(sorted(calls.items()))}", flush=True)
+        same = outs[1] == outs[a.readers]
+        print(f"  ledger and shards byte-identical (1 vs {a.readers} readers): {same}")
+        if not same:
+            raise SystemExit("the concurrent reader changed the ingest output")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    print(f"speedup: {rate[a.readers] / rate[1]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
