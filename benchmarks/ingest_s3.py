@@ -63,20 +63,33 @@ def use_endpoint(url: str) -> None:
         os.environ.pop(key, None)
 
 
-def inject_latency(seconds: float) -> dict[str, int]:
-    """Delay every S3 request s3fs makes by `seconds` (asynchronously); returns a live count per S3 method."""
+def inject_latency(seconds: float) -> dict:
+    """Delay every S3 request s3fs makes by `state["seconds"]` (asynchronously; change it at will); returns the
+    state, whose "calls" counts requests per S3 method."""
     import s3fs
 
-    calls: dict[str, int] = {}
+    state: dict = {"seconds": seconds, "calls": {}}
     orig = s3fs.S3FileSystem._call_s3
 
     async def slow(self, method, *args, **kwargs):
-        calls[method] = calls.get(method, 0) + 1
-        await asyncio.sleep(seconds)
+        state["calls"][method] = state["calls"].get(method, 0) + 1
+        if state["seconds"]:
+            await asyncio.sleep(state["seconds"])
         return await orig(self, method, *args, **kwargs)
 
     s3fs.S3FileSystem._call_s3 = slow
-    return calls
+    return state
+
+
+def server_ceiling(fs, paths: list[str], threads: int) -> float:
+    """GETs per second the server answers with `threads` concurrent readers and no added latency: the most any
+    reader can get from this server on this machine (moto shares its CPUs with us)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fs.cat_file, paths))
+    return len(paths) / (time.perf_counter() - t0)
 
 
 def _jpeg(rng: np.random.Generator, px: int) -> bytes:
@@ -116,15 +129,18 @@ def main() -> None:
         src.write_text("".join(json.dumps({"id": f"r{i:06d}", "image": f"{i:06d}.jpg", "conversations": [
             {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Noise."}]}) + "\n"
             for i in range(a.n)))
-        calls = inject_latency(a.latency)
+        state = inject_latency(0.0)
         root = f"s3://{bucket}/images"
         warm = work / "warm.jsonl"
         warm.write_text("".join(src.read_text().splitlines(keepends=True)[:20]))
         ingest(IngestConfig(source=str(warm), image_root=root, run_dir=str(work / "warm"), image_readers=a.readers))
+        ceiling = server_ceiling(fs, [f"{bucket}/images/{i:06d}.jpg" for i in range(a.n)], a.readers)
         print(f"{a.n} images of {a.px}x{a.px} px on moto S3 ({url}), +{a.latency * 1000:.0f} ms per S3 request")
+        print(f"  server ceiling: {ceiling:.1f} GET/s ({a.readers} threads, no added latency, GETs only)")
+        state["seconds"] = a.latency
         rate, outs = {}, {}
         for readers in (1, a.readers):
-            calls.clear()
+            state["calls"].clear()
             t0 = time.perf_counter()
             res = ingest(IngestConfig(source=str(src), image_root=root, run_dir=str(work / f"run{readers}"),
                                       image_readers=readers))
@@ -133,7 +149,9 @@ def main() -> None:
             rate[readers] = a.n / sec
             outs[readers] = _outputs(work / f"run{readers}")
             print(f"  image_readers={readers:<3} {sec:6.2f} s  {rate[readers]:7.1f} images/s  "
-                  f"S3 requests: {dict(sorted(calls.items()))}", flush=True)
+                  f"S3 requests: {dict(sorted(state['calls'].items()))}", flush=True)
+        print(f"  concurrent ingest at {rate[a.readers] / ceiling:.0%} of the server ceiling; serial at "
+              f"{1 / rate[1] * 1000:.0f} ms per image ({a.latency * 1000:.0f} ms of it injected latency)")
         same = outs[1] == outs[a.readers]
         print(f"  ledger and shards byte-identical (1 vs {a.readers} readers): {same}")
         if not same:

@@ -172,6 +172,20 @@ def write_run_summary(step_dirs: Sequence[str], steps: Sequence[str], out_dir: s
     return RunReport(summary, counts, reasons, accounting)
 
 
+def clear_published_ledger(output_dir: str) -> None:
+    """Remove an earlier run's merged ledger (`ledger/` and `ledger.parquet`) from `output_dir` before a new
+    summary is published there: publishing only adds and overwrites files, so a step partition or a single
+    file that this run does not write would otherwise stay and mix two runs."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/ledger"):
+        fs.rm(f"{root}/ledger", recursive=True)
+    if fs.exists(f"{root}/ledger.parquet"):
+        fs.rm(f"{root}/ledger.parquet")
+
+
 def run_summary_decks(rep: RunReport) -> list[tuple[str, str]]:
     """(deck name, HTML) of the run summary: what happened, source accounting, samples per step (table and
     plot), decisions with a reason, known-bad recall; plus one deck per step for the known-bad ids."""

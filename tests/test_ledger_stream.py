@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from core.ledger import LedgerError, LedgerWriter, check_balance, step_dir
+from core.ledger import LedgerError, LedgerWriter, check_balance, read_ledger, step_dir
 from core.ledger_stream import id_buckets, merge_run_ledgers
 from core.run_summary import write_run_summary
 
@@ -166,3 +166,17 @@ def test_id_buckets_are_stable_and_even():
         assert (id_buckets(arr.slice(100, 500), 16) == b[100:600]).all()
         assert (id_buckets(arr.cast(pa.large_string()), 16) == b).all()
         assert (id_buckets(pa.array(ids[::-1]), 16) == b[::-1]).all()
+
+
+def test_publishing_again_into_the_same_folder_leaves_no_step_of_the_earlier_run(tmp_path):
+    from flytekit.types.directory import FlyteDirectory
+
+    from tasks.run_report import summarize_run
+
+    dirs, _ = _run(tmp_path / "run")
+    out = tmp_path / "published"
+    summarize_run(step_dirs=[FlyteDirectory(str(d)) for d in dirs], steps=STEPS, output_dir=str(out))
+    assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(STEPS)
+    summarize_run(step_dirs=[FlyteDirectory(str(d)) for d in dirs[:2]], steps=STEPS[:2], output_dir=str(out))
+    assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(STEPS[:2])
+    assert set(read_ledger(out / "ledger")["step"]) == set(read_ledger(out / "ledger.parquet")["step"]) == set(STEPS[:2])
