@@ -58,8 +58,9 @@ def iter_ledger_batches(path: str | os.PathLike, columns: Sequence[str] | None =
     if not files:
         return
     scan = ds.dataset(files, schema=SCHEMA, format="parquet").scanner(
-        columns=list(columns) if columns else None, batch_size=batch_rows, use_threads=True,
-        batch_readahead=1, fragment_readahead=1)
+        columns=list(columns) if columns else None, batch_size=batch_rows, use_threads=False,
+        batch_readahead=1, fragment_readahead=1,
+        fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
     buf: list[pa.RecordBatch] = []
     n = 0
     for batch in scan.to_batches():  # ordered: fragments in list order, batches in file order
