@@ -102,8 +102,8 @@ def _safe_image_path(root: str, name: str, local: bool = False) -> str:
 
 def _read_image(fs: fsspec.AbstractFileSystem, root: str, local: bool, name: str) -> bytes:
     """The bytes of image `name` under `root` (runs in the read-ahead pool): SampleError(unsafe_path) for a name
-    leaving the root, SampleError(missing_image) when there is no such file. One whole-object read (`cat_file`:
-    one GET on an object store, where open + read cost a HEAD and a GET, and read a folder prefix as b"")."""
+    leaving the root, SampleError(missing_image) when there is no such file. A whole-object read (`cat_file`):
+    on an object store a name that is only a folder prefix is a missing file, where open + read returned b""."""
     path = _safe_image_path(root, name, local)
     try:
         return fs.cat_file(path)
