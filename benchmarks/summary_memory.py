@@ -6,7 +6,7 @@ per-shard parts of 5,000 rows (the mammoth_v1 shard size) for embed, decontam, s
 ppl_filter, rephrase and export, with reasons, scores, JSON extras and ~10% drops per filtering step; plus a
 1,000-id known-bad list and ingest's source accounting, so every part of the summary runs.
 
-Prints peak RSS (the child's ru_maxrss) and seconds of both at each N; the old summary is skipped above
+Prints peak RSS (the child's own VmHWM) and seconds of both at each N; the old summary is skipped above
 `--old-max` samples (default 1M: at 4M it needs ~6 GB on this shared machine). At each N where both ran it
 checks that summary.json and counts.parquet are byte-identical. Last line: `ratio: R` = new peak RSS / old
 peak RSS at the smallest N (goal: new <= 0.5 GB at every N, flat in N).
@@ -145,20 +145,22 @@ def _child(kind: str, run: str, out: str, bad_file: str) -> None:
         from core.run_summary import write_run_summary
 
         write_run_summary([run], STEPS, out, bad)
-    print(json.dumps({"seconds": time.perf_counter() - t0}))
+    sec = time.perf_counter() - t0
+    with open("/proc/self/status") as f:  # this process's own high-water RSS since exec
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": sec, "peak_rss_mb": hwm / 1024}))
 
 
 def measure(kind: str, run: Path, out: Path, bad_file: Path) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of one summary in a fresh interpreter."""
+    """(peak RSS in MB, seconds) of one summary in a fresh interpreter. The child reads its own VmHWM: the
+    ru_maxrss that wait4 reports would include this parent's RSS (the child is spawned from it before exec)."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    p = subprocess.Popen([sys.executable, __file__, "--child", kind, str(run), str(out), str(bad_file)],
-                         stdout=subprocess.PIPE, env=env)
-    stdout = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    p = subprocess.run([sys.executable, __file__, "--child", kind, str(run), str(out), str(bad_file)],
+                       stdout=subprocess.PIPE, env=env)
     if p.returncode:
         raise SystemExit(f"{kind} summary failed (exit {p.returncode})")
-    return usage.ru_maxrss / 1024, json.loads(stdout.decode().strip().splitlines()[-1])["seconds"]
+    res = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    return res["peak_rss_mb"], res["seconds"]
 
 
 def main() -> None:
