@@ -7,7 +7,7 @@ ppl_filter, rephrase and export, with reasons, scores, JSON extras and ~10% drop
 1,000-id known-bad list and ingest's source accounting, so every part of the summary runs.
 
 Prints peak RSS (the child's own VmHWM) and seconds of both at each N; the old summary is skipped above
-`--old-max` samples (default 1M: at 4M it needs ~6 GB on this shared machine). At each N where both ran it
+`--old-max` samples (default 1M: at 4M it would need ~7.5 GB on this shared machine). At each N where both ran it
 checks that summary.json and counts.parquet are byte-identical. Last line: `ratio: R` = new peak RSS / old
 peak RSS at the smallest N (goal: new <= 0.5 GB at every N, flat in N).
 
@@ -188,7 +188,7 @@ def main() -> None:
             res = {}
             for kind in ("old", "new"):
                 if kind == "old" and n > a.old_max:
-                    print(f"  old: skipped (N > --old-max {a.old_max:,}; linear in N, it would need ~6 GB)")
+                    print(f"  old: skipped (N > --old-max {a.old_max:,}; linear in N: 1.9 GB at 1M, ~7.5 GB at 4M)")
                     continue
                 rss, sec = measure(kind, run, work / f"out-{kind}-{n}", bad_file)
                 res[kind] = rss
