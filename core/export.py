@@ -8,7 +8,10 @@ byte-identical shards and manifest. The exported count is checked against the le
 
 Layout of `out_dir`::
 
-    shards/<prefix>-000000.tar ...     training-schema shards (key.json + key.jpg / key.<i>.jpg)
+    shards/<kind>/<prefix>-000000.tar  training-schema shards (key.json + key.jpg / key.<i>.jpg), one folder per
+                                       sample kind (`text`, `image`, `images<n>`): homogeneous shards, so every
+                                       loader reads them (Hugging Face `datasets` needs one member layout per config)
+    README.md                          dataset card in the Hub's form (one `datasets` config per kind, provenance)
 
 Loader schema (docs/export.md): every single-image sample has its image under one fixed key (`jpg` by
 default: `WebDataset(urls).decode("pil").to_tuple("jpg", "json")` works for every one of them), several
@@ -22,6 +25,7 @@ their own extension: jpg, png, webp ...).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,16 +42,19 @@ from typing import Any
 import fsspec
 
 from core.configs import check_ranges
+from core.export_card import dataset_card
 from core.images import decode_image, sniff_format
 from core.ledger import LedgerWriter, check_balance, find_step_dir, read_ledger
 from core.log import progress
+from core.outputs import folder_lock, fresh_dir, swap_in, write_atomic, write_json_atomic
 from core.sample import Sample, SampleError
-from core.step import Passing, ShardStep, Unit, write_json_atomic
+from core.step import Passing, ShardStep, Unit
 from core.wds import ShardWriter, image_member_names, iter_samples
 
 log = logging.getLogger(__name__)
 STEP = "export"
 MANIFEST = "manifest.json"
+CARD = "README.md"
 REPHRASE_COLUMNS = ("sample_id", "conversations_json")
 IMAGE_FORMATS = ("jpg", "png", "keep")
 JPEG_QUALITY = 95  # re-encoded JPEGs: quality 95, 4:4:4 chroma (no subsampling), baseline, no EXIF
@@ -198,9 +205,21 @@ def to_loader_schema(s: Sample, image_format: str) -> Sample:
 
 
 # ---- export ---------------------------------------------------------------------------------------
+def sample_kind(s: Sample) -> str:
+    """The export shard folder of a sample in loader schema: `text`, `image` or `images<n>`, plus
+    `-<ext>[-<ext>...]` when the members' extensions vary (image_format=keep). Every sample of one kind has
+    the same tar member suffixes, which is what Hugging Face `datasets`' WebDataset builder requires of a
+    config (it infers the features from the first examples and refuses an archive whose samples differ)."""
+    if not s.images:
+        return "text"
+    base = "image" if len(s.images) == 1 else f"images{len(s.images)}"
+    exts = sorted({name.rsplit(".", 1)[-1] for name in s.images})
+    return base if exts in (["jpg"], ["png"]) else f"{base}-{'-'.join(exts)}"
+
+
 @dataclass
 class _Written:
-    shards: list[Any]
+    shards: list[tuple[str, Any]]  # (kind, ShardInfo) in kind order, then write order
     n: int
     n_rephrased: int
     fallbacks: dict[str, int]
@@ -224,7 +243,7 @@ class ExportStep(ShardStep):
     def process(self, unit: Unit, led: LedgerWriter) -> _Written:
         t0 = time.time()
         cfg, rephrased, total = self.cfg, self.rephrased, len(self.prev or ())
-        writer = ShardWriter(f"{self.dest}/shards", cfg.prefix, cfg.max_samples, cfg.max_bytes)
+        writers: dict[str, ShardWriter] = {}  # one per sample kind: shards/<kind>/<prefix>-000000.tar ...
         fallbacks: dict[str, int] = {}
         n_rephrased = n = 0
         samples = iter_samples(self.shard_urls, quarantine=led, include_ids=self.include, expected=False,
@@ -244,12 +263,16 @@ class ExportStep(ShardStep):
                     reason = f"rephrase_invalid:{e.reason}"
                     fallbacks[reason] = fallbacks.get(reason, 0) + 1
                     log.warning("sample %s: rephrase rejected (%s); exporting the original text", s.id, e)
-            shard = writer.write(s)
+            kind = sample_kind(s)
+            if kind not in writers:
+                writers[kind] = ShardWriter(f"{self.dest}/shards/{kind}", cfg.prefix, cfg.max_samples, cfg.max_bytes)
+            shard = f"{kind}/{writers[kind].write(s)}"
             led.add(s.id, "keep", reason, shard=shard, rephrased=s.id in rephrased and not reason)
             n += 1
             if n % 10_000 == 0:
                 log.info("export: %d/%d samples, %.0f samples/s", n, total, n / (time.time() - t0))
-        return _Written(writer.close(), n, n_rephrased, fallbacks)
+        shards = [(kind, info) for kind in sorted(writers) for info in writers[kind].close()]
+        return _Written(shards, n, n_rephrased, fallbacks)
 
 
 def export_curated(
@@ -259,6 +282,8 @@ def export_curated(
     cfg: ExportConfig,
     subset_ids: Iterable[str] | None = None,
     rephrased_dir: str | None = None,
+    code_version: str = "",
+    source: str = "",
 ) -> dict[str, Any]:
     """Write the curated samples of a run as training-schema WDS shards and return the manifest.
 
@@ -269,6 +294,8 @@ def export_curated(
     :param subset_ids: export exactly these ids instead of the last step's kept ids.
     :param rephrased_dir: Parquet files (sample_id, conversations_json) whose conversations replace the
         originals; an invalid rephrase keeps the original text (ledger reason `rephrase_invalid:<why>`).
+    :param code_version: recorded in the dataset card (the task passes its cache version).
+    :param source: where the data came from, recorded in the dataset card.
     :raises ExportError: when the number of exported samples differs from the kept (or subset) count.
     """
     t0 = time.time()
@@ -294,56 +321,120 @@ def export_curated(
              len(rephrased), len(shard_urls))
 
     out = out_dir.rstrip("/")
-    remote = "://" in out and not out.startswith("file://")
-    # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
-    led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else out
-    step = ExportStep(led_root, wanted, cfg, out, shard_urls, rephrased)
-    for stale in step.ledger_dir.glob("*.parquet"):  # an export is rewritten whole, its ledger too
-        stale.unlink()
-    with LedgerWriter(step.part(STEP), STEP) as led:
-        w = step.process(Unit(out, STEP), led)
-    quarantined = {r: c for r, c in led.reasons.items() if r not in w.fallbacks}
-    if w.n != len(wanted):  # some wanted id was not exported: unreadable (quarantined above) or in no shard
-        missing = step.finish(1)
-        if missing:
-            quarantined[step.missing_reason] = missing
-    if remote:
-        fs, root = fsspec.core.url_to_fs(out)
-        for p in sorted(step.ledger_dir.glob("*.parquet")):
-            fs.put_file(str(p), f"{root}/ledger/{STEP}/{p.name}")
-        shutil.rmtree(led_root, ignore_errors=True)
-    if w.n != len(wanted):
-        raise ExportError(
-            f"exported {w.n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
-            f"(see {out}/ledger/{STEP})"
-        )
-    shards, n = w.shards, w.n
-    manifest = {
-        "format": 1,
-        "subset": cfg.subset_name if subset_ids is not None else "",
-        "selection": "subset" if subset_ids is not None else f"kept_by:{steps[-1]}",
-        "steps": steps,
-        "n_samples": n,
-        "n_bytes": sum(s.n_bytes for s in shards),
-        "n_shards": len(shards),
-        "n_rephrased": w.n_rephrased,
-        "rephrase_fallbacks": dict(sorted(w.fallbacks.items())),
-        "subset_outside_kept": outside,
-        "n_kept_by_last_step": len(kept_set),
-        "balance": [b.as_dict() for b in balance],
-        "removed_by_step": removal_summary(dirs, steps),
-        "shards": [{"name": Path(s.path).name, "n_samples": s.n_samples, "n_bytes": s.n_bytes, "sha256": s.sha256,
-                    "ids": s.ids} for s in shards],
-        "config": asdict(cfg),
-        "loader_schema": {"image_format": cfg.image_format,
-                          "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
-                          "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep" else cfg.image_format),
-                          "json_image_names": "tar member names"},
-    }
-    write_json_atomic(manifest, f"{out}/{MANIFEST}", indent=1, sort_keys=True)
+    remote = _is_remote(out)
+    with _fresh_export(out) as build:  # local: a fresh sibling folder swapped in whole at the end
+        # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
+        led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else build
+        step = ExportStep(led_root, wanted, cfg, build, shard_urls, rephrased)
+        step.check_stamp()  # a fresh folder: records the export's config and code version
+        with LedgerWriter(step.part(STEP), STEP) as led:
+            w = step.process(Unit(build, STEP), led)
+        quarantined = {r: c for r, c in led.reasons.items() if r not in w.fallbacks}
+        if w.n != len(wanted):  # some wanted id was not exported: unreadable (quarantined above) or in no shard
+            missing = step.finish(1)
+            if missing:
+                quarantined[step.missing_reason] = missing
+        if remote:
+            fs, root = fsspec.core.url_to_fs(out)
+            for p in sorted(step.ledger_dir.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    fs.put_file(str(p), f"{root}/ledger/{STEP}/{p.name}")
+            shutil.rmtree(led_root, ignore_errors=True)
+        if w.n != len(wanted):  # the failed export still replaces the old one (its ledger says why), unmixed
+            raise ExportError(
+                f"exported {w.n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
+                f"(see {out}/ledger/{STEP})"
+            )
+        shards, n = w.shards, w.n
+        manifest = {
+            "format": 2,  # 2: shards/<kind>/ folders, shard names relative to shards/
+            "subset": cfg.subset_name if subset_ids is not None else "",
+            "selection": "subset" if subset_ids is not None else f"kept_by:{steps[-1]}",
+            "steps": steps,
+            "n_samples": n,
+            "n_bytes": sum(s.n_bytes for _, s in shards),
+            "n_shards": len(shards),
+            "n_rephrased": w.n_rephrased,
+            "rephrase_fallbacks": dict(sorted(w.fallbacks.items())),
+            "subset_outside_kept": outside,
+            "n_kept_by_last_step": len(kept_set),
+            "balance": [b.as_dict() for b in balance],
+            "removed_by_step": removal_summary(dirs, steps),
+            "kinds": {k: {"n_samples": sum(s.n_samples for kk, s in shards if kk == k),
+                          "n_shards": sum(1 for kk, _ in shards if kk == k)} for k in sorted({k for k, _ in shards})},
+            "shards": [{"name": f"{k}/{Path(s.path).name}", "kind": k, "n_samples": s.n_samples,
+                        "n_bytes": s.n_bytes, "sha256": s.sha256, "ids": s.ids} for k, s in shards],
+            "config": asdict(cfg),
+            "loader_schema": {"image_format": cfg.image_format,
+                              "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
+                              "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep"
+                                                             else cfg.image_format),
+                              "json_image_names": "tar member names"},
+        }
+        write_json_atomic(manifest, f"{build}/{MANIFEST}", indent=1, sort_keys=True)
+        write_atomic(f"{build}/{CARD}", dataset_card(manifest, code_version=code_version, source=source))
     log.info("export done: %d samples in %d shards, %.1f MB, %.1f s", n, len(shards),
              manifest["n_bytes"] / 1e6, time.time() - t0)
     return manifest
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+@contextlib.contextmanager
+def _fresh_export(out: str) -> Iterator[str]:
+    """The folder to build the export in, so that no file of an earlier export survives beside it.
+
+    Local: a fresh sibling folder (`core.step.fresh_dir`), swapped in whole (`core.step.swap_in`) when the
+    export is written or has failed its count check (its ledger then says why); the previous export is
+    removed. Any other error leaves the previous export untouched. The swap holds the writer lock
+    `<parent>/.<name>.writer.lock`, so two exports into one folder cannot interleave their renames.
+    Object stores (no rename): the previous manifest is removed first (a reader finds no export rather than
+    a mixed one), then its shards and ledger, and the export is written in place."""
+    if _is_remote(out):
+        fs, root = fsspec.core.url_to_fs(out)
+        for sub in (MANIFEST, "shards", f"ledger/{STEP}"):
+            if fs.exists(f"{root}/{sub}"):
+                fs.rm(f"{root}/{sub}", recursive=True)
+        yield out
+        return
+    final = os.path.abspath(out.removeprefix("file://"))
+    staging = fresh_dir(final)
+    try:
+        yield staging
+    except ExportError:
+        _swap_export(staging, final)
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_export(staging, final)
+
+
+def _swap_export(staging: str, final: str) -> None:
+    parent, name = os.path.split(final)
+    with folder_lock(parent, f"export swap of {final}", lock_name=f".{name}.writer.lock"):
+        old = swap_in(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(out_dir: str) -> dict[str, Any]:
+    """The manifest of an export folder (local path or URL); FileNotFoundError when it has none (a failed or
+    unfinished export)."""
+    with fsspec.open(f"{out_dir.rstrip('/')}/{MANIFEST}", "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def manifest_shards(export_dir: str, kinds: Iterable[str] | None = None) -> list[str]:
+    """The shard URLs of an export, from its manifest (kind order, then write order), optionally of some kinds
+    only: what a trainer reads, never a glob of `shards/` (a glob of a folder that was ever written twice finds
+    what the manifest does not list). Raises FileNotFoundError when the export has no manifest."""
+    out = export_dir.rstrip("/")
+    wanted = set(kinds) if kinds is not None else None
+    return [f"{out}/shards/{sh['name']}" for sh in read_manifest(out)["shards"]
+            if wanted is None or sh.get("kind") in wanted]
 
 
 def verify_export(out_dir: str) -> dict[str, Any]:
@@ -369,7 +460,7 @@ def export_report_html(manifest: dict[str, Any]) -> str:
     """Deck HTML: summary, samples removed per step and reason, shard sizes."""
     import pandas as pd
 
-    from core.report import figure_html, new_figure, page, table_html
+    from core.report import figure_html, new_figure, page, plot_texts, table_html
 
     summary = {k: manifest[k] for k in ("selection", "subset", "n_samples", "n_shards", "n_bytes", "n_rephrased",
                                         "n_kept_by_last_step", "subset_outside_kept")}
@@ -385,7 +476,8 @@ def export_report_html(manifest: dict[str, Any]) -> str:
     if len(reasons):
         fig, ax = new_figure(7, 0.35 * len(reasons) + 1.2)
         labels = [f"{r.step}: {r.reason}" for r in reasons.itertuples()]
-        ax.barh(labels[::-1], reasons["count"].tolist()[::-1])
+        ax.barh(range(len(labels)), reasons["count"].tolist()[::-1])  # reasons carry data details: escaped
+        ax.set_yticks(range(len(labels)), plot_texts(labels[::-1]))
         ax.set_xlabel("samples removed")
         parts += [figure_html(fig, "removed by step and reason"), table_html(reasons, "removed by reason")]
     fig, ax = new_figure()

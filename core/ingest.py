@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -20,12 +21,24 @@ from typing import Any
 import fsspec
 import fsspec.implementations.local
 
+from core.configs import check_ranges
 from core.images import DEFAULT_MAX_PIXELS, decode_image
 from core.io_pool import read_ahead
 from core.ledger import LedgerWriter, step_dir
-from core.sample import MAX_TEXT_CHARS, Sample, SampleError
+from core.limits import (
+    MAX_IMAGE_BYTES,
+    MAX_INT_DIGITS,
+    MAX_JSON_DEPTH,
+    MAX_RECORD_BYTES,
+    InputLimits,
+    control_chars,
+    printable,
+)
+from core.outputs import folder_lock, write_json_atomic
+from core.sample import MAX_TEXT_CHARS, MAX_TURNS, Sample, SampleError
 from core.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
 from core.wds import ShardInfo, ShardWriter
+from core.wds.reader import MAX_JSON_BYTES
 
 log = logging.getLogger(__name__)
 STEP = "ingest"
@@ -40,6 +53,13 @@ class IngestConfig:
     either ("auto", "jsonl", "wds:messages", ...). `image_root` is the folder that the records' image
     names are relative to (unused for images carried inline by WDS/Parquet); `run_dir` receives
     `shards/` and `ledger/ingest/`.
+
+    Bounds at the door (docs/security.md; each over-bound record is one quarantine row with the limit in
+    its detail): `max_json_depth` (JSON nesting, checked on the bytes before a parser runs: too_deep),
+    `max_int_digits` (integer literals: oversize_int), `max_record_bytes` (a record's bytes in the source
+    and as written to its shard, text + metadata + meta: oversize_record; at most the shard reader's
+    bound), `max_turns` (turns per conversation: too_many_turns), `max_image_bytes` (an image file, tar
+    member or Parquet cell: oversize_image).
     """
 
     source: str
@@ -54,12 +74,23 @@ class IngestConfig:
     ledger_dir: str = ""  # local run dir for the ledger when run_dir is remote (default: run_dir)
     format: str = "auto"
     caption_prompt: str = DEFAULT_CAPTION_PROMPT  # question of caption-only WDS samples (image + .txt)
+    max_json_depth: int = MAX_JSON_DEPTH
+    max_int_digits: int = MAX_INT_DIGITS
+    max_record_bytes: int = MAX_RECORD_BYTES
+    max_turns: int = MAX_TURNS
+    max_image_bytes: int = MAX_IMAGE_BYTES
     image_readers: int = 16  # threads reading image_root files ahead (core/io_pool.py); 1 = one after another
 
     def __post_init__(self) -> None:
         parse_format(self.format)  # ValueError on an unknown format, before any work
-        if self.image_readers < 1:
-            raise ValueError(f"image_readers={self.image_readers} out of range; valid: [1, inf)")
+        check_ranges(self, {"max_json_depth": (2, None), "max_int_digits": (1, None),
+                            "max_record_bytes": (1, MAX_JSON_BYTES), "max_turns": (2, None),
+                            "max_image_bytes": (1, None), "image_readers": (1, None)})
+
+    def limits(self) -> InputLimits:
+        """The door's bounds as the readers take them."""
+        return InputLimits(self.max_json_depth, self.max_int_digits, self.max_record_bytes, self.max_turns,
+                           self.max_image_bytes)
 
 
 @dataclass
@@ -87,7 +118,11 @@ class IngestResult:
 
 def _safe_image_path(root: str, name: str, local: bool = False) -> str:
     """`root/name`, refusing names that leave the root: absolute, `..`, or (local roots) a symlink whose
-    real path lies outside the real root -> SampleError(unsafe_path)."""
+    real path lies outside the real root; and names with NUL or control characters (`open` raises on NUL)
+    -> SampleError(unsafe_path)."""
+    bad = control_chars(name)
+    if bad:
+        raise SampleError("unsafe_path", f"image name {printable(name)!r} has the control character {bad}")
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise SampleError("unsafe_path", f"image name {name!r} escapes the image root")
@@ -100,22 +135,89 @@ def _safe_image_path(root: str, name: str, local: bool = False) -> str:
     return path
 
 
-def _read_image(fs: fsspec.AbstractFileSystem, root: str, local: bool, name: str) -> bytes:
-    """The bytes of image `name` under `root` (runs in the read-ahead pool): SampleError(unsafe_path) for a name
-    leaving the root, SampleError(missing_image) when there is no such file. A whole-object read (`cat_file`):
-    on an object store a name that is only a folder prefix is a missing file, where open + read returned b""."""
-    path = _safe_image_path(root, name, local)
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _read_local_image(path: str, name: str, max_bytes: int) -> bytes:
+    """A local image file's bytes: regular files only, at most `max_bytes`. Opened non-blocking and checked
+    on the open descriptor (`fstat`), so a FIFO never blocks and no file swapped in after a check is read;
+    a device cannot stream forever past the bound."""
     try:
-        return fs.cat_file(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+    except OSError as e:  # permission denied, too many symlink levels, ...
+        raise SampleError("missing_image", f"{name}: {type(e).__name__}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise SampleError("missing_image", f"{name}: IsADirectoryError")
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise SampleError("unsafe_path", f"image {name!r} is {kind}; only regular files are read")
+        if st.st_size > max_bytes:
+            raise SampleError("oversize_image", f"{name}: {st.st_size} bytes > max_image_bytes={max_bytes}")
+        return _read_bounded(f, st.st_size, name, max_bytes)
+
+
+def _read_bounded(f: Any, size: int | None, name: str, max_bytes: int) -> bytes:
+    """At most `max_bytes` of `f` (else oversize_image), read as `size` (the size reported before, None when
+    unknown) + 1 bytes, then on: a read asks for no more than the file holds (`read(n)` allocates n
+    up front), and a file that grew after its size was taken is still bounded."""
+    parts, n = [], 0
+    want = min(size, max_bytes) + 1 if size is not None else 1 << 20
+    while chunk := f.read(min(want, max_bytes + 1 - n)):
+        parts.append(chunk)
+        n += len(chunk)
+        if n > max_bytes:
+            raise SampleError("oversize_image", f"{name}: more than max_image_bytes={max_bytes} bytes")
+        want = 1 << 20
+    return b"".join(parts)
+
+
+def _read_remote_image(fs: Any, path: str, name: str, max_bytes: int) -> bytes:
+    """An fsspec image's bytes, at most `max_bytes`: the size the store reports is checked before reading."""
+    try:
+        with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)
+            size = size if isinstance(size, int) else None
+            if size is not None and size > max_bytes:
+                raise SampleError("oversize_image", f"{name}: {size} bytes > max_image_bytes={max_bytes}")
+            return _read_bounded(f, size, name, max_bytes)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+
+
+def _read_image(fs: fsspec.AbstractFileSystem, root: str, local: bool, max_bytes: int, name: str) -> bytes:
+    """The bytes of image `name` under `root` (runs in the read-ahead pool, core/io_pool.py): the path check
+    (`_safe_image_path`), then the bounded reader (regular files only, at most `max_bytes`); SampleErrors are
+    raised again in record order by `ahead.read`."""
+    path = _safe_image_path(root, name, local)
+    if local:
+        return _read_local_image(fs._strip_protocol(path), name, max_bytes)
+    return _read_remote_image(fs, path, name, max_bytes)
+
+
+def _record_id(rec: Any, fallback: str) -> str:
+    """The ledger key of a record before validation: its id when that is a usable string or integer, else
+    `fallback` (an id with control characters or too many digits is quarantined as bad_id under it)."""
+    sid = rec.get("id") if isinstance(rec, dict) else None
+    if not isinstance(sid, (str, int)):
+        return fallback
+    try:
+        text = str(sid)
+    except ValueError:  # str() of an int over Python's 4,300 digits
+        return fallback
+    return fallback if control_chars(text) else text
 
 
 def _parse_ahead(cfg: IngestConfig, src_name: str, r: Any) -> tuple[Sample | None, list[str]]:
     """A source record's Sample (parsed ahead of its turn) and the image names the pool can start reading."""
     if r.problem:
         return None, []
-    s = Sample.from_record(r.record, source=src_name, max_text_chars=cfg.max_text_chars)
+    s = Sample.from_record(r.record, source=src_name, max_text_chars=cfg.max_text_chars,
+                           max_turns=cfg.max_turns)
     return s, (s.images if r.image_bytes is None and cfg.image_root else [])
 
 
@@ -174,6 +276,22 @@ def read_source_accounting(ingest_ledger_dir: str | os.PathLike) -> dict[str, An
 
 
 def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
+    """Ingest `cfg.source` into `cfg.run_dir/shards` + `ledger/ingest/` as the run folder's one writer.
+
+    Holds the writer lock of `ledger/ingest/` (`core.step.folder_lock`: a second ingest into the same run
+    folder raises `FolderBusy` naming the holder, instead of both writing the same shards), and removes the
+    previous ingest's shards and manifest first: an ingest is rewritten whole, so a re-run with fewer
+    records leaves no old shard for a glob to find. See `_ingest` for the work itself."""
+    with folder_lock(step_dir(cfg.ledger_dir or cfg.run_dir, STEP), f"ingest of {cfg.source}"):
+        fs, shards = fsspec.core.url_to_fs(f"{cfg.run_dir.rstrip('/')}/shards")
+        old = fs.glob(f"{shards}/*.tar") + fs.glob(f"{shards}/manifest.json")
+        if old:
+            log.info("ingest: removing the %d files of the previous ingest in %s/shards", len(old), cfg.run_dir)
+            fs.rm(old)
+        return _ingest(cfg, progress_every)
+
+
+def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     """Ingest `cfg.source` into `cfg.run_dir/shards` and write `ledger/ingest/part-ingest.parquet`.
 
     The source's records are first counted per file without the parser (`core.sources.count_records`);
@@ -184,14 +302,17 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     src_name = cfg.source_name or PurePosixPath(cfg.source.rstrip("/")).stem
     fs_img, _ = fsspec.core.url_to_fs(cfg.image_root or ".")
     local_img = isinstance(fs_img, fsspec.implementations.local.LocalFileSystem)
-    counted = count_records(cfg.source, cfg.format)  # validates the containers before any work
+    limits = cfg.limits()
+    flagged: dict[str, dict[int, str]] = {}  # JSON-array items the count pass found over a bound
+    counted = count_records(cfg.source, cfg.format, limits, flagged)  # validates the containers before any work
     log.info("ingest: %d records counted in %d file(s) of %s", sum(counted.values()), len(counted), cfg.source)
     rows: dict[str, int] = {f: 0 for f in counted}
     n = 0
     led_dir = step_dir(cfg.ledger_dir or cfg.run_dir, STEP)
     writer = ShardWriter(f"{cfg.run_dir.rstrip('/')}/shards", cfg.prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
-    records = read_ahead(iter_source(cfg.source, cfg.format, cfg.caption_prompt), partial(_parse_ahead, cfg, src_name),
-                         partial(_read_image, fs_img, cfg.image_root, local_img), cfg.image_readers)
+    records = read_ahead(iter_source(cfg.source, cfg.format, cfg.caption_prompt, limits, flagged),
+                         partial(_parse_ahead, cfg, src_name),
+                         partial(_read_image, fs_img, cfg.image_root, local_img, cfg.max_image_bytes), cfg.image_readers)
     with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led, closing(records):
         for ahead in records:
             r = ahead.item
@@ -201,7 +322,7 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
             stem = PurePosixPath(r.file).stem if len(counted) > 1 else src_name
             fallback = r.fallback_id or f"{stem}#{idx}"
             rec = r.record
-            rid = str(rec["id"]) if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) else fallback
+            rid = _record_id(rec, fallback)
             try:
                 if r.problem:
                     raise SampleError(*r.problem)
@@ -209,9 +330,16 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
                 rid = s.id
                 if rid in led.decided:
                     raise SampleError("duplicate_id", f"id {rid!r} seen earlier (the first one in file order is kept)")
+                n_bytes = len(s.to_json_bytes())  # what the shard's key.json will hold: text + metadata + meta
+                if n_bytes > cfg.max_record_bytes:
+                    raise SampleError("oversize_record", f"{n_bytes} bytes as written > max_record_bytes="
+                                                         f"{cfg.max_record_bytes}")
                 if r.image_bytes is not None:
                     data = list(r.image_bytes)
-                    for b in data:
+                    for i, b in enumerate(data):
+                        if len(b) > cfg.max_image_bytes:
+                            raise SampleError("oversize_image", f"image #{i}: {len(b)} bytes > max_image_bytes="
+                                                                f"{cfg.max_image_bytes}")
                         decode_image(b, cfg.max_image_pixels)
                 else:
                     if s.images and not cfg.image_root:
@@ -240,15 +368,13 @@ def ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
         "source_records": res.source_records, "ledger_rows": n, "kept": res.n_kept, "quarantined": res.n_quarantined,
         "balanced": all(p["source_records"] == p["ledger_rows"] for p in per_file) and n == res.n_kept + res.n_quarantined,
     }
-    with open(led_dir / ACCOUNTING_FILE, "w") as f:
-        json.dump(accounting, f, indent=1)
+    write_json_atomic(accounting, led_dir / ACCOUNTING_FILE, indent=1)
     manifest = {
         "source": cfg.source,
         "summary": res.summary(),
         "shards": [{"path": s.path, "n_samples": s.n_samples, "n_bytes": s.n_bytes, "sha256": s.sha256} for s in shards],
     }
-    with fsspec.open(f"{cfg.run_dir.rstrip('/')}/shards/manifest.json", "w") as f:
-        json.dump(manifest, f, indent=1)
+    write_json_atomic(manifest, f"{cfg.run_dir.rstrip('/')}/shards/manifest.json", indent=1)
     if not accounting["balanced"]:
         bad = [p for p in per_file if p["source_records"] != p["ledger_rows"]]
         raise SourceAccountingError(f"ingest wrote {n} ledger rows for {res.source_records} source records: {bad}")

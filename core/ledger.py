@@ -18,6 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.outputs import temp_path
+
 DECISIONS = ("keep", "drop", "quarantine", "modify")
 PASSING = ("keep", "modify")  # decisions whose samples flow on to the next step
 
@@ -51,6 +53,7 @@ class LedgerWriter:
         self.flush_every = flush_every
         self._rows: dict[str, list] = {name: [] for name in SCHEMA.names}
         self._writer: pq.ParquetWriter | None = None
+        self._tmp = ""  # unique temp file beside the part (core.step.temp_path), renamed over it on close
         self.counts: dict[str, int] = {d: 0 for d in DECISIONS}
         self.reasons: dict[str, int] = {}
         self.decided: set[str] = set()  # one decision per sample and step: enforced here
@@ -94,8 +97,8 @@ class LedgerWriter:
             return
         table = pa.Table.from_pydict(self._rows, schema=SCHEMA)
         if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(str(self.path) + ".tmp", SCHEMA)
+            self._tmp = temp_path(self.path)  # unique: two writers of one part never share a temp file
+            self._writer = pq.ParquetWriter(self._tmp, SCHEMA)
         self._writer.write_table(table)
         self._rows = {name: [] for name in SCHEMA.names}
 
@@ -104,7 +107,7 @@ class LedgerWriter:
         self.flush()
         assert self._writer is not None
         self._writer.close()
-        os.replace(str(self.path) + ".tmp", self.path)
+        os.replace(self._tmp, self.path)
         return self.path
 
     def __enter__(self) -> LedgerWriter:
@@ -115,7 +118,7 @@ class LedgerWriter:
             self.close()
         elif self._writer is not None:
             self._writer.close()
-            Path(str(self.path) + ".tmp").unlink(missing_ok=True)
+            Path(self._tmp).unlink(missing_ok=True)
 
 
 def _jsonable(x: Any) -> Any:

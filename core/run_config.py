@@ -100,6 +100,8 @@ class AblateConfig(ConfigJSON):
     :param train_config: The training recipe of every variant (TrainConfig: epochs = one checkpoint per epoch,
         max_steps None = no cap, batch_size, lr, ...); the paths are filled by the training task.
     :param eval_max_samples: Per-benchmark sample cap (0 = all).
+    :param baseline_seeds: How many times the baseline is trained (seeds `train_config.seed`, +1, ...): the
+        seed-to-seed spread is the noise floor every variant's delta is read against (1 = no noise floor).
     """
 
     shard_max_samples: int = 1000
@@ -109,13 +111,16 @@ class AblateConfig(ConfigJSON):
     lm_steps: int = 300
     train_config: TrainConfig = field(default_factory=default_train_config)
     eval_max_samples: int = 0
+    baseline_seeds: int = 1
 
     def __post_init__(self) -> None:
         check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None),
-                            "eval_max_samples": (0, None)})
+                            "eval_max_samples": (0, None), "baseline_seeds": (1, None)})
 
 
 @register_preset(AblateConfig, "tiny", default=True)
 def tiny_ablate_config() -> AblateConfig:
-    """The embedded CPU models on every step (the demo layout, tests), one epoch per variant, no caps."""
-    return AblateConfig()
+    """The embedded CPU models on every step (the demo layout, tests), one epoch per variant, no caps; the
+    baseline trained with 2 seeds, so the comparison has a noise floor; validation every 10 steps, so a short
+    run still logs the held-out loss the comparison reads."""
+    return AblateConfig(baseline_seeds=2, train_config=preset(TrainConfig, "default", val_every_n_steps=10))

@@ -23,13 +23,19 @@ ASSISTANT_ROLES = ("gpt", "assistant")
 SYSTEM_ROLES = ("system",)
 VALID_ROLES = HUMAN_ROLES + ASSISTANT_ROLES + SYSTEM_ROLES
 MAX_TEXT_CHARS = 200_000  # one sample's total text; beyond this it is quarantined as oversize_text
+# Turns per conversation; beyond this it is quarantined as too_many_turns. A turn costs several template
+# tokens, so 1,000 turns overflow the 2k-32k token contexts LLaVA/MAmmoTH-VL train with long before their
+# text does; real multi-turn records (LLaVA-665K's VQA-derived ones) hold tens of turns. Bounding turns
+# also bounds per-turn work downstream (chat templates, assistant-token marking).
+MAX_TURNS = 1000
 # Top-level record fields the Sample models; any other field travels in `Sample.meta` (exported as "meta").
 KNOWN_FIELDS = frozenset({"id", "image", "images", "conversations", "source", "domain", "metadata", "meta"})
 # Modalities the pipeline cannot carry: a record with one is quarantined `unsupported_modality:<kind>`
 # rather than exported as a text-only sample with a dangling placeholder.
 UNSUPPORTED_MODALITIES = {"video": ("video", "videos", "<video>"), "audio": ("audio", "audios", "<audio>")}
 
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")  # fullmatch: `$` would accept a trailing newline
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # NUL and control characters: never in an id or a file name
 
 
 class SampleError(ValueError):
@@ -79,7 +85,8 @@ class Sample:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_record(cls, record: Any, source: str = "", max_text_chars: int = MAX_TEXT_CHARS) -> Sample:
+    def from_record(cls, record: Any, source: str = "", max_text_chars: int = MAX_TEXT_CHARS,
+                    max_turns: int = MAX_TURNS) -> Sample:
         """Validate a LLaVA-style dict and build a Sample; raises `SampleError` with a reason code."""
         if not isinstance(record, dict):
             raise SampleError("invalid_json", f"record is {type(record).__name__}, not an object")
@@ -87,6 +94,8 @@ class Sample:
         convs = record.get("conversations")
         if not isinstance(convs, list) or not convs:
             raise SampleError("empty_conversation", "missing or empty 'conversations'")
+        if len(convs) > max_turns:  # before any per-turn work
+            raise SampleError("too_many_turns", f"{len(convs)} turns > max_turns={max_turns}")
         turns: list[Turn] = []
         total = 0
         for i, t in enumerate(convs):
@@ -107,6 +116,9 @@ class Sample:
             images = [images]
         if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
             raise SampleError("invalid_json", "'image' must be a string or a list of strings")
+        for name in images:
+            if _CONTROL.search(name):
+                raise SampleError("unsafe_path", f"image name {name!r} has a NUL or control character")
         n_tokens = sum(t.value.count(IMAGE_TOKEN) for t in turns)
         if n_tokens != len(images):
             raise SampleError("image_count_mismatch", f"{n_tokens} <image> placeholders, {len(images)} images")
@@ -115,6 +127,7 @@ class Sample:
             sid = content_id(turns, images)
         elif not isinstance(sid, (str, int)):
             raise SampleError("invalid_json", f"id has type {type(sid).__name__}")
+        sid = _checked_id(sid)
         meta = record.get("metadata") or {}
         if not isinstance(meta, dict):
             raise SampleError("invalid_json", "'metadata' must be an object")
@@ -126,7 +139,7 @@ class Sample:
         if domain is not None and not isinstance(domain, (str, int)):
             raise SampleError("invalid_json", f"'domain' has type {type(domain).__name__}")
         return cls(
-            id=str(sid),
+            id=sid,
             conversations=turns,
             images=list(images),
             source=str(record.get("source") or source),
@@ -217,6 +230,18 @@ def _check_roles(turns: list[Turn]) -> None:
         raise SampleError("empty_conversation", "a turn has empty text")
 
 
+def _checked_id(sid: str | int) -> str:
+    """The id as a string; SampleError(bad_id) for an id with a NUL or control character (a trailing
+    newline would reach tar member names and ledger keys) or an integer too long for `str()`."""
+    try:
+        text = str(sid)
+    except ValueError as e:  # Python's int->str digit limit (4,300 digits)
+        raise SampleError("bad_id", f"integer id: {e}") from None
+    if _CONTROL.search(text):
+        raise SampleError("bad_id", f"id {text[:200]!r} has a NUL or control character")
+    return text
+
+
 def content_id(turns: list[Turn], images: list[str]) -> str:
     """Stable id for records without one: a hash of the conversation and image names."""
     h = hashlib.sha256()
@@ -229,7 +254,7 @@ def content_id(turns: list[Turn], images: list[str]) -> str:
 
 def sample_key(sample_id: str) -> str:
     """Map a sample id to a WDS key (no dots, no slashes). Injective: unsafe ids get a hash suffix."""
-    if _SAFE_KEY.match(sample_id):
+    if _SAFE_KEY.fullmatch(sample_id):
         return sample_id
     clean = re.sub(r"[^A-Za-z0-9_-]+", "_", sample_id)[:80].strip("_") or "k"
     return f"{clean}-{hashlib.sha1(sample_id.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"

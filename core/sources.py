@@ -13,10 +13,15 @@ and records in one of two dialects, detected per record:
     messages  ShareGPT / LLaMA-Factory / HF chat: {"messages": [{"role", "content": str | [parts]}], "images"}
 
 `format` forces either half: "auto", a container ("json", "jsonl", "wds", "parquet"), a dialect ("llava",
-"messages") or both ("jsonl:messages"). Every reader yields `SourceRecord`s (a record normalized to the
-LLaVA form, or the problem that stopped it, with its position); `count_records` counts the records of
-every file by a separate, parser-independent pass over the raw bytes / tar headers / Parquet footers, and
-ingest proves that it wrote one ledger row per counted record.
+"messages", or its alias "sharegpt") or both ("jsonl:messages"). A top-level `system_prompt` (lmms-finetune)
+or `system` (LLaMA-Factory) becomes the conversation's system turn. Every reader yields `SourceRecord`s (a
+record normalized to the LLaVA form, or the problem that stopped it, with its position); `count_records`
+counts the records of every file by a separate, parser-independent pass over the raw bytes / tar headers /
+Parquet footers, and ingest proves that it wrote one ledger row per counted record.
+
+Every reader applies the door's bounds (core/limits.py, docs/security.md) before a parser sees a record:
+size and nesting depth from the bytes, integer digits in the parser, tar member type and size from the
+header; a record over a bound is one quarantine row, never an exception or an unbounded allocation.
 """
 
 from __future__ import annotations
@@ -33,10 +38,14 @@ import fsspec
 import ijson
 
 from core.images import IMAGE_EXTS, image_ext
+from core.limits import DEFAULT_LIMITS, InputLimits, control_chars, load_json, printable
 from core.sample import IMAGE_TOKEN, SampleError
 
 CONTAINERS = ("json", "jsonl", "wds", "parquet")
 DIALECTS = ("llava", "messages")
+DIALECT_ALIASES = {"sharegpt": "messages"}  # LLaMA-Factory's name for the messages layout
+# Top-level system prompt fields (lmms-finetune `system_prompt`, LLaMA-Factory `system`), first one wins
+SYSTEM_FIELDS = ("system_prompt", "system")
 _EXT_CONTAINER = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".tar": "wds", ".parquet": "parquet"}
 VIDEO_EXTS = frozenset({"mp4", "webm", "avi", "mov", "mkv", "m4v"})
 AUDIO_EXTS = frozenset({"wav", "mp3", "flac", "ogg", "m4a", "opus"})
@@ -85,15 +94,18 @@ class SourceFormat:
 
 
 def parse_format(spec: str) -> tuple[str, str]:
-    """`"auto"`, `"jsonl"`, `"messages"`, `"parquet:messages"` -> (container or "auto", dialect or "auto")."""
+    """`"auto"`, `"jsonl"`, `"messages"`, `"parquet:messages"` -> (container or "auto", dialect or "auto");
+    `sharegpt` is an alias of `messages`."""
     container, dialect = "auto", "auto"
     for part in [p for p in (spec or "auto").lower().split(":") if p]:
+        part = DIALECT_ALIASES.get(part, part)
         if part in CONTAINERS:
             container = part
         elif part in DIALECTS:
             dialect = part
         elif part != "auto":
-            raise ValueError(f"format {spec!r}: {part!r} is none of auto, {', '.join(CONTAINERS + DIALECTS)}")
+            names = ", ".join(CONTAINERS + DIALECTS + tuple(DIALECT_ALIASES))
+            raise ValueError(f"format {spec!r}: {part!r} is none of auto, {names}")
     return container, dialect
 
 
@@ -135,26 +147,44 @@ def detect_container(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # one whole JSON string, escapes included
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|["\[\]{}]', re.S)  # a string, a bracket, or a lone quote
+_STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)  # a string's content up to its closing quote
 _SCALAR_END = re.compile(rb'[,\]\[{}"]')
 _NON_WS = re.compile(rb"[^ \t\r\n]")
 _LC, _RC, _LB, _RB, _COMMA, _QUOTE = b"{}[],\""  # byte values
 _CLOSE = {_RC: _LC, _RB: _LB}
 
 
-def split_json_array(f, keep_bytes: bool = True, chunk_size: int = 1 << 20
-                     ) -> Iterator[tuple[int, int, bytes | None, str]]:
+def _item_error(peak: int, cap: int, n_bytes: int, max_item_bytes: int) -> str:
+    if peak > cap:
+        return f"too_deep: nesting depth {peak} > max_json_depth={cap}"
+    if max_item_bytes and n_bytes > max_item_bytes:
+        return f"oversize_record: {n_bytes} bytes > max_record_bytes={max_item_bytes}"
+    return ""
+
+
+def split_json_array(f, keep_bytes: bool = True, chunk_size: int = 1 << 20, max_depth: int = 0,
+                     max_item_bytes: int = 0) -> Iterator[tuple[int, int, bytes | None, str]]:
     """Yield `(index, byte offset, raw item bytes or None, error)` for every top-level item of a JSON array,
     scanning bytes only (whole strings skipped by one regex match, brackets counted, nothing decoded), so a
-    non-UTF-8 or otherwise unparsable item does not hide the items after it. `error` is "" or, for an item
-    cut by the end of the file, "truncated". Raises SourceError naming the byte offset where items cannot be
-    delimited (not an array, unbalanced brackets, data after the array)."""
+    non-UTF-8 or otherwise unparsable item does not hide the items after it. `error` is "" or "<reason>:
+    <detail>": `truncated` for an item cut by the end of the file, `too_deep` for an item nesting deeper
+    than `max_depth`, `oversize_record` for one longer than `max_item_bytes` (0: no bound); the bytes of
+    such an item are not kept (None), and the scan holds at most `max_depth` brackets and about one chunk
+    of it, so a hostile item costs time linear in its size and bounded memory. Raises SourceError naming
+    the byte offset where items cannot be delimited (not an array, unbalanced brackets, data after the
+    array; bracket kinds are checked up to `max_depth` deep)."""
     buf, base, pos, eof = b"", 0, 0, False  # base: absolute offset of buf[0]; pos: scan position in buf
     size = chunk_size
     state = "start"  # start | between | item | done
-    stack: list[int] = []  # open brackets of the current item
+    stack: list[int] = []  # open brackets of the current item, up to max_depth
+    cap = max_depth if max_depth > 0 else 1 << 62
+    extra = peak = 0  # brackets open beyond the cap (not kept: their kind is not checked), deepest nesting
+    drop = False  # the item is too deep or too big: its bytes are not kept, its long strings are skipped
+    in_str = False  # (drop only) inside a string whose end is not yet read
     scalar = False  # the current item is a bare scalar or string: it ends at the next , or ]
     expect_item = True  # after '[' or ',': an item must come before the next ',' or ']'
     index, start = 0, 0  # current item: its index and absolute start offset
+
     while True:
         resume = -1  # >= 0: more bytes are needed; scanning resumes at buf[resume]
         if state != "item":
@@ -182,12 +212,22 @@ def split_json_array(f, keep_bytes: bool = True, chunk_size: int = 1 << 20
                 else:  # an item starts here
                     state, start, expect_item = "item", at, False
                     stack, scalar = ([c], False) if c in (_LC, _LB) else ([], True)
+                    extra, peak, drop, in_str = 0, len(stack), False, False
                     if c == _QUOTE:
                         pos = m.start()  # the string scalar is matched whole below
+        elif in_str:  # skip a long string of a dropped item without holding it
+            e = _STRING_BODY.match(buf, pos).end()
+            if e < len(buf) and buf[e] == _QUOTE:
+                pos, in_str = e + 1, False
+            else:
+                resume = e  # the end of the buffer, or a backslash whose escaped byte is not read yet
         elif scalar:
             if buf[pos:pos + 1] == b'"' and base + pos == start:
                 sm = _STRING.match(buf, pos)
                 if sm is None:
+                    if drop:
+                        pos, in_str = pos + 1, True
+                        continue
                     resume = pos
                 else:
                     pos = sm.end()
@@ -199,8 +239,9 @@ def split_json_array(f, keep_bytes: bool = True, chunk_size: int = 1 << 20
                     c = buf[m.start()]
                     if c not in (_COMMA, _RB):
                         raise SourceError(f"unexpected {chr(c)!r} after a scalar item at byte {base + m.start()}")
-                    raw = buf[start - base:m.start()].strip() if keep_bytes else None
-                    yield index, start, raw, ""
+                    err = _item_error(peak, cap, base + m.start() - start, max_item_bytes)
+                    raw = buf[start - base:m.start()].strip() if keep_bytes and not drop and not err else None
+                    yield index, start, raw, err
                     index += 1
                     pos = m.end()
                     state, expect_item = ("between", True) if c == _COMMA else ("done", False)
@@ -209,85 +250,153 @@ def split_json_array(f, keep_bytes: bool = True, chunk_size: int = 1 << 20
             if m is None:
                 resume = len(buf)
             elif m.end() - m.start() == 1 and buf[m.start()] == _QUOTE:
-                resume = m.start()  # a string that goes on past the buffer
+                if drop:
+                    pos, in_str = m.end(), True
+                else:
+                    resume = m.start()  # a string that goes on past the buffer
             else:
                 pos = m.end()
                 c = buf[m.start()]
                 if c in (_LC, _LB):
-                    stack.append(c)
+                    if len(stack) < cap:
+                        stack.append(c)
+                    else:
+                        extra += 1
+                        peak, drop = max(peak, cap + extra), True
                 elif c in (_RC, _RB):
-                    if stack.pop() != _CLOSE[c]:
+                    if extra:
+                        extra -= 1
+                    elif stack.pop() != _CLOSE[c]:
                         raise SourceError(f"unbalanced {chr(c)!r} at byte {base + m.start()}: "
                                           "items cannot be delimited")
                     if not stack:  # the item closed
-                        yield index, start, buf[start - base:pos] if keep_bytes else None, ""
+                        err = _item_error(peak, cap, base + pos - start, max_item_bytes)
+                        raw = buf[start - base:pos] if keep_bytes and not drop and not err else None
+                        yield index, start, raw, err
                         index, state = index + 1, "between"
         if resume < 0:
             continue
+        if state == "item" and not drop and max_item_bytes and base + len(buf) - start > max_item_bytes:
+            drop = True  # stop holding the item; a string in flight is skipped from its opening quote
+            if not in_str and resume < len(buf) and buf[resume] == _QUOTE:
+                resume, in_str = resume + 1, True
         if eof:
             break
         data = f.read(size)
         if not data:
             eof = True
-        keep = min(resume, start - base) if state == "item" and keep_bytes else resume
-        if state == "item" and scalar and base + resume == start:
+        keep = min(resume, start - base) if state == "item" and keep_bytes and not drop else resume
+        if state == "item" and scalar and not drop and base + resume == start:
             keep = resume  # a string scalar is re-matched from its start
         grew = keep == 0 and len(buf) >= size
         buf, base, pos = buf[keep:] + data, base + keep, resume - keep
         size = size * 2 if grew else chunk_size  # a long string or item: read more at once (no quadratic rescans)
     if state == "item":  # the file ends inside an item: it is one (cut) record
-        yield index, start, buf[start - base:] if keep_bytes else None, "truncated"
+        yield index, start, buf[start - base:] if keep_bytes and not drop else None, "truncated"
     elif state == "start":
         raise SourceError("empty file: expected a JSON array")
 
 
-def _json_item(raw: bytes) -> Any:
+class _DigitWatch:
+    """A file wrapper for the count pass: notes whether the bytes hold a run of more than `max_digits`
+    digits anywhere (a number ijson would parse whole, where the scanner's path bounds it). Runs inside
+    strings count too: a false alarm only sends the file to the slower, bounded path."""
+
+    def __init__(self, f, max_digits: int):
+        self.f, self.max_digits, self.found, self.tail = f, max_digits, False, b""
+        self.run = re.compile(rb"[0-9]{%d}" % (max_digits + 1))
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if data and not self.found:
+            self.found = self.run.search(self.tail + data) is not None
+            self.tail = data[-self.max_digits:]  # a run cut by the chunk boundary is seen whole next time
+        return data
+
+
+def _json_item(raw: bytes, limits: InputLimits = DEFAULT_LIMITS) -> Any:
+    """One record's JSON bytes -> its value, the door's bounds checked first (core/limits.py)."""
     try:
-        return json.loads(raw)
+        return load_json(raw, limits)
     except UnicodeDecodeError as e:
         raise SampleError("non_utf8", str(e)) from None
     except json.JSONDecodeError as e:
         raise SampleError("invalid_json", str(e)) from None
+    except RecursionError:  # cannot happen under max_json_depth; kept so a raised bound still quarantines
+        raise SampleError("too_deep", "JSON nesting exceeds the interpreter's recursion limit") from None
 
 
-def _iter_json(path: str) -> Iterator[SourceRecord]:
-    """ijson streams the array fast; at its first error the byte splitter takes over from that item on, so a
-    malformed item is quarantined alone (with its byte offset) and every later item is still read."""
+def _iter_json(path: str, limits: InputLimits = DEFAULT_LIMITS, clean: bool = False) -> Iterator[SourceRecord]:
+    """A JSON array's records. `clean`: the count pass scanned this file with the same `limits` and found
+    no item over a bound and no over-long number; then ijson streams it (fast; its memory grows with the square of an item's depth,
+    which is why it never sees an unchecked file). At ijson's first error, and for any file not known
+    clean, the byte splitter delimits every item (bounding depth and size before a parser sees it) and json
+    parses the item alone: a malformed or hostile item is quarantined alone (with its byte offset) and
+    every later item is still read."""
     i = 0
+    if clean:
+        with fsspec.open(path, "rb") as f:
+            try:
+                for rec in ijson.items(f, "item", use_float=True):
+                    yield SourceRecord(path, i, record=rec)
+                    i += 1
+                return
+            except (ijson.JSONError, UnicodeDecodeError, ValueError):
+                pass  # resync below
     with fsspec.open(path, "rb") as f:
-        try:
-            for rec in ijson.items(f, "item", use_float=True):
-                yield SourceRecord(path, i, record=rec)
-                i += 1
-            return
-        except (ijson.JSONError, UnicodeDecodeError, ValueError):
-            pass  # resync below
-    with fsspec.open(path, "rb") as f:
-        for idx, off, raw, err in split_json_array(f):
+        for idx, off, raw, err in split_json_array(f, max_depth=limits.max_json_depth,
+                                                   max_item_bytes=limits.max_record_bytes):
             if idx < i:
                 continue
             if err:
-                yield SourceRecord(path, idx, problem=("invalid_json", f"file ends inside item {idx} (byte {off})"),
-                                   offset=off)
+                reason, _, detail = err.partition(": ")
+                if reason == "truncated":
+                    reason, detail = "invalid_json", "file ends inside the item"
+                yield SourceRecord(path, idx, problem=(reason, f"item {idx} at byte {off}: {detail}"), offset=off)
                 continue
             try:
-                yield SourceRecord(path, idx, record=_json_item(raw), offset=off)
+                yield SourceRecord(path, idx, record=_json_item(raw, limits), offset=off)
             except SampleError as e:
                 yield SourceRecord(path, idx, problem=(e.reason, f"item {idx} at byte {off}: {e.detail[:300]}"),
                                    offset=off)
 
 
-def _iter_jsonl(path: str) -> Iterator[SourceRecord]:
+def iter_lines(f, max_bytes: int, chunk_size: int = 1 << 20) -> Iterator[bytes | int]:
+    """The non-blank lines of a binary file (split at b"\\n", blank = only ASCII whitespace), holding at
+    most `max_bytes` of one line: a longer line is yielded as its length (an int), its bytes dropped."""
+    cur: list[bytes] = []  # pieces of the current line (empty once it is over the bound)
+    n, blank, over = 0, True, False
+    while data := f.read(chunk_size):
+        pieces = data.split(b"\n")
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            n += len(piece)
+            if blank and piece.strip():
+                blank = False
+            if not over:
+                if n > max_bytes:
+                    over, cur = True, []
+                else:
+                    cur.append(piece)
+            if i < last:  # a newline ends the line
+                if not blank:
+                    yield n if over else b"".join(cur)
+                cur, n, blank, over = [], 0, True, False
+    if not blank:
+        yield n if over else b"".join(cur)
+
+
+def _iter_jsonl(path: str, limits: InputLimits = DEFAULT_LIMITS) -> Iterator[SourceRecord]:
     with fsspec.open(path, "rb") as f:
-        idx = 0
-        for line in f:
-            if not line.strip():
+        for idx, line in enumerate(iter_lines(f, limits.max_record_bytes)):
+            if isinstance(line, int):
+                yield SourceRecord(path, idx, problem=(
+                    "oversize_record", f"line record {idx}: {line} bytes > max_record_bytes={limits.max_record_bytes}"))
                 continue
             try:
-                yield SourceRecord(path, idx, record=_json_item(line))
+                yield SourceRecord(path, idx, record=_json_item(line, limits))
             except SampleError as e:
                 yield SourceRecord(path, idx, problem=(e.reason, f"line record {idx}: {e.detail[:300]}"))
-            idx += 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,22 +414,50 @@ class _WdsGroup:
     problem: tuple[str, str] | None = None
 
 
-def _tar_groups(path: str) -> Iterator[_WdsGroup]:
+# Regular files only: a GNU sparse member (tarfile counts it as a file) expands to the size its header
+# declares (1 GiB from a 10 KB tar); links, devices and FIFOs name other files. Directories are skipped.
+_REGULAR = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
+_TYPE_NAMES = {tarfile.GNUTYPE_SPARSE: "GNU sparse file", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link",
+               tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
+
+
+def _member_bound(m: tarfile.TarInfo, suffix: str, limits: InputLimits) -> tuple[str, str] | None:
+    """Why a tar member must not be read (type, name, size: header fields only), or None."""
+    if m.type not in _REGULAR:
+        kind = _TYPE_NAMES.get(m.type, f"type {m.type!r}")
+        return "unsafe_member", f"member {printable(m.name)!r} is a {kind}; only regular files are read"
+    bad = control_chars(m.name)
+    if bad:
+        return "unsafe_member_name", f"member {printable(m.name)!r} has the control character {bad}"
+    if suffix.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+        if m.size > limits.max_image_bytes:
+            return "oversize_image", f"member {m.name!r}: {m.size} bytes > max_image_bytes={limits.max_image_bytes}"
+    elif m.size > limits.max_record_bytes:
+        return "oversize_record", f"member {m.name!r}: {m.size} bytes > max_record_bytes={limits.max_record_bytes}"
+    return None
+
+
+def _tar_groups(path: str, limits: InputLimits = DEFAULT_LIMITS) -> Iterator[_WdsGroup]:
     """Consecutive members with the same key, in tar order (as webdataset groups them). A read error ends
-    the shard: the group in flight and a `<shard>/__truncated__` marker carry `truncated_tar`."""
+    the shard: the group in flight and a `<shard>/__truncated__` marker carry `truncated_tar`. A member over
+    a bound (`_member_bound`) is never read; its group carries the reason."""
     group: _WdsGroup | None = None
     with fsspec.open(path, "rb") as raw:
         try:
             with tarfile.open(fileobj=raw, mode="r|") as tar:
                 for m in tar:
-                    if not m.isfile():
+                    if m.isdir():
                         continue
                     key, suffix = _wds_split(m.name)
                     if group is None or key != group.key:
                         if group is not None:
                             yield group
                         group = _WdsGroup(key)
-                    data = tar.extractfile(m).read()
+                    bound = _member_bound(m, suffix, limits)
+                    if bound is not None:
+                        group.problem = group.problem or bound
+                        continue  # the stream skips the member's data unread
+                    data = tar.extractfile(m).read(m.size)  # regular, and its size is within the bound
                     if suffix.lower() in group.members:
                         group.problem = group.problem or ("duplicate_key", f"two {suffix!r} members for {key}")
                     group.members[suffix.lower()] = data
@@ -334,7 +471,8 @@ def _tar_groups(path: str) -> Iterator[_WdsGroup]:
         yield group
 
 
-def _wds_record(g: _WdsGroup, caption_prompt: str) -> tuple[dict[str, Any], list[bytes]]:
+def _wds_record(g: _WdsGroup, caption_prompt: str, limits: InputLimits = DEFAULT_LIMITS
+                ) -> tuple[dict[str, Any], list[bytes]]:
     """A member group -> (record, image bytes). Images: `key.<ext>` or `key.<i>.<ext>` (not both); text:
     `key.json` (a record of either dialect, or {"caption"|"text": ...}) or `key.txt` (a caption)."""
     if g.problem:
@@ -356,7 +494,7 @@ def _wds_record(g: _WdsGroup, caption_prompt: str) -> tuple[dict[str, Any], list
                 raise SampleError("duplicate_key", f"two images #{idx} for {g.key}")
             images[idx] = (f"{PurePosixPath(g.key).name}.{suffix}", data)
         elif suffix == "json":
-            r = _json_item(data)
+            r = _json_item(data, limits)
             if not isinstance(r, dict):
                 raise SampleError("invalid_json", f"{g.key}.json is {type(r).__name__}, not an object")
             rec = r
@@ -400,12 +538,12 @@ def _wds_record(g: _WdsGroup, caption_prompt: str) -> tuple[dict[str, Any], list
     return rec, data
 
 
-def _iter_wds(path: str, caption_prompt: str) -> Iterator[SourceRecord]:
+def _iter_wds(path: str, caption_prompt: str, limits: InputLimits = DEFAULT_LIMITS) -> Iterator[SourceRecord]:
     shard = PurePosixPath(path).name
-    for i, g in enumerate(_tar_groups(path)):
-        fid = f"{shard}/{g.key}"
+    for i, g in enumerate(_tar_groups(path, limits)):
+        fid = f"{shard}/{printable(g.key)}"
         try:
-            rec, data = _wds_record(g, caption_prompt)
+            rec, data = _wds_record(g, caption_prompt, limits)
             yield SourceRecord(path, i, record=rec, image_bytes=data, fallback_id=fid, implicit_images=True)
         except SampleError as e:
             yield SourceRecord(path, i, problem=(e.reason, e.detail), fallback_id=fid)
@@ -529,6 +667,23 @@ def messages_to_llava(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def system_turn(rec: dict[str, Any]) -> dict[str, Any]:
+    """A top-level system prompt (`system_prompt` as lmms-finetune writes it, `system` as LLaMA-Factory does)
+    becomes the conversation's first turn with role `system`, as a `messages` system message does, so
+    training and perplexity templates see it. The field stays in `meta` when it is not a non-empty string
+    or the conversation already starts with its own system turn (nothing is overwritten)."""
+    key = next((k for k in SYSTEM_FIELDS if k in rec), None)
+    if key is None:
+        return rec
+    value, convs = rec[key], rec.get("conversations")
+    if not isinstance(value, str) or not value.strip() or not isinstance(convs, list) or not convs or \
+            (isinstance(convs[0], dict) and convs[0].get("from") == "system"):
+        return rec
+    out = {k: v for k, v in rec.items() if k != key}
+    out["conversations"] = [{"from": "system", "value": value}, *convs]
+    return out
+
+
 def normalize(rec: Any, dialect: str = "auto", implicit_images: bool = False) -> Any:
     """A record of either dialect -> the LLaVA form `Sample.from_record` reads (non-dicts pass through
     to be quarantined there). With `implicit_images` (images are WDS members / Parquet cells the text may
@@ -540,6 +695,7 @@ def normalize(rec: Any, dialect: str = "auto", implicit_images: bool = False) ->
         d = "messages" if "messages" in rec and "conversations" not in rec else "llava"
     if d == "messages":
         rec = messages_to_llava(rec)
+    rec = system_turn(rec)
     imgs = rec.get("image")
     n = 1 if isinstance(imgs, str) else len(imgs) if isinstance(imgs, list) else 0
     convs = rec.get("conversations")
@@ -554,18 +710,21 @@ def normalize(rec: Any, dialect: str = "auto", implicit_images: bool = False) ->
     return rec
 
 
-def iter_source(source: str, format: str = "auto", caption_prompt: str = DEFAULT_CAPTION_PROMPT
+def iter_source(source: str, format: str = "auto", caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+                limits: InputLimits = DEFAULT_LIMITS, flagged: dict[str, dict[int, str]] | None = None
                 ) -> Iterator[SourceRecord]:
-    """Every record of every file of `source`, in file order, normalized to the LLaVA form."""
+    """Every record of every file of `source`, in file order, normalized to the LLaVA form; a record over
+    one of `limits` comes as its problem (core/limits.py). `flagged`: what `count_records` found with the
+    same limits; a JSON array it scanned without flagging an item is streamed by the fast parser."""
     container, dialect = parse_format(format)
     for path in list_source_files(source):
         kind = container if container != "auto" else detect_container(path)
         if kind == "json":
-            it = _iter_json(path)
+            it = _iter_json(path, limits, clean=flagged is not None and flagged.get(path) == {})
         elif kind == "jsonl":
-            it = _iter_jsonl(path)
+            it = _iter_jsonl(path, limits)
         elif kind == "wds":
-            it = _iter_wds(path, caption_prompt)
+            it = _iter_wds(path, caption_prompt, limits)
         else:
             it = _iter_parquet(path)
         for r in it:
@@ -580,11 +739,15 @@ def iter_source(source: str, format: str = "auto", caption_prompt: str = DEFAULT
 # ---------------------------------------------------------------------------------------------------------
 # source accounting (independent of the readers above)
 # ---------------------------------------------------------------------------------------------------------
-def count_records(source: str, format: str = "auto") -> dict[str, int]:
+def count_records(source: str, format: str = "auto", limits: InputLimits = DEFAULT_LIMITS,
+                  flagged: dict[str, dict[int, str]] | None = None) -> dict[str, int]:
     """Records per file, counted without the parsers: JSON arrays by a byte-level scan of top-level items,
     JSONL by non-blank lines, WDS by consecutive member-key groups in the tar headers (+1 for an unreadable
     tail), Parquet by the row counts in the file footers. Raises SourceError where a JSON array's items
-    cannot be delimited (naming the byte offset)."""
+    cannot be delimited (naming the byte offset). `limits` bound the scan's memory as they bound the
+    readers' (and must be the readers', so both delimit the same items). `flagged`, when given, receives
+    per JSON array file {item index: error} for the items over a bound (`split_json_array`), and at -1 a
+    run of more digits than `max_int_digits` somewhere in the file (only the bounded parser checks ints)."""
     import pyarrow.parquet as pq
 
     container, _ = parse_format(format)
@@ -595,19 +758,28 @@ def count_records(source: str, format: str = "auto") -> dict[str, int]:
         with fsspec.open(path, "rb") as f:
             if kind == "json":
                 try:
-                    for _ in split_json_array(f, keep_bytes=False):
+                    bad: dict[int, str] = {}
+                    watch = _DigitWatch(f, limits.max_int_digits)
+                    for idx, _, _, err in split_json_array(watch, keep_bytes=False, max_depth=limits.max_json_depth,
+                                                           max_item_bytes=limits.max_record_bytes):
                         n += 1
+                        if err:
+                            bad[idx] = err
+                    if watch.found:  # -1: the file as a whole is for the bounded path
+                        bad[-1] = f"a run of more than max_int_digits={limits.max_int_digits} digits"
+                    if flagged is not None:
+                        flagged[path] = bad
                 except SourceError as e:
                     raise SourceError(f"{path}: {e}") from None
             elif kind == "jsonl":
-                for line in f:
-                    n += bool(line.strip())
+                for _ in iter_lines(f, limits.max_record_bytes):
+                    n += 1
             elif kind == "wds":
                 last = None
                 try:
                     with tarfile.open(fileobj=f, mode="r|") as tar:
                         for m in tar:
-                            if m.isfile():
+                            if not m.isdir():  # as _tar_groups: every other member belongs to a group
                                 key = _wds_split(m.name)[0]
                                 n += key != last
                                 last = key

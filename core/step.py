@@ -23,13 +23,35 @@ Writing a step (datatrove's `PipelineStep` idea, with the ledger as the completi
 
 `process` may publish artifacts with `write_atomic` / `write_parquet_atomic` / `write_json_atomic` (the one
 atomic-write helper of the project); a step whose units run elsewhere (Ray actors) uses `pending`,
-`publish_part` and `finish` instead of `run`.
+`publish_part` and `finish` instead of `run` (inside `with step.writing():`).
+
+One writer per step folder, and resume that checks (shared storage: several people and pods write there;
+the helpers live in core/outputs.py and core/stamp.py and are re-exported here):
+
+- `folder_lock(folder, what)`: an exclusive `fcntl.flock` on `<folder>/.writer.lock` (local paths; released
+  by the kernel when the process dies, the file removed on a clean release). The file names its holder
+  (host, pid, time, what); a second writer gets `FolderBusy` with that name at once, it never waits.
+  `ShardStep.run` / `writing()` hold it on `ledger/<step>/`; ingest holds it on `ledger/ingest/`.
+- The stamp `ledger/<step>/_step.json` = `{"step", "config", "code_version"}` (sorted JSON, no time or host,
+  so equal runs write equal stamps). `ShardStep` checks it before it counts any part as done: a folder made
+  with another config or code refuses with `StepMismatch`, whose message lists each differing field
+  (`model_name: 'a' -> 'b'`), unless `step.on_mismatch = "recompute"` (outputs cleared, stamp rewritten).
+  The config is derived from the step's `stamp_attrs` attributes (default `cfg` / `config`, a dataclass or
+  a mapping); fields in `stamp_ignore` (where and how fast it runs: device, actors, timeouts...) are left
+  out. A folder with finished parts but no stamp (made before stamps existed) refuses too.
+- The same check for code outside `ShardStep` (a trainer's output folder, rephrase's chunk folder)::
+
+      state = ensure_stamp(folder, "train", asdict(cfg), code_version=code_version(__name__),
+                           has_outputs=bool(glob.glob(f"{folder}/checkpoint-*")), on_mismatch="refuse")
+      # "new" (stamp written) | "resume" (same stamp) | "recompute" (clear() ran, stamp rewritten)
+
+  `stamp_diff(folder, step, config, code_version)` only compares (the differing field lines, [] when equal
+  or unstamped); `code_version(module)` is a hash of the module's project import closure.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import contextlib
 import logging
 import os
 import time
@@ -39,47 +61,43 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core.ledger import LedgerWriter, find_step_dir, read_ledger, step_dir
+from core.outputs import (
+    FolderBusy,
+    folder_lock,
+    fresh_dir,
+    local_temp,
+    swap_in,
+    temp_path,
+    write_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from core.stamp import (
+    SCHEDULING_FIELDS,
+    STAMP_FILE,
+    StepMismatch,
+    code_version,
+    ensure_stamp,
+    make_stamp,
+    path_identity,
+    plain_config,
+    read_stamp,
+    stamp_diff,
+)
+
+__all__ = [  # the shard-step contract, and the output helpers it is built on (core/outputs.py, core/stamp.py)
+    "EMPTY_PART", "MISSING_PART", "SCHEDULING_FIELDS", "STAMP_FILE", "FolderBusy", "Passing", "ShardStep",
+    "StepMismatch", "StepSummary", "Unit", "code_version", "ensure_stamp", "folder_lock", "fresh_dir",
+    "local_temp", "make_stamp", "path_identity", "plain_config", "read_stamp", "shards_of", "stamp_diff",
+    "swap_in", "temp_path", "write_atomic", "write_json_atomic", "write_parquet_atomic",
+]
 
 log = logging.getLogger(__name__)
 
 MISSING_PART = "part-zz-missing"
 EMPTY_PART = "part-empty"
-
-
-# ---- atomic publication ---------------------------------------------------------------------------
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Publish `data` at `path` (local path or fsspec URL) so a reader sees the whole file or none of it.
-
-    Local files: written to a sibling temp file, then renamed (atomic on POSIX). Object stores publish a
-    whole object on close, so they are written directly."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fs, p = fsspec.core.url_to_fs(str(path))
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
-        tmp = f"{p}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, p)
-    else:
-        fs.makedirs(os.path.dirname(p), exist_ok=True)
-        with fs.open(p, "wb") as f:
-            f.write(raw)
-
-
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """`write_atomic` of a Parquet table (pyarrow's default writer options)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    write_atomic(path, buf.getvalue())
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike, **dumps: Any) -> None:
-    """`write_atomic` of `json.dumps(obj, **dumps)` (UTF-8)."""
-    write_atomic(path, json.dumps(obj, **dumps))
 
 
 # ---- where the inputs are -------------------------------------------------------------------------
@@ -191,6 +209,10 @@ class ShardStep:
     name: ClassVar[str] = ""
     missing_reason: ClassVar[str] = "missing_from_shard"
     missing_detail: ClassVar[str] = "input id not found in any shard"
+    # what the stamp records as the step's config: these attributes (a dataclass's fields are merged in,
+    # other values kept under the attribute's name), less the fields that only say where/how fast it runs
+    stamp_attrs: ClassVar[tuple[str, ...]] = ("cfg", "config")
+    stamp_ignore: ClassVar[frozenset[str]] = SCHEDULING_FIELDS
 
     def __init__(self, out: str | os.PathLike, prev: Passing | None = None):
         if not self.name:
@@ -198,6 +220,9 @@ class ShardStep:
         self.out = Path(out)
         self.prev = prev
         self._ready = False
+        self.on_mismatch = "refuse"  # or "recompute": a folder stamped with another config is cleared
+        self._stamp_state = ""  # "new" | "resume" | "recompute" once checked
+        self._writing = 0
 
     # -- what subclasses write --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -216,10 +241,63 @@ class ShardStep:
 
         return shard_name(url)
 
+    def stamp_config(self) -> dict[str, Any]:
+        """The config this step's outputs depend on (the stamp's `config`): from `stamp_attrs`, less
+        `stamp_ignore`. Override when the outputs depend on something else."""
+        out: dict[str, Any] = {}
+        for attr in self.stamp_attrs:
+            v = getattr(self, attr, None)
+            if v is None:
+                continue
+            v = plain_config(v)
+            if isinstance(v, dict) and attr in ("cfg", "config"):
+                out.update(v)
+            else:
+                out[attr] = v
+        return {k: v for k, v in out.items() if k not in self.stamp_ignore}
+
+    def clear_outputs(self) -> None:
+        """Remove the step's outputs before a recompute (`on_mismatch="recompute"`): its ledger parts.
+        Steps that publish other artifacts extend it."""
+        fs, root = fsspec.core.url_to_fs(self.ledger_url)
+        for f in fs.glob(f"{root}/*.parquet"):
+            fs.rm(f)
+
     # -- the contract -----------------------------------------------------------------------------------
     @property
     def ledger_dir(self) -> Path:
         return step_dir(self.out, self.name)
+
+    @property
+    def ledger_url(self) -> str:
+        """The ledger folder as a path or URL: it holds the parts, the stamp and the writer lock."""
+        return str(self.ledger_dir)
+
+    def check_stamp(self) -> str:
+        """Compare the folder's stamp with this step's config and code before any part counts as done
+        (`ensure_stamp`); once per step object. Raises `StepMismatch` listing the differing fields."""
+        if not self._stamp_state:
+            fs, root = fsspec.core.url_to_fs(self.ledger_url)
+            has = bool(fs.glob(f"{root}/*.parquet"))
+            self._stamp_state = ensure_stamp(self.ledger_url, self.name, self.stamp_config(),
+                                             code_version=code_version(type(self).__module__), has_outputs=has,
+                                             on_mismatch=self.on_mismatch, clear=self.clear_outputs)
+        return self._stamp_state
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the step folder's writer lock (`folder_lock` on the ledger folder) and check its stamp;
+        `run` does this itself, a driver of `pending`/`publish_part`/`finish` wraps them in it."""
+        if self._writing:
+            yield
+            return
+        with folder_lock(self.ledger_url, f"step {self.name}"):
+            self._writing += 1
+            try:
+                self.check_stamp()
+                yield
+            finally:
+                self._writing -= 1
 
     def part(self, unit_name: str) -> Path:
         return self.ledger_dir / f"part-{unit_name}.parquet"
@@ -234,8 +312,10 @@ class ShardStep:
         return units
 
     def pending(self, urls: Sequence[str]) -> tuple[list[Unit], list[Unit]]:
-        """(units to process, units already finished)."""
+        """(units to process, units already finished); finished counts only in a folder stamped with this
+        step's config and code (`check_stamp`)."""
         units = self.units(urls)
+        self.check_stamp()
         return [u for u in units if not self.is_done(u.name)], [u for u in units if self.is_done(u.name)]
 
     def read(self, unit: Unit, led: LedgerWriter, **kw: Any) -> Iterator[Any]:
@@ -258,7 +338,12 @@ class ShardStep:
             self._ready = True
 
     def run(self, urls: Sequence[str]) -> StepSummary:
-        """Process every unfinished unit in order, then account for missing ids. Returns the summary."""
+        """Process every unfinished unit in order, then account for missing ids, holding the folder's writer
+        lock (`FolderBusy` when another writer has it). Returns the summary."""
+        with self.writing():
+            return self._run(urls)
+
+    def _run(self, urls: Sequence[str]) -> StepSummary:
         t0 = time.perf_counter()
         todo, finished = self.pending(urls)
         summary = StepSummary(self.name, n_units=len(urls), skipped=[u.name for u in finished])
@@ -286,7 +371,7 @@ class ShardStep:
     def finish(self, n_units: int) -> int:
         """After the units: an empty part for a step without units; a quarantine row for each id the
         previous step passed that no part decided. Returns how many ids were missing."""
-        if n_units == 0 and not self.ledger_dir.is_dir():
+        if n_units == 0 and not any(self.ledger_dir.glob("*.parquet")):  # the folder may hold just the stamp
             LedgerWriter(self.ledger_dir / f"{EMPTY_PART}.parquet", self.name).close()
         if self.prev is None:
             return 0

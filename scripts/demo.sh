@@ -11,7 +11,8 @@ rm -rf "$OUT/run" "$OUT/ablation"  # no stale pages or tables from an earlier ru
 t0=$(date +%s)
 # Benchmark caches in their published layouts (tiny, drawn): the eval sets of decontamination and of the
 # ablation's evaluations. The demo data gets a few copies of their items planted (eval contamination).
-python -c "from core.demo.eval_fixtures import write_fixtures; write_fixtures('$OUT/eval_cache')"
+# (the folder travels as argv: a path pasted into Python source would be run as code if it held a quote)
+python -c "import sys; from core.demo.eval_fixtures import write_fixtures; write_fixtures(sys.argv[1])" "$OUT/eval_cache"
 python -m core.demo --out "$OUT/data" --n "$N" --seed 0 --contaminate-from "$OUT/eval_cache"
 # A separate, trusted reference set (clean samples of another seed) trains the perplexity reference LM,
 # as DFN trains its filter on trusted data: an LM trained on the data it scores learns its defects too.
@@ -51,8 +52,9 @@ import pandas as pd
 t = pd.read_csv(sys.argv[1])
 cols = ["variant", "n_samples", "n_tokens", "tokens_vs_baseline", "mean_score"] + [c for c in t.columns if c.endswith("_delta")]
 print(t[cols].round(3).to_string(index=False))
-print("(tiny models trained for a few CPU steps: scores show the plumbing works, not which data is better)")
 PY
+  echo "== early signal: answer NLL paired with the baseline (95% interval; noise = spread of the baseline seeds)"
+  python -m core.ablation_compare "$OUT/ablation" --metrics answer_nll val_loss
 fi
 # Where everything is (what the runs published; listed from the files, not from expectations).
 echo "== where things are"
@@ -66,3 +68,5 @@ if [ "${DEMO_ABLATE:-1}" = 1 ]; then
   echo "  decks (ablate) $(cd "$OUT/ablation/decks" && pwd)/: $(cd "$OUT/ablation/decks" && ls *.html | sed 's/\.html$//' | tr '\n' ' ')"
 fi
 echo "demo done in $(( $(date +%s) - t0 )) s"
+# Last line: the page to open first (what happened, the funnel, one card per step linking to its page).
+echo "run report: $(cd "$OUT/run/decks" && pwd)/index.html"

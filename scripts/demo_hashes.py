@@ -22,7 +22,8 @@ CONTRACT = (
     "run/counts.parquet",
     "run/summary.json",
     "run/export/manifest.json",
-    "run/export/shards/*.tar",
+    "run/export/shards/**/*.tar",  # shards/<kind>/*.tar since the export's kind folders (format 2)
+    "run/export/README.md",
     "run/export/ledger/**/*.parquet",
 )
 

@@ -55,16 +55,22 @@ def build_tiny_vision_tower(seed: int = 0) -> FlyteDirectory:
 class CheckpointLists(NamedTuple):
     flat: List[str]
     per_variant: List[List[str]]
+    per_seed: List[List[str]]
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
-def checkpoint_uris(per_variant: List[List[FlyteDirectory]]) -> CheckpointLists:
+def checkpoint_uris(per_variant: List[List[FlyteDirectory]],
+                    seeds: Optional[List[List[FlyteDirectory]]] = None) -> CheckpointLists:
     """Checkpoint directories -> URIs (remote location on a cluster, local path in local runs).
 
     :param per_variant: Each variant's checkpoints, in epoch order.
+    :param seeds: The extra baseline seeds' checkpoints (the noise floor), in seed order.
+    :return: `flat` (every checkpoint, variants then seeds: what the evaluation runs on), `per_variant`, `per_seed`.
     """
     lists = [[source(c) for c in cks] for cks in per_variant]
-    return CheckpointLists(flat=[u for cks in lists for u in cks], per_variant=lists)
+    seed_lists = [[source(c) for c in cks] for cks in seeds or []]
+    return CheckpointLists(flat=[u for cks in lists + seed_lists for u in cks], per_variant=lists,
+                           per_seed=seed_lists)
 
 
 @task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="1", mem="4Gi"))
@@ -77,6 +83,9 @@ def compare_variants(
     output_dir: str = "",
     step_dirs: Optional[List[FlyteDirectory]] = None,
     known_bad_ids: Optional[FlyteFile] = None,
+    seed_checkpoints: Optional[List[List[str]]] = None,
+    train_metrics: Optional[List[FlyteFile]] = None,
+    seed_train_metrics: Optional[List[FlyteFile]] = None,
 ) -> FlyteDirectory:
     """One comparison table: variant x benchmark (final checkpoint), deltas vs baseline, sample and token counts.
 
@@ -89,8 +98,12 @@ def compare_variants(
     :param known_bad_ids: Optional id list (JSON or one per line) of known low-quality samples: per variant, how
         many of them its export kept (`known_bad_kept`) and removed vs the baseline (`known_bad_removed`).
     :param step_dirs: Output directories of the shared steps (ingest, embed, semdedup, ...), for their decks.
-    :return: Directory with comparison.parquet, comparison.csv, scores_by_epoch.parquet and decks/ (each
-        step's deck page: shared steps, export_<variant>, train_<variant>, evaluation, ablation).
+    :param seed_checkpoints: The baseline retrained with other seeds (`baseline-seed1`, ...): the noise floor.
+    :param train_metrics: Per variant, its training metrics.jsonl (held-out loss); `seed_train_metrics` per seed.
+    :return: Directory with comparison.parquet, comparison.csv, paired.parquet, paired.csv (per variant x
+        benchmark x metric: paired delta to the baseline, 95% interval, significant, noise floor, verdict),
+        scores_by_epoch.parquet and decks/ (each step's deck page: shared steps, export_<variant>,
+        train_<variant>, train_baseline-seed<k>, evaluation, ablation).
 
     Ends by printing where the comparison, the evaluation results and each deck page are.
     """
@@ -98,7 +111,7 @@ def compare_variants(
         raise ValueError(f"one checkpoint list and one export per variant: {len(variants)} variants, "
                          f"{len(checkpoints)} checkpoint lists, {len(exports)} exports")
     t0 = step_started("ablation", variants=len(variants))
-    from core.ablation_compare import collect_ablation_decks, comparison_html
+    from core.ablation_compare import collect_ablation_decks, comparison_html, format_paired, seed_run_name
     from core.ablation_compare import compare_variants as compare
     from core.publish import display_root, publish
     from core.report import DECKS_DIR, paths_block
@@ -107,11 +120,16 @@ def compare_variants(
     bad = load_id_list(known_bad_ids.download()) if known_bad_ids is not None else None
     eval_dir = evaluation.download()
     out = str(workdir("ablation"))
+    seed_checkpoints = seed_checkpoints or []
     cmp = compare(variants, checkpoints, [ex.download() for ex in exports], eval_dir, out,
-                  tokenizer.download() if tokenizer is not None else None, bad)
+                  tokenizer.download() if tokenizer is not None else None, bad, seed_checkpoints=seed_checkpoints,
+                  train_metrics=[m.download() for m in train_metrics] if train_metrics else None,
+                  seed_train_metrics=[m.download() for m in seed_train_metrics] if seed_train_metrics else None)
     Deck("ablation", comparison_html(cmp))
-    decks = collect_ablation_decks(out, variants, checkpoints, [source(d) for d in step_dirs or []],
-                                   [source(ex) for ex in exports], eval_dir) + ["ablation"]
+    seed_names = [seed_run_name(k + 1) for k in range(len(seed_checkpoints))]
+    decks = collect_ablation_decks(out, variants + seed_names, checkpoints + seed_checkpoints,
+                                   [source(d) for d in step_dirs or []], [source(ex) for ex in exports],
+                                   eval_dir) + ["ablation"]
     save_decks(out, "ablation")
     if output_dir:
         publish(out, output_dir, {"evaluation": eval_dir})
@@ -120,5 +138,7 @@ def compare_variants(
     rows = [("comparison", f"{where}/comparison.csv"),
             ("evaluation", f"{where}/evaluation" if output_dir else eval_dir)]
     rows += [(f"deck {name}", f"{where}/{DECKS_DIR}/{name}.html") for name in decks]
+    print(f"paired comparison with the baseline (noise: spread of {1 + len(seed_checkpoints)} baseline seeds):\n"
+          f"{format_paired(cmp.paired)}", flush=True)
     print(paths_block(f"ablation finished: {len(variants)} variants; outputs:", rows), flush=True)
     return FlyteDirectory(out)

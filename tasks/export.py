@@ -70,7 +70,8 @@ def export_dataset(
     :param max_bytes: Most bytes per output shard.
     :param image_format: jpg (default: every single-image sample is `key.jpg`, non-JPEG sources re-encoded at
         quality 95) | png (lossless, `key.png`) | keep (source bytes and extension).
-    :return: Directory with `shards/*.tar`, `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
+    :return: Directory with `shards/<kind>/*.tar` (kinds text, image, images<n>), `README.md` (dataset card),
+        `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
     """
     t0 = step_started("export", subset=subset_name or "-", max_samples=max_samples)
     from core.export import ExportConfig, export_curated, export_report_html, load_id_list
@@ -88,7 +89,8 @@ def export_dataset(
         ids = load_id_list(subset_ids.download())
     out = os.path.join(work, "export")
     manifest = export_curated(shards_of(src), dirs, out, cfg, subset_ids=ids,
-                              rephrased_dir=_rephrased_records(rephrased) if rephrased is not None else None)
+                              rephrased_dir=_rephrased_records(rephrased) if rephrased is not None else None,
+                              code_version=task_version(__name__), source=src)
     log.info("exported %d samples in %d shards", manifest["n_samples"], manifest["n_shards"])
     Deck("export", export_report_html(manifest))
     save_decks(out, f"export_{subset_name}" if subset_name else "export")

@@ -329,8 +329,9 @@ class MixingOutputs(NamedTuple):
 def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory]], mix_uris: List[str],
                 proxy_subsets: List[str], run: FlyteDirectory, domains: FlyteDirectory, prep: FlyteDirectory,
                 config: MixingConfig, output_dir: str = "") -> MixingOutputs:
-    """Spearman correlation of soup score vs trained-mixture score per benchmark (with the number of pairs),
-    then export the recommended mixture (best overall soup) through the existing export.
+    """Spearman correlation of soup score vs trained-mixture score per benchmark with its 95% bootstrap interval
+    over mixtures and the number of pairs (`core.mixing.stats.spearman_interval`, the statistic of
+    benchmarks/mixing_proxy.py), then export the recommended mixture (best overall soup) through the existing export.
 
     :param soups: analyze_soups report dir (soup_scores.csv, analysis.json).
     :param mix_results: evaluate_soup outputs of the trained mixtures.
@@ -356,7 +357,7 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
     dirs = [r.download() for r in mix_results if r is not None]
     res = collect_results(dirs, os.path.join(out, "mixtures"))
     trained = score_table(res.summary, dict(zip(mix_uris, proxy_subsets, strict=True)))
-    proxy = spearman_by_benchmark(soup_table, trained)
+    proxy = spearman_by_benchmark(soup_table, trained, seed=config.seed)
     pairs = soup_table.loc[[i for i in trained.index if i in soup_table.index]].add_prefix("soup_").join(
         trained.add_prefix("trained_"))
     proxy.to_csv(os.path.join(out, "proxy_spearman.csv"), index=False)

@@ -19,8 +19,12 @@ def _fmt(facts: dict[str, Any]) -> str:
 
 
 def step_started(step: str, **facts: Any) -> float:
-    """Log `step <step>: start k=v ...`; returns the start time for `step_finished`."""
+    """Log `step <step>: start k=v ...` and open the step's deck page (`tasks.decks.begin_decks`: decks made
+    from here on are this step's); returns the start time for `step_finished`."""
+    from tasks.decks import begin_decks
+
     log.info("step %s: start%s", step, _fmt(facts))
+    begin_decks()
     return time.time()
 
 

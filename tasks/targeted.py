@@ -256,8 +256,9 @@ def mix_exports(exports: List[FlyteDirectory], name: str) -> FlyteDirectory:
     for i, ex in enumerate(exports):
         root = ex.download()
         man = json.loads(open(os.path.join(root, "manifest.json")).read())
-        for url in list_shards(os.path.join(root, "shards")):
-            shutil.copy2(url, out / "shards" / f"part{i}-{os.path.basename(url)}")
+        for url in list_shards(os.path.join(root, "shards")):  # the manifest's shards: <kind>/<name>.tar
+            kind = os.path.basename(os.path.dirname(url))
+            shutil.copy2(url, out / "shards" / f"part{i}-{kind}-{os.path.basename(url)}")
         parts.append({"subset": man.get("subset", ""), "selection": man.get("selection", ""), "n_samples": man["n_samples"]})
     manifest = {"format": 1, "mixture": name, "parts": parts, "n_samples": sum(p["n_samples"] for p in parts)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))

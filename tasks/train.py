@@ -21,12 +21,13 @@ import os
 import tempfile
 from typing import Dict, List, NamedTuple, Optional
 
-from flytekit import Deck, Resources, current_context, task
+from flytekit import Deck, Resources, Secret, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from core.train.config import TrainConfig, default_train_config
+from core.train.external import parse_secret_spec
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import TRAIN_IMAGE
@@ -152,7 +153,18 @@ train_mini_llava = _train_task(requests=Resources(cpu="8", mem="64Gi", gpu="1"),
                                **_TRAIN_OPTS)(_train_fn)
 
 
-@task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), retries=2)
+# Flyte secrets for the external trainer, as environment variables of its process. Fixed when this module is
+# imported (a task's secret requests are part of its registered definition), like the W&B settings above:
+# MMCURATE_TRAIN_SECRETS="HF_TOKEN=hf/token,AWS_SECRET_ACCESS_KEY=aws/secret" (ENV=group/key, comma separated).
+# The variable is also set in the task's container, so the pod builds the same task.
+TRAIN_SECRETS_VAR = "MMCURATE_TRAIN_SECRETS"
+TRAIN_SECRETS_SPEC = os.environ.get(TRAIN_SECRETS_VAR, "")
+TRAIN_SECRETS = parse_secret_spec(TRAIN_SECRETS_SPEC)
+
+
+@task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), retries=2,
+      secret_requests=[Secret(group=g, key=k) for g, k in TRAIN_SECRETS.values()],
+      environment={TRAIN_SECRETS_VAR: TRAIN_SECRETS_SPEC} if TRAIN_SECRETS_SPEC else None)
 def train_external(
     data: FlyteDirectory,
     command: str,
@@ -173,13 +185,17 @@ def train_external(
     :param nproc_per_node: Filled in as {nproc} / {nproc_per_node}.
     :param epochs: Filled in as {epochs}.
     :param lr: Filled in as {lr}.
-    :param extra: More placeholder values.
-    :param env: Extra environment variables for the trainer process.
+    :param extra: More placeholder values (shown as `<extra:key>` in the logged command, masked in the output).
+    :param env: Non-secret environment variables for the trainer process (task inputs are visible in the Flyte UI:
+        a name that looks like a credential, e.g. `HF_TOKEN`, is refused). Secrets come from Flyte secrets named
+        in `MMCURATE_TRAIN_SECRETS` at registration (docs/train.md).
     :param checkpoint_glob: Which directories under {ckpt_dir} are checkpoints.
     :return: The checkpoint directories the trainer wrote, sorted by name.
     """
-    from core.train.external import ExternalTrainer, ExternalTrainerConfig
+    from core.train.external import ExternalTrainer, ExternalTrainerConfig, check_plain_env
 
+    check_plain_env(env or {})
+    secrets = {name: current_context().secrets.get(group=g, key=k) for name, (g, k) in TRAIN_SECRETS.items()}
     data_dir = data.download()
     if os.path.isdir(os.path.join(data_dir, "shards")):
         data_dir = os.path.join(data_dir, "shards")
@@ -187,4 +203,4 @@ def train_external(
                                 checkpoint_glob=checkpoint_glob)
     trainer = ExternalTrainer(cfg, nnodes, nproc_per_node, {"epochs": epochs, "lr": lr})
     ckpt_dir = os.path.join(current_context().working_directory, "checkpoints")
-    return [FlyteDirectory(c) for c in trainer.fit(data_dir, ckpt_dir)]
+    return [FlyteDirectory(c) for c in trainer.fit(data_dir, ckpt_dir, secrets)]

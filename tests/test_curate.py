@@ -11,6 +11,7 @@ the run summary's loud failure on unbalanced ledgers.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -128,9 +129,12 @@ def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_lo
     # findability: each step's deck page is copied to output_dir/decks/<step>.html, and the run ends by
     # printing where the summary, the export and every deck page are
     pages = {p.stem: p.read_text() for p in (out / "decks").glob("*.html")}
-    assert sorted(pages) == sorted(steps + ["run_summary"])
+    assert sorted(pages) == sorted(steps + ["run_summary", "index"])
     for name, text in pages.items():  # a real page with the step's own deck section(s), not an empty shell
         assert text.startswith("<!doctype html>") and text.count("<section>") >= 1 and len(text) > 2000, name
+    for step in steps:  # each page holds its own step only (a local run shares one deck list across tasks)
+        assert re.findall(r"<h2>(.*?)</h2>", pages[step]) == [step], step
+    assert all(f'href="{step}.html"' in pages["index"] for step in steps + ["run_summary"])
     assert "samples per step" in pages["run_summary"] and "<img" in pages["semdedup"]
     printed = capsys.readouterr().out
     root = out.resolve()

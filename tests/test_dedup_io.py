@@ -14,7 +14,7 @@ from core.dedup.pipeline import cluster_embeddings, decide_semdedup, prune_clust
 from core.dedup.report import semdedup_report_html
 from core.demo.embeddings import clustered_embeddings, plant_duplicates, write_embedding_parquet
 from core.ledger import LedgerWriter, check_balance, read_ledger, step_dir
-from core.step import Passing
+from core.step import Passing, StepMismatch
 
 
 @pytest.mark.parametrize("fixed", [False, True])
@@ -187,8 +187,12 @@ def test_decontaminate_drops_near_copies_with_benchmark_reason(tmp_path):
     mined = pa.concat_tables([pq.read_table(run / "mining" / f"{b}.parquet") for b in ("docvqa", "chartqa")])
     assert mined.num_rows == 5 * 4
     # resume: existing ledger parts are kept, mining is still complete
-    decontaminate(emb, run, {"docvqa": str(tmp_path / "docvqa.parquet")}, c)
+    decontaminate(emb, run, {"docvqa": str(tmp_path / "docvqa.parquet"),
+                             "chartqa": str(tmp_path / "chartqa.parquet")}, c)
     assert len(read_ledger(step_dir(run, "decontam"))) == 300
+    # parts decided against two eval sets are not resumed against one (the step stamp, core/step.py)
+    with pytest.raises(StepMismatch, match="eval_embeddings.chartqa"):
+        decontaminate(emb, run, {"docvqa": str(tmp_path / "docvqa.parquet")}, c)
 
 
 def test_decontam_quarantines_absent_ids_and_resumes_one_file(tmp_path):
@@ -213,7 +217,7 @@ def test_decontam_quarantines_absent_ids_and_resumes_one_file(tmp_path):
     again = decontaminate(emb, tmp_path / "dc", evals, c, prev)
     assert again["n_input"] == 140 and again["n_quarantined"] == 0  # ghost's row is still there: not written twice
     assert read_ledger(ldir).sample_id.tolist() == read_ledger(ldir).sample_id.drop_duplicates().tolist()
-    assert sorted(p.name for p in ldir.iterdir()) == ["part-shard-0.parquet", "part-shard-1.parquet",
+    assert sorted(p.name for p in ldir.iterdir()) == ["_step.json", "part-shard-0.parquet", "part-shard-1.parquet",
                                                       "part-zz-missing.parquet"]
     pd_again = pq.read_table(tmp_path / "dc" / "mining" / "docvqa.parquet").to_pandas()
     assert pd_again.equals(mined)

@@ -68,10 +68,17 @@ def test_export_is_byte_identical_and_matches_ledger(run, tmp_path):
     assert m1 == m2
     assert m1["steps"] == ["ingest", "semdedup", "perplexity", "rephrase"]
     assert m1["n_samples"] == len(kept) == sum(s["n_samples"] for s in m1["shards"])
-    assert len(kept) == 27 and [len(s["ids"]) for s in m1["shards"]] == [10, 10, 7]
-    # every exported id is a kept id, in input order; nothing else
+    # shards are homogeneous by kind (shards/<kind>/), each kind rolled over at max_samples
+    by_kind = {k: [len(s["ids"]) for s in m1["shards"] if s["kind"] == k] for k in m1["kinds"]}
+    assert len(kept) == 27 and by_kind == {"image": [10, 4], "images2": [7], "text": [6]}
+    assert {k: v["n_samples"] for k, v in m1["kinds"].items()} == {"image": 14, "images2": 7, "text": 6}
+    assert all(s["name"].startswith(s["kind"] + "/") for s in m1["shards"])
+    # every exported id is a kept id, in input order within its kind; nothing else
     exported = [i for s in m1["shards"] for i in s["ids"]]
-    assert exported == kept
+    assert sorted(exported) == sorted(kept) and len(exported) == len(kept)
+    for k in m1["kinds"]:
+        ids = [i for s in m1["shards"] if s["kind"] == k for i in s["ids"]]
+        assert ids == [i for i in kept if i in set(ids)]
     # what each step removed, by reason, comes from the ledgers
     removed = {r["step"]: r for r in m1["removed_by_step"]}
     assert removed["semdedup"]["by_reason"] == [{"decision": "drop", "reason": "semdedup_eps:0.05", "count": 8}]
@@ -106,8 +113,8 @@ def test_export_reads_back_with_images(run, tmp_path):
     out = tmp_path / "e"
     export_curated(list_shards(str(rdir / "shards")), str(rdir), str(out), ExportConfig())
     src = {s.id: s for s in iter_samples(list_shards(str(rdir / "shards")))}
-    back = list(iter_samples(list_shards(str(out / "shards"))))
-    assert [s.id for s in back] == kept
+    back = list(iter_samples(list_shards(str(out / "shards"))))  # the manifest's shards: kind, then input order
+    assert sorted(s.id for s in back) == sorted(kept) and len(back) == len(kept)
     for s in back:
         assert s.image_bytes == src[s.id].image_bytes  # JPEG sources: copied byte for byte
         rec, orig = s.to_record(), src[s.id].to_record()
@@ -125,7 +132,11 @@ def test_subset_export_and_id_files(run, tmp_path):
     m = export_curated(list_shards(str(rdir / "shards")), str(rdir), str(tmp_path / "s"),
                        ExportConfig(subset_name="ppl_decile_0"), subset_ids=ids)
     assert m["subset"] == "ppl_decile_0" and m["n_samples"] == len(subset)
-    assert [i for s in m["shards"] for i in s["ids"]] == subset  # input order, not list order
+    exported = [i for s in m["shards"] for i in s["ids"]]
+    assert sorted(exported) == sorted(subset) and len(exported) == len(subset)
+    for k in m["kinds"]:  # input order within each kind, not list order
+        ids = [i for s in m["shards"] if s["kind"] == k for i in s["ids"]]
+        assert ids == [i for i in subset if i in set(ids)]
     pq.write_table(pa.table({"sample_id": subset}), tmp_path / "ids.parquet")
     assert load_id_list(str(tmp_path / "ids.parquet")) == subset
     # a subset id that is in no shard makes the count check fail loudly

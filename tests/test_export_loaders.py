@@ -176,3 +176,49 @@ def test_jpeg_sources_are_copied_byte_for_byte(demo_run):
 def test_bad_image_format_is_rejected():
     with pytest.raises(ValueError, match="image_format"):
         ExportConfig(image_format="webp")
+
+
+def _card_configs(card: str) -> dict[str, str]:
+    """{config_name: data_files path} from the dataset card's YAML header (the Hub's `configs:` form)."""
+    head = card.split("---", 2)[1]
+    names = [json.loads(line.split(":", 1)[1]) for line in head.splitlines() if line.startswith("- config_name:")]
+    paths = [json.loads(line.split(":", 1)[1]) for line in head.splitlines() if line.strip().startswith("path:")]
+    return dict(zip(names, paths, strict=True))
+
+
+def test_huggingface_datasets_loads_every_kind(demo_run, tmp_path):
+    """`datasets.load_dataset("webdataset", data_files=...)` (what the Hub's viewer and `datasets` users run)
+    loads each kind folder of a demo export with the card's own data_files, and the counts equal the manifest."""
+    import datasets  # a pinned dev dependency (pyproject `dev`): a missing install fails, never skips
+    _export(demo_run, "hf")
+    out = demo_run / "hf"
+    manifest = json.loads((out / "manifest.json").read_text())
+    configs = _card_configs((out / "README.md").read_text())
+    assert sorted(configs) == sorted(manifest["kinds"]) and {"image", "text"} <= set(configs)
+    assert any(k.startswith("images") for k in configs)  # the demo has multi-image samples
+    total = 0
+    for kind, pattern in configs.items():
+        ds = datasets.load_dataset("webdataset", data_files={"train": str(out / pattern)}, split="train",
+                                   cache_dir=str(tmp_path / "hf"))
+        assert len(ds) == manifest["kinds"][kind]["n_samples"]
+        row = ds[0]
+        n_img = 0 if kind == "text" else 1 if kind == "image" else int(kind[len("images"):].split("-")[0])
+        assert len(row["json"]["conversations"]) >= 2
+        images = [row[k] for k in row if k.endswith("jpg")]
+        assert len(images) == n_img and all(im.size[0] > 0 for im in images)  # decoded PIL images
+        total += len(ds)
+    assert total == manifest["n_samples"]
+
+
+def test_card_counts_match_manifest(demo_run):
+    """The card's per-kind and per-step numbers are the manifest's."""
+    _export(demo_run, "card")
+    out = demo_run / "card"
+    manifest = json.loads((out / "manifest.json").read_text())
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: unknown\n")
+    for kind, k in manifest["kinds"].items():
+        assert f"| `{kind}` |" in card and f"| {k['n_samples']} | {k['n_shards']} |" in card
+    for r in manifest["removed_by_step"]:
+        assert f"| `{r['step']}` | {r['inputs']} | {r['kept']} | {r['modified']} | {r['removed']} |" in card
+    assert f"{manifest['n_samples']} samples in {manifest['n_shards']} WebDataset shards" in card

@@ -44,8 +44,11 @@ def exported(flyte_env):
 def test_export_task(exported):
     out, kept = exported
     manifest = json.loads(open(os.path.join(out.path, "manifest.json")).read())
-    assert manifest["n_samples"] == len(kept) and manifest["n_shards"] == 3
-    assert sorted(os.listdir(os.path.join(out.path, "shards"))) == [f"shard-00000{i}.tar" for i in range(3)]
+    assert manifest["n_samples"] == len(kept) and manifest["n_shards"] == 4
+    assert sorted(os.listdir(os.path.join(out.path, "shards"))) == ["image", "images2", "text"]
+    assert sorted(os.listdir(os.path.join(out.path, "shards", "image"))) == ["shard-000000.tar", "shard-000001.tar"]
+    card = open(os.path.join(out.path, "README.md")).read()
+    assert "config_name: \"images2\"" in card and "code version: `" in card
 
 
 @pytest.mark.slow

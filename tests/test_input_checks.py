@@ -127,9 +127,9 @@ def test_validate_task_checks_format_known_bad_ids_and_inline_image_sources(tmp_
     empty_ids = tmp_path / "none.txt"
     empty_ids.write_text("")
     with pytest.raises(InputError) as e:
-        validate_curate_inputs(**kw, format="wds:sharegpt", known_bad_ids=FlyteFile(str(empty_ids)))
+        validate_curate_inputs(**kw, format="wds:alpaca", known_bad_ids=FlyteFile(str(empty_ids)))
     msg = str(e.value)
-    assert "--format: 'wds:sharegpt' is not a format; valid: auto, json|jsonl|wds|parquet, llava|messages" in msg
+    assert "--format: 'wds:alpaca' is not a format; valid: auto, json|jsonl|wds|parquet, llava|messages" in msg
     assert f"--known_bad_ids: '{empty_ids}' holds no id" in msg
     # a JSON source names its images relative to image_root: then it is required
     src = tmp_path / "data.jsonl"

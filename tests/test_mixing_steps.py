@@ -147,13 +147,15 @@ def test_spearman_by_benchmark_counts_pairs():
     trained = pd.DataFrame({"x": [10, 30, 20], "y": [1, 2, 3]}, index=["a", "b", "c"])
     r = spearman_by_benchmark(soup, trained).set_index("benchmark")
     assert r.loc["x", "n_pairs"] == 3 and r.loc["x", "spearman"] == pytest.approx(0.5)
+    assert r.loc["x", "ci_low"] <= 0.5 <= r.loc["x", "ci_high"]  # the interval over mixtures holds the estimate
     assert math.isnan(r.loc["y", "spearman"])  # a constant side has no rank correlation
 
 
 def test_choose_proxy_subsets_top_and_random_multi_domain():
     t = pd.DataFrame({"overall": [5, 4, 3, 2, 1, 0]}, index=["a+b", "a", "b", "a+c", "b+c", "c"])
     cfg = MixingConfig(benchmarks=[], proxy_top=2, proxy_random=2)
-    assert choose_proxy_subsets(t, cfg) == ["a+b", "a", "a+c", "b+c"]
+    # the best subset "a" is one domain: its mixture would be its expert, so the top are multi-domain too
+    assert choose_proxy_subsets(t, cfg) == ["a+b", "a+c", "b+c"]
 
 
 def test_domain_perplexity_ledger_is_sliceable(tmp_path):

@@ -7,7 +7,7 @@ import os
 from core.publish import display_root, publish
 
 
-def test_publish_copies_tree_and_extras_and_keeps_other_files(tmp_path):
+def test_publish_copies_tree_and_extras_and_moves_other_files_aside(tmp_path):
     out = tmp_path / "work" / "run_summary"
     (out / "decks").mkdir(parents=True)
     (out / "summary.json").write_text("{}")
@@ -21,7 +21,10 @@ def test_publish_copies_tree_and_extras_and_keeps_other_files(tmp_path):
     where = publish(str(out), str(dest), {"export": str(export)})
     assert where == str(dest)
     got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert got == ["decks/ingest.html", "export/shards/shard-000000.tar", "old/keep.txt", "summary.json"]
+    assert got == ["_published.json", "decks/ingest.html", "export/shards/shard-000000.tar", "summary.json"]
+    # a file no publish wrote is never deleted: the folder that held it is kept aside, beside dest
+    aside = [p for p in dest.parent.iterdir() if p.name.startswith(".run.old-")]
+    assert len(aside) == 1 and (aside[0] / "old" / "keep.txt").read_text() == "earlier"
     (out / "summary.json").write_text('{"again": 1}')  # publishing again overwrites
     publish(str(out) + "/", f"file://{dest}/")
     assert (dest / "summary.json").read_text() == '{"again": 1}'

@@ -302,7 +302,7 @@ def test_rephrase_step_over_wds_shards_with_prev_and_bad_records(tmp_path, count
     assert rep["n_samples"] == 9 and rep["n_quarantined"] == 2 and rep["tokens_before"]["min"] > 0
     assert rep["quarantine_reasons"] == {"invalid_json": 1, "missing_from_shard": 1}
     # the reader's quarantine is in the shard's one ledger part; the missing id in the base's missing part
-    assert sorted(p.name for p in step_dir(out, "rephrase").iterdir()) == [
+    assert sorted(p.name for p in step_dir(out, "rephrase").glob("*.parquet")) == [
         "part-shard-000000.parquet", "part-shard-000001.parquet", "part-shard-zzz.parquet", "part-zz-missing.parquet"]
     assert read_ledger(ledger_part(out, "shard-zzz"))["reason"].tolist() == ["invalid_json"]
     assert not (out / "rephrase" / "work").exists()

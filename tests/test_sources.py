@@ -150,9 +150,10 @@ def test_messages_dialect_jsonl(tmp_path, images):
     assert set(kept) == {"m1", "m2"}
     assert reasons_of(led) == {"m3": "unsupported_modality:video", "m4": "role_broken"}
     m1, m2 = kept["m1"], kept["m2"]
-    assert m1.conversations[0].role == "human" and m1.conversations[0].value == "<image>What is it?"
-    assert m1.domain == "shapes" and m1.source == "web" and m1.meta == {"system_prompt": "be nice", "license": "cc-by"}
-    assert m1.to_record()["meta"] == {"system_prompt": "be nice", "license": "cc-by"}
+    # a top-level system_prompt is the conversation's system turn (issue 26), not a meta field
+    assert [(t.role, t.value) for t in m1.conversations[:2]] == [("system", "be nice"), ("human", "<image>What is it?")]
+    assert m1.domain == "shapes" and m1.source == "web" and m1.meta == {"license": "cc-by"}
+    assert m1.to_record()["meta"] == {"license": "cc-by"}
     assert m2.conversations[0].role == "system" and m2.conversations[1].value == "<image>\n<image>\nCompare."
     assert m2.image_bytes[1] == (images / "b.png").read_bytes()
 
@@ -331,5 +332,6 @@ def test_meta_domain_and_source_travel_into_the_export(tmp_path, images):
     export_curated(list_shards(str(run / "shards")), str(run), str(tmp_path / "out"), ExportConfig(steps=["ingest"]))
     (back,) = iter_samples(list_shards(str(tmp_path / "out" / "shards")))
     rec = back.to_record()
-    assert rec["meta"] == {"system_prompt": "Answer briefly.", "license": {"name": "cc-by", "v": 4}}
+    assert rec["meta"] == {"license": {"name": "cc-by", "v": 4}}
+    assert rec["conversations"][0] == {"from": "system", "value": "Answer briefly."}  # system_prompt: a turn
     assert rec["domain"] == "chart" and rec["source"] == "web" and back.domain == "chart"

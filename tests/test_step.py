@@ -88,7 +88,8 @@ def test_a_crash_leaves_the_unit_absent_and_a_rerun_resumes_it(run, tmp_path):
     with pytest.raises(RuntimeError):
         step.run(shards_of(run))
     parts = sorted(p.name for p in (out / "ledger" / "lengths").iterdir())
-    assert parts == ["part-shard-000000.parquet"]  # the crashed unit left no part and no temp file
+    # the crashed unit left no part and no temp file; the writer lock is released (its file removed)
+    assert parts == ["_step.json", "part-shard-000000.parquet"]
     s = Lengths(out, Passing.read(run, "ingest")).run(shards_of(run))
     assert s.skipped == ["shard-000000"] and s.done == ["shard-000001", "shard-000002"]
     assert len(read_ledger(out / "ledger" / "lengths")) == 29

@@ -215,5 +215,5 @@ def test_the_step_is_a_shard_step_and_an_empty_run_still_writes_its_ledger(tmp_p
     assert issubclass(TargetedGenerateStep, ShardStep) and TargetedGenerateStep.name == STEP
     rows = _retrieved([], "count_like")  # nothing retrieved: no unit, no model load (model "m" does not exist)
     assert generate_shards(rows, pool, tmp_path / "g", tiny_targeted_config("m"), EXAMPLES, generator=None) == []
-    assert [p.name for p in step_dir(tmp_path / "g", STEP).iterdir()] == ["part-empty.parquet"]
+    assert sorted(p.name for p in step_dir(tmp_path / "g", STEP).iterdir()) == ["_step.json", "part-empty.parquet"]
     check_balance(tmp_path / "g", [STEP])

@@ -10,7 +10,8 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.ablation import parse_variant
-from core.configs import preset
+from core.ablation_compare import seed_run_name
+from core.configs import override, preset
 from core.rephrase.config import tiny_rephrase_config
 from core.run_config import AblateConfig
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
@@ -83,7 +84,7 @@ def ablate_steps(
         rephrased = rephrase(run_dir=run, config=tiny_rephrase_config(), model_dir=lm, prev=emb,
                              prev_step="embed").out_dir
     vision = build_tiny_vision_tower()
-    exports, ckpts = [], []
+    exports, ckpts, metrics, base_export = [], [], [], None
     for p in parsed:
         ids = select_variant(step_dirs=step_dirs, variant=p.spec)
         ex = export_dataset(run_dir=run, step_dirs=[emb], steps=["ingest", "embed"], subset_ids=ids,
@@ -92,10 +93,20 @@ def ablate_steps(
                    run_name=p.spec)
         exports.append(ex)
         ckpts.append(tr.checkpoints)
-    uris = checkpoint_uris(per_variant=ckpts)
+        metrics.append(tr.metrics)
+        base_export = ex if p.kind == "baseline" else base_export
+    seed_ckpts, seed_metrics = [], []
+    if base_export is not None:  # the noise floor: the same baseline data, other seeds (init, order, held-out set)
+        for k in range(1, c.baseline_seeds):
+            tr = train(data=base_export, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision,
+                       config=override(c.train_config, seed=c.train_config.seed + k), run_name=seed_run_name(k))
+            seed_ckpts.append(tr.checkpoints)
+            seed_metrics.append(tr.metrics)
+    uris = checkpoint_uris(per_variant=ckpts, seeds=seed_ckpts)
     ev = evaluate(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=c.eval_max_samples)
     table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
-                             tokenizer=lm, output_dir=output_dir, step_dirs=step_dirs, known_bad_ids=known_bad_ids)
+                             tokenizer=lm, output_dir=output_dir, step_dirs=step_dirs, known_bad_ids=known_bad_ids,
+                             seed_checkpoints=uris.per_seed, train_metrics=metrics, seed_train_metrics=seed_metrics)
     return AblationOutputs(comparison=table, evaluation=ev)
 
 
@@ -123,7 +134,8 @@ def ablate(
         training neighbours).
     :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
     :param config: AblateConfig (core/run_config.py): shard size, embed/dedup/decontam configs, reference-LM steps,
-        training recipe per variant (`train_config`, a TrainConfig), eval cap. On the CLI a partial JSON merged onto
+        training recipe per variant (`train_config`, a TrainConfig), eval cap, `baseline_seeds` (the baseline is
+        trained that many times with different seeds: the noise floor of the comparison; 2 in the tiny preset). On the CLI a partial JSON merged onto
         the tiny preset: `{"train_config": {"max_steps": 30}, "eval_max_samples": 8}`, `{"embed_config": "siglip2"}`.
     :param benchmarks: Benchmarks to evaluate every checkpoint on.
     :param reference_source: Trusted dataset the perplexity reference LM (and the trained model's LM) learns from;

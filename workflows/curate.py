@@ -86,7 +86,7 @@ def curate_steps(
     out = export_dataset(run_dir=run, step_dirs=dirs[1:], steps=steps, rephrased=rephrased,
                          max_samples=c.export_max_samples)
     summary = summarize_run(step_dirs=dirs + [out], steps=steps + ["export"], export=out, output_dir=output_dir,
-                            known_bad_ids=known_bad_ids)
+                            known_bad_ids=known_bad_ids, config=c)
     return CurateOutputs(export=out, summary=summary)
 
 

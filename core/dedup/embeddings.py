@@ -110,6 +110,9 @@ def read_embeddings(
     missing: list[str] = []
     missing_shards: list[str] = []
     files = embedding_files(path)
+    from core.embed.store import check_one_model  # lazily: core.embed's package imports its pipeline
+
+    check_one_model(files)  # a matrix of two models' vectors makes every distance meaningless
     # filled in place: an np.empty upper bound whose untouched tail never becomes resident, so the
     # reader's peak is ~1x the matrix plus one file, not 2x from concatenating per-file blocks
     total_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)

@@ -137,6 +137,7 @@ class DecontamStep(ShardStep):
     in no file: quarantine `missing_embedding`. `run` publishes `mining/<benchmark>.parquet` at the end."""
 
     name = DECONTAM_STEP
+    stamp_attrs = ("cfg", "eval_embeddings")  # resume only against the same eval sets (core/step.py stamp)
     missing_reason = "missing_embedding"
     missing_detail = "input id has no row in any embeddings file"
 

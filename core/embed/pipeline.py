@@ -108,6 +108,18 @@ class EmbedStep(ShardStep):
     def emb_path(self, unit_name: str) -> str:
         return f"{self.emb_dir}/{unit_name}.parquet"
 
+    @property
+    def ledger_url(self) -> str:
+        return str(self.ledger_dir) if self.local else f"{self.run_url}/ledger/{self.name}"
+
+    def clear_outputs(self) -> None:
+        """A recompute (another model, `on_mismatch="recompute"`) removes the embeddings with the ledger
+        parts: no file of the old model stays for `load_embeddings` to mix in."""
+        super().clear_outputs()
+        fs, root = fsspec.core.url_to_fs(self.emb_dir)
+        for f in fs.glob(f"{root}/*.parquet"):
+            fs.rm(f)
+
     def part(self, unit_name: str) -> Any:
         return super().part(unit_name) if self.local else f"{self.run_url}/ledger/{self.name}/part-{unit_name}.parquet"
 
@@ -169,6 +181,7 @@ def embed_shards(
     prev: Passing | None = None,
     use_ray: bool = True,
     actor_prefix: str = ACTOR_PREFIX,
+    on_mismatch: str = "refuse",
 ) -> EmbedSummary:
     """Embed WDS shards into `<out_dir>/<shard>.parquet` plus `<run>/ledger/embed/part-<shard>.parquet`
     (`<run>` = the parent of `out_dir`); shards already done are skipped.
@@ -179,10 +192,19 @@ def embed_shards(
     initialised); False runs one in-process worker (tests, benchmarks).
     Raises `EmbedIncomplete` when shards failed (actor died more than `cfg.max_shard_retries` times, or
     a shard raised); the shards that finished are published, so a re-run resumes.
+    A folder embedded with another model or config (its stamp, `core.step`) raises `StepMismatch` naming
+    the differing fields; `on_mismatch="recompute"` clears it and embeds again. A second writer of the same
+    folder raises `FolderBusy`.
     """
+    step = EmbedStep(out_dir, cfg, prev)
+    step.on_mismatch = on_mismatch
+    with step.writing():
+        return _embed_shards(step, shard_urls, use_ray, actor_prefix)
+
+
+def _embed_shards(step: EmbedStep, shard_urls: list[str], use_ray: bool, actor_prefix: str) -> EmbedSummary:
     t0 = time.perf_counter()
     summary = EmbedSummary(n_shards=len(shard_urls))
-    step = EmbedStep(out_dir, cfg, prev)
     todo, done = step.pending(shard_urls)  # also refuses two URLs with one shard name
     summary.skipped = [u.url for u in done]
     if not shard_urls:  # a degenerate run (empty source, all quarantined): the step still writes its ledger

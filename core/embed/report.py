@@ -41,7 +41,7 @@ def pca_2d(x: np.ndarray, max_rows: int = 5000, seed: int = 0) -> tuple[np.ndarr
 def embed_report_html(out_dir: str | Path, summary: dict[str, Any], shard_stats: list[dict[str, Any]],
                       ledger: Any = None) -> str:
     """Deck HTML: summary/throughput, norms histogram, PCA scatter by source, per-shard stats, reasons."""
-    from core.report import figure_html, new_figure, page, table_html
+    from core.report import figure_html, new_figure, page, plot_text, table_html
 
     parts = [table_html([summary], "embedding run (throughput over wall time; model_busy = forward / actor time)")]
     cols = _columns(out_dir, ["sample_id", "source", "image_norm", "text_norm"])
@@ -65,7 +65,7 @@ def embed_report_html(out_dir: str | Path, summary: dict[str, Any], shard_stats:
             fig, ax = new_figure(6, 5)
             for s in sorted(set(sources)):
                 m = sources == s
-                ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, label=f"{s} ({m.sum()})")
+                ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, label=f"{plot_text(s)} ({m.sum()})")
             ax.set_xlabel("PC1")
             ax.set_ylabel("PC2")
             ax.legend(fontsize=7, markerscale=2)

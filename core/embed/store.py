@@ -16,7 +16,9 @@
 | text_norm    | float32                                | raw norm of the text feature                         |
 
 Image columns exist when `what` is image/both, text columns when text/both. Schema metadata key
-`mmcurate.embed` holds JSON {model_name, pretrained, dim, dtype, text_view, what}.
+`mmcurate.embed` holds JSON {model_name, pretrained, seed, dim, dtype, text_view, what}: the model record.
+`load_embeddings` refuses a folder whose files name different models (`MODEL_KEYS`): vectors of two models
+live in different spaces, and a matrix mixing them makes every distance meaningless.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 META_KEY = b"mmcurate.embed"
+MODEL_KEYS = ("model_name", "pretrained", "seed", "dim")  # what makes two files' vectors comparable
+
+
+class MixedModels(ValueError):
+    """Embedding files of one folder were made by different models (or seeds)."""
 
 
 def _fixed(vecs: np.ndarray, dtype: str, dim: int, valid: np.ndarray | None = None) -> pa.Array:
@@ -91,6 +98,7 @@ def build_table(
     meta = {
         "model_name": cfg.model_name,
         "pretrained": cfg.pretrained,
+        "seed": cfg.seed,  # random-init and the tiny model's training depend on it
         "dim": dim,
         "dtype": dt,
         "text_view": cfg.text_view,
@@ -117,6 +125,31 @@ def embedding_files(out_dir: str | Path) -> list[str]:
     return files if proto in ("file", "local") else [f"{proto}://{p}" for p in files]
 
 
+def model_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """The model identity of one file's metadata (`MODEL_KEYS`; absent keys are None)."""
+    return {k: meta.get(k) for k in MODEL_KEYS}
+
+
+def check_one_model(files: Sequence[str | Path]) -> dict[str, Any] | None:
+    """The model record shared by every embedding file (read from the Parquet footers only), or None for
+    no files; raises `MixedModels` naming the files and the differing fields when they disagree."""
+    import fsspec
+
+    first: tuple[str, dict[str, Any]] | None = None
+    for path in files:
+        with fsspec.open(str(path), "rb") as f:
+            meta = json.loads((pq.read_schema(f).metadata or {}).get(META_KEY, b"{}"))
+        rec = model_record(meta)
+        if first is None:
+            first = (str(path), rec)
+        elif rec != first[1]:
+            diff = {k: (first[1][k], rec[k]) for k in MODEL_KEYS if first[1][k] != rec[k]}
+            raise MixedModels(f"embedding files of different models: {first[0]} and {path} differ in "
+                              + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+                              + "; re-embed the folder with one model (embed_shards on_mismatch='recompute')")
+    return None if first is None else first[1]
+
+
 def _to_matrix(col: pa.ChunkedArray, dim: int) -> np.ndarray:
     arr = col.combine_chunks()
     vals = arr.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slices and skips null rows
@@ -128,7 +161,8 @@ def load_embeddings(out_dir: str | Path, kind: str = "image", dtype: str = "floa
 
     kind: `image` (pooled vector per sample; text-only samples are left out), `text` (one per sample),
     or `image_each` (one row per image; ids repeat for multi-image samples). Rows are in shard order;
-    vectors are unit-norm up to the stored dtype's rounding.
+    vectors are unit-norm up to the stored dtype's rounding. Raises `MixedModels` when the files were made
+    by different models (`check_one_model`).
     """
     if kind not in ("image", "text", "image_each"):
         raise ValueError(f"kind={kind!r}; expected image, text or image_each")
@@ -138,7 +172,9 @@ def load_embeddings(out_dir: str | Path, kind: str = "image", dtype: str = "floa
     ids: list[str] = []
     mats: list[np.ndarray] = []
     dim = 0
-    for path in embedding_files(out_dir):
+    files = embedding_files(out_dir)
+    check_one_model(files)
+    for path in files:
         with fsspec.open(path, "rb") as f:
             t = pq.read_table(f, columns=["sample_id", col, "n_images"] if kind != "text" else ["sample_id", col])
         meta = json.loads((t.schema.metadata or {}).get(META_KEY, b"{}"))

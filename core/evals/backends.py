@@ -38,6 +38,10 @@ class VLMBackend(Protocol):
     def close(self) -> None: ...
 
 
+# Optional on a backend: `loglikelihood(requests: Sequence[LikelihoodRequest]) -> list[Likelihood]` (the
+# early-signal metrics of core/evals/likelihood.py); the runner leaves those metrics NaN for a backend without it.
+
+
 BackendFactory = Callable[[str, str], VLMBackend]  # (checkpoint_dir, device) -> backend
 _BACKENDS: dict[str, BackendFactory] = {}
 
@@ -122,6 +126,60 @@ class TransformersBackend:
             out = self.model.generate(**inputs, max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]
         return [s.strip() for s in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    # requests per forward pass of `loglikelihood`: the logits are [batch, tokens, vocab] floats
+    likelihood_batch = 8
+
+    def loglikelihood(self, requests: Sequence[Any]) -> list[Any]:
+        """Teacher-forced likelihood of each request's continuation (core/evals/likelihood.py). A checkpoint of
+        the built-in trainer (its chat template) is encoded exactly as the trainer encodes a training sample;
+        any other model gets its own chat template's user turn + the continuation (its answer tokens only: its
+        end-of-turn marker is not known here)."""
+        from core.train.hf_llava import CHAT_TEMPLATE
+
+        trainer = getattr(self.processor, "chat_template", None) == CHAT_TEMPLATE
+        out = []
+        for i in range(0, len(requests), self.likelihood_batch):
+            chunk = requests[i : i + self.likelihood_batch]
+            out += self._trainer_likelihoods(chunk) if trainer else [self._chat_likelihood(r) for r in chunk]
+        return out
+
+    def _trainer_likelihoods(self, requests: Sequence[Any]) -> list[Any]:
+        import torch
+
+        from core.evals.likelihood import IGNORE_INDEX, sequence_likelihoods, trainer_encoding
+        from core.train.mini_llava import ImagePreprocess
+
+        tok, cfg = self.processor.tokenizer, self.model.config
+        enc = [trainer_encoding(tok, int(cfg.image_token_id), int(cfg.image_seq_length), r, max_len=1 << 30)
+               for r in requests]  # eval items are never truncated
+        n = max(len(ids) for ids, _ in enc)
+        ids = torch.full((len(enc), n), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(enc), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(enc), n), dtype=torch.long)
+        for b, (x, y) in enumerate(enc):  # right padding, as the trainer's Collator
+            ids[b, : len(x)], labels[b, : len(y)], mask[b, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        prep = ImagePreprocess(self.processor.image_processor)
+        pix = [prep(im.convert("RGB")) for r in requests for im in r.images]
+        kw = {"pixel_values": torch.stack(pix).to(self.device, self.model.dtype)} if pix else {}
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw).logits
+        return sequence_likelihoods(logits.cpu(), labels)
+
+    def _chat_likelihood(self, req: Any) -> Any:
+        import torch
+
+        from core.evals.likelihood import IGNORE_INDEX, sequence_likelihoods
+
+        ctx = chat_prompt(self.processor, GenRequest(req.images, req.prompt, 0))
+        images = [list(req.images)] if req.images else None
+        full = self.processor(text=[ctx + req.continuation], images=images, return_tensors="pt").to(self.device)
+        n_ctx = self.processor(text=[ctx], images=images, return_tensors="pt")["input_ids"].shape[1]
+        labels = full["input_ids"].clone().cpu()
+        labels[:, :n_ctx] = IGNORE_INDEX
+        with torch.inference_mode():
+            logits = self.model(**full).logits
+        return sequence_likelihoods(logits.cpu(), labels)[0]
 
     def close(self) -> None:
         self.model = None

@@ -95,3 +95,17 @@ class Benchmark:
     def score(self, parsed: Parsed, item: EvalItem) -> Scored:
         """Score a parsed answer; called for unparsed answers too (they score 0 unless stated)."""
         raise NotImplementedError
+
+    def gold_answer(self, item: EvalItem) -> str | None:
+        """The reply a perfect model gives, in the format the prompt asks for: the continuation whose
+        teacher-forced NLL is the early-signal metric `answer_nll`. Default: a string or integer target as
+        text; None (no answer NLL) for other targets."""
+        t = item.target
+        if isinstance(t, bool) or not isinstance(t, (str, int)):
+            return None
+        return str(t)
+
+    def choices(self, item: EvalItem) -> tuple[list[str], int | None] | None:
+        """Multiple-choice items: (the option continuations, the gold one's index or None); None for items
+        that are not multiple choice. Their likelihoods give `mc_choice` (lmms-eval's `multiple_choice`)."""
+        return None

@@ -47,6 +47,19 @@ def _image_item(row_id: str, row: dict[str, Any], key: str = "image") -> bytes |
         return LoadFailure(row_id, f"missing_image:{e}")
 
 
+def _unsafe_name(name: Any) -> str:
+    """Why an image name from a benchmark's JSON must not be joined to its image folder ("" when it may):
+    absolute, with `..`, or with NUL/control characters, it would read a file outside the folder."""
+    if not isinstance(name, str) or not name:
+        return f"imgname {name!r} is not a file name"
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        return f"imgname {name!r} leaves the image folder"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"imgname {name!r} has a control character"
+    return ""
+
+
 class CountBench(Benchmark):
     """CountBenchQA (HF `vikhyatk/CountBenchQA`): `<root>/data/*.parquet`, columns image{bytes,path},
     text, question, number. Metric: exact count (accuracy)."""
@@ -120,6 +133,9 @@ class DocVQA(Benchmark):
         s = anls(parsed.value if parsed.ok else "", item.target)
         return Scored(s, s > 0.0)
 
+    def gold_answer(self, item: EvalItem) -> str | None:
+        return str(item.target[0])  # the first reference answer (lmms-eval's doc_to_target for docvqa)
+
 
 class ChartQA(Benchmark):
     """ChartQA test, either layout:
@@ -143,6 +159,10 @@ class ChartQA(Benchmark):
                     continue
                 for i, rec in enumerate(io.read_json(path)):
                     sid = f"chartqa-{split}-{i:05d}"
+                    bad = _unsafe_name(rec["imgname"]) if isinstance(rec, dict) and "imgname" in rec else ""
+                    if bad:
+                        yield LoadFailure(sid, f"unsafe_path:{bad}")
+                        continue
                     try:
                         img = io.read_bytes(io.join(root, "test/png", rec["imgname"]))
                     except (FileNotFoundError, KeyError) as e:
@@ -211,6 +231,14 @@ class RealWorldQA(Benchmark):
         ok = parsed.ok and str(parsed.value).upper() == str(target).upper()
         return Scored(float(ok), ok)
 
+    def choices(self, item: EvalItem) -> tuple[list[str], int | None] | None:
+        """The option letters (the prompt asks for the letter), gold = the target letter."""
+        letters = sorted(item.meta.get("options") or {})
+        if len(letters) < 2:
+            return None  # a free-form question (RealWorldQA has a few)
+        gold = str(item.target).strip().upper()
+        return letters, letters.index(gold) if gold in letters else None
+
 
 class PixMoPoints(Benchmark):
     """PixMo-Points-Eval (HF `allenai/pixmo-points-eval`): `<root>/data/test-*.parquet`, columns image_url,
@@ -276,6 +304,25 @@ class PixMoPoints(Benchmark):
             return Scored(0.0, False, {"precision": 0.0, "recall": 0.0, "n_gt": s.n_gt})
         details = {k: getattr(s, k) for k in ("precision", "recall", "n_pred", "n_gt", "n_tp", "n_outside")}
         return Scored(s.f1, s.f1 == 1.0, details)
+
+    def gold_answer(self, item: EvalItem) -> str | None:
+        """The target points in the format the prompt asks for (Molmo's, percent of width/height, 1 decimal)."""
+        return molmo_point_answer(item)
+
+
+def molmo_point_answer(item: EvalItem) -> str:
+    """An item's ground-truth points as a Molmo point reply: `<point ...>`, `<points ...>` or "There are none."."""
+    from PIL import Image
+
+    w, h = Image.open(_io.BytesIO(item.images[0])).size
+    pts = [(x / w * 100, y / h * 100) for x, y in item.target.get("points") or []]
+    q = item.question
+    if not pts:
+        return "There are none."
+    if len(pts) == 1:
+        return f'<point x="{pts[0][0]:.1f}" y="{pts[0][1]:.1f}" alt="{q}">{q}</point>'
+    attrs = " ".join(f'x{i}="{x:.1f}" y{i}="{y:.1f}"' for i, (x, y) in enumerate(pts, 1))
+    return f'<points {attrs} alt="{q}">{q}</points>'
 
 
 def builtin_benchmarks() -> list[Benchmark]:

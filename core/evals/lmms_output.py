@@ -36,6 +36,29 @@ REFERENCES = {
 _EVALS_DIR = Path(__file__).resolve().parent
 
 
+# How each early-signal metric is computed, in lmms-eval's output-type words (core/evals/likelihood.py).
+EARLY_SIGNAL_TYPES = {
+    "answer_nll": "loglikelihood of the gold answer (+ end of turn) given image and prompt, mean per token; "
+                  "teacher forcing with the trainer's encoding; lower is better",
+    "mc_acc": "multiple_choice: the option with the highest summed loglikelihood as continuation is the gold one",
+    "mc_gold_prob": "multiple_choice: the gold option's softmax share of the options' loglikelihoods",
+}
+
+
+def _early_results(row: dict[str, Any]) -> dict[str, Any]:
+    """The summary row's early-signal means as lmms-eval result keys (`answer_nll,none`, `mc_acc,none`, ...);
+    a metric no item had is left out."""
+    out: dict[str, Any] = {}
+    for name, n_col in (("answer_nll", "n_answer_nll"), ("mc_acc", "n_mc"), ("mc_gold_prob", "n_mc")):
+        if not row.get(n_col):
+            continue
+        out[f"{name},none"] = row[name]
+        se = row.get(f"{name}_stderr")
+        if name != "mc_gold_prob":
+            out[f"{name}_stderr,none"] = se if se is not None and not math.isnan(se) else "N/A"
+    return out
+
+
 def _clean(v: Any) -> Any:
     """JSON-safe: NaN -> None (json.dumps would write the non-standard NaN)."""
     if isinstance(v, float) and math.isnan(v):
@@ -100,6 +123,12 @@ def sample_line(rec: dict[str, Any], metric_name: str, max_new_tokens: int) -> d
     }  # fmt: skip
     if rec["score"] is None or (isinstance(rec["score"], float) and math.isnan(rec["score"])):
         line["excluded"] = True  # the reference evaluator leaves this sample out of its mean
+    nll = rec.get("answer_nll")
+    if nll is not None and not (isinstance(nll, float) and math.isnan(nll)):  # early-signal metrics: extra keys
+        line["answer_nll"], line["answer_tokens"] = nll, int(rec["answer_tokens"])
+    mc = rec.get("mc_correct")
+    if mc is not None and not (isinstance(mc, float) and math.isnan(mc)):
+        line.update(mc_acc=mc, mc_choice=rec["mc_choice"], mc_gold_prob=rec["mc_gold_prob"])
     lenient = rec.get("lenient_score")
     if lenient is not None and not (isinstance(lenient, float) and math.isnan(lenient)):
         line["lenient"] = {"score": lenient, "parsing_success": bool(rec["lenient_parsing_success"]),
@@ -126,15 +155,19 @@ def write_lmms_outputs(records: Sequence[dict[str, Any]], summary: Sequence[dict
             res[f"{metric}_stderr,none"] = a["stderr"] if a["stderr"] is not None else "N/A"
         if row.get("lenient_metric"):
             res[f"lenient_{row['lenient_metric']},none"] = row["lenient_score"]
+        early = _early_results(row)
+        res.update(early)
         results[name] = res
         n_samples[name] = {"original": int(row["n"]), "effective": int(row["n_scored"])}
-        hib[name] = {m: True for m in agg} or {bench.metric_name: True}
+        hib[name] = ({m: True for m in agg} or {bench.metric_name: True}) | {
+            m.split(",")[0]: m.startswith("mc_") for m in early if "_stderr" not in m}
         configs[name] = {"task": name, "output_type": "generate_until",
                          "generation_kwargs": {"max_new_tokens": bench.max_new_tokens, "temperature": 0,
                                                "do_sample": False},
                          "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                                          for m in (agg or {bench.metric_name: None})],
-                         "scoring": cfg.scoring, "reference": REFERENCES.get(name, "")}  # fmt: skip
+                         "scoring": cfg.scoring, "reference": REFERENCES.get(name, ""),
+                         "early_signal": EARLY_SIGNAL_TYPES}  # fmt: skip
         versions[name] = REFERENCES.get(name, "")
         recs = [r for r in records if r["benchmark"] == name]
         with open(os.path.join(out, f"samples_{name}.jsonl"), "w", encoding="utf-8") as f:

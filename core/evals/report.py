@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.report import figure_html, new_figure, page, table_html, text_html
+from core.report import figure_html, new_figure, page, plot_text, table_html, text_html
 
 
 def _x_axis(ok: Any) -> tuple[list[float], str]:
@@ -39,12 +39,12 @@ def score_vs_step_html(summary: Any) -> str:
         for variant, v in g.groupby("variant", sort=True):
             v = v.sort_values("x")
             err = v["score_stderr"].astype(float).fillna(0.0) if "score_stderr" in v else None
-            ax.errorbar(v["x"], v["score"], yerr=err, marker="o", capsize=2, label=variant or "(no variant)")
-        ax.set_title(f"{bench} ({g['metric'].iloc[0]})", fontsize=9)
+            ax.errorbar(v["x"], v["score"], yerr=err, marker="o", capsize=2, label=plot_text(variant or "(no variant)"))
+        ax.set_title(plot_text(f"{bench} ({g['metric'].iloc[0]})"), fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc="best")  # labels escaped by plot_text
     fig.tight_layout()
     return figure_html(fig, f"Score vs {xlabel} (one line per variant)")
 

@@ -23,10 +23,12 @@ RECORD_COLUMNS = [
     "checkpoint", "checkpoint_name", "variant", "step", "epoch", "benchmark", "doc_id", "sample_id", "prompt",
     "raw_output", "parsed_output", "parsing_success", "score", "correct", "metrics", "lenient_parsed_output",
     "lenient_parsing_success", "lenient_score", "latency_s", "error", "target", "details",
+    "answer_nll", "answer_tokens", "mc_choice", "mc_correct", "mc_gold_prob",
 ]  # fmt: skip
 SUMMARY_COLUMNS = [
     "checkpoint", "checkpoint_name", "variant", "step", "epoch", "benchmark", "metric", "score", "score_stderr",
     "parse_rate", "n", "n_scored", "n_errors", "lenient_metric", "lenient_score", "metrics", "status", "error",
+    "answer_nll", "answer_nll_stderr", "n_answer_nll", "mc_acc", "mc_acc_stderr", "mc_gold_prob", "n_mc",
 ]  # fmt: skip
 
 
@@ -52,6 +54,26 @@ def _aggregate(records: Sequence[dict[str, Any]], bench: Benchmark) -> dict[str,
     return out
 
 
+def early_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means (and lmms-eval's mean_stderr) of the early-signal record columns over the items that have them:
+    `answer_nll` over items with a gold answer, `mc_acc` / `mc_gold_prob` over multiple-choice items."""
+    import math
+
+    def vals(col: str) -> list[float]:
+        return [float(r[col]) for r in records if r.get(col) is not None and not math.isnan(float(r[col]))]
+
+    nan = float("nan")
+    out: dict[str, Any] = {}
+    for col, name in (("answer_nll", "answer_nll"), ("mc_correct", "mc_acc")):
+        v = vals(col)
+        mu, se = mean_and_stderr(v) if v else (nan, None)
+        out[name], out[f"{name}_stderr"] = mu, se if se is not None else nan
+    gp = vals("mc_gold_prob")
+    out["mc_gold_prob"] = sum(gp) / len(gp) if gp else nan
+    out["n_answer_nll"], out["n_mc"] = len(vals("answer_nll")), len(vals("mc_correct"))
+    return out
+
+
 def summarize(records: Sequence[dict[str, Any]], bench: Benchmark, checkpoint: str,
               scoring: str = "exact") -> dict[str, Any]:
     """The (checkpoint, benchmark) row: reference score (mean over scored samples, failures count 0) with
@@ -67,7 +89,8 @@ def summarize(records: Sequence[dict[str, Any]], bench: Benchmark, checkpoint: s
             "n": n, "n_scored": primary["n"], "n_errors": sum(bool(r["error"]) for r in records),
             "lenient_metric": bench.lenient_metric_name if lenient else "",
             "lenient_score": sum(lenient) / len(lenient) if lenient else float("nan"),
-            "metrics": jsonable(agg), "status": "ok" if n else "failed", "error": "" if n else "no samples"}  # fmt: skip
+            "metrics": jsonable(agg), "status": "ok" if n else "failed", "error": "" if n else "no samples",
+            **early_summary(records)}  # fmt: skip
 
 
 def failed_row(checkpoint: str, bench_name: str, error: str) -> dict[str, Any]:
@@ -79,7 +102,7 @@ def failed_row(checkpoint: str, bench_name: str, error: str) -> dict[str, Any]:
     return {**position_fields(checkpoint), "benchmark": bench_name, "metric": metric, "score": float("nan"),
             "score_stderr": float("nan"), "parse_rate": float("nan"), "n": 0, "n_scored": 0, "n_errors": 0,
             "lenient_metric": "", "lenient_score": float("nan"), "metrics": jsonable({}), "status": "failed",
-            "error": error[:500]}  # fmt: skip
+            "error": error[:500], **early_summary([])}  # fmt: skip
 
 
 def write_parquet(rows: Sequence[dict[str, Any]], columns: list[str], path: str) -> str:

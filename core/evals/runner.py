@@ -5,6 +5,8 @@ hard cap on checkpoints held at once. Settings: `core.evals.config`; checkpoints
 
 Scoring: `score` is always the reference score (lmms-eval's task code; Molmo's PointingEval for PixMo),
 `EvalConfig.scoring = "lenient"` adds the lenient parsers' score beside it (`lenient_score`), never instead.
+Early-signal metrics (core/evals/likelihood.py: the gold answer's teacher-forced NLL, lmms-eval's multiple-choice
+likelihood pick) are computed by the same worker on the same batches, as extra columns beside the score.
 
 Outputs per checkpoint worker: `records.parquet`, `summary.parquet`, and the lmms-eval-shaped
 `lmms_eval/samples_<benchmark>.jsonl` (doc_id, target, resps, filtered_resps, metric values, prompt) and
@@ -20,7 +22,6 @@ these stop the other samples, benchmarks or checkpoints.
 from __future__ import annotations
 
 import hashlib
-import io as _io
 import logging
 import os
 import re
@@ -45,20 +46,17 @@ from core.evals.results import (
     write_parquet,
 )
 from core.log import progress
+from core.sample import SampleError
 
 log = logging.getLogger(__name__)
 
 
 def decode_images(item: EvalItem) -> list[Any]:
-    """The item's images as RGB PIL images (raises on corrupt bytes)."""
-    from PIL import Image
+    """The item's images as RGB PIL images, through the project's decode checks (core.images.decode_image:
+    SampleError on corrupt bytes or a decompression bomb)."""
+    from core.images import decode_image
 
-    images = []
-    for data in item.images:
-        im = Image.open(_io.BytesIO(data))
-        im.load()
-        images.append(im.convert("RGB"))
-    return images
+    return [decode_image(data) for data in item.images]
 
 
 def _target_json(bench: Benchmark, item: EvalItem) -> str:
@@ -104,7 +102,7 @@ def evaluate_benchmark(
                "parsed_output": jsonable(None), "parsing_success": False, "score": 0.0, "correct": False,
                "metrics": jsonable({}), "lenient_parsed_output": jsonable(None), "lenient_parsing_success": False,
                "lenient_score": 0.0 if lenient else float("nan"), "latency_s": 0.0, "error": "",
-               "target": jsonable(None), "details": jsonable({})}  # fmt: skip
+               "target": jsonable(None), "details": jsonable({}), **_NO_EARLY}  # fmt: skip
         rec.update(kw)
         return rec
 
@@ -113,7 +111,8 @@ def evaluate_benchmark(
 
     def flush() -> None:
         outs = _generate_isolated(backend, [r for _, _, r in pending])
-        for (doc_id, item, req), (out, err, dt) in zip(pending, outs, strict=True):
+        early = early_signal(backend, bench, [(item, req) for _, item, req in pending])
+        for (doc_id, item, req), (out, err, dt), (ekw, eerr) in zip(pending, outs, early, strict=True):
             ref = bench.reference(out, item) if out is not None else Reference(None, False, {}, 0.0, False)
             kw: dict[str, Any] = {}
             details: dict[str, Any] = {}
@@ -125,6 +124,9 @@ def evaluate_benchmark(
                       "lenient_score": float(scored.score)}  # fmt: skip
             if ref.score is None:
                 details["excluded"] = "the reference evaluator leaves this sample out of its mean"
+            if eerr:
+                details["early_signal_error"] = eerr
+            kw.update(ekw)
             records.append(record(item.id, doc_id, prompt=req.prompt, raw_output=out,
                                   parsed_output=jsonable(ref.extracted), parsing_success=ref.ok,
                                   score=float("nan") if ref.score is None else float(ref.score),
@@ -146,8 +148,10 @@ def evaluate_benchmark(
         prompt = bench.prompt(item)
         try:
             images = decode_images(item)
-        except Exception as e:  # corrupt image bytes: record, never crash
-            records.append(record(item.id, doc_id, prompt=prompt, error=f"corrupt_image:{type(e).__name__}",
+        except Exception as e:  # corrupt image bytes or a bomb: record, never crash
+            why = f"{e.reason}:{e.detail.split(':')[0]}" if isinstance(e, SampleError) else \
+                f"corrupt_image:{type(e).__name__}"
+            records.append(record(item.id, doc_id, prompt=prompt, error=why,
                                   target=_target_json(bench, item)))  # fmt: skip
             continue
         pending.append((doc_id, item, GenRequest(images, prompt, bench.max_new_tokens)))
@@ -157,6 +161,66 @@ def evaluate_benchmark(
         flush()
     bar.close()
     return records
+
+
+# ---- early-signal metrics (core/evals/likelihood.py) ----------------------------------------------------
+
+_NO_EARLY = {"answer_nll": float("nan"), "answer_tokens": 0, "mc_choice": "", "mc_correct": float("nan"),
+             "mc_gold_prob": float("nan")}
+
+
+def early_signal(backend: VLMBackend, bench: Benchmark, items: Sequence[tuple[EvalItem, GenRequest]]
+                 ) -> list[tuple[dict[str, Any], str]]:
+    """Per item, the early-signal record fields (`answer_nll`, `answer_tokens`, `mc_choice`, `mc_correct`,
+    `mc_gold_prob`; NaN/empty where they do not apply) and an error ('' when none). One `loglikelihood` call
+    for the whole batch; when it raises, item by item, so one failing item leaves the others' numbers. A
+    backend without `loglikelihood` gets NaN everywhere and no error."""
+    from core.evals.likelihood import LikelihoodRequest, choice_stats
+
+    if not hasattr(backend, "loglikelihood"):
+        return [(dict(_NO_EARLY), "") for _ in items]
+    plans = []
+    for item, req in items:
+        gold = bench.gold_answer(item)
+        mc = bench.choices(item)
+        reqs = [LikelihoodRequest(req.images, req.prompt, gold, True)] if gold is not None else []
+        reqs += [LikelihoodRequest(req.images, req.prompt, c, False) for c in (mc[0] if mc else [])]
+        plans.append((gold is not None, mc, reqs))
+
+    def run(reqs: list[Any]) -> list[Any]:
+        res = backend.loglikelihood(reqs) if reqs else []
+        if len(res) != len(reqs):
+            raise RuntimeError(f"backend returned {len(res)} likelihoods for {len(reqs)} requests")
+        return res
+
+    flat = [r for _, _, reqs in plans for r in reqs]
+    try:
+        got, per_item = run(flat), None
+    except Exception as batch_error:  # isolate the failing item(s), as generation does
+        log.warning("likelihood batch of %d failed (%s); retrying item by item", len(flat), batch_error)
+        got, per_item = [], []
+        for _, _, reqs in plans:
+            try:
+                per_item.append((run(reqs), ""))
+            except Exception as e:
+                per_item.append((None, f"likelihood_error:{type(e).__name__}: {e}"[:500]))
+    out, k = [], 0
+    for i, (has_gold, mc, reqs) in enumerate(plans):
+        if per_item is None:
+            res, err = got[k : k + len(reqs)], ""
+            k += len(reqs)
+        else:
+            res, err = per_item[i]
+        kw = dict(_NO_EARLY)
+        if res is not None:
+            if has_gold:
+                kw.update(answer_nll=res[0].nll, answer_tokens=res[0].n_tokens)
+            if mc:
+                options, gold_idx = mc
+                pick, correct, share = choice_stats([r.logprob for r in res[int(has_gold):]], gold_idx)
+                kw.update(mc_choice=options[pick], mc_correct=correct, mc_gold_prob=share)
+        out.append((kw, err))
+    return out
 
 
 # ---- one checkpoint (one worker) ----------------------------------------------------------------------

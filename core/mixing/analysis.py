@@ -61,7 +61,7 @@ def mixing_report_html(table: Any, domains: Sequence[str], result: dict[str, Any
     """Deck: subset x benchmark heatmap, score vs number of domains, per-domain marginal contribution, tables."""
     import pandas as pd
 
-    from core.report import figure_html, new_figure, page, table_html
+    from core.report import figure_html, new_figure, page, plot_texts, table_html
 
     parts = []
     if extra:
@@ -73,8 +73,8 @@ def mixing_report_html(table: Any, domains: Sequence[str], result: dict[str, Any
     lo, hi = np.nanmin(vals, axis=0), np.nanmax(vals, axis=0)
     scaled = (vals - lo) / np.where(hi > lo, hi - lo, 1.0)
     im = ax.imshow(scaled, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(t.columns)), list(t.columns), rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(t)), list(t.index), fontsize=6)
+    ax.set_xticks(range(len(t.columns)), plot_texts(t.columns), rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(t)), plot_texts(t.index), fontsize=6)
     fig.colorbar(im, ax=ax, label="score (per-column min-max)")
     parts.append(figure_html(fig, "Subset x benchmark (sorted by overall)"))
     fig, ax = new_figure(6, 3.5)
@@ -88,7 +88,8 @@ def mixing_report_html(table: Any, domains: Sequence[str], result: dict[str, Any
     parts.append(figure_html(fig, "Score vs number of domains"))
     marg = result["marginal"]["overall"]
     fig, ax = new_figure(6, 3)
-    ax.bar(list(marg), [marg[d] for d in marg])
+    ax.bar(range(len(marg)), [marg[d] for d in marg])
+    ax.set_xticks(range(len(marg)), plot_texts(marg))
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylabel("mean(with) - mean(without)")
     parts.append(figure_html(fig, "Per-domain marginal contribution (overall)"))
@@ -100,7 +101,7 @@ def mixing_report_html(table: Any, domains: Sequence[str], result: dict[str, Any
     he = result["surrogate_heldout"]
     parts.append(table_html([he], "Surrogate (ridge, indicators + pairs) k-fold held-out error"))
     if proxy is not None:
-        parts.append(table_html(proxy, "Proof of the proxy: Spearman(soup score, trained-mixture score)"))
+        parts.append(table_html(proxy, "Proof of the proxy: Spearman(soup score, trained-mixture score), 95% bootstrap interval over mixtures"))
     parts.append(table_html(t.reset_index(names="subset").round(4), "All soups"))
     return page(*parts)
 

@@ -2,7 +2,15 @@
 
 The step writes a ledger (`ledger/domains/part-all.parquet`, step `domains`): `keep` with the domain in
 `extra.domain` for every assigned sample, `quarantine` with a reason (`no_domain`, `domain_no_embedding:<kind>`,
-`domain_name_invalid`) for the rest, and `domains/domains.json` ({domain: [ids]}).
+`domain_name_invalid`, `domain_name_collision:<name>`) for the rest, and `domains/domains.json` ({domain: [ids]}).
+
+Domain names become folder names (`train/<domain>`, `heldout/<domain>`) and soup URIs (`soup/a+b`), so a name
+from the data is mapped to a slug of [A-Za-z0-9_.-] that starts with a letter, digit or `_` (`/`, NUL, control
+characters and spaces become `_`; leading/trailing `_` and `.` are stripped), at most 100 characters. A name
+whose slug is empty (`.`, `..`, `///`, only control characters) is quarantined `domain_name_invalid`; two
+different names with one slug (`a/b` and `a_b`) are not merged: the name that is its own slug keeps it and the
+others are quarantined `domain_name_collision:<slug>` (all of them when none is). `check_domain_name` refuses
+an unsafe name wherever a folder is made from one (a hand-written domains.json included).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from core.ledger import LedgerWriter, step_dir
 STEP = "domains"
 DOMAIN_FIELDS = ("domain", "source", "dataset")
 _BAD = re.compile(r"[^A-Za-z0-9_.-]+")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # fullmatch: never `.`/`..`, no `/`, no `+`/`=`
+MAX_NAME = 100
 
 
 def domain_of(sample: Any) -> str:
@@ -32,8 +42,19 @@ def domain_of(sample: Any) -> str:
 
 
 def clean_name(name: str) -> str:
-    """A domain name usable in soup URIs and file names ([A-Za-z0-9_.-])."""
-    return _BAD.sub("_", name.strip()).strip("_")
+    """A domain name usable in soup URIs and folder names (see the module docstring): the slug of `name`, or ""
+    when nothing safe is left (`.`, `..`) or the slug is longer than `MAX_NAME`."""
+    slug = _BAD.sub("_", name.strip()).strip("_.")
+    return slug if SAFE_NAME.fullmatch(slug) else ""
+
+
+def check_domain_name(name: str) -> str:
+    """`name` if it is safe as a folder name and in a soup URI; else ValueError saying why."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"domain name {name!r} is not a safe folder name: it must match [A-Za-z0-9_][A-Za-z0-9_.-]* "
+                         f"(at most {MAX_NAME} characters; `.` and `..` are refused); assign_domains maps names "
+                         "from the data to such slugs")
+    return name
 
 
 @dataclass
@@ -81,6 +102,8 @@ def assign_domains(samples: Iterable[Any], out: str | os.PathLike, cfg: DomainCo
         by_id = kmeans_domains(list(embeddings[0]), embeddings[1], cfg.k, cfg.seed)
     decided: list[tuple[str, str, str]] = []  # (id, shard, domain or "")
     reasons: dict[str, str] = {}
+    raws: dict[str, set[str]] = {}  # slug -> the names from the data that map to it
+    raw_of: dict[str, str] = {}
     for s in samples:
         if cfg.mode == "kmeans":
             d = by_id.get(s.id, "")
@@ -88,6 +111,7 @@ def assign_domains(samples: Iterable[Any], out: str | os.PathLike, cfg: DomainCo
                 reasons[s.id] = f"domain_no_embedding:{cfg.embed_kind}"
         else:
             raw = domain_of(s)
+            raw_of[s.id] = raw
             d = clean_name(raw)
             if not raw:
                 reasons[s.id] = "no_domain"
@@ -97,6 +121,15 @@ def assign_domains(samples: Iterable[Any], out: str | os.PathLike, cfg: DomainCo
             reasons[s.id] = f"domain_excluded:{d}"
             d = ""
         decided.append((s.id, getattr(s, "shard", "") or "", d))
+        if cfg.mode == "field" and d:
+            raws.setdefault(d, set()).add(raw)
+    for slug, names in raws.items():  # different names with one slug are different domains: never merged
+        if len(names) > 1:
+            losers = {n for n in names if n.strip() != slug}
+            for i, (sid, shard, d) in enumerate(decided):
+                if d == slug and sid not in reasons and raw_of[sid] in losers:
+                    reasons[sid] = f"domain_name_collision:{slug}"
+                    decided[i] = (sid, shard, "")
     counts: dict[str, int] = {}
     for _, _, d in decided:
         if d:
@@ -128,5 +161,9 @@ def assign_domains(samples: Iterable[Any], out: str | os.PathLike, cfg: DomainCo
 
 
 def load_domains(out: str | os.PathLike) -> dict[str, list[str]]:
-    """{domain: [ids]} written by `assign_domains`."""
-    return json.loads((Path(out) / STEP / "domains.json").read_text())
+    """{domain: [ids]} written by `assign_domains`; ValueError when a name is not safe as a folder name
+    (`check_domain_name`: a domains.json written by hand or by an older version)."""
+    groups = json.loads((Path(out) / STEP / "domains.json").read_text())
+    for d in groups:
+        check_domain_name(d)
+    return groups

@@ -28,7 +28,10 @@ class MixingConfig:
     `budget_steps` per expert (0 = the largest domain's steps per epoch x `epochs`). Soups: `method`
     (uniform | weighted | task_arithmetic). Search: exhaustive up to `exhaustive_max_k` domains.
     Proof: `proxy_top` best subsets plus `proxy_random` random ones are trained on the real mixture with
-    `mixture_compute` = `sum` (the soup's total: |S| x budget) or `expert` (one budget)."""
+    `mixture_compute` = `sum` (the soup's total: |S| x budget) or `expert` (one budget). `balance_domains`: every
+    domain's training set is cut to the smallest domain's size (by hash), so a mixture (the domains' training
+    sets concatenated) weighs its domains equally, as the uniform soup does; off, a mixture weighs domains by
+    their sizes."""
 
     benchmarks: list[str]
     batch_size: int = 8
@@ -45,6 +48,7 @@ class MixingConfig:
     proxy_top: int = 3
     proxy_random: int = 2
     mixture_compute: str = "sum"
+    balance_domains: bool = False
     eval_max_samples: int = 0
     device: str = "auto"
     seed: int = 0
@@ -74,6 +78,16 @@ def split_heldout(groups: Mapping[str, Sequence[str]], n: int, seed: int = 0) ->
         held[d] = sorted(ranked[:k])
         train[d] = sorted(ranked[k:])
     return train, held
+
+
+def balance_train_sets(train: Mapping[str, Sequence[str]], seed: int = 0) -> dict[str, list[str]]:
+    """Every domain cut to the smallest domain's size: the ids with the smallest hash(seed, id) are kept (the
+    same rule as `split_heldout`, so the cut does not depend on order)."""
+    if not train:
+        return {}
+    m = min(len(v) for v in train.values())
+    return {d: sorted(sorted(ids, key=lambda i: hashlib.sha1(f"{seed}:keep:{i}".encode()).hexdigest())[:m])
+            for d, ids in train.items()}
 
 
 def export_ids(shards: Sequence[str], ledger_dirs: Sequence[str], ids: Sequence[str], out: str, name: str,
@@ -122,38 +136,56 @@ def train_plan(data_dir: str, base_ckpt: str, plan: ExpertPlan, cfg: MixingConfi
     return res.checkpoints[-1]
 
 
-def sample_nll(ckpt: str, data_dir: str, device: str = "cpu", max_seq_len: int = 256) -> list[dict[str, Any]]:
-    """Per sample of the shards in `data_dir`: id, summed assistant-token NLL and token count under `ckpt`
-    (images seen by the model, image and prompt tokens masked; the trainer's own encoding)."""
-    import torch
-
+def _load_scorer(ckpt: str, device: str) -> Any:
     from core.evals.backends import _LOAD_LOCK  # transformers model construction is not thread-safe
-    from core.train.data import Collator, ConversationDataset, build_index, list_tar_shards, read_entry
     from core.train.mini_llava import load_mini_llava
 
     with _LOAD_LOCK:  # eval workers may run as threads (evaluate_checkpoints); loads are serialized there too
         model = load_mini_llava(ckpt, device=device)
+    model.eval()
+    return model
+
+
+def _nll_batches(model: Any, data_dir: str, device: str, max_seq_len: int, batch_size: int):
+    """(sample ids, summed assistant-token NLL, token count) per batch of the shards in `data_dir`."""
+    import torch
+
+    from core.train.data import Collator, ConversationDataset, build_index, list_tar_shards, read_entry
+
     entries = build_index(list_tar_shards(data_dir))
     ds = ConversationDataset(entries, model.tokenizer, model.preprocess, model.image_token_id, model.n_image_tokens,
                              max_seq_len)
     collate = Collator(model.tokenizer.pad_token_id)
-    rows = []
     with torch.no_grad():
-        for i, e in enumerate(entries):
-            b = collate([ds[i]])
+        for j in range(0, len(entries), batch_size):
+            b = collate([ds[i] for i in range(j, min(j + batch_size, len(entries)))])
             s, n = model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
-            rows.append({"sample_id": read_entry(e)[0]["id"], "nll_sum": float(s), "n_tokens": int(n)})
+            ids = [read_entry(entries[i])[0]["id"] for i in range(j, min(j + batch_size, len(entries)))]
+            yield ids, float(s), int(n)
+
+
+def sample_nll(ckpt: str, data_dir: str, device: str = "cpu", max_seq_len: int = 256) -> list[dict[str, Any]]:
+    """Per sample of the shards in `data_dir`: id, summed assistant-token NLL and token count under `ckpt`
+    (images seen by the model, image and prompt tokens masked; the trainer's own encoding)."""
+    model = _load_scorer(ckpt, device)
+    rows = [{"sample_id": ids[0], "nll_sum": s, "n_tokens": n}
+            for ids, s, n in _nll_batches(model, data_dir, device, max_seq_len, 1)]
     del model
     return rows
 
 
-def heldout_scores(ckpt: str, heldout: Mapping[str, str], device: str = "cpu", max_seq_len: int = 256) -> dict[str, float]:
-    """`nll_<domain>` -> -(token-mean NLL) of `ckpt` on each domain's held-out shards (higher is better)."""
+def heldout_scores(ckpt: str, heldout: Mapping[str, str], device: str = "cpu", max_seq_len: int = 256,
+                   batch_size: int = 8) -> dict[str, float]:
+    """`nll_<domain>` -> -(token-mean NLL) of `ckpt` on each domain's held-out shards (higher is better); the
+    model is loaded once and scores batches (right padding is masked, so a batch's sum is the samples' sum)."""
+    model = _load_scorer(ckpt, device)
     out = {}
     for d, data_dir in sorted(heldout.items()):
-        rows = sample_nll(ckpt, data_dir, device, max_seq_len)
-        tok = sum(r["n_tokens"] for r in rows)
-        out[NLL_PREFIX + d] = -sum(r["nll_sum"] for r in rows) / tok if tok else math.nan
+        tot = tok = 0.0
+        for _, s, n in _nll_batches(model, data_dir, device, max_seq_len, batch_size):
+            tot, tok = tot + s, tok + n
+        out[NLL_PREFIX + d] = -tot / tok if tok else math.nan
+    del model
     return out
 
 
@@ -170,6 +202,7 @@ class DomainPerplexityStep(ShardStep):
     """
 
     name = "perplexity"
+    stamp_attrs = ("experts", "base", "max_seq_len")  # the models scoring it (core/step.py stamp)
 
     def __init__(self, out: str | os.PathLike, experts: Mapping[str, str], base: str, data: Mapping[str, str],
                  device: str = "cpu", max_seq_len: int = 256, nll: Any = None):
@@ -217,11 +250,13 @@ def score_table(summary: Any, name_of: Mapping[str, str]) -> Any:
     return wide
 
 
-def spearman_by_benchmark(soup: Any, trained: Any) -> Any:
-    """Spearman rank correlation between soup and trained-mixture scores per benchmark (and overall), with the
-    number of pairs; NaN where fewer than 3 pairs or one side is constant."""
+def spearman_by_benchmark(soup: Any, trained: Any, n_boot: int = 2000, seed: int = 0) -> Any:
+    """Spearman rank correlation between soup and trained-mixture scores per benchmark (and overall), with its
+    95% percentile bootstrap interval over mixtures (`core.mixing.stats.spearman_interval`, the statistic of
+    benchmarks/mixing_proxy.py) and the number of pairs; NaN where fewer than 3 pairs or one side is constant."""
     import pandas as pd
-    from scipy.stats import spearmanr
+
+    from core.mixing.stats import spearman_interval
 
     rows = []
     common = [i for i in trained.index if i in soup.index]
@@ -231,10 +266,8 @@ def spearman_by_benchmark(soup: Any, trained: Any) -> Any:
         x = soup.loc[common, b].astype(float)
         y = trained.loc[common, b].astype(float)
         ok = ~(x.isna() | y.isna())
-        n = int(ok.sum())
-        rho = math.nan
-        if n >= 3 and x[ok].nunique() > 1 and y[ok].nunique() > 1:
-            rho = float(spearmanr(x[ok], y[ok]).statistic)
-        rows.append({"benchmark": b, "spearman": rho, "n_pairs": n,
+        st = spearman_interval(x[ok].to_numpy(), y[ok].to_numpy(), n_boot, seed=seed)
+        rows.append({"benchmark": b, "spearman": st["rho"], "ci_low": st["lo"], "ci_high": st["hi"],
+                     "p_value": st["p_value"], "n_pairs": st["n"],
                      "n_distinct_soup": int(x[ok].nunique()), "n_distinct_trained": int(y[ok].nunique())})
     return pd.DataFrame(rows)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import threading
 import time
@@ -23,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.evals.checkpoints import CheckpointStore
+from core.mixing.domains import check_domain_name
 from core.mixing.merge import SoupBuilder, normalize_weights
 
 PREFIX = "soup/"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def soup_uri(domains: Sequence[str], weights: Sequence[float] | None = None) -> str:
@@ -34,8 +33,7 @@ def soup_uri(domains: Sequence[str], weights: Sequence[float] | None = None) -> 
     if not domains:
         raise ValueError("empty subset")
     for d in domains:
-        if not _NAME.match(d) or "+" in d or "=" in d:
-            raise ValueError(f"domain name {d!r} must match [A-Za-z0-9_.-]+")
+        check_domain_name(d)  # no `+`, `=`, `/`; never `.` or `..`
     if weights is None:
         return PREFIX + "+".join(sorted(domains))
     pairs = sorted(zip(domains, weights))
@@ -48,6 +46,8 @@ def parse_soup_uri(uri: str) -> tuple[list[str], list[float] | None]:
     if not name:
         raise ValueError(f"not a soup uri: {uri!r}")
     parts = name.split("+")
+    for p in parts:
+        check_domain_name(p.split("=", 1)[0])
     if all("=" in p for p in parts):
         return [p.split("=", 1)[0] for p in parts], [float(p.split("=", 1)[1]) for p in parts]
     if any("=" in p for p in parts):

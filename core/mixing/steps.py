@@ -11,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from core.mixing.domains import load_domains
-from core.mixing.pipeline import MixingConfig, export_ids, heldout_scores, split_heldout
+from core.mixing.domains import check_domain_name, load_domains
+from core.mixing.pipeline import MixingConfig, balance_train_sets, export_ids, heldout_scores, split_heldout
 from core.mixing.plan import ExpertPlan, expert_budget, plan_training
 from core.mixing.soups import HoldLog, SoupStore, subset_key
 
@@ -25,11 +25,14 @@ def prepare_experts(shards: Sequence[str], ledger_dirs: Sequence[str], steps: Se
     ({domains, sizes, budget_steps, plans, heldout}); returns the plan dict."""
     groups = load_domains(domains_out)
     train, held = split_heldout(groups, cfg.heldout_per_domain, cfg.seed)
+    if cfg.balance_domains:
+        train = balance_train_sets(train, cfg.seed)
     sizes = {d: len(v) for d, v in train.items()}
     budget = expert_budget(sizes, cfg.batch_size, cfg.val_size, cfg.epochs, cfg.budget_steps)
     plans = [plan_training(d, [d], sizes, budget, cfg.batch_size, cfg.val_size) for d in sorted(train)]
     dom_of = {i: d for d, ids in groups.items() for i in ids}
     for d in sorted(train):
+        check_domain_name(d)  # the folder train/<d> must stay inside `out`
         export_ids(shards, ledger_dirs, train[d], os.path.join(out, "train", d), f"domain_{d}", steps, dom_of)
         if held[d]:
             export_ids(shards, ledger_dirs, held[d], os.path.join(out, "heldout", d), f"heldout_{d}", steps, dom_of)
@@ -85,12 +88,12 @@ def evaluate_soup(uri: str, experts: Mapping[str, str], base: str | None, heldou
 
 
 def choose_proxy_subsets(table: Any, cfg: MixingConfig) -> list[str]:
-    """The `proxy_top` best subsets by overall score plus `proxy_random` others drawn with `cfg.seed` among the
-    subsets of two or more domains (a one-domain mixture trained with one expert's compute *is* that expert, a
-    pair that agrees by construction and would inflate the correlation)."""
-    ranked = list(table.sort_values("overall", ascending=False).index)
+    """The `proxy_top` best subsets by overall score plus `proxy_random` others drawn with `cfg.seed`, all among
+    the subsets of two or more domains (a one-domain mixture trained with one expert's compute *is* that expert,
+    a pair that agrees by construction and would inflate the correlation)."""
+    ranked = [s for s in table.sort_values("overall", ascending=False).index if "+" in s]
     top = ranked[: cfg.proxy_top]
-    rest = [s for s in ranked if s not in top and "+" in s]
+    rest = [s for s in ranked if s not in top]
     rnd = random.Random(cfg.seed).sample(rest, min(cfg.proxy_random, len(rest)))
     return top + sorted(rnd)
 
@@ -131,6 +134,8 @@ def export_mixtures(subsets: Sequence[str], plan: Mapping[str, Any], cfg: Mixing
     dom_of = {i: d for d, ids in plan["train_ids"].items() for i in ids}
     res = []
     for key, p in zip(subsets, plan_mixtures(subsets, plan, cfg)):
+        for dom in key.split("+"):
+            check_domain_name(dom)
         d = os.path.join(out, "mix_" + key.replace("+", "__"))
         export_ids(shards, ledger_dirs, mixture_ids(key, plan), d, "mix_" + key, steps, dom_of)
         res.append((key, d, asdict(p)))

@@ -11,7 +11,12 @@ contents are spliced in at the sentinels (so each content's character span is kn
 must equal the template's own rendering of the real messages, else the sample is quarantined
 (`ppl_template_mismatch`: e.g. a template that rewrites content; `ppl_template_error` when the template
 itself raises, e.g. on a system turn). Token i is scored when its character
-span (tokenizer offsets) overlaps an assistant content span.
+span (tokenizer offsets) overlaps an assistant content span (the last one, when it overlaps two).
+
+Cost is linear in the conversation's length, however many turns it has (a 40,000-turn conversation
+encodes in about a second): the skeleton is split at its sentinels in one regex pass, and tokens are
+matched to the sorted, disjoint content spans (and `<image>` occurrences) by binary search instead of
+one full-length mask per span. Skeletons are cached for short role sequences only, in a bounded LRU.
 
 Plain template (used when the tokenizer has no chat template, or `chat_template="plain"`)::
 
@@ -24,6 +29,7 @@ preceded by the tokenizer's BOS token when it has one (`add_bos`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +42,11 @@ from core.sample import IMAGE_TOKEN, Sample, strip_image_placeholders
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _IMAGE_RE = re.compile(re.escape(IMAGE_TOKEN))
+_SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
+# Skeletons depend only on the role sequence; real data has a handful of short ones. Longer sequences are
+# split on the fly (linear) rather than cached, so a stream of long, distinct conversations holds no memory.
+SKELETON_CACHE_TURNS = 64
+SKELETON_CACHE_SIZE = 1024
 
 
 class EncodeError(ValueError):
@@ -84,7 +95,7 @@ class Encoder:
         self.use_model_template = has_template and config.chat_template != "plain"
         bos = getattr(tokenizer, "bos_token_id", None)
         self.bos_id = bos if (config.add_bos if config.add_bos is not None else bos is not None) else None
-        self._skeletons: dict[tuple[str, ...], tuple[list[str], str]] = {}
+        self._cached_skeleton = functools.lru_cache(maxsize=SKELETON_CACHE_SIZE)(self._build_skeleton)
 
     # ---- public --------------------------------------------------------------------------------
     def encode(self, sample: Sample) -> Encoded:
@@ -112,7 +123,7 @@ class Encoder:
         msgs = self.messages(sample)
         if not self.use_model_template:
             return _render_plain(msgs)
-        pieces, _ = self._skeleton(tuple(m["role"] for m in msgs))
+        pieces = self._skeleton(tuple(m["role"] for m in msgs))
         out: list[str] = [pieces[0]]
         spans: list[tuple[int, int]] = []
         pos = len(pieces[0])
@@ -139,20 +150,30 @@ class Encoder:
             parts = [t.value for t in turns]
         return "\n".join(p for p in (strip_image_placeholders(v) for v in parts) if p)
 
-    def _skeleton(self, roles: tuple[str, ...]) -> tuple[list[str], str]:
-        if roles not in self._skeletons:
-            msgs = [{"role": r, "content": _sentinel(i)} for i, r in enumerate(roles)]
-            skel = self._apply_template(msgs)
-            pieces: list[str] = []
-            rest = skel
-            for i in range(len(roles)):
-                head, sep, rest = rest.partition(_sentinel(i))
-                if not sep or _sentinel(i) in rest:
-                    raise EncodeError("ppl_template_mismatch", f"template drops or repeats message {i} ({roles[i]})")
-                pieces.append(head)
-            pieces.append(rest)
-            self._skeletons[roles] = (pieces, skel)
-        return self._skeletons[roles]
+    def _skeleton(self, roles: tuple[str, ...]) -> list[str]:
+        """The template's text around each message: `pieces[i]` precedes message i, `pieces[-1]` ends it."""
+        if len(roles) <= SKELETON_CACHE_TURNS:
+            return self._cached_skeleton(roles)
+        return self._build_skeleton(roles)
+
+    def _build_skeleton(self, roles: tuple[str, ...]) -> list[str]:
+        msgs = [{"role": r, "content": _sentinel(i)} for i, r in enumerate(roles)]
+        skel = self._apply_template(msgs)
+        pieces: list[str] = []
+        pos = 0
+        for m in _SENTINEL_RE.finditer(skel):  # one pass; sentinels must come back once each, in order
+            i = int(m.group(1))
+            if i != len(pieces):
+                bad = i if i < len(pieces) else len(pieces)
+                what = "repeats" if i < len(pieces) else "drops"
+                raise EncodeError("ppl_template_mismatch", f"template {what} message {bad} ({roles[bad]})")
+            pieces.append(skel[pos:m.start()])
+            pos = m.end()
+        if len(pieces) != len(roles):
+            raise EncodeError("ppl_template_mismatch",
+                              f"template drops message {len(pieces)} ({roles[len(pieces)]})")
+        pieces.append(skel[pos:])
+        return pieces
 
     def _apply_template(self, msgs: list[dict[str, str]]) -> str:
         import jinja2
@@ -173,10 +194,11 @@ class Encoder:
         if spans is None:  # text mode: every real token
             segment[nonempty] = 0
         else:
-            for k, (s, e) in enumerate(spans):
-                segment[nonempty & (start < e) & (end > s)] = k
-        for m in _IMAGE_RE.finditer(text):  # placeholders never count, whatever the tokenizer does with them
-            segment[(start < m.end()) & (end > m.start())] = -1
+            k = last_overlap(start, end, spans)
+            segment[nonempty] = k[nonempty]
+        images = [m.span() for m in _IMAGE_RE.finditer(text)]
+        if images:  # placeholders never count, whatever the tokenizer does with them
+            segment[last_overlap(start, end, images) >= 0] = -1
         if add_bos and self.bos_id is not None and (len(ids) == 0 or ids[0] != self.bos_id):
             ids = np.concatenate([[self.bos_id], ids]).astype(np.int64)
             segment = np.concatenate([[-1], segment]).astype(np.int32)
@@ -211,3 +233,23 @@ def _render_plain(msgs: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]
         out += [head, m["content"], "\n\n"]
         pos += len(m["content"]) + 2
     return "".join(out), spans
+
+
+def last_overlap(start: np.ndarray, end: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Per token, the index of the last span that overlaps [start, end) (`start < e and end > s`), else -1.
+
+    `spans` must be sorted and disjoint (both ends non-decreasing), as content spans and regex matches
+    are: then the spans that start before a token's end are a prefix, those that end after its start are
+    a suffix, and the last overlapping one is the prefix's last if it overlaps at all. One binary search
+    per token: O(tokens * log(spans)), where a mask per span costs O(tokens * spans).
+    """
+    if not spans:
+        return np.full(len(start), -1, dtype=np.int32)
+    bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    s, e = bounds[:, 0], bounds[:, 1]
+    if (np.diff(s) < 0).any() or (np.diff(e) < 0).any() or (e < s).any():
+        raise ValueError("spans must be sorted and disjoint")
+    k = np.searchsorted(s, end, side="left") - 1  # last span starting before the token ends
+    hit = k >= 0
+    hit[hit] = e[k[hit]] > start[hit]
+    return np.where(hit, k, -1).astype(np.int32)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from core.report import figure_html, new_figure, page, table_html, text_html
+from core.report import esc, figure_html, new_figure, page, table_html, text_html
 
 
 def score_report_html(out: str | os.PathLike, summary: dict[str, Any], n_examples: int = 5) -> str:
@@ -46,7 +46,7 @@ def score_report_html(out: str | os.PathLike, summary: dict[str, Any], n_example
         parts.append(figure_html(fig, "perplexity vs scored tokens (few-token samples are noisy: see shrink_tokens)"))
     srt = ok.sort_values("ppl")
     for title, rows in (("highest perplexity", srt.tail(n_examples)[::-1]), ("lowest perplexity", srt.head(n_examples))):
-        parts.append(f"<h3>{title}</h3>")
+        parts.append(f"<h3>{esc(title)}</h3>")
         for r in rows.itertuples():
             parts.append(text_html(r.preview, f"{r.sample_id}  ppl={r.ppl:.4g}  scored={r.n_scored}"
                                    f"{'  (truncated)' if r.truncated else ''}"))

@@ -77,6 +77,9 @@ class RephraseConfig(ConfigJSON):
         rejected (``meaning_changed``).
     :param keep_suffixes: answer-format instructions kept verbatim at the end of a turn.
     :param refusal_patterns: regexes matched at the start of a rephrased turn (``refusal``).
+    :param on_config_change: a shard in flight whose finished chunks were made by another config (model,
+        tokenizer, prompts, generation or validation settings, chunk size): ``"refuse"`` (error naming the
+        fields) or ``"recompute"`` (discard that shard's chunks and redo it).
     """
 
     backend: str
@@ -104,10 +107,13 @@ class RephraseConfig(ConfigJSON):
     min_similarity: float = 0.7
     keep_suffixes: tuple[str, ...] = field(default=DEFAULT_KEEP_SUFFIXES)
     refusal_patterns: tuple[str, ...] = field(default=DEFAULT_REFUSAL_PATTERNS)
+    on_config_change: str = "refuse"
 
     def __post_init__(self) -> None:
         if self.backend not in ("vllm", "transformers"):
             raise ValueError(f"backend {self.backend!r} must be 'vllm' or 'transformers'")
+        if self.on_config_change not in ("refuse", "recompute"):
+            raise ValueError(f"on_config_change {self.on_config_change!r} must be 'refuse' or 'recompute'")
         if "{text}" not in self.human_prompt or "{text}" not in self.gpt_prompt:
             raise ValueError("human_prompt and gpt_prompt must contain '{text}'")
         check_ranges(self, {"min_shortening": (0, 1, {"hi_open": True}), "chunk_size": (1, None),

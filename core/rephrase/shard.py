@@ -21,6 +21,7 @@ from core.ledger import LedgerWriter
 from core.rephrase.chunks import finish_chunk, generate_chunk, pick_examples, prepare_chunk
 from core.rephrase.config import RephraseConfig
 from core.rephrase.generate import Generator
+from core.rephrase.resume import chunk_name, prepare_work
 from core.rephrase.similarity import SimilarityScorer
 from core.rephrase.tokens import TokenCounter
 from core.sample import Sample
@@ -44,6 +45,7 @@ class ShardSummary:
     seconds_generate: float = 0.0
     generated_tokens: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    chunks: list[str] = field(default_factory=list, repr=False)  # this run's chunk files, in order
 
 
 def rephrase_shard(
@@ -55,17 +57,18 @@ def rephrase_shard(
     scorer: SimilarityScorer | None,
     bar: Any = None,
 ) -> ShardSummary:
-    """Rephrase a shard's samples chunk by chunk into `work/chunk-<i>.json` (each written atomically; chunks
-    already there are skipped, so a crash loses at most the chunk in flight). Returns the shard's summary."""
+    """Rephrase a shard's samples chunk by chunk into `work/chunk-<i>-<ids hash>.json` (each written atomically;
+    a chunk whose file is there is skipped, so a crash loses at most the chunk in flight). The work folder is
+    checked first (`core.rephrase.resume.prepare_work`): chunks of another config are refused or recomputed,
+    never mixed in. Returns the shard's summary."""
     t_start = time.perf_counter()
     summary = ShardSummary(work.name)
-    work.mkdir(parents=True, exist_ok=True)
-    done = {int(p.stem.split("-")[1]) for p in work.glob("chunk-*.json")}
+    reusable = prepare_work(work, cfg)
     it = iter(samples)
 
-    def finish(ci: int, chunk: list[Sample], plans: list, gens: list) -> None:
+    def finish(name: str, chunk: list[Sample], plans: list, gens: list) -> None:
         rows = finish_chunk(chunk, plans, gens, counter, cfg, scorer)
-        write_atomic(work / f"chunk-{ci:06d}.json", json.dumps(rows, ensure_ascii=False))
+        write_atomic(work / name, json.dumps(rows, ensure_ascii=False))
         summary.chunks_done += 1
         summary.generated_tokens += sum(r["gen_tokens"] for r in rows)
 
@@ -81,7 +84,9 @@ def rephrase_shard(
                     break
                 if bar is not None:
                     bar.update(len(chunk))
-                if ci in done:
+                name = chunk_name(ci, [s.id for s in chunk])
+                summary.chunks.append(name)
+                if name in reusable:
                     summary.chunks_resumed += 1
                     continue
                 plans, requests, seeds = prepare_chunk(chunk, cfg)
@@ -91,10 +96,10 @@ def rephrase_shard(
                 if pending is not None:
                     pending.result()
                 if cfg.overlap_io:
-                    pending = pool.submit(finish, ci, chunk, plans, gens)
+                    pending = pool.submit(finish, name, chunk, plans, gens)
                 else:
                     pending = None
-                    finish(ci, chunk, plans, gens)
+                    finish(name, chunk, plans, gens)
         finally:
             if pending is not None:
                 wait([pending])
@@ -110,8 +115,11 @@ def publish_shard(summary: ShardSummary, work: Path, step_out: Path, cfg: Rephra
     t0 = time.perf_counter()
     shard = summary.shard
     rows: list[dict[str, Any]] = []
-    for p in sorted(work.glob("chunk-*.json")):
-        rows.extend(json.loads(p.read_text("utf-8")))
+    for name in summary.chunks:  # exactly this run's plan: a chunk file of another plan is never read
+        rows.extend(json.loads((work / name).read_text("utf-8")))
+    stale = sorted({p.name for p in work.glob("chunk-*.json")} - set(summary.chunks))
+    if stale:
+        log.warning("rephrase %s: %d chunk file(s) of another plan ignored: %s", shard, len(stale), stale[:3])
     accepted = [r for r in rows if r["decision"] == "modify"]
     table = pa.Table.from_pydict(
         {

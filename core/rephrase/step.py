@@ -6,7 +6,9 @@ Layout inside the step's output directory (see docs/architecture.md):
                                               the reader's quarantines of the shard in the same part
     rephrase/records/part-<shard>.parquet     sample_id, conversations_json of accepted samples (export input)
     rephrase/examples/part-<shard>.jsonl      a few before/after examples (accepted and rejected)
-    rephrase/work/<shard>/chunk-<i>.json      finished chunks of the shard in flight (removed once published)
+    rephrase/work/<shard>/stamp.json          what made the chunks (config fields, model/tokenizer fingerprints)
+    rephrase/work/<shard>/chunk-<i>-<h>.json  finished chunks of the shard in flight, named by position and ids
+                                              hash (removed once published; see core/rephrase/resume.py)
 
 A shard is processed in chunks of `chunk_size` samples in reader order (`core.rephrase.chunks`); every
 finished chunk is written atomically, so a crash loses at most one chunk. When all chunks of a shard are

@@ -123,6 +123,7 @@ class TargetedGenerateStep(ShardStep):
     """
 
     name = STEP
+    stamp_attrs = ()  # its config is compared by _check_same_config (output fields only); the stamp: code
 
     def __init__(self, out: str | os.PathLike, retrieved: pd.DataFrame, pool_shards: dict[str, str],
                  cfg: TargetedConfig, examples: dict[str, list[dict[str, str]]], generator: VLMGenerator | None = None):

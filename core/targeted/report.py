@@ -8,15 +8,16 @@ from typing import Any
 
 import pandas as pd
 
-from core.report import figure_html, image_html, new_figure, page, table_html, text_html
+from core.report import esc, figure_html, image_html, new_figure, page, plot_text, plot_texts, table_html, text_html
 
 
 def _bar(counts: dict[str, int], title: str, xlabel: str = "count") -> str:
     if not counts:
         return text_html("(nothing to plot)", title)
     fig, ax = new_figure(6, 0.4 + 0.3 * len(counts))
-    names = list(counts)
-    ax.barh(names, [counts[n] for n in names])
+    names = list(counts)  # data (subgroup names, reasons): escaped for mathtext, each its own category
+    ax.barh(range(len(names)), [counts[n] for n in names])
+    ax.set_yticks(range(len(names)), plot_texts(names))
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     return figure_html(fig, title)
@@ -41,7 +42,7 @@ def retrieval_html(got: pd.DataFrame, fetch: Callable[[list[str]], dict[str, Any
     if len(got):
         fig, ax = new_figure()
         for g, part in got.groupby("subgroup"):
-            ax.hist(part["similarity"], bins=20, alpha=0.5, label=str(g))
+            ax.hist(part["similarity"], bins=20, alpha=0.5, label=plot_text(g))
         ax.set_xlabel("cosine similarity to the subgroup's reference images")
         ax.legend()
         parts.append(figure_html(fig, "similarity of retrieved images"))
@@ -51,7 +52,7 @@ def retrieval_html(got: pd.DataFrame, fetch: Callable[[list[str]], dict[str, Any
         for g, part in top.groupby("subgroup"):
             cells = [image_html(samples[r.pool_id].image_bytes[0], caption=f"{r.pool_id} sim {r.similarity:.3f}")
                      for r in part.itertuples() if r.pool_id in samples and samples[r.pool_id].image_bytes]
-            parts.append(f"<h3>{g}</h3>" + "".join(cells))
+            parts.append(f"<h3>{esc(g)}</h3>" + "".join(cells))
     return page(*parts)
 
 

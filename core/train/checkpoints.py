@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +20,78 @@ STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
 
 
+ASIDE = ".old"  # a checkpoint being replaced waits under `<name>.old` until its successor is in place
+
+
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(global_step, dir) of complete checkpoints (state file present), oldest first."""
+    """(global_step, dir) of complete checkpoints (state file present), oldest first.
+
+    A checkpoint that a crash left under `<name>.old` (its replacement never arrived) counts under that
+    path until `recover_checkpoints` renames it back; one whose replacement did arrive is ignored."""
     root = Path(output_dir) / "checkpoints"
     out = []
     for d in root.glob("*") if root.is_dir() else []:
         f = d / STATE_FILE
-        if d.is_dir() and not d.name.endswith(".tmp") and f.is_file():
-            out.append((json.loads(f.read_text())["global_step"], d))
-    return sorted(out, key=lambda x: (x[0], x[1].name.startswith("epoch")))
+        if not d.is_dir() or d.name.endswith(".tmp") or not f.is_file():
+            continue
+        if d.name.endswith(ASIDE) and (root / d.name[: -len(ASIDE)]).exists():
+            continue
+        out.append((json.loads(f.read_text())["global_step"], d))
+    return sorted(out, key=lambda x: (x[0], _base_name(x[1]).startswith("epoch")))
+
+
+def _base_name(d: Path) -> str:
+    return d.name[: -len(ASIDE)] if d.name.endswith(ASIDE) else d.name
+
+
+def recover_checkpoints(output_dir: str | Path) -> None:
+    """Finish a publish that a crash interrupted: `<name>.old` goes back to `<name>` when the new one never
+    arrived, and is deleted when it did; unfinished `*.tmp` directories are removed."""
+    root = Path(output_dir) / "checkpoints"
+    for d in sorted(root.glob("*")) if root.is_dir() else []:
+        if d.name.endswith(ASIDE):
+            final = root / d.name[: -len(ASIDE)]
+            if (final / STATE_FILE).is_file():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(d, final)
+        elif d.name.endswith(".tmp"):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _save_checkpoint(model: MiniLlava, opt: Any, sched: Any, cfg: TrainConfig, name: str,
                      state: dict[str, Any]) -> Path:
-    """Write `checkpoints/<name>` atomically (tmp dir, then rename): a crash never leaves a half checkpoint."""
+    """Write `checkpoints/<name>` atomically: a crash never leaves a half checkpoint, nor a moment without one.
+
+    The checkpoint is written into a fresh temporary sibling (`mkdtemp`: two writers never share one), then
+    renamed into place. When `<name>` already exists it is first renamed aside to `<name>.old`, the new one
+    renamed in, and only then is the old one deleted: at every instant a complete checkpoint is on disk
+    (`recover_checkpoints` finishes the swap after a crash between the two renames)."""
     root = Path(cfg.output_dir) / "checkpoints"
-    final, tmp = root / name, root / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / OPTIM_FILE)
-    state = {**state, "config": portable_config(cfg, final), "run_name": cfg.run_name}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    root.mkdir(parents=True, exist_ok=True)
+    final, aside = root / name, root / (name + ASIDE)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", suffix=".tmp", dir=root))
+    try:
+        model.save(tmp)
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / OPTIM_FILE)
+        state = {**state, "config": portable_config(cfg, final), "run_name": cfg.run_name}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, final, aside)
     return final
+
+
+def publish_dir(tmp: Path, final: Path, aside: Path) -> None:
+    """Move the finished directory `tmp` to `final`, replacing what is there without a gap (see above)."""
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def portable_config(cfg: TrainConfig, ckpt_dir: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from core.configs import ConfigJSON, check_ranges, register_preset
 
 STAGES = ("projector", "full")
 LR_SCHEDULES = ("cosine", "constant")
+ON_CONFIG_CHANGE = ("refuse", "restart")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class TrainConfig(ConfigJSON):
     mirror_uri: str | None = None  # durable copy of checkpoints (s3://...) for preemption across pods
     wandb_project: str | None = None  # log to W&B too when set and wandb is installed
     wandb_run_name: str | None = None
+    # output_dir holds another run (config or data differ): "refuse" (error naming the fields) or "restart"
+    # (move the old checkpoints to output_dir/superseded/<time>/ and train from scratch)
+    on_config_change: str = "refuse"
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -64,6 +68,8 @@ class TrainConfig(ConfigJSON):
                             "nproc_per_node": (1, None), "log_every_n_steps": (1, None)})
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} not in {LR_SCHEDULES}")
+        if self.on_config_change not in ON_CONFIG_CHANGE:
+            raise ValueError(f"on_config_change {self.on_config_change!r} not in {ON_CONFIG_CHANGE}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,8 +7,8 @@ exactly the batches it already trained on.
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Sequence
@@ -18,6 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from core.fingerprint import files_fingerprint
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"  # core.export.MANIFEST (not imported: export pulls in the image stack)
 IGNORE_INDEX = -100
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
@@ -33,13 +38,70 @@ class Entry:
 
 
 def list_tar_shards(data: str | Sequence[str]) -> list[str]:
-    """Sorted `*.tar` files of a directory, or the given list of shard paths."""
+    """The shards to train on: an export's manifest list, else the sorted `*.tar` of a directory, or the given
+    list of shard paths.
+
+    An export folder (`manifest.json` + `shards/`), or its `shards/` folder, is read through the manifest: only
+    the shards it names, in its order, and every one must exist. Tars beside them that the manifest does not
+    name (left by an earlier, larger export into the same folder) are never trained on.
+    """
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.is_dir():
+            listed = manifest_shards(p)
+            if listed is not None:
+                return listed
             return sorted(str(x) for x in p.glob("*.tar"))
         return [str(p)]
     return [str(x) for x in data]
+
+
+def _export_manifest(p: Path) -> tuple[dict[str, Any], Path] | None:
+    """(manifest, shards folder) of an export folder or of its `shards/` folder; None for a plain folder."""
+    for man, shard_dir in ((p / MANIFEST, p / "shards"), (p.parent / MANIFEST, p)):
+        if man.is_file() and (shard_dir == p or shard_dir.is_dir()):
+            m = json.loads(man.read_text("utf-8"))
+            # export manifests name their shards; ingest's shards/manifest.json lists paths and is not one
+            if isinstance(m, dict) and isinstance(m.get("shards"), list) and all(
+                    isinstance(s, dict) and "name" in s for s in m["shards"]):
+                return m, shard_dir
+    return None
+
+
+def manifest_shards(p: str | os.PathLike) -> list[str] | None:
+    """Shard paths listed by the export manifest of `p` (see `list_tar_shards`), or None when there is none."""
+    found = _export_manifest(Path(p))
+    if found is None:
+        return None
+    m, shard_dir = found
+    out = []
+    for s in m["shards"]:
+        name = str(s["name"])
+        parts = name.split("/")  # "<file>" (format 1) or "<kind>/<file>" (format 2: kind folders)
+        if len(parts) > 2 or any(not x or x in (".", "..") or "\\" in x for x in parts):
+            # a manifest names files of its own shards/ only
+            raise ValueError(f"{shard_dir}: manifest shard name {name!r} is not a file of its shards/ folder")
+        f = shard_dir / name
+        if not f.is_file():
+            raise ValueError(f"{shard_dir}: shard {name} listed in the manifest is missing")
+        out.append(str(f))
+    listed = {Path(x).relative_to(shard_dir).as_posix() for x in out}
+    stale = sorted({x.relative_to(shard_dir).as_posix() for x in shard_dir.glob("**/*.tar")} - listed)
+    if stale:
+        log.warning("%s: %d tar file(s) not in the manifest are ignored: %s", shard_dir, len(stale), stale[:5])
+    return out
+
+
+def data_fingerprint(shards: Sequence[str]) -> str:
+    """Identity of the training data: each shard's name and size, in order, plus its sha256 when an export
+    manifest records one (cheap: no shard is read)."""
+    digests: dict[str, str] = {}
+    # an export's shards sit in shards/ (format 1) or shards/<kind>/ (format 2): look one level up too
+    for d in {str(q) for s in shards for q in (Path(s).parent, Path(s).parent.parent)}:
+        found = _export_manifest(Path(d))
+        if found is not None:
+            digests.update({str(found[1] / s["name"]): str(s.get("sha256", "")) for s in found[0]["shards"]})
+    return files_fingerprint((Path(s).name, os.path.getsize(s), digests.get(s, "")) for s in shards)
 
 
 def build_index(shards: Sequence[str]) -> list[Entry]:
@@ -134,12 +196,16 @@ def encode_conversation(
 ) -> tuple[list[int], list[int], int]:
     """Token ids and labels (-100 on non-assistant and image tokens) plus how many images survive truncation.
 
-    Truncation never splits an image: it cuts before the first incomplete image block.
+    Truncation never splits an image: it cuts before the first incomplete image block. Segments past
+    `max_len` are not tokenized at all, so a conversation of 40,000 turns costs what its first `max_len`
+    tokens cost (each segment is tokenized on its own, so the cut does not change the kept ids).
     """
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in chatml_segments(turns, image_token, n_image_tokens):
+        if len(ids) >= max_len:
+            break
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         labels.extend(piece if trainable else [IGNORE_INDEX] * len(piece))
@@ -171,13 +237,14 @@ class ConversationDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
-        from PIL import Image
+
+        from core.images import decode_image  # the project's checks: a bomb or corrupt image raises SampleError
 
         record, images = read_entry(self.entries[int(i)])
         ids, labels, n_img = encode_conversation(
             self.tokenizer, record["conversations"], self.image_token_id, self.n_image_tokens, self.max_len
         )
-        pix = [self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[:n_img]]
+        pix = [self.preprocess(decode_image(b)) for b in images[:n_img]]
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),

@@ -31,6 +31,7 @@ from core.train.checkpoints import (
     _publish,
     _save_checkpoint,
     list_checkpoints,
+    recover_checkpoints,
 )
 from core.train.config import TrainConfig
 from core.train.data import (
@@ -43,6 +44,7 @@ from core.train.data import (
     split_train_val,
 )
 from core.train.distributed import _all_reduce_sum, _barrier, _dist_setup
+from core.train.identity import check_same_run, move_run_aside, run_identity
 from core.train.metrics import Metrics
 from core.train.mini_llava import build_mini_llava, load_mini_llava, resolve_device
 
@@ -83,7 +85,8 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train MiniLlava on training-schema WDS shards; resumes from `cfg.output_dir` when it holds checkpoints.
 
-    :param data: a directory of exported `*.tar` shards or a list of shard paths.
+    :param data: an export folder (its manifest lists the shards), a directory of `*.tar` shards or a list of
+        shard paths.
     :param cfg: the TrainConfig (its `output_dir` holds checkpoints/ and metrics.jsonl).
     :param val_data: optional separate validation shards; else `cfg.val_size` samples are held out by seed.
     :param on_step: called with the global step after each optimizer step (tests use it to kill a run).
@@ -101,9 +104,24 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
         pull(cfg.mirror_uri, out)
     _barrier(world)
 
+    if local == 0:
+        recover_checkpoints(out)  # finish a checkpoint swap that a crash interrupted
+    _barrier(world)
+
+    shards = list_tar_shards(data)  # an export's manifest list: stale tars beside it are never trained on
+    val_shards = list_tar_shards(val_data) if val_data is not None else None
+    identity = run_identity(cfg, shards, val_shards)
     ckpts = list_checkpoints(out)
     resume = ckpts[-1][1] if ckpts else None
     state = json.loads((resume / STATE_FILE).read_text()) if resume else None
+    # the checkpoints on disk must be this run's (config and data) before they are resumed or returned
+    same = state is None or check_same_run(out, state, identity, cfg.on_config_change)
+    _barrier(world)  # every rank has read the old state before it moves
+    if not same:
+        if local == 0:
+            move_run_aside(out)
+        _barrier(world)
+        resume, state = None, None
     if state is not None and state.get("done"):
         log.info("run in %s already finished at step %d", out, state["global_step"])
         return TrainResult(_finished_list(out), str(out / "metrics.jsonl"), state["global_step"], str(resume))
@@ -118,10 +136,10 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
     model.train()
 
     # data: one index, a fixed held-out set, a per-epoch order that depends on (seed, epoch) only
-    entries = build_index(list_tar_shards(data))
-    if val_data is not None:
+    entries = build_index(shards)
+    if val_shards is not None:
         train_idx = torch.arange(len(entries)).numpy()
-        val_entries = build_index(list_tar_shards(val_data))[: cfg.val_size]
+        val_entries = build_index(val_shards)[: cfg.val_size]
     else:
         train_idx, val_idx = split_train_val(len(entries), cfg.val_size, cfg.seed)
         val_entries = [entries[i] for i in val_idx]
@@ -180,6 +198,7 @@ def train(data: str | Sequence[str], cfg: TrainConfig, val_data: str | Sequence[
         # `epoch` + `step_in_epoch` are the resume position (epochs done, steps done in the next one);
         # `epochs_completed` is the same as a float (HF Trainer's `epoch`): what eval plots a score against.
         return {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch, "done": done,
+                "identity": identity,
                 "epochs_completed": round(epoch + step_in_epoch / steps_per_epoch, 6),
                 "data": {"n_samples": len(entries), "n_train": len(train_idx), "n_val": len(val_entries),
                          "steps_per_epoch": steps_per_epoch, "world_size": world, "seed": cfg.seed}}

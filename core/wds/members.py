@@ -114,9 +114,9 @@ def _member_problem(name: str) -> tuple[str, str, int] | str:
     if name.startswith("/") or ".." in p.parts or len(p.parts) != 1:
         return "unsafe_member_name"
     key, dot, suffix = name.partition(".")
-    if not dot or not _KEY_RE.match(key):
+    if not dot or not _KEY_RE.fullmatch(key):  # fullmatch: `$` would accept a trailing newline
         return "unsafe_member_name"
-    m = _SUFFIX_RE.match(suffix)
+    m = _SUFFIX_RE.fullmatch(suffix)
     if not m:
         return "unsafe_member_name"
     if suffix == "json":

@@ -13,17 +13,39 @@ import fsspec
 
 from core.images import DEFAULT_MAX_PIXELS, decode_image
 from core.ledger import LedgerWriter
-from core.sample import MAX_TEXT_CHARS, Sample, SampleError
+from core.limits import MAX_IMAGE_BYTES, MAX_INT_DIGITS, MAX_JSON_DEPTH, check_depth, control_chars, decode_json
+from core.sample import MAX_TEXT_CHARS, MAX_TURNS, Sample, SampleError
 from core.wds.members import _member_problem, shard_name
 from core.wds.tars import _local_path, _LocalTar, _PlainMember, _StreamTar
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 8 << 20  # a key.json larger than this is quarantined as oversize_text unparsed
+# Regular files only: a GNU sparse member expands to the size its header declares (tarfile counts it as a
+# file), links and devices name other files.
+_REGULAR = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
+
+
+def _export_listed(fs, root: str, path: str) -> list[str] | None:
+    """The shard list of an export's `shards/` folder from the export's manifest (format >= 2: shards in
+    `shards/<kind>/` folders), or None for any other folder. Readers of an export take the manifest's list,
+    never a glob: a stray tar beside the manifest is not part of the export."""
+    if root.rstrip("/").rsplit("/", 1)[-1] != "shards":
+        return None
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        with fs.open(f"{root.rstrip('/').rsplit('/', 1)[0]}/manifest.json", "r", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format", 0) < 2 or "kinds" not in manifest:
+        return None
+    return [f"{parent}/shards/{sh['name']}" for sh in manifest["shards"]]
 
 
 def list_shards(path: str) -> list[str]:
-    """Sorted `.tar` shard URLs under a local dir / fsspec URL, or matching a brace/glob pattern."""
+    """Sorted `.tar` shard URLs under a local dir / fsspec URL, or matching a brace/glob pattern; an export's
+    `shards/` folder lists what its manifest names (kind folders, manifest order)."""
     if any(c in path for c in "{*?["):
         import braceexpand
 
@@ -34,6 +56,9 @@ def list_shards(path: str) -> list[str]:
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isfile(root):
         return [path]
+    listed = _export_listed(fs, root, path)
+    if listed is not None:
+        return listed
     names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return names if proto in ("file", "local") else [f"{proto}://{p}" for p in names]
@@ -72,9 +97,15 @@ def iter_shard(
     verify_images: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_text_chars: int = MAX_TEXT_CHARS,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_turns: int = MAX_TURNS,
     storage_options: dict | None = None,
 ) -> Iterator[Sample]:
     """Stream the valid samples of one shard; quarantine the rest with a reason.
+
+    Members are bounded before they are read (regular files only; a json member at most MAX_JSON_BYTES,
+    an image at most `max_image_bytes`) and a json member's nesting and integers before it is parsed
+    (core/limits.py), so a hostile shard costs quarantine rows, not memory.
 
     `include_ids` restricts both output and quarantine rows to the ids that are inputs of the calling
     step (others are skipped silently: they were decided by an earlier step). Ids in `include_ids` that
@@ -88,27 +119,29 @@ def iter_shard(
         fallback_id = f"{sname}/{g.key}"
         if g.json_bytes is None:
             if include_ids is None or fallback_id in include_ids:
-                q(fallback_id, g.problem[0] if g.problem else "missing_json", f"members without {g.key}.json")
+                q(fallback_id, *(g.problem or ("missing_json", f"members without {g.key}.json")))
             return None
         sid = fallback_id
         try:
             if len(g.json_bytes) > MAX_JSON_BYTES:
                 raise SampleError("oversize_text", f"{len(g.json_bytes)} bytes of json")
+            check_depth(g.json_bytes, MAX_JSON_DEPTH)
             try:
                 text = g.json_bytes.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise SampleError("non_utf8", str(e)) from None
             try:
-                rec = json.loads(text)
+                rec = decode_json(text, MAX_INT_DIGITS)
             except json.JSONDecodeError as e:
                 raise SampleError("invalid_json", str(e)) from None
-            if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) and str(rec["id"]).strip():
+            if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) and str(rec["id"]).strip() \
+                    and not control_chars(str(rec["id"])):
                 sid = str(rec["id"])
             if include_ids is not None and sid not in include_ids:
                 return None
             if g.problem:
                 raise SampleError(*g.problem)
-            s = Sample.from_record(rec, max_text_chars=max_text_chars)
+            s = Sample.from_record(rec, max_text_chars=max_text_chars, max_turns=max_turns)
             sid = s.id
             if sid in seen:
                 raise SampleError("duplicate_id", f"id {sid} appears twice in shard")
@@ -142,8 +175,8 @@ def iter_shard(
         try:
             for m in tar:
                 parsed = _member_problem(m.name)
-                if isinstance(parsed, str) or not m.isfile():
-                    reason = parsed if isinstance(parsed, str) else "unsafe_member_name"
+                if isinstance(parsed, str) or m.type not in _REGULAR:
+                    reason = parsed if isinstance(parsed, str) else "unsafe_member"
                     bad_key = m.name.split("/")[-1].partition(".")[0] or "member"
                     if group is not None and bad_key == group.key:
                         group.problem = group.problem or (reason, m.name)
@@ -157,6 +190,11 @@ def iter_shard(
                     if group is not None and (s := finish(group)) is not None:
                         yield s
                     group = _Group(key)
+                cap = max_image_bytes if kind == "image" else MAX_JSON_BYTES
+                if m.size > cap:  # never read: the group is quarantined with the bound
+                    reason = "oversize_image" if kind == "image" else "oversize_text"
+                    group.problem = group.problem or (reason, f"member {m.name!r}: {m.size} bytes > {cap}")
+                    continue
                 # images of an indexed shard are read only for samples that are wanted (a subset export
                 # reads just its subset); elsewhere reads stay in member order, where a cut is detected
                 data = m if tar.lazy and kind == "image" else tar.read(m)

@@ -184,5 +184,5 @@ class _StreamTar:
                 raise tarfile.ReadError(f"tar ends without end-of-archive blocks after {f.total} bytes")
 
     def read(self, m: tarfile.TarInfo) -> bytes:
-        return self.tar.extractfile(m).read() if m.size else b""
+        return self.tar.extractfile(m).read(m.size) if m.size else b""  # the caller bounds m.size
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from core.outputs import temp_path
 from core.sample import Sample
 from core.wds.members import _end_of_archive, _member_bytes, sample_members, shard_name
 
@@ -77,8 +78,9 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._offset = 0
         if self.local:
-            # written in place under a temp name (no in-memory copy of the shard), renamed when complete
-            self._tmp = f"{self.root}/{name}.tmp"
+            # written in place under a unique temp name (no in-memory copy of the shard; two writers of one
+            # folder, even on two pods, never share it), renamed when complete
+            self._tmp = temp_path(f"{self.root}/{name}")
             self._f = open(self._tmp, "wb")
         else:
             self._f = io.BytesIO()
