@@ -149,10 +149,11 @@ def _read_local_image(path: str, name: str, max_bytes: int) -> bytes:
         raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
     except OSError as e:  # permission denied, too many symlink levels, ...
         raise SampleError("missing_image", f"{name}: {type(e).__name__}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):  # checked before fdopen, which refuses a directory with its own error
+        os.close(fd)
+        raise SampleError("missing_image", f"{name}: IsADirectoryError")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise SampleError("missing_image", f"{name}: IsADirectoryError")
         if not stat.S_ISREG(st.st_mode):
             kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
             raise SampleError("unsafe_path", f"image {name!r} is {kind}; only regular files are read")
@@ -184,7 +185,10 @@ def _read_remote_image(fs: Any, path: str, name: str, max_bytes: int) -> bytes:
             size = size if isinstance(size, int) else None
             if size is not None and size > max_bytes:
                 raise SampleError("oversize_image", f"{name}: {size} bytes > max_image_bytes={max_bytes}")
-            return _read_bounded(f, size, name, max_bytes)
+            data = _read_bounded(f, size, name, max_bytes)
+        if not data and fs.isdir(path):  # an object store's "folder" (a key prefix) reads as b"": no such image
+            raise SampleError("missing_image", f"{name}: IsADirectoryError")
+        return data
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
 
