@@ -12,7 +12,9 @@ import logging
 import os
 import stat
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -21,6 +23,7 @@ import fsspec.implementations.local
 
 from core.configs import check_ranges
 from core.images import DEFAULT_MAX_PIXELS, decode_image
+from core.io_pool import read_ahead
 from core.ledger import LedgerWriter, step_dir
 from core.limits import (
     MAX_IMAGE_BYTES,
@@ -76,12 +79,13 @@ class IngestConfig:
     max_record_bytes: int = MAX_RECORD_BYTES
     max_turns: int = MAX_TURNS
     max_image_bytes: int = MAX_IMAGE_BYTES
+    image_readers: int = 16  # threads reading image_root files ahead (core/io_pool.py); 1 = one after another
 
     def __post_init__(self) -> None:
         parse_format(self.format)  # ValueError on an unknown format, before any work
         check_ranges(self, {"max_json_depth": (2, None), "max_int_digits": (1, None),
                             "max_record_bytes": (1, MAX_JSON_BYTES), "max_turns": (2, None),
-                            "max_image_bytes": (1, None)})
+                            "max_image_bytes": (1, None), "image_readers": (1, None)})
 
     def limits(self) -> InputLimits:
         """The door's bounds as the readers take them."""
@@ -145,10 +149,11 @@ def _read_local_image(path: str, name: str, max_bytes: int) -> bytes:
         raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
     except OSError as e:  # permission denied, too many symlink levels, ...
         raise SampleError("missing_image", f"{name}: {type(e).__name__}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):  # checked before fdopen, which refuses a directory with its own error
+        os.close(fd)
+        raise SampleError("missing_image", f"{name}: IsADirectoryError")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise SampleError("missing_image", f"{name}: IsADirectoryError")
         if not stat.S_ISREG(st.st_mode):
             kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
             raise SampleError("unsafe_path", f"image {name!r} is {kind}; only regular files are read")
@@ -180,9 +185,22 @@ def _read_remote_image(fs: Any, path: str, name: str, max_bytes: int) -> bytes:
             size = size if isinstance(size, int) else None
             if size is not None and size > max_bytes:
                 raise SampleError("oversize_image", f"{name}: {size} bytes > max_image_bytes={max_bytes}")
-            return _read_bounded(f, size, name, max_bytes)
+            data = _read_bounded(f, size, name, max_bytes)
+        if not data and fs.isdir(path):  # an object store's "folder" (a key prefix) reads as b"": no such image
+            raise SampleError("missing_image", f"{name}: IsADirectoryError")
+        return data
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise SampleError("missing_image", f"{name}: {type(e).__name__}") from None
+
+
+def _read_image(fs: fsspec.AbstractFileSystem, root: str, local: bool, max_bytes: int, name: str) -> bytes:
+    """The bytes of image `name` under `root` (runs in the read-ahead pool, core/io_pool.py): the path check
+    (`_safe_image_path`), then the bounded reader (regular files only, at most `max_bytes`); SampleErrors are
+    raised again in record order by `ahead.read`."""
+    path = _safe_image_path(root, name, local)
+    if local:
+        return _read_local_image(fs._strip_protocol(path), name, max_bytes)
+    return _read_remote_image(fs, path, name, max_bytes)
 
 
 def _record_id(rec: Any, fallback: str) -> str:
@@ -196,6 +214,15 @@ def _record_id(rec: Any, fallback: str) -> str:
     except ValueError:  # str() of an int over Python's 4,300 digits
         return fallback
     return fallback if control_chars(text) else text
+
+
+def _parse_ahead(cfg: IngestConfig, src_name: str, r: Any) -> tuple[Sample | None, list[str]]:
+    """A source record's Sample (parsed ahead of its turn) and the image names the pool can start reading."""
+    if r.problem:
+        return None, []
+    s = Sample.from_record(r.record, source=src_name, max_text_chars=cfg.max_text_chars,
+                           max_turns=cfg.max_turns)
+    return s, (s.images if r.image_bytes is None and cfg.image_root else [])
 
 
 def source_fingerprint(*urls: str, max_entries: int = 10_000) -> str:
@@ -287,8 +314,12 @@ def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     n = 0
     led_dir = step_dir(cfg.ledger_dir or cfg.run_dir, STEP)
     writer = ShardWriter(f"{cfg.run_dir.rstrip('/')}/shards", cfg.prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
-    with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led:
-        for r in iter_source(cfg.source, cfg.format, cfg.caption_prompt, limits, flagged):
+    records = read_ahead(iter_source(cfg.source, cfg.format, cfg.caption_prompt, limits, flagged),
+                         partial(_parse_ahead, cfg, src_name),
+                         partial(_read_image, fs_img, cfg.image_root, local_img, cfg.max_image_bytes), cfg.image_readers)
+    with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led, closing(records):
+        for ahead in records:
+            r = ahead.item
             n += 1
             rows[r.file] = rows.get(r.file, 0) + 1
             idx = r.index
@@ -299,8 +330,7 @@ def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
             try:
                 if r.problem:
                     raise SampleError(*r.problem)
-                s = Sample.from_record(rec, source=src_name, max_text_chars=cfg.max_text_chars,
-                                       max_turns=cfg.max_turns)
+                s = ahead.prepared()  # Sample.from_record(rec, ...), run ahead of time
                 rid = s.id
                 if rid in led.decided:
                     raise SampleError("duplicate_id", f"id {rid!r} seen earlier (the first one in file order is kept)")
@@ -319,12 +349,8 @@ def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
                     if s.images and not cfg.image_root:
                         raise SampleError("missing_image", "the record names images but no image_root was given")
                     data = []
-                    for name in s.images:
-                        path = _safe_image_path(cfg.image_root, name, local_img)
-                        if local_img:
-                            data.append(_read_local_image(fs_img._strip_protocol(path), name, cfg.max_image_bytes))
-                        else:
-                            data.append(_read_remote_image(fs_img, path, name, cfg.max_image_bytes))
+                    for name in s.images:  # read ahead by the pool; errors raised here, in order
+                        data.append(ahead.read(name))
                         decode_image(data[-1], cfg.max_image_pixels)
                 s.image_bytes = data
                 shard = writer.write(s)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +21,19 @@ def check_source_accounting(ingest_ledger_dir: str | os.PathLike, ingest_ledger:
     """Prove source records == ingest ledger rows == kept + quarantined, from the count ingest made of the raw
     source (`source_accounting.json`) and the ledger itself. Raises LedgerError on a mismatch; None when the
     run predates source accounting."""
+    c = ingest_ledger["decision"].value_counts()
+    return source_accounting(ingest_ledger_dir, len(ingest_ledger), int(c.get("keep", 0)), int(c.get("quarantine", 0)))
+
+
+def source_accounting(ingest_ledger_dir: str | os.PathLike, rows: int, kept: int,
+                      quarantined: int) -> dict[str, Any] | None:
+    """`check_source_accounting` from the ingest ledger's counts (rows, kept, quarantined) rather than the ledger
+    itself, so a streamed summary never holds the ledger."""
     from core.ingest import read_source_accounting
 
     acc = read_source_accounting(ingest_ledger_dir)
     if acc is None:
         return None
-    rows = len(ingest_ledger)
-    c = ingest_ledger["decision"].value_counts()
-    kept, quarantined = int(c.get("keep", 0)), int(c.get("quarantine", 0))
     ok = acc["source_records"] == rows == kept + quarantined and acc.get("balanced", False)
     out = {"source_records": int(acc["source_records"]), "ledger_rows": rows, "kept": kept,
            "quarantined": quarantined, "files": len(acc.get("files", [])), "balanced": bool(ok)}
@@ -60,20 +65,21 @@ def known_bad_recall(frames: Sequence[tuple[str, pd.DataFrame]], ids: Iterable[s
     modified), dropped and quarantined; `removed` = dropped + quarantined and `recall` = removed / entered
     (the share of the known-bad ids reaching the step that it caught). `absent` counts ids the run never saw."""
     bad = set(ids)
-    rows = []
-    for step, df in frames:
-        hit = df[df["sample_id"].isin(bad)]
-        c = hit["decision"].value_counts()
-        kept = int(sum(c.get(d, 0) for d in PASSING))
-        dropped, quarantined = int(c.get("drop", 0)), int(c.get("quarantine", 0))
-        entered = len(hit)
-        rows.append({"step": step, "entered": entered, "kept": kept, "dropped": dropped,
-                     "quarantined": quarantined, "removed": dropped + quarantined,
-                     "recall": round((dropped + quarantined) / entered, 4) if entered else None})
+    rows = [recall_row(step, df.loc[df["sample_id"].isin(bad), "decision"].value_counts(dropna=False).to_dict())
+            for step, df in frames]
     if frames:
-        seen = set(frames[0][1]["sample_id"])
-        rows[0]["absent"] = len(bad - seen)
+        rows[0]["absent"] = len(bad - set(frames[0][1]["sample_id"]))
     return rows
+
+
+def recall_row(step: str, decisions: Mapping[str, int]) -> dict[str, Any]:
+    """One step's row of `known_bad_recall` from the known-bad ids' decision counts at that step."""
+    kept = int(sum(decisions.get(d, 0) for d in PASSING))
+    dropped, quarantined = int(decisions.get("drop", 0)), int(decisions.get("quarantine", 0))
+    entered = int(sum(decisions.values()))
+    return {"step": step, "entered": entered, "kept": kept, "dropped": dropped, "quarantined": quarantined,
+            "removed": dropped + quarantined,
+            "recall": round((dropped + quarantined) / entered, 4) if entered else None}
 
 
 def run_sentence(balance: Sequence[StepBalance], accounting: dict[str, Any] | None) -> str:
@@ -95,18 +101,15 @@ def run_sentence(balance: Sequence[StepBalance], accounting: dict[str, Any] | No
             f"{last.step}{tail}; every record accounted for.")
 
 
-def summarize(frames: Sequence[tuple[str, pd.DataFrame]], balance: Sequence[StepBalance],
-              accounting: dict[str, Any] | None, known_bad: Sequence[str] | None = None) -> dict[str, Any]:
+def summarize(balance: Sequence[StepBalance], reasons: list[dict[str, Any]], accounting: dict[str, Any] | None,
+              known_bad: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run summary dict (summary.json): steps, reasons, source accounting, known-bad recall, sentence."""
-    ledger = pd.concat([df for _, df in frames], ignore_index=True) if frames else pd.DataFrame()
-    reasons = (ledger[ledger.reason != ""].groupby(["step", "decision", "reason"]).size().rename("count")
-               .reset_index()) if len(ledger) else pd.DataFrame(columns=["step", "decision", "reason", "count"])
     last = balance[-1] if balance else None
-    out = {"steps": [b.as_dict() for b in balance], "reasons": reasons.to_dict("records"), "balanced": True,
+    out = {"steps": [b.as_dict() for b in balance], "reasons": reasons, "balanced": True,
            "final_samples": int(last.kept + last.modified) if last else 0,
            "source_accounting": accounting, "sentence": run_sentence(balance, accounting)}
     if known_bad is not None:
-        out["known_bad"] = {"n_ids": len(set(known_bad)), "per_step": known_bad_recall(frames, known_bad)}
+        out["known_bad"] = known_bad
     return out
 
 
@@ -123,35 +126,64 @@ class RunReport:
 
 def write_run_summary(step_dirs: Sequence[str], steps: Sequence[str], out_dir: str,
                       known_bad: Sequence[str] | None = None) -> RunReport:
-    """Prove the run's ledgers balance and write `<out_dir>/summary.json`, `counts.parquet` (per step) and
-    `ledger.parquet` (every step's ledger, merged).
+    """Prove the run's ledgers balance and write `<out_dir>/summary.json`, `counts.parquet` (per step), the
+    merged ledger `ledger/<step>/part-*.parquet` (every step's rows, a Parquet dataset partitioned by step)
+    and, for runs of at most `core.ledger_stream.SINGLE_FILE_MAX_ROWS` rows, the same rows in `ledger.parquet`.
 
-    Raises LedgerError when a step lost or duplicated a sample, or when the ingest ledger does not hold one
-    row per record counted in the source.
+    Streams: each step's ledger is read batch by batch once (`core.ledger_stream.merge_run_ledgers`), so memory
+    stays flat whatever the sample count. Nothing is written when a check fails. Raises LedgerError when a step
+    lost or duplicated a sample, or when the ingest ledger does not hold one row per record counted in the source.
 
     :param step_dirs: local output directories of the run's steps (each holds `ledger/<step>/`).
     :param steps: step names in pipeline order; source accounting is checked when the first is `ingest`.
     :param out_dir: where the files go (created).
     :param known_bad: ids of known low-quality samples: the summary reports, per step, what it did with them.
     """
-    from core.ledger import check_balance, find_step_dir, read_ledger  # looked up per call (tests count calls)
+    import shutil
+    import tempfile
+
+    from core.ledger import find_step_dir
+    from core.ledger_stream import merge_run_ledgers  # looked up per call (tests count calls)
 
     if not steps:
         raise ValueError("steps is empty: name the run's steps in pipeline order")
-    balance = check_balance(step_dirs, steps)
-    frames = [(s, read_ledger(find_step_dir(step_dirs, s))) for s in steps]
-    accounting = (check_source_accounting(find_step_dir(step_dirs, steps[0]), frames[0][1])
-                  if steps[0] == "ingest" else None)
-    summary = summarize(frames, balance, accounting, known_bad)
-    ledger = pd.concat([df for _, df in frames], ignore_index=True)
-    reasons = pd.DataFrame(summary["reasons"], columns=["step", "decision", "reason", "count"])
-    counts = pd.DataFrame([b.as_dict() for b in balance])
     os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=out_dir, prefix=".summary-")
+    try:
+        run = merge_run_ledgers(step_dirs, steps, staging, known_bad)
+        balance = run.balance
+        first = balance[0]
+        accounting = (source_accounting(find_step_dir(step_dirs, steps[0]), first.inputs, first.kept,
+                                        first.quarantined) if steps[0] == "ingest" else None)
+        bad = None
+        if known_bad is not None:
+            per_step = [recall_row(s.balance.step, s.known_bad) for s in run.steps]
+            per_step[0]["absent"] = run.known_bad_absent
+            bad = {"n_ids": len(set(known_bad)), "per_step": per_step}
+        summary = summarize(balance, run.reasons(), accounting, bad)
+        reasons = pd.DataFrame(summary["reasons"], columns=["step", "decision", "reason", "count"])
+        counts = pd.DataFrame([b.as_dict() for b in balance])
+        run.publish(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     counts.to_parquet(os.path.join(out_dir, "counts.parquet"), index=False)
-    ledger.to_parquet(os.path.join(out_dir, "ledger.parquet"), index=False)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return RunReport(summary, counts, reasons, accounting)
+
+
+def clear_published_ledger(output_dir: str) -> None:
+    """Remove an earlier run's merged ledger (`ledger/` and `ledger.parquet`) from `output_dir` before a new
+    summary is published there: publishing only adds and overwrites files, so a step partition or a single
+    file that this run does not write would otherwise stay and mix two runs."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/ledger"):
+        fs.rm(f"{root}/ledger", recursive=True)
+    if fs.exists(f"{root}/ledger.parquet"):
+        fs.rm(f"{root}/ledger.parquet")
 
 
 def run_summary_decks(rep: RunReport) -> list[tuple[str, str]]:

@@ -45,8 +45,10 @@ def summarize_run(
     :param known_bad_ids: Optional file of sample ids known to be low quality (JSON list, {"ids": [...]}, or one
         per line): the summary and the deck report, per step, how many of them it kept, dropped, quarantined.
     :param config: The run's config, shown on the run report page (decks/index.html).
-    :return: Directory with summary.json, counts.parquet, the merged ledger (ledger.parquet) and decks/
+    :return: Directory with summary.json, counts.parquet, the merged ledger (`ledger/<step>/part-*.parquet`, a
+        dataset partitioned by step; also `ledger.parquet`, one file, for runs up to 1Mi ledger rows) and decks/
         (every step's deck page, `<step>.html`, run_summary.html, and the run report index.html linking them).
+        Streams: memory does not grow with the run.
 
     Ends by printing where the summary, the export and each step's deck are (under `output_dir` when given),
     the run report last.
@@ -58,7 +60,7 @@ def summarize_run(
     from core.publish import display_root, publish
     from core.report import DECKS_DIR, collect_decks, paths_block
     from core.run_index import INDEX_PAGE
-    from core.run_summary import load_id_list, run_summary_decks, write_run_summary
+    from core.run_summary import clear_published_ledger, load_id_list, run_summary_decks, write_run_summary
 
     bad_ids = load_id_list(known_bad_ids.download()) if known_bad_ids is not None else None
     dirs = [d.download() for d in step_dirs]
@@ -70,13 +72,15 @@ def summarize_run(
     save_decks(out, "run_summary")
     write_index(out, rep, decks, config)
     if output_dir:
+        clear_published_ledger(output_dir)  # no step partition of an earlier run into the same folder stays
         publish(out, output_dir, {"export": export.download()} if export is not None else None)
     summary = rep.summary
     log.info("run balanced over %s: %s", steps, summary["sentence"])
     print(summary["sentence"])
     step_finished("summary", t0, samples_out=summary["final_samples"])
     where = display_root(output_dir) if output_dir else out
-    rows = [("run summary", f"{where}/summary.json"), ("ledger", f"{where}/ledger.parquet")]
+    single = os.path.exists(os.path.join(out, "ledger.parquet"))  # big runs: the partitioned dataset only
+    rows = [("run summary", f"{where}/summary.json"), ("ledger", f"{where}/ledger.parquet" if single else f"{where}/ledger/")]
     if export is not None:
         rows.append(("export", f"{where}/export" if output_dir else source(export)))
     rows += [(f"deck {name}", f"{where}/{DECKS_DIR}/{name}.html") for name in decks]

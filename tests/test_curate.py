@@ -161,7 +161,7 @@ def _count_calls(monkeypatch) -> Counter:
     import core.embed
     import core.export
     import core.ingest
-    import core.ledger
+    import core.ledger_stream
     import core.perplexity.pipeline
     import core.perplexity.reference
     import core.perplexity.slices
@@ -179,7 +179,7 @@ def _count_calls(monkeypatch) -> Counter:
         "ppl_filter": (core.perplexity.slices, "slice_by_perplexity"),
         "rephrase": (core.rephrase.step.RephraseStep, "run"),
         "export": (core.export, "export_curated"),
-        "summary": (core.ledger, "check_balance"),  # summarize_run's; export_curated holds its own reference
+        "summary": (core.ledger_stream, "merge_run_ledgers"),  # summarize_run's streamed pass over the ledgers
     }
     for name, (module, attr) in targets.items():
         orig = getattr(module, attr)
