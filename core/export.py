@@ -49,7 +49,7 @@ from core.log import progress
 from core.outputs import folder_lock, fresh_dir, swap_in, write_atomic, write_json_atomic
 from core.sample import Sample, SampleError
 from core.step import Passing, ShardStep, Unit
-from core.wds import ShardWriter, image_member_names, iter_samples
+from core.wds import ShardWriter, export_manifest, export_shards, image_member_names, iter_samples
 
 log = logging.getLogger(__name__)
 STEP = "export"
@@ -420,21 +420,14 @@ def _swap_export(staging: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(out_dir: str) -> dict[str, Any]:
-    """The manifest of an export folder (local path or URL); FileNotFoundError when it has none (a failed or
-    unfinished export)."""
-    with fsspec.open(f"{out_dir.rstrip('/')}/{MANIFEST}", "r", encoding="utf-8") as f:
-        return json.load(f)
-
-
 def manifest_shards(export_dir: str, kinds: Iterable[str] | None = None) -> list[str]:
     """The shard URLs of an export, from its manifest (kind order, then write order), optionally of some kinds
-    only: what a trainer reads, never a glob of `shards/` (a glob of a folder that was ever written twice finds
-    what the manifest does not list). Raises FileNotFoundError when the export has no manifest."""
-    out = export_dir.rstrip("/")
-    wanted = set(kinds) if kinds is not None else None
-    return [f"{out}/shards/{sh['name']}" for sh in read_manifest(out)["shards"]
-            if wanted is None or sh.get("kind") in wanted]
+    only: what a trainer reads, never a glob of `shards/` (`core.wds.export_shards`). Raises FileNotFoundError
+    when the export has no manifest (a failed or unfinished export)."""
+    manifest = export_manifest(export_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{export_dir.rstrip('/')}/{MANIFEST}: no export manifest")
+    return export_shards(export_dir, manifest, kinds)
 
 
 def verify_export(out_dir: str) -> dict[str, Any]:

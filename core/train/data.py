@@ -22,7 +22,6 @@ from core.fingerprint import files_fingerprint
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"  # core.export.MANIFEST (not imported: export pulls in the image stack)
 IGNORE_INDEX = -100
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
@@ -58,33 +57,31 @@ def list_tar_shards(data: str | Sequence[str]) -> list[str]:
 
 def _export_manifest(p: Path) -> tuple[dict[str, Any], Path] | None:
     """(manifest, shards folder) of an export folder or of its `shards/` folder; None for a plain folder."""
-    for man, shard_dir in ((p / MANIFEST, p / "shards"), (p.parent / MANIFEST, p)):
-        if man.is_file() and (shard_dir == p or shard_dir.is_dir()):
-            m = json.loads(man.read_text("utf-8"))
-            # export manifests name their shards; ingest's shards/manifest.json lists paths and is not one
-            if isinstance(m, dict) and isinstance(m.get("shards"), list) and all(
-                    isinstance(s, dict) and "name" in s for s in m["shards"]):
+    from core.wds.reader import export_manifest  # here, not at the top: it pulls in the image stack
+
+    for export_dir, shard_dir in ((p, p / "shards"), (p.parent, p)):
+        if shard_dir.name == "shards" and shard_dir.is_dir():
+            m = export_manifest(str(export_dir))  # ingest's shards/manifest.json lists paths and is not one
+            if m is not None:
                 return m, shard_dir
     return None
 
 
 def manifest_shards(p: str | os.PathLike) -> list[str] | None:
-    """Shard paths listed by the export manifest of `p` (see `list_tar_shards`), or None when there is none."""
+    """Shard paths listed by the export manifest of `p` (see `list_tar_shards`), or None when there is none.
+    The list and its name checks are `core.wds.export_shards`'; here every listed shard must also exist, and tars
+    the manifest does not name are reported and ignored."""
     found = _export_manifest(Path(p))
     if found is None:
         return None
+    from core.wds.reader import export_shards
+
     m, shard_dir = found
-    out = []
-    for s in m["shards"]:
-        name = str(s["name"])
-        parts = name.split("/")  # "<file>" (format 1) or "<kind>/<file>" (format 2: kind folders)
-        if len(parts) > 2 or any(not x or x in (".", "..") or "\\" in x for x in parts):
-            # a manifest names files of its own shards/ only
-            raise ValueError(f"{shard_dir}: manifest shard name {name!r} is not a file of its shards/ folder")
-        f = shard_dir / name
-        if not f.is_file():
-            raise ValueError(f"{shard_dir}: shard {name} listed in the manifest is missing")
-        out.append(str(f))
+    out = export_shards(str(shard_dir.parent), m)
+    for f in out:
+        if not Path(f).is_file():
+            raise ValueError(f"{shard_dir}: shard {Path(f).relative_to(shard_dir).as_posix()} listed in the manifest "
+                             "is missing")
     listed = {Path(x).relative_to(shard_dir).as_posix() for x in out}
     stale = sorted({x.relative_to(shard_dir).as_posix() for x in shard_dir.glob("**/*.tar")} - listed)
     if stale:

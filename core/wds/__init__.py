@@ -14,17 +14,19 @@ for the samples that are wanted; any other local tar is parsed by tarfile with s
 are read in tarfile's stream mode in one forward pass. All paths yield the same samples.
 
 Modules: `members` (tar member names and header bytes), `writer` (ShardWriter, write_shards, ShardInfo),
-`tars` (local/streamed tar access), `reader` (list_shards, iter_shard, iter_samples). The public names are
+`tars` (local/streamed tar access), `reader` (list_shards, export_manifest/export_shards, iter_shard, iter_samples). The public names are
 re-exported here, so `from core.wds import ...` keeps working.
 """
 
 from core.wds.members import image_member_names, sample_members, shard_name
-from core.wds.reader import MAX_JSON_BYTES, iter_samples, iter_shard, list_shards
+from core.wds.reader import MAX_JSON_BYTES, export_manifest, export_shards, iter_samples, iter_shard, list_shards
 from core.wds.writer import ShardInfo, ShardWriter, write_shards
 
 __all__ = [
     "MAX_JSON_BYTES",
     "ShardInfo",
+    "export_manifest",
+    "export_shards",
     "ShardWriter",
     "image_member_names",
     "iter_samples",

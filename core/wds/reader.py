@@ -26,21 +26,37 @@ MAX_JSON_BYTES = 8 << 20  # a key.json larger than this is quarantined as oversi
 _REGULAR = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
 
 
-def _export_listed(fs, root: str, path: str) -> list[str] | None:
-    """The shard list of an export's `shards/` folder from the export's manifest (format >= 2: shards in
-    `shards/<kind>/` folders), or None for any other folder. Readers of an export take the manifest's list,
-    never a glob: a stray tar beside the manifest is not part of the export."""
-    if root.rstrip("/").rsplit("/", 1)[-1] != "shards":
-        return None
-    parent = path.rstrip("/").rsplit("/", 1)[0]
+EXPORT_MANIFEST = "manifest.json"
+
+
+def export_manifest(export_dir: str) -> dict | None:
+    """The manifest of an export folder (local path or URL), or None when the folder holds none. Only an export's
+    manifest counts: a dict whose `shards` are records with a `name` (ingest's `shards/manifest.json` lists paths)."""
     try:
-        with fs.open(f"{root.rstrip('/').rsplit('/', 1)[0]}/manifest.json", "r", encoding="utf-8") as f:
-            manifest = json.load(f)
+        with fsspec.open(f"{str(export_dir).rstrip('/')}/{EXPORT_MANIFEST}", "r", encoding="utf-8") as f:
+            m = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("format", 0) < 2 or "kinds" not in manifest:
-        return None
-    return [f"{parent}/shards/{sh['name']}" for sh in manifest["shards"]]
+    ok = isinstance(m, dict) and isinstance(m.get("shards"), list) and all(
+        isinstance(sh, dict) and "name" in sh for sh in m["shards"])
+    return m if ok else None
+
+
+def export_shards(export_dir: str, manifest: dict, kinds: Iterable[str] | None = None) -> list[str]:
+    """The shard URLs an export's manifest names (manifest order: kind, then write order), optionally of some
+    kinds only. The one reader of an export's shard list: readers take it, never a glob (a stray tar beside the
+    manifest is not part of the export). A name must be a file of the export's `shards/` (`<file>`, or
+    `<kind>/<file>` since format 2): anything else raises ValueError."""
+    out, wanted = str(export_dir).rstrip("/"), set(kinds) if kinds is not None else None
+    urls = []
+    for sh in manifest["shards"]:
+        name = str(sh["name"])
+        parts = name.split("/")
+        if len(parts) > 2 or any(not x or x in (".", "..") or "\\" in x or control_chars(x) for x in parts):
+            raise ValueError(f"{out}/shards: manifest shard name {name!r} is not a file of its shards/ folder")
+        if wanted is None or sh.get("kind") in wanted:
+            urls.append(f"{out}/shards/{name}")
+    return urls
 
 
 def list_shards(path: str) -> list[str]:
@@ -56,9 +72,11 @@ def list_shards(path: str) -> list[str]:
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isfile(root):
         return [path]
-    listed = _export_listed(fs, root, path)
-    if listed is not None:
-        return listed
+    if root.rstrip("/").rsplit("/", 1)[-1] == "shards":  # an export's shards/: what its manifest names
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        manifest = export_manifest(parent)
+        if manifest is not None:
+            return export_shards(parent, manifest)
     names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return names if proto in ("file", "local") else [f"{proto}://{p}" for p in names]
