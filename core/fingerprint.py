@@ -23,6 +23,8 @@ def dir_fingerprint(path: str | os.PathLike | None) -> str:
     and small content); any other value (a model name, a URL, "") is its own identity, returned unchanged."""
     if path is None:
         return ""
+    if not str(path).removeprefix("local-dir:"):  # "" is no directory: Path("") is the working directory
+        return str(path)
     p = Path(str(path).removeprefix("local-dir:"))
     if p.is_file():  # a weights file: its name, size and (when small) content
         size = p.stat().st_size
