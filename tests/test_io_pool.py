@@ -135,6 +135,18 @@ def _outputs(run: Path) -> dict[str, bytes]:
     return out
 
 
+def _ingest_with_1_and_16_readers(src, image_root: str, tmp_path):
+    """Ingest `src` with 1 and with 16 image readers; assert the outputs are byte-identical; the ingest ledger."""
+    runs = {}
+    for readers in (1, 16):
+        run = tmp_path / f"run{readers}"
+        ingest(IngestConfig(source=str(src), image_root=image_root, run_dir=str(run), shard_max_samples=7,
+                            image_readers=readers))
+        runs[readers] = _outputs(run)
+    assert runs[1] == runs[16]
+    return __import__("pandas").read_parquet(io.BytesIO(runs[16]["ledger/ingest/part-ingest.parquet"]))
+
+
 def test_ingest_output_is_byte_identical_with_1_and_16_readers(tmp_path):
     img = tmp_path / "images"
     for name, data in FILES.items():
@@ -142,14 +154,7 @@ def test_ingest_output_is_byte_identical_with_1_and_16_readers(tmp_path):
         (img / name).write_bytes(data)
     src = tmp_path / "d.json"
     src.write_text(json.dumps(RECORDS))
-    runs = {}
-    for readers in (1, 16):
-        run = tmp_path / f"run{readers}"
-        ingest(IngestConfig(source=str(src), image_root=str(img), run_dir=str(run), shard_max_samples=7,
-                            image_readers=readers))
-        runs[readers] = _outputs(run)
-    assert runs[1] == runs[16]
-    led = __import__("pandas").read_parquet(io.BytesIO(runs[16]["ledger/ingest/part-ingest.parquet"]))
+    led = _ingest_with_1_and_16_readers(src, str(img), tmp_path)
     reasons = dict(zip(led.sample_id, led.reason))
     assert reasons["first_error"] == "corrupt_image" and reasons["a#dup6"] == "duplicate_id"
     assert reasons["dir"] == "missing_image" and reasons["escape"] == "unsafe_path"
@@ -165,14 +170,7 @@ def test_ingest_from_s3_images_is_byte_identical_with_1_and_16_readers(tmp_path,
         fs.pipe(f"{root}/{name}", data)
     src = tmp_path / "d.json"
     src.write_text(json.dumps(RECORDS))
-    runs = {}
-    for readers in (1, 16):
-        run = tmp_path / f"run{readers}"
-        ingest(IngestConfig(source=str(src), image_root=root, run_dir=str(run), shard_max_samples=7,
-                            image_readers=readers))
-        runs[readers] = _outputs(run)
-    assert runs[1] == runs[16]
-    led = __import__("pandas").read_parquet(io.BytesIO(runs[16]["ledger/ingest/part-ingest.parquet"]))
+    led = _ingest_with_1_and_16_readers(src, root, tmp_path)
     reasons = dict(zip(led.sample_id, led.reason))
     # a name that is only a prefix ("folder") of other objects is a missing image, as a folder is locally
     assert reasons["dir"] == "missing_image" and reasons["first_error"] == "corrupt_image"

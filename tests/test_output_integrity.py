@@ -45,17 +45,23 @@ from core.wds import ShardWriter, iter_samples, list_shards, write_shards
 FORK = mp.get_context("fork")
 
 
+def _sharded_samples(root, n: int, seed: int, per_shard: int) -> list[Sample]:
+    """`n` generated samples (with their images) written as WDS shards of `per_shard` under `root/shards`."""
+    samples = []
+    for rec, imgs in make_records(n, seed=seed):
+        s = Sample.from_record(rec)
+        s.image_bytes = imgs
+        samples.append(s)
+    write_shards(samples, str(root / "shards"), max_samples=per_shard)
+    return samples
+
+
 # ---- stale outputs ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run120(tmp_path_factory):
     """A run of 120 samples (one ingest ledger keeping all), in 3 input shards."""
     root = tmp_path_factory.mktemp("run120")
-    samples = []
-    for rec, imgs in make_records(120, seed=3):
-        s = Sample.from_record(rec)
-        s.image_bytes = imgs
-        samples.append(s)
-    write_shards(samples, str(root / "shards"), max_samples=50)
+    samples = _sharded_samples(root, 120, seed=3, per_shard=50)
     with LedgerWriter(step_dir(root, "ingest") / "part-0.parquet", "ingest") as led:
         for s in samples:
             led.add(s.id, "keep")
@@ -316,13 +322,7 @@ class LenStep(ShardStep):
 @pytest.fixture(scope="module")
 def run30(tmp_path_factory):
     root = tmp_path_factory.mktemp("run30")
-    samples = []
-    for rec, imgs in make_records(30, seed=5):
-        s = Sample.from_record(rec)
-        s.image_bytes = imgs
-        samples.append(s)
-    write_shards(samples, str(root / "shards"), max_samples=10)
-    return root, samples
+    return root, _sharded_samples(root, 30, seed=5, per_shard=10)
 
 
 def test_resume_with_another_config_refuses_naming_the_fields(run30, tmp_path):
