@@ -66,7 +66,7 @@ PYTEST_ARGS ?=
 ACTIVATE_ARGS ?=
 DOCKERFILES := $(sort $(wildcard containers/*.Dockerfile))
 
-.PHONY: help setup test demo lint format package register activate register-dry-run images bench gpu-check lock lock-vllm clean
+.PHONY: help setup test test-fast demo lint format package register activate register-dry-run images bench gpu-check lock lock-vllm clean
 
 help: ## List the targets
 	@echo "mmcurate targets (variables: VERSION=$(VERSION) REGISTRY=$(REGISTRY) PACKAGE_OUT=$(PACKAGE_OUT)):"
@@ -94,6 +94,10 @@ test: setup ## Run the test suite with all state under .state/ (extra args: PYTE
 	@mkdir -p $(STATE_DIRS)
 	@echo "pytest $(PYTEST_ARGS)  (HOME, TMPDIR, caches, RAY_TMPDIR=$(RAY_TMPDIR) isolated under .state/; offline)"
 	@$(ISOLATED_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## The suite without the end-to-end tests marked slow (`-m "not slow"`); extra args: PYTEST_ARGS=...
+	@mkdir -p $(STATE_DIRS)
+	@$(ISOLATED_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup ## Run the demo curation on generated data, CPU, offline (scripts/demo.sh)
 	@mkdir -p $(STATE_DIRS)
@@ -141,7 +145,7 @@ bench: setup ## Run every benchmark in benchmarks/ (each prints its headline rat
 	@shopt -s nullglob; for b in benchmarks/*.py; do echo "== $$b"; $(ISOLATED_ENV) $(PY) $$b | tail -n 1; done
 
 # On the borrowed GPU machine (torch, transformers, timm, pyarrow, pandas preinstalled; no venv there):
-# `make gpu-check PY=python`. SMOKE=1 runs the tiny CPU mode that CI runs (tests/test_gpu_check.py).
+# `make gpu-check PY=python`. SMOKE=1 runs the tiny CPU mode that CI runs (tests/unit/test_gpu_check.py).
 GPU_CHECK_OUT ?= gpu_check.md
 gpu-check: ## GPU check (SigLIP2 img/s + MFU, perplexity batched vs naive, k-means 1M x 1152, generation); SMOKE=1: CPU
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py $(if $(SMOKE),--smoke) --out $(GPU_CHECK_OUT)

@@ -27,10 +27,10 @@ def fit_exponent(ns: list[int], ts: list[float]) -> float:
 
 
 def run(n: int, d: int, cluster_size: int, niter: int, branching: int, seed: int = 0) -> list[dict]:
-    from core.dedup.config import SemDedupConfig
-    from core.dedup.embeddings import normalize_rows
-    from core.dedup.semdedup import cluster_rows, decide_target, score_clusters
     from core.demo.embeddings import clustered_embeddings, plant_duplicates
+    from core.steps.dedup.config import SemDedupConfig
+    from core.steps.dedup.embeddings import normalize_rows
+    from core.steps.dedup.semdedup import cluster_rows, decide_target, score_clusters
 
     base = clustered_embeddings(int(n * 0.98), d, max(1, n // cluster_size), seed=seed, spread=0.7)
     x, ids, planted = plant_duplicates(base, n_exact=n // 100, n_noisy=n - len(base) - n // 100, noise=0.05,

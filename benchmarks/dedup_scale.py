@@ -90,10 +90,10 @@ def pairwise_flops(sizes: np.ndarray, chunk: int, d: int) -> float:
 
 
 def run_size(n: int, d: int, niter: int, chunk: int, seed: int, branching: int = 0) -> dict:
-    from core.dedup.config import SemDedupConfig
-    from core.dedup.embeddings import normalize_rows
-    from core.dedup.semdedup import cluster_rows, decide_eps, decide_target, score_clusters
     from core.demo.embeddings import clustered_embeddings, plant_duplicates
+    from core.steps.dedup.config import SemDedupConfig
+    from core.steps.dedup.embeddings import normalize_rows
+    from core.steps.dedup.semdedup import cluster_rows, decide_eps, decide_target, score_clusters
 
     rss0 = rss_bytes()
     base = clustered_embeddings(int(n * 0.98), d, max(1, n // 100), seed=seed, spread=0.7)
@@ -151,8 +151,8 @@ def run_size(n: int, d: int, niter: int, chunk: int, seed: int, branching: int =
 
 def skew_child(mode: str, n: int, d: int, chunk: int) -> None:
     """One big cluster's pairwise pass in a fresh process: prints JSON with the peak RSS over baseline."""
-    from core.dedup.semdedup import dense_max_earlier_similarity, max_earlier_similarity
     from core.demo.embeddings import clustered_embeddings
+    from core.steps.dedup.semdedup import dense_max_earlier_similarity, max_earlier_similarity
 
     x = clustered_embeddings(n, d, 1, seed=7, spread=0.7)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

@@ -27,18 +27,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.dedup.config import DecontamConfig, tiny_decontam_config, tiny_dedup_config
-from core.dedup.mining import decontaminate
-from core.dedup.pipeline import run_semdedup
 from core.demo import generate_demo, load_ground_truth, plant_eval_contamination
 from core.demo.eval_fixtures import write_fixtures
-from core.embed import embed_shards, tiny_embed_config
-from core.embed.model import RANDOM_INIT
 from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
-from core.ingest import IngestConfig, ingest
-from core.ledger import read_ledger, step_dir
-from core.step import Passing
-from core.wds import list_shards
+from core.foundation.ledger import read_ledger, step_dir
+from core.foundation.step import Passing
+from core.io.ingest import IngestConfig, ingest
+from core.io.wds import list_shards
+from core.steps.dedup.config import DecontamConfig, tiny_decontam_config, tiny_dedup_config
+from core.steps.dedup.mining import decontaminate
+from core.steps.dedup.pipeline import run_semdedup
+from core.steps.embed import embed_shards, tiny_embed_config
+from core.steps.embed.model import RANDOM_INIT
 
 BENCHES = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
 
@@ -110,7 +110,7 @@ def main() -> None:
     write_eval_shards(str(work / "eval_cache"), BENCHES, str(ev))
     cache = str(work / "models")
     t0 = time.perf_counter()
-    from core.embed.model import tiny_checkpoint
+    from core.steps.embed.model import tiny_checkpoint
 
     tiny_checkpoint(Path(cache))  # trains once per machine (shared cache), then copies
     print(f"trained tiny model ready in {time.perf_counter() - t0:.1f} s (0 when cached)")

@@ -43,10 +43,10 @@ def main() -> None:
 
     import torch
 
-    from core.embed.config import EmbedConfig
-    from core.embed.pipeline import embed_shards
-    from core.embed.worker import ShardEmbedWorker
-    from core.images import decode_image
+    from core.io.images import decode_image
+    from core.steps.embed.config import EmbedConfig
+    from core.steps.embed.pipeline import embed_shards
+    from core.steps.embed.worker import ShardEmbedWorker
     from tests.embed_data import encode, sample, scene, write_test_shards
 
     spec = MODELS[args.model]

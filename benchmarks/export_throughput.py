@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.export import ExportConfig, export_curated
-from core.ledger import LedgerWriter, step_dir
-from core.sample import Sample
-from core.wds import list_shards, write_shards
+from core.foundation.ledger import LedgerWriter, step_dir
+from core.foundation.sample import Sample
+from core.io.wds import list_shards, write_shards
+from core.steps.export import ExportConfig, export_curated
 
 
 def _image(rng: np.random.Generator, px: int) -> bytes:

@@ -1,7 +1,7 @@
 """GPU check: how mmcurate's heavy steps run on one GPU, in one short slot, with goals beside each number.
 
     python benchmarks/gpu_check.py [--out gpu_check.md]          # full sizes, on a CUDA machine (< 8 min)
-    python benchmarks/gpu_check.py --smoke [--out ...]           # tiny sizes on CPU (CI: tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py --smoke [--out ...]           # tiny sizes on CPU (CI: tests/unit/test_gpu_check.py)
     make gpu-check [SMOKE=1]
 
 Runs with only torch, transformers, timm, pyarrow, pandas (plus what they pull in: torchvision, Pillow,
@@ -10,13 +10,13 @@ weights are random: throughput does not depend on them (same kernels).
 
 1. SigLIP2-so400m/14 @ 378 image tower in bf16 (timm `vit_so400m_patch14_siglip_378`, the tower open_clip
    wraps for `hf-hub:timm/ViT-SO400M-14-SigLIP2-378`): pure forward img/s; end to end from JPEG bytes with
-   the embed step's own decode (`core.images.decode_image`, draft decoding) and batch preprocessing
-   (`core.embed.preprocess.BatchPreprocess`) on this machine's CPU cores, overlapped with the GPU; their
+   the embed step's own decode (`core.io.images.decode_image`, draft decoding) and batch preprocessing
+   (`core.steps.embed.preprocess.BatchPreprocess`) on this machine's CPU cores, overlapped with the GPU; their
    ratio; MFU from the FLOPs of one image (torch's FlopCounterMode) and the GPU's dense bf16 peak.
 2. Perplexity on a Qwen2-0.5B-shaped decoder (vocab 151,936, random init) in bf16 through the product's
-   scorer (`core.perplexity.PerplexityScorer`, length-bucketed batches) vs the naive one-sample loop
+   scorer (`core.steps.perplexity.PerplexityScorer`, length-bucketed batches) vs the naive one-sample loop
    (`naive_scores`): tokens/s, padding waste, speedup; rel. error of the perplexities in fp32.
-3. SemDeDup k-means (torch path where faiss is absent) + assignment + pruning (`core.dedup.semdedup`) on
+3. SemDeDup k-means (torch path where faiss is absent) + assignment + pruning (`core.steps.dedup.semdedup`) on
    1M x 1152 clustered vectors on the GPU: achieved FLOP/s of that work vs a same-run fp32 matmul.
 4. The eval runner's batched generation (`core.evals.backends.TransformersBackend`) on a small random
    LLaVA: requests/s at batch 1 and batch 16.
@@ -109,8 +109,8 @@ def check_siglip(t: Table, device: str, smoke: bool) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     from torchvision import transforms as T
 
-    from core.embed.preprocess import BatchPreprocess
-    from core.images import decode_image
+    from core.io.images import decode_image
+    from core.steps.embed.preprocess import BatchPreprocess
 
     kw = dict(embed_dim=32, depth=1, num_heads=2, img_size=56) if smoke else {}
     label = f"SigLIP2 so400m/14@378 {'bf16' if device == 'cuda' else 'fp32 (CPU smoke: 1 layer, width 32)'}"
@@ -177,8 +177,8 @@ def check_perplexity(t: Table, device: str, smoke: bool) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from benchmarks.ppl_batched import make_samples
-    from core.perplexity import PerplexityConfig, PerplexityScorer, naive_scores
-    from core.tiny_lm import build_tokenizer
+    from core.models.tiny_lm import build_tokenizer
+    from core.steps.perplexity import PerplexityConfig, PerplexityScorer, naive_scores
 
     samples = make_samples(16 if smoke else 256, 0)
     tok = build_tokenizer([s.text("all") for s in samples], vocab_size=1000)
@@ -233,10 +233,10 @@ def check_kmeans(t: Table, device: str, smoke: bool) -> None:
     import torch
 
     from benchmarks.dedup_scale import kmeans_flops, pairwise_flops
-    from core.dedup.config import SemDedupConfig
-    from core.dedup.device import _fp32_highest
-    from core.dedup.semdedup import cluster_rows, decide_target, kmeans_backend, score_clusters
     from core.demo.embeddings import clustered_embeddings
+    from core.steps.dedup.config import SemDedupConfig
+    from core.steps.dedup.device import _fp32_highest
+    from core.steps.dedup.semdedup import cluster_rows, decide_target, kmeans_backend, score_clusters
 
     n, d, k = (4000, 32, 8) if smoke else (1_000_000, 1152, 100)
     x = clustered_embeddings(n, d, k, seed=0, spread=0.7)

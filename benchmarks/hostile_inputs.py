@@ -23,7 +23,7 @@ def main() -> None:
     import pandas  # noqa: F401  (read_ledger)
     import pyarrow.parquet  # noqa: F401
 
-    import core.ingest  # noqa: F401  imported before the children fork: growth is the work, not imports
+    import core.io.ingest  # noqa: F401  imported before the children fork: growth is the work, not imports
 
     print("| input | reason | kept others | seconds | peak RSS MB | grown MB |")
     print("|---|---|---|---|---|---|")

@@ -1,5 +1,5 @@
 """Ingest from an S3-compatible store with per-request latency: images/s with the concurrent image reader
-(`IngestConfig.image_readers`, core/io_pool.py) vs the serial one (`image_readers=1`), measured in the same run.
+(`IngestConfig.image_readers`, core/io/pool.py) vs the serial one (`image_readers=1`), measured in the same run.
 
 A moto S3 server runs in its own process on 127.0.0.1 (as tests/conftest.py's `moto_s3`, but out of this
 process so its request handling does not share our GIL); N small JPEGs are uploaded under `images/`, a JSONL
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.ingest import IngestConfig, ingest
+from core.io.ingest import IngestConfig, ingest
 
 
 def _free_port() -> int:

@@ -17,9 +17,9 @@ import sys
 import time
 from dataclasses import replace
 
-from core.perplexity import PerplexityConfig, PerplexityScorer, naive_scores
-from core.sample import Sample, Turn
-from core.tiny_lm import ensure_tiny_lm
+from core.foundation.sample import Sample, Turn
+from core.models.tiny_lm import ensure_tiny_lm
+from core.steps.perplexity import PerplexityConfig, PerplexityScorer, naive_scores
 
 WORDS = ("the a chart shows bar line value year total count red blue green left right top bottom table row "
          "column person car tree sky water document title date amount price number of items in image is are "

@@ -17,13 +17,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from core.ingest import IngestConfig, ingest
-from core.perplexity import read_scores, score_shards, tiny_perplexity_config
-from core.perplexity.reference import reference_texts
-from core.perplexity.slices import ranking_values
-from core.sample import Sample
-from core.tiny_lm import ensure_tiny_lm
-from core.wds import list_shards
+from core.foundation.sample import Sample
+from core.io.ingest import IngestConfig, ingest
+from core.io.wds import list_shards
+from core.models.tiny_lm import ensure_tiny_lm
+from core.steps.perplexity import read_scores, score_shards, tiny_perplexity_config
+from core.steps.perplexity.reference import reference_texts
+from core.steps.perplexity.slices import ranking_values
 
 
 def clean_samples(demo_dir: str) -> list[Sample]:

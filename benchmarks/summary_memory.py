@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.ledger import SCHEMA, step_dir
-from core.ledger_stream import ROW_GROUP_ROWS
+from core.foundation.ledger import SCHEMA, step_dir
+from core.runs.ledger_stream import ROW_GROUP_ROWS
 
 STEPS = ["ingest", "embed", "decontam", "semdedup", "perplexity", "ppl_filter", "rephrase", "export"]
 PART_ROWS = 5_000
@@ -98,12 +98,12 @@ def generate(run: Path, n: int, seed: int = 0) -> list[str]:
 
 # ---------------------------------------------------------------------------------- the old summary (baseline)
 def old_write_run_summary(step_dirs, steps, out_dir, known_bad=None):
-    """The in-memory summary this project had before streaming (core/run_summary.py at c4d3101): check_balance
+    """The in-memory summary this project had before streaming (core/runs/summary.py at c4d3101): check_balance
     over pandas frames, every step's ledger read into pandas, concatenated, grouped and written whole."""
     import pandas as pd
 
-    from core.ledger import PASSING, check_balance, find_step_dir, read_ledger
-    from core.run_summary import check_source_accounting, run_sentence
+    from core.foundation.ledger import PASSING, check_balance, find_step_dir, read_ledger
+    from core.runs.summary import check_source_accounting, run_sentence
 
     balance = check_balance(step_dirs, steps)
     frames = [(s, read_ledger(find_step_dir(step_dirs, s))) for s in steps]
@@ -142,7 +142,7 @@ def _child(kind: str, run: str, out: str, bad_file: str) -> None:
     if kind == "old":
         old_write_run_summary([run], STEPS, out, bad)
     else:
-        from core.run_summary import write_run_summary
+        from core.runs.summary import write_run_summary
 
         write_run_summary([run], STEPS, out, bad)
     sec = time.perf_counter() - t0

@@ -28,7 +28,7 @@ def pool(n: int):
     import numpy as np
     from PIL import Image
 
-    from core.sample import Sample
+    from core.foundation.sample import Sample
 
     out = []
     for i in range(n):
@@ -53,15 +53,15 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from core.rephrase.generate import Generation
+    from core.io.wds import list_shards, shard_name, write_shards
+    from core.models.tiny_lm import ensure_tiny_lm
+    from core.steps.rephrase.generate import Generation
     from core.targeted.config import tiny_targeted_config
     from core.targeted.filters import filter_generated
     from core.targeted.generate import generate_shards, load_pool_images, plan_requests
     from core.targeted.retrieve import RETRIEVED_COLUMNS, generated_id
     from core.targeted.tiny_vlm import build_tiny_llava
     from core.targeted.vlm import TransformersVLM
-    from core.tiny_lm import ensure_tiny_lm
-    from core.wds import list_shards, shard_name, write_shards
 
     torch.set_num_threads(args.threads)
     examples = {"count_like": [{"ref_id": f"r{i}", "question": f"How many {t} are there?", "answer": str(i)}
@@ -114,7 +114,7 @@ def main() -> None:
                             vocab_size=300, hidden=64, seq_len=64)
         ref_texts = {e["ref_id"]: f"{e['question']}\n{e['answer']}" for e in examples["count_like"]}
         evq = {"countbench": {f"cb{i}": f"How many {t} are in the photo?" for i, t in enumerate(["cats", "cars", "cups"])}}
-        from core.rephrase.similarity import SimilarityScorer
+        from core.steps.rephrase.similarity import SimilarityScorer
 
         enc = SimilarityScorer("minilm", device="cpu")
         enc.embed(["warm up"])

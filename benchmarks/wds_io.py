@@ -2,8 +2,8 @@
 
 Read: `iter_samples` over the shards (images loaded, not decoded) vs `tar xOf shard > /dev/null`.
 Write: `write_shards` of the read samples vs `tar cf` of the same members extracted to files.
-Warm page cache, best of `--repeats`. Last line: `ratio: X` = tar time / core.wds time for one read
-plus one write pass of the same bytes (i.e. MB/s of core.wds over MB/s of tar).
+Warm page cache, best of `--repeats`. Last line: `ratio: X` = tar time / core.io.wds time for one read
+plus one write pass of the same bytes (i.e. MB/s of core.io.wds over MB/s of tar).
 
     PYTHONPATH=. .venv/bin/python benchmarks/wds_io.py [--samples 3000] [--px 320]
 """
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.export_throughput import build_run
-from core.wds import iter_samples, list_shards, write_shards
+from core.io.wds import iter_samples, list_shards, write_shards
 
 
 def best(fn, repeats: int) -> float:
@@ -61,8 +61,8 @@ def main() -> None:
         t_tar_write = best(lambda: subprocess.run(["tar", "cf", str(root / "plain.tar"), "-C", str(files), "."],
                                                   check=True), args.repeats)
         print(f"{len(samples)} samples, {len(shards)} shards, {mb:.1f} MB")
-        print(f"read : core.wds {mb / t_read:.1f} MB/s, tar xOf {mb / t_tar_read:.1f} MB/s")
-        print(f"write: core.wds {mb / t_write:.1f} MB/s, tar cf {mb / t_tar_write:.1f} MB/s")
+        print(f"read : core.io.wds {mb / t_read:.1f} MB/s, tar xOf {mb / t_tar_read:.1f} MB/s")
+        print(f"write: core.io.wds {mb / t_write:.1f} MB/s, tar cf {mb / t_tar_write:.1f} MB/s")
         print(f"ratio: {(t_tar_read + t_tar_write) / (t_read + t_write):.2f}")
 
 

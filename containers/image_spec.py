@@ -1,7 +1,7 @@
 """flytekit `ImageSpec` of each container image, for Flyte setups that build images from code.
 
 The same pins as containers/<role>.Dockerfile: the packages are `containers/pins.py ROLE` (pyproject.toml's pins,
-the single source), the apt packages and environment those of the Dockerfile (tests/test_containers.py checks both).
+the single source), the apt packages and environment those of the Dockerfile (tests/tasks/test_containers.py checks both).
 Selected by `MMCURATE_IMAGE_SPEC=1` at package/register/`pyflyte run --remote` time (tasks/images.py); without it
 the tasks carry `{{.image.<role>.fqn}}` placeholders bound with `--image <role>=REF` to the images `make images` builds.
 
@@ -32,7 +32,7 @@ def _pins():
     return sys.modules[name]
 
 
-# What each Dockerfile adds besides pip (kept equal by tests/test_containers.py).
+# What each Dockerfile adds besides pip (kept equal by tests/tasks/test_containers.py).
 APT_PACKAGES = {
     "cpu": [],
     "gpu": ["gcc", "libc6-dev"],

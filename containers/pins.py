@@ -1,7 +1,7 @@
 """Print the pinned requirements of one container image, read from pyproject.toml (the single source of pins).
 
 Used inside the Dockerfiles (`python containers/pins.py gpu > /tmp/requirements.txt`) and by
-tests/test_containers.py, so an image can only ever install the versions that pyproject.toml pins.
+tests/tasks/test_containers.py, so an image can only ever install the versions that pyproject.toml pins.
 
     python containers/pins.py ROLE            # requirement lines for the image ROLE
     python containers/pins.py ROLE --lock     # the constraints file (lock) of ROLE

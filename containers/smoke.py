@@ -68,7 +68,7 @@ def demo_dataset(work: Path) -> tuple[str, str]:
 
 
 def ingest_core(work: Path) -> tuple[str, dict]:
-    from core.ingest import IngestConfig, ingest
+    from core.io.ingest import IngestConfig, ingest
 
     source, images = demo_dataset(work)
     run_dir = str(work / "run")
@@ -81,8 +81,8 @@ def ingest_core(work: Path) -> tuple[str, dict]:
 
 
 def export_core(run_dir: str, out: str) -> dict:
-    from core.export import ExportConfig, export_curated, verify_export
-    from core.wds import list_shards
+    from core.io.wds import list_shards
+    from core.steps.export import ExportConfig, export_curated, verify_export
 
     manifest = export_curated(list_shards(f"{run_dir}/shards"), run_dir, out, ExportConfig(max_samples=16))
     verified = verify_export(out)
@@ -93,14 +93,14 @@ def export_core(run_dir: str, out: str) -> dict:
 
 def smoke_cpu(work: Path) -> dict:
     """Ingest and export through the Flyte tasks (local execution), as `pyflyte run` would in this image."""
-    from core.export import verify_export
+    from core.steps.export import verify_export
     from tasks.export import export_dataset
     from tasks.ingest import ingest_dataset
 
     source, images = demo_dataset(work)
     run = ingest_dataset(source=source, image_root=images, shard_max_samples=16)
     run_dir = run.download() if hasattr(run, "download") else str(run)
-    from core.ledger import read_ledger, step_dir
+    from core.foundation.ledger import read_ledger, step_dir
 
     led = read_ledger(step_dir(run_dir, "ingest"))
     counts = led.decision.value_counts().to_dict()
@@ -123,10 +123,10 @@ def smoke_gpu(work: Path) -> dict:
     assert hasattr(faiss, "StandardGpuResources"), "faiss without GPU support (faiss-cpu installed?)"
     log(f"torch {torch.__version__} (CUDA build {torch.version.cuda}; GPU here: {torch.cuda.is_available()}), "
         f"faiss {faiss.__version__} with GPU indexes")
-    from core.dedup.config import tiny_dedup_config
-    from core.dedup.pipeline import run_semdedup
-    from core.embed import embed_shards, tiny_embed_config
-    from core.wds import list_shards
+    from core.io.wds import list_shards
+    from core.steps.dedup.config import tiny_dedup_config
+    from core.steps.dedup.pipeline import run_semdedup
+    from core.steps.embed import embed_shards, tiny_embed_config
 
     run_dir, ingest_summary = ingest_core(work)
     emb_dir = str(work / "emb")
@@ -145,8 +145,8 @@ def smoke_train(work: Path) -> dict:
     import numpy as np
     import torch
 
-    from core.embed.model import tiny_local_dir
-    from core.tiny_lm import train_tiny_lm
+    from core.models.tiny_lm import train_tiny_lm
+    from core.steps.embed.model import tiny_local_dir
     from core.train.config import tiny_train_config
     from core.train.loop import list_checkpoints, train
 
@@ -176,11 +176,11 @@ def smoke_vllm(work: Path) -> dict:
     import torch
     import transformers
     import vllm
-    from vllm import LLM, SamplingParams  # noqa: F401  (what core/rephrase/generate.py and core/evals use)
+    from vllm import LLM, SamplingParams  # noqa: F401  (what core/steps/rephrase/generate.py and core/evals use)
 
     import tasks.evals  # noqa: F401  (the task modules this image runs)
     import tasks.rephrase  # noqa: F401
-    from core.rephrase.generate import VLLMGenerator  # noqa: F401
+    from core.steps.rephrase.generate import VLLMGenerator  # noqa: F401
 
     params = SamplingParams(temperature=0.0, max_tokens=16, seed=0)
     log(f"vllm {vllm.__version__} (torch {torch.__version__}), transformers {transformers.__version__}, "

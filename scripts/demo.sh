@@ -54,7 +54,7 @@ cols = ["variant", "n_samples", "n_tokens", "tokens_vs_baseline", "mean_score"] 
 print(t[cols].round(3).to_string(index=False))
 PY
   echo "== early signal: answer NLL paired with the baseline (95% interval; noise = spread of the baseline seeds)"
-  python -m core.ablation_compare "$OUT/ablation" --metrics answer_nll val_loss
+  python -m core.runs.ablation_compare "$OUT/ablation" --metrics answer_nll val_loss
 fi
 # Where everything is (what the runs published; listed from the files, not from expectations).
 echo "== where things are"

@@ -29,15 +29,15 @@ def main() -> None:
     ap.add_argument("--workdir", default="")
     a = ap.parse_args()
 
-    from core.configs import preset
-    from core.dedup.config import SemDedupConfig
-    from core.dedup.embeddings import read_embeddings
-    from core.dedup.semdedup import removal_curve, semdedup_arrays
     from core.demo import generate_demo, load_ground_truth
-    from core.embed import embed_shards
-    from core.embed.config import EmbedConfig
-    from core.ingest import IngestConfig, ingest
-    from core.wds import list_shards
+    from core.foundation.configs import preset
+    from core.io.ingest import IngestConfig, ingest
+    from core.io.wds import list_shards
+    from core.steps.dedup.config import SemDedupConfig
+    from core.steps.dedup.embeddings import read_embeddings
+    from core.steps.dedup.semdedup import removal_curve, semdedup_arrays
+    from core.steps.embed import embed_shards
+    from core.steps.embed.config import EmbedConfig
 
     wd = a.workdir or tempfile.mkdtemp(prefix="floor_")
     data = os.path.join(wd, "data")

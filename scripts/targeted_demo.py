@@ -27,12 +27,12 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse the data, embeddings and models of an earlier run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from core.ledger import passing_ids, read_ledger, step_dir
-    from core.perplexity.reference import load_id_list, train_reference_lm
+    from core.foundation.ledger import passing_ids, read_ledger, step_dir
+    from core.io.wds import list_shards
+    from core.steps.perplexity.reference import load_id_list, train_reference_lm
     from core.targeted.config import tiny_targeted_config
     from core.targeted.pipeline import reference_examples, reference_table, run_targeted
     from core.targeted.tiny_vlm import build_tiny_llava, train_tiny_llava, training_examples
-    from core.wds import list_shards
 
     o = args.out
     t0 = time.time()
@@ -62,15 +62,15 @@ def main() -> None:
 
 def prepare(o: str, n: int, benches: list[str]) -> None:
     """Demo pool + reference + eval fixtures, ingested, embedded (tiny open_clip, in process), pool decontaminated."""
-    from core.dedup.config import tiny_decontam_config
-    from core.dedup.mining import decontaminate
     from core.demo import generate_demo, plant_eval_contamination
     from core.demo.eval_fixtures import write_fixtures
-    from core.embed.config import tiny_embed_config
-    from core.embed.pipeline import embed_shards
     from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
-    from core.ingest import IngestConfig, ingest
-    from core.wds import list_shards
+    from core.io.ingest import IngestConfig, ingest
+    from core.io.wds import list_shards
+    from core.steps.dedup.config import tiny_decontam_config
+    from core.steps.dedup.mining import decontaminate
+    from core.steps.embed.config import tiny_embed_config
+    from core.steps.embed.pipeline import embed_shards
 
     write_fixtures(f"{o}/eval_cache")
     generate_demo(f"{o}/data", n, 0)

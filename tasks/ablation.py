@@ -26,11 +26,11 @@ def select_variant(step_dirs: List[FlyteDirectory], variant: str) -> FlyteFile:
     """Write the sample ids of one variant (baseline, semdedup@0.1, ppl@0-90, ppl_decile@3, ...).
 
     :param step_dirs: Output directories of ingest, embed and the steps the variant reads (semdedup, perplexity).
-    :param variant: Variant spec; see core/ablation.py for the grammar.
+    :param variant: Variant spec; see core/runs/ablation.py for the grammar.
     :return: JSON list of sample ids.
     """
-    from core.ablation import parse_variant
-    from core.ablation import select_variant as select
+    from core.runs.ablation import parse_variant
+    from core.runs.ablation import select_variant as select
 
     ids = select(parse_variant(variant), [d.download() for d in step_dirs])
     path = os.path.join(current_context().working_directory, f"{parse_variant(variant).name}.json")
@@ -47,7 +47,7 @@ def build_tiny_vision_tower(seed: int = 0) -> FlyteDirectory:
 
     :param seed: Weight seed (the same seed as the tiny embedder, so trainer and embedder share the model).
     """
-    from core.embed.model import tiny_local_dir
+    from core.steps.embed.model import tiny_local_dir
 
     return FlyteDirectory(tiny_local_dir(os.path.join(current_context().working_directory, "tiny_vit"), seed))
 
@@ -111,11 +111,11 @@ def compare_variants(
         raise ValueError(f"one checkpoint list and one export per variant: {len(variants)} variants, "
                          f"{len(checkpoints)} checkpoint lists, {len(exports)} exports")
     t0 = step_started("ablation", variants=len(variants))
-    from core.ablation_compare import collect_ablation_decks, comparison_html, format_paired, seed_run_name
-    from core.ablation_compare import compare_variants as compare
-    from core.publish import display_root, publish
-    from core.report import DECKS_DIR, paths_block
-    from core.run_summary import load_id_list
+    from core.foundation.report import DECKS_DIR, paths_block
+    from core.io.publish import display_root, publish
+    from core.runs.ablation_compare import collect_ablation_decks, comparison_html, format_paired, seed_run_name
+    from core.runs.ablation_compare import compare_variants as compare
+    from core.runs.summary import load_id_list
 
     bad = load_id_list(known_bad_ids.download()) if known_bad_ids is not None else None
     eval_dir = evaluation.download()

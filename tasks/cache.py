@@ -54,7 +54,7 @@ def _imported_modules(root: Path, path: Path) -> set[str]:
 
 
 def _package_data(directory: Path) -> list[Path]:
-    """Data files shipped beside a module (e.g. core/embed/model_configs/*.json); sub-packages are skipped:
+    """Data files shipped beside a module (e.g. core/steps/embed/model_configs/*.json); sub-packages are skipped:
     their data counts only when they are imported themselves."""
     out, todo = [], [directory]
     while todo:

@@ -3,7 +3,7 @@
 Local execution writes flytekit's deck.html only under a random sandbox folder that nothing names; a cluster
 keeps it beside the task's outputs in the blob store. `save_decks` also writes `<out_dir>/decks/<step>.html`,
 which travels with the task's output directory; the run summary (tasks/run_report.py) and the ablation table
-(tasks/ablation.py) copy these pages to `<output_dir>/decks/` (`core.publish.publish`) and print their paths.
+(tasks/ablation.py) copy these pages to `<output_dir>/decks/` (`core.io.publish.publish`) and print their paths.
 
 One page holds one step. flytekit keeps decks in a list of the execution context that every task of a local
 run shares (a pod on a cluster starts empty), so without a bound `embed.html` repeated ingest's deck and the run
@@ -50,7 +50,7 @@ def save_decks(out_dir: str, step: str) -> str:
     """
     import fsspec
 
-    from core.report import DECKS_DIR, deck_page
+    from core.foundation.report import DECKS_DIR, deck_page
 
     sections = [(d.name, d.html) for d in own_decks()]
     path = f"{out_dir.rstrip('/')}/{DECKS_DIR}/{step}.html"

@@ -17,7 +17,7 @@ from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.dedup.config import DecontamConfig, SemDedupConfig
+from core.steps.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
@@ -32,22 +32,22 @@ def _fetcher(run: Optional[FlyteDirectory], out_dir: str):
     """Sample fetcher for the deck gallery, reading only the needed shards of the ingest output."""
     if run is None:
         return None
-    from core.dedup.report import shard_fetcher
-    from core.ledger import read_ledger, step_dir
+    from core.foundation.ledger import read_ledger, step_dir
+    from core.steps.dedup.report import shard_fetcher
 
     led = read_ledger(step_dir(out_dir, "semdedup"))
     return shard_fetcher(f"{source(run).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
 
 
 def _passing(prev: Optional[FlyteDirectory], prev_step: str):
-    """The previous step's passing ids (`core.step.Passing`), fetching only its ledger; None = every sample."""
-    from core.step import Passing
+    """The previous step's passing ids (`core.foundation.step.Passing`), fetching only its ledger; None = every sample."""
+    from core.foundation.step import Passing
 
     return Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
 
 
 def _deck(summary: dict, run: Optional[FlyteDirectory], out_dir: str) -> None:
-    from core.dedup.report import semdedup_report_html
+    from core.steps.dedup.report import semdedup_report_html
 
     Deck("semdedup", semdedup_report_html(summary, _fetcher(run, out_dir)))
 
@@ -78,7 +78,7 @@ def cluster_embeddings(
     :param prev_step: Name of the previous step ("" = decide about every embedded sample).
     :return: work (plan.json, side.parquet, sweep.parquet) and one file per cluster group.
     """
-    from core.dedup.pipeline import cluster_embeddings as run
+    from core.steps.dedup.pipeline import cluster_embeddings as run
 
     out = workdir("semdedup_out")
     groups = workdir("semdedup_groups")
@@ -99,7 +99,7 @@ def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     :param config: The same SemDedupConfig (keep policy, chunk_size, device).
     :return: Parquet of sample_id, shard, cluster, rank, sim_to_centroid, m, neighbour_id.
     """
-    from core.dedup.pipeline import prune_cluster_group as run
+    from core.steps.dedup.pipeline import prune_cluster_group as run
 
     return FlyteFile(run(group.download(), config, workdir("scores")))
 
@@ -124,7 +124,7 @@ def decide_semdedup(
     :return: Step output directory: semdedup/{summary.json, removed_pairs.parquet, ...}, ledger/semdedup/.
     """
     t0 = step_started("semdedup", groups=len(scores))
-    from core.dedup.pipeline import decide_semdedup as run_decide
+    from core.steps.dedup.pipeline import decide_semdedup as run_decide
 
     out = workdir("semdedup_run")
     shutil.copytree(work.download(), out, dirs_exist_ok=True)
@@ -153,7 +153,7 @@ def dedup_embeddings(
     :return: Step output directory: semdedup/ artifacts and ledger/semdedup/.
     """
     t0 = step_started("semdedup", prev_step=prev_step)
-    from core.dedup.pipeline import run_semdedup
+    from core.steps.dedup.pipeline import run_semdedup
 
     out = workdir("semdedup_run")
     summary = run_semdedup(embeddings.download(), out, config, _passing(prev, prev_step))
@@ -206,10 +206,10 @@ def decontaminate_evals(
         eval_contamination:<benchmark>).
     """
     t0 = step_started("decontam", prev_step=prev_step)
-    from core.dedup.mining import decontaminate
-    from core.dedup.report import decontam_report_html, shard_fetcher
     from core.evals.eval_shards import eval_embedding_sets
-    from core.ledger import read_ledger, step_dir
+    from core.foundation.ledger import read_ledger, step_dir
+    from core.steps.dedup.mining import decontaminate
+    from core.steps.dedup.report import decontam_report_html, shard_fetcher
 
     out = workdir("decontam_run")
     eval_sets = eval_embedding_sets(evals.download())

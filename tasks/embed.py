@@ -16,7 +16,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
-from core.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
+from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import GPU_IMAGE
@@ -71,10 +71,10 @@ def embed_shards(
     :return: Folder with `embed/` and `ledger/embed/`.
     """
     t0 = step_started("embed", model=config.model_name, prev_step=prev_step)
-    from core.embed import embed_shards as run_embed
-    from core.embed.report import embed_report_html
-    from core.ledger import read_ledger
-    from core.step import Passing, shards_of
+    from core.foundation.ledger import read_ledger
+    from core.foundation.step import Passing, shards_of
+    from core.steps.embed import embed_shards as run_embed
+    from core.steps.embed.report import embed_report_html
 
     cfg = config
     # actors read shards themselves: give them the remote URL when there is one (multi-node clusters)

@@ -110,7 +110,7 @@ evaluate_checkpoint_benchmarks_cpu = task(requests=TINY_REQUESTS, **_EVAL_OPTS)(
 def _worker_deck(wdir: str) -> None:
     import pandas as pd
 
-    from core.report import page, table_html
+    from core.foundation.report import page, table_html
 
     summary = pd.read_parquet(os.path.join(wdir, "summary.parquet"))
     records = pd.read_parquet(os.path.join(wdir, "records.parquet"))

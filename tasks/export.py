@@ -74,8 +74,8 @@ def export_dataset(
         `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
     """
     t0 = step_started("export", subset=subset_name or "-", max_samples=max_samples)
-    from core.export import ExportConfig, export_curated, export_report_html, load_id_list
-    from core.step import shards_of
+    from core.foundation.step import shards_of
+    from core.steps.export import ExportConfig, export_curated, export_report_html, load_id_list
 
     cfg = ExportConfig(steps=list(steps) if steps else None, max_samples=max_samples, max_bytes=max_bytes,
                        subset_name=subset_name, image_format=image_format)  # validates before any download

@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 def _deck(res, run_dir: str) -> None:
     import pandas as pd
 
-    from core.ingest import read_source_accounting
-    from core.ledger import read_ledger, step_dir
-    from core.report import figure_html, new_figure, page, table_html
+    from core.foundation.ledger import read_ledger, step_dir
+    from core.foundation.report import figure_html, new_figure, page, table_html
+    from core.io.ingest import read_source_accounting
 
     led = read_ledger(step_dir(run_dir, "ingest"))
     acc = read_source_accounting(step_dir(run_dir, "ingest")) or {}
@@ -48,9 +48,9 @@ def fingerprint_source(source: str, image_root: str = "") -> str:
 
     :param source: Dataset file or folder (path or URL).
     :param image_root: Its image folder (path or URL; empty: none).
-    :return: sha256 hex of sizes/modification times (see core.ingest.source_fingerprint).
+    :return: sha256 hex of sizes/modification times (see core.io.ingest.source_fingerprint).
     """
-    from core.ingest import source_fingerprint
+    from core.io.ingest import source_fingerprint
 
     return source_fingerprint(source, image_root)
 
@@ -87,7 +87,7 @@ def ingest_dataset(
     :return: The run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
     """
     t0 = step_started("ingest", source=source, image_root=image_root, format=format)
-    from core.ingest import IngestConfig, ingest
+    from core.io.ingest import IngestConfig, ingest
 
     run_dir = os.path.join(current_context().working_directory, "run")
     cfg = IngestConfig(source=source, image_root=image_root, run_dir=run_dir, shard_max_samples=shard_max_samples,

@@ -31,7 +31,7 @@ def _work(name: str) -> str:
 
 
 def _shards(run: FlyteDirectory) -> list[str]:
-    from core.wds import list_shards
+    from core.io.wds import list_shards
 
     return list_shards(f"{source(run).rstrip('/')}/shards")
 
@@ -54,10 +54,10 @@ def assign_domains(run: FlyteDirectory, mode: str = "field", k: int = 4, embeddi
     :param seed: k-means seed.
     :return: `ledger/domains/` and `domains/domains.json` ({domain: [ids]}), `domains/summary.json`.
     """
+    from core.foundation.report import page, table_html
+    from core.io.wds import iter_samples
     from core.mixing.domains import DomainConfig
     from core.mixing.domains import assign_domains as run_assign
-    from core.report import page, table_html
-    from core.wds import iter_samples
 
     cfg = DomainConfig(mode=mode, k=k, embed_kind=embed_kind, seed=seed, min_samples=min_samples,
                        include=tuple(include or ()))
@@ -65,7 +65,7 @@ def assign_domains(run: FlyteDirectory, mode: str = "field", k: int = 4, embeddi
         raise ValueError("mode=kmeans needs embeddings (an embed_shards output)")
     emb = None
     if embeddings is not None and mode == "kmeans":
-        from core.embed.store import load_embeddings
+        from core.steps.embed.store import load_embeddings
 
         emb = load_embeddings(embeddings.download(), embed_kind)
     out = _work("domains_out")
@@ -304,8 +304,8 @@ def score_domain_perplexity(prep: FlyteDirectory, domains: List[str], experts: L
     :param config: MixingConfig (device, max_seq_len).
     :return: `ledger/perplexity/` (extra.nll = log ratio) and `domain_perplexity/summary.json`.
     """
+    from core.foundation.report import page, table_html
     from core.mixing.pipeline import DomainPerplexityStep
-    from core.report import page, table_html
 
     root = prep.download()
     experts_of = {d: ex.download() for d, ex in zip(domains, experts, strict=True)}
@@ -380,7 +380,7 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
         f.write(html)
     Deck("mixing", html)
     if output_dir:
-        from core.publish import publish
+        from core.io.publish import publish
 
         publish(out, output_dir)
     log.info("proxy: %s", proxy.to_dict("records"))

@@ -12,8 +12,8 @@ from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.perplexity.config import PerplexityConfig, reference_perplexity_config
-from core.perplexity.slices import SliceConfig, p90_slice_config
+from core.steps.perplexity.config import PerplexityConfig, reference_perplexity_config
+from core.steps.perplexity.slices import SliceConfig, p90_slice_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
@@ -46,9 +46,9 @@ def train_reference_lm(
     :return: A model directory loadable with AutoTokenizer / AutoModelForCausalLM.
     """
     t0 = step_started("reference_lm", steps=steps)
-    from core.perplexity.reference import load_id_list
-    from core.perplexity.reference import train_reference_lm as train
-    from core.wds import list_shards
+    from core.io.wds import list_shards
+    from core.steps.perplexity.reference import load_id_list
+    from core.steps.perplexity.reference import train_reference_lm as train
 
     ids = load_id_list(reference_ids.download(), reference_key) if reference_ids is not None else None
     out = train(list_shards(f"{source(run).rstrip('/')}/shards"), workdir("reference_lm") / "model", ids,
@@ -85,10 +85,10 @@ def score_perplexity(
     :return: `perplexity/scores-<shard>.parquet`, `perplexity/summary.json`, `ledger/perplexity/`.
     """
     t0 = step_started("perplexity", mode=config.mode, prev_step=prev_step)
-    from core.configs import override
-    from core.perplexity.pipeline import score_shards
-    from core.perplexity.report import score_report_html
-    from core.step import Passing, shards_of
+    from core.foundation.configs import override
+    from core.foundation.step import Passing, shards_of
+    from core.steps.perplexity.pipeline import score_shards
+    from core.steps.perplexity.report import score_report_html
 
     cfg = override(config, model=model.download())
     passing = Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
@@ -121,8 +121,8 @@ def slice_by_perplexity(
     :return: `ledger/ppl_filter/` and `ppl_filter/` (kept_ids.json, or slice-NN.json + slices.json/.parquet).
     """
     t0 = step_started("ppl_filter", mode=config.mode, low_pct=config.low_pct, high_pct=config.high_pct)
-    from core.perplexity.report import slice_report_html
-    from core.perplexity.slices import slice_by_perplexity as run_slices
+    from core.steps.perplexity.report import slice_report_html
+    from core.steps.perplexity.slices import slice_by_perplexity as run_slices
 
     out = workdir("ppl_filter_out")
     res = run_slices(local_ledger_root(scores, "perplexity"), out, config)

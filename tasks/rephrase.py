@@ -10,7 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.rephrase.config import RephraseConfig, tiny_rephrase_config
+from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
@@ -25,9 +25,9 @@ RephraseOutputs = NamedTuple("RephraseOutputs", [("out_dir", FlyteDirectory), ("
 
 def _tiny_model_for(run_dir: str, work: str) -> str:
     """The embedded default model: the project's tiny LM trained on this run's conversations (CPU demo)."""
-    from core.rephrase.tiny_model import train_demo_model
-    from core.step import shards_of
-    from core.wds import iter_samples
+    from core.foundation.step import shards_of
+    from core.io.wds import iter_samples
+    from core.steps.rephrase.tiny_model import train_demo_model
 
     urls = shards_of(run_dir)
     if not urls:  # a degenerate run (empty source, all quarantined): nothing to rephrase, no model needed
@@ -77,10 +77,10 @@ def rephrase_samples(
         export), `rephrase/report.json|html`; report is the JSON report.
     """
     t0 = step_started("rephrase", backend=config.backend, prev_step=prev_step)
-    from core.configs import override
-    from core.rephrase.report import report_html, write_report
-    from core.rephrase.step import RephraseStep
-    from core.step import Passing, shards_of
+    from core.foundation.configs import override
+    from core.foundation.step import Passing, shards_of
+    from core.steps.rephrase.report import report_html, write_report
+    from core.steps.rephrase.step import RephraseStep
 
     if prev is not None and not prev_step:
         raise ValueError("prev needs prev_step: the name of the step whose ledger selects the input ids")

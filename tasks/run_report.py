@@ -11,14 +11,14 @@ from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.run_config import CurateConfig
+from core.runs.config import CurateConfig
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source, workdir
 from tasks.steplog import step_finished, step_started
 
 if TYPE_CHECKING:
-    from core.run_summary import RunReport
+    from core.runs.summary import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ def summarize_run(
         raise ValueError(f"summarize_run needs the run's steps and their output directories: steps={steps}, "
                          f"{len(step_dirs)} step_dirs")
     t0 = step_started("summary", steps=",".join(steps))
-    from core.publish import display_root, publish
-    from core.report import DECKS_DIR, collect_decks, paths_block
-    from core.run_index import INDEX_PAGE
-    from core.run_summary import clear_published_ledger, load_id_list, run_summary_decks, write_run_summary
+    from core.foundation.report import DECKS_DIR, collect_decks, paths_block
+    from core.io.publish import display_root, publish
+    from core.runs.index import INDEX_PAGE
+    from core.runs.summary import clear_published_ledger, load_id_list, run_summary_decks, write_run_summary
 
     bad_ids = load_id_list(known_bad_ids.download()) if known_bad_ids is not None else None
     dirs = [d.download() for d in step_dirs]
@@ -112,11 +112,11 @@ def code_version() -> dict[str, str]:
 
 
 def write_index(out: str, rep: RunReport, pages: List[str], config: Optional[CurateConfig]) -> str:
-    """Write the run report `<out>/decks/index.html` (core/run_index.py) linking `pages` beside it."""
+    """Write the run report `<out>/decks/index.html` (core/runs/index.py) linking `pages` beside it."""
     from dataclasses import asdict
 
-    from core.report import DECKS_DIR
-    from core.run_index import INDEX_PAGE, run_index_html
+    from core.foundation.report import DECKS_DIR
+    from core.runs.index import INDEX_PAGE, run_index_html
 
     path = os.path.join(out, DECKS_DIR, f"{INDEX_PAGE}.html")
     with open(path, "w", encoding="utf-8") as f:

@@ -31,7 +31,7 @@ def step_started(step: str, **facts: Any) -> float:
 def step_finished(step: str, t0: float, out_dir: str | None = None, **counts: Any) -> None:
     """Log `step <step>: end in Ns k=v ...`, with the ledger's decision counts when `out_dir` holds one."""
     if out_dir and "://" not in out_dir and os.path.isdir(os.path.join(out_dir, "ledger", step)):
-        from core.ledger import read_ledger, step_dir
+        from core.foundation.ledger import read_ledger, step_dir
 
         led = read_ledger(step_dir(out_dir, step))
         counts = {"inputs": len(led), **led["decision"].value_counts().sort_index().to_dict(), **counts}

@@ -39,7 +39,7 @@ def targeted_config(preset: str, overrides: str, model: str = ""):
 
 
 def _shards(run: FlyteDirectory) -> List[str]:
-    from core.wds import list_shards
+    from core.io.wds import list_shards
 
     return list_shards(f"{source(run).rstrip('/')}/shards")
 
@@ -56,7 +56,7 @@ def split_reference(reference: FlyteDirectory, reference_ids: Optional[FlyteFile
     :param overrides: JSON object of TargetedConfig fields (subgroup_field, n_clusters, include_subgroups, families...).
     :return: Directory with `targeted/subgroups.parquet` (one row per reference sample, used or excluded with a reason).
     """
-    from core.perplexity.reference import load_id_list
+    from core.steps.perplexity.reference import load_id_list
     from core.targeted.pipeline import reference_table
     from core.targeted.report import subgroups_html
 
@@ -127,8 +127,8 @@ def retrieve_images(subgroups: FlyteDirectory, reference_embeddings: FlyteDirect
     """
     import pandas as pd
 
-    from core.dedup.report import shard_fetcher
-    from core.ledger import passing_ids, read_ledger, step_dir
+    from core.foundation.ledger import passing_ids, read_ledger, step_dir
+    from core.steps.dedup.report import shard_fetcher
     from core.targeted.report import retrieval_html
     from core.targeted.retrieve import retrieve
 
@@ -248,7 +248,7 @@ def mix_exports(exports: List[FlyteDirectory], name: str) -> FlyteDirectory:
     """
     import shutil
 
-    from core.wds import list_shards
+    from core.io.wds import list_shards
 
     out = workdir("mix")
     (out / "shards").mkdir(exist_ok=True)

@@ -112,7 +112,7 @@ def train_mini_llava(
         + `AutoProcessor.from_pretrained` load them; see docs/train.md) and metrics.jsonl.
     """
     t0 = step_started("train", stage=config.stage, epochs=config.epochs, max_steps=config.max_steps or 0)
-    from core.configs import override
+    from core.foundation.configs import override
     from core.train.loop import train
     from core.train.report import train_report_html
 

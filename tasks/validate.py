@@ -2,7 +2,7 @@
 
 Paths exist, the source has at least one record (a peek at its first bytes), the eval cache holds the
 requested benchmarks, numbers are in range, configs pass their own validation. All problems are reported at
-once (core.checks.InputError), each naming the input and what it accepts.
+once (core.runs.checks.InputError), each naming the input and what it accepts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import List, Optional
 from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
 
-from core.run_config import AblateConfig, CurateConfig
+from core.runs.config import AblateConfig, CurateConfig
 from tasks.images import CPU_IMAGE
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ def validate_curate_inputs(
     :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
     :return: A one-line summary of what was checked.
     """
-    from core.checks import Problems, check_benchmarks, check_run_inputs
-    from core.log import setup_logging
+    from core.foundation.log import setup_logging
+    from core.runs.checks import Problems, check_benchmarks, check_run_inputs
 
     setup_logging()
     p = Problems("curate")
@@ -77,9 +77,9 @@ def validate_ablate_inputs(
     :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
     :return: A one-line summary of what was checked.
     """
-    from core.ablation import parse_variant
-    from core.checks import Problems, check_benchmarks, check_run_inputs
-    from core.log import setup_logging
+    from core.foundation.log import setup_logging
+    from core.runs.ablation import parse_variant
+    from core.runs.checks import Problems, check_benchmarks, check_run_inputs
 
     setup_logging()
     p = Problems("ablate")

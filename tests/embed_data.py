@@ -8,8 +8,8 @@ import tarfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.sample import Sample, Turn
-from core.wds import write_shards
+from core.foundation.sample import Sample, Turn
+from core.io.wds import write_shards
 
 
 def scene(seed: int, size: int = 256) -> Image.Image:

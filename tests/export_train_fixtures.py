@@ -33,8 +33,8 @@ def register_tiny_clip(tmp: Path) -> str:
 
 
 def make_tiny_lm(out: Path, seed: int = 0) -> str:
-    """The project's tiny LM (core/tiny_lm.py: byte-level BPE with `<image>`, ChatML), briefly trained."""
-    from core.tiny_lm import train_tiny_lm
+    """The project's tiny LM (core/models/tiny_lm.py: byte-level BPE with `<image>`, ChatML), briefly trained."""
+    from core.models.tiny_lm import train_tiny_lm
 
     rng = np.random.default_rng(seed)
     texts = [[{"role": "user", "content": "<image>\n" + " ".join(rng.choice(WORDS, 6))},

@@ -1,7 +1,7 @@
 """Hostile inputs for ingest, each built small inside the test's folder, and the ingest run that meets them.
 
 Every case is a source of three records: two good ones around one hostile record (or member, or image).
-`run_case` ingests it and returns what the ledger says; tests/test_hostile_ingest.py runs it in a capped
+`run_case` ingests it and returns what the ledger says; tests/unit/test_hostile_ingest.py runs it in a capped
 child (tests/capped.py) and benchmarks/hostile_inputs.py prints the table of docs/security.md.
 
     CASES[name](folder) -> Case(source, image_root, expected {ledger id: reason}, good ids)
@@ -236,8 +236,8 @@ CASES: dict[str, Callable[[Path], Case]] = {f.__name__: f for f in (
 
 def run_case(case: Case, run_dir: Path) -> dict[str, Any]:
     """Ingest the case's source; the ledger's reasons for quarantined rows and the kept ids."""
-    from core.ingest import IngestConfig, ingest
-    from core.ledger import read_ledger, step_dir
+    from core.foundation.ledger import read_ledger, step_dir
+    from core.io.ingest import IngestConfig, ingest
 
     res = ingest(IngestConfig(source=str(case.source), image_root=str(case.image_root), run_dir=str(run_dir),
                               **case.config), progress_every=0)
@@ -250,8 +250,8 @@ def run_case(case: Case, run_dir: Path) -> dict[str, Any]:
 
 def read_shard(shard: Path) -> dict[str, Any]:
     """The WDS reader (`iter_shard`, as downstream steps read shards) over a tar: kept ids and reasons."""
-    from core.ledger import LedgerWriter, read_ledger, step_dir
-    from core.wds import iter_shard
+    from core.foundation.ledger import LedgerWriter, read_ledger, step_dir
+    from core.io.wds import iter_shard
 
     run = shard.parent / "read"
     with LedgerWriter(step_dir(run, "read") / "part.parquet", "read") as led:

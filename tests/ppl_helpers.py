@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from core.sample import Sample
-from core.tiny_lm import ensure_tiny_lm
+from core.foundation.sample import Sample
+from core.models.tiny_lm import ensure_tiny_lm
 
 THINGS = ["cat", "dog", "chart", "table", "car", "tree", "person", "plane", "boat", "house"]
 COLORS = ["red", "blue", "green", "yellow", "white"]

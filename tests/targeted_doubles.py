@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from core.rephrase.generate import Generation
-from core.sample import Sample
+from core.foundation.sample import Sample
+from core.steps.rephrase.generate import Generation
 from core.targeted.vlm import VLMRequest
 
 

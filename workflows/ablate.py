@@ -9,11 +9,11 @@ from flytekit import LaunchPlan, dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.ablation import parse_variant
-from core.ablation_compare import seed_run_name
-from core.configs import override, preset
-from core.rephrase.config import tiny_rephrase_config
-from core.run_config import AblateConfig
+from core.foundation.configs import override, preset
+from core.runs.ablation import parse_variant
+from core.runs.ablation_compare import seed_run_name
+from core.runs.config import AblateConfig
+from core.steps.rephrase.config import tiny_rephrase_config
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
@@ -133,7 +133,7 @@ def ablate(
         decontam (minus near-copies of the eval items of `benchmarks`), mined (only the eval items' nearest
         training neighbours).
     :param eval_cache: Root of the benchmark caches (`<eval_cache>/<benchmark>/...`).
-    :param config: AblateConfig (core/run_config.py): shard size, embed/dedup/decontam configs, reference-LM steps,
+    :param config: AblateConfig (core/runs/config.py): shard size, embed/dedup/decontam configs, reference-LM steps,
         training recipe per variant (`train_config`, a TrainConfig), eval cap, `baseline_seeds` (the baseline is
         trained that many times with different seeds: the noise floor of the comparison; 2 in the tiny preset). On the CLI a partial JSON merged onto
         the tiny preset: `{"train_config": {"max_steps": 30}, "eval_max_samples": 8}`, `{"embed_config": "siglip2"}`.

@@ -1,6 +1,6 @@
 """The `curate` workflow: ingest -> embed -> decontam -> semdedup -> perplexity -> rephrase -> export -> summary.
 
-What runs is one nested `CurateConfig` (core/run_config.py: step switches + each step's config); the data
+What runs is one nested `CurateConfig` (core/runs/config.py: step switches + each step's config); the data
 paths are plain inputs. Every step but ingest/embed/export is switchable; each deterministic task is cached with
 a version tied to its code, so a re-run with one changed knob recomputes only that step and what follows it.
 """
@@ -11,8 +11,8 @@ from flytekit import LaunchPlan, dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.configs import preset
-from core.run_config import CurateConfig
+from core.foundation.configs import preset
+from core.runs.config import CurateConfig
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
 from tasks.ingest import fingerprint_source, ingest_dataset
@@ -108,7 +108,7 @@ def curate(
     :param source: Dataset: JSON array (.json, streamed), JSONL, WebDataset shards or Parquet; file, folder or
         glob, path or fsspec URL.
     :param image_root: Folder the records' image names are relative to; path or URL.
-    :param config: CurateConfig: step switches and per-step configs (core/run_config.py). On the CLI a partial
+    :param config: CurateConfig: step switches and per-step configs (core/runs/config.py). On the CLI a partial
         JSON merged onto the `demo` preset (embedded CPU models): `{"decontaminate": true, "rephrase": true}`,
         `{"embed_config": "siglip2", "dedup_config": {"target_removal": 0.2}}` (a nested config takes a dict or a
         preset name: embed tiny|siglip2, dedup tiny|paper|target10, rephrase tiny|qwen), or

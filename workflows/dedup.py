@@ -11,8 +11,8 @@ from flytekit import LaunchPlan, dynamic, map_task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.dedup.config import DecontamConfig, SemDedupConfig, target_dedup_config, tiny_dedup_config
-from core.embed.config import EmbedConfig
+from core.steps.dedup.config import DecontamConfig, SemDedupConfig, target_dedup_config, tiny_dedup_config
+from core.steps.embed.config import EmbedConfig
 from tasks.dedup import (
     cluster_embeddings,
     cluster_embeddings_cpu,

@@ -8,8 +8,8 @@ from typing import Optional
 from flytekit import LaunchPlan
 from flytekit.types.directory import FlyteDirectory
 
-from core.configs import preset
-from core.embed.config import EmbedConfig
+from core.foundation.configs import preset
+from core.steps.embed.config import EmbedConfig
 from tasks.embed import embed_shards, embed_shards_cpu
 from workflows import named_workflow
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from flytekit.types.directory import FlyteDirectory
 
-from core.embed.config import EmbedConfig
+from core.steps.embed.config import EmbedConfig
 from tasks.embed import embed_shards, embed_shards_cpu
 from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.resources import on_cpu

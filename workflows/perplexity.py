@@ -6,9 +6,9 @@ from flytekit import LaunchPlan, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.configs import preset
-from core.perplexity.config import PerplexityConfig
-from core.perplexity.slices import SliceConfig
+from core.foundation.configs import preset
+from core.steps.perplexity.config import PerplexityConfig
+from core.steps.perplexity.slices import SliceConfig
 from tasks.perplexity import score_perplexity, slice_by_perplexity, train_reference_lm
 
 

@@ -8,9 +8,9 @@ from flytekit import LaunchPlan, dynamic, map_task, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from core.configs import override
-from core.dedup.config import DecontamConfig, tiny_decontam_config
-from core.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
+from core.foundation.configs import override
+from core.steps.dedup.config import DecontamConfig, tiny_decontam_config
+from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
 from core.targeted.filters import FILTER_STEPS
 from core.train.config import TrainConfig, default_train_config
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants

@@ -62,7 +62,7 @@ import numpy as np
 from PIL import Image
 
 from core.demo import scenes as S
-from core.sample import IMAGE_TOKEN, strip_image_placeholders
+from core.foundation.sample import IMAGE_TOKEN, strip_image_placeholders
 
 SOURCES = ("chartqa_like", "count_like", "doc_like", "photo_like", "text_only")
 SOURCE_WEIGHTS = (0.25, 0.2, 0.2, 0.2, 0.15)
@@ -449,7 +449,7 @@ def plant_eval_contamination(out_dir: str, eval_cache: str, benchmarks: list[str
 
     from core.evals.base import LoadFailure
     from core.evals.registry import benchmark_names, get_benchmark
-    from core.images import decode_image, image_ext
+    from core.io.images import decode_image, image_ext
 
     gt = load_ground_truth(out_dir)
     records = load_records(out_dir)
@@ -544,7 +544,7 @@ def to_messages(record: dict) -> list[dict[str, str]]:
 
 
 def clean_messages(out_dir: str, include_duplicates: bool = False) -> list[list[dict[str, str]]]:
-    """Clean samples as chat messages (what `core.tiny_lm.ensure_tiny_lm` trains on with ChatML)."""
+    """Clean samples as chat messages (what `core.models.tiny_lm.ensure_tiny_lm` trains on with ChatML)."""
     return [to_messages(r) for r in clean_records(out_dir, include_duplicates)]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.configs import check_ranges
+from core.foundation.configs import check_ranges
 
 SCORINGS = ("exact", "lenient")
 

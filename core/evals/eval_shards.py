@@ -17,10 +17,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.images import decode_image, image_ext
-from core.ledger import LedgerWriter, step_dir
-from core.sample import IMAGE_TOKEN, Sample, SampleError
-from core.wds import ShardWriter
+from core.foundation.ledger import LedgerWriter, step_dir
+from core.foundation.sample import IMAGE_TOKEN, Sample, SampleError
+from core.io.images import decode_image, image_ext
+from core.io.wds import ShardWriter
 
 log = logging.getLogger(__name__)
 LEDGER_PART = "part-evalsets.parquet"

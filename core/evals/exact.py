@@ -4,7 +4,7 @@ from mmcurate can be put next to a published one. This is the default scoring; t
 `core.evals.parsing` / `core.evals.metrics` are opt-in (`EvalConfig.scoring = "lenient"`) and reported
 beside these numbers, never instead.
 
-What each function reproduces (lmms-eval 0.7.3; tests/test_evals_exact.py checks several hundred adversarial
+What each function reproduces (lmms-eval 0.7.3; tests/unit/test_evals_exact.py checks several hundred adversarial
 strings per metric against vectors computed by lmms-eval's own installed functions):
 - `lmms_anls`: `lmms_eval.api.metrics.anls`: case/whitespace-normalised Levenshtein, but divided by the
   *raw* lengths of `answer.upper()` / `prediction.upper()`; 0 below 0.5.

@@ -11,7 +11,7 @@ anti-conservative (with 4 items that all moved the same way every resample has t
 4 items significant); the permutation test is exact at any n (with 5 items or fewer no pattern can reach 5%, and
 the interval is unbounded, which is the honest answer). Interval and flag come from the same test, so a flag is
 set exactly when the interval excludes 0. Flags are per cell; nothing corrects for the many cells of a grid:
-the seed-to-seed noise floor (`core.ablation_compare`) is the guard against reading noise.
+the seed-to-seed noise floor (`core.runs.ablation_compare`) is the guard against reading noise.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.report import figure_html, new_figure, page, plot_text, table_html, text_html
+from core.foundation.report import figure_html, new_figure, page, plot_text, table_html, text_html
 
 
 def _x_axis(ok: Any) -> tuple[list[float], str]:

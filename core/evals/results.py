@@ -17,7 +17,7 @@ from core.evals.base import Benchmark
 from core.evals.checkpoints import checkpoint_name, checkpoint_position, position_fields
 from core.evals.exact import mean_and_stderr
 from core.evals.registry import get_benchmark
-from core.step import write_atomic, write_parquet_atomic
+from core.foundation.step import write_atomic, write_parquet_atomic
 
 RECORD_COLUMNS = [
     "checkpoint", "checkpoint_name", "variant", "step", "epoch", "benchmark", "doc_id", "sample_id", "prompt",

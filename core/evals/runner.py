@@ -45,16 +45,16 @@ from core.evals.results import (
     summarize,
     write_parquet,
 )
-from core.log import progress
-from core.sample import SampleError
+from core.foundation.log import progress
+from core.foundation.sample import SampleError
 
 log = logging.getLogger(__name__)
 
 
 def decode_images(item: EvalItem) -> list[Any]:
-    """The item's images as RGB PIL images, through the project's decode checks (core.images.decode_image:
+    """The item's images as RGB PIL images, through the project's decode checks (core.io.images.decode_image:
     SampleError on corrupt bytes or a decompression bomb)."""
-    from core.images import decode_image
+    from core.io.images import decode_image
 
     return [decode_image(data) for data in item.images]
 

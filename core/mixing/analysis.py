@@ -61,7 +61,7 @@ def mixing_report_html(table: Any, domains: Sequence[str], result: dict[str, Any
     """Deck: subset x benchmark heatmap, score vs number of domains, per-domain marginal contribution, tables."""
     import pandas as pd
 
-    from core.report import figure_html, new_figure, page, plot_texts, table_html
+    from core.foundation.report import figure_html, new_figure, page, plot_texts, table_html
 
     parts = []
     if extra:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.ledger import LedgerWriter, step_dir
+from core.foundation.ledger import LedgerWriter, step_dir
 
 STEP = "domains"
 DOMAIN_FIELDS = ("domain", "source", "dataset")

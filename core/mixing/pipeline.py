@@ -15,9 +15,9 @@ from dataclasses import dataclass, field  # noqa: F401
 from pathlib import Path
 from typing import Any
 
-from core.ledger import LedgerWriter, read_ledger
+from core.foundation.ledger import LedgerWriter, read_ledger
+from core.foundation.step import ShardStep, Unit, write_json_atomic
 from core.mixing.plan import ExpertPlan
-from core.step import ShardStep, Unit, write_json_atomic
 
 NLL_PREFIX = "nll_"  # held-out loss "benchmarks": score = -mean token NLL on that domain's held-out samples
 
@@ -92,9 +92,9 @@ def balance_train_sets(train: Mapping[str, Sequence[str]], seed: int = 0) -> dic
 
 def export_ids(shards: Sequence[str], ledger_dirs: Sequence[str], ids: Sequence[str], out: str, name: str,
                steps: Sequence[str], domain_of_id: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Export `ids` through the existing export (core.export.export_curated) as subset `name`; with
+    """Export `ids` through the existing export (core.steps.export.export_curated) as subset `name`; with
     `domain_of_id`, the manifest gains `domain_counts` (samples per domain)."""
-    from core.export import MANIFEST, ExportConfig, export_curated
+    from core.steps.export import MANIFEST, ExportConfig, export_curated
 
     cfg = ExportConfig(steps=list(steps), max_samples=1000, subset_name=name)
     manifest = export_curated(shards, list(ledger_dirs), out, cfg, subset_ids=ids)
@@ -113,7 +113,7 @@ def base_train_config(cfg: MixingConfig, steps: int) -> Any:
     """The TrainConfig of the shared base (trained on all domains before the experts): `steps` steps (0 = no cap)
     with the search's batch size, lr, sequence length, held-out size and device; the rest is TrainConfig's
     `default` preset (cosine schedule, seed 0). The training task fills the paths."""
-    from core.configs import preset
+    from core.foundation.configs import preset
     from core.train.config import TrainConfig
 
     return preset(TrainConfig, "default", max_steps=steps or None, batch_size=cfg.batch_size, lr=float(cfg.lr),
@@ -190,7 +190,7 @@ def heldout_scores(ckpt: str, heldout: Mapping[str, str], device: str = "cpu", m
 
 
 class DomainPerplexityStep(ShardStep):
-    """Domain perplexity on the shared shard-step base (core/step.py): a unit is one domain, its training
+    """Domain perplexity on the shared shard-step base (core/foundation/step.py): a unit is one domain, its training
     export scored by the domain's expert and by the base (`sample_nll`); one ledger part per domain,
     resumable by domain. The ledger `perplexity` has the layout `slice_by_perplexity` ranks: keep rows with
     extra.nll = log(ppl_expert / ppl_base) (so the score, its exp, is the ratio) and extra.n_scored; samples
@@ -202,7 +202,7 @@ class DomainPerplexityStep(ShardStep):
     """
 
     name = "perplexity"
-    stamp_attrs = ("experts", "base", "max_seq_len")  # the models scoring it (core/step.py stamp)
+    stamp_attrs = ("experts", "base", "max_seq_len")  # the models scoring it (core/foundation/step.py stamp)
 
     def __init__(self, out: str | os.PathLike, experts: Mapping[str, str], base: str, data: Mapping[str, str],
                  device: str = "cpu", max_seq_len: int = 256, nll: Any = None):

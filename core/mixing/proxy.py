@@ -141,16 +141,16 @@ def run_proxy_check(cfg: ProxyCheckConfig, work: str | os.PathLike,
 
 def _run(cfg: ProxyCheckConfig, work: str | os.PathLike, log: Callable[[str], None]) -> ProxyCheck:
     from core.demo import generate_demo
-    from core.embed.model import tiny_local_dir
-    from core.ingest import IngestConfig, ingest
+    from core.io.ingest import IngestConfig, ingest
+    from core.io.wds import iter_samples, list_shards
     from core.mixing.domains import DomainConfig, assign_domains
     from core.mixing.merge import merge_checkpoints
     from core.mixing.pipeline import base_train_config, export_ids, heldout_scores, train_plan
     from core.mixing.plan import ExpertPlan
     from core.mixing.steps import export_mixtures, heldout_dirs, prepare_experts
-    from core.perplexity.reference import train_reference_lm
+    from core.steps.embed.model import tiny_local_dir
+    from core.steps.perplexity.reference import train_reference_lm
     from core.train.loop import train
-    from core.wds import iter_samples, list_shards
 
     mc = cfg.mixing
     root = Path(work)
@@ -179,7 +179,7 @@ def _run(cfg: ProxyCheckConfig, work: str | os.PathLike, log: Callable[[str], No
 
     lm = train_reference_lm(shards, root / "lm", steps=cfg.lm_steps, seed=mc.seed)
     vit = tiny_local_dir(root / "vit", seed=mc.seed)
-    from core.configs import override
+    from core.foundation.configs import override
 
     bcfg = override(base_train_config(mc, cfg.base_steps), output_dir=str(root / "base"),
                     vision_model=f"local-dir:{vit}", lm_path=lm, seed=mc.seed, val_every_n_steps=10 ** 6)

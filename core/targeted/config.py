@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from core.configs import override, preset, register_preset
+from core.foundation.configs import override, preset, register_preset
 
 ANSWER_FORMATS = ("number", "short", "letter", "points")
 PPL_DIRECTIONS = ("drop_high", "drop_low", "none")
@@ -205,7 +205,7 @@ def qwen_vl_targeted_config(model: str = "", **overrides: Any) -> TargetedConfig
 
 
 def preset_config(name: str, model: str, overrides: Optional[dict[str, Any]] = None) -> TargetedConfig:
-    """Registered preset `name` (core/configs.py registry) with `overrides` (TargetedConfig fields) applied by the
+    """Registered preset `name` (core/foundation/configs.py registry) with `overrides` (TargetedConfig fields) applied by the
     one override rule (`override`: unknown keys rejected, None is a value, validated) and `model` filled in."""
     if "model" in (overrides or {}):
         raise ValueError("unknown TargetedConfig field in overrides: 'model' (model comes from model_dir)")

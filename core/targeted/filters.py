@@ -1,14 +1,14 @@
 """Filters of generated samples, all through the existing steps, each with its own ledger:
 
-1. `perplexity` + `ppl_filter`: the perplexity step (core/perplexity) scores the assistant turns given the
+1. `perplexity` + `ppl_filter`: the perplexity step (core/steps/perplexity) scores the assistant turns given the
    question with a reference LM; `slice_by_perplexity` in range mode drops by percentile. `ppl_direction`
    `drop_high` keeps [0, p] (drops disfluent text, `ppl_above_pP`), `drop_low` keeps [100 - p, 100]
    (drops template-like text, `ppl_below_pQ`), `none` keeps [0, 100].
 2. `tg_dedup`: MiniLM vectors of question + answer. Near-copies of a reference item (its nearest reference
-   by `core.dedup.mining.mine_neighbours`, similarity > reference_max_similarity) are dropped
+   by `core.steps.dedup.mining.mine_neighbours`, similarity > reference_max_similarity) are dropped
    (`near_duplicate:reference`), then SemDeDup (`semdedup_arrays`, eps mode) among the generated samples
    (`near_duplicate:generated`).
-3. `decontam`: the existing decontamination (`core.dedup.mining.decontaminate`, kind `text`) of the
+3. `decontam`: the existing decontamination (`core.steps.dedup.mining.decontaminate`, kind `text`) of the
    generated questions against every eval set's questions (MiniLM), `eval_contamination:<benchmark>`.
 The generation step already decontaminated on images (retrieval searched only decontaminated pool ids).
 """
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from core.ledger import LedgerWriter, passing_ids, read_ledger, step_dir
-from core.step import write_json_atomic, write_parquet_atomic
+from core.foundation.ledger import LedgerWriter, passing_ids, read_ledger, step_dir
+from core.foundation.step import write_json_atomic, write_parquet_atomic
 from core.targeted.config import TargetedConfig
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,9 @@ def write_text_embeddings(path: Path, ids: Sequence[str], x: np.ndarray) -> None
 def dedup_generated(out: Path, samples: dict[str, tuple[str, str, str]], ref_texts: dict[str, str],
                     cfg: TargetedConfig, encoder: Any) -> dict[str, np.ndarray]:
     """Ledger `tg_dedup` over `samples` (id -> (shard, question, answer)); returns the question vectors."""
-    from core.dedup.config import SemDedupConfig
-    from core.dedup.mining import mine_neighbours
-    from core.dedup.semdedup import semdedup_arrays
+    from core.steps.dedup.config import SemDedupConfig
+    from core.steps.dedup.mining import mine_neighbours
+    from core.steps.dedup.semdedup import semdedup_arrays
 
     ids = list(samples)
     x = encoder.embed([_text(q, a) for _, q, a in samples.values()]) if ids else np.zeros((0, 1), np.float32)
@@ -116,14 +116,14 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
                      ref_texts: dict[str, str], eval_qs: dict[str, dict[str, str]], encoder: Any = None) -> dict[str, Any]:
     """Run the three filters on the accepted generations of `gen_dir` (merged generation output); ledgers
     go to `out_dir` (`FILTER_STEPS[1:]`). Returns counts per step and reason."""
-    from core.dedup.config import DecontamConfig
-    from core.dedup.mining import decontaminate
-    from core.perplexity.config import tiny_perplexity_config
-    from core.perplexity.pipeline import score_shards
-    from core.perplexity.slices import SliceConfig, slice_by_perplexity
-    from core.rephrase.similarity import SimilarityScorer
-    from core.step import Passing
-    from core.wds import iter_samples, list_shards
+    from core.foundation.step import Passing
+    from core.io.wds import iter_samples, list_shards
+    from core.steps.dedup.config import DecontamConfig
+    from core.steps.dedup.mining import decontaminate
+    from core.steps.perplexity.config import tiny_perplexity_config
+    from core.steps.perplexity.pipeline import score_shards
+    from core.steps.perplexity.slices import SliceConfig, slice_by_perplexity
+    from core.steps.rephrase.similarity import SimilarityScorer
 
     out = Path(out_dir)
     gen = Path(gen_dir)

@@ -9,7 +9,7 @@ Layout inside a generation output directory:
     ledger/tg_generate/part-<gen shard>.parquet     keep (parsed) | drop gen_rejected:<reason> |
                                                     quarantine missing_pool_image, one row per retrieved image
 
-A shard is one unit of `TargetedGenerateStep` (the core/step.py contract: records and tar published first,
+A shard is one unit of `TargetedGenerateStep` (the core/foundation/step.py contract: records and tar published first,
 the ledger part last, atomically; a re-run skips shards whose ledger part exists, so a kill loses at most the
 shard in flight). Every request's seed and in-context examples derive from (seed, generated id): the output
 does not depend on batching, on which shards ran before, or on where a resumed run starts.
@@ -31,15 +31,15 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from core.images import image_ext
-from core.ledger import LedgerWriter
-from core.rephrase.chunks import request_seed
-from core.sample import Sample
-from core.step import ShardStep, StepSummary, Unit, write_atomic, write_parquet_atomic
+from core.foundation.ledger import LedgerWriter
+from core.foundation.sample import Sample
+from core.foundation.step import ShardStep, StepSummary, Unit, write_atomic, write_parquet_atomic
+from core.io.images import image_ext
+from core.io.wds import ShardWriter, iter_samples, shard_name
+from core.steps.rephrase.chunks import request_seed
 from core.targeted.config import FamilyPrompt, TargetedConfig
 from core.targeted.parse import parse_generation, reason_code
 from core.targeted.vlm import VLMGenerator, VLMRequest
-from core.wds import ShardWriter, iter_samples, shard_name
 
 log = logging.getLogger(__name__)
 STEP = "tg_generate"

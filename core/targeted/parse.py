@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.evals.parsing import extract_options
-from core.rephrase.config import DEFAULT_REFUSAL_PATTERNS
-from core.rephrase.validate import is_refusal
-from core.sample import IMAGE_TOKEN, Sample, SampleError
+from core.foundation.sample import IMAGE_TOKEN, Sample, SampleError
+from core.steps.rephrase.config import DEFAULT_REFUSAL_PATTERNS
+from core.steps.rephrase.validate import is_refusal
 from core.targeted.config import FamilyPrompt
 
 REJECT_REASONS = (

@@ -13,11 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from core.ledger import passing_ids, read_ledger, step_dir
-from core.step import write_json_atomic
+from core.foundation.ledger import passing_ids, read_ledger, step_dir
+from core.foundation.step import write_json_atomic
+from core.io.wds import iter_samples, list_shards, shard_name
 from core.targeted.config import TargetedConfig
 from core.targeted.filters import FILTER_STEPS
-from core.wds import iter_samples, list_shards, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def generation_summary(gen_dir: str | os.PathLike) -> dict[str, Any]:
 
 def export_generated(gen_dir: str | os.PathLike, filter_dir: str | os.PathLike, out_dir: str,
                      cfg: TargetedConfig, max_samples: int = 1000) -> dict[str, Any]:
-    """Export what passed every filter as the named subset `cfg.subset_name` (core/export.py)."""
-    from core.export import ExportConfig, export_curated
+    """Export what passed every filter as the named subset `cfg.subset_name` (core/steps/export.py)."""
+    from core.steps.export import ExportConfig, export_curated
 
     shard_dir = Path(gen_dir) / "shards"
     urls = list_shards(str(shard_dir)) if shard_dir.is_dir() and any(shard_dir.glob("*.tar")) else []
@@ -97,7 +97,7 @@ def run_targeted(ref_shards: Sequence[str], ref_emb: str, pool_run: str, pool_em
                  ref_ids: Iterable[str] | None = None, eval_cache: str = "", benchmarks: Sequence[str] = (),
                  generator: Any = None, encoder: Any = None) -> dict[str, Any]:
     """All stages in one process, into `out_dir/{retrieve,generate,filter,export}`; returns the summary."""
-    from core.rephrase.similarity import SimilarityScorer
+    from core.steps.rephrase.similarity import SimilarityScorer
     from core.targeted.filters import eval_questions, filter_generated
     from core.targeted.generate import generate_shards
     from core.targeted.retrieve import retrieve

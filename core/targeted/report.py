@@ -8,7 +8,17 @@ from typing import Any
 
 import pandas as pd
 
-from core.report import esc, figure_html, image_html, new_figure, page, plot_text, plot_texts, table_html, text_html
+from core.foundation.report import (
+    esc,
+    figure_html,
+    image_html,
+    new_figure,
+    page,
+    plot_text,
+    plot_texts,
+    table_html,
+    text_html,
+)
 
 
 def _bar(counts: dict[str, int], title: str, xlabel: str = "count") -> str:

@@ -1,7 +1,7 @@
 """Retrieval: for each subgroup, the pool images nearest to its reference images in the existing
 embedding space (the embed step's vectors), with a per-subgroup budget and no image used twice.
 
-Candidates come from the mining code (`core.dedup.mining.NeighbourMiner`, faiss inner product on
+Candidates come from the mining code (`core.steps.dedup.mining.NeighbourMiner`, faiss inner product on
 normalized vectors, pool streamed one embeddings file at a time): `budget * oversample` neighbours per
 reference image (`nearest`) or per subgroup centroid (`centroid`). A candidate's score for a subgroup is
 its best similarity to the subgroup's queries. Assignment is greedy over all (subgroup, image) pairs by
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.dedup.embeddings import embedding_files, invalid_rows, normalize_rows, read_embeddings
-from core.dedup.mining import NeighbourMiner
-from core.ledger import LedgerWriter, step_dir
-from core.sample import sample_key
-from core.step import write_atomic
+from core.foundation.ledger import LedgerWriter, step_dir
+from core.foundation.sample import sample_key
+from core.foundation.step import write_atomic
+from core.steps.dedup.embeddings import embedding_files, invalid_rows, normalize_rows, read_embeddings
+from core.steps.dedup.mining import NeighbourMiner
 from core.targeted.config import TargetedConfig
 
 log = logging.getLogger(__name__)

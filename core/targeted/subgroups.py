@@ -1,7 +1,7 @@
 """Reference subgroups: the kinds of question of a target task's reference set (its train/val split).
 
 A subgroup comes from a field of the reference records (`source`, `metadata.<key>`) or from spherical
-k-means (the SemDeDup k-means, core/dedup/kmeans.py) on MiniLM embeddings of the reference questions.
+k-means (the SemDeDup k-means, core/steps/dedup/kmeans.py) on MiniLM embeddings of the reference questions.
 Every reference sample gets one row: used (with its subgroup) or excluded with a reason (`no_image`:
 the subgroup's images are what retrieval looks for; `no_subgroup_field`; `subgroup_not_included`).
 """
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.rephrase.config import DEFAULT_KEEP_SUFFIXES
-from core.sample import Sample, strip_image_placeholders
+from core.foundation.sample import Sample, strip_image_placeholders
+from core.steps.rephrase.config import DEFAULT_KEEP_SUFFIXES
 from core.targeted.config import FAMILIES, TargetedConfig
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ def field_value(sample: Sample, name: str) -> str:
 
 def cluster_questions(questions: list[str], k: int, seed: int, encoder: Any = None) -> np.ndarray:
     """Cluster labels (0..k-1) of the questions: spherical k-means on MiniLM vectors (packaged model)."""
-    from core.dedup.semdedup import assign_clusters, spherical_kmeans
-    from core.rephrase.similarity import SimilarityScorer
+    from core.steps.dedup.semdedup import assign_clusters, spherical_kmeans
+    from core.steps.rephrase.similarity import SimilarityScorer
 
     encoder = encoder or SimilarityScorer("minilm", device="cpu")
     x = encoder.embed(questions)

@@ -85,7 +85,7 @@ def train_tiny_llava(model_dir: str, examples: Sequence[tuple[bytes, str, str, s
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from core.images import decode_image
+    from core.io.images import decode_image
     from core.targeted.vlm import VLMRequest, hf_messages
 
     if not examples:
@@ -124,9 +124,9 @@ def train_tiny_llava(model_dir: str, examples: Sequence[tuple[bytes, str, str, s
 def training_examples(ref_shards: Sequence[str], ref, pools: dict, cfg) -> list[tuple[bytes, str, str, str]]:
     """(image, system, user prompt, target reply) per used reference sample, with the generation prompt of
     its subgroup (k other examples of the subgroup) and its own first Q/A pair as the target."""
-    from core.rephrase.chunks import request_seed
+    from core.io.wds import iter_samples
+    from core.steps.rephrase.chunks import request_seed
     from core.targeted.generate import SYSTEM_PROMPT, build_user_prompt, pick_examples
-    from core.wds import iter_samples
 
     used = ref[ref["used"]].set_index("ref_id")
     out = []

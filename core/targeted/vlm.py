@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from core.rephrase.generate import Generation, resolve_device
+from core.steps.rephrase.generate import Generation, resolve_device
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class TransformersVLM:
     def generate(self, requests: Sequence[VLMRequest]) -> list[Generation]:
         import torch
 
-        from core.images import decode_image
+        from core.io.images import decode_image
 
         prompts = [self.prompt(r) for r in requests]
         lengths = [len(ids) for ids in self.tok(prompts, add_special_tokens=False)["input_ids"]]

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from core.configs import ConfigJSON, check_ranges, register_preset
+from core.foundation.configs import ConfigJSON, check_ranges, register_preset
 
 STAGES = ("projector", "full")
 LR_SCHEDULES = ("cosine", "constant")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from core.fingerprint import files_fingerprint
+from core.foundation.fingerprint import files_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def list_tar_shards(data: str | Sequence[str]) -> list[str]:
 
 def _export_manifest(p: Path) -> tuple[dict[str, Any], Path] | None:
     """(manifest, shards folder) of an export folder or of its `shards/` folder; None for a plain folder."""
-    from core.wds.reader import export_manifest  # here, not at the top: it pulls in the image stack
+    from core.io.wds.reader import export_manifest  # here, not at the top: it pulls in the image stack
 
     for export_dir, shard_dir in ((p, p / "shards"), (p.parent, p)):
         if shard_dir.name == "shards" and shard_dir.is_dir():
@@ -69,12 +69,12 @@ def _export_manifest(p: Path) -> tuple[dict[str, Any], Path] | None:
 
 def manifest_shards(p: str | os.PathLike) -> list[str] | None:
     """Shard paths listed by the export manifest of `p` (see `list_tar_shards`), or None when there is none.
-    The list and its name checks are `core.wds.export_shards`'; here every listed shard must also exist, and tars
+    The list and its name checks are `core.io.wds.export_shards`'; here every listed shard must also exist, and tars
     the manifest does not name are reported and ignored."""
     found = _export_manifest(Path(p))
     if found is None:
         return None
-    from core.wds.reader import export_shards
+    from core.io.wds.reader import export_shards
 
     m, shard_dir = found
     out = export_shards(str(shard_dir.parent), m)
@@ -235,7 +235,7 @@ class ConversationDataset:
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
 
-        from core.images import decode_image  # the project's checks: a bomb or corrupt image raises SampleError
+        from core.io.images import decode_image  # the project's checks: a bomb or corrupt image raises SampleError
 
         record, images = read_entry(self.entries[int(i)])
         ids, labels, n_img = encode_conversation(

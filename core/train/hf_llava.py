@@ -23,7 +23,7 @@ import torch.nn as nn
 
 IMAGE_TOKEN = "<image>"
 
-# ChatML, like core/tiny_lm.py, plus list content (`{"type": "image"}` / `{"type": "text"}` parts): the image
+# ChatML, like core/models/tiny_lm.py, plus list content (`{"type": "image"}` / `{"type": "text"}` parts): the image
 # parts become `<image>` placeholders in front of the text, then a newline, as in the LLaVA training data
 # (`"<image>\n<question>"`). The processor expands each `<image>` to the tower's patch count.
 CHAT_TEMPLATE = (

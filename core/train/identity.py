@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.fingerprint import describe_diff, diff_fields, dir_fingerprint
+from core.foundation.fingerprint import describe_diff, diff_fields, dir_fingerprint
 from core.train.config import TrainConfig
 from core.train.data import data_fingerprint
 

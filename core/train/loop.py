@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from core.log import progress
+from core.foundation.log import progress
 from core.train.checkpoints import (
     OPTIM_FILE,
     STATE_FILE,

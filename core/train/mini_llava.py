@@ -172,7 +172,7 @@ def _open_clip_visual(name: str, pretrained: str | None) -> Any:
     import open_clip
 
     if not name.startswith(("local-dir:", "hf-hub:")):
-        from core.embed.model import register_tiny_model
+        from core.steps.embed.model import register_tiny_model
 
         register_tiny_model()  # the project's own configs (mmcurate-tiny-vit) are valid names everywhere
     visual = open_clip.create_model(name, pretrained=pretrained).visual  # carries its preprocess_cfg

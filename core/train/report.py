@@ -8,7 +8,7 @@ from pathlib import Path
 
 def train_report_html(metrics_path: str | Path, checkpoints: list[str]) -> str:
     """Training/validation loss curves, last values, and the checkpoint list."""
-    from core.report import figure_html, new_figure, page, table_html
+    from core.foundation.report import figure_html, new_figure, page, table_html
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r]

@@ -1,0 +1,1 @@
+"""Foundation: the sample, the ledger, the shard step, configs, logging, reports, limits, atomic outputs."""

@@ -1,0 +1,1 @@
+"""Input/output: images, sources and ingest, WebDataset tars, publishing."""

@@ -1,0 +1,1 @@
+"""The tiny embedded models the demo and the tests train (no downloads)."""

@@ -1,0 +1,126 @@
+"""`CurateConfig` and `AblateConfig`: what the `curate` and `ablate` workflows run, each one nested config that
+crosses the Flyte boundary whole.
+
+Step switches plus each step's own config dataclass; the data paths (source, image root, eval cache, output
+folder, ...) and ablate's variants and benchmarks stay workflow inputs. On the command line `--config '{...}'` is a partial JSON merged onto the
+default preset (`demo`, `tiny`) by the one override rule of core/foundation/configs.py: `{"decontaminate": true, "embed_config": "siglip2",
+"dedup_config": {"target_removal": 0.2}}` (a nested config takes a dict merged onto it, or a preset name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.foundation.configs import ConfigJSON, check_ranges, preset, register_preset
+from core.steps.dedup.config import (
+    DecontamConfig,
+    SemDedupConfig,
+    target_dedup_config,
+    tiny_decontam_config,
+    tiny_dedup_config,
+)
+from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
+from core.steps.perplexity.config import PerplexityConfig, reference_perplexity_config
+from core.steps.perplexity.slices import SliceConfig, p90_slice_config
+from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
+from core.train.config import TrainConfig, default_train_config
+
+# The benchmarks decontamination checks by default (core/evals knows how to load each).
+BENCHMARKS = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
+
+
+@dataclass
+class CurateConfig(ConfigJSON):
+    """Step switches and per-step configs of `curate` (ingest, embed and export always run).
+
+    :param shard_max_samples: Samples per ingested shard (the unit of streaming and resume).
+    :param embed_config: Embedding model and Ray actors (`tiny` preset: the embedded CPU model, and then every
+        step runs its CPU twin; `siglip2`: production, GPU tasks).
+    :param decontaminate: Drop training samples that are near-copies of eval items (embedded with the same model),
+        reason `eval_contamination:<benchmark>`; needs the workflow's `eval_cache`.
+    :param decontam_benchmarks: Benchmarks to decontaminate against.
+    :param decontam_config: Similarity threshold, mined neighbours per eval item, embedding kind.
+    :param semdedup: Run SemDeDup on the embeddings.
+    :param dedup_config: SemDeDup (target_removal or eps, n_clusters, keep policy, embedding kind).
+    :param perplexity: Score conversations with a reference LM and drop by perplexity percentile.
+    :param lm_steps: Training steps of the embedded reference LM.
+    :param ppl_config: Perplexity scoring (mode `assistant_only` or `text`, device, batch budget, ...).
+    :param ppl_filter_config: The percentile range kept (range mode: `low_pct`, `high_pct`).
+    :param rephrase: Rephrase question/answer turns with an LLM (validated; rejected ones keep the original).
+    :param rephrase_config: Rephrasing LLM and validation (`tiny` preset: embedded CPU model; `qwen`: vLLM).
+    :param export_max_samples: Samples per exported shard.
+    """
+
+    shard_max_samples: int = 1000
+    embed_config: EmbedConfig = field(default_factory=tiny_embed_config)
+    decontaminate: bool = False
+    decontam_benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
+    decontam_config: DecontamConfig = field(default_factory=tiny_decontam_config)
+    semdedup: bool = True
+    dedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
+    perplexity: bool = True
+    lm_steps: int = 300
+    ppl_config: PerplexityConfig = field(default_factory=reference_perplexity_config)
+    ppl_filter_config: SliceConfig = field(default_factory=p90_slice_config)
+    rephrase: bool = False
+    rephrase_config: RephraseConfig = field(default_factory=tiny_rephrase_config)
+    export_max_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None), "export_max_samples": (1, None)})
+        if self.ppl_filter_config.mode != "range":
+            raise ValueError(f"ppl_filter_config.mode={self.ppl_filter_config.mode!r}; curate keeps a percentile range "
+                             "(mode 'range'); perplexity slices are the perplexity_slices workflow's")
+
+@register_preset(CurateConfig, "demo", default=True)
+def demo_curate_config() -> CurateConfig:
+    """The embedded CPU models on every step (demo, tests): SemDeDup and perplexity on, decontam and rephrase off."""
+    return CurateConfig()
+
+
+@register_preset(CurateConfig, "mammoth_v1")
+def mammoth_v1_curate_config() -> CurateConfig:
+    """Production MAmmoTH-VL curation: SigLIP2 embeddings on GPU, SemDeDup removing exactly 10% over 1200
+    clusters, decontamination at the SigLIP2 threshold 0.95 (switch on with decontaminate + eval_cache), perplexity
+    drop above p90, 5000-sample ingest and export shards."""
+    return CurateConfig(shard_max_samples=5000, embed_config=siglip2_embed_config(),
+                        dedup_config=target_dedup_config(0.10, n_clusters=1200),
+                        decontam_config=preset(DecontamConfig, "default"), export_max_samples=5000)
+
+
+@dataclass
+class AblateConfig(ConfigJSON):
+    """The shared steps and the per-variant training/eval recipe of `ablate` (variants and benchmarks are inputs).
+
+    :param shard_max_samples: Samples per ingested shard.
+    :param embed_config: Embedding model (`tiny`: the embedded CPU model, and every step runs its CPU twin).
+    :param dedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
+    :param decontam_config: Decontamination threshold and mined neighbours per eval item (decontam, mined).
+    :param lm_steps: Training steps of the embedded reference LM.
+    :param train_config: The training recipe of every variant (TrainConfig: epochs = one checkpoint per epoch,
+        max_steps None = no cap, batch_size, lr, ...); the paths are filled by the training task.
+    :param eval_max_samples: Per-benchmark sample cap (0 = all).
+    :param baseline_seeds: How many times the baseline is trained (seeds `train_config.seed`, +1, ...): the
+        seed-to-seed spread is the noise floor every variant's delta is read against (1 = no noise floor).
+    """
+
+    shard_max_samples: int = 1000
+    embed_config: EmbedConfig = field(default_factory=tiny_embed_config)
+    dedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
+    decontam_config: DecontamConfig = field(default_factory=tiny_decontam_config)
+    lm_steps: int = 300
+    train_config: TrainConfig = field(default_factory=default_train_config)
+    eval_max_samples: int = 0
+    baseline_seeds: int = 1
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None),
+                            "eval_max_samples": (0, None), "baseline_seeds": (1, None)})
+
+
+@register_preset(AblateConfig, "tiny", default=True)
+def tiny_ablate_config() -> AblateConfig:
+    """The embedded CPU models on every step (the demo layout, tests), one epoch per variant, no caps; the
+    baseline trained with 2 seeds, so the comparison has a noise floor; validation every 10 steps, so a short
+    run still logs the held-out loss the comparison reads."""
+    return AblateConfig(baseline_seeds=2, train_config=preset(TrainConfig, "default", val_every_n_steps=10))

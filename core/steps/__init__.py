@@ -1,0 +1,1 @@
+"""The curation steps: embed, dedup (SemDeDup, decontamination), perplexity, rephrase, export."""

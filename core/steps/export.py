@@ -1,0 +1,481 @@
+"""Export: the curated set of a run as WebDataset shards in the training schema, with a manifest.
+
+What is exported is decided by the ledgers only (no step is recomputed): the ids that passed the last
+step of `steps`, or a named subset id list (a perplexity decile, a dedup target, ...). Rephrased
+conversations, when given, replace the originals. Shards are written by `core.io.wds.ShardWriter` in input
+order (sorted shards, position within a shard) with fixed tar metadata, so the same inputs always give
+byte-identical shards and manifest. The exported count is checked against the ledger's kept count.
+
+Layout of `out_dir`::
+
+    shards/<kind>/<prefix>-000000.tar  training-schema shards (key.json + key.jpg / key.<i>.jpg), one folder per
+                                       sample kind (`text`, `image`, `images<n>`): homogeneous shards, so every
+                                       loader reads them (Hugging Face `datasets` needs one member layout per config)
+    README.md                          dataset card in the Hub's form (one `datasets` config per kind, provenance)
+
+Loader schema (docs/export.md): every single-image sample has its image under one fixed key (`jpg` by
+default: `WebDataset(urls).decode("pil").to_tuple("jpg", "json")` works for every one of them), several
+images are `key.0.jpg`, `key.1.jpg`, ..., and the `image` field of `key.json` names exactly those members.
+`image_format` chooses the encoding: `jpg` (default; JPEG sources are copied byte for byte, other formats
+re-encoded at quality 95), `png` (lossless; PNG sources copied, others re-encoded), `keep` (source bytes and
+their own extension: jpg, png, webp ...).
+    manifest.json                      ids, counts, bytes, sha256 per shard; what each step removed
+    ledger/export/part-export.parquet  one row per exported (or unexpectedly unreadable) sample
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from core.foundation.configs import check_ranges
+from core.foundation.ledger import LedgerWriter, check_balance, find_step_dir, read_ledger
+from core.foundation.log import progress
+from core.foundation.outputs import folder_lock, fresh_dir, swap_in, write_atomic, write_json_atomic
+from core.foundation.sample import Sample, SampleError
+from core.foundation.step import Passing, ShardStep, Unit
+from core.io.images import decode_image, sniff_format
+from core.io.wds import ShardWriter, export_manifest, export_shards, image_member_names, iter_samples
+from core.steps.export_card import dataset_card
+
+log = logging.getLogger(__name__)
+STEP = "export"
+MANIFEST = "manifest.json"
+CARD = "README.md"
+REPHRASE_COLUMNS = ("sample_id", "conversations_json")
+IMAGE_FORMATS = ("jpg", "png", "keep")
+JPEG_QUALITY = 95  # re-encoded JPEGs: quality 95, 4:4:4 chroma (no subsampling), baseline, no EXIF
+
+
+class ExportError(RuntimeError):
+    """The export does not match the ledgers (a kept sample is missing or unreadable)."""
+
+
+@dataclass
+class ExportConfig:
+    """How to export a run.
+
+    `steps` are the ledger steps in pipeline order (the last one decides what is kept); None infers the
+    order from the ledgers (steps sorted by how many samples they decided, then validated by
+    `check_balance`). `subset_name` names a subset export in the manifest. `image_format` is the image
+    encoding of the shards: "jpg" (default, one fixed `jpg` key for every single-image sample), "png"
+    (lossless, fixed `png` key) or "keep" (source bytes, key = source format).
+    """
+
+    steps: list[str] | None = None
+    max_samples: int = 1000
+    max_bytes: int = 256 << 20
+    prefix: str = "shard"
+    subset_name: str = ""
+    verify_images: bool = False  # ingest already decoded every image; re-decode only when asked
+    image_format: str = "jpg"
+
+    def __post_init__(self) -> None:
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None)})
+
+
+# ---- ledgers --------------------------------------------------------------------------------------
+def _run_dirs(run_dir: str | Sequence[str]) -> list[str]:
+    return [str(run_dir)] if isinstance(run_dir, (str, os.PathLike)) else [str(d) for d in run_dir]
+
+
+def ledger_steps(run_dir: str | Sequence[str]) -> list[str]:
+    """Step names that have a ledger in the run dir(s), in pipeline order (most decisions first)."""
+    sizes: dict[str, int] = {}
+    for d in _run_dirs(run_dir):
+        root = Path(d) / "ledger"
+        for sd in sorted(root.iterdir()) if root.is_dir() else []:
+            if sd.is_dir() and sd.name != STEP and sd.name not in sizes and any(sd.rglob("*.parquet")):
+                sizes[sd.name] = len(read_ledger(sd))
+    return sorted(sizes, key=lambda s: (-sizes[s], s))
+
+
+def removal_summary(run_dir: str | Sequence[str], steps: Sequence[str]) -> list[dict[str, Any]]:
+    """Per step: inputs, kept, modified, and the drop/quarantine counts by reason (from the ledgers)."""
+    out = []
+    for step in steps:
+        df = read_ledger(find_step_dir(_run_dirs(run_dir), step))
+        removed = df[df["decision"].isin(["drop", "quarantine"])]
+        by_reason = removed.groupby(["decision", "reason"]).size()
+        out.append({
+            "step": step,
+            "inputs": int(len(df)),
+            "kept": int((df["decision"] == "keep").sum()),
+            "modified": int((df["decision"] == "modify").sum()),
+            "removed": int(len(removed)),
+            "by_reason": [{"decision": d, "reason": r, "count": int(c)} for (d, r), c in sorted(by_reason.items())],
+        })
+    return out
+
+
+def load_id_list(path: str) -> list[str]:
+    """Sample ids from a subset file: Parquet (`sample_id` column), JSON (list) or text (one id per line)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(path, "rb") as f:
+            return [str(x) for x in pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()]
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        return [str(x) for x in json.loads(text)]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_rephrased(rephrased_dir: str, ids: set[str]) -> dict[str, str]:
+    """`sample_id -> conversations_json` for the wanted ids, from every Parquet file under `rephrased_dir`.
+
+    Contract with the rephrase step: Parquet files with columns `sample_id` (str) and
+    `conversations_json` (the new LLaVA `conversations` list as JSON).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    fs, root = fsspec.core.url_to_fs(rephrased_dir)
+    files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {rephrased_dir}")
+    ds = pds.dataset(files, filesystem=fs, format="parquet")
+    missing = [c for c in REPHRASE_COLUMNS if c not in ds.schema.names]
+    if missing:
+        raise ValueError(f"rephrased Parquet under {rephrased_dir} lacks columns {missing}")
+    if not ids:  # nothing to export (an empty run): an empty id list has no Arrow type to filter with
+        return {}
+    table = ds.to_table(columns=list(REPHRASE_COLUMNS), filter=pc.field("sample_id").isin(list(ids)))
+    out: dict[str, str] = {}
+    for sid, conv in zip(table.column("sample_id").to_pylist(), table.column("conversations_json").to_pylist()):
+        out[str(sid)] = conv  # a later file wins: rephrase re-runs append, never edit
+    return out
+
+
+def _apply_rephrase(s: Sample, conv_json: str) -> Sample:
+    """The sample with its conversation replaced; SampleError when the new one is not a valid record
+    for the same images (placeholders lost, roles broken, ...)."""
+    try:
+        conv = json.loads(conv_json)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise SampleError("invalid_json", f"rephrased conversations: {e}") from None
+    rec = s.to_record()
+    rec["conversations"] = conv
+    new = Sample.from_record(rec)
+    new.image_bytes, new.shard = s.image_bytes, s.shard
+    return new
+
+
+# ---- loader schema ---------------------------------------------------------------------------------
+def encode_for_loader(data: bytes, image_format: str) -> bytes:
+    """The image bytes in the export's format: unchanged when already in it (or for "keep"), else decoded
+    (RGB, `core.io.images.decode_image`: corrupt data raises SampleError) and re-encoded deterministically
+    (Pillow: same pixels and library version give the same bytes)."""
+    if image_format == "keep" or sniff_format(data) == {"jpg": "JPEG", "png": "PNG"}[image_format]:
+        return data
+    im = decode_image(data)
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        im.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    else:
+        im.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def to_loader_schema(s: Sample, image_format: str) -> Sample:
+    """The sample as it is exported: images in `image_format` and the record's `image` names equal to the
+    tar member names (`key.jpg`, or `key.0.jpg`, `key.1.jpg` ...), so a loader finds each image by the
+    name its JSON gives."""
+    if not s.images:
+        return s
+    s.image_bytes = [encode_for_loader(b, image_format) for b in s.image_bytes]
+    s.images = image_member_names(s)
+    return s
+
+
+# ---- export ---------------------------------------------------------------------------------------
+def sample_kind(s: Sample) -> str:
+    """The export shard folder of a sample in loader schema: `text`, `image` or `images<n>`, plus
+    `-<ext>[-<ext>...]` when the members' extensions vary (image_format=keep). Every sample of one kind has
+    the same tar member suffixes, which is what Hugging Face `datasets`' WebDataset builder requires of a
+    config (it infers the features from the first examples and refuses an archive whose samples differ)."""
+    if not s.images:
+        return "text"
+    base = "image" if len(s.images) == 1 else f"images{len(s.images)}"
+    exts = sorted({name.rsplit(".", 1)[-1] for name in s.images})
+    return base if exts in (["jpg"], ["png"]) else f"{base}-{'-'.join(exts)}"
+
+
+@dataclass
+class _Written:
+    shards: list[tuple[str, Any]]  # (kind, ShardInfo) in kind order, then write order
+    n: int
+    n_rephrased: int
+    fallbacks: dict[str, int]
+
+
+class ExportStep(ShardStep):
+    """The export on the shard-step contract: one unit (the whole run), one ledger part
+    `ledger/export/part-export.parquet`, the wanted ids as `prev` (missing ones quarantined by the base).
+
+    One unit because output shards are size-bounded and numbered across the input shards: an input shard
+    is no unit of work, and an export is always rewritten whole (so `run`'s skip of finished parts does
+    not apply; `export_curated` drives `process` and `finish` itself)."""
+
+    name = STEP
+
+    def __init__(self, ledger_root: str | os.PathLike, wanted: Passing, cfg: ExportConfig, out: str,
+                 shard_urls: Sequence[str], rephrased: dict[str, str]):
+        super().__init__(ledger_root, wanted)
+        self.cfg, self.dest, self.shard_urls, self.rephrased = cfg, out, shard_urls, rephrased
+
+    def process(self, unit: Unit, led: LedgerWriter) -> _Written:
+        t0 = time.time()
+        cfg, rephrased, total = self.cfg, self.rephrased, len(self.prev or ())
+        writers: dict[str, ShardWriter] = {}  # one per sample kind: shards/<kind>/<prefix>-000000.tar ...
+        fallbacks: dict[str, int] = {}
+        n_rephrased = n = 0
+        samples = iter_samples(self.shard_urls, quarantine=led, include_ids=self.include, expected=False,
+                               verify_images=cfg.verify_images)  # ids in no shard: `finish` (the base)
+        for s in progress(samples, desc="export", total=total, unit="sample"):
+            reason = ""
+            try:
+                s = to_loader_schema(s, cfg.image_format)
+            except SampleError as e:  # an image that does not decode: quarantined, the count check then fails
+                led.add(s.id, "quarantine", e.reason, detail=e.detail, shard=s.shard)
+                continue
+            if s.id in rephrased:
+                try:
+                    s = _apply_rephrase(s, rephrased[s.id])
+                    n_rephrased += 1
+                except SampleError as e:
+                    reason = f"rephrase_invalid:{e.reason}"
+                    fallbacks[reason] = fallbacks.get(reason, 0) + 1
+                    log.warning("sample %s: rephrase rejected (%s); exporting the original text", s.id, e)
+            kind = sample_kind(s)
+            if kind not in writers:
+                writers[kind] = ShardWriter(f"{self.dest}/shards/{kind}", cfg.prefix, cfg.max_samples, cfg.max_bytes)
+            shard = f"{kind}/{writers[kind].write(s)}"
+            led.add(s.id, "keep", reason, shard=shard, rephrased=s.id in rephrased and not reason)
+            n += 1
+            if n % 10_000 == 0:
+                log.info("export: %d/%d samples, %.0f samples/s", n, total, n / (time.time() - t0))
+        shards = [(kind, info) for kind in sorted(writers) for info in writers[kind].close()]
+        return _Written(shards, n, n_rephrased, fallbacks)
+
+
+def export_curated(
+    shard_urls: Iterable[str],
+    run_dir: str | Sequence[str],
+    out_dir: str,
+    cfg: ExportConfig,
+    subset_ids: Iterable[str] | None = None,
+    rephrased_dir: str | None = None,
+    code_version: str = "",
+    source: str = "",
+) -> dict[str, Any]:
+    """Write the curated samples of a run as training-schema WDS shards and return the manifest.
+
+    :param shard_urls: the ingested shards (sorted; `core.io.wds.list_shards(run/shards)`).
+    :param run_dir: run directory, or the step output directories, holding `ledger/<step>/`.
+    :param out_dir: receives `shards/`, `manifest.json` and `ledger/export/`.
+    :param cfg: ExportConfig.
+    :param subset_ids: export exactly these ids instead of the last step's kept ids.
+    :param rephrased_dir: Parquet files (sample_id, conversations_json) whose conversations replace the
+        originals; an invalid rephrase keeps the original text (ledger reason `rephrase_invalid:<why>`).
+    :param code_version: recorded in the dataset card (the task passes its cache version).
+    :param source: where the data came from, recorded in the dataset card.
+    :raises ExportError: when the number of exported samples differs from the kept (or subset) count.
+    """
+    t0 = time.time()
+    shard_urls = list(shard_urls)
+    dirs = _run_dirs(run_dir)
+    steps = list(cfg.steps) if cfg.steps else ledger_steps(dirs)
+    if not steps:
+        raise ExportError(f"no step ledgers under {dirs}")
+    balance = check_balance(dirs, steps)
+    kept = Passing.read(dirs, steps[-1])
+    assert kept is not None
+    kept_set = kept.ids
+    if subset_ids is not None:
+        wanted = Passing.of(subset_ids, "subset")
+        outside = len(wanted.ids - kept_set)
+        if outside:
+            log.warning("subset %r: %d ids did not pass step %s", cfg.subset_name, outside, steps[-1])
+    else:
+        wanted, outside = kept, 0
+    rephrased = load_rephrased(rephrased_dir, set(wanted.ids)) if rephrased_dir else {}
+    log.info("export: %d samples wanted (%s), %d rephrased, from %d shards", len(wanted),
+             f"subset {cfg.subset_name!r}" if subset_ids is not None else f"kept by {steps[-1]}",
+             len(rephrased), len(shard_urls))
+
+    out = out_dir.rstrip("/")
+    remote = _is_remote(out)
+    with _fresh_export(out) as build:  # local: a fresh sibling folder swapped in whole at the end
+        # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
+        led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else build
+        step = ExportStep(led_root, wanted, cfg, build, shard_urls, rephrased)
+        step.check_stamp()  # a fresh folder: records the export's config and code version
+        with LedgerWriter(step.part(STEP), STEP) as led:
+            w = step.process(Unit(build, STEP), led)
+        quarantined = {r: c for r, c in led.reasons.items() if r not in w.fallbacks}
+        if w.n != len(wanted):  # some wanted id was not exported: unreadable (quarantined above) or in no shard
+            missing = step.finish(1)
+            if missing:
+                quarantined[step.missing_reason] = missing
+        if remote:
+            fs, root = fsspec.core.url_to_fs(out)
+            for p in sorted(step.ledger_dir.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    fs.put_file(str(p), f"{root}/ledger/{STEP}/{p.name}")
+            shutil.rmtree(led_root, ignore_errors=True)
+        if w.n != len(wanted):  # the failed export still replaces the old one (its ledger says why), unmixed
+            raise ExportError(
+                f"exported {w.n} samples but the ledger keeps {len(wanted)}: unreadable or missing {quarantined} "
+                f"(see {out}/ledger/{STEP})"
+            )
+        shards, n = w.shards, w.n
+        manifest = {
+            "format": 2,  # 2: shards/<kind>/ folders, shard names relative to shards/
+            "subset": cfg.subset_name if subset_ids is not None else "",
+            "selection": "subset" if subset_ids is not None else f"kept_by:{steps[-1]}",
+            "steps": steps,
+            "n_samples": n,
+            "n_bytes": sum(s.n_bytes for _, s in shards),
+            "n_shards": len(shards),
+            "n_rephrased": w.n_rephrased,
+            "rephrase_fallbacks": dict(sorted(w.fallbacks.items())),
+            "subset_outside_kept": outside,
+            "n_kept_by_last_step": len(kept_set),
+            "balance": [b.as_dict() for b in balance],
+            "removed_by_step": removal_summary(dirs, steps),
+            "kinds": {k: {"n_samples": sum(s.n_samples for kk, s in shards if kk == k),
+                          "n_shards": sum(1 for kk, _ in shards if kk == k)} for k in sorted({k for k, _ in shards})},
+            "shards": [{"name": f"{k}/{Path(s.path).name}", "kind": k, "n_samples": s.n_samples,
+                        "n_bytes": s.n_bytes, "sha256": s.sha256, "ids": s.ids} for k, s in shards],
+            "config": asdict(cfg),
+            "loader_schema": {"image_format": cfg.image_format,
+                              "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
+                              "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep"
+                                                             else cfg.image_format),
+                              "json_image_names": "tar member names"},
+        }
+        write_json_atomic(manifest, f"{build}/{MANIFEST}", indent=1, sort_keys=True)
+        write_atomic(f"{build}/{CARD}", dataset_card(manifest, code_version=code_version, source=source))
+    log.info("export done: %d samples in %d shards, %.1f MB, %.1f s", n, len(shards),
+             manifest["n_bytes"] / 1e6, time.time() - t0)
+    return manifest
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+@contextlib.contextmanager
+def _fresh_export(out: str) -> Iterator[str]:
+    """The folder to build the export in, so that no file of an earlier export survives beside it.
+
+    Local: a fresh sibling folder (`core.foundation.step.fresh_dir`), swapped in whole (`core.foundation.step.swap_in`) when the
+    export is written or has failed its count check (its ledger then says why); the previous export is
+    removed. Any other error leaves the previous export untouched. The swap holds the writer lock
+    `<parent>/.<name>.writer.lock`, so two exports into one folder cannot interleave their renames.
+    Object stores (no rename): the previous manifest is removed first (a reader finds no export rather than
+    a mixed one), then its shards and ledger, and the export is written in place."""
+    if _is_remote(out):
+        fs, root = fsspec.core.url_to_fs(out)
+        for sub in (MANIFEST, "shards", f"ledger/{STEP}"):
+            if fs.exists(f"{root}/{sub}"):
+                fs.rm(f"{root}/{sub}", recursive=True)
+        yield out
+        return
+    final = os.path.abspath(out.removeprefix("file://"))
+    staging = fresh_dir(final)
+    try:
+        yield staging
+    except ExportError:
+        _swap_export(staging, final)
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_export(staging, final)
+
+
+def _swap_export(staging: str, final: str) -> None:
+    parent, name = os.path.split(final)
+    with folder_lock(parent, f"export swap of {final}", lock_name=f".{name}.writer.lock"):
+        old = swap_in(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def manifest_shards(export_dir: str, kinds: Iterable[str] | None = None) -> list[str]:
+    """The shard URLs of an export, from its manifest (kind order, then write order), optionally of some kinds
+    only: what a trainer reads, never a glob of `shards/` (`core.io.wds.export_shards`). Raises FileNotFoundError
+    when the export has no manifest (a failed or unfinished export)."""
+    manifest = export_manifest(export_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{export_dir.rstrip('/')}/{MANIFEST}: no export manifest")
+    return export_shards(export_dir, manifest, kinds)
+
+
+def verify_export(out_dir: str) -> dict[str, Any]:
+    """Re-hash every shard of an export and compare with its manifest; raises ExportError on a mismatch."""
+    out = out_dir.rstrip("/")
+    with fsspec.open(f"{out}/{MANIFEST}", "r", encoding="utf-8") as f:
+        manifest = json.load(f)
+    for sh in manifest["shards"]:
+        h = hashlib.sha256()
+        size = 0
+        with fsspec.open(f"{out}/shards/{sh['name']}", "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        if h.hexdigest() != sh["sha256"] or size != sh["n_bytes"]:
+            raise ExportError(f"shard {sh['name']} does not match the manifest (sha256 or size)")
+    if sum(sh["n_samples"] for sh in manifest["shards"]) != manifest["n_samples"]:
+        raise ExportError("manifest shard counts do not add up to n_samples")
+    return manifest
+
+
+def export_report_html(manifest: dict[str, Any]) -> str:
+    """Deck HTML: summary, samples removed per step and reason, shard sizes."""
+    import pandas as pd
+
+    from core.foundation.report import figure_html, new_figure, page, plot_texts, table_html
+
+    summary = {k: manifest[k] for k in ("selection", "subset", "n_samples", "n_shards", "n_bytes", "n_rephrased",
+                                        "n_kept_by_last_step", "subset_outside_kept")}
+    summary["rephrase_fallbacks"] = ", ".join(f"{k}={v}" for k, v in manifest["rephrase_fallbacks"].items())
+    summary["image_format"] = manifest.get("loader_schema", {}).get("image_format", "")
+    steps = pd.DataFrame([{k: r[k] for k in ("step", "inputs", "kept", "modified", "removed")}
+                          for r in manifest["removed_by_step"]])
+    reasons = pd.DataFrame([{"step": r["step"], **x} for r in manifest["removed_by_step"] for x in r["by_reason"]])
+    shards = pd.DataFrame([{"shard": s["name"], "samples": s["n_samples"], "MB": s["n_bytes"] / 1e6,
+                            "sha256": s["sha256"][:16]} for s in manifest["shards"]],
+                          columns=["shard", "samples", "MB", "sha256"])  # columns also for an empty export
+    parts = [table_html([summary], "export"), table_html(steps, "samples per step")]
+    if len(reasons):
+        fig, ax = new_figure(7, 0.35 * len(reasons) + 1.2)
+        labels = [f"{r.step}: {r.reason}" for r in reasons.itertuples()]
+        ax.barh(range(len(labels)), reasons["count"].tolist()[::-1])  # reasons carry data details: escaped
+        ax.set_yticks(range(len(labels)), plot_texts(labels[::-1]))
+        ax.set_xlabel("samples removed")
+        parts += [figure_html(fig, "removed by step and reason"), table_html(reasons, "removed by reason")]
+    fig, ax = new_figure()
+    ax.hist(shards["MB"], bins=20)
+    ax.set_xlabel("MB per shard")
+    ax.set_ylabel("shards")
+    parts += [figure_html(fig, "shard sizes"), table_html(shards, "shards")]
+    return page(*parts)
