@@ -1,24 +1,46 @@
-"""Resource profiles: production tasks request GPUs; each has a CPU twin for the tiny (embedded-model) presets.
+"""Resource profiles applied to task nodes: the one rule of core/runs/steps.py (`profile`) turned into the
+`.with_overrides(...)` arguments of a node, used by the `@dynamic` workflows.
 
-A twin is a second task over the same function body (same signature, docstring, cache version, image), with
-CPU-only requests. Which one runs is decided by the workflow wiring from the run's preset (an input), never
-by the machine that serializes the package, so the package states every task's resources.
+A task's decorator states its production (GPU) profile, so a task called on its own on a cluster gets what
+production needs; a workflow that knows the run's configs overrides each node with `overrides(kind, config,
+run_gpu)`: the tiny presets then request two CPUs, no GPU, on the same image. There are no CPU twin tasks: which
+profile a node gets is decided by the run's configs at run time (an input), never by the machine that serializes
+the package, and a compiled run states every node's requests (the package test reads them).
 """
 
 from __future__ import annotations
 
-import types
-from typing import Callable
+from typing import Any
 
 from flytekit import Resources
 
-# What a tiny preset's step needs: the embedded models run on two CPU cores.
-TINY_REQUESTS = Resources(cpu="2", mem="8Gi")
+from core.runs.steps import TINY, Profile, profile
+from tasks.images import CPU_IMAGE, GPU_IMAGE, TRAIN_IMAGE, VLLM_IMAGE
+
+IMAGES = {"cpu": CPU_IMAGE, "gpu": GPU_IMAGE, "vllm": VLLM_IMAGE, "train": TRAIN_IMAGE}
+# What a tiny preset's step requests (kept for tasks whose decorator is the tiny profile).
+TINY_REQUESTS = Resources(cpu=TINY.cpu, mem=TINY.mem)
 
 
-def renamed(fn: Callable, name: str) -> Callable:
-    """A copy of `fn` named `name` (same code, globals, defaults, annotations, docstring and module), so
-    that flytekit registers it as another task and loads it back by that module attribute at run time."""
+def resources(p: Profile) -> Resources:
+    """The requests (= limits) of a profile; a CPU profile states `gpu=0` so it never inherits a GPU."""
+    return Resources(cpu=p.cpu, mem=p.mem, gpu=str(p.gpu))
+
+
+def overrides(kind: str, config: Any, run_gpu: bool, **extra: Any) -> dict:
+    """`.with_overrides(**overrides(...))` arguments for a node of task kind `kind` (core/runs/steps.py
+    GPU_PROFILES) on a run: requests and limits from the profile, its image; `extra` passes through (name...)."""
+    p = profile(kind, config, run_gpu)
+    r = resources(p)
+    return dict(requests=r, limits=r, container_image=IMAGES[p.image], **extra)
+
+
+# ---- going away: the CPU-twin helpers, still used by the mixing/targeted/eval/train twins until they move to
+# profiles (then these two are deleted) ------------------------------------------------------------------
+def renamed(fn, name: str):
+    """A copy of `fn` named `name` (the old twin-task mechanism)."""
+    import types
+
     twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
     twin.__kwdefaults__ = fn.__kwdefaults__
     twin.__annotations__ = dict(fn.__annotations__)
@@ -29,8 +51,7 @@ def renamed(fn: Callable, name: str) -> Callable:
 
 
 def on_cpu(config) -> bool:
-    """True when a stage config runs on CPU (the embedded tiny models of the demo and tests), so the workflow wires
-    the CPU twins: an EmbedConfig with no GPU per actor; any other config with `device == "cpu"`."""
+    """The old CPU rule (an EmbedConfig without GPUs, or device == "cpu")."""
     if hasattr(config, "num_gpus"):
         return not config.num_gpus
     return getattr(config, "device", "") == "cpu"
