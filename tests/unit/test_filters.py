@@ -192,7 +192,7 @@ def test_resume_skips_finished_units_and_refuses_another_config(tmp_path):
 
 def test_registry_finds_filters_by_name_and_refuses_a_second_owner():
     assert filter_class("image_filter") is ImageFilter and FILTERS["test_picky"] is Picky
-    with pytest.raises(KeyError, match="image_filter"):  # the message lists what is registered
+    with pytest.raises(ValueError, match="registered: .*image_filter"):  # the message lists what is registered
         filter_class("no_such_filter")
     with pytest.raises(TypeError, match="taken by"):
         type("Impostor", (SampleFilter,), {"name": "image_filter", "decide": lambda self, s: ("keep", "", None)})

@@ -118,6 +118,8 @@ class SampleFilter(ShardStep):
             led.add(s.id, decision, reason, score, shard=unit.name, **extra)
             n += 1
             errors += reason.startswith(f"{ERROR_PREFIX}:")
+        if errors and errors == n:  # a bug, not bad data: still one row per sample, but said loudly
+            log.error("%s: decide failed on all %d samples of %s (%s)", self.name, n, unit.name, self.errors)
         return {"decided": n, "filter_errors": errors}
 
 
@@ -134,7 +136,7 @@ def filter_class(name: str) -> type[SampleFilter]:
     for m in filter_modules():
         importlib.import_module(m)
     if name not in FILTERS:
-        raise KeyError(f"no sample filter named {name!r}; registered: {', '.join(sorted(FILTERS)) or 'none'}")
+        raise ValueError(f"no sample filter named {name!r}; registered: {', '.join(sorted(FILTERS)) or 'none'}")
     return FILTERS[name]
 
 
