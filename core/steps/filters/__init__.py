@@ -10,9 +10,8 @@ from core.steps.filters.base import (
     filter_class,
     filter_config,
     filter_modules,
-    image_sizes,
     run_filter,
 )
 
 __all__ = ["FILTERS", "SampleFilter", "Verdict", "config_json", "filter_class", "filter_config", "filter_modules",
-           "image_sizes", "run_filter"]
+           "run_filter"]

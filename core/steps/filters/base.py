@@ -7,13 +7,14 @@ missing ids quarantined, one writer per folder, a stamp of config + code)::
     class AnswerLength(SampleFilter):
         name = "answer_len"                      # the step's one name: ledger/answer_len/, registry key
         config_class = AnswerLengthConfig        # its config dataclass (presets via register_preset)
-        def decide(self, sample):
+        def decide(self, sample):                # -> (decision, reason, score)
             n = len(sample.conversations[-1].value)
             return ("keep", "", n) if n <= self.config.max_chars else ("drop", "answer_too_long", n)
 
-The base reads each unit (with image bytes loaded and every image fully decoded first when the class sets
-`needs_images`: an undecodable image is quarantined by the reader as `corrupt_image`, a pixel bomb as
-`decompression_bomb`, before `decide` sees the sample), writes exactly one ledger row per input sample, and never
+The base reads each unit (with image bytes loaded and every image fully decoded once, one at a time, when the class
+sets `needs_images`: a sample with an undecodable image is quarantined as `corrupt_image`, a pixel bomb as
+`decompression_bomb` (`core.io.images.decode_image`, the reader's own check), before `decide` sees it; `decide`
+then has `self.image_sizes(sample)` for free), writes exactly one ledger row per input sample, and never
 lets `decide` sink the job: a `SampleError` it raises quarantines the sample with that error's reason, any other
 exception (or a malformed verdict) quarantines it as `filter_error:<ExcType>` with the message in the row's
 detail. Nothing is dropped silently: every row names its reason.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import io
 import json
 import logging
 import math
@@ -39,6 +39,7 @@ from core.foundation.configs import default_preset, load_config
 from core.foundation.ledger import LedgerWriter
 from core.foundation.sample import Sample, SampleError
 from core.foundation.step import Passing, ShardStep, Unit
+from core.io.images import DEFAULT_MAX_PIXELS, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class SampleFilter(ShardStep):
     """
 
     config_class: ClassVar[type | None] = None
-    needs_images: ClassVar[bool] = False  # True: image bytes loaded and each image decoded before `decide`
+    needs_images: ClassVar[bool] = False  # True: each image decoded (and its size kept) before `decide`
+    max_pixels: ClassVar[int] = DEFAULT_MAX_PIXELS  # an image above it is quarantined as decompression_bomb
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -77,13 +79,35 @@ class SampleFilter(ShardStep):
         super().__init__(out, prev)
         self.config = config if config is not None else default_config(type(self))
         self.errors: dict[str, int] = {}  # filter_error reasons seen by this object (logged once per type)
+        self._sizes: tuple[Sample, list[tuple[int, int]]] | None = None  # the sample being decided, its sizes
 
     def decide(self, sample: Sample) -> Verdict:
         """(decision, reason, score) for one sample: decision keep | drop | quarantine; drop and quarantine
         need a reason (snake_case); score a number or None."""
         raise NotImplementedError
 
+    def image_sizes(self, sample: Sample) -> list[tuple[int, int]]:
+        """(width, height) of each image of the sample being decided, in `sample.images` order ([] for a text-only
+        sample), measured when the base decoded it. Needs `needs_images = True`."""
+        if self._sizes is None or self._sizes[0] is not sample:
+            raise ValueError(f"{self.name}: images of {sample.id} were not decoded: set needs_images = True")
+        return self._sizes[1]
+
     # -- the contract ---------------------------------------------------------------------------------------
+    def decoded(self, sample: Sample, led: LedgerWriter, shard: str) -> bool:
+        """Decode the sample's images one at a time (memory: one image), keeping their sizes; False (and the
+        sample quarantined with the decoder's reason) when one cannot be decoded."""
+        sizes = []
+        for i, data in enumerate(sample.image_bytes):
+            try:
+                sizes.append(decode_image(data, self.max_pixels).size)
+            except SampleError as e:
+                log.warning("quarantine %s (%s): %s image %d %s", sample.id, shard, e.reason, i, e.detail[:200])
+                led.add(sample.id, "quarantine", e.reason, shard=shard, detail=f"image {i}: {e.detail}"[:500])
+                return False
+        self._sizes = (sample, sizes)
+        return True
+
     def verdict(self, sample: Sample) -> tuple[str, str, float | None, dict[str, Any]]:
         """`decide` checked: (decision, reason, score, extra), never raising for a sample."""
         try:
@@ -113,7 +137,9 @@ class SampleFilter(ShardStep):
     def process(self, unit: Unit, led: LedgerWriter) -> dict[str, int]:
         """One row per input sample of the unit (the reader's quarantines included). Returns the unit's counts."""
         n = errors = 0
-        for s in self.read(unit, led, load_images=self.needs_images, verify_images=self.needs_images):
+        for s in self.read(unit, led, load_images=self.needs_images, verify_images=False):
+            if self.needs_images and not self.decoded(s, led, unit.name):
+                continue
             decision, reason, score, extra = self.verdict(s)
             led.add(s.id, decision, reason, score, shard=unit.name, **extra)
             n += 1
@@ -176,12 +202,3 @@ def run_filter(step: str, shards: Sequence[str], out: str | os.PathLike, config:
     summary["config"] = dataclasses.asdict(f.config) if f.config is not None else {}
     return summary
 
-
-def image_sizes(sample: Sample) -> list[tuple[int, int]]:
-    """(width, height) of each of the sample's loaded images, read from the image headers (cheap: the reader
-    has already decoded them once when the filter `needs_images`)."""
-    from PIL import Image
-
-    if len(sample.image_bytes) != len(sample.images):  # a filter that forgot `needs_images = True`
-        raise ValueError(f"{len(sample.images)} images but {len(sample.image_bytes)} loaded: set needs_images")
-    return [Image.open(io.BytesIO(b)).size for b in sample.image_bytes]

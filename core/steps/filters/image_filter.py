@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from core.foundation.configs import ConfigJSON, check_ranges, register_preset
 from core.foundation.sample import Sample
-from core.steps.filters.base import SampleFilter, Verdict, image_sizes
+from core.steps.filters.base import SampleFilter, Verdict
 
 
 @dataclass
@@ -62,14 +62,14 @@ def cc3m_image_filter_config() -> ImageFilterConfig:
 class ImageFilter(SampleFilter):
     """Drop samples with an image whose short side is below `min_side` (`image_too_small`) or whose aspect ratio
     exceeds `max_aspect` (`image_aspect_ratio`); score = the sample's worst aspect ratio. Text-only samples are
-    kept (no score); undecodable images never get here: the reader quarantines them (`corrupt_image`)."""
+    kept (no score); undecodable images never get here: the base quarantines them (`corrupt_image`)."""
 
     name = "image_filter"
     config_class = ImageFilterConfig
     needs_images = True
 
     def decide(self, sample: Sample) -> Verdict:
-        sizes = image_sizes(sample)
+        sizes = self.image_sizes(sample)
         if not sizes:
             return "keep", "", None
         worst = max(max(w, h) / min(w, h) for w, h in sizes)
