@@ -125,7 +125,7 @@ class SampleFilter(ShardStep):
                     raise FilterResultError("score is NaN")
             return decision, reason, score, {}
         except SampleError as e:  # bad input the filter recognised: its own reason
-            return "quarantine", e.reason, None, {"detail": e.detail[:500]}
+            return "quarantine", e.reason or f"{ERROR_PREFIX}:SampleError", None, {"detail": e.detail[:500]}
         except Exception as e:  # noqa: BLE001 -- a filter bug costs the sample a quarantine row, not the job
             reason = f"{ERROR_PREFIX}:{type(e).__name__}"
             if reason not in self.errors:
