@@ -19,8 +19,9 @@ from flytekit.types.directory import FlyteDirectory
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
-from tasks.paths import local_ledger_root, source, workdir
+from tasks.paths import source, workdir
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut, passing
 
 log = logging.getLogger(__name__)
 
@@ -38,37 +39,35 @@ def filters_version() -> str:
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), retries=1, enable_deck=True, cache=True,
       cache_version=filters_version())
 def filter_samples(
-    run: FlyteDirectory,
+    run: StepOut,
     step: str,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
+    prev: Optional[StepOut] = None,
     config_json: str = "",
-) -> FlyteDirectory:
+) -> StepOut:
     """Run the per-sample filter registered as `step` (e.g. `image_filter`) on every input sample of a run.
 
     One ledger row per input sample: keep, drop (with the filter's reason) or quarantine (unreadable records and
     images, `filter_error:<ExcType>` when the filter itself raised). Resumable per shard.
 
-    :param run: Ingest output (its `shards/`).
+    :param run: Ingest output (StepOut "ingest": its `shards/`).
     :param step: The filter's step name (core/steps/filters: `image_filter`, ...).
-    :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids.
-    :param prev_step: Name of the previous step ("" = every sample of the shards).
+    :param prev: The previous step's output; its ledger selects the input ids (None: every sample of the shards).
     :param config_json: The filter's config as JSON, merged onto its default preset ("" = the default preset),
         e.g. `{"min_side": 64}` for image_filter.
-    :return: `ledger/<step>/` and `decks/<step>.html`.
+    :return: StepOut `step`: `ledger/<step>/` and `decks/<step>.html`.
     """
-    from core.foundation.step import Passing, shards_of
+    from core.foundation.step import shards_of
     from core.steps.filters import filter_class, filter_config, run_filter
     from core.steps.filters.report import filter_counts, filter_report_html
 
     cfg = filter_config(filter_class(step), config_json)  # an unknown step or config key fails before any work
-    t0 = step_started(step, prev_step=prev_step, config=config_json or "default")
-    passing = Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
+    selected = passing(prev)
+    t0 = step_started(step, prev_step=prev.step if prev else "", config=config_json or "default")
     out = workdir(f"{step}_out")
-    summary = run_filter(step, shards_of(source(run)), out, cfg, prev=passing)
+    summary = run_filter(step, shards_of(source(run.dir)), out, cfg, prev=selected)
     log.info("%s: %s", step, {k: v for k, v in summary.items() if k != "config"})
     counts = filter_counts(out / "ledger" / step)
     Deck(step, filter_report_html(step, counts, summary["config"]))
     save_decks(str(out), step)
     step_finished(step, t0, str(out))
-    return FlyteDirectory(str(out))
+    return StepOut(step, FlyteDirectory(str(out)))

@@ -16,11 +16,13 @@ from typing import Any, Callable, Optional
 from flytekit import dynamic, map_task
 from flytekit.types.file import FlyteFile
 
-from core.runs.steps import STEP_NAMES, run_uses_gpu
+from core.runs.steps import BY_NAME, STEP_NAMES, run_uses_gpu
 from core.steps.dedup.config import SemDedupConfig
+from core.steps.filters import config_json, filter_class
 from tasks.dedup import cluster_embeddings, decide_semdedup, decontam, ingest_eval_sets, prune_cluster_group
 from tasks.embed import embed_node
 from tasks.export import export_dataset
+from tasks.filters import filter_samples
 from tasks.images import CPU_IMAGE
 from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.perplexity import score_perplexity, slice_by_perplexity, train_reference_lm
@@ -77,6 +79,20 @@ def launch_ingest(run: RunNodes, prev: Optional[StepOut] = None) -> StepOut:
     fp = fingerprint_source(source=run.source, image_root=run.image_root)
     return ingest_dataset(source=run.source, image_root=run.image_root, shard_max_samples=run.cfg("shard_max_samples"),
                           source_fingerprint=fp, format=run.format)
+
+
+def launch_filter(run: RunNodes, prev: Optional[StepOut], name: str) -> StepOut:
+    # every per-sample filter (core/steps/filters) runs through the one generic task, found by its step name
+    return filter_samples(run=run.outs["ingest"], step=name, prev=prev,
+                          config_json=config_json(getattr(run.config, BY_NAME[name].config)))
+
+
+def _is_filter(name: str) -> bool:
+    try:
+        filter_class(name)
+    except ValueError:
+        return False
+    return True
 
 
 def launch_embed(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
@@ -142,6 +158,8 @@ def launch_export(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
 
 LAUNCHERS: dict[str, Callable[[RunNodes, Optional[StepOut]], StepOut]] = {
     "ingest": launch_ingest,
+    # a table row whose name is a registered SampleFilter needs no launcher of its own
+    **{name: functools.partial(launch_filter, name=name) for name in STEP_NAMES if _is_filter(name)},
     "embed": launch_embed,
     "decontam": launch_decontam,
     "semdedup": launch_semdedup,

@@ -20,6 +20,7 @@ from core.steps.dedup.config import (
     tiny_dedup_config,
 )
 from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
+from core.steps.filters.image_filter import ImageFilterConfig, qwen2vl_image_filter_config
 from core.steps.perplexity.config import PerplexityConfig, reference_perplexity_config
 from core.steps.perplexity.slices import SliceConfig, p90_slice_config
 from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
@@ -34,6 +35,9 @@ class CurateConfig(ConfigJSON):
     """Step switches and per-step configs of `curate` (ingest, embed and export always run).
 
     :param shard_max_samples: Samples per ingested shard (the unit of streaming and resume).
+    :param image_filter: Drop samples with an image too small or too elongated to train on (`image_too_small`,
+        `image_aspect_ratio`), before embedding spends anything on them.
+    :param image_filter_config: Its thresholds (presets `qwen2vl` (default), `datacomp`, `cc3m`).
     :param embed_config: Embedding model and Ray actors (`tiny` preset: the embedded CPU model, and the run is a
         CPU run: every step gets the CPU profile; `siglip2`: production, a GPU run; core/runs/steps.py).
     :param decontam: Drop training samples that are near-copies of eval items (embedded with the same model),
@@ -52,6 +56,8 @@ class CurateConfig(ConfigJSON):
     """
 
     shard_max_samples: int = 1000
+    image_filter: bool = False
+    image_filter_config: ImageFilterConfig = field(default_factory=qwen2vl_image_filter_config)
     embed_config: EmbedConfig = field(default_factory=tiny_embed_config)
     decontam: bool = False
     decontam_benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))

@@ -34,26 +34,27 @@ def test_filter_task_runs_a_filter_by_name_after_ingest(demo_run):
     from flytekit.types.directory import FlyteDirectory
 
     from tasks.filters import filter_samples
+    from tasks.types import StepOut
 
-    run = FlyteDirectory(str(demo_run))
+    run = StepOut("ingest", FlyteDirectory(str(demo_run)))
     ingested = passing_ids(read_ledger(step_dir(demo_run, "ingest")))
     sides = short_sides(demo_run)
     cut = sorted(sides.values())[len(sides) // 3]  # a min side that drops about a third of the demo's images
 
-    out = filter_samples(run=run, step="image_filter", prev=run, prev_step="ingest", config_json=f'{{"min_side": {cut}}}')
-    led = read_ledger(step_dir(out.path, "image_filter")).set_index("sample_id")
-    check_balance([str(demo_run), out.path], ["ingest", "image_filter"])  # every ingested id decided exactly once
+    out = filter_samples(run=run, step="image_filter", prev=run, config_json=f'{{"min_side": {cut}}}')
+    led = read_ledger(step_dir(out.dir.path, "image_filter")).set_index("sample_id")
+    check_balance([str(demo_run), out.dir.path], ["ingest", "image_filter"])  # every ingested id decided exactly once
     assert set(led.index) == set(ingested)
     dropped = set(led.index[led["decision"] == "drop"])
     assert dropped == {i for i in ingested if sides[i] < cut} and dropped  # exactly the images below the cut
     assert set(led.loc[list(dropped), "reason"]) == {"image_too_small"}
-    deck = (Path(out.path) / "decks" / "image_filter.html").read_text()
+    deck = (Path(out.dir.path) / "decks" / "image_filter.html").read_text()
     assert "image_too_small" in deck and f"min_side={cut}" in deck and f"{len(ingested)} samples in" in deck
 
     # the default preset (Qwen2-VL's hard limits) drops nothing of the demo: switching it on leaves the demo's
     # decisions as they are
-    default = filter_samples(run=run, step="image_filter", prev=run, prev_step="ingest")
-    led = read_ledger(step_dir(default.path, "image_filter"))
+    default = filter_samples(run=run, step="image_filter", prev=run)
+    led = read_ledger(step_dir(default.dir.path, "image_filter"))
     assert set(led["decision"]) == {"keep"} and len(led) == len(ingested)
 
 

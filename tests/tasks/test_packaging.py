@@ -430,13 +430,13 @@ def test_curate_runs_the_step_table_in_order():
     from core.runs.steps import active_steps
     from workflows.curate import curate_demo, curate_steps
 
-    for on in ({}, {"decontam": True, "rephrase": True}, {"semdedup": False, "perplexity": False}):
+    for on in ({}, {"decontam": True, "rephrase": True, "image_filter": True}, {"semdedup": False, "perplexity": False}):
         cfg = override(curate_demo.saved_inputs["config"], **on)
         spec = compile_dynamic(curate_steps, config=cfg, source="s.json", image_root="img", eval_cache="ec")
         order = []
         for n in spec.nodes:
             name = n.task_node.reference_id.name if n.WhichOneof("target") == "task_node" else n.id
-            for step, task in (("ingest", "ingest_dataset"), ("embed", "embed_shards"), ("decontam", "dedup.decontam"),
+            for step, task in (("ingest", "ingest_dataset"), ("image_filter", "filter_samples"), ("embed", "embed_shards"), ("decontam", "dedup.decontam"),
                                ("semdedup", "decide_semdedup"), ("perplexity", "score_perplexity"),
                                ("ppl_filter", "slice_by_perplexity"), ("rephrase", "rephrase_samples"),
                                ("export", "export_dataset")):
