@@ -201,3 +201,13 @@ def _close_s3_sessions() -> None:
             else:
                 s3fs.S3FileSystem.close_session(loop, creator)
         cls.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def flyte_package(tmp_path_factory) -> Path:
+    """The repository's `pyflyte package` archive (images bound to test references), built once per session and
+    shared by every test that reads what a cluster would receive (tests/package_checks.py reads it)."""
+    from tests.package_checks import build_package
+
+    return build_package(ROOT, tmp_path_factory.mktemp("pkg") / "flyte-package.tgz")
+
