@@ -390,3 +390,23 @@ class ShardStep:
             log.warning("%s: %d input ids found in no unit, quarantined as %s", self.name, len(missing),
                         self.missing_reason)
         return len(missing)
+
+    def process_units(self, urls: Sequence[str]) -> StepSummary:
+        """Process the unfinished units among `urls` (one with a ledger part is skipped, so a retried group
+        redoes only what it did not publish), each published by itself as in `run`, but without the folder
+        lock, the stamp check, `visit_finished` or `finish`: the work of one group of a fan-out
+        (core/runs/fanout.py), whose driver holds the lock, checked the stamp and runs `finish` once."""
+        t0 = time.perf_counter()
+        summary = StepSummary(self.name, n_units=len(urls))
+        for unit in self.units(urls):
+            if self.is_done(unit.name):
+                summary.skipped.append(unit.name)
+                continue
+            self.ensure_setup()
+            with LedgerWriter(self.part(unit.name), self.name) as led:
+                summary.results[unit.name] = self.process(unit, led)
+            summary.add(led)
+            summary.done.append(unit.name)
+            log.info("%s: unit %s: %s", self.name, unit.name, dict(led.counts))
+        summary.seconds = time.perf_counter() - t0
+        return summary
