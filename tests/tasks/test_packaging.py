@@ -388,7 +388,7 @@ def test_curate_tiny_preset_runs_no_gpu_task_production_does():
     """The compiled `curate_steps` of the demo preset requests no GPU on any node (overrides and Ray workers
     included); the production preset's requests GPUs on the GPU steps, by the one profile rule."""
     from core.foundation.configs import override
-    from core.runs.steps import GPU_PROFILES
+    from core.runs.steps import profile
     from workflows.curate import curate_demo, curate_steps, mammoth_v1_curation
 
     paths = dict(source="s.json", image_root="img", eval_cache="ec")
@@ -411,7 +411,8 @@ def test_curate_tiny_preset_runs_no_gpu_task_production_does():
     score = next(n for n in prod.nodes if n.WhichOneof("target") == "task_node"
                  and n.task_node.reference_id.name == "tasks.perplexity.score_perplexity")
     req = {r.name: r.value for r in score.task_node.overrides.resources.requests}
-    assert req == {1: GPU_PROFILES["perplexity"].cpu, 2: "1", 3: GPU_PROFILES["perplexity"].mem}, req
+    want = profile("perplexity", prod_cfg.perplexity_config, run_gpu=True)  # the pod of the whole fan-out
+    assert req == {1: want.cpu, 2: str(want.gpu), 3: want.mem} and want.gpu == 8, req  # docs/scale.md assumes it
     assert tasks["tasks.perplexity.score_perplexity"].container.image  # bound
 
 

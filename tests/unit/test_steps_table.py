@@ -104,3 +104,18 @@ def test_profile_overrides_state_gpu_zero_on_cpu():
     assert cpu["requests"].gpu == "0" and cpu["limits"] == cpu["requests"]  # never inherits the decorator's GPU
     gpu = overrides("train", None, run_gpu=True)
     assert gpu["requests"].gpu == "1" and "train" in gpu["container_image"]
+
+
+def test_a_fanned_out_step_gets_the_pod_for_all_its_workers():
+    """The production preset scores perplexity on one 8-GPU node: the profile asks for 8 GPUs, 8 x 8 + 2 CPUs."""
+    from core.runs.fanout import FanOut
+
+    prod = preset(CurateConfig, "mammoth_v1")
+    fan = prod.perplexity_config.fanout
+    p = profile("perplexity", prod.perplexity_config, run_uses_gpu(prod.embed_config))
+    assert (fan.workers, fan.gpus_per_worker) == (8, 1.0) and p.gpu == 8 and float(p.cpu) == 8 * 8 + 2
+    assert p.mem == f"{int(GPU_PROFILES['perplexity'].mem.removesuffix('Gi')) * 8}Gi"
+    two_cpu = override(preset(CurateConfig, "demo").perplexity_config, fanout=FanOut(workers=2))
+    assert profile("perplexity", two_cpu, run_gpu=False) == dataclasses.replace(TINY, cpu="4", mem="16Gi", image="gpu")
+    assert profile("filter", override(preset(CurateConfig, "demo").image_filter_config,
+                                      fanout=FanOut(workers=4)), run_gpu=True).gpu == 0  # a CPU step stays on CPU
