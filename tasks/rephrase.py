@@ -99,7 +99,12 @@ def rephrase_samples(
         tokenizer = tokenizer_dir.path
     cfg = override(config, model=model, tokenizer=tokenizer)
     log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
-    done = RephraseStep(out, cfg, prev=selected).run(shards_of(shards))
+    if cfg.fanout.workers > 1:  # one model per Ray actor (core/runs/fanout.py)
+        from core.runs.fanout import StepSpec, run_fanout
+
+        done = run_fanout(StepSpec(RephraseStep, (out, cfg, selected)), shards_of(shards), cfg.fanout)
+    else:
+        done = RephraseStep(out, cfg, prev=selected).run(shards_of(shards))
     log.info("rephrase: %d shards rephrased, %d already done; %s", len(done.done), len(done.skipped), done.counts)
     jp, _hp, summary = write_report(out, model=cfg.model, tokenizer=cfg.tokenizer_path)
     log.info("rephrase report: %s", summary["verdict"])
