@@ -21,7 +21,7 @@ from core.steps.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
-from tasks.paths import local_ledger_root, source, workdir
+from tasks.paths import local_ledger_root, resume_key, source, step_workdir, workdir
 from tasks.resources import TINY_REQUESTS, renamed
 from tasks.steplog import step_finished, step_started
 
@@ -211,7 +211,10 @@ def decontaminate_evals(
     from core.steps.dedup.mining import decontaminate
     from core.steps.dedup.report import decontam_report_html, shard_fetcher
 
-    out = workdir("decontam_run")
+    sf = step_workdir("decontam", resume_key("decontaminate_evals", task_version(__name__), embeddings=embeddings,
+                                             evals=evals, config=config, prev=prev, prev_step=prev_step, run=run,
+                                             eval_run=eval_run))  # a retry skips the decided files
+    out = sf.path
     eval_sets = eval_embedding_sets(evals.download())
     counts = decontaminate(embeddings.download(), out, eval_sets, config, _passing(prev, prev_step))
     log.info("decontam: %s", counts)
@@ -224,5 +227,5 @@ def decontaminate_evals(
         fetch_eval = shard_fetcher(f"{source(eval_run).rstrip('/')}/shards", dict(zip(eled.sample_id, eled.shard)))
     Deck("decontam", decontam_report_html(str(out), counts, config, fetch_train, fetch_eval))
     save_decks(str(out), "decontam")
-    step_finished("decontam", t0, str(out))
-    return FlyteDirectory(str(out))
+    step_finished("decontam", t0, sf.url)
+    return FlyteDirectory(sf.close())

@@ -17,7 +17,7 @@ from core.steps.perplexity.slices import SliceConfig, p90_slice_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
-from tasks.paths import local_ledger_root, source, workdir
+from tasks.paths import local_ledger_root, resume_key, source, step_workdir, workdir
 from tasks.resources import TINY_REQUESTS, renamed
 from tasks.steplog import step_finished, step_started
 
@@ -92,13 +92,15 @@ def score_perplexity(
 
     cfg = override(config, model=model.download())
     passing = Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
-    out = workdir("perplexity_out")
+    sf = step_workdir("perplexity", resume_key("score_perplexity", task_version(__name__), run=run, model=model, prev=prev,
+                                              prev_step=prev_step, config=config))  # a retry skips scored shards
+    out = sf.path
     summary = score_shards(shards_of(source(run)), out, cfg, prev=passing)
     log.info("perplexity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})
     Deck("perplexity", score_report_html(out, summary))
     save_decks(str(out), "perplexity")
-    step_finished("perplexity", t0, str(out))
-    return FlyteDirectory(str(out))
+    step_finished("perplexity", t0, sf.url)
+    return FlyteDirectory(sf.close())
 
 
 # CPU twin for the tiny presets (the embedded reference LM scores on CPU).

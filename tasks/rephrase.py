@@ -14,7 +14,7 @@ from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
-from tasks.paths import local_ledger_root
+from tasks.paths import local_ledger_root, resume_key, step_workdir
 from tasks.resources import TINY_REQUESTS, renamed
 from tasks.steplog import step_finished, step_started
 
@@ -72,7 +72,7 @@ def rephrase_samples(
         (only kept/modified ids are rephrased).
     :param prev_step: Name of the previous step ("" = rephrase every sample of the shards; needed with `prev`).
     :param checkpoint_dir: Persistent local directory to write to and resume from across retries
-        (default: the task's working directory, so a retry starts over).
+        (default: this call's step folder under $MMCURATE_RESUME_ROOT, tasks/paths.py `step_workdir`).
     :return: out_dir with `ledger/rephrase/`, `rephrase/records/` (sample_id -> new conversations for
         export), `rephrase/report.json|html`; report is the JSON report.
     """
@@ -85,7 +85,10 @@ def rephrase_samples(
     if prev is not None and not prev_step:
         raise ValueError("prev needs prev_step: the name of the step whose ledger selects the input ids")
     work = current_context().working_directory
-    out = checkpoint_dir or os.path.join(work, "rephrase_out")
+    sf = None if checkpoint_dir else step_workdir("rephrase", resume_key(  # default: a persistent step folder
+        "rephrase_samples", task_version(__name__), run_dir=run_dir, config=config, model_dir=model_dir,
+        tokenizer_dir=tokenizer_dir, prev=prev, prev_step=prev_step))
+    out = checkpoint_dir or sf.path
     run_dir.download()
     shards = run_dir.path
     if model_dir is not None:
@@ -112,7 +115,7 @@ def rephrase_samples(
     Deck("rephrase", report_html(summary, out))
     save_decks(str(out), "rephrase")
     step_finished("rephrase", t0, str(out))
-    return RephraseOutputs(out_dir=FlyteDirectory(out), report=FlyteFile(str(jp)))
+    return RephraseOutputs(out_dir=FlyteDirectory(sf.close() if sf else out), report=FlyteFile(str(jp)))
 
 
 rephrase_samples_cpu = task(requests=TINY_REQUESTS, **_REPHRASE_OPTS)(renamed(rephrase_samples.task_function,
