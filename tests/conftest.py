@@ -104,6 +104,18 @@ def _fresh_flyte_cache():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_resume_root(tmp_path_factory):
+    """A fresh resume root for the session (module- and session-scoped fixtures that run step tasks)."""
+    old = os.environ.get("MMCURATE_RESUME_ROOT")
+    os.environ["MMCURATE_RESUME_ROOT"] = str(tmp_path_factory.mktemp("resume_root_session"))
+    yield
+    if old is None:
+        os.environ.pop("MMCURATE_RESUME_ROOT", None)
+    else:
+        os.environ["MMCURATE_RESUME_ROOT"] = old
+
+
 @pytest.fixture(autouse=True)
 def _own_resume_root(tmp_path_factory, monkeypatch):
     """A fresh resume root per test (tasks/paths.py `step_workdir`): no test resumes another one's step folder."""
