@@ -80,11 +80,11 @@ def kill_then_retry(monkeypatch, tmp_path, cls, call, step: str, method: str = "
     preempt(monkeypatch, cls, method, after=2)
     with pytest.raises(Exception, match="preempted"):
         call()
-    led_dir = next((tmp_path / "root" / step).iterdir()) / "ledger" / step
-    assert sorted(p.stem for p in led_dir.glob("part-*.parquet")) == [f"part-{n}" for n in parts[:2]]
+    left = sorted(p.stem for p in (tmp_path / "root").glob(f"{step}/*/ledger/{step}/part-*.parquet"))
     retried = preempt(monkeypatch, cls, method)  # the retry: same inputs, no preemption
     out = call()
     assert sorted(retried) == sorted(parts[2:])  # only the unfinished units were processed
+    assert left == [f"part-{n}" for n in parts[:2]]  # the killed attempt left exactly the finished units
     monkeypatch.setenv("MMCURATE_RESUME_ROOT", str(tmp_path / "clean_root"))
     clean = call()
     pd.testing.assert_frame_equal(ledger(_path(out), step), ledger(_path(clean), step))
@@ -138,6 +138,7 @@ def test_perplexity_changed_config_recomputes_and_foreign_stamp_refuses(ppl_worl
     # a folder whose stamp says another config (e.g. code changed under the same key): refused, nothing redone
     stamp = Path(first.path) / "ledger" / "perplexity" / "_step.json"
     doc = json.loads(stamp.read_text())
+    assert len(doc["code_version"]) == 16  # the code is stamped too (core/foundation/stamp.py code_version)
     doc["config"]["max_length"] = 4096
     stamp.write_text(json.dumps(doc))
     calls.clear()
