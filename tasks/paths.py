@@ -130,10 +130,11 @@ class StepFolder:
 
         fs, root = fsspec.core.url_to_fs(self.url)
         names = [f for f in fs.find(root) if not os.path.basename(f).startswith(".")]
-        for f in names:
-            dst = os.path.join(self.path, os.path.relpath(f, root))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            fs.get_file(f, dst)
+        dsts = [os.path.join(self.path, os.path.relpath(f, root)) for f in names]
+        for d in {os.path.dirname(x) for x in dsts}:
+            os.makedirs(d, exist_ok=True)
+        if names:
+            fs.get(names, dsts)  # one batched call: object stores fetch them concurrently
         self._pushed = self._local_files()
         if names:
             log.info("%s: resuming from %s (%d files)", self.step, self.url, len(names))

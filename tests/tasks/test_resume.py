@@ -336,3 +336,31 @@ def test_embed_retry_embeds_only_the_unfinished_shards(tmp_path, monkeypatch):
     finally:
         ray.shutdown()
     assert sorted(p.name for p in (Path(out.path) / "embed").glob("*.parquet")) == [f"{s}.parquet" for s in SHARDS]
+
+
+# ---- the mirror of a URL root ---------------------------------------------------------------------
+def test_mirror_pulls_pushes_changes_and_removes_what_the_step_cleared(tmp_path, monkeypatch, moto_s3):
+    import fsspec
+
+    from tasks.paths import step_workdir
+
+    monkeypatch.setenv("MMCURATE_RESUME_ROOT", f"s3://{moto_s3.bucket}/steps")
+    fs = fsspec.filesystem("s3")
+    sf = step_workdir("toy", "k1")
+    part = Path(sf.path) / "ledger" / "toy" / "part-a.parquet"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"a")
+    (Path(sf.path) / "ledger" / "toy" / ".writer.lock").write_text("pid")  # never travels
+    (Path(sf.path) / "scores.parquet").write_bytes(b"s")
+    assert sf.push() == 2 and sf.push() == 0  # unchanged files are not sent again
+    assert sorted(fs.find(f"{moto_s3.bucket}/steps/toy/k1")) == [
+        f"{moto_s3.bucket}/steps/toy/k1/ledger/toy/part-a.parquet", f"{moto_s3.bucket}/steps/toy/k1/scores.parquet"]
+    sf.close()
+    again = step_workdir("toy", "k1")  # the next attempt: a fresh mirror, filled from the remote folder
+    assert again.path != sf.path
+    assert (Path(again.path) / "ledger" / "toy" / "part-a.parquet").read_bytes() == b"a"
+    (Path(again.path) / "ledger" / "toy" / "part-a.parquet").unlink()  # a recompute cleared it
+    (Path(again.path) / "scores.parquet").write_bytes(b"t")
+    assert again.close().endswith("/steps/toy/k1")
+    assert fs.find(f"{moto_s3.bucket}/steps/toy/k1") == [f"{moto_s3.bucket}/steps/toy/k1/scores.parquet"]
+    assert fs.cat(f"{moto_s3.bucket}/steps/toy/k1/scores.parquet") == b"t"
