@@ -361,7 +361,7 @@ class ShardStep:
         return self.is_done(unit.name)
 
     def unit_published(self, unit_name: str) -> None:
-        """Announce a finished unit to the `on_unit_published` listeners (called after its ledger part)."""
+        """Announce a finished unit to the `add_unit_listener` callbacks (called after its ledger part)."""
         for cb in list(_UNIT_LISTENERS):
             cb(self, unit_name)
 
