@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import List, NamedTuple, Optional
 
 from flytekit import Deck, Resources, task
@@ -18,7 +19,7 @@ from flytekit.types.file import FlyteFile
 
 from tasks.cache import task_version
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
-from tasks.paths import source, workdir
+from tasks.paths import resume_key, source, step_workdir, workdir
 from tasks.resources import TINY_REQUESTS, renamed
 
 log = logging.getLogger(__name__)
@@ -177,11 +178,14 @@ def generate_targeted_shard(shard: str, retrieved: FlyteDirectory, subgroups: Fl
     if shard not in set(got["gen_shard"]):
         raise ValueError(f"unknown generation shard {shard!r}")
     ref = pd.read_parquet(os.path.join(subgroups.download(), "targeted", "subgroups.parquet"))
-    out = workdir(f"generate_{shard}")
+    sf = step_workdir("tg_generate", resume_key("generate_targeted_shard", task_version(__name__), shard=shard,
+                                                retrieved=retrieved, subgroups=subgroups, pool=pool, model=model,
+                                                preset=preset, overrides=overrides))  # a re-run skips a done shard
+    out = Path(sf.path)
     [st] = generate_shards(got, pool_shard_urls(source(pool)), out, cfg, reference_examples(ref), shards=[shard])
     log.info("%s: %d images, %d accepted, %.1fs generating of %.1fs; rejected %s -> %s", shard, st.n, st.n_accepted,
-             st.seconds_generate, st.seconds_total, st.reasons, out)
-    return FlyteDirectory(str(out))
+             st.seconds_generate, st.seconds_total, st.reasons, sf.url)
+    return FlyteDirectory(sf.close())
 
 
 generate_targeted_shard_cpu = task(requests=TINY_REQUESTS, **_GEN_OPTS)(

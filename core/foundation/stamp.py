@@ -160,7 +160,7 @@ def ensure_stamp(folder: str | os.PathLike, step: str, config: Any, *, code_vers
     return "recompute"
 
 
-_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or install) holding core/ and tasks/
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout (or install) holding core/ and tasks/
 _PROJECT = ("core", "tasks")
 
 
