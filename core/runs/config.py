@@ -93,10 +93,11 @@ def demo_curate_config() -> CurateConfig:
 
 @register_preset(CurateConfig, "mammoth_v1")
 def mammoth_v1_curate_config() -> CurateConfig:
-    """Production MAmmoTH-VL curation: SigLIP2 embeddings on GPU, SemDeDup removing exactly 10% over 1200
+    """Production MAmmoTH-VL curation (sized for 12M samples on 32 nodes x 8 H100, docs/scale.md): SigLIP2
+    embeddings on 32 GPU Ray workers, SemDeDup removing exactly 10% over 1200
     clusters, decontamination at the SigLIP2 threshold 0.95 (switch on with decontam + eval_cache), perplexity
     drop above p90 scored on one 8-GPU node (8 Ray actors, one model each), 5000-sample ingest and export shards."""
-    return CurateConfig(shard_max_samples=5000, embed_config=siglip2_embed_config(),
+    return CurateConfig(shard_max_samples=5000, embed_config=siglip2_embed_config(num_actors=32),
                         perplexity_config=preset(PerplexityConfig, "reference", fanout=gpu_node_fanout()),
                         semdedup_config=target_dedup_config(0.10, n_clusters=1200),
                         decontam_config=preset(DecontamConfig, "default"), export_max_samples=5000)
