@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 STEPS = ("embed", "perplexity", "export", "decontam", "rephrase")
+OWN_RAY_TMPDIR = f"/tmp/mmc-scale-{os.getpid()}"  # short: Ray's socket paths under it are length-capped
 
 
 # ---- the steps, as StepSpecs --------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def tree_usage(pid: int, cpu: dict[int, float]) -> int:
 
 def run_arm(step: str, workers: int, root: Path, group_size: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    env.setdefault("RAY_TMPDIR", f"/tmp/mmc-scale-{os.getpid()}")  # not the shared /tmp/ray of other users
+    env.setdefault("RAY_TMPDIR", OWN_RAY_TMPDIR)  # not the shared /tmp/ray of other users
     p = subprocess.Popen([sys.executable, __file__, "--arm", step, "--workers", str(workers), "--root", str(root),
                           "--group-size", str(group_size)], stdout=subprocess.PIPE, env=env, text=True)
     peak = [0]
@@ -259,6 +260,7 @@ def main() -> None:
     finally:
         if not a.root:
             shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(OWN_RAY_TMPDIR, ignore_errors=True)
 
 
 if __name__ == "__main__":
