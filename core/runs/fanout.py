@@ -265,7 +265,10 @@ def _pool_map(spec: StepSpec, groups: list[list[str]], fan: FanOut, errors: list
                          max_task_retries=fan.max_task_retries)(GroupWorker)
         actors = [cls.remote(spec_ref, fan.threads) for _ in range(n)]
         try:
+            t0 = time.perf_counter()
             ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=n, timeout=fan.start_timeout_s)
+            log.info("fan-out: %d/%d actors started in %.1fs", len(ready), n, time.perf_counter() - t0,
+                     extra={"actors_ready_s": time.perf_counter() - t0})
             if not ready:
                 raise RuntimeError(f"no fan-out actor started within {fan.start_timeout_s}s: each needs "
                                    f"{fan.cpus_per_worker} CPU and {fan.gpus_per_worker} GPU; cluster has "

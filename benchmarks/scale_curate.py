@@ -1,0 +1,267 @@
+"""Scale benchmark of the per-shard fan-out (core/runs/fanout.py): each per-sample step with 1 worker and with 2.
+
+Generates N demo samples (core/demo), ingests them into shards of `--shard-samples`, then runs every per-sample
+step through `run_sharded` twice, on the same inputs, into fresh folders: `workers=1` (in-process, the step's
+own `run`) and `workers=2` (a local Ray with 2 CPUs, a pool of 2 one-CPU actors, groups of `--group-size`
+shards). Torch/OpenMP threads are 1 per worker in both arms, so the comparison is about the engine.
+
+Steps: embed (tiny preset), perplexity (the project's tiny LM, trained here on 300 samples), export per
+input shard (a ShardStep of this script built on export's own `to_loader_schema` + `ShardWriter`: the
+project's export is one unit over all shards today), decontam scoring (embeddings of the 1-worker embed arm;
+eval set = one of its files), rephrase (tiny preset, the same tiny LM). Ingest runs once, one process (it is
+not a ShardStep: partitioned ingest is issue 24 item 2).
+
+Each arm runs in a child process; its time runs from the child's first import to the end of `run_sharded`,
+less the Ray start-up (printed on its own: on a cluster Ray is up before the step): the driver's imports,
+starting the actors, their imports and model loads, the work, the reduce. Peak RSS is the largest summed RSS of the child's process tree (driver, Ray's own processes, actors),
+sampled every 0.1 s from /proc. The two arms' ledgers are compared (`same`).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/scale_curate.py --samples 2000
+
+Last line: `ratio: E`, E = the lowest parallel efficiency (speedup / 2) among the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+STEPS = ("embed", "perplexity", "export", "decontam", "rephrase")
+OWN_RAY_TMPDIR = f"/tmp/mmc-scale-{os.getpid()}"  # short: Ray's socket paths under it are length-capped
+
+
+# ---- the steps, as StepSpecs --------------------------------------------------------------------------
+def _export_step_class():
+    from core.foundation.step import ShardStep
+    from core.io.wds import ShardWriter
+    from core.steps.export import sample_kind, to_loader_schema
+
+    class ShardExport(ShardStep):
+        """Export per input shard: its samples in loader schema to `export/shards/<kind>/<unit>-NNNNNN.tar`."""
+
+        name = "export"
+
+        def process(self, unit, led):
+            writers: dict[str, ShardWriter] = {}
+            for s in self.read(unit, led, load_images=True):
+                s = to_loader_schema(s, "jpg")
+                kind = sample_kind(s)
+                if kind not in writers:
+                    writers[kind] = ShardWriter(str(self.out / "export" / "shards" / kind), unit.name, 1000)
+                led.add(s.id, "keep", shard=f"{kind}/{writers[kind].write(s)}")
+            return sum(len(w.close()) for w in writers.values())
+
+    return ShardExport
+
+
+def spec_and_units(step: str, root: Path, out: Path):
+    """(StepSpec, unit URLs, number of input samples) of `step` writing into `out`."""
+    from core.foundation.step import Passing, shards_of
+    from core.runs.fanout import StepSpec
+
+    run = root / "run"
+    shards = shards_of(run)
+    prev = Passing.read(run, "ingest")
+    if step == "embed":
+        from core.steps.embed.config import tiny_embed_config
+        from core.steps.embed.pipeline import EmbedStep
+
+        cfg = tiny_embed_config(cpus_per_actor=1, decode_workers=1)
+        return StepSpec(EmbedStep, (str(out / "embed"), cfg), {"prev": prev}), shards, len(prev)
+    if step == "perplexity":
+        from core.steps.perplexity.config import tiny_perplexity_config
+        from core.steps.perplexity.pipeline import PerplexityStep
+
+        return StepSpec(PerplexityStep, (out, tiny_perplexity_config(str(root / "lm"))), {"prev": prev}), shards, len(prev)
+    if step == "export":
+        return StepSpec(_export_step_class(), (out,), {"prev": prev}), shards, len(prev)
+    if step == "decontam":
+        from core.steps.dedup.config import tiny_decontam_config
+        from core.steps.dedup.mining import DecontamStep
+
+        src = root / "w1" / "embed"  # the 1-worker arm's embeddings: the same inputs for both arms
+        files = sorted(str(p) for p in (src / "embed").glob("*.parquet"))
+        prev = Passing.read(src, "embed")
+        return StepSpec(DecontamStep, (out, {"bench": files[0]}, tiny_decontam_config()), {"prev": prev}), files, len(prev)
+    if step == "rephrase":
+        from core.steps.rephrase.config import tiny_rephrase_config
+        from core.steps.rephrase.step import RephraseStep
+
+        lm = str(root / "lm")
+        return StepSpec(RephraseStep, (out, tiny_rephrase_config(lm, lm)), {"prev": prev}), shards, len(prev)
+    raise ValueError(step)
+
+
+# ---- one arm, in a child process ----------------------------------------------------------------------
+def arm(step: str, workers: int, root: Path, group_size: int) -> None:
+    t_start = time.perf_counter()  # both arms pay their imports (torch, the step's modules) inside the time
+    from core.runs.fanout import limit_threads
+
+    limit_threads(1)  # before torch is imported: 1 thread in this process as in each actor
+    import torch
+
+    torch.set_num_threads(1)
+    from core.runs.fanout import run_sharded
+
+    out = root / f"w{workers}" / step
+    spec, urls, n = spec_and_units(step, root, out)
+    ray_s = 0.0
+    if workers > 1:
+        import ray
+
+        t = time.perf_counter()
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray_s = time.perf_counter() - t
+    started: list[float] = []  # how long the actors took to start (process, imports), from the fan-out's log
+
+    class Started(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if hasattr(record, "actors_ready_s"):
+                started.append(record.actors_ready_s)
+
+    fan_log = logging.getLogger("core.runs.fanout")
+    fan_log.setLevel(logging.INFO)
+    fan_log.addHandler(Started())
+    s = run_sharded(spec, urls, workers=workers, group_size=group_size)
+    wall = time.perf_counter() - t_start - ray_s  # Ray start-up is not the step's: a cluster has Ray up already
+    print(json.dumps({"step": step, "workers": workers, "n": n, "units": len(s.done), "seconds": wall,
+                      "ray_start_s": ray_s, "actors_ready_s": sum(started), "counts": s.counts}))
+
+
+def tree_usage(pid: int, cpu: dict[int, float]) -> int:
+    """Summed RSS (bytes) of `pid` and all its descendants, from /proc; records each one's CPU seconds
+    (utime + stime, last seen) in `cpu`."""
+    kids: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    ticks: dict[int, float] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/statm") as f:
+                rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(int(fields[1]), []).append(int(d))
+        ticks[int(d)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        if p in ticks:
+            cpu[p] = max(cpu.get(p, 0.0), ticks[p])
+        todo.extend(kids.get(p, []))
+    return total
+
+
+def run_arm(step: str, workers: int, root: Path, group_size: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    env.setdefault("RAY_TMPDIR", OWN_RAY_TMPDIR)  # not the shared /tmp/ray of other users
+    p = subprocess.Popen([sys.executable, __file__, "--arm", step, "--workers", str(workers), "--root", str(root),
+                          "--group-size", str(group_size)], stdout=subprocess.PIPE, env=env, text=True)
+    peak = [0]
+    cpu: dict[int, float] = {}
+
+    def sample() -> None:
+        while p.poll() is None:
+            peak[0] = max(peak[0], tree_usage(p.pid, cpu))
+            time.sleep(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = p.communicate()
+    th.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"{step} with {workers} worker(s) failed (exit {p.returncode})")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_mb"] = peak[0] / 2**20
+    res["cpu_s"] = sum(cpu.values())  # every process of the arm's tree, as last sampled (misses its last 0.1 s)
+    return res
+
+
+def same_ledger(root: Path, step: str) -> bool:
+    from core.foundation.ledger import read_ledger, step_dir
+
+    a, b = (read_ledger(step_dir(root / f"w{w}" / step, "export" if step == "export" else step)) for w in (1, 2))
+    cols = ["sample_id", "decision", "reason", "score", "shard", "extra"]
+    return a.sort_values("sample_id")[cols].reset_index(drop=True).equals(b.sort_values("sample_id")[cols].reset_index(drop=True))
+
+
+# ---- the whole benchmark ------------------------------------------------------------------------------
+def prepare(root: Path, n: int, shard_samples: int) -> dict:
+    from core.demo.dataset import generate_demo
+    from core.foundation.step import shards_of
+    from core.io.ingest import IngestConfig, ingest
+    from core.steps.perplexity.reference import train_reference_lm
+
+    t = {"generate_s": 0.0, "ingest_s": float("nan"), "lm_s": 0.0}
+    if (root / "run" / "ledger" / "ingest").is_dir() and (root / "lm").is_dir():  # a kept --root: reuse its data
+        return t
+    t0 = time.perf_counter()
+    info = generate_demo(str(root / "data"), n, seed=0)
+    t["generate_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ingest(IngestConfig(info.data_json, info.images_dir, str(root / "run"), shard_max_samples=shard_samples))
+    t["ingest_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    clean = json.loads(Path(info.ground_truth).read_text())["clean"][:300]
+    train_reference_lm(shards_of(root / "run"), root / "lm", clean, steps=100)
+    t["lm_s"] = time.perf_counter() - t0
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--shard-samples", type=int, default=250, help="samples per ingested shard (a unit)")
+    ap.add_argument("--group-size", type=int, default=1, help="shards per fan-out group")
+    ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--root", default="", help="work folder (default: a fresh temporary one, removed after)")
+    ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.arm:
+        return arm(a.arm, a.workers, Path(a.root), a.group_size)
+    import shutil
+    import tempfile
+
+    root = Path(a.root or tempfile.mkdtemp(prefix="scale-curate-"))
+    try:
+        print(f"load before: {os.getloadavg()}")
+        t = prepare(root, a.samples, a.shard_samples)
+        for w in (1, 2):  # fresh output folders for both arms
+            shutil.rmtree(root / f"w{w}", ignore_errors=True)
+        print(f"N={a.samples}: generate {t['generate_s']:.1f}s, ingest (1 process) {t['ingest_s']:.1f}s "
+              f"({a.samples / t['ingest_s']:.0f} samples/s), tiny LM {t['lm_s']:.1f}s")
+        rows, effs = [], []
+        for step in a.steps.split(","):
+            r1 = run_arm(step, 1, root, a.group_size)
+            r2 = run_arm(step, 2, root, a.group_size)
+            eff = r1["seconds"] / r2["seconds"] / 2
+            effs.append(eff)
+            rows.append((step, r1, r2, eff, same_ledger(root, step)))
+            print(f"{step:<11} n={r1['n']:<7} units={r1['units']:<4} 1w {r1['n'] / r1['seconds']:8.1f}/s "
+                  f"({r1['seconds']:6.1f}s, {r1['peak_rss_mb']:5.0f} MB)  2w {r2['n'] / r2['seconds']:8.1f}/s "
+                  f"({r2['seconds']:6.1f}s, {r2['peak_rss_mb']:5.0f} MB, ray start {r2['ray_start_s']:.1f}s)  "
+                  f"eff {eff:.2f}  same ledger: {rows[-1][4]}  load {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"{'':<11} 2w actors started in {r2['actors_ready_s']:.1f}s;  CPU s of the arm's processes (Ray's "
+                  f"included): 1w {r1['cpu_s']:.1f}  2w {r2['cpu_s']:.1f}", flush=True)
+        print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+        print(f"ratio: {min(effs):.2f}")
+    finally:
+        if not a.root:
+            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(OWN_RAY_TMPDIR, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
