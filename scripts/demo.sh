@@ -6,7 +6,7 @@ set -euo pipefail
 export PYTHONWARNINGS="ignore::UserWarning:click.core,ignore::UserWarning:flytekit.clis.sdk_in_container.run"
 # OpenMP threads that wait for each other sleep instead of spinning (same thread count, so the same float reduction
 # order and the same results): on a busy 2-core machine spinning threads wait for a descheduled partner, and the
-# tiny models' many small parallel regions then took 10-40x longer (docs/demo.md, "Where the time goes").
+# tiny models' many small parallel regions then took 4-35x longer (docs/demo.md, "where the time goes").
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${DEMO_OUT:-demo_out}
