@@ -66,7 +66,7 @@ PYTEST_ARGS ?=
 ACTIVATE_ARGS ?=
 DOCKERFILES := $(sort $(wildcard containers/*.Dockerfile))
 
-.PHONY: help setup test test-fast demo lint format package register activate register-dry-run images bench gpu-check lock lock-vllm clean
+.PHONY: help setup test test-fast demo check-pages lint format package register activate register-dry-run images bench gpu-check lock lock-vllm clean
 
 help: ## List the targets
 	@echo "mmcurate targets (variables: VERSION=$(VERSION) REGISTRY=$(REGISTRY) PACKAGE_OUT=$(PACKAGE_OUT)):"
@@ -102,6 +102,12 @@ test-fast: setup ## The suite without the end-to-end tests marked slow (`-m "not
 demo: setup ## Run the demo curation on generated data, CPU, offline (scripts/demo.sh)
 	@mkdir -p $(STATE_DIRS)
 	$(ISOLATED_ENV) bash scripts/demo.sh
+
+check-pages: setup ## Render the demo's deck pages in headless Chromium, check them, save screenshots (after `make demo`)
+	@# Needs Chromium (Debian: apt-get install -y chromium; or CHROMIUM=/path/to/chrome). Screenshots: $${DEMO_OUT:-demo_out}/page_shots/.
+	@mkdir -p $(STATE_DIRS)
+	@out=$${DEMO_OUT:-demo_out}; rm -rf "$$out/page_shots"; dirs="$$out/run/decks"; [ ! -d "$$out/ablation/decks" ] || dirs="$$dirs $$out/ablation/decks"; \
+	$(ISOLATED_ENV) $(PY) scripts/check_pages.py $$dirs --shots "$$out/page_shots"
 
 lint: setup ## ruff check on Python, hadolint on every Dockerfile (threshold: containers/hadolint.yaml)
 	$(VENV)/bin/ruff check .

@@ -129,20 +129,26 @@ DECKS_DIR = "decks"
 
 
 # One small stylesheet for every standalone page (inline: a page is one file that opens anywhere, offline).
+# Tables are their own horizontal scroll box (the page never scrolls sideways) and their cells do not wrap: a
+# table wider than the page otherwise gets every column at its narrowest (ids broken over lines, rows three
+# lines tall; seen in headless Chromium, scripts/check_pages.py). Card tables fit their card; their reason column wraps.
 PAGE_CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0 auto;max-width:1200px;
  padding:12px 24px 48px}
 h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:28px 0 8px;padding-top:8px;border-top:2px solid #dde}
 h3{font-size:15px;margin:18px 0 6px}h4{font-size:14px;margin:12px 0 4px}
 nav{font-size:13px;color:#555;margin-bottom:8px}a{color:#1a5fb4}
-table{border-collapse:collapse;margin:6px 0 12px;font-size:13px;display:block;overflow-x:auto;max-width:100%}
-th,td{border:1px solid #ccd;padding:3px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:13px;display:block;overflow-x:auto;max-width:100%;
+ width:max-content;border:0}
+th,td{border:1px solid #ccd;padding:3px 8px;text-align:left;vertical-align:top;white-space:nowrap}
 th{background:#f0f2f7;position:sticky;top:0}tr:nth-child(even) td{background:#fafbfd}
 img{max-width:100%;height:auto}pre{background:#f6f7f9;border:1px solid #e3e5ea;padding:6px 8px;font-size:12px}
 section{margin-bottom:12px}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
 .card{border:1px solid #ccd;border-radius:6px;padding:8px 12px;min-width:220px;flex:1 1 240px;background:#fcfcfe}
-.card h3{margin:0 0 4px}.card table{font-size:12px}.muted{color:#666;font-size:12px}
+.card h3{margin:0 0 4px}.card table{font-size:12px;display:table;width:100%}
+.card td:nth-child(2):not(:last-child){white-space:normal;overflow-wrap:anywhere;width:100%}
+.muted{color:#666;font-size:12px}
 """
 
 

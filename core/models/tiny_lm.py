@@ -4,7 +4,7 @@ It is the embedded default model for the demo and the tests (perplexity, rephras
 evaluation): a real, trained model, so perplexity ranks the demo's planted garbage worst, yet small
 enough that no download is needed. Production configs point at real model directories instead.
 
-    path = ensure_tiny_lm(".cache/tiny_lm", texts)          # trains once, then reuses the directory
+    path = ensure_tiny_lm(".cache/tiny_lm", texts)          # trains once per machine, then reuses it
     tok = AutoTokenizer.from_pretrained(path)                # PreTrainedTokenizerFast, ChatML template
     model = AutoModelForCausalLM.from_pretrained(path)       # LlamaForCausalLM
 
@@ -210,28 +210,84 @@ def ensure_tiny_lm(out_dir: str | os.PathLike, texts: Sequence[TrainText], **par
     """Return `out_dir` holding a tiny LM trained on exactly `texts` with `params`; train if missing.
 
     The directory is reused when its `tiny_lm.json` carries the same key (a hash of the texts, the
-    parameters and the format version); otherwise it is rebuilt in a temporary directory and swapped
-    in, so a crash never leaves a half-written model behind.
+    parameters and the format version). Otherwise the model comes from the machine's shared cache
+    (`shared_model_dir`: trained there once, under a file lock, by whichever process needs it first; training
+    is deterministic, so a cached model has the bytes a fresh training would give) and is copied into a
+    temporary directory that is swapped in, so a crash never leaves a half-written model behind.
     """
     out = Path(out_dir)
     key = tiny_lm_key(texts, **params)
-    meta_path = out / META_FILE
-    if meta_path.exists():
-        try:
-            if json.loads(meta_path.read_text()).get("key") == key:
-                return str(out)
-        except json.JSONDecodeError:
-            pass  # unreadable metadata: retrain
+    if _has_key(out, key):
+        return str(out)
+    shared = shared_model_dir(key)
+    if shared is not None:
+        _build_shared(shared, key, texts, params)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    train_tiny_lm(texts, tmp, **params)
-    meta = json.loads((tmp / META_FILE).read_text())
-    meta["key"] = key
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    if shared is not None:
+        shutil.copytree(shared, tmp)
+    else:
+        _train_keyed(texts, tmp, key, params)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return str(out)
+
+
+def _has_key(d: Path, key: str) -> bool:
+    try:
+        return json.loads((d / META_FILE).read_text()).get("key") == key
+    except (OSError, json.JSONDecodeError):  # missing or unreadable metadata: not this model
+        return False
+
+
+def _train_keyed(texts: Sequence[TrainText], dest: Path, key: str, params: dict[str, Any]) -> None:
+    train_tiny_lm(texts, dest, **params)
+    meta = json.loads((dest / META_FILE).read_text())
+    meta["key"] = key
+    (dest / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def _build_shared(shared: Path, key: str, texts: Sequence[TrainText], params: dict[str, Any]) -> None:
+    """Train into the shared cache folder `shared` unless it holds the model already (one trainer at a time:
+    a POSIX advisory lock; the others wait, then reuse)."""
+    import fcntl
+
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(shared) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _has_key(shared, key):
+                tmp = shared.with_name(shared.name + f".tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                _train_keyed(texts, tmp, key, params)
+                shutil.rmtree(shared, ignore_errors=True)
+                os.replace(tmp, shared)
+            else:
+                log.info("tiny_lm: reusing %s", shared)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def shared_model_dir(key: str) -> Path | None:
+    """Where the machine's shared cache keeps the tiny LM of `key`: `<cache>/tiny_lm/<key>-<build>`, with
+    `<cache>` = MMCURATE_CACHE or ~/.cache/mmcurate (the folder of the trained tiny embed model too,
+    `core.steps.embed.tiny_train.shared_cache_dir`) and `<build>` a hash of this module's source and the torch,
+    transformers and tokenizers versions (training code or libraries change: another folder). None when
+    MMCURATE_TINY_LM_CACHE=0 (train in place, as before)."""
+    if os.environ.get("MMCURATE_TINY_LM_CACHE", "1") == "0":
+        return None
+    root = Path(os.environ.get("MMCURATE_CACHE") or Path.home() / ".cache" / "mmcurate")
+    return root / "tiny_lm" / f"{key[:32]}-{_build_tag()}"
+
+
+def _build_tag() -> str:
+    from importlib.metadata import version
+
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for pkg in ("torch", "transformers", "tokenizers"):
+        h.update(f"{pkg}=={version(pkg)}".encode())
+    return h.hexdigest()[:12]
 
 
 def tiny_lm_key(texts: Sequence[TrainText], **params: Any) -> str:
