@@ -88,6 +88,23 @@ def task_gpus(tmpl) -> int:
     return gpus
 
 
+def node_gpus(node, tasks_by_name: dict) -> int:
+    """GPUs a compiled node requests: the GPU entry of its `task_node.overrides.resources` when present (what
+    `.with_overrides(requests=..., limits=...)` sets; the larger of requests and limits), else its task
+    template's (`task_gpus`); an array node: its sub-node's. Other nodes (workflows, branches) request none
+    themselves."""
+    target = node.WhichOneof("target")
+    if target == "array_node":
+        return node_gpus(node.array_node.node, tasks_by_name)
+    if target != "task_node":
+        return 0
+    res = node.task_node.overrides.resources
+    given = [int(r.value) for r in [*res.requests, *res.limits] if r.name == 2]  # core.Resources.ResourceName.GPU
+    if given:
+        return max(given)
+    return task_gpus(tasks_by_name[node.task_node.reference_id.name])
+
+
 def task_image(tmpl) -> str:
     if tmpl.HasField("container"):
         return tmpl.container.image
