@@ -16,23 +16,24 @@ from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source, workdir
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut
 
 log = logging.getLogger(__name__)
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="4Gi"), cache=True,
       cache_version=task_version(__name__))
-def select_variant(step_dirs: List[FlyteDirectory], variant: str) -> FlyteFile:
+def select_variant(steps: List[StepOut], variant: str) -> FlyteFile:
     """Write the sample ids of one variant (baseline, semdedup@0.1, ppl@0-90, ppl_decile@3, ...).
 
-    :param step_dirs: Output directories of ingest, embed and the steps the variant reads (semdedup, perplexity).
+    :param steps: Outputs of ingest, embed and the steps the variant reads (semdedup, perplexity, ...).
     :param variant: Variant spec; see core/runs/ablation.py for the grammar.
     :return: JSON list of sample ids.
     """
     from core.runs.ablation import parse_variant
     from core.runs.ablation import select_variant as select
 
-    ids = select(parse_variant(variant), [d.download() for d in step_dirs])
+    ids = select(parse_variant(variant), [s.dir.download() for s in steps])
     path = os.path.join(current_context().working_directory, f"{parse_variant(variant).name}.json")
     with open(path, "w") as f:
         json.dump(ids, f)
@@ -77,11 +78,11 @@ def checkpoint_uris(per_variant: List[List[FlyteDirectory]],
 def compare_variants(
     variants: List[str],
     checkpoints: List[List[str]],
-    exports: List[FlyteDirectory],
+    exports: List[StepOut],
     evaluation: FlyteDirectory,
     tokenizer: Optional[FlyteDirectory] = None,
     output_dir: str = "",
-    step_dirs: Optional[List[FlyteDirectory]] = None,
+    steps: Optional[List[StepOut]] = None,
     known_bad_ids: Optional[FlyteFile] = None,
     seed_checkpoints: Optional[List[List[str]]] = None,
     train_metrics: Optional[List[FlyteFile]] = None,
@@ -91,13 +92,13 @@ def compare_variants(
 
     :param variants: Variant specs in grid order.
     :param checkpoints: Per variant, its checkpoint URIs in epoch order (the last one is compared).
-    :param exports: Per variant, its export output (manifest.json + shards).
+    :param exports: Per variant, its export step's output (manifest.json + shards).
     :param evaluation: Output of the evaluation workflow (summary.parquet).
     :param tokenizer: Training tokenizer (HF dir) for token counts; characters/4 when absent.
     :param output_dir: Optional path/URL to publish the comparison and the evaluation results to.
     :param known_bad_ids: Optional id list (JSON or one per line) of known low-quality samples: per variant, how
         many of them its export kept (`known_bad_kept`) and removed vs the baseline (`known_bad_removed`).
-    :param step_dirs: Output directories of the shared steps (ingest, embed, semdedup, ...), for their decks.
+    :param steps: Outputs of the shared steps (ingest, embed, semdedup, ...), for their decks.
     :param seed_checkpoints: The baseline retrained with other seeds (`baseline-seed1`, ...): the noise floor.
     :param train_metrics: Per variant, its training metrics.jsonl (held-out loss); `seed_train_metrics` per seed.
     :return: Directory with comparison.parquet, comparison.csv, paired.parquet, paired.csv (per variant x
@@ -121,14 +122,14 @@ def compare_variants(
     eval_dir = evaluation.download()
     out = str(workdir("ablation"))
     seed_checkpoints = seed_checkpoints or []
-    cmp = compare(variants, checkpoints, [ex.download() for ex in exports], eval_dir, out,
+    cmp = compare(variants, checkpoints, [ex.dir.download() for ex in exports], eval_dir, out,
                   tokenizer.download() if tokenizer is not None else None, bad, seed_checkpoints=seed_checkpoints,
                   train_metrics=[m.download() for m in train_metrics] if train_metrics else None,
                   seed_train_metrics=[m.download() for m in seed_train_metrics] if seed_train_metrics else None)
     Deck("ablation", comparison_html(cmp))
     seed_names = [seed_run_name(k + 1) for k in range(len(seed_checkpoints))]
     decks = collect_ablation_decks(out, variants + seed_names, checkpoints + seed_checkpoints,
-                                   [source(d) for d in step_dirs or []], [source(ex) for ex in exports],
+                                   [source(s.dir) for s in steps or []], [source(ex.dir) for ex in exports],
                                    eval_dir) + ["ablation"]
     save_decks(out, "ablation")
     if output_dir:

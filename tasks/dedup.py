@@ -21,14 +21,14 @@ from core.steps.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
-from tasks.paths import local_ledger_root, source, workdir
-from tasks.resources import TINY_REQUESTS, renamed
+from tasks.paths import source, workdir
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut, passing
 
 log = logging.getLogger(__name__)
 
 
-def _fetcher(run: Optional[FlyteDirectory], out_dir: str):
+def _fetcher(run: Optional[StepOut], out_dir: str):
     """Sample fetcher for the deck gallery, reading only the needed shards of the ingest output."""
     if run is None:
         return None
@@ -36,17 +36,10 @@ def _fetcher(run: Optional[FlyteDirectory], out_dir: str):
     from core.steps.dedup.report import shard_fetcher
 
     led = read_ledger(step_dir(out_dir, "semdedup"))
-    return shard_fetcher(f"{source(run).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
+    return shard_fetcher(f"{source(run.dir).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
 
 
-def _passing(prev: Optional[FlyteDirectory], prev_step: str):
-    """The previous step's passing ids (`core.foundation.step.Passing`), fetching only its ledger; None = every sample."""
-    from core.foundation.step import Passing
-
-    return Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
-
-
-def _deck(summary: dict, run: Optional[FlyteDirectory], out_dir: str) -> None:
+def _deck(summary: dict, run: Optional[StepOut], out_dir: str) -> None:
     from core.steps.dedup.report import semdedup_report_html
 
     Deck("semdedup", semdedup_report_html(summary, _fetcher(run, out_dir)))
@@ -65,30 +58,26 @@ class ClusterOutputs(NamedTuple):
 
 @task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), retries=1, **CACHE)
 def cluster_embeddings(
-    embeddings: FlyteDirectory,
+    embeddings: StepOut,
     config: SemDedupConfig,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
+    prev: Optional[StepOut] = None,
 ) -> ClusterOutputs:
     """Spherical k-means (faiss, GPU when present) of the embeddings, split into balanced cluster groups.
 
-    :param embeddings: The embed step's Parquet files (sample_id, image_emb, text_emb).
+    :param embeddings: The embed step's output (Parquet files of sample_id, image_emb, text_emb).
     :param config: SemDedupConfig (n_clusters, eps or target_removal, keep policy, kind, device, ...).
-    :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids.
-    :param prev_step: Name of the previous step ("" = decide about every embedded sample).
+    :param prev: The previous step's output (its ledger selects the input ids); None: every embedded sample.
     :return: work (plan.json, side.parquet, sweep.parquet) and one file per cluster group.
     """
     from core.steps.dedup.pipeline import cluster_embeddings as run
 
     out = workdir("semdedup_out")
     groups = workdir("semdedup_groups")
-    plan = run(embeddings.download(), out, config, _passing(prev, prev_step), groups)
+    plan = run(embeddings.dir.download(), out, config, passing(prev), groups)
     log.info("clustered %d samples into %d clusters, %d groups", plan.n_deduped, plan.n_clusters, len(plan.group_files))
     return ClusterOutputs(FlyteDirectory(str(out)), [FlyteFile(g) for g in plan.group_files])
 
 
-cluster_embeddings_cpu = task(container_image=GPU_IMAGE, requests=TINY_REQUESTS, retries=1, **CACHE)(
-    renamed(cluster_embeddings.task_function, "cluster_embeddings_cpu"))
 
 
 @task(container_image=GPU_IMAGE, requests=Resources(cpu="4", mem="32Gi", gpu="1"), retries=2, **CACHE)
@@ -104,8 +93,6 @@ def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
     return FlyteFile(run(group.download(), config, workdir("scores")))
 
 
-prune_cluster_group_cpu = task(container_image=GPU_IMAGE, requests=TINY_REQUESTS, retries=2, **CACHE)(
-    renamed(prune_cluster_group.task_function, "prune_cluster_group_cpu"))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True, **CACHE)
@@ -113,15 +100,15 @@ def decide_semdedup(
     work: FlyteDirectory,
     scores: list[FlyteFile],
     config: SemDedupConfig,
-    run: Optional[FlyteDirectory] = None,
-) -> FlyteDirectory:
+    run: Optional[StepOut] = None,
+) -> StepOut:
     """One global eps / exact-target threshold over all groups' M; writes the ledger and the report deck.
 
     :param work: cluster_embeddings' work directory.
     :param scores: prune_cluster_group outputs, one per group.
     :param config: The same SemDedupConfig (eps or target_removal decide here).
     :param run: Ingest output (shards) for the removed-pair gallery; optional.
-    :return: Step output directory: semdedup/{summary.json, removed_pairs.parquet, ...}, ledger/semdedup/.
+    :return: StepOut "semdedup": semdedup/{summary.json, removed_pairs.parquet, ...}, ledger/semdedup/.
     """
     t0 = step_started("semdedup", groups=len(scores))
     from core.steps.dedup.pipeline import decide_semdedup as run_decide
@@ -132,97 +119,94 @@ def decide_semdedup(
     _deck(summary, run, str(out))
     save_decks(str(out), "semdedup")
     step_finished("semdedup", t0, str(out))
-    return FlyteDirectory(str(out))
+    return StepOut("semdedup", FlyteDirectory(str(out)))
 
 
 @task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), enable_deck=True, retries=1, **CACHE)
 def dedup_embeddings(
-    embeddings: FlyteDirectory,
+    embeddings: StepOut,
     config: SemDedupConfig,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
-    run: Optional[FlyteDirectory] = None,
-) -> FlyteDirectory:
+    prev: Optional[StepOut] = None,
+    run: Optional[StepOut] = None,
+) -> StepOut:
     """SemDeDup in one task (cluster, prune every group, decide): for data that fits one worker.
 
-    :param embeddings: The embed step's Parquet files (sample_id, image_emb, text_emb).
+    :param embeddings: The embed step's output (Parquet files of sample_id, image_emb, text_emb).
     :param config: SemDedupConfig.
-    :param prev: Output directory of the previous step (its ledger selects the input ids).
-    :param prev_step: Name of the previous step ("" = every embedded sample).
+    :param prev: The previous step's output (its ledger selects the input ids); None: every embedded sample.
     :param run: Ingest output (shards) for the removed-pair gallery; optional.
-    :return: Step output directory: semdedup/ artifacts and ledger/semdedup/.
+    :return: StepOut "semdedup": semdedup/ artifacts and ledger/semdedup/.
     """
-    t0 = step_started("semdedup", prev_step=prev_step)
+    t0 = step_started("semdedup", prev_step=prev.step if prev else "")
     from core.steps.dedup.pipeline import run_semdedup
 
     out = workdir("semdedup_run")
-    summary = run_semdedup(embeddings.download(), out, config, _passing(prev, prev_step))
+    summary = run_semdedup(embeddings.dir.download(), out, config, passing(prev))
     _deck(summary, run, str(out))
     save_decks(str(out), "semdedup")
     step_finished("semdedup", t0, str(out))
-    return FlyteDirectory(str(out))
+    return StepOut("semdedup", FlyteDirectory(str(out)))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), **CACHE)
 def ingest_eval_sets(cache_dir: str, benchmarks: List[str], max_items: int = 0,
-                     source_fingerprint: str = "") -> FlyteDirectory:
+                     source_fingerprint: str = "") -> StepOut:
     """Write eval benchmarks' items as WDS shards (one `<benchmark>-NNNNNN.tar` series each) to embed them.
 
     :param cache_dir: Root of the benchmark caches (`<cache_dir>/<benchmark>/...`, path or URL).
     :param benchmarks: Benchmark names (countbench, docvqa, chartqa, realworldqa, pixmo_points).
     :param max_items: Items per benchmark (0 = all).
     :param source_fingerprint: `fingerprint_source(cache_dir)`: part of the cache key only (changed caches re-run).
-    :return: Folder with `shards/` and `ledger/ingest/` (rows the loader could not read are quarantined).
+    :return: StepOut "ingest" of the eval sets: `shards/` and `ledger/ingest/` (rows the loader could not read are
+        quarantined).
     """
     from core.evals.eval_shards import write_eval_shards
 
     out = workdir("eval_sets")
     counts = write_eval_shards(cache_dir, benchmarks, str(out), max_items=max_items)
     log.info("eval sets as shards: %s", counts)
-    return FlyteDirectory(str(out))
+    return StepOut("ingest", FlyteDirectory(str(out)))
 
 
 @task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi"), enable_deck=True, retries=1, **CACHE)
-def decontaminate_evals(
-    embeddings: FlyteDirectory,
-    evals: FlyteDirectory,
+def decontam(
+    embeddings: StepOut,
+    evals: StepOut,
     config: DecontamConfig,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
-    run: Optional[FlyteDirectory] = None,
-    eval_run: Optional[FlyteDirectory] = None,
-) -> FlyteDirectory:
+    prev: Optional[StepOut] = None,
+    run: Optional[StepOut] = None,
+    eval_run: Optional[StepOut] = None,
+) -> StepOut:
     """Mine the nearest training samples of each eval item and drop training near-copies of eval items.
 
     :param embeddings: Training embeddings (the embed step's output).
     :param evals: Embeddings of the eval sets: the embed step's output for `ingest_eval_sets` shards, whose
         files `embed/<benchmark>-NNNNNN.parquet` name the benchmark.
     :param config: DecontamConfig (threshold, k, kind).
-    :param prev: Output directory of the previous step (its ledger selects the input ids).
-    :param prev_step: Name of the previous step ("" = every embedded sample).
+    :param prev: The previous step's output (its ledger selects the input ids); None: every embedded sample.
     :param run: Ingest output of the training data (its shards show the deck's gallery images).
     :param eval_run: `ingest_eval_sets` output (the eval items' images in the gallery).
-    :return: Step output directory: mining/<benchmark>.parquet, ledger/decontam/ (reason
+    :return: StepOut "decontam": mining/<benchmark>.parquet, ledger/decontam/ (reason
         eval_contamination:<benchmark>).
     """
-    t0 = step_started("decontam", prev_step=prev_step)
+    t0 = step_started("decontam", prev_step=prev.step if prev else "")
     from core.evals.eval_shards import eval_embedding_sets
     from core.foundation.ledger import read_ledger, step_dir
     from core.steps.dedup.mining import decontaminate
     from core.steps.dedup.report import decontam_report_html, shard_fetcher
 
     out = workdir("decontam_run")
-    eval_sets = eval_embedding_sets(evals.download())
-    counts = decontaminate(embeddings.download(), out, eval_sets, config, _passing(prev, prev_step))
+    eval_sets = eval_embedding_sets(evals.dir.download())
+    counts = decontaminate(embeddings.dir.download(), out, eval_sets, config, passing(prev))
     log.info("decontam: %s", counts)
     fetch_train = fetch_eval = None
     if run is not None:
         led = read_ledger(step_dir(out, "decontam"))
-        fetch_train = shard_fetcher(f"{source(run).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
+        fetch_train = shard_fetcher(f"{source(run.dir).rstrip('/')}/shards", dict(zip(led.sample_id, led.shard)))
     if eval_run is not None:
-        eled = read_ledger(step_dir(eval_run.download(), "ingest"))
-        fetch_eval = shard_fetcher(f"{source(eval_run).rstrip('/')}/shards", dict(zip(eled.sample_id, eled.shard)))
+        eled = read_ledger(step_dir(eval_run.dir.download(), eval_run.step))
+        fetch_eval = shard_fetcher(f"{source(eval_run.dir).rstrip('/')}/shards", dict(zip(eled.sample_id, eled.shard)))
     Deck("decontam", decontam_report_html(str(out), counts, config, fetch_train, fetch_eval))
     save_decks(str(out), "decontam")
     step_finished("decontam", t0, str(out))
-    return FlyteDirectory(str(out))
+    return StepOut("decontam", FlyteDirectory(str(out)))

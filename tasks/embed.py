@@ -20,8 +20,9 @@ from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embe
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import GPU_IMAGE
-from tasks.resources import TINY_REQUESTS, renamed
+from tasks.resources import overrides
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut, passing
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,10 @@ _EMBED_OPTS = dict(container_image=GPU_IMAGE, enable_deck=True, cache=True,
 @task(task_config=ray_job_config(siglip2_embed_config()), requests=Resources(cpu="2", mem="8Gi"), **_EMBED_OPTS)
 def embed_shards(
     shards: FlyteDirectory,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "ingest",
+    prev: Optional[StepOut] = None,
     config: EmbedConfig = tiny_embed_config(),
     out_url: Optional[str] = None,
-) -> FlyteDirectory:
+) -> StepOut:
     """Embed the images and conversation text of WDS shards with an open_clip model on Ray actors.
 
     Writes `embed/<shard>.parquet` (sample_id, source, n_images, image_emb, image_embs, image_norm,
@@ -62,17 +62,17 @@ def embed_shards(
     `out_url` are skipped, so re-running after a failure resumes.
 
     :param shards: Folder of `*.tar` WDS shards, or a run folder holding `shards/` (e.g. ingest's output).
-    :param prev: Folder holding `ledger/<prev_step>/`; only its kept/modified ids are embedded.
-    :param prev_step: Step name of the previous step's ledger (ingest, semdedup, ...).
+    :param prev: The previous step's output (ingest, image_filter, ...); only its kept/modified ids are embedded;
+        None: every sample of the shards.
     :param config: EmbedConfig: model, device, batch size, actors, GPUs per actor, text view, what, output dtype
         (presets: `tiny_embed_config()` on CPU, `siglip2_embed_config()` on GPU; the CLI takes JSON merged onto the
         tiny preset, `{"preset": "siglip2", ...}` for another base).
     :param out_url: Persistent folder (path or s3://) to write into and resume from; default: a fresh local folder.
-    :return: Folder with `embed/` and `ledger/embed/`.
+    :return: StepOut "embed": a folder with `embed/` and `ledger/embed/`.
     """
-    t0 = step_started("embed", model=config.model_name, prev_step=prev_step)
+    t0 = step_started("embed", model=config.model_name, prev_step=prev.step if prev else "")
     from core.foundation.ledger import read_ledger
-    from core.foundation.step import Passing, shards_of
+    from core.foundation.step import shards_of
     from core.steps.embed import embed_shards as run_embed
     from core.steps.embed.report import embed_report_html
 
@@ -80,17 +80,30 @@ def embed_shards(
     # actors read shards themselves: give them the remote URL when there is one (multi-node clusters)
     src = shards.remote_source or shards.download()
     urls = shards_of(src)
-    passing = Passing.read(prev.download() if prev is not None else None, prev_step)
     run_dir = out_url or os.path.join(current_context().working_directory, "embed_run")
     log.info("embed: %d shards from %s -> %s with %s", len(urls), src, run_dir, cfg)
-    summary = run_embed(urls, f"{run_dir.rstrip('/')}/embed", cfg, prev=passing)
+    summary = run_embed(urls, f"{run_dir.rstrip('/')}/embed", cfg, prev=passing(prev))
     log.info("embed: %s", summary.as_dict())
     ledger = read_ledger(f"{run_dir}/ledger/embed") if "://" not in run_dir else None
     Deck("embed", embed_report_html(f"{run_dir}/embed", summary.as_dict(), summary.shards, ledger))
     save_decks(run_dir, "embed")
     step_finished("embed", t0, run_dir, shards=len(urls))
-    return FlyteDirectory(run_dir)
+    return StepOut("embed", FlyteDirectory(run_dir))
 
 
-# CPU twin for the tiny preset: no Ray cluster, no GPU; the body starts a local Ray in its own pod.
-embed_shards_cpu = task(requests=TINY_REQUESTS, **_EMBED_OPTS)(renamed(embed_shards.task_function, "embed_shards_cpu"))
+def embed_node(config: EmbedConfig, **inputs):
+    """An `embed_shards` node (inside a workflow) with the Ray cluster and profile `config` asks for.
+
+    The node runs a shallow copy of the task: flytekit's `with_overrides(task_config=...)` sets the config on the
+    node's task object, and on the shared task it would leak into every later node and serialization."""
+    import copy
+
+    return copy.copy(embed_shards)(config=config, **inputs).with_overrides(**embed_overrides(config))
+
+
+def embed_overrides(config: EmbedConfig) -> dict:
+    """`.with_overrides(...)` arguments of an `embed_shards` node for a config: the Ray cluster shaped by the config
+    (`ray_job_config`: no GPU worker for the tiny preset) and the driver's profile (core/runs/steps.py)."""
+    from core.runs.steps import run_uses_gpu
+
+    return overrides("embed", config, run_uses_gpu(config), task_config=ray_job_config(config))

@@ -15,6 +15,7 @@ from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut
 
 log = logging.getLogger(__name__)
 
@@ -44,55 +45,55 @@ def _rephrased_records(d: FlyteDirectory) -> str:
 @task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True,
       requests=Resources(cpu="2", mem="8Gi"))
 def export_dataset(
-    run_dir: FlyteDirectory,
-    step_dirs: Optional[List[FlyteDirectory]] = None,
-    steps: Optional[List[str]] = None,
+    run: StepOut,
+    steps: Optional[List[StepOut]] = None,
     subset_ids: Optional[FlyteFile] = None,
     subset_name: str = "",
-    rephrased: Optional[FlyteDirectory] = None,
+    rephrased: Optional[StepOut] = None,
     max_samples: int = 1000,
     max_bytes: int = 256 << 20,
     image_format: str = "jpg",
-) -> FlyteDirectory:
+) -> StepOut:
     """Export the curated samples of a run as WebDataset shards in the training schema.
 
     Keeps exactly the samples that passed the last step (or the given subset), byte-identical for the same
     inputs, and checks the exported count against the ledger (the task fails on a mismatch).
 
-    :param run_dir: The ingest output: `shards/*.tar` and `ledger/ingest/`.
-    :param step_dirs: Output directories of later steps, each holding `ledger/<step>/` (dedup, perplexity, ...).
-    :param steps: Step names in pipeline order; the last one decides what is kept. Empty: inferred from the ledgers.
+    :param run: The ingest output (StepOut "ingest"): `shards/*.tar` and `ledger/ingest/`.
+    :param steps: The later steps' outputs in pipeline order (embed, semdedup, perplexity, ...); the last one decides
+        what is kept. Empty: only the ingest ledger.
     :param subset_ids: Export exactly these sample ids instead (text: one per line, JSON list, or Parquet `sample_id`).
     :param subset_name: Name of the subset, recorded in the manifest (e.g. `ppl_decile_3`).
-    :param rephrased: The rephrase step's output (or a dir of Parquet files sample_id, conversations_json) whose
-        conversations replace the originals.
+    :param rephrased: The rephrase step's output (its `rephrase/records/`: Parquet files sample_id,
+        conversations_json) whose conversations replace the originals.
     :param max_samples: Most samples per output shard.
     :param max_bytes: Most bytes per output shard.
     :param image_format: jpg (default: every single-image sample is `key.jpg`, non-JPEG sources re-encoded at
         quality 95) | png (lossless, `key.png`) | keep (source bytes and extension).
-    :return: Directory with `shards/<kind>/*.tar` (kinds text, image, images<n>), `README.md` (dataset card),
+    :return: StepOut "export": a directory with `shards/<kind>/*.tar` (kinds text, image, images<n>), `README.md` (dataset card),
         `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
     """
     t0 = step_started("export", subset=subset_name or "-", max_samples=max_samples)
     from core.foundation.step import shards_of
     from core.steps.export import ExportConfig, export_curated, export_report_html, load_id_list
 
-    cfg = ExportConfig(steps=list(steps) if steps else None, max_samples=max_samples, max_bytes=max_bytes,
+    names = [run.step] + [s.step for s in steps or []]
+    cfg = ExportConfig(steps=names if steps else None, max_samples=max_samples, max_bytes=max_bytes,
                        subset_name=subset_name, image_format=image_format)  # validates before any download
     work = current_context().working_directory
-    src = source(run_dir)
+    src = source(run.dir)
     dirs = [_local_ledgers(src, os.path.join(work, "run"))]
-    for i, d in enumerate(step_dirs or []):
-        dirs.append(_local_ledgers(source(d), os.path.join(work, f"step{i}")))
+    for i, d in enumerate(steps or []):
+        dirs.append(_local_ledgers(source(d.dir), os.path.join(work, f"step{i}")))
     ids = None
     if subset_ids is not None:
         ids = load_id_list(subset_ids.download())
     out = os.path.join(work, "export")
     manifest = export_curated(shards_of(src), dirs, out, cfg, subset_ids=ids,
-                              rephrased_dir=_rephrased_records(rephrased) if rephrased is not None else None,
+                              rephrased_dir=_rephrased_records(rephrased.dir) if rephrased is not None else None,
                               code_version=task_version(__name__), source=src)
     log.info("exported %d samples in %d shards", manifest["n_samples"], manifest["n_shards"])
     Deck("export", export_report_html(manifest))
     save_decks(out, f"export_{subset_name}" if subset_name else "export")
     step_finished("export", t0, out, shards=manifest["n_shards"])
-    return FlyteDirectory(out)
+    return StepOut("export", FlyteDirectory(out))

@@ -12,6 +12,7 @@ from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def ingest_dataset(
     max_text_chars: int = 200_000,
     source_fingerprint: str = "",
     format: str = "auto",
-) -> FlyteDirectory:
+) -> StepOut:
     """Turn a conversation dataset into WebDataset shards and an ingest ledger.
 
     Every input record is either kept (written to a shard) or quarantined with a reason
@@ -84,7 +85,7 @@ def ingest_dataset(
         key, so a cached ingest is not reused after the files at the same paths changed.
     :param format: `auto` (from the extension and each record), or a container `json|jsonl|wds|parquet`,
         a dialect `llava|messages`, or both (`jsonl:messages`).
-    :return: The run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
+    :return: StepOut "ingest", the run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
     """
     t0 = step_started("ingest", source=source, image_root=image_root, format=format)
     from core.io.ingest import IngestConfig, ingest
@@ -97,4 +98,4 @@ def ingest_dataset(
     _deck(res, run_dir)
     save_decks(run_dir, "ingest")
     step_finished("ingest", t0, run_dir)
-    return FlyteDirectory(run_dir)
+    return StepOut("ingest", FlyteDirectory(run_dir))

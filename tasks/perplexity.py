@@ -18,8 +18,8 @@ from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, source, workdir
-from tasks.resources import TINY_REQUESTS, renamed
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut, passing
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), cache=True,
       cache_version=task_version(__name__))
 def train_reference_lm(
-    run: FlyteDirectory,
+    run: StepOut,
     reference_ids: Optional[FlyteFile] = None,
     reference_key: str = "clean",
     steps: int = 300,
@@ -36,7 +36,7 @@ def train_reference_lm(
 ) -> FlyteDirectory:
     """Train the embedded default scoring model: a tiny Llama + BPE tokenizer, in seconds on CPU.
 
-    :param run: Ingest output (its `shards/`) holding the reference conversations.
+    :param run: Ingest output (StepOut "ingest": its `shards/`) holding the reference conversations.
     :param reference_ids: JSON list of trusted ids, or an object with a list under `reference_key`
         (the demo's ground_truth.json); all samples when omitted.
     :param reference_key: Key of the id list inside `reference_ids` when it is an object.
@@ -51,7 +51,7 @@ def train_reference_lm(
     from core.steps.perplexity.reference import train_reference_lm as train
 
     ids = load_id_list(reference_ids.download(), reference_key) if reference_ids is not None else None
-    out = train(list_shards(f"{source(run).rstrip('/')}/shards"), workdir("reference_lm") / "model", ids,
+    out = train(list_shards(f"{source(run.dir).rstrip('/')}/shards"), workdir("reference_lm") / "model", ids,
                 steps=steps, vocab_size=vocab_size, seed=seed)
     step_finished("reference_lm", t0, trained_on=len(ids) if ids is not None else "all")
     return FlyteDirectory(out)
@@ -63,71 +63,65 @@ _SCORE_OPTS = dict(container_image=GPU_IMAGE, retries=1, enable_deck=True, cache
 
 @task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), **_SCORE_OPTS)
 def score_perplexity(
-    run: FlyteDirectory,
+    run: StepOut,
     model: FlyteDirectory,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
+    prev: Optional[StepOut] = None,
     config: PerplexityConfig = reference_perplexity_config(),
-) -> FlyteDirectory:
+) -> StepOut:
     """Score every input sample's perplexity under a causal LM; ledger keep (score = ppl) or quarantine.
 
     Image placeholders and masked spans never count. Samples with no scored token are quarantined
     (`ppl_no_scored_tokens`). Resumable per shard.
 
-    :param run: Ingest output (its `shards/`).
+    :param run: Ingest output (StepOut "ingest": its `shards/`).
     :param model: Directory of an HF causal LM + fast tokenizer (train_reference_lm's output or a real model).
-    :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids.
-    :param prev_step: Name of the previous step ("" = score every sample of the shards).
+    :param prev: The previous step's output (its ledger selects the input ids); None: score every sample.
     :param config: PerplexityConfig (mode `assistant_only` / `text` / `vlm`, device, dtype, batch token budget,
         max length, truncation side, chat template; presets `reference` (default), `tiny`, `qwen0.5b`); its `model` is
         set to `model`.
         `vlm` mode: `model` is an HF image-text-to-text model whose processor expands `<image>`, LLaVA-style.
-    :return: `perplexity/scores-<shard>.parquet`, `perplexity/summary.json`, `ledger/perplexity/`.
+    :return: StepOut "perplexity": `perplexity/scores-<shard>.parquet`, `perplexity/summary.json`,
+        `ledger/perplexity/`.
     """
-    t0 = step_started("perplexity", mode=config.mode, prev_step=prev_step)
+    t0 = step_started("perplexity", mode=config.mode, prev_step=prev.step if prev else "")
     from core.foundation.configs import override
-    from core.foundation.step import Passing, shards_of
+    from core.foundation.step import shards_of
     from core.steps.perplexity.pipeline import score_shards
     from core.steps.perplexity.report import score_report_html
 
     cfg = override(config, model=model.download())
-    passing = Passing.read(local_ledger_root(prev, prev_step) if prev is not None and prev_step else None, prev_step)
     out = workdir("perplexity_out")
-    summary = score_shards(shards_of(source(run)), out, cfg, prev=passing)
+    summary = score_shards(shards_of(source(run.dir)), out, cfg, prev=passing(prev))
     log.info("perplexity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})
     Deck("perplexity", score_report_html(out, summary))
     save_decks(str(out), "perplexity")
     step_finished("perplexity", t0, str(out))
-    return FlyteDirectory(str(out))
-
-
-# CPU twin for the tiny presets (the embedded reference LM scores on CPU).
-score_perplexity_cpu = task(requests=TINY_REQUESTS, **_SCORE_OPTS)(renamed(score_perplexity.task_function,
-                                                                             "score_perplexity_cpu"))
+    return StepOut("perplexity", FlyteDirectory(str(out)))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True,
       cache=True, cache_version=task_version(__name__))
 def slice_by_perplexity(
-    scores: FlyteDirectory,
+    scores: StepOut,
     config: SliceConfig = p90_slice_config(),
-) -> FlyteDirectory:
+) -> StepOut:
     """Keep a perplexity percentile range, or cut the kept samples into equal-size perplexity slices.
 
-    :param scores: score_perplexity's output directory.
+    :param scores: score_perplexity's output (StepOut "perplexity").
     :param config: SliceConfig: `range` mode (drop outside [low_pct, high_pct]: ppl_above_pXX / ppl_below_pXX) or
         `slices` (n_slices equal-size id lists, slice 00 lowest); shrink_tokens shrinks each perplexity toward the
         corpus mean so one-token answers do not swamp the extremes. Presets `p90` (default), `deciles`.
-    :return: `ledger/ppl_filter/` and `ppl_filter/` (kept_ids.json, or slice-NN.json + slices.json/.parquet).
+    :return: StepOut "ppl_filter": `ledger/ppl_filter/` and `ppl_filter/` (kept_ids.json, or slice-NN.json +
+        slices.json/.parquet).
     """
     t0 = step_started("ppl_filter", mode=config.mode, low_pct=config.low_pct, high_pct=config.high_pct)
     from core.steps.perplexity.report import slice_report_html
     from core.steps.perplexity.slices import slice_by_perplexity as run_slices
 
     out = workdir("ppl_filter_out")
-    res = run_slices(local_ledger_root(scores, "perplexity"), out, config)
+    res = run_slices(local_ledger_root(scores.dir, scores.step), out, config)
     log.info("ppl_filter: %s", {k: v for k, v in res.items() if k != "slices"})
     Deck("ppl_filter", slice_report_html(out, res))
     save_decks(str(out), "ppl_filter")
     step_finished("ppl_filter", t0, str(out))
-    return FlyteDirectory(str(out))
+    return StepOut("ppl_filter", FlyteDirectory(str(out)))

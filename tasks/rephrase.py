@@ -14,13 +14,12 @@ from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
-from tasks.paths import local_ledger_root
-from tasks.resources import TINY_REQUESTS, renamed
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut, passing
 
 log = logging.getLogger(__name__)
 
-RephraseOutputs = NamedTuple("RephraseOutputs", [("out_dir", FlyteDirectory), ("report", FlyteFile)])
+RephraseOutputs = NamedTuple("RephraseOutputs", [("out", StepOut), ("report", FlyteFile)])
 
 
 def _tiny_model_for(run_dir: str, work: str) -> str:
@@ -36,9 +35,8 @@ def _tiny_model_for(run_dir: str, work: str) -> str:
     return train_demo_model(samples, os.path.join(work, "tiny_lm"))
 
 
-# GPU request: this task runs vLLM in the vllm image. The tiny preset runs its CPU twin
-# `rephrase_samples_cpu` (tasks/resources.py); resources never depend on the machine that serializes the
-# task. Cached (seeded generation; the LLM pass is the expensive step): a
+# GPU request: this task runs vLLM in the vllm image; the workflows give the tiny preset its CPU profile
+# (tasks/resources.py `overrides`); resources never depend on the machine that serializes the task. Cached (seeded generation; the LLM pass is the expensive step): a
 # re-run that changes only a later knob (export shard size, ...) reuses the rephrased records.
 _REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, retries=2, cache=True,
                       cache_version=task_version(__name__))
@@ -46,12 +44,11 @@ _REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, retries=2, c
 
 @task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), limits=Resources(gpu="1"), **_REPHRASE_OPTS)
 def rephrase_samples(
-    run_dir: FlyteDirectory,
+    run: StepOut,
     config: RephraseConfig = tiny_rephrase_config(),
     model_dir: Optional[FlyteDirectory] = None,
     tokenizer_dir: Optional[FlyteDirectory] = None,
-    prev: Optional[FlyteDirectory] = None,
-    prev_step: str = "",
+    prev: Optional[StepOut] = None,
     checkpoint_dir: str = "",
 ) -> RephraseOutputs:
     """Rewrite each human and gpt turn concisely with a local LLM; keep a rephrasing only if it passes
@@ -60,7 +57,7 @@ def rephrase_samples(
     original with the reason in the ledger. The deck shows token counts before/after, ratios, reasons
     and before/after examples.
 
-    :param run_dir: Ingested run directory (holds `shards/*.tar`).
+    :param run: The ingest step's output (StepOut "ingest": holds `shards/*.tar`).
     :param config: RephraseConfig: backend, prompts, generation budget, temperature, seed, tensor parallel, the
         validation thresholds (min_shortening, check_numbers, min_similarity), chunk size. Presets `tiny` (the
         embedded tiny LM, transformers on CPU; default) and `qwen` (Qwen2.5-1.5B-Instruct on vLLM).
@@ -68,26 +65,24 @@ def rephrase_samples(
         `config.model` is used; when that is empty too, the transformers backend trains the project's tiny LM
         on this run's text and vLLM fails (nothing is downloaded).
     :param tokenizer_dir: Training tokenizer used for the before/after token counts (default: the model's).
-    :param prev: Output directory of the previous step; its `ledger/<prev_step>` selects the input ids
-        (only kept/modified ids are rephrased).
-    :param prev_step: Name of the previous step ("" = rephrase every sample of the shards; needed with `prev`).
+    :param prev: The previous step's output; its ledger selects the input ids (only kept/modified ids are
+        rephrased); None: rephrase every sample of the shards.
     :param checkpoint_dir: Persistent local directory to write to and resume from across retries
         (default: the task's working directory, so a retry starts over).
-    :return: out_dir with `ledger/rephrase/`, `rephrase/records/` (sample_id -> new conversations for
+    :return: out (StepOut "rephrase") with `ledger/rephrase/`, `rephrase/records/` (sample_id -> new conversations for
         export), `rephrase/report.json|html`; report is the JSON report.
     """
-    t0 = step_started("rephrase", backend=config.backend, prev_step=prev_step)
+    t0 = step_started("rephrase", backend=config.backend, prev_step=prev.step if prev else "")
     from core.foundation.configs import override
-    from core.foundation.step import Passing, shards_of
+    from core.foundation.step import shards_of
     from core.steps.rephrase.report import report_html, write_report
     from core.steps.rephrase.step import RephraseStep
 
-    if prev is not None and not prev_step:
-        raise ValueError("prev needs prev_step: the name of the step whose ledger selects the input ids")
+    selected = passing(prev)  # before any work: a prev without its step's ledger is refused here
     work = current_context().working_directory
     out = checkpoint_dir or os.path.join(work, "rephrase_out")
-    run_dir.download()
-    shards = run_dir.path
+    run.dir.download()
+    shards = run.dir.path
     if model_dir is not None:
         model_dir.download()
         model = model_dir.path
@@ -102,18 +97,13 @@ def rephrase_samples(
     if tokenizer_dir is not None:
         tokenizer_dir.download()
         tokenizer = tokenizer_dir.path
-    passing = Passing.read(local_ledger_root(prev, prev_step), prev_step) if prev is not None else None
     cfg = override(config, model=model, tokenizer=tokenizer)
     log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
-    done = RephraseStep(out, cfg, prev=passing).run(shards_of(shards))
+    done = RephraseStep(out, cfg, prev=selected).run(shards_of(shards))
     log.info("rephrase: %d shards rephrased, %d already done; %s", len(done.done), len(done.skipped), done.counts)
     jp, _hp, summary = write_report(out, model=cfg.model, tokenizer=cfg.tokenizer_path)
     log.info("rephrase report: %s", summary["verdict"])
     Deck("rephrase", report_html(summary, out))
     save_decks(str(out), "rephrase")
     step_finished("rephrase", t0, str(out))
-    return RephraseOutputs(out_dir=FlyteDirectory(out), report=FlyteFile(str(jp)))
-
-
-rephrase_samples_cpu = task(requests=TINY_REQUESTS, **_REPHRASE_OPTS)(renamed(rephrase_samples.task_function,
-                                                                              "rephrase_samples_cpu"))
+    return RephraseOutputs(out=StepOut("rephrase", FlyteDirectory(out)), report=FlyteFile(str(jp)))

@@ -16,6 +16,7 @@ from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source, workdir
 from tasks.steplog import step_finished, step_started
+from tasks.types import StepOut
 
 if TYPE_CHECKING:
     from core.runs.summary import RunReport
@@ -25,9 +26,7 @@ log = logging.getLogger(__name__)
 
 @task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="1", mem="2Gi"))
 def summarize_run(
-    step_dirs: List[FlyteDirectory],
-    steps: List[str],
-    export: Optional[FlyteDirectory] = None,
+    steps: List[StepOut],
     output_dir: str = "",
     known_bad_ids: Optional[FlyteFile] = None,
     config: Optional[CurateConfig] = None,
@@ -37,9 +36,9 @@ def summarize_run(
     Fails loudly (LedgerError) when a step lost or duplicated a sample, or when the ingest ledger does not
     hold one row per record counted in the source (source records == ledger rows == kept + quarantined).
 
-    :param step_dirs: Output directories of the run's steps (each holds `ledger/<step>/`).
-    :param steps: Step names in pipeline order (e.g. ingest, embed, semdedup, perplexity, ppl_filter).
-    :param export: The export step's output (shards + manifest), copied to `output_dir` when given.
+    :param steps: The run's step outputs in pipeline order (ingest, embed, semdedup, perplexity, ppl_filter, ...,
+        export), each holding `ledger/<step>/`; the export step's folder (shards + manifest) is copied to
+        `output_dir` when given.
     :param output_dir: Optional path/URL to publish the run to: `summary.json`, `ledger/` of every step,
         and `export/` (the curated WebDataset).
     :param known_bad_ids: Optional file of sample ids known to be low quality (JSON list, {"ids": [...]}, or one
@@ -53,19 +52,20 @@ def summarize_run(
     Ends by printing where the summary, the export and each step's deck are (under `output_dir` when given),
     the run report last.
     """
-    if not steps or not step_dirs:
-        raise ValueError(f"summarize_run needs the run's steps and their output directories: steps={steps}, "
-                         f"{len(step_dirs)} step_dirs")
-    t0 = step_started("summary", steps=",".join(steps))
+    if not steps:
+        raise ValueError("summarize_run needs the run's step outputs (at least ingest)")
+    names = [s.step for s in steps]
+    t0 = step_started("summary", steps=",".join(names))
     from core.foundation.report import DECKS_DIR, collect_decks, paths_block
     from core.io.publish import display_root, publish
     from core.runs.index import INDEX_PAGE
     from core.runs.summary import clear_published_ledger, load_id_list, run_summary_decks, write_run_summary
 
     bad_ids = load_id_list(known_bad_ids.download()) if known_bad_ids is not None else None
-    dirs = [d.download() for d in step_dirs]
+    dirs = [s.dir.download() for s in steps]
+    export = next((s.dir for s in steps if s.step == "export"), None)
     out = str(workdir("run_summary"))
-    rep = write_run_summary(dirs, steps, out, bad_ids)
+    rep = write_run_summary(dirs, names, out, bad_ids)
     for name, html in run_summary_decks(rep):
         Deck(name, html)
     decks = list(collect_decks(dirs, os.path.join(out, DECKS_DIR))) + ["run_summary"]
@@ -75,7 +75,7 @@ def summarize_run(
         clear_published_ledger(output_dir)  # no step partition of an earlier run into the same folder stays
         publish(out, output_dir, {"export": export.download()} if export is not None else None)
     summary = rep.summary
-    log.info("run balanced over %s: %s", steps, summary["sentence"])
+    log.info("run balanced over %s: %s", names, summary["sentence"])
     print(summary["sentence"])
     step_finished("summary", t0, samples_out=summary["final_samples"])
     where = display_root(output_dir) if output_dir else out

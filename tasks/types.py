@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
+
+from tasks.images import CPU_IMAGE
 
 
 @dataclass
@@ -35,3 +38,16 @@ def passing(prev: Optional[StepOut]):
 def local(out: Optional[StepOut]) -> Optional[str]:
     """The output folder as a local path (downloaded when remote); None for None."""
     return None if out is None else out.dir.download()
+
+
+
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def step_out(dir: FlyteDirectory, step: str) -> StepOut:
+    """Name a folder as a step's output (a folder given on the command line, e.g. an earlier run's ingest).
+
+    :param dir: The step's output folder (holds `ledger/<step>/`).
+    :param step: The step's name (core/runs/steps.py).
+    """
+    if not step:
+        raise ValueError("step_out needs the step's name")
+    return StepOut(step, dir)

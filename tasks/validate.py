@@ -33,7 +33,7 @@ def validate_curate_inputs(
     """Check the inputs of `curate` (see its docstring); raises InputError listing every bad input.
 
     The config's own ranges were checked when it was built (a bad `--config` stops the CLI); here: the paths, the
-    first record, the known-bad ids, the reference set, and the eval cache when decontaminate is on.
+    first record, the known-bad ids, the reference set, and the eval cache when decontam is on.
 
     :param format: Ingest format spec of `source` (auto, json|jsonl|wds|parquet, llava|messages, container:dialect).
     :param known_bad_ids: Optional id list file; checked to be readable and non-empty.
@@ -46,10 +46,10 @@ def validate_curate_inputs(
     p = Problems("curate")
     check_run_inputs(p, source=source, image_root=image_root, format=format,
                      known_bad_ids=known_bad_ids.download() if known_bad_ids is not None else None,
-                     shard_max_samples=config.shard_max_samples, dedup_config=config.dedup_config,
+                     shard_max_samples=config.shard_max_samples, semdedup_config=config.semdedup_config,
                      decontam_config=config.decontam_config, reference_source=reference_source,
                      reference_image_root=reference_image_root)
-    if config.decontaminate:
+    if config.decontam:
         check_benchmarks(p, "decontam_benchmarks", config.decontam_benchmarks, eval_cache)
     p.raise_if_any()
     msg = f"inputs ok: source {source}, image_root {image_root}"
@@ -85,7 +85,7 @@ def validate_ablate_inputs(
     p = Problems("ablate")
     check_run_inputs(p, source=source, image_root=image_root, format=format,
                      known_bad_ids=known_bad_ids.download() if known_bad_ids is not None else None,
-                     shard_max_samples=config.shard_max_samples, dedup_config=config.dedup_config,
+                     shard_max_samples=config.shard_max_samples, semdedup_config=config.semdedup_config,
                      decontam_config=config.decontam_config, reference_source=reference_source,
                      reference_image_root=reference_image_root)
     p.check(bool(variants), "variants", "needs at least one variant (e.g. baseline)")

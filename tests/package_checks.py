@@ -88,21 +88,53 @@ def task_gpus(tmpl) -> int:
     return gpus
 
 
-def node_gpus(node, tasks_by_name: dict) -> int:
-    """GPUs a compiled node requests: the GPU entry of its `task_node.overrides.resources` when present (what
-    `.with_overrides(requests=..., limits=...)` sets; the larger of requests and limits), else its task
-    template's (`task_gpus`); an array node: its sub-node's. Other nodes (workflows, branches) request none
-    themselves."""
-    target = node.WhichOneof("target")
-    if target == "array_node":
-        return node_gpus(node.array_node.node, tasks_by_name)
-    if target != "task_node":
+def node_gpus(node, tasks: dict) -> int:
+    """GPUs a compiled node requests: its `task_node.overrides.resources` GPU request when the workflow set one
+    (`.with_overrides`, the resource profiles), else the task template's (`task_gpus`); array nodes by their
+    sub-node. `tasks`: task templates by name (a DynamicJobSpec's `tasks`, or `Entities.tasks`)."""
+    if node.WhichOneof("target") == "array_node":
+        return node_gpus(node.array_node.node, tasks)
+    if node.WhichOneof("target") != "task_node":
         return 0
-    res = node.task_node.overrides.resources
-    given = [int(r.value) for r in [*res.requests, *res.limits] if r.name == 2]  # core.Resources.ResourceName.GPU
-    if given:
-        return max(given)
-    return task_gpus(tasks_by_name[node.task_node.reference_id.name])
+    for r in node.task_node.overrides.resources.requests:
+        if r.name == 2:  # GPU
+            return int(r.value)
+    tmpl = tasks.get(node.task_node.reference_id.name)
+    return task_gpus(tmpl) if tmpl is not None else 0
+
+
+def spec_gpus(spec) -> dict:
+    """{task name: GPUs} of every task node of a compiled DynamicJobSpec, overrides applied (the Ray worker GPUs
+    of a task's custom config included)."""
+    tasks = {t.id.name: t for t in spec.tasks}
+    out: dict = {}
+    for n in _nodes(spec.nodes):
+        if n.WhichOneof("target") == "task_node":
+            name = n.task_node.reference_id.name
+            out[name] = max(out.get(name, 0), node_gpus(n, tasks), _custom_gpus(tasks.get(name)))
+    return out
+
+
+def _custom_gpus(tmpl) -> int:
+    """GPUs of a task's plugin config only (Ray worker groups); the container's own requests left out."""
+    if tmpl is None or not tmpl.HasField("custom"):
+        return 0
+    gpus = 0
+
+    def walk(o):
+        nonlocal gpus
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if k in GPU_KEYS and isinstance(v, (str, int, float)):
+                    gpus = max(gpus, int(float(v)))
+                else:
+                    walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    walk(MessageToDict(tmpl.custom))
+    return gpus
 
 
 def task_image(tmpl) -> str:

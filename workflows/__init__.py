@@ -3,7 +3,7 @@
 import warnings
 
 # `pyflyte run` declares every bool input as both `--x/--no_x` and `--x/--no-x` (flytekit
-# clis/sdk_in_container/run.py), so click warns 5 times per bool input (semdedup, decontaminate, perplexity,
+# clis/sdk_in_container/run.py), so click warns 5 times per bool input (semdedup, decontam, perplexity,
 # rephrase) that `--x` "is used more than once". Harmless (both spellings work); silenced by its exact text.
 warnings.filterwarnings("ignore", message=r"The parameter --\w+ is used more than once", category=UserWarning)
 

@@ -13,19 +13,17 @@ from core.foundation.configs import override, preset
 from core.runs.ablation import parse_variant
 from core.runs.ablation_compare import seed_run_name
 from core.runs.config import AblateConfig
+from core.runs.steps import BY_NAME, CURATE_STEPS
 from core.steps.rephrase.config import tiny_rephrase_config
 from tasks.ablation import build_tiny_vision_tower, checkpoint_uris, compare_variants, select_variant
 from tasks.export import export_dataset
 from tasks.images import CPU_IMAGE
-from tasks.ingest import fingerprint_source, ingest_dataset
-from tasks.perplexity import score_perplexity, score_perplexity_cpu, train_reference_lm
-from tasks.rephrase import rephrase_samples, rephrase_samples_cpu
-from tasks.resources import on_cpu
-from tasks.train import train_mini_llava, train_mini_llava_cpu
+from tasks.rephrase import rephrase_samples
+from tasks.resources import overrides
+from tasks.train import train_mini_llava
 from tasks.validate import validate_ablate_inputs
-from workflows.dedup import decontamination_cpu_wf, decontamination_wf, semdedup_cpu_wf, semdedup_wf
 from workflows.evaluate import ALL_BENCHMARKS, evaluation, evaluation_cpu
-from workflows.opening import opening_for
+from workflows.steps import LAUNCHERS, RunNodes, launch, reference_lm
 
 STANDARD_VARIANTS = ["baseline", "semdedup@0.1", "semdedup@0.3", "ppl@0-90", "ppl_decile@1", "ppl_decile@10"]
 
@@ -52,45 +50,36 @@ def ablate_steps(
 ) -> AblationOutputs:
     """The grid of `ablate` (see its docstring for the inputs), wired at run time from the variants.
 
-    The tiny embed preset runs every step on its CPU twin (tasks/resources.py); the others on GPU tasks.
+    The shared steps are the step table's (core/runs/steps.py) launchers, each run in isolation on the embedded
+    baseline; every node gets its profile from its config and the run (the tiny embed preset: a CPU run).
     """
     parsed = [parse_variant(v) for v in variants]  # fail before any compute on a bad spec
-    c, embed_config = config, config.embed_config
-    tiny = on_cpu(embed_config)  # the tiny preset runs the CPU twins of the GPU steps
-    score = score_perplexity_cpu if tiny else score_perplexity
-    semdedup, decontam = (semdedup_cpu_wf, decontamination_cpu_wf) if tiny else (semdedup_wf, decontamination_wf)
-    rephrase, train = (rephrase_samples_cpu, train_mini_llava_cpu) if tiny else (rephrase_samples, train_mini_llava)
-    evaluate = evaluation_cpu if tiny else evaluation
-    run, emb = opening_for(embed_config)(source=source, image_root=image_root, embed_config=embed_config,
-                                         shard_max_samples=c.shard_max_samples, format=format)
-    ref = run
-    if reference_source:
-        ref = ingest_dataset(source=reference_source, image_root=reference_image_root,
-                             shard_max_samples=c.shard_max_samples,
-                             source_fingerprint=fingerprint_source(source=reference_source, image_root=reference_image_root))
-    lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=c.lm_steps)
-    step_dirs = [run, emb]
+    c = config
+    run = RunNodes(config=c, source=source, image_root=image_root, format=format, eval_cache=eval_cache,
+                   benchmarks=benchmarks, reference_source=reference_source,
+                   reference_image_root=reference_image_root, reference_ids=reference_ids)
+    emb = launch(run, [BY_NAME["ingest"], BY_NAME["embed"]])
+    ingested, gpu = run.outs["ingest"], run.run_gpu
+    lm = reference_lm(run)
+    shared = [ingested, emb]
     needs = {p.needs for p in parsed}
-    if "semdedup" in needs:  # in isolation: SemDeDup sees the whole baseline
-        step_dirs.append(semdedup(embeddings=emb, config=c.dedup_config, prev=emb, prev_step="embed", run=run))
-    if "decontam" in needs:  # the eval sets are embedded with the same model as the training data
-        step_dirs.append(decontam(embeddings=emb, eval_cache=eval_cache, benchmarks=benchmarks,
-                                  embed_config=embed_config, config=c.decontam_config, prev=emb,
-                                  prev_step="embed", run=run))
-    if "perplexity" in needs:
-        step_dirs.append(score(run=run, model=lm, prev=emb, prev_step="embed"))
+    for step in CURATE_STEPS:  # in isolation: each sees the whole embedded baseline
+        if step.name in needs:
+            shared.append(LAUNCHERS[step.name](run, emb))
     rephrased = None
     if any(p.kind == "rephrased" for p in parsed):
-        rephrased = rephrase(run_dir=run, config=tiny_rephrase_config(), model_dir=lm, prev=emb,
-                             prev_step="embed").out_dir
+        rcfg = tiny_rephrase_config()
+        rephrased = rephrase_samples(run=ingested, config=rcfg, model_dir=lm, prev=emb).with_overrides(
+            **overrides("rephrase", rcfg, gpu)).out
+    train_profile = overrides("train", c.train_config, gpu)
     vision = build_tiny_vision_tower()
     exports, ckpts, metrics, base_export = [], [], [], None
     for p in parsed:
-        ids = select_variant(step_dirs=step_dirs, variant=p.spec)
-        ex = export_dataset(run_dir=run, step_dirs=[emb], steps=["ingest", "embed"], subset_ids=ids,
-                            subset_name=p.name, rephrased=rephrased if p.kind == "rephrased" else None)
-        tr = train(data=ex, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, config=c.train_config,
-                   run_name=p.spec)
+        ids = select_variant(steps=shared, variant=p.spec)
+        ex = export_dataset(run=ingested, steps=[emb], subset_ids=ids, subset_name=p.name,
+                            rephrased=rephrased if p.kind == "rephrased" else None)
+        tr = train_mini_llava(data=ex.dir, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision,
+                              config=c.train_config, run_name=p.spec).with_overrides(**train_profile)
         exports.append(ex)
         ckpts.append(tr.checkpoints)
         metrics.append(tr.metrics)
@@ -98,14 +87,16 @@ def ablate_steps(
     seed_ckpts, seed_metrics = [], []
     if base_export is not None:  # the noise floor: the same baseline data, other seeds (init, order, held-out set)
         for k in range(1, c.baseline_seeds):
-            tr = train(data=base_export, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision,
-                       config=override(c.train_config, seed=c.train_config.seed + k), run_name=seed_run_name(k))
+            tr = train_mini_llava(data=base_export.dir, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision,
+                                  config=override(c.train_config, seed=c.train_config.seed + k),
+                                  run_name=seed_run_name(k)).with_overrides(**train_profile)
             seed_ckpts.append(tr.checkpoints)
             seed_metrics.append(tr.metrics)
     uris = checkpoint_uris(per_variant=ckpts, seeds=seed_ckpts)
+    evaluate = evaluation if gpu else evaluation_cpu
     ev = evaluate(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=c.eval_max_samples)
     table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
-                             tokenizer=lm, output_dir=output_dir, step_dirs=step_dirs, known_bad_ids=known_bad_ids,
+                             tokenizer=lm, output_dir=output_dir, steps=shared, known_bad_ids=known_bad_ids,
                              seed_checkpoints=uris.per_seed, train_metrics=metrics, seed_train_metrics=seed_metrics)
     return AblationOutputs(comparison=table, evaluation=ev)
 
@@ -148,7 +139,7 @@ def ablate(
         them each variant removed and kept.
 
     Every input is checked first (validate_ablate_inputs, seconds); the grid then runs in `ablate_steps`.
-    The tiny embed preset runs every step on its CPU twin; production presets request GPUs.
+    The tiny embed preset makes a CPU run (every node on two CPUs); production presets request GPUs.
     """
     inputs = dict(source=source, image_root=image_root, variants=variants, eval_cache=eval_cache, config=config,
                   benchmarks=benchmarks, reference_source=reference_source, reference_image_root=reference_image_root,

@@ -10,6 +10,7 @@ from core.foundation.configs import preset
 from core.steps.perplexity.config import PerplexityConfig
 from core.steps.perplexity.slices import SliceConfig
 from tasks.perplexity import score_perplexity, slice_by_perplexity, train_reference_lm
+from tasks.types import StepOut, step_out
 
 
 @workflow
@@ -19,7 +20,7 @@ def perplexity_slices(
     config: PerplexityConfig = preset(PerplexityConfig, "reference"),
     slice_config: SliceConfig = preset(SliceConfig, "deciles"),
     lm_steps: int = 300,
-) -> FlyteDirectory:
+) -> StepOut:
     """Score an ingested run with the embedded tiny LM and cut it by perplexity.
 
     :param run: Ingest output directory (shards/ + ledger/ingest).
@@ -28,8 +29,9 @@ def perplexity_slices(
     :param slice_config: SliceConfig: `slices` (equal-size id lists, the default) or `range` (drop above high_pct).
     :param lm_steps: Training steps of the reference LM.
     """
-    model = train_reference_lm(run=run, reference_ids=reference_ids, steps=lm_steps)
-    scores = score_perplexity(run=run, model=model, prev=run, prev_step="ingest", config=config)
+    ingested = step_out(dir=run, step="ingest")
+    model = train_reference_lm(run=ingested, reference_ids=reference_ids, steps=lm_steps)
+    scores = score_perplexity(run=ingested, model=model, prev=ingested, config=config)
     return slice_by_perplexity(scores=scores, config=slice_config)
 
 

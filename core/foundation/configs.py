@@ -21,9 +21,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import typing
 from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -94,6 +97,12 @@ def load_config(cls: type[C], data: Any = None, preset: C | None = None) -> C:
     name = cls.__name__
     values = _read(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for old, new in getattr(cls, "_renamed", {}).items():  # keys renamed in a release: still read, with a warning
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{name}: both {old!r} and its new name {new!r} given; keep {new!r}")
+            log.warning("%s: key %r is now %r (the old name is read for now)", name, old, new)
+            values[new] = values.pop(old)
     if "preset" in values and "preset" not in fields:  # {"preset": "siglip2", ...}: that preset is the base
         preset = _registered(cls, values.pop("preset"))
     unknown = [k for k in values if k not in fields]

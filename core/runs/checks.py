@@ -177,14 +177,14 @@ def check_config(p: Problems, name: str, cfg: object) -> bool:
 
 
 def check_run_inputs(p: Problems, *, source: str, image_root: str, format: str, known_bad_ids: str | None,
-                     shard_max_samples: int, dedup_config: object, decontam_config: object,
+                     shard_max_samples: int, semdedup_config: object, decontam_config: object,
                      reference_source: str, reference_image_root: str) -> None:
     """The inputs `curate` and `ablate` share: the data and its format, the known-bad id list, ingest shard
     size, the dedup/decontam configs and the optional trusted reference set."""
     check_data(p, source, image_root, format)
     check_id_list(p, "known_bad_ids", known_bad_ids)
     in_range(p, "shard_max_samples", shard_max_samples, lo=1)
-    check_config(p, "dedup_config", dedup_config)
+    check_config(p, "semdedup_config", semdedup_config)
     check_config(p, "decontam_config", decontam_config)
     if reference_source:
         check_source(p, "reference_source", reference_source)

@@ -3,8 +3,8 @@ crosses the Flyte boundary whole.
 
 Step switches plus each step's own config dataclass; the data paths (source, image root, eval cache, output
 folder, ...) and ablate's variants and benchmarks stay workflow inputs. On the command line `--config '{...}'` is a partial JSON merged onto the
-default preset (`demo`, `tiny`) by the one override rule of core/foundation/configs.py: `{"decontaminate": true, "embed_config": "siglip2",
-"dedup_config": {"target_removal": 0.2}}` (a nested config takes a dict merged onto it, or a preset name).
+default preset (`demo`, `tiny`) by the one override rule of core/foundation/configs.py: `{"decontam": true, "embed_config": "siglip2",
+"semdedup_config": {"target_removal": 0.2}}` (a nested config takes a dict merged onto it, or a preset name).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from core.steps.dedup.config import (
     tiny_dedup_config,
 )
 from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
+from core.steps.filters.image_filter import ImageFilterConfig, qwen2vl_image_filter_config
 from core.steps.perplexity.config import PerplexityConfig, reference_perplexity_config
 from core.steps.perplexity.slices import SliceConfig, p90_slice_config
 from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
@@ -34,17 +35,20 @@ class CurateConfig(ConfigJSON):
     """Step switches and per-step configs of `curate` (ingest, embed and export always run).
 
     :param shard_max_samples: Samples per ingested shard (the unit of streaming and resume).
-    :param embed_config: Embedding model and Ray actors (`tiny` preset: the embedded CPU model, and then every
-        step runs its CPU twin; `siglip2`: production, GPU tasks).
-    :param decontaminate: Drop training samples that are near-copies of eval items (embedded with the same model),
+    :param image_filter: Drop samples with an image too small or too elongated to train on (`image_too_small`,
+        `image_aspect_ratio`), before embedding spends anything on them.
+    :param image_filter_config: Its thresholds (presets `qwen2vl` (default), `datacomp`, `cc3m`).
+    :param embed_config: Embedding model and Ray actors (`tiny` preset: the embedded CPU model, and the run is a
+        CPU run: every step gets the CPU profile; `siglip2`: production, a GPU run; core/runs/steps.py).
+    :param decontam: Drop training samples that are near-copies of eval items (embedded with the same model),
         reason `eval_contamination:<benchmark>`; needs the workflow's `eval_cache`.
     :param decontam_benchmarks: Benchmarks to decontaminate against.
     :param decontam_config: Similarity threshold, mined neighbours per eval item, embedding kind.
     :param semdedup: Run SemDeDup on the embeddings.
-    :param dedup_config: SemDeDup (target_removal or eps, n_clusters, keep policy, embedding kind).
+    :param semdedup_config: SemDeDup (target_removal or eps, n_clusters, keep policy, embedding kind).
     :param perplexity: Score conversations with a reference LM and drop by perplexity percentile.
     :param lm_steps: Training steps of the embedded reference LM.
-    :param ppl_config: Perplexity scoring (mode `assistant_only` or `text`, device, batch budget, ...).
+    :param perplexity_config: Perplexity scoring (mode `assistant_only` or `text`, device, batch budget, ...).
     :param ppl_filter_config: The percentile range kept (range mode: `low_pct`, `high_pct`).
     :param rephrase: Rephrase question/answer turns with an LLM (validated; rejected ones keep the original).
     :param rephrase_config: Rephrasing LLM and validation (`tiny` preset: embedded CPU model; `qwen`: vLLM).
@@ -52,15 +56,17 @@ class CurateConfig(ConfigJSON):
     """
 
     shard_max_samples: int = 1000
+    image_filter: bool = False
+    image_filter_config: ImageFilterConfig = field(default_factory=qwen2vl_image_filter_config)
     embed_config: EmbedConfig = field(default_factory=tiny_embed_config)
-    decontaminate: bool = False
+    decontam: bool = False
     decontam_benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
     decontam_config: DecontamConfig = field(default_factory=tiny_decontam_config)
     semdedup: bool = True
-    dedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
+    semdedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
     perplexity: bool = True
     lm_steps: int = 300
-    ppl_config: PerplexityConfig = field(default_factory=reference_perplexity_config)
+    perplexity_config: PerplexityConfig = field(default_factory=reference_perplexity_config)
     ppl_filter_config: SliceConfig = field(default_factory=p90_slice_config)
     rephrase: bool = False
     rephrase_config: RephraseConfig = field(default_factory=tiny_rephrase_config)
@@ -72,6 +78,12 @@ class CurateConfig(ConfigJSON):
             raise ValueError(f"ppl_filter_config.mode={self.ppl_filter_config.mode!r}; curate keeps a percentile range "
                              "(mode 'range'); perplexity slices are the perplexity_slices workflow's")
 
+# the names before every step had one name (ledger = switch = config field prefix = launcher): still read
+# (a plain class attribute, not a field: load_config maps them with a warning)
+CurateConfig._renamed = {"decontaminate": "decontam", "dedup_config": "semdedup_config",
+                         "ppl_config": "perplexity_config"}
+
+
 @register_preset(CurateConfig, "demo", default=True)
 def demo_curate_config() -> CurateConfig:
     """The embedded CPU models on every step (demo, tests): SemDeDup and perplexity on, decontam and rephrase off."""
@@ -81,10 +93,10 @@ def demo_curate_config() -> CurateConfig:
 @register_preset(CurateConfig, "mammoth_v1")
 def mammoth_v1_curate_config() -> CurateConfig:
     """Production MAmmoTH-VL curation: SigLIP2 embeddings on GPU, SemDeDup removing exactly 10% over 1200
-    clusters, decontamination at the SigLIP2 threshold 0.95 (switch on with decontaminate + eval_cache), perplexity
+    clusters, decontamination at the SigLIP2 threshold 0.95 (switch on with decontam + eval_cache), perplexity
     drop above p90, 5000-sample ingest and export shards."""
     return CurateConfig(shard_max_samples=5000, embed_config=siglip2_embed_config(),
-                        dedup_config=target_dedup_config(0.10, n_clusters=1200),
+                        semdedup_config=target_dedup_config(0.10, n_clusters=1200),
                         decontam_config=preset(DecontamConfig, "default"), export_max_samples=5000)
 
 
@@ -93,8 +105,8 @@ class AblateConfig(ConfigJSON):
     """The shared steps and the per-variant training/eval recipe of `ablate` (variants and benchmarks are inputs).
 
     :param shard_max_samples: Samples per ingested shard.
-    :param embed_config: Embedding model (`tiny`: the embedded CPU model, and every step runs its CPU twin).
-    :param dedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
+    :param embed_config: Embedding model (`tiny`: the embedded CPU model, a CPU run: every step gets the CPU profile).
+    :param semdedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
     :param decontam_config: Decontamination threshold and mined neighbours per eval item (decontam, mined).
     :param lm_steps: Training steps of the embedded reference LM.
     :param train_config: The training recipe of every variant (TrainConfig: epochs = one checkpoint per epoch,
@@ -106,7 +118,7 @@ class AblateConfig(ConfigJSON):
 
     shard_max_samples: int = 1000
     embed_config: EmbedConfig = field(default_factory=tiny_embed_config)
-    dedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
+    semdedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
     decontam_config: DecontamConfig = field(default_factory=tiny_decontam_config)
     lm_steps: int = 300
     train_config: TrainConfig = field(default_factory=default_train_config)
@@ -116,6 +128,9 @@ class AblateConfig(ConfigJSON):
     def __post_init__(self) -> None:
         check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None),
                             "eval_max_samples": (0, None), "baseline_seeds": (1, None)})
+
+
+AblateConfig._renamed = {"dedup_config": "semdedup_config"}
 
 
 @register_preset(AblateConfig, "tiny", default=True)

@@ -47,9 +47,9 @@ class Step:
 
 CURATE_STEPS: tuple[Step, ...] = (
     Step("ingest", None, None, True, False, "read the source into WDS shards; quarantine what cannot be read"),
-    Step("embed", None, "embed_config", True, True, "image and text embeddings (SigLIP2 in production)"),
     Step("image_filter", "image_filter", "image_filter_config", True, False,
          "drop images too small or too elongated to train on"),
+    Step("embed", None, "embed_config", True, True, "image and text embeddings (SigLIP2 in production)"),
     Step("decontam", "decontam", "decontam_config", True, True, "drop near-copies of eval items"),
     Step("semdedup", "semdedup", "semdedup_config", False, True, "SemDeDup: drop semantic near-duplicates"),
     Step("perplexity", "perplexity", "perplexity_config", True, True, "score conversations with a reference LM"),

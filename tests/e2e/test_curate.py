@@ -25,6 +25,7 @@ from core.demo.eval_fixtures import write_fixtures
 from core.demo.score import score_run
 from core.foundation.ledger import PASSING, LedgerError, LedgerWriter, read_ledger, step_dir
 from core.io.wds import iter_samples, list_shards
+from tasks.types import StepOut
 
 N_SAMPLES = 60  # >= core.demo.MIN_SAMPLES; ~50 survive ingest
 SHARD = 25  # ingest shards: 3 for ~50 samples
@@ -72,7 +73,7 @@ def _curate(demo: Path, output_dir: Path, config: dict | None = None, **kw):
 def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_local_cache, monkeypatch, tmp_path,
                                                        capsys):
     out = tmp_path / "run"
-    on = dict(rephrase=True, rephrase_config="tiny", decontaminate=True, decontam_benchmarks=["docvqa", "chartqa"])
+    on = dict(rephrase=True, rephrase_config="tiny", decontam=True, decontam_benchmarks=["docvqa", "chartqa"])
     ref = dict(reference_source=str(demo / "reference" / "data.json"),
                reference_image_root=str(demo / "reference" / "images"),
                reference_ids=FlyteFile(str(demo / "reference" / "ground_truth.json")),
@@ -248,12 +249,12 @@ def test_summarize_run_fails_loudly_on_unbalanced_ledgers(tmp_path):
     lost = _ledger(tmp_path / "lost", "semdedup", {"a": "keep", "b": "drop"})  # "c" has no decision
     stray = _ledger(tmp_path / "stray", "semdedup", {"a": "keep", "b": "drop", "c": "keep", "q": "keep"})
 
-    out = summarize_run(step_dirs=[ingest, good], steps=["ingest", "semdedup"])  # balanced: passes
+    out = summarize_run(steps=[StepOut("ingest", ingest), StepOut("semdedup", good)])  # balanced: passes
     assert json.loads(Path(out.path, "summary.json").read_text())["final_samples"] == 2
     for bad, expect in ((lost, r"1 inputs without a decision \(e.g. \['c'\]\)"),
                         (stray, r"1 decisions for unknown ids \(e.g. \['q'\]\)")):
         with pytest.raises(Exception) as e:
-            summarize_run(step_dirs=[ingest, bad], steps=["ingest", "semdedup"])
+            summarize_run(steps=[StepOut("ingest", ingest), StepOut("semdedup", bad)])
         # flytekit may wrap the user error; the LedgerError must be in the chain
         chain, err = [], e.value
         while err is not None:

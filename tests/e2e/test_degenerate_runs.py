@@ -51,7 +51,7 @@ def test_degenerate_curate_runs_finish_and_say_what_happened(kind, tmp_path, loc
         from core.demo.eval_fixtures import write_fixtures
 
         write_fixtures(str(tmp_path / "eval_cache"))
-        changes |= dict(rephrase=True, decontaminate=True, decontam_benchmarks=["docvqa"])
+        changes |= dict(rephrase=True, decontam=True, decontam_benchmarks=["docvqa"])
         extra = dict(eval_cache=str(tmp_path / "eval_cache"))
         steps = ["ingest", "embed", "decontam", "semdedup", "perplexity", "ppl_filter", "rephrase", "export"]
     curate(source=str(src), image_root=str(tmp_path), config=preset(CurateConfig, "demo", **changes),

@@ -17,6 +17,7 @@ from core.foundation.ledger import PASSING, LedgerWriter, step_dir
 from core.io.ingest import IngestConfig, ingest
 from tasks.decks import save_decks
 from tasks.steplog import step_started
+from tasks.types import StepOut
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -132,8 +133,8 @@ def test_run_report_index_links_every_step_page(tmp_path):
     _page(tmp_path / "dedup", "semdedup", "<p>semdedup body</p>")
     _ledger(tmp_path / "ppl", "ppl_filter", {"g1": "keep", "g2": "drop", "g3": "keep"}, "ppl_above_p90")
     (tmp_path / "bad.txt").write_text("g0\n")
-    out = summarize_run(step_dirs=[FlyteDirectory(str(tmp_path / d)) for d in ("ingest", "dedup", "ppl")],
-                        steps=["ingest", "semdedup", "ppl_filter"], known_bad_ids=FlyteFile(str(tmp_path / "bad.txt")),
+    out = summarize_run(steps=[StepOut(s, FlyteDirectory(str(tmp_path / d))) for s, d in
+                               (("ingest", "ingest"), ("semdedup", "dedup"), ("ppl_filter", "ppl"))], known_bad_ids=FlyteFile(str(tmp_path / "bad.txt")),
                         config=preset(CurateConfig, "demo"))
     decks = Path(out.path) / "decks"
     pages = sorted(p.stem for p in decks.glob("*.html"))

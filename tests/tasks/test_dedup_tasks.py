@@ -15,6 +15,7 @@ from core.foundation.sample import Sample, Turn
 from core.foundation.step import Passing
 from core.io.wds import write_shards
 from core.steps.dedup.config import DecontamConfig, SemDedupConfig
+from tasks.types import StepOut
 
 
 @pytest.fixture(autouse=True)
@@ -53,24 +54,29 @@ def world(tmp_path):
     return emb, run, ids, planted
 
 
+def _out(d, step):
+    return StepOut(step, FlyteDirectory(str(d)))
+
+
 def test_semdedup_wf_map_task_matches_single_task(world):
     from tasks.dedup import dedup_embeddings
-    from workflows.dedup import semdedup_wf
+    from workflows.dedup import semdedup
 
     emb, run, ids, planted = world
     cfg = SemDedupConfig(n_clusters=4, target_removal=0.1, kmeans_iters=5, chunk_size=32, cluster_groups=3,
                          max_parallel_groups=2, device="cpu", sweep_subsample=150)
-    out = semdedup_wf(embeddings=FlyteDirectory(str(emb)), config=cfg, prev=FlyteDirectory(str(run)),
-                      prev_step="ingest", run=FlyteDirectory(str(run)))
-    out_dir = out.download() if hasattr(out, "download") else str(out)
+    out = semdedup(embeddings=_out(emb, "embed"), config=cfg, prev=_out(run, "ingest"), run=_out(run, "ingest"),
+                   gpu=False)
+    assert out.step == "semdedup"
+    out_dir = out.dir.download()
     summary = json.loads(open(os.path.join(out_dir, "semdedup", "summary.json")).read())
     assert summary["n_removed"] == round(0.1 * len(ids)) and summary["n_deduped"] == len(ids)
     bal = check_balance([str(run), out_dir], ["ingest", "semdedup"])
     assert bal[1].dropped == summary["n_removed"]
-    single = dedup_embeddings(embeddings=FlyteDirectory(str(emb)), config=cfg, prev=FlyteDirectory(str(run)),
-                              prev_step="ingest", run=FlyteDirectory(str(run)))
+    single = dedup_embeddings(embeddings=_out(emb, "embed"), config=cfg, prev=_out(run, "ingest"),
+                              run=_out(run, "ingest"))
     a = read_ledger(step_dir(out_dir, "semdedup")).sort_values("sample_id")
-    b = read_ledger(step_dir(single.download(), "semdedup")).sort_values("sample_id")
+    b = read_ledger(step_dir(single.dir.download(), "semdedup")).sort_values("sample_id")
     assert a.decision.tolist() == b.decision.tolist()
 
 
@@ -90,8 +96,8 @@ def test_report_gallery_shows_images_and_text(world):
     assert "not found in shards" not in html
 
 
-def test_decontaminate_evals_task(world, tmp_path):
-    from tasks.dedup import decontaminate_evals
+def test_decontam_task(world, tmp_path):
+    from tasks.dedup import decontam
 
     emb, run, ids, _ = world
     from core.steps.dedup.embeddings import load_embeddings
@@ -100,10 +106,9 @@ def test_decontaminate_evals_task(world, tmp_path):
     ev = tmp_path / "ev"
     (ev / "embed").mkdir(parents=True)  # an embed output of ingest_eval_sets shards: files named <benchmark>-NNNNNN
     write_embedding_parquet(str(ev / "embed" / "countbench-000000.parquet"), ["q0", "q1"], tx[[5, 7]] * 2.0, tx[[5, 7]])
-    out = decontaminate_evals(embeddings=FlyteDirectory(str(emb)), evals=FlyteDirectory(str(ev)),
-                              config=DecontamConfig(threshold=0.999, k=3), prev=FlyteDirectory(str(run)),
-                              prev_step="ingest")
-    d = out.download()
+    out = decontam(embeddings=_out(emb, "embed"), evals=_out(ev, "embed"),
+                   config=DecontamConfig(threshold=0.999, k=3), prev=_out(run, "ingest"))
+    d = out.dir.download()
     led = read_ledger(step_dir(d, "decontam"))
     drops = led[led.decision == "drop"]
     assert set(drops.sample_id) >= {tid[5], tid[7]}
@@ -130,7 +135,7 @@ def test_prune_map_task_serializes_its_concurrency_cap(tmp_path):
     for i in range(5):
         (tmp_path / f"g{i}.npz").write_bytes(b"x")
         groups.append(FlyteFile(str(tmp_path / f"g{i}.npz")))
-    for cap, on_cpu in ((1, False), (3, True)):
+    for cap, gpu in ((1, True), (3, False)):
         cfg = tiny_dedup_config()
         cfg.max_parallel_groups = cap
         ctx = FlyteContextManager.current_context().with_serialization_settings(settings)
@@ -138,10 +143,11 @@ def test_prune_map_task_serializes_its_concurrency_cap(tmp_path):
         with FlyteContextManager.with_context(ctx) as c:
             # every input, defaults included, as propeller passes them (an omitted one would stay a Promise)
             spec = prune_groups.compile_into_workflow(c, prune_groups._task_function, groups=groups, config=cfg,
-                                                      on_cpu=on_cpu)
+                                                      gpu=gpu)
         assert isinstance(spec, DynamicJobSpec)
         arrays = [n.array_node.to_flyte_idl() for n in spec.nodes if n.array_node is not None]
         assert len(arrays) == 1 and arrays[0].parallelism == cap
         worker = arrays[0].node.task_node.reference_id.name
-        m = re.search(r"\.map_prune_cluster_group(_cpu)?_[0-9a-f]+-arraynode$", worker)  # the CPU twin on tiny
-        assert m is not None and m.group(1) == ("_cpu" if on_cpu else None), worker
+        assert re.search(r"\.map_prune_cluster_group_[0-9a-f]+-arraynode$", worker), worker  # one task, no twin
+        gpus = {r.name: r.value for r in arrays[0].node.task_node.overrides.resources.requests}
+        assert gpus[2] == ("1" if gpu else "0"), gpus  # the profile rides on the node (2 = GPU)

@@ -12,6 +12,7 @@ from flytekit.types.directory import FlyteDirectory
 from core.foundation.configs import preset
 from core.train.config import TrainConfig
 from core.train.mini_llava import load_mini_llava
+from tasks.types import StepOut
 from tests.unit.test_export import _make_run
 
 
@@ -37,8 +38,9 @@ def exported(flyte_env):
     from tasks.export import export_dataset
 
     run, kept = _make_run(flyte_env)
-    out = export_dataset(run_dir=FlyteDirectory(str(run)), max_samples=10)
-    return out, kept
+    out = export_dataset(run=StepOut("ingest", FlyteDirectory(str(run))), max_samples=10)
+    assert out.step == "export"
+    return out.dir, kept
 
 
 def test_export_task(exported):

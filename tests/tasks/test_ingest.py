@@ -162,7 +162,7 @@ def test_cached_ingest_reruns_when_the_files_change(dataset, tmp_path, flyte_loc
     def run():
         fp = fingerprint_source(source=str(src), image_root=str(img))
         out = ingest_dataset(source=str(src), image_root=str(img), source_fingerprint=fp)
-        return read_ledger(step_dir(out.path, "ingest"))
+        return read_ledger(step_dir(out.dir.path, out.step))
 
     first = run()
     assert len(run()) == len(first) and len(calls) == 1  # the second run came from the cache

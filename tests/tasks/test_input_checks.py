@@ -58,7 +58,7 @@ def test_validate_task_reports_every_bad_input_at_once(tmp_path):
 
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    cfg = preset(CurateConfig, "demo", decontaminate=True, decontam_benchmarks=["docvqa", "docvq"])
+    cfg = preset(CurateConfig, "demo", decontam=True, decontam_benchmarks=["docvqa", "docvq"])
     kw = dict(source=str(empty), image_root=str(tmp_path / "missing"), config=cfg, eval_cache=str(tmp_path))
     with pytest.raises(InputError) as e:
         validate_curate_inputs(**kw)
@@ -75,15 +75,15 @@ def test_curate_config_rejects_bad_values_when_built():
                            ({"ppl_filter_config": {"high_pct": 150}},
                             "SliceConfig: high_pct=150.0 out of range; valid: (0, 100]"),
                            ({"ppl_filter_config": {"low_pct": 50, "high_pct": 40}}, "low_pct=50.0 must be below"),
-                           ({"dedup_config": {"tagret": 0.1}}, "did you mean 'target_removal'"),
+                           ({"semdedup_config": {"tagret": 0.1}}, "did you mean 'target_removal'"),
                            ({"embed_config": "siglip3"}, "unknown preset 'siglip3'; valid: tiny, siglip2")):
         with pytest.raises(ConfigError) as e:
             CurateConfig.from_json(json.dumps(change))
         assert needle in str(e.value), (needle, str(e.value))
-    cfg = CurateConfig.from_json('{"embed_config": "siglip2", "dedup_config": {"eps": 0.05}}')
-    assert cfg.embed_config.num_gpus == 1 and cfg.dedup_config.eps == 0.05
-    assert cfg.dedup_config.target_removal is None  # eps set: the preset's target is cleared (_merge_onto)
-    assert cfg.dedup_config.n_clusters == tiny_dedup_config().n_clusters  # the rest from the nested current value
+    cfg = CurateConfig.from_json('{"embed_config": "siglip2", "semdedup_config": {"eps": 0.05}}')
+    assert cfg.embed_config.num_gpus == 1 and cfg.semdedup_config.eps == 0.05
+    assert cfg.semdedup_config.target_removal is None  # eps set: the preset's target is cleared (_merge_onto)
+    assert cfg.semdedup_config.n_clusters == tiny_dedup_config().n_clusters  # the rest from the nested current value
     assert CurateConfig.from_json('{"preset": "mammoth_v1"}') == preset(CurateConfig, "mammoth_v1")
 
 
@@ -94,7 +94,7 @@ def test_validate_task_accepts_good_inputs(tmp_path):
 
     generate_demo(str(tmp_path / "d"), n_samples=40, seed=0)
     write_fixtures(str(tmp_path / "ec"))
-    cfg = preset(CurateConfig, "demo", shard_max_samples=10, decontaminate=True,
+    cfg = preset(CurateConfig, "demo", shard_max_samples=10, decontam=True,
                  decontam_benchmarks=["docvqa", "chartqa"], lm_steps=10, export_max_samples=10)
     out = validate_curate_inputs(source=str(tmp_path / "d" / "data.json"), image_root=str(tmp_path / "d" / "images"),
                                  config=cfg, eval_cache=str(tmp_path / "ec"))
@@ -153,7 +153,7 @@ def test_cli_lists_choices_and_rejects_bad_ones_before_running(tmp_path):
     out = " ".join((bad.stderr + bad.stdout).replace("│", " ").split())  # rich wraps the message
     assert bad.returncode != 0 and "siglip3" in out and "siglip2" in out
     bad = _pyflyte_run("--source", "x.json", "--image_root", str(tmp_path), "--config",
-                       '{"dedup_config": {"tagret": 0.1}}')
+                       '{"semdedup_config": {"tagret": 0.1}}')
     out = " ".join((bad.stderr + bad.stdout).replace("│", " ").split())
     assert bad.returncode != 0 and "did you mean 'target_removal'" in out
 

@@ -18,6 +18,7 @@ import pytest
 from core.foundation.ledger import LedgerError, LedgerWriter, check_balance, read_ledger, step_dir
 from core.runs.ledger_stream import id_buckets, merge_run_ledgers
 from core.runs.summary import write_run_summary
+from tasks.types import StepOut
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,8 +176,8 @@ def test_publishing_again_into_the_same_folder_leaves_no_step_of_the_earlier_run
 
     dirs, _ = _run(tmp_path / "run")
     out = tmp_path / "published"
-    summarize_run(step_dirs=[FlyteDirectory(str(d)) for d in dirs], steps=STEPS, output_dir=str(out))
+    summarize_run(steps=[StepOut(s, FlyteDirectory(str(d))) for s, d in zip(STEPS, dirs)], output_dir=str(out))
     assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(STEPS)
-    summarize_run(step_dirs=[FlyteDirectory(str(d)) for d in dirs[:2]], steps=STEPS[:2], output_dir=str(out))
+    summarize_run(steps=[StepOut(s, FlyteDirectory(str(d))) for s, d in zip(STEPS[:2], dirs[:2])], output_dir=str(out))
     assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(STEPS[:2])
     assert set(read_ledger(out / "ledger")["step"]) == set(read_ledger(out / "ledger.parquet")["step"]) == set(STEPS[:2])

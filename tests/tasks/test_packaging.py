@@ -228,16 +228,27 @@ def test_make_register_refuses_a_dirty_tree():
 
 
 # ---------------------------------------------------------------- what a cluster accepts (protobufs, flyteidl)
-from tests.package_checks import _nodes, package_problems, reachable_tasks, read_entities, task_gpus  # noqa: E402
+from tests.package_checks import (  # noqa: E402
+    _nodes,
+    package_problems,
+    reachable_tasks,
+    read_entities,
+    spec_gpus,
+    task_gpus,
+)
 
 # Steps that need a GPU in production, and the CPU twins the tiny presets run instead.
 GPU_TASKS = ["tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.dedup.prune_cluster_group",
              "tasks.perplexity.score_perplexity", "tasks.rephrase.rephrase_samples", "tasks.train.train_mini_llava",
              "tasks.evals.evaluate_checkpoint_benchmarks", "tasks.mixing.train_expert", "tasks.mixing.evaluate_soup",
              "tasks.targeted.generate_targeted_shard"]
-# static; curate_demo/standard_ablation and targeted generation's map (a @dynamic): see the dynamic tests
-TINY_PLANS = ["embedding_tiny", "semdedup_tiny", "mixing_demo", "targeted_demo", "targeted_ablation_demo"]
-GPU_PLANS = ["embedding_siglip2", "semdedup_target10", "nightly_eval", "perplexity_deciles", "targeted_qwen_vl"]
+# static; curate_demo/standard_ablation, embedding_*, semdedup_* and targeted generation's map (@dynamic bodies
+# whose profiles come from their inputs): see the dynamic tests
+TINY_PLANS = ["mixing_demo", "targeted_demo", "targeted_ablation_demo"]
+GPU_PLANS = ["nightly_eval", "perplexity_deciles", "targeted_qwen_vl"]
+# the curation steps' GPU tasks: their profile is a node override, there is no CPU twin any more
+STEP_GPU_TASKS = ["tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.dedup.prune_cluster_group",
+                  "tasks.dedup.decontam", "tasks.perplexity.score_perplexity", "tasks.rephrase.rephrase_samples"]
 # production workflows without a named plan of their own, and the tiny twins of each
 GPU_WORKFLOWS = ["workflows.mixing.mixing_search", "workflows.mixing.soup_mixing",
                  "workflows.targeted.targeted_generation", "workflows.targeted.targeted_ablation"]
@@ -263,7 +274,13 @@ def test_package_is_what_a_cluster_accepts(entities):
 def test_gpu_requests_on_production_steps_none_on_their_cpu_twins(entities):
     for name in GPU_TASKS:
         assert task_gpus(entities.tasks[name]) >= 1, f"{name} requests no GPU"
-        assert task_gpus(entities.tasks[name + "_cpu"]) == 0, f"{name}_cpu requests a GPU"
+        if name in STEP_GPU_TASKS:  # profiles, not twins
+            assert name + "_cpu" not in entities.tasks, f"{name}_cpu is a twin task"
+        else:
+            assert task_gpus(entities.tasks[name + "_cpu"]) == 0, f"{name}_cpu requests a GPU"
+    assert not [n for n in entities.workflows if n.startswith(("workflows.dedup.", "workflows.embed.",
+                                                               "workflows.curate.", "workflows.ablate."))
+                and n.endswith(("_cpu", "_cpu_wf"))]
     maps = {n: t for n, t in entities.tasks.items() if "map_evaluate_checkpoint_benchmarks" in n}
     assert sorted(task_gpus(t) for t in maps.values()) == [0, 1], maps.keys()  # the GPU and the CPU eval workers
 
@@ -377,25 +394,55 @@ def _dynamic_gpus(spec) -> dict:
 
 
 def test_curate_tiny_preset_runs_no_gpu_task_production_does():
+    """The compiled `curate_steps` of the demo preset requests no GPU on any node (overrides and Ray workers
+    included); the production preset's requests GPUs on the GPU steps, by the one profile rule."""
     from core.foundation.configs import override
+    from core.runs.steps import GPU_PROFILES
     from workflows.curate import curate_demo, curate_steps, mammoth_v1_curation
 
     paths = dict(source="s.json", image_root="img", eval_cache="ec")
-    on = dict(decontaminate=True, rephrase=True)
+    on = dict(decontam=True, rephrase=True)
     demo_cfg = override(curate_demo.saved_inputs["config"], **on)
     demo = compile_dynamic(curate_steps, config=demo_cfg, **paths)
-    assert demo.tasks and not any(_dynamic_gpus(demo).values()), _dynamic_gpus(demo)
-    assert {w.id.name for w in demo.subworkflows} == {"workflows.opening.ingest_embed_cpu",
-                                                      "workflows.dedup.semdedup_cpu_wf",
-                                                      "workflows.dedup.decontamination_cpu_wf"}
+    gpus = spec_gpus(demo)
+    assert demo.tasks and not any(gpus.values()), gpus
+    assert not demo.subworkflows  # the launchers create the nodes inline: no twin sub-workflows
+    assert not any(t.id.name.endswith("_cpu") for t in demo.tasks)
     prod_cfg = override(mammoth_v1_curation.saved_inputs["config"], **on)
     prod = compile_dynamic(curate_steps, config=prod_cfg, **paths)
-    gpus = _dynamic_gpus(prod)
+    gpus = spec_gpus(prod)
     assert prod_cfg.embed_config.num_gpus >= 1 and prod_cfg.embed_config.model_name.endswith("SigLIP2-378")
-    for name in ("tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.perplexity.score_perplexity"):
+    for name in ("tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.dedup.decontam",
+                 "tasks.perplexity.score_perplexity"):
         assert gpus[name] >= 1, gpus
-    assert {w.id.name for w in prod.subworkflows} == {"workflows.opening.ingest_embed", "workflows.dedup.semdedup_wf",
-                                                      "workflows.dedup.decontamination_wf"}
+    assert gpus["tasks.rephrase.rephrase_samples"] == 0  # the production preset's rephrase config says device cpu
+    tasks = {t.id.name: t for t in prod.tasks}
+    score = next(n for n in prod.nodes if n.WhichOneof("target") == "task_node"
+                 and n.task_node.reference_id.name == "tasks.perplexity.score_perplexity")
+    req = {r.name: r.value for r in score.task_node.overrides.resources.requests}
+    assert req == {1: GPU_PROFILES["perplexity"].cpu, 2: "1", 3: GPU_PROFILES["perplexity"].mem}, req
+    assert tasks["tasks.perplexity.score_perplexity"].container.image  # bound
+
+
+def test_curate_runs_the_step_table_in_order():
+    """`curate_steps` holds no step-specific wiring: its nodes follow the table's order for any switch set."""
+    from core.foundation.configs import override
+    from core.runs.steps import active_steps
+    from workflows.curate import curate_demo, curate_steps
+
+    for on in ({}, {"decontam": True, "rephrase": True, "image_filter": True}, {"semdedup": False, "perplexity": False}):
+        cfg = override(curate_demo.saved_inputs["config"], **on)
+        spec = compile_dynamic(curate_steps, config=cfg, source="s.json", image_root="img", eval_cache="ec")
+        order = []
+        for n in spec.nodes:
+            name = n.task_node.reference_id.name if n.WhichOneof("target") == "task_node" else n.id
+            for step, task in (("ingest", "ingest_dataset"), ("image_filter", "filter_samples"), ("embed", "embed_shards"), ("decontam", "dedup.decontam"),
+                               ("semdedup", "decide_semdedup"), ("perplexity", "score_perplexity"),
+                               ("ppl_filter", "slice_by_perplexity"), ("rephrase", "rephrase_samples"),
+                               ("export", "export_dataset")):
+                if name.endswith(task) and step not in order:
+                    order.append(step)
+        assert order == [s.name for s in active_steps(cfg)], (on, order)
 
 
 def test_ablate_tiny_preset_runs_no_gpu_task_production_does():
@@ -406,30 +453,46 @@ def test_ablate_tiny_preset_runs_no_gpu_task_production_does():
     tiny_cfg = standard_ablation.saved_inputs["config"]
     assert tiny_cfg.embed_config.num_gpus == 0 and tiny_cfg.train_config.epochs == 2
     tiny = compile_dynamic(ablate_steps, **(standard_ablation.saved_inputs | on))
-    assert not any(_dynamic_gpus(tiny).values()), _dynamic_gpus(tiny)
-    assert {"workflows.evaluate.evaluation_cpu", "workflows.opening.ingest_embed_cpu"} <= {
-        w.id.name for w in tiny.subworkflows}
-    prod = _dynamic_gpus(compile_dynamic(ablate_steps, config=override(tiny_cfg, embed_config="siglip2"), **on))
+    assert not any(spec_gpus(tiny).values()), spec_gpus(tiny)
+    prod = spec_gpus(compile_dynamic(ablate_steps, config=override(tiny_cfg, embed_config="siglip2"), **on))
     for name in ("tasks.embed.embed_shards", "tasks.perplexity.score_perplexity", "tasks.train.train_mini_llava"):
         assert prod[name] >= 1, prod
+
+
+def test_one_step_workflows_take_their_profile_from_their_inputs(tmp_path):
+    """embedding and semdedup (the launch plans embedding_tiny/_siglip2, semdedup_tiny/_target10): their @dynamic
+    bodies request a GPU exactly when the plan's inputs make a GPU run."""
+    from flytekit.types.directory import FlyteDirectory
+
+    from tasks.types import StepOut
+    from workflows.dedup import semdedup_run, semdedup_target10_lp, semdedup_tiny_lp
+    from workflows.embed import embed_run, embedding_siglip2, embedding_tiny
+
+    d = FlyteDirectory(str(tmp_path))
+    for plan, gpu in ((embedding_tiny, False), (embedding_siglip2, True)):
+        gpus = spec_gpus(compile_dynamic(embed_run, shards=d, config=plan.saved_inputs["config"]))
+        assert (gpus["tasks.embed.embed_shards"] >= 1) == gpu, (plan.name, gpus)
+    for plan, gpu in ((semdedup_tiny_lp, False), (semdedup_target10_lp, True)):
+        gpus = spec_gpus(compile_dynamic(semdedup_run, embeddings=StepOut("embed", d), **plan.saved_inputs))
+        assert (gpus["tasks.dedup.cluster_embeddings"] >= 1) == gpu, (plan.name, gpus)
 
 
 def test_semdedup_map_task_cap_is_the_configs(tmp_path):
     from flytekit.types.file import FlyteFile
 
     from core.steps.dedup.config import target_dedup_config
-    from workflows.dedup import prune_groups
+    from workflows.steps import prune_groups
 
     cfg = target_dedup_config(0.1, n_clusters=8)
     cfg.max_parallel_groups = 3
     groups = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
     for g in groups:
         g.write_bytes(b"x")
-    for on_cpu, gpus in ((False, 1), (True, 0)):
-        spec = compile_dynamic(prune_groups, groups=[FlyteFile(str(g)) for g in groups], config=cfg, on_cpu=on_cpu)
+    for gpu, gpus in ((True, 1), (False, 0)):
+        spec = compile_dynamic(prune_groups, groups=[FlyteFile(str(g)) for g in groups], config=cfg, gpu=gpu)
         arrays = [n for n in spec.nodes if n.WhichOneof("target") == "array_node"]
         assert [n.array_node.parallelism for n in arrays] == [3]
-        assert [task_gpus(t) for t in spec.tasks] == [gpus]
+        assert list(spec_gpus(spec).values()) == [gpus]
 
 
 def test_targeted_generation_map_runs_the_cpu_twin_on_tiny_and_is_capped(tmp_path):

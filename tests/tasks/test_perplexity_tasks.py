@@ -14,6 +14,7 @@ from core.foundation.ledger import check_balance  # noqa: E402
 from core.io.wds import write_shards  # noqa: E402
 from core.steps.perplexity.config import PerplexityConfig  # noqa: E402
 from core.steps.perplexity.slices import SliceConfig  # noqa: E402
+from tasks.types import StepOut
 
 
 def test_tasks_end_to_end(tmp_path):
@@ -31,19 +32,21 @@ def test_tasks_end_to_end(tmp_path):
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"clean": [r["id"] for r in recs if r["id"].startswith("c")]}))
 
-    model = train_reference_lm(run=FlyteDirectory(str(run)), reference_ids=FlyteFile(str(ref)), steps=30,
+    ingested = StepOut("ingest", FlyteDirectory(str(run)))
+    model = train_reference_lm(run=ingested, reference_ids=FlyteFile(str(ref)), steps=30,
                                vocab_size=300)
     cfg = preset(PerplexityConfig, "tiny", device="cpu", batch_tokens=1024, max_length=256)
-    scored = score_perplexity(run=FlyteDirectory(str(run)), model=model, config=cfg)
-    summary = json.loads((Path(scored.path) / "perplexity" / "summary.json").read_text())
+    scored = score_perplexity(run=ingested, model=model, config=cfg)
+    assert scored.step == "perplexity"
+    summary = json.loads((Path(scored.dir.path) / "perplexity" / "summary.json").read_text())
     assert summary["n_kept"] == len(recs) and summary["shards_scored"] == 2
     sliced = slice_by_perplexity(scores=scored, config=SliceConfig(mode="slices", n_slices=3))
-    manifest = json.loads((Path(sliced.path) / "ppl_filter" / "slices.json").read_text())
+    manifest = json.loads((Path(sliced.dir.path) / "ppl_filter" / "slices.json").read_text())
     assert [m["n"] for m in manifest] == [12, 11, 11]
     worst = json.loads(Path(manifest[-1]["ids"]).read_text())
     assert {f"g{i:04d}" for i in range(4)} <= set(worst)
     filtered = slice_by_perplexity(scores=scored, config=SliceConfig(mode="range", high_pct=90.0))
-    check_balance([scored.path, filtered.path], ["perplexity", "ppl_filter"], inputs=[r["id"] for r in recs])
+    check_balance([scored.dir.path, filtered.dir.path], ["perplexity", "ppl_filter"], inputs=[r["id"] for r in recs])
 
 
 def test_workflow_runs_locally_after_ingest(tmp_path):
@@ -65,6 +68,6 @@ def test_workflow_runs_locally_after_ingest(tmp_path):
     ref.write_text(json.dumps({"clean": [r["id"] for r in recs if r["id"].startswith("c")]}))
     out = perplexity_slices(run=FlyteDirectory(str(tmp_path / "run")), reference_ids=FlyteFile(str(ref)),
                             slice_config=SliceConfig(mode="slices", n_slices=3), lm_steps=30)
-    manifest = json.loads((Path(out.path) / "ppl_filter" / "slices.json").read_text())
+    manifest = json.loads((Path(out.dir.path) / "ppl_filter" / "slices.json").read_text())
     assert [m["n"] for m in manifest] == [9, 9, 9]
     assert {f"g{i:04d}" for i in range(3)} <= set(json.loads(Path(manifest[-1]["ids"]).read_text()))

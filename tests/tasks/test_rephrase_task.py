@@ -11,6 +11,7 @@ from core.io.wds import write_shards
 from core.steps.rephrase.config import RephraseConfig
 from core.steps.rephrase.tiny_model import random_chat_lm
 from tasks.rephrase import rephrase_samples
+from tasks.types import StepOut
 
 
 def test_rephrase_samples_task_runs_locally_and_reports(tmp_path):
@@ -24,7 +25,7 @@ def test_rephrase_samples_task_runs_locally_and_reports(tmp_path):
     write_shards(samples, str(tmp_path / "run" / "shards"), max_samples=3)
     model = random_chat_lm([r["conversations"][1]["value"] for r in recs] * 5, tmp_path / "model")
     out = rephrase_samples(
-        run_dir=FlyteDirectory(str(tmp_path / "run")),
+        run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))),
         config=preset(RephraseConfig, "tiny", max_new_tokens=6, chunk_size=2),
         model_dir=FlyteDirectory(str(model)),
         checkpoint_dir=str(tmp_path / "out"),
@@ -40,13 +41,14 @@ def test_rephrase_samples_task_runs_locally_and_reports(tmp_path):
     assert (tmp_path / "out" / "rephrase" / "report.html").exists()
 
 
-def test_prev_without_prev_step_is_refused_before_any_work(tmp_path):
+def test_prev_without_its_ledger_is_refused_before_any_work(tmp_path):
     import pytest
 
     write_shards([Sample.from_record({"id": "s0", "conversations": [{"from": "human", "value": "Hi?"},
                                                                     {"from": "gpt", "value": "Hello."}]})],
                  str(tmp_path / "run" / "shards"))
-    with pytest.raises(Exception, match="prev_step"):
-        rephrase_samples(run_dir=FlyteDirectory(str(tmp_path / "run")), prev=FlyteDirectory(str(tmp_path / "run")),
+    run = StepOut("ingest", FlyteDirectory(str(tmp_path / "run")))
+    with pytest.raises(Exception, match="semdedup"):  # the folder holds no ledger/semdedup/
+        rephrase_samples(run=run, prev=StepOut("semdedup", FlyteDirectory(str(tmp_path / "run"))),
                          checkpoint_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ from flytekit.types.file import FlyteFile
 from core.foundation.ledger import PASSING, LedgerError, LedgerWriter, check_balance, read_ledger, step_dir
 from core.io.ingest import IngestConfig, ingest
 from core.runs.summary import check_source_accounting, known_bad_recall, load_id_list, run_sentence
+from tasks.types import StepOut
 
 
 def _ledger(root: Path, step: str, rows: dict[str, str]) -> FlyteDirectory:
@@ -82,7 +83,7 @@ def test_summarize_run_reports_accounting_sentence_and_known_bad(tmp_path):
     dd = _ledger(tmp_path / "dedup", "semdedup", {"g0": "drop", "g1": "keep", "g2": "keep"})
     bad = tmp_path / "bad.txt"
     bad.write_text("g0\nb0\n")
-    out = summarize_run(step_dirs=[FlyteDirectory(str(tmp_path / "ingest")), dd], steps=["ingest", "semdedup"],
+    out = summarize_run(steps=[StepOut("ingest", FlyteDirectory(str(tmp_path / "ingest"))), StepOut("semdedup", dd)],
                         known_bad_ids=FlyteFile(str(bad)))
     s = json.loads(Path(out.path, "summary.json").read_text())
     assert s["source_accounting"]["source_records"] == 4 and s["source_accounting"]["balanced"]
