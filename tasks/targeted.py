@@ -192,16 +192,18 @@ def filter_generated_samples(generations: List[FlyteDirectory], subgroups: Flyte
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), **CACHE)
-def mix_exports(exports: List[StepOut], name: str) -> FlyteDirectory:
+def mix_exports(exports: List[StepOut], name: str) -> StepOut:
     """One training directory from several exports (e.g. the baseline and a generated subset): their shards
     side by side (`shards/part<i>-<kind>-<shard>.tar`) and a manifest listing the parts and the total count.
 
     :param exports: export_dataset outputs (shards/ + manifest.json).
     :param name: Name of the mixture (recorded in the manifest).
+    :return: StepOut "export": what training and the comparison read of an export (shards/, manifest.json); it
+        has no ledger of its own (its parts' exports do).
     """
     from core.targeted.pipeline import mix_exports as mix
 
     out = workdir("mix")
     manifest = mix([local(ex) for ex in exports], out, name)
     log.info("mixture %s: %s", name, manifest)
-    return FlyteDirectory(str(out))
+    return StepOut("export", FlyteDirectory(str(out)))

@@ -143,11 +143,11 @@ def mixing_search(
     """
     run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
                          source_fingerprint=fingerprint_source(source=source, image_root=image_root))
-    doms = assign_domains(run=run, config=domain_config)
-    prep = prepare_experts(run=run, domains=doms, config=config)
+    doms = assign_domains(run=run.dir, config=domain_config)
+    prep = prepare_experts(run=run.dir, domains=doms, config=config)
     lm = train_reference_lm(run=run, steps=lm_steps)
     base = train_base(data=prep.all_data, lm=lm, vision=build_tiny_vision_tower(), config=config, steps=base_steps)
-    return soup_mixing(run=run, domains=doms, base=base, config=config, eval_cache=eval_cache,
+    return soup_mixing(run=run.dir, domains=doms, base=base, config=config, eval_cache=eval_cache,
                        external_command=external_command, output_dir=output_dir)
 
 

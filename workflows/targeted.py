@@ -81,7 +81,7 @@ def targeted_steps(
     gen = partial(generate_targeted_shard, retrieved=ret.out_dir, subgroups=sub, pool=pool, model=vlm, config=config)
     gens = map_task(gen, concurrency=config.max_parallel_shards)(shard=ret.shards).with_overrides(
         **overrides("generate", config, run_gpu))
-    lm = train_reference_lm(run=ref.dir, reference_ids=reference_ids, steps=lm_steps)
+    lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
     f = filter_generated_samples(generations=gens, subgroups=sub, ppl_model=lm, eval_cache=eval_cache,
                                  benchmarks=benchmarks, config=config)
     ex = export_dataset(run=f.generated, steps=f.filters, subset_ids=f.kept_ids, subset_name=config.subset_name)
@@ -172,19 +172,19 @@ def targeted_ablation_steps(
                              model_dir=model_dir)
     pool = _ingest(pool_source, pool_image_root, 1000)
     ref = _ingest(reference_source, reference_image_root, 1000)
-    base = export_dataset(run=pool, steps=[], subset_name="baseline")
+    base = export_dataset(run=pool, subset_name="baseline")
     mixed = mix_exports(exports=[base, tg.export], name=variant_name)
-    lm = train_reference_lm(run=ref.dir, reference_ids=reference_ids)
+    lm = train_reference_lm(run=ref, reference_ids=reference_ids)
     vision = build_tiny_vision_tower()
     train = partial(train_mini_llava, vision_model="mmcurate-tiny-vit", lm=lm, vision_dir=vision, config=train_config)
     profile = overrides("train", train_config, run_gpu)
     tr_base = train(data=base.dir).with_overrides(**profile)
-    tr_mix = train(data=mixed).with_overrides(**profile)
+    tr_mix = train(data=mixed.dir).with_overrides(**profile)
     uris = checkpoint_uris(per_variant=[tr_base.checkpoints, tr_mix.checkpoints])
     ev = evaluation(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=eval_max_samples,
                     gpu=run_gpu)
     table = compare_variants(variants=["baseline", variant_name], checkpoints=uris.per_variant,
-                             exports=[base.dir, mixed], evaluation=ev, tokenizer=lm, output_dir=output_dir)
+                             exports=[base, mixed], evaluation=ev, tokenizer=lm, output_dir=output_dir)
     return TargetedAblationOutputs(comparison=table, generated=tg.export)
 
 

@@ -12,20 +12,21 @@ import pytest
 from flytekit.types.directory import FlyteDirectory
 
 from core.foundation.configs import override
-from tests.package_checks import _nodes, node_gpus
+from tests.package_checks import _custom_gpus, _nodes, node_gpus
 from tests.tasks.test_packaging import compile_dynamic
 
 
 def requested(spec) -> dict[str, int]:
-    """Task reference name -> the most GPUs any node running it requests, over every node of a compiled dynamic
-    (array sub-nodes and sub-workflows included)."""
+    """Task reference name -> the most GPUs any node running it requests (its overrides, else its template; Ray
+    worker GPUs of its plugin config included), over every node of a compiled dynamic (array sub-nodes and
+    sub-workflows included)."""
     tasks = {t.id.name: t for t in spec.tasks}
     nodes = [*_nodes(spec.nodes), *(n for w in spec.subworkflows for n in _nodes(w.nodes))]
     out: dict[str, int] = {}
     for n in nodes:
         if n.WhichOneof("target") == "task_node":
             name = n.task_node.reference_id.name
-            out[name] = max(out.get(name, 0), node_gpus(n, tasks))
+            out[name] = max(out.get(name, 0), node_gpus(n, tasks), _custom_gpus(tasks.get(name)))
     return out
 
 
@@ -56,6 +57,12 @@ def workflow_input(spec, workflow: str, name: str):
     raise AssertionError(f"no {workflow} node binding {name}")
 
 
+def plan_inputs(plan) -> dict:
+    """What a launch plan runs its workflow with: the workflow's defaults, then the plan's default inputs."""
+    wf = {k: v for k, (_, v) in plan.workflow.python_interface.inputs_with_defaults.items()}
+    return wf | plan.saved_inputs
+
+
 @pytest.fixture
 def d(tmp_path):
     return FlyteDirectory(str(tmp_path))
@@ -82,7 +89,7 @@ def test_eval_workers_follow_the_device_else_the_run(device, gpu, want):
 def test_nightly_eval_requests_a_gpu_per_worker():
     from workflows.evaluate import nightly_eval
 
-    inputs = nightly_eval.saved_inputs
+    inputs = plan_inputs(nightly_eval)
     assert gpus_of(requested(_eval_spec(inputs["device"], True)), "evaluate_checkpoint_benchmarks") == [1]
 
 
@@ -105,7 +112,7 @@ def test_mixing_demo_requests_no_gpu_production_does(d):
     from workflows.evaluate import ALL_BENCHMARKS, EVAL_CONCURRENCY
     from workflows.mixing import EXPERT_CONCURRENCY, mixing_demo
 
-    tiny = mixing_demo.saved_inputs["config"]
+    tiny = plan_inputs(mixing_demo)["config"]
     assert tiny.device == "cpu"
     for spec in (_soup_spec(d, tiny), _base_spec(d, tiny)):
         req = requested(spec)
@@ -133,14 +140,15 @@ def _targeted_spec(d, inputs):
 def test_targeted_demo_requests_no_gpu_qwen_vl_does(d):
     from workflows.targeted import targeted_demo, targeted_qwen_vl
 
-    demo = _targeted_spec(d, targeted_demo.saved_inputs)
+    demo = _targeted_spec(d, plan_inputs(targeted_demo))
     req = requested(demo)
     assert req and not any(req.values()), req
-    tiny_cfg = targeted_demo.saved_inputs["config"]
+    tiny_cfg = plan_inputs(targeted_demo)["config"]
     assert caps(demo)["generate_targeted_shard"] == [tiny_cfg.max_parallel_shards]
-    prod_inputs = targeted_qwen_vl.saved_inputs
+    prod_inputs = plan_inputs(targeted_qwen_vl)
     prod = _targeted_spec(d, prod_inputs)
     assert gpus_of(requested(prod), "generate_targeted_shard") == [1]
+    assert gpus_of(requested(prod), "embed_shards") == [1]  # SigLIP2 on GPU Ray actors (tasks/embed.py's profile)
     assert caps(prod)["generate_targeted_shard"] == [prod_inputs["config"].max_parallel_shards]
 
 
@@ -156,7 +164,7 @@ def test_targeted_ablation_demo_trains_and_evaluates_on_cpu_production_on_gpus(d
     from core.targeted.config import qwen_vl_targeted_config
     from workflows.targeted import targeted_ablation_demo
 
-    demo = targeted_ablation_demo.saved_inputs
+    demo = plan_inputs(targeted_ablation_demo)
     spec = _ablation_spec(d, demo)
     req = requested(spec)
     assert gpus_of(req, "train_mini_llava") == [0], req
