@@ -15,7 +15,7 @@ import pandas as pd
 
 from core.foundation.ledger import passing_ids, read_ledger, step_dir
 from core.foundation.step import shards_of, write_json_atomic
-from core.io.wds import iter_samples, list_shards, shard_name
+from core.io.wds import iter_samples, shard_name
 from core.targeted.config import TargetedConfig
 from core.targeted.filters import FILTER_STEPS
 
@@ -150,7 +150,7 @@ def mix_exports(export_dirs: Sequence[str], out_dir: str | os.PathLike, name: st
     parts = []
     for i, root in enumerate(export_dirs):
         man = json.loads(Path(root, "manifest.json").read_text())
-        for url in list_shards(os.path.join(root, "shards")):  # the manifest's shards: <kind>/<name>.tar
+        for url in shards_of(root):  # an export: the shards its manifest names, <kind>/<name>.tar
             kind = os.path.basename(os.path.dirname(url))
             shutil.copy2(url, out / "shards" / f"part{i}-{kind}-{os.path.basename(url)}")
         parts.append({"subset": man.get("subset", ""), "selection": man.get("selection", ""),
