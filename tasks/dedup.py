@@ -21,7 +21,7 @@ from core.steps.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
-from tasks.paths import source, workdir
+from tasks.paths import resume_key, source, step_workdir, workdir
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut, passing
 
@@ -195,7 +195,10 @@ def decontam(
     from core.steps.dedup.mining import decontaminate
     from core.steps.dedup.report import decontam_report_html, shard_fetcher
 
-    out = workdir("decontam_run")
+    sf = step_workdir("decontam", resume_key("decontam", task_version(__name__), embeddings=embeddings,
+                                             evals=evals, config=config, prev=prev, run=run,
+                                             eval_run=eval_run))  # a retry skips the decided files
+    out = sf.path
     eval_sets = eval_embedding_sets(evals.dir.download())
     counts = decontaminate(embeddings.dir.download(), out, eval_sets, config, passing(prev))
     log.info("decontam: %s", counts)
@@ -208,5 +211,5 @@ def decontam(
         fetch_eval = shard_fetcher(f"{source(eval_run.dir).rstrip('/')}/shards", dict(zip(eled.sample_id, eled.shard)))
     Deck("decontam", decontam_report_html(str(out), counts, config, fetch_train, fetch_eval))
     save_decks(str(out), "decontam")
-    step_finished("decontam", t0, str(out))
-    return StepOut("decontam", FlyteDirectory(str(out)))
+    step_finished("decontam", t0, sf.url)
+    return StepOut("decontam", FlyteDirectory(sf.close()))

@@ -9,10 +9,9 @@ local Ray (`ray.init()`), and the actors reserve `num_gpus` from the chosen pres
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
-from flytekit import Deck, Resources, current_context, task
+from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
@@ -20,6 +19,7 @@ from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embe
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import GPU_IMAGE
+from tasks.paths import resume_key, step_url
 from tasks.resources import overrides
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut, passing
@@ -67,7 +67,8 @@ def embed_shards(
     :param config: EmbedConfig: model, device, batch size, actors, GPUs per actor, text view, what, output dtype
         (presets: `tiny_embed_config()` on CPU, `siglip2_embed_config()` on GPU; the CLI takes JSON merged onto the
         tiny preset, `{"preset": "siglip2", ...}` for another base).
-    :param out_url: Persistent folder (path or s3://) to write into and resume from; default: a fresh local folder.
+    :param out_url: Persistent folder (path or s3://) to write into and resume from; default: this call's step
+        folder under $MMCURATE_RESUME_ROOT (tasks/paths.py `step_url`), so a retry resumes too.
     :return: StepOut "embed": a folder with `embed/` and `ledger/embed/`.
     """
     t0 = step_started("embed", model=config.model_name, prev_step=prev.step if prev else "")
@@ -80,7 +81,9 @@ def embed_shards(
     # actors read shards themselves: give them the remote URL when there is one (multi-node clusters)
     src = shards.remote_source or shards.download()
     urls = shards_of(src)
-    run_dir = out_url or os.path.join(current_context().working_directory, "embed_run")
+    # default: the persistent step folder of this call (path or URL; embed writes URLs itself, shard by shard)
+    run_dir = out_url or step_url("embed", resume_key("embed_shards", task_version(__name__), shards=shards, prev=prev,
+                                                      config=config))
     log.info("embed: %d shards from %s -> %s with %s", len(urls), src, run_dir, cfg)
     summary = run_embed(urls, f"{run_dir.rstrip('/')}/embed", cfg, prev=passing(prev))
     log.info("embed: %s", summary.as_dict())

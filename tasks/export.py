@@ -13,7 +13,7 @@ from flytekit.types.file import FlyteFile
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE
-from tasks.paths import source
+from tasks.paths import resume_key, source, step_url
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut
 
@@ -88,10 +88,14 @@ def export_dataset(
     ids = None
     if subset_ids is not None:
         ids = load_id_list(subset_ids.download())
-    out = os.path.join(work, "export")
+    # this call's persistent folder (path or URL; export builds it whole): a retry after the export finished
+    # reuses it (`finished_export`); an unfinished export is rewritten whole (its output shards span input shards)
+    out = step_url("export", resume_key("export_dataset", task_version(__name__), run=run, steps=steps,
+                                        subset_ids=subset_ids, subset_name=subset_name, rephrased=rephrased,
+                                        max_samples=max_samples, max_bytes=max_bytes, image_format=image_format))
     manifest = export_curated(shards_of(src), dirs, out, cfg, subset_ids=ids,
                               rephrased_dir=_rephrased_records(rephrased.dir) if rephrased is not None else None,
-                              code_version=task_version(__name__), source=src)
+                              code_version=task_version(__name__), source=src, resume=True)
     log.info("exported %d samples in %d shards", manifest["n_samples"], manifest["n_shards"])
     Deck("export", export_report_html(manifest))
     save_decks(out, f"export_{subset_name}" if subset_name else "export")

@@ -17,7 +17,7 @@ from core.steps.perplexity.slices import SliceConfig, p90_slice_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
-from tasks.paths import local_ledger_root, source, workdir
+from tasks.paths import local_ledger_root, resume_key, source, step_workdir, workdir
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut, passing
 
@@ -90,13 +90,15 @@ def score_perplexity(
     from core.steps.perplexity.report import score_report_html
 
     cfg = override(config, model=model.download())
-    out = workdir("perplexity_out")
+    sf = step_workdir("perplexity", resume_key("score_perplexity", task_version(__name__), run=run, model=model,
+                                               prev=prev, config=config))  # a retry skips scored shards
+    out = sf.path
     summary = score_shards(shards_of(source(run.dir)), out, cfg, prev=passing(prev))
     log.info("perplexity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})
     Deck("perplexity", score_report_html(out, summary))
     save_decks(str(out), "perplexity")
-    step_finished("perplexity", t0, str(out))
-    return StepOut("perplexity", FlyteDirectory(str(out)))
+    step_finished("perplexity", t0, sf.url)
+    return StepOut("perplexity", FlyteDirectory(sf.close()))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True,

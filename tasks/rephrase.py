@@ -14,6 +14,7 @@ from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
 from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import VLLM_IMAGE
+from tasks.paths import resume_key, step_workdir
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut, passing
 
@@ -68,7 +69,7 @@ def rephrase_samples(
     :param prev: The previous step's output; its ledger selects the input ids (only kept/modified ids are
         rephrased); None: rephrase every sample of the shards.
     :param checkpoint_dir: Persistent local directory to write to and resume from across retries
-        (default: the task's working directory, so a retry starts over).
+        (default: this call's step folder under $MMCURATE_RESUME_ROOT, tasks/paths.py `step_workdir`).
     :return: out (StepOut "rephrase") with `ledger/rephrase/`, `rephrase/records/` (sample_id -> new conversations for
         export), `rephrase/report.json|html`; report is the JSON report.
     """
@@ -80,7 +81,10 @@ def rephrase_samples(
 
     selected = passing(prev)  # before any work: a prev without its step's ledger is refused here
     work = current_context().working_directory
-    out = checkpoint_dir or os.path.join(work, "rephrase_out")
+    sf = None if checkpoint_dir else step_workdir("rephrase", resume_key(  # default: a persistent step folder
+        "rephrase_samples", task_version(__name__), run=run, config=config, model_dir=model_dir,
+        tokenizer_dir=tokenizer_dir, prev=prev))
+    out = checkpoint_dir or sf.path
     run.dir.download()
     shards = run.dir.path
     if model_dir is not None:
@@ -99,11 +103,16 @@ def rephrase_samples(
         tokenizer = tokenizer_dir.path
     cfg = override(config, model=model, tokenizer=tokenizer)
     log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
-    done = RephraseStep(out, cfg, prev=selected).run(shards_of(shards))
+    if cfg.fanout.workers > 1:  # one model per Ray actor (core/runs/fanout.py)
+        from core.runs.fanout import StepSpec, run_fanout
+
+        done = run_fanout(StepSpec(RephraseStep, (out, cfg, selected)), shards_of(shards), cfg.fanout)
+    else:
+        done = RephraseStep(out, cfg, prev=selected).run(shards_of(shards))
     log.info("rephrase: %d shards rephrased, %d already done; %s", len(done.done), len(done.skipped), done.counts)
     jp, _hp, summary = write_report(out, model=cfg.model, tokenizer=cfg.tokenizer_path)
     log.info("rephrase report: %s", summary["verdict"])
     Deck("rephrase", report_html(summary, out))
     save_decks(str(out), "rephrase")
     step_finished("rephrase", t0, str(out))
-    return RephraseOutputs(out=StepOut("rephrase", FlyteDirectory(out)), report=FlyteFile(str(jp)))
+    return RephraseOutputs(out=StepOut("rephrase", FlyteDirectory(sf.close() if sf else out)), report=FlyteFile(str(jp)))

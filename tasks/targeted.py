@@ -9,6 +9,7 @@ step outputs of ingest, embed and decontamination as `StepOut`s (tasks/types.py)
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import List, NamedTuple, Optional
 
 from flytekit import Deck, Resources, task
@@ -20,7 +21,7 @@ from core.targeted.config import TargetedConfig, tiny_targeted_config
 from core.targeted.filters import FILTER_STEPS
 from tasks.cache import task_version
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
-from tasks.paths import source, workdir
+from tasks.paths import resume_key, source, step_workdir, workdir
 from tasks.types import StepOut, local, passing
 
 log = logging.getLogger(__name__)
@@ -144,12 +145,14 @@ def generate_targeted_shard(shard: str, retrieved: FlyteDirectory, subgroups: Fl
     got = pd.read_parquet(f"{retrieved.download()}/targeted/retrieved.parquet")
     if shard not in set(got["gen_shard"]):
         raise ValueError(f"unknown generation shard {shard!r}")
-    out = workdir(f"generate_{shard}")
-    [st] = generate_shards(got, pool_shard_urls(source(pool.dir)), out, override(config, model=model.download()),
+    sf = step_workdir(GENERATE_STEP, resume_key("generate_targeted_shard", task_version(__name__), shard=shard,
+                                                retrieved=retrieved, subgroups=subgroups, pool=pool, model=model,
+                                                config=config))  # a re-run skips a done shard
+    [st] = generate_shards(got, pool_shard_urls(source(pool.dir)), Path(sf.path), override(config, model=model.download()),
                            reference_examples(read_reference_table(subgroups.download())), shards=[shard])
     log.info("%s: %d images, %d accepted, %.1fs generating of %.1fs; rejected %s -> %s", shard, st.n, st.n_accepted,
-             st.seconds_generate, st.seconds_total, st.reasons, out)
-    return FlyteDirectory(str(out))
+             st.seconds_generate, st.seconds_total, st.reasons, sf.url)
+    return FlyteDirectory(sf.close())
 
 
 class FilterOutputs(NamedTuple):

@@ -10,7 +10,7 @@ Fixtures for everyone:
   flytekit reach it through the environment, so plain `fsspec.open("s3://bucket/key")` works.
 - `flyte_local_cache`: flytekit's local task cache, emptied before and after the test.
 - session teardown shuts Ray down if a test started it; the per-test flytekit cache reset keeps cached task
-  results of one test out of the next.
+  results of one test out of the next; each test gets its own MMCURATE_RESUME_ROOT (tasks/paths.py).
 """
 
 from __future__ import annotations
@@ -102,6 +102,24 @@ def _fresh_flyte_cache():
 
         LocalTaskCache.clear()
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_resume_root(tmp_path_factory):
+    """A fresh resume root for the session (module- and session-scoped fixtures that run step tasks)."""
+    old = os.environ.get("MMCURATE_RESUME_ROOT")
+    os.environ["MMCURATE_RESUME_ROOT"] = str(tmp_path_factory.mktemp("resume_root_session"))
+    yield
+    if old is None:
+        os.environ.pop("MMCURATE_RESUME_ROOT", None)
+    else:
+        os.environ["MMCURATE_RESUME_ROOT"] = old
+
+
+@pytest.fixture(autouse=True)
+def _own_resume_root(tmp_path_factory, monkeypatch):
+    """A fresh resume root per test (tasks/paths.py `step_workdir`): no test resumes another one's step folder."""
+    monkeypatch.setenv("MMCURATE_RESUME_ROOT", str(tmp_path_factory.mktemp("resume_root")))
 
 
 @pytest.fixture()
@@ -201,3 +219,13 @@ def _close_s3_sessions() -> None:
             else:
                 s3fs.S3FileSystem.close_session(loop, creator)
         cls.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def flyte_package(tmp_path_factory) -> Path:
+    """The repository's `pyflyte package` archive (images bound to test references), built once per session and
+    shared by every test that reads what a cluster would receive (tests/package_checks.py reads it)."""
+    from tests.package_checks import build_package
+
+    return build_package(ROOT, tmp_path_factory.mktemp("pkg") / "flyte-package.tgz")
+

@@ -17,6 +17,28 @@ from flyteidl.core import identifier_pb2
 from google.protobuf.json_format import MessageToDict
 
 GPU_KEYS = ("nvidia.com/gpu", "gpu")
+# the image of each role a package binds (`make package` passes the same flags with real references)
+IMAGES = {
+    "cpu": "reg.test/mmcurate-cpu:t1",
+    "gpu": "reg.test/mmcurate-gpu:t1",
+    "vllm": "reg.test/mmcurate-vllm:t1",
+    "train": "reg.test/mmcurate-train:t1",
+}
+IMAGE_ARGS = ["--image", IMAGES["cpu"]] + [a for role, ref in IMAGES.items() for a in ("--image", f"{role}={ref}")]
+
+
+def build_package(root: Path, out: Path, pkg: str = "workflows", timeout: int = 300) -> Path:
+    """`pyflyte --pkgs <pkg> package` of `root` into `out` (offline, images bound), in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    pyflyte = str(Path(sys.executable).with_name("pyflyte"))
+    cmd = [pyflyte, "--pkgs", pkg, "package", *IMAGE_ARGS, "--force", "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out
 
 
 @dataclass

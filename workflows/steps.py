@@ -83,8 +83,9 @@ def launch_ingest(run: RunNodes, prev: Optional[StepOut] = None) -> StepOut:
 
 def launch_filter(run: RunNodes, prev: Optional[StepOut], name: str) -> StepOut:
     # every per-sample filter (core/steps/filters) runs through the one generic task, found by its step name
-    return filter_samples(run=run.outs["ingest"], step=name, prev=prev,
-                          config_json=config_json(getattr(run.config, BY_NAME[name].config)))
+    cfg = getattr(run.config, BY_NAME[name].config)
+    return filter_samples(run=run.outs["ingest"], step=name, prev=prev, config_json=config_json(cfg)).with_overrides(
+        **overrides("filter", cfg, run.run_gpu))
 
 
 def _is_filter(name: str) -> bool:

@@ -31,7 +31,7 @@ STAMP_FILE = "_step.json"
 SCHEDULING_FIELDS = frozenset({
     "device", "num_actors", "num_gpus", "cpus_per_actor", "decode_workers", "prefetch_batches",
     "actor_start_timeout_s", "max_shard_retries", "cache_dir", "overlap_io", "gpu_memory_utilization",
-    "tensor_parallel", "max_parallel_shards", "num_workers",
+    "tensor_parallel", "max_parallel_shards", "num_workers", "fanout",
 })
 MISMATCH_ACTIONS = ("refuse", "recompute")
 
@@ -160,7 +160,7 @@ def ensure_stamp(folder: str | os.PathLike, step: str, config: Any, *, code_vers
     return "recompute"
 
 
-_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or install) holding core/ and tasks/
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout (or install) holding core/ and tasks/
 _PROJECT = ("core", "tasks")
 
 

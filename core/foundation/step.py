@@ -25,6 +25,13 @@ Writing a step (datatrove's `PipelineStep` idea, with the ledger as the completi
 atomic-write helper of the project); a step whose units run elsewhere (Ray actors) uses `pending`,
 `publish_part` and `finish` instead of `run` (inside `with step.writing():`).
 
+When a unit counts as finished is one hook, `done(unit)` (default: its ledger part exists); a step whose unit
+has another completion record overrides only that (embed: the embeddings file and the ledger part). The
+output folder `out` may be a path or an fsspec URL for the ledger (`ledger_url`, `part`); `run` itself
+writes local folders. Each published unit is announced to the `add_unit_listener` callbacks (a task that
+mirrors its step folder to object storage pushes the unit's files then, so a killed pod loses at most the
+unit in flight; tasks/paths.py `step_workdir`).
+
 One writer per step folder, and resume that checks (shared storage: several people and pods write there;
 the helpers live in core/foundation/outputs.py and core/foundation/stamp.py and are re-exported here):
 
@@ -55,7 +62,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -91,13 +98,41 @@ __all__ = [  # the shard-step contract, and the output helpers it is built on (c
     "EMPTY_PART", "MISSING_PART", "SCHEDULING_FIELDS", "STAMP_FILE", "FolderBusy", "Passing", "ShardStep",
     "StepMismatch", "StepSummary", "Unit", "code_version", "ensure_stamp", "folder_lock", "fresh_dir",
     "local_temp", "make_stamp", "path_identity", "plain_config", "read_stamp", "shards_of", "stamp_diff",
-    "swap_in", "temp_path", "write_atomic", "write_json_atomic", "write_parquet_atomic",
+    "swap_in", "temp_path", "write_atomic", "write_json_atomic", "write_parquet_atomic", "add_unit_listener",
+    "on_unit_published", "remove_unit_listener",
 ]
 
 log = logging.getLogger(__name__)
 
 MISSING_PART = "part-zz-missing"
 EMPTY_PART = "part-empty"
+
+# (step, unit name) callbacks run after a unit's ledger part is published; see `on_unit_published`
+_UNIT_LISTENERS: list[Callable[[ShardStep, str], None]] = []
+
+
+def add_unit_listener(callback: Callable[[ShardStep, str], None]) -> None:
+    """Call `callback(step, unit_name)` each time a `ShardStep` of this process publishes a unit's ledger part
+    (the unit is finished), until `remove_unit_listener`. A task whose step folder is a local mirror of object
+    storage pushes the unit's files from there (tasks/paths.py `step_workdir`). A callback that raises fails
+    the step (the unit stays finished locally)."""
+    _UNIT_LISTENERS.append(callback)
+
+
+def remove_unit_listener(callback: Callable[[ShardStep, str], None]) -> None:
+    """Stop calling `callback` (no error when it is not registered)."""
+    with contextlib.suppress(ValueError):
+        _UNIT_LISTENERS.remove(callback)
+
+
+@contextlib.contextmanager
+def on_unit_published(callback: Callable[[ShardStep, str], None]) -> Iterator[None]:
+    """`add_unit_listener(callback)` for the `with` block."""
+    add_unit_listener(callback)
+    try:
+        yield
+    finally:
+        remove_unit_listener(callback)
 
 
 # ---- where the inputs are -------------------------------------------------------------------------
@@ -217,6 +252,7 @@ class ShardStep:
     def __init__(self, out: str | os.PathLike, prev: Passing | None = None):
         if not self.name:
             raise TypeError(f"{type(self).__name__} must set the class attribute `name`")
+        self.out_url = str(out).rstrip("/")  # the folder as given (a path or an fsspec URL)
         self.out = Path(out)
         self.prev = prev
         self._ready = False
@@ -269,9 +305,14 @@ class ShardStep:
         return step_dir(self.out, self.name)
 
     @property
+    def remote(self) -> bool:
+        """Whether the step folder is on an object store (an fsspec URL other than file://)."""
+        return "://" in self.out_url and not self.out_url.startswith("file://")
+
+    @property
     def ledger_url(self) -> str:
         """The ledger folder as a path or URL: it holds the parts, the stamp and the writer lock."""
-        return str(self.ledger_dir)
+        return f"{self.out_url}/ledger/{self.name}" if self.remote else str(self.ledger_dir)
 
     def check_stamp(self) -> str:
         """Compare the folder's stamp with this step's config and code before any part counts as done
@@ -303,11 +344,26 @@ class ShardStep:
             finally:
                 self._writing -= 1
 
-    def part(self, unit_name: str) -> Path:
+    def part(self, unit_name: str) -> Any:
+        """The unit's ledger part: a Path, or a URL string when the step folder is remote."""
+        if self.remote:
+            return f"{self.ledger_url}/part-{unit_name}.parquet"
         return self.ledger_dir / f"part-{unit_name}.parquet"
 
     def is_done(self, unit_name: str) -> bool:
-        return self.part(unit_name).exists()
+        """Whether the unit's ledger part exists."""
+        fs, p = fsspec.core.url_to_fs(str(self.part(unit_name)))
+        return fs.exists(p)
+
+    def done(self, unit: Unit) -> bool:
+        """The completion check: whether `unit` is finished and is skipped (`pending`, `run`). Default: its
+        ledger part exists (published last). Override when a unit's completion record is something else."""
+        return self.is_done(unit.name)
+
+    def unit_published(self, unit_name: str) -> None:
+        """Announce a finished unit to the `add_unit_listener` callbacks (called after its ledger part)."""
+        for cb in list(_UNIT_LISTENERS):
+            cb(self, unit_name)
 
     def units(self, urls: Sequence[str]) -> list[Unit]:
         units = [Unit(u, self.unit_name(u)) for u in urls]
@@ -320,7 +376,8 @@ class ShardStep:
         step's config and code (`check_stamp`)."""
         units = self.units(urls)
         self.check_stamp()
-        return [u for u in units if not self.is_done(u.name)], [u for u in units if self.is_done(u.name)]
+        done = [self.done(u) for u in units]
+        return [u for u, d in zip(units, done) if not d], [u for u, d in zip(units, done) if d]
 
     def read(self, unit: Unit, led: LedgerWriter, **kw: Any) -> Iterator[Any]:
         """The unit's samples (a WDS shard), restricted to the previous step's ids; unreadable records go to
@@ -361,6 +418,7 @@ class ShardStep:
             self.ensure_setup()
             with LedgerWriter(self.part(unit.name), self.name) as led:
                 summary.results[unit.name] = self.process(unit, led)
+            self.unit_published(unit.name)  # after the `with`: the part is published when the writer closes
             summary.add(led)
             summary.done.append(unit.name)
             log.info("%s: unit %d/%d %s: %s", self.name, i + 1, len(urls), unit.name, dict(led.counts))
@@ -371,6 +429,7 @@ class ShardStep:
     def publish_part(self, unit_name: str, ledger_parquet: bytes) -> None:
         """Publish a ledger part made elsewhere (a Ray actor's `LedgerWriter` bytes), last of the unit."""
         write_atomic(self.part(unit_name), ledger_parquet)
+        self.unit_published(unit_name)
 
     def finish(self, n_units: int) -> int:
         """After the units: an empty part for a step without units; a quarantine row for each id the
@@ -390,3 +449,23 @@ class ShardStep:
             log.warning("%s: %d input ids found in no unit, quarantined as %s", self.name, len(missing),
                         self.missing_reason)
         return len(missing)
+
+    def process_units(self, urls: Sequence[str]) -> StepSummary:
+        """Process the unfinished units among `urls` (one with a ledger part is skipped, so a retried group
+        redoes only what it did not publish), each published by itself as in `run`, but without the folder
+        lock, the stamp check, `visit_finished` or `finish`: the work of one group of a fan-out
+        (core/runs/fanout.py), whose driver holds the lock, checked the stamp and runs `finish` once."""
+        t0 = time.perf_counter()
+        summary = StepSummary(self.name, n_units=len(urls))
+        for unit in self.units(urls):
+            if self.is_done(unit.name):
+                summary.skipped.append(unit.name)
+                continue
+            self.ensure_setup()
+            with LedgerWriter(self.part(unit.name), self.name) as led:
+                summary.results[unit.name] = self.process(unit, led)
+            summary.add(led)
+            summary.done.append(unit.name)
+            log.info("%s: unit %s: %s", self.name, unit.name, dict(led.counts))
+        summary.seconds = time.perf_counter() - t0
+        return summary

@@ -178,14 +178,19 @@ def _read_bounded(f: Any, size: int | None, name: str, max_bytes: int) -> bytes:
 
 
 def _read_remote_image(fs: Any, path: str, name: str, max_bytes: int) -> bytes:
-    """An fsspec image's bytes, at most `max_bytes`: the size the store reports is checked before reading."""
+    """An fsspec image's bytes, at most `max_bytes`, in one ranged read (`bytes=0-max_bytes`): on an object store
+    one GET, no HEAD first (the size is not needed: more than `max_bytes` back means oversize)."""
+    import errno
+
     try:
-        with fs.open(path, "rb") as f:
-            size = getattr(f, "size", None)
-            size = size if isinstance(size, int) else None
-            if size is not None and size > max_bytes:
-                raise SampleError("oversize_image", f"{name}: {size} bytes > max_image_bytes={max_bytes}")
-            data = _read_bounded(f, size, name, max_bytes)
+        try:
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        except OSError as e:  # a range on an empty object is refused (HTTP 416, InvalidRange -> EINVAL)
+            if getattr(e, "errno", None) != errno.EINVAL:
+                raise
+            data = b""
+        if len(data) > max_bytes:
+            raise SampleError("oversize_image", f"{name}: more than max_image_bytes={max_bytes} bytes")
         if not data and fs.isdir(path):  # an object store's "folder" (a key prefix) reads as b"": no such image
             raise SampleError("missing_image", f"{name}: IsADirectoryError")
         return data

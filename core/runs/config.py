@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.foundation.configs import ConfigJSON, check_ranges, preset, register_preset
+from core.runs.fanout import gpu_node_fanout
 from core.steps.dedup.config import (
     DecontamConfig,
     SemDedupConfig,
@@ -94,8 +95,9 @@ def demo_curate_config() -> CurateConfig:
 def mammoth_v1_curate_config() -> CurateConfig:
     """Production MAmmoTH-VL curation: SigLIP2 embeddings on GPU, SemDeDup removing exactly 10% over 1200
     clusters, decontamination at the SigLIP2 threshold 0.95 (switch on with decontam + eval_cache), perplexity
-    drop above p90, 5000-sample ingest and export shards."""
+    drop above p90 scored on one 8-GPU node (8 Ray actors, one model each), 5000-sample ingest and export shards."""
     return CurateConfig(shard_max_samples=5000, embed_config=siglip2_embed_config(),
+                        perplexity_config=preset(PerplexityConfig, "reference", fanout=gpu_node_fanout()),
                         semdedup_config=target_dedup_config(0.10, n_clusters=1200),
                         decontam_config=preset(DecontamConfig, "default"), export_max_samples=5000)
 

@@ -126,6 +126,18 @@ def uses_gpu(config: Any, run_gpu: bool) -> bool:
 
 
 def profile(kind: str, config: Any, run_gpu: bool) -> Profile:
-    """The profile of one task kind on a run: its GPU profile when `uses_gpu`, else TINY on the same image."""
-    gpu = GPU_PROFILES[kind]
-    return gpu if uses_gpu(config, run_gpu) else replace(TINY, image=gpu.image)
+    """The profile of one task kind on a run: its GPU profile when `uses_gpu`, else TINY on the same image; a
+    config that fans out over `workers` Ray actors in the task's pod (`config.fanout`, core/runs/fanout.py) gets
+    the pod for all of them: CPUs and GPUs per worker times workers (+2 CPUs for the driver), memory per worker
+    times workers."""
+    gpu = GPU_PROFILES.get(kind, TINY)
+    base = gpu if uses_gpu(config, run_gpu) else replace(TINY, image=gpu.image)
+    fan = getattr(config, "fanout", None)
+    if fan is None or fan.workers <= 1:
+        return base
+    import math
+
+    gpus = math.ceil(fan.workers * fan.gpus_per_worker) if base.gpu else 0
+    cpus = max(float(base.cpu), fan.workers * max(fan.cpus_per_worker, 1.0) + 2)
+    mem_gi = int(base.mem.removesuffix("Gi")) * fan.workers
+    return Profile(f"{cpus:g}", f"{mem_gi}Gi", gpus, base.image)

@@ -213,12 +213,13 @@ class _Written:
 
 
 class ExportStep(ShardStep):
-    """The export on the shard-step contract: one unit (the whole run), one ledger part
-    `ledger/export/part-export.parquet`, the wanted ids as `prev` (missing ones quarantined by the base).
+    """The export on the shard-step contract: one unit (the whole run, named `export`), one ledger part
+    `ledger/export/part-export.parquet`, the wanted ids as `prev` (missing ones quarantined by the base's
+    `finish`); `export_curated` runs it with the base's `run` in a fresh folder.
 
     One unit because output shards are size-bounded and numbered across the input shards: an input shard
-    is no unit of work, and an export is always rewritten whole (so `run`'s skip of finished parts does
-    not apply; `export_curated` drives `process` and `finish` itself)."""
+    is no unit of work, so an unfinished export is rewritten whole. A finished one is recognised by
+    `finished_export` (its manifest, card, ledger part and a stamp of this config and code)."""
 
     name = STEP
 
@@ -226,6 +227,17 @@ class ExportStep(ShardStep):
                  shard_urls: Sequence[str], rephrased: dict[str, str]):
         super().__init__(ledger_root, wanted)
         self.cfg, self.dest, self.shard_urls, self.rephrased = cfg, out, shard_urls, rephrased
+        self.written: _Written | None = None
+
+    def unit_name(self, url: str) -> str:
+        return STEP
+
+    def finish(self, n_units: int) -> int:
+        """Ids wanted but not exported are looked for only when the count differs (reading the export's
+        ledger back is skipped for a complete export)."""
+        if self.written is not None and self.written.n == len(self.prev or ()):
+            return 0
+        return super().finish(n_units)
 
     def process(self, unit: Unit, led: LedgerWriter) -> _Written:
         t0 = time.time()
@@ -259,7 +271,8 @@ class ExportStep(ShardStep):
             if n % 10_000 == 0:
                 log.info("export: %d/%d samples, %.0f samples/s", n, total, n / (time.time() - t0))
         shards = [(kind, info) for kind in sorted(writers) for info in writers[kind].close()]
-        return _Written(shards, n, n_rephrased, fallbacks)
+        self.written = _Written(shards, n, n_rephrased, fallbacks)
+        return self.written
 
 
 def export_curated(
@@ -271,6 +284,7 @@ def export_curated(
     rephrased_dir: str | None = None,
     code_version: str = "",
     source: str = "",
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Write the curated samples of a run as training-schema WDS shards and return the manifest.
 
@@ -283,9 +297,15 @@ def export_curated(
         originals; an invalid rephrase keeps the original text (ledger reason `rephrase_invalid:<why>`).
     :param code_version: recorded in the dataset card (the task passes its cache version).
     :param source: where the data came from, recorded in the dataset card.
+    :param resume: return the manifest of the export already in `out_dir` when it is finished and was made
+        with this config and code (`finished_export`) instead of writing it again; for a caller whose
+        `out_dir` is keyed by these inputs (tasks/export.py: a Flyte retry after the export finished).
     :raises ExportError: when the number of exported samples differs from the kept (or subset) count.
     """
     t0 = time.time()
+    if resume and (done := finished_export(out_dir, cfg)) is not None:
+        log.info("export: %s already holds this export (same config and code), kept", out_dir)
+        return done
     shard_urls = list(shard_urls)
     dirs = _run_dirs(run_dir)
     steps = list(cfg.steps) if cfg.steps else ledger_steps(dirs)
@@ -313,14 +333,11 @@ def export_curated(
         # the ledger is a local Parquet file; for a remote out_dir it is written locally and uploaded
         led_root = tempfile.mkdtemp(prefix="export-ledger-") if remote else build
         step = ExportStep(led_root, wanted, cfg, build, shard_urls, rephrased)
-        step.check_stamp()  # a fresh folder: records the export's config and code version
-        with LedgerWriter(step.part(STEP), STEP) as led:
-            w = step.process(Unit(build, STEP), led)
-        quarantined = {r: c for r, c in led.reasons.items() if r not in w.fallbacks}
-        if w.n != len(wanted):  # some wanted id was not exported: unreadable (quarantined above) or in no shard
-            missing = step.finish(1)
-            if missing:
-                quarantined[step.missing_reason] = missing
+        done = step.run([build])  # a fresh folder: the stamp records the export's config and code version
+        w = done.results[STEP]
+        quarantined = {r: c for r, c in done.reasons.items() if r not in w.fallbacks}
+        if done.missing:  # some wanted id was in no shard (unreadable ones are quarantined by `process`)
+            quarantined[step.missing_reason] = done.missing
         if remote:
             fs, root = fsspec.core.url_to_fs(out)
             for p in sorted(step.ledger_dir.iterdir()):
@@ -363,6 +380,25 @@ def export_curated(
     log.info("export done: %d samples in %d shards, %.1f MB, %.1f s", n, len(shards),
              manifest["n_bytes"] / 1e6, time.time() - t0)
     return manifest
+
+
+def finished_export(out_dir: str, cfg: ExportConfig) -> dict[str, Any] | None:
+    """The manifest of the export in `out_dir` (path or URL) when it is finished (manifest, dataset card and
+    export ledger part published) and was made with `cfg` and this code (its stamp, core/foundation/stamp.py);
+    else None. The completion check of a whole export."""
+    from core.foundation.stamp import code_version as module_version
+    from core.foundation.stamp import make_stamp, read_stamp
+
+    out = out_dir.rstrip("/")
+    manifest = export_manifest(out)
+    if manifest is None or manifest.get("config") != asdict(cfg):
+        return None
+    fs, root = fsspec.core.url_to_fs(out)
+    if not (fs.exists(f"{root}/{CARD}") and fs.exists(f"{root}/ledger/{STEP}/part-{STEP}.parquet")):
+        return None
+    probe = ExportStep(out, Passing.of([]), cfg, out, [], {})
+    want = make_stamp(STEP, probe.stamp_config(), module_version(ExportStep.__module__))
+    return manifest if read_stamp(f"{out}/ledger/{STEP}") == want else None
 
 
 def _is_remote(url: str) -> bool:

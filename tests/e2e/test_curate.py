@@ -82,6 +82,11 @@ def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_lo
     assert Path(res.summary.path, "summary.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     steps = [s["step"] for s in summary["steps"]]
+    from core.foundation.configs import override, preset
+    from core.runs.config import CurateConfig
+    from core.runs.steps import active_steps
+
+    assert steps == [s.name for s in active_steps(override(preset(CurateConfig, "demo"), **on))]  # the table's order
     assert steps == ["ingest", "embed", "decontam", "semdedup", "perplexity", "ppl_filter", "rephrase", "export"]
 
     # every step balances, and each step's inputs are what the previous step passed on

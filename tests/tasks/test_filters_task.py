@@ -62,8 +62,9 @@ def test_filter_task_refuses_an_unknown_filter_or_config_key_before_any_work(dem
     from flytekit.types.directory import FlyteDirectory
 
     from tasks.filters import filter_samples
+    from tasks.types import StepOut
 
-    run = FlyteDirectory(str(demo_run))
+    run = StepOut("ingest", FlyteDirectory(str(demo_run)))
     with pytest.raises(Exception, match="no sample filter named 'image_filtr'; registered: .*image_filter"):
         filter_samples(run=run, step="image_filtr")
     with pytest.raises(Exception, match="did you mean 'min_side'"):

@@ -19,13 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PYFLYTE = str(Path(sys.executable).with_name("pyflyte"))
-IMAGES = {
-    "cpu": "reg.test/mmcurate-cpu:t1",
-    "gpu": "reg.test/mmcurate-gpu:t1",
-    "vllm": "reg.test/mmcurate-vllm:t1",
-    "train": "reg.test/mmcurate-train:t1",
-}
-IMAGE_ARGS = ["--image", IMAGES["cpu"]] + [a for role, ref in IMAGES.items() for a in ("--image", f"{role}={ref}")]
+from tests.package_checks import IMAGE_ARGS, IMAGES  # noqa: E402
 
 # Imports every module of a package (in a fresh interpreter, so two `workflows` packages never collide) and
 # prints the names of the workflows, launch plans and tasks it defines at module level, plus each task's
@@ -104,9 +98,8 @@ def package(root: Path, out: Path, pkg: str = "workflows") -> dict:
 
 
 @pytest.fixture(scope="module")
-def repo_package(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pkg") / "flyte-package.tgz"
-    return discover(ROOT), package(ROOT, out)
+def repo_package(flyte_package):
+    return discover(ROOT), read_package(flyte_package)
 
 
 def test_package_holds_every_workflow_and_launch_plan(repo_package):
@@ -255,10 +248,8 @@ GPU_WORKFLOWS = ["workflows.mixing.mixing_search", "workflows.mixing.soup_mixing
 
 
 @pytest.fixture(scope="module")
-def entities(repo_package, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pkg2") / "p.tgz"
-    package(ROOT, out)
-    return read_entities(out)
+def entities(flyte_package):
+    return read_entities(flyte_package)
 
 
 def test_package_is_what_a_cluster_accepts(entities):
@@ -397,7 +388,7 @@ def test_curate_tiny_preset_runs_no_gpu_task_production_does():
     """The compiled `curate_steps` of the demo preset requests no GPU on any node (overrides and Ray workers
     included); the production preset's requests GPUs on the GPU steps, by the one profile rule."""
     from core.foundation.configs import override
-    from core.runs.steps import GPU_PROFILES
+    from core.runs.steps import profile
     from workflows.curate import curate_demo, curate_steps, mammoth_v1_curation
 
     paths = dict(source="s.json", image_root="img", eval_cache="ec")
@@ -420,7 +411,8 @@ def test_curate_tiny_preset_runs_no_gpu_task_production_does():
     score = next(n for n in prod.nodes if n.WhichOneof("target") == "task_node"
                  and n.task_node.reference_id.name == "tasks.perplexity.score_perplexity")
     req = {r.name: r.value for r in score.task_node.overrides.resources.requests}
-    assert req == {1: GPU_PROFILES["perplexity"].cpu, 2: "1", 3: GPU_PROFILES["perplexity"].mem}, req
+    want = profile("perplexity", prod_cfg.perplexity_config, run_gpu=True)  # the pod of the whole fan-out
+    assert req == {1: want.cpu, 2: str(want.gpu), 3: want.mem} and want.gpu == 8, req  # docs/scale.md assumes it
     assert tasks["tasks.perplexity.score_perplexity"].container.image  # bound
 
 

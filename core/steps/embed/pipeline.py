@@ -108,10 +108,6 @@ class EmbedStep(ShardStep):
     def emb_path(self, unit_name: str) -> str:
         return f"{self.emb_dir}/{unit_name}.parquet"
 
-    @property
-    def ledger_url(self) -> str:
-        return str(self.ledger_dir) if self.local else f"{self.run_url}/ledger/{self.name}"
-
     def clear_outputs(self) -> None:
         """A recompute (another model, `on_mismatch="recompute"`) removes the embeddings with the ledger
         parts: no file of the old model stays for `load_embeddings` to mix in."""
@@ -120,12 +116,10 @@ class EmbedStep(ShardStep):
         for f in fs.glob(f"{root}/*.parquet"):
             fs.rm(f)
 
-    def part(self, unit_name: str) -> Any:
-        return super().part(unit_name) if self.local else f"{self.run_url}/ledger/{self.name}/part-{unit_name}.parquet"
-
-    def is_done(self, unit_name: str) -> bool:
-        return all(fs.exists(p) for fs, p in (fsspec.core.url_to_fs(str(u))
-                                              for u in (self.emb_path(unit_name), self.part(unit_name))))
+    def done(self, unit: Unit) -> bool:
+        """A shard is finished when its embeddings file and its ledger part both exist."""
+        fs, p = fsspec.core.url_to_fs(self.emb_path(unit.name))
+        return fs.exists(p) and self.is_done(unit.name)
 
     def shard_ids(self, unit: Unit) -> tuple[Collection[str] | None, bool]:
         """(ids the shard embeds, whether the ones it lacks are quarantined there); (None, False): all."""

@@ -198,7 +198,13 @@ def run_filter(step: str, shards: Sequence[str], out: str | os.PathLike, config:
     run's summary (`StepSummary.as_dict()`: counts of the shards processed now) and the config used."""
     cls = filter_class(step)
     f = cls(out, filter_config(cls, config), prev)
-    summary = f.run(shards).as_dict()
+    fan = getattr(f.config, "fanout", None)
+    if fan is not None and fan.workers > 1:  # over a pool of Ray actors (core/runs/fanout.py)
+        from core.runs.fanout import StepSpec, run_fanout
+
+        summary = run_fanout(StepSpec(cls, (out, f.config, prev)), shards, fan).as_dict()
+    else:
+        summary = f.run(shards).as_dict()
     summary["config"] = dataclasses.asdict(f.config) if f.config is not None else {}
     return summary
 

@@ -17,10 +17,11 @@ images fails, since one image cannot be cut out of a conversation that refers to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.foundation.configs import ConfigJSON, check_ranges, register_preset
 from core.foundation.sample import Sample
+from core.runs.fanout import FanOut, tiny_fanout
 from core.steps.filters.base import SampleFilter, Verdict
 
 
@@ -32,10 +33,12 @@ class ImageFilterConfig(ConfigJSON):
         dropped as `image_too_small`.
     :param max_aspect: Largest allowed long side / short side: above it the sample is dropped as
         `image_aspect_ratio`.
+    :param fanout: How the shards spread over workers (core/runs/fanout.py; default in-process).
     """
 
     min_side: int = 28
     max_aspect: float = 200.0
+    fanout: FanOut = field(default_factory=tiny_fanout)
 
     def __post_init__(self) -> None:
         check_ranges(self, {"min_side": (1, None), "max_aspect": (1.0, None)})

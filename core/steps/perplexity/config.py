@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.foundation.configs import ConfigJSON, check_ranges, register_preset
+from core.runs.fanout import FanOut, tiny_fanout
 
 MODES = ("text", "assistant_only", "vlm")
 TEXT_VIEWS = ("all", "assistant", "all_human")
@@ -35,6 +36,9 @@ class PerplexityConfig(ConfigJSON):
     :param max_padding_waste: A batch is closed early when adding the next (shorter) sample would make
         more than this fraction of its tokens padding (bounds the waste; 1.0 = fill to the budget).
     :param sort_buckets: Length-bucketed batching (sort by length); False keeps input order (ablation).
+    :param fanout: How the shards spread over workers (core/runs/fanout.py `FanOut`: workers, shards per group,
+        CPUs/GPUs per worker); the default scores in-process. Where and how fast it runs, never what it makes: the
+        step folder's stamp leaves it out.
     """
 
     model: str
@@ -50,6 +54,7 @@ class PerplexityConfig(ConfigJSON):
     add_bos: bool | None = None
     max_padding_waste: float = 0.1
     sort_buckets: bool = True
+    fanout: FanOut = field(default_factory=tiny_fanout)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -144,11 +144,17 @@ def score_shards(
 
     Returns the summary (also written to `perplexity/summary.json`): counts and quantiles over everything
     scored in `out`, shards scored/skipped, seconds, batching stats, mode and model."""
-    step = PerplexityStep(out, config, prev, scorer)
-    run = step.run(shards)
-    if step.bar is not None:
-        step.bar.close()
-    stats = getattr(step.scorer, "stats", None) or BatchStats()
+    if scorer is not None or config.fanout.workers == 1:  # in this process (a given scorer is not shipped)
+        step = PerplexityStep(out, config, prev, scorer)
+        run = step.run(shards)
+        if step.bar is not None:
+            step.bar.close()
+        stats = getattr(step.scorer, "stats", None) or BatchStats()
+    else:  # over a pool of Ray actors, one model each (core/runs/fanout.py)
+        from core.runs.fanout import StepSpec, run_fanout
+
+        run = run_fanout(StepSpec(PerplexityStep, (out, config, prev)), shards, config.fanout)
+        stats = BatchStats()  # per-actor batching stats stay in the actors' logs
     summary = summarize(out) | {"shards_scored": len(run.done), "shards_skipped": len(run.skipped),
                                 "seconds": round(run.seconds, 2), "batching": stats.as_dict(), "mode": config.mode,
                                 "model": config.model}

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.foundation.configs import ConfigJSON, check_ranges, register_preset
+from core.runs.fanout import FanOut, gpu_node_fanout, tiny_fanout
 
 DEFAULT_SYSTEM_PROMPT = (
     "You rewrite text from a visual question answering dataset so that it is as short as possible "
@@ -80,6 +81,8 @@ class RephraseConfig(ConfigJSON):
     :param on_config_change: a shard in flight whose finished chunks were made by another config (model,
         tokenizer, prompts, generation or validation settings, chunk size): ``"refuse"`` (error naming the
         fields) or ``"recompute"`` (discard that shard's chunks and redo it).
+    :param fanout: How the shards spread over workers (core/runs/fanout.py: one model or vLLM engine per worker);
+        default in-process. Where and how fast it runs, never what it makes (left out of the stamp).
     """
 
     backend: str
@@ -108,6 +111,7 @@ class RephraseConfig(ConfigJSON):
     keep_suffixes: tuple[str, ...] = field(default=DEFAULT_KEEP_SUFFIXES)
     refusal_patterns: tuple[str, ...] = field(default=DEFAULT_REFUSAL_PATTERNS)
     on_config_change: str = "refuse"
+    fanout: FanOut = field(default_factory=tiny_fanout)
 
     def __post_init__(self) -> None:
         if self.backend not in ("vllm", "transformers"):
@@ -173,5 +177,6 @@ def qwen_rephrase_config(model: str = "", tokenizer: str = "") -> RephraseConfig
         tensor_parallel=1,
         device="cuda",
         overlap_io=True,  # vLLM generates in its engine process: validation/I/O hide behind it
+        fanout=gpu_node_fanout(),  # one vLLM engine per GPU of an 8-GPU node (started once per actor, ~60-90 s)
     )
 
