@@ -241,7 +241,7 @@ TINY_PLANS = ["mixing_demo", "targeted_demo", "targeted_ablation_demo"]
 GPU_PLANS = ["nightly_eval", "perplexity_deciles", "targeted_qwen_vl"]
 # the curation steps' GPU tasks: their profile is a node override, there is no CPU twin any more
 STEP_GPU_TASKS = ["tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.dedup.prune_cluster_group",
-                  "tasks.dedup.decontam", "tasks.perplexity.score_perplexity", "tasks.rephrase.rephrase_samples"]
+                  "tasks.perplexity.score_perplexity", "tasks.rephrase.rephrase_samples"]
 # production workflows without a named plan of their own, and the tiny twins of each
 GPU_WORKFLOWS = ["workflows.mixing.mixing_search", "workflows.mixing.soup_mixing",
                  "workflows.targeted.targeted_generation", "workflows.targeted.targeted_ablation"]
@@ -403,8 +403,7 @@ def test_curate_tiny_preset_runs_no_gpu_task_production_does():
     prod = compile_dynamic(curate_steps, config=prod_cfg, **paths)
     gpus = spec_gpus(prod)
     assert prod_cfg.embed_config.num_gpus >= 1 and prod_cfg.embed_config.model_name.endswith("SigLIP2-378")
-    for name in ("tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.dedup.decontam",
-                 "tasks.perplexity.score_perplexity"):
+    for name in ("tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.perplexity.score_perplexity"):
         assert gpus[name] >= 1, gpus
     assert gpus["tasks.rephrase.rephrase_samples"] == 0  # the production preset's rephrase config says device cpu
     tasks = {t.id.name: t for t in prod.tasks}

@@ -20,6 +20,7 @@ from flytekit.types.directory import FlyteDirectory
 from core.foundation.ledger import LedgerWriter, read_ledger, step_dir
 from core.foundation.sample import Sample
 from core.io.wds import list_shards, write_shards
+from tasks.types import StepOut
 from tests.ppl_helpers import clean_records
 
 SHARDS = [f"shard-{i:06d}" for i in range(4)]
@@ -113,7 +114,8 @@ def _score(run, model, **cfg):
     from tasks.perplexity import score_perplexity
 
     config = preset(PerplexityConfig, "tiny", **{"device": "cpu", "batch_tokens": 512, "max_length": 128, **cfg})
-    return score_perplexity(run=FlyteDirectory(str(run)), model=FlyteDirectory(str(model)), config=config)
+    return score_perplexity(run=StepOut("ingest", FlyteDirectory(str(run))), model=FlyteDirectory(str(model)),
+                            config=config).dir
 
 
 def test_perplexity_retry_scores_only_the_unfinished_shards(ppl_world, tmp_path, monkeypatch):
@@ -200,13 +202,13 @@ def decontam_world(tmp_path):
 def test_decontaminate_retry_decides_only_the_unfinished_files(decontam_world, tmp_path, monkeypatch):
     from core.steps.dedup.config import DecontamConfig
     from core.steps.dedup.mining import DecontamStep
-    from tasks.dedup import decontaminate_evals
+    from tasks.dedup import decontam
 
     emb, ev = decontam_world
 
     def call():
-        return decontaminate_evals(embeddings=FlyteDirectory(str(emb)), evals=FlyteDirectory(str(ev)),
-                                   config=DecontamConfig(threshold=0.999, k=3))
+        return decontam(embeddings=StepOut("embed", FlyteDirectory(str(emb))),
+                        evals=StepOut("embed", FlyteDirectory(str(ev))), config=DecontamConfig(threshold=0.999, k=3)).dir
 
     out, _ = kill_then_retry(monkeypatch, tmp_path, DecontamStep, call, "decontam")
     led = ledger(out.path, "decontam")
@@ -230,8 +232,9 @@ def test_rephrase_retry_rephrases_only_the_unfinished_shards(tmp_path, monkeypat
     model = random_chat_lm([r["conversations"][1]["value"] for r in recs] * 3, tmp_path / "model")
 
     def call():
-        return rephrase_samples(run_dir=FlyteDirectory(str(tmp_path / "run")), model_dir=FlyteDirectory(str(model)),
-                                config=preset(RephraseConfig, "tiny", max_new_tokens=4, chunk_size=2)).out_dir
+        return rephrase_samples(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))),
+                                model_dir=FlyteDirectory(str(model)),
+                                config=preset(RephraseConfig, "tiny", max_new_tokens=4, chunk_size=2)).out.dir
 
     out, _ = kill_then_retry(monkeypatch, tmp_path, RephraseStep, call, "rephrase")
     assert json.loads((Path(out.path) / "rephrase" / "report.json").read_text())["n_samples"] == 8
@@ -299,20 +302,20 @@ def test_export_retry_after_the_export_finished_reuses_it(tmp_path, monkeypatch)
     real_html = core_export.export_report_html
     monkeypatch.setattr(core_export, "export_report_html", deck_dies)
     with pytest.raises(Exception, match="preempted"):
-        export_dataset(run_dir=FlyteDirectory(str(tmp_path / "run")), max_samples=5)
+        export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), max_samples=5)
     assert processed == ["export"]
     monkeypatch.setattr(core_export, "export_report_html", real_html)
-    out = export_dataset(run_dir=FlyteDirectory(str(tmp_path / "run")), max_samples=5)
+    out = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), max_samples=5).dir
     assert processed == ["export"]  # reused, not written again
     manifest = json.loads((Path(out.path) / "manifest.json").read_text())
     assert manifest["n_samples"] == 12
     monkeypatch.setenv("MMCURATE_RESUME_ROOT", str(tmp_path / "clean_root"))
-    clean = export_dataset(run_dir=FlyteDirectory(str(tmp_path / "run")), max_samples=5)
+    clean = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), max_samples=5).dir
     assert processed == ["export", "export"]
     assert (Path(clean.path) / "manifest.json").read_bytes() == (Path(out.path) / "manifest.json").read_bytes()
     pd.testing.assert_frame_equal(ledger(out.path, "export"), ledger(clean.path, "export"))
     # another config: its own folder, exported again
-    other = export_dataset(run_dir=FlyteDirectory(str(tmp_path / "run")), max_samples=4)
+    other = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), max_samples=4).dir
     assert other.path != clean.path and processed == ["export"] * 3
 
 
@@ -332,7 +335,7 @@ def test_embed_retry_embeds_only_the_unfinished_shards(tmp_path, monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # kept across the three runs
     try:
         out, _ = kill_then_retry(monkeypatch, tmp_path, EmbedStep,
-                                 lambda: embed_shards(shards=FlyteDirectory(str(tmp_path / "shards")), config=cfg),
+                                 lambda: embed_shards(shards=FlyteDirectory(str(tmp_path / "shards")), config=cfg).dir,
                                  "embed", method="publish")
     finally:
         ray.shutdown()
