@@ -27,12 +27,12 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse the data, embeddings and models of an earlier run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from core.foundation.ids import load_id_list
     from core.foundation.ledger import passing_ids, read_ledger, step_dir
-    from core.io.wds import list_shards
-    from core.steps.perplexity.reference import load_id_list, train_reference_lm
+    from core.foundation.step import shards_of
+    from core.steps.perplexity.reference import train_reference_lm
     from core.targeted.config import tiny_targeted_config
-    from core.targeted.pipeline import reference_examples, reference_table, run_targeted
-    from core.targeted.tiny_vlm import build_tiny_llava, train_tiny_llava, training_examples
+    from core.targeted.pipeline import build_generator, reference_table, run_targeted
 
     o = args.out
     t0 = time.time()
@@ -41,19 +41,15 @@ def main() -> None:
     if not args.reuse:
         prepare(o, args.n, benches)
     allowed = passing_ids(read_ledger(step_dir(f"{o}/pool_decontam", "decontam")))
-    ref_ids = load_id_list(f"{o}/reference/ground_truth.json")
+    ref_ids = load_id_list(f"{o}/reference/ground_truth.json", key="clean")
     cfg = tiny_targeted_config(f"{o}/tiny_vlm", budget_per_subgroup=args.budget)
-    ref = reference_table(list_shards(f"{o}/ref/shards"), cfg, ref_ids)
+    ref = reference_table(shards_of(f"{o}/ref"), cfg, ref_ids)
     if not args.reuse:
-        lm = train_reference_lm(list_shards(f"{o}/ref/shards"), f"{o}/ref_lm", ref_ids)
-        texts = [f"Question: {r.question}\nAnswer: {r.answer}" for r in ref.itertuples()]
-        build_tiny_llava(cfg.model, texts, seed=0)
-        if args.train_steps:
-            ex = training_examples(list_shards(f"{o}/ref/shards"), ref, reference_examples(ref), cfg)
-            print("tiny VLM training:", train_tiny_llava(cfg.model, ex, steps=args.train_steps))
+        lm = train_reference_lm(shards_of(f"{o}/ref"), f"{o}/ref_lm", ref_ids)
+        print("tiny VLM training:", build_generator(cfg.model, f"{o}/ref", ref, cfg, args.train_steps))
     lm = f"{o}/ref_lm"
     t1 = time.time()
-    s = run_targeted(list_shards(f"{o}/ref/shards"), f"{o}/ref_emb", f"{o}/pool", f"{o}/pool_emb", f"{o}/run", cfg,
+    s = run_targeted(shards_of(f"{o}/ref"), f"{o}/ref_emb", f"{o}/pool", f"{o}/pool_emb", f"{o}/run", cfg,
                      str(lm), allowed_pool_ids=allowed, ref_ids=ref_ids, eval_cache=f"{o}/eval_cache",
                      benchmarks=benches)
     print(json.dumps(s, indent=1, default=str))
@@ -65,8 +61,8 @@ def prepare(o: str, n: int, benches: list[str]) -> None:
     from core.demo import generate_demo, plant_eval_contamination
     from core.demo.eval_fixtures import write_fixtures
     from core.evals.eval_shards import eval_embedding_sets, write_eval_shards
+    from core.foundation.step import shards_of
     from core.io.ingest import IngestConfig, ingest
-    from core.io.wds import list_shards
     from core.steps.dedup.config import tiny_decontam_config
     from core.steps.dedup.mining import decontaminate
     from core.steps.embed.config import tiny_embed_config
@@ -80,9 +76,9 @@ def prepare(o: str, n: int, benches: list[str]) -> None:
         shutil.rmtree(f"{o}/{name}", ignore_errors=True)
         ingest(IngestConfig(source=f"{o}/{src}/data.json", image_root=f"{o}/{src}/images", run_dir=f"{o}/{name}",
                             shard_max_samples=100))
-        embed_shards(list_shards(f"{o}/{name}/shards"), f"{o}/{name}_emb", tiny_embed_config(), use_ray=False)
+        embed_shards(shards_of(f"{o}/{name}"), f"{o}/{name}_emb", tiny_embed_config(), use_ray=False)
     write_eval_shards(f"{o}/eval_cache", benches, f"{o}/evalsets")
-    embed_shards(list_shards(f"{o}/evalsets/shards"), f"{o}/evalsets_emb", tiny_embed_config(), use_ray=False)
+    embed_shards(shards_of(f"{o}/evalsets"), f"{o}/evalsets_emb", tiny_embed_config(), use_ray=False)
     decontaminate(f"{o}/pool_emb", f"{o}/pool_decontam", eval_embedding_sets(f"{o}/evalsets_emb"),
                   tiny_decontam_config(device="cpu"))
 

@@ -12,7 +12,6 @@ from flytekit.types.directory import FlyteDirectory
 
 from tasks.decks import save_decks
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
-from tasks.resources import TINY_REQUESTS, renamed
 from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,8 @@ def plan_eval_jobs(checkpoints: list[str], benchmarks: list[str], group_size: in
 _EVAL_OPTS = dict(container_image=VLLM_IMAGE, retries=1, enable_deck=True)
 
 
+# The decorator states the production profile (core/runs/steps.py GPU_PROFILES["evaluate"]); workflows.evaluate
+# overrides each worker node with the run's profile (tiny checkpoints: two CPUs, no GPU).
 @task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), **_EVAL_OPTS)
 def evaluate_checkpoint_benchmarks(
     checkpoint: str,
@@ -100,11 +101,6 @@ def evaluate_checkpoint_benchmarks(
     _worker_deck(wdir)
     step_finished("eval", t0, checkpoint=checkpoint)
     return FlyteDirectory(wdir)
-
-
-# CPU twin: the tiny checkpoints of the demo/ablation evaluate on CPU.
-evaluate_checkpoint_benchmarks_cpu = task(requests=TINY_REQUESTS, **_EVAL_OPTS)(
-    renamed(evaluate_checkpoint_benchmarks.task_function, "evaluate_checkpoint_benchmarks_cpu"))
 
 
 def _worker_deck(wdir: str) -> None:

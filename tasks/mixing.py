@@ -1,6 +1,11 @@
 """Mixing-by-soups tasks: domains, expert data and plans, expert/mixture training, soup evaluation inside
-the eval worker, analysis + search replays, domain perplexity, the proof of the proxy and the export.
-Logic lives in core/mixing; these are thin wrappers."""
+the eval worker, the soup analysis, domain perplexity, the proof of the proxy and the export.
+
+Thin wrappers: each task turns its FlyteDirectory inputs into paths, calls one function of core/mixing
+(`core.mixing.domains`, `core.mixing.steps`, `core.mixing.results`), writes its deck and wraps the outputs.
+Configs cross as dataclasses (`DomainConfig`, `MixingConfig`; on the CLI a partial JSON onto their preset).
+The GPU tasks' decorators state the production profile; workflows/mixing.py gives each node the run's profile.
+"""
 
 from __future__ import annotations
 
@@ -12,68 +17,58 @@ from typing import List, NamedTuple, Optional
 from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
+from core.mixing.domains import DomainConfig, field_domain_config
 from core.mixing.pipeline import MixingConfig
 from core.train.config import TrainConfig
 from tasks.cache import task_version
 from tasks.images import CPU_IMAGE, TRAIN_IMAGE, VLLM_IMAGE
-from tasks.paths import source
-from tasks.resources import TINY_REQUESTS, renamed
+from tasks.paths import source, workdir
 
 log = logging.getLogger(__name__)
 MIXING_CODE = task_version(__name__)
-STEPS = ["ingest", "domains"]
-
-
-def _work(name: str) -> str:
-    p = os.path.join(current_context().working_directory, name)
-    os.makedirs(p, exist_ok=True)
-    return p
 
 
 def _shards(run: FlyteDirectory) -> list[str]:
-    from core.io.wds import list_shards
+    from core.foundation.step import shards_of
 
-    return list_shards(f"{source(run).rstrip('/')}/shards")
+    return shards_of(source(run))
+
+
+def _ledgers(run: FlyteDirectory, domains: FlyteDirectory) -> list[str]:
+    """The ledger folders a mixing export reads, in `core.mixing.results.STEPS` order (ingest, domains)."""
+    return [source(run), domains.download()]
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), enable_deck=True, cache=True,
       cache_version=MIXING_CODE)
-def assign_domains(run: FlyteDirectory, mode: str = "field", k: int = 4, embeddings: Optional[FlyteDirectory] = None,
-                   embed_kind: str = "image", include: Optional[List[str]] = None, min_samples: int = 1,
-                   seed: int = 0) -> FlyteDirectory:
+def assign_domains(run: FlyteDirectory, config: DomainConfig = field_domain_config(),
+                   embeddings: Optional[FlyteDirectory] = None) -> FlyteDirectory:
     """Give every ingested sample a domain: a field of the source (`domain`, `metadata.domain`/`dataset`,
     `source`) or k-means on existing embeddings; writes the `domains` ledger.
 
     :param run: Ingest output (`shards/`, `ledger/ingest/`).
-    :param mode: `field` or `kmeans`.
-    :param k: Clusters for `kmeans`.
+    :param config: DomainConfig: mode (`field` | `kmeans`), k, embed_kind (`image` | `text`), include (keep only
+        these domains, others quarantined `domain_excluded:<d>`; empty: all), min_samples (smaller domains are
+        quarantined `domain_too_small:<d>`), seed. CLI: a partial JSON, e.g. `'{"mode": "kmeans", "k": 6}'`.
     :param embeddings: embed_shards output (required for `kmeans`).
-    :param embed_kind: `image` or `text` embeddings for `kmeans`.
-    :param include: Keep only these domains (others quarantined `domain_excluded:<d>`); empty: all.
-    :param min_samples: Smaller domains are quarantined `domain_too_small:<d>`.
-    :param seed: k-means seed.
     :return: `ledger/domains/` and `domains/domains.json` ({domain: [ids]}), `domains/summary.json`.
     """
     from core.foundation.report import page, table_html
     from core.io.wds import iter_samples
-    from core.mixing.domains import DomainConfig
     from core.mixing.domains import assign_domains as run_assign
 
-    cfg = DomainConfig(mode=mode, k=k, embed_kind=embed_kind, seed=seed, min_samples=min_samples,
-                       include=tuple(include or ()))
-    if mode == "kmeans" and embeddings is None:
+    if config.mode == "kmeans" and embeddings is None:
         raise ValueError("mode=kmeans needs embeddings (an embed_shards output)")
     emb = None
-    if embeddings is not None and mode == "kmeans":
+    if config.mode == "kmeans":
         from core.steps.embed.store import load_embeddings
 
-        emb = load_embeddings(embeddings.download(), embed_kind)
-    out = _work("domains_out")
-    summary = run_assign(iter_samples(_shards(run), load_images=False, verify_images=False), out, cfg, emb)
+        emb = load_embeddings(embeddings.download(), config.embed_kind)
+    out = str(workdir("domains_out"))
+    summary = run_assign(iter_samples(_shards(run), load_images=False, verify_images=False), out, config, emb)
     log.info("domains: %s", summary)
     Deck("domains", page(table_html([{"domain": d, "n": n} for d, n in summary["domains"].items()], "Domains"),
                          table_html([{"reason": r, "n": n} for r, n in summary["reasons"].items()], "Quarantined")))
-    print(f"domains written to {out}")
     return FlyteDirectory(out)
 
 
@@ -96,18 +91,12 @@ def prepare_experts(run: FlyteDirectory, domains: FlyteDirectory, config: Mixing
     :return: prep dir (plan.json, train/<d>, heldout/<d>, all/), the all-domains export, domain names,
         per-domain exports and per-domain plans (JSON) in the same order.
     """
-    from core.mixing.pipeline import export_ids
-    from core.mixing.steps import prepare_experts as run_prep
+    from core.mixing.results import prepare_expert_data
 
-    out = _work("mixing_prep")
-    dirs = [source(run), domains.download()]
-    plan = run_prep(_shards(run), dirs, STEPS, dirs[1], config, out)
-    all_ids = sorted(i for ids in plan["train_ids"].values() for i in ids)
-    dom_of = {i: d for d, ids in plan["train_ids"].items() for i in ids}
-    export_ids(_shards(run), dirs, all_ids, os.path.join(out, "all"), "all_domains", STEPS, dom_of)
+    out, dirs = str(workdir("mixing_prep")), _ledgers(run, domains)
+    plan = prepare_expert_data(_shards(run), dirs, dirs[1], config, out)
     log.info("experts: %d domains, %d steps x %d each; sizes %s", len(plan["domains"]), plan["budget_steps"],
              plan["batch_size"], plan["sizes"])
-    print(f"expert data and plan written to {out}")
     return ExpertPrep(FlyteDirectory(out), FlyteDirectory(os.path.join(out, "all")), plan["domains"],
                       [FlyteDirectory(os.path.join(out, "train", d)) for d in plan["domains"]],
                       [json.dumps(p) for p in plan["plans"]])
@@ -116,8 +105,8 @@ def prepare_experts(run: FlyteDirectory, domains: FlyteDirectory, config: Mixing
 _EXPERT_OPTS = dict(container_image=TRAIN_IMAGE, retries=1, cache=True, cache_version=MIXING_CODE)
 
 
-# Production: one GPU per expert (or mixture) training, like train_mini_llava; the tiny preset runs the CPU twin
-# `train_expert_cpu` (chosen by the workflow: soup_mixing_cpu / mixing_search_cpu).
+# The decorator states the production profile (core/runs/steps.py GPU_PROFILES["expert"]: one GPU per training);
+# workflows/mixing.py overrides the node with the run's profile (the tiny preset, device=cpu: two CPUs, no GPU).
 @task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), limits=Resources(gpu="1"), **_EXPERT_OPTS)
 def train_expert(data: FlyteDirectory, plan: str, base: FlyteDirectory, config: MixingConfig,
                  external_command: str = "") -> FlyteDirectory:
@@ -131,32 +120,15 @@ def train_expert(data: FlyteDirectory, plan: str, base: FlyteDirectory, config: 
         data_dir, ckpt_dir, epochs, lr, plus max_steps, batch_size, init_from); empty: the built-in trainer.
     :return: The final checkpoint.
     """
-    from core.mixing.pipeline import train_plan
     from core.mixing.plan import ExpertPlan
+    from core.mixing.steps import train_expert as run_train
 
     p = ExpertPlan(**json.loads(plan))
-    data_dir = os.path.join(data.download(), "shards")
-    out = _work("expert_" + p.name)
-    if external_command:
-        from core.train.external import ExternalTrainer, ExternalTrainerConfig
-
-        ext = ExternalTrainerConfig(image="", command=external_command,
-                                    extra={"max_steps": str(p.steps), "batch_size": str(p.batch_size),
-                                           "init_from": base.download()})
-        cks = ExternalTrainer(ext, train={"epochs": p.epochs, "lr": config.lr}).fit(data_dir, out)
-        if not cks:
-            raise RuntimeError(f"{p.name}: the external trainer wrote no checkpoint directory under {out}")
-        ck = cks[-1]
-    else:
-        ck = train_plan(data_dir, base.download(), p, config, out)
+    ck = run_train(os.path.join(data.download(), "shards"), base.download(), p, config,
+                   str(workdir("expert_" + p.name)), external_command)
     log.info("%s: %d steps x %d on %d samples (%d epochs) -> %s", p.name, p.steps, p.batch_size, p.n_samples,
              p.epochs, ck)
-    print(f"checkpoint: {ck}")
     return FlyteDirectory(ck)
-
-
-train_expert_cpu = task(requests=TINY_REQUESTS, **_EXPERT_OPTS)(renamed(train_expert.task_function,
-                                                                       "train_expert_cpu"))
 
 
 @task(container_image=CPU_IMAGE, requests=Resources(cpu="1", mem="1Gi"))
@@ -211,8 +183,8 @@ def plan_soups(domains: List[str], max_k: int = 8) -> List[str]:
 _SOUP_OPTS = dict(container_image=VLLM_IMAGE, retries=1)
 
 
-# Production: one GPU per eval worker (merging a soup and running the benchmarks), like
-# evaluate_checkpoint_benchmarks; the tiny preset runs the CPU twin `evaluate_soup_cpu`.
+# The decorator states the production profile (GPU_PROFILES["soup"]: one GPU per eval worker merging a soup and
+# running the benchmarks); workflows/mixing.py overrides the node with the run's profile.
 @task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), limits=Resources(gpu="1"), **_SOUP_OPTS)
 def evaluate_soup(uri: str, domains: List[str], experts: List[str], base: str, prep: FlyteDirectory,
                   config: MixingConfig, cache_dir: str) -> FlyteDirectory:
@@ -237,10 +209,6 @@ def evaluate_soup(uri: str, domains: List[str], experts: List[str], base: str, p
     return FlyteDirectory(wdir)
 
 
-evaluate_soup_cpu = task(requests=TINY_REQUESTS, **_SOUP_OPTS)(renamed(evaluate_soup.task_function,
-                                                                     "evaluate_soup_cpu"))
-
-
 class SoupAnalysis(NamedTuple):
     report: FlyteDirectory
     proxy_subsets: List[str]
@@ -261,33 +229,16 @@ def analyze_soups(results: List[Optional[FlyteDirectory]], uris: List[str], run:
     :param prep: prepare_experts output (plan.json).
     :param config: MixingConfig.
     """
-    from core.evals.results import collect_results
-    from core.mixing.analysis import analyze, mixing_report_html
-    from core.mixing.pipeline import score_table
-    from core.mixing.steps import choose_proxy_subsets, export_mixtures, holds_peak, key_of
+    from core.mixing.results import analyze_soup_results, load_plan
 
-    out = _work("soups")
-    dirs = [r.download() for r in results if r is not None]
-    res = collect_results(dirs, out)
-    table = score_table(res.summary, {u: key_of(u) for u in uris})
-    plan = json.loads(open(os.path.join(prep.download(), "plan.json")).read())
-    result = analyze(table, plan["domains"], config.beam_width, config.seed)
-    peaks = holds_peak(dirs)
-    result.update(peaks, n_workers_lost=sum(r is None for r in results), n_soups_planned=len(uris))
-    table.to_csv(os.path.join(out, "soup_scores.csv"))
-    with open(os.path.join(out, "analysis.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    html = mixing_report_html(table, plan["domains"], result, extra={"soups evaluated": len(table), **peaks})
-    with open(os.path.join(out, "report.html"), "w") as f:
-        f.write(html)
-    Deck("soups", html)
-    subsets = choose_proxy_subsets(table, config)
-    mixes = export_mixtures(subsets, plan, config, _shards(run), [source(run), domains.download()], STEPS,
-                            _work("mixtures"))
-    log.info("%d soups scored; peaks %s; proxy subsets %s", len(table), peaks, subsets)
-    print(f"soup analysis written to {out}")
-    return SoupAnalysis(FlyteDirectory(out), subsets, [FlyteDirectory(d) for _, d, _ in mixes],
-                        [json.dumps(p) for _, _, p in mixes])
+    out = str(workdir("soups"))
+    got = analyze_soup_results([r.download() for r in results if r is not None], sum(r is None for r in results),
+                               uris, load_plan(prep.download()), config, _shards(run), _ledgers(run, domains), out,
+                               str(workdir("mixtures")))
+    Deck("soups", got["html"])
+    log.info("%d soups scored; peaks %s; proxy subsets %s", len(got["table"]), got["peaks"], got["subsets"])
+    return SoupAnalysis(FlyteDirectory(out), got["subsets"], [FlyteDirectory(d) for _, d, _ in got["mixtures"]],
+                        [json.dumps(p) for _, _, p in got["mixtures"]])
 
 
 @task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True, cache=True,
@@ -310,13 +261,12 @@ def score_domain_perplexity(prep: FlyteDirectory, domains: List[str], experts: L
     root = prep.download()
     experts_of = {d: ex.download() for d, ex in zip(domains, experts, strict=True)}
     data = {d: os.path.join(root, "train", d, "shards") for d in domains}
-    out = _work("domain_ppl")
+    out = str(workdir("domain_ppl"))
     step = DomainPerplexityStep(out, experts_of, base.download(), data, config.device, config.max_seq_len)
     step.run(list(domains))
     summary = step.summary()
     Deck("domain perplexity", page(table_html([{"domain": d, **v} for d, v in summary.items()],
                                               "Expert / base perplexity ratio on the expert's own domain")))
-    print(f"domain perplexity ledger written to {out}")
     return FlyteDirectory(out)
 
 
@@ -343,46 +293,16 @@ def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory
     :param config: MixingConfig.
     :param output_dir: Optional path/URL to copy the report to.
     """
-    import pandas as pd
+    from core.mixing.results import load_plan
+    from core.mixing.results import prove_proxy as run_proof
 
-    from core.evals.results import collect_results
-    from core.mixing.analysis import mixing_report_html
-    from core.mixing.pipeline import export_ids, score_table, spearman_by_benchmark
-    from core.mixing.steps import mixture_ids
-
-    sdir = soups.download()
-    out = _work("mixing_report")
-    soup_table = pd.read_csv(os.path.join(sdir, "soup_scores.csv"), index_col=0)
-    result = json.load(open(os.path.join(sdir, "analysis.json")))
-    dirs = [r.download() for r in mix_results if r is not None]
-    res = collect_results(dirs, os.path.join(out, "mixtures"))
-    trained = score_table(res.summary, dict(zip(mix_uris, proxy_subsets, strict=True)))
-    proxy = spearman_by_benchmark(soup_table, trained, seed=config.seed)
-    pairs = soup_table.loc[[i for i in trained.index if i in soup_table.index]].add_prefix("soup_").join(
-        trained.add_prefix("trained_"))
-    proxy.to_csv(os.path.join(out, "proxy_spearman.csv"), index=False)
-    pairs.to_csv(os.path.join(out, "proxy_pairs.csv"))
-    soup_table.to_csv(os.path.join(out, "soup_scores.csv"))
-    plan = json.load(open(os.path.join(prep.download(), "plan.json")))
-    best = result["best"]["overall"]["subset"]
-    dom_of = {i: d for d, ids in plan["train_ids"].items() for i in ids}
-    rec = os.path.join(current_context().working_directory, "recommended")
-    manifest = export_ids(_shards(run), [source(run), domains.download()], mixture_ids(best, plan), rec,
-                          "mix_" + best, STEPS, dom_of)
-    result.update(recommended=best, recommended_counts=manifest["domain_counts"],
-                  proxy=proxy.to_dict("records"))
-    with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    html = mixing_report_html(soup_table, plan["domains"], result, proxy,
-                              extra={"recommended": best, "counts": manifest["domain_counts"],
-                                     "peak_soups_held": result.get("peak_soups_held")})
-    with open(os.path.join(out, "report.html"), "w") as f:
-        f.write(html)
-    Deck("mixing", html)
+    out, rec = str(workdir("mixing_report")), str(workdir("recommended"))
+    got = run_proof(soups.download(), [r.download() for r in mix_results if r is not None], mix_uris, proxy_subsets,
+                    load_plan(prep.download()), config, _shards(run), _ledgers(run, domains), out, rec)
+    Deck("mixing", got["html"])
     if output_dir:
         from core.io.publish import publish
 
         publish(out, output_dir)
-    log.info("proxy: %s", proxy.to_dict("records"))
-    print(f"mixing report: {out}; recommended mixture {best}: {rec}")
+    log.info("proxy: %s; recommended mixture %s: %s", got["proxy"].to_dict("records"), got["best"], rec)
     return MixingOutputs(FlyteDirectory(out), FlyteDirectory(rec))

@@ -33,25 +33,3 @@ def overrides(kind: str, config: Any, run_gpu: bool, **extra: Any) -> dict:
     p = profile(kind, config, run_gpu)
     r = resources(p)
     return dict(requests=r, limits=r, container_image=IMAGES[p.image], **extra)
-
-
-# ---- going away: the CPU-twin helpers, still used by the mixing/targeted/eval/train twins until they move to
-# profiles (then these two are deleted) ------------------------------------------------------------------
-def renamed(fn, name: str):
-    """A copy of `fn` named `name` (the old twin-task mechanism)."""
-    import types
-
-    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    twin.__kwdefaults__ = fn.__kwdefaults__
-    twin.__annotations__ = dict(fn.__annotations__)
-    twin.__doc__ = fn.__doc__
-    twin.__module__ = fn.__module__
-    twin.__qualname__ = name
-    return twin
-
-
-def on_cpu(config) -> bool:
-    """The old CPU rule (an EmbedConfig without GPUs, or device == "cpu")."""
-    if hasattr(config, "num_gpus"):
-        return not config.num_gpus
-    return getattr(config, "device", "") == "cpu"

@@ -32,7 +32,6 @@ from tasks.cache import task_version
 from tasks.decks import save_decks
 from tasks.images import TRAIN_IMAGE
 from tasks.paths import source
-from tasks.resources import TINY_REQUESTS, renamed
 from tasks.steplog import step_finished, step_started
 
 log = logging.getLogger(__name__)
@@ -145,12 +144,11 @@ def train_mini_llava(
     return TrainOutputs([FlyteDirectory(c) for c in res.checkpoints], FlyteFile(res.metrics_path))
 
 
-# Production: one GPU per (single-process) elastic worker. The tiny presets (demo, ablation on the embedded
-# models) run the CPU twin. Both are decorated here, from the one function above.
-_train_fn = train_mini_llava
-train_mini_llava_cpu = _train_task(requests=TINY_REQUESTS, **_TRAIN_OPTS)(renamed(_train_fn, "train_mini_llava_cpu"))
+# The decorator states the production profile (core/runs/steps.py GPU_PROFILES["train"]: one GPU per
+# single-process elastic worker); a workflow that knows the run gives the node its profile with
+# `.with_overrides(**tasks.resources.overrides("train", config, run_gpu))` (the tiny presets: two CPUs, no GPU).
 train_mini_llava = _train_task(requests=Resources(cpu="8", mem="64Gi", gpu="1"), limits=Resources(gpu="1"),
-                               **_TRAIN_OPTS)(_train_fn)
+                               **_TRAIN_OPTS)(train_mini_llava)
 
 
 # Flyte secrets for the external trainer, as environment variables of its process. Fixed when this module is

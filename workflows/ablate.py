@@ -22,7 +22,7 @@ from tasks.rephrase import rephrase_samples
 from tasks.resources import overrides
 from tasks.train import train_mini_llava
 from tasks.validate import validate_ablate_inputs
-from workflows.evaluate import ALL_BENCHMARKS, evaluation, evaluation_cpu
+from workflows.evaluate import ALL_BENCHMARKS, evaluation
 from workflows.steps import LAUNCHERS, RunNodes, launch, reference_lm
 
 STANDARD_VARIANTS = ["baseline", "semdedup@0.1", "semdedup@0.3", "ppl@0-90", "ppl_decile@1", "ppl_decile@10"]
@@ -93,8 +93,8 @@ def ablate_steps(
             seed_ckpts.append(tr.checkpoints)
             seed_metrics.append(tr.metrics)
     uris = checkpoint_uris(per_variant=ckpts, seeds=seed_ckpts)
-    evaluate = evaluation if gpu else evaluation_cpu
-    ev = evaluate(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=c.eval_max_samples)
+    ev = evaluation(checkpoints=uris.flat, benchmarks=benchmarks, cache_dir=eval_cache, max_samples=c.eval_max_samples,
+                    gpu=gpu)
     table = compare_variants(variants=variants, checkpoints=uris.per_variant, exports=exports, evaluation=ev,
                              tokenizer=lm, output_dir=output_dir, steps=shared, known_bad_ids=known_bad_ids,
                              seed_checkpoints=uris.per_seed, train_metrics=metrics, seed_train_metrics=seed_metrics)

@@ -19,10 +19,11 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.foundation.configs import ConfigJSON, override, register_preset
 from core.foundation.ledger import LedgerWriter, step_dir
 
 STEP = "domains"
@@ -58,23 +59,34 @@ def check_domain_name(name: str) -> str:
 
 
 @dataclass
-class DomainConfig:
+class DomainConfig(ConfigJSON):
     """`mode`: `field` (domain_of) or `kmeans` (on `embed_kind` embeddings, `k` clusters).
     `min_samples`: domains smaller than this are merged into nothing: their samples are quarantined
-    `domain_too_small` (an expert needs at least one batch). `include`: keep only these domains (empty: all)."""
+    `domain_too_small` (an expert needs at least one batch). `include`: keep only these domains (empty: all).
+    On the command line a partial JSON onto the `field` preset, e.g. `'{"mode": "kmeans", "k": 6}'`."""
 
     mode: str = "field"
     k: int = 4
     embed_kind: str = "image"
     seed: int = 0
     min_samples: int = 1
-    include: tuple[str, ...] = ()
+    include: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode not in ("field", "kmeans"):
             raise ValueError(f"mode {self.mode!r} not in (field, kmeans)")
         if self.mode == "kmeans" and self.k < 2:
             raise ValueError("kmeans needs k >= 2")
+        if self.embed_kind not in ("image", "text"):
+            raise ValueError(f"embed_kind {self.embed_kind!r} not in (image, text)")
+        self.include = list(self.include)
+
+
+@register_preset(DomainConfig, "field", default=True)
+def field_domain_config(**overrides: Any) -> DomainConfig:
+    """Domains from a field of the source (`domain`, `metadata.domain` / `dataset`, `source`)."""
+    cfg = DomainConfig()
+    return override(cfg, **overrides) if overrides else cfg
 
 
 def kmeans_domains(ids: Sequence[str], x: Any, k: int, seed: int = 0) -> dict[str, str]:

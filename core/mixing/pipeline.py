@@ -15,6 +15,7 @@ from dataclasses import dataclass, field  # noqa: F401
 from pathlib import Path
 from typing import Any
 
+from core.foundation.configs import ConfigJSON, register_preset
 from core.foundation.ledger import LedgerWriter, read_ledger
 from core.foundation.step import ShardStep, Unit, write_json_atomic
 from core.mixing.plan import ExpertPlan
@@ -23,7 +24,7 @@ NLL_PREFIX = "nll_"  # held-out loss "benchmarks": score = -mean token NLL on th
 
 
 @dataclass
-class MixingConfig:
+class MixingConfig(ConfigJSON):
     """One mixing search. Training: `batch_size`, `lr` (constant by default: experts stay near the base),
     `budget_steps` per expert (0 = the largest domain's steps per epoch x `epochs`). Soups: `method`
     (uniform | weighted | task_arithmetic). Search: exhaustive up to `exhaustive_max_k` domains.
@@ -60,6 +61,7 @@ class MixingConfig:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}")
 
 
+@register_preset(MixingConfig, "tiny", default=True)
 def tiny_mixing_config(**overrides: Any) -> MixingConfig:
     """CPU preset for the demo: 16 steps of 4 per expert, held-out loss + two fixture benchmarks (4 items)."""
     base: dict[str, Any] = dict(benchmarks=["countbench", "chartqa"], batch_size=4, lr=2e-3, budget_steps=16,

@@ -141,8 +141,9 @@ def run_proxy_check(cfg: ProxyCheckConfig, work: str | os.PathLike,
 
 def _run(cfg: ProxyCheckConfig, work: str | os.PathLike, log: Callable[[str], None]) -> ProxyCheck:
     from core.demo import generate_demo
+    from core.foundation.step import shards_of
     from core.io.ingest import IngestConfig, ingest
-    from core.io.wds import iter_samples, list_shards
+    from core.io.wds import iter_samples
     from core.mixing.domains import DomainConfig, assign_domains
     from core.mixing.merge import merge_checkpoints
     from core.mixing.pipeline import base_train_config, export_ids, heldout_scores, train_plan
@@ -161,10 +162,10 @@ def _run(cfg: ProxyCheckConfig, work: str | os.PathLike, log: Callable[[str], No
     info = generate_demo(str(root / "data"), n_samples=cfg.n_samples, seed=cfg.data_seed)
     run = root / "run"
     ingest(IngestConfig(source=str(info.data_json), image_root=str(info.images_dir), run_dir=str(run)))
-    shards = list_shards(str(run / "shards"))
+    shards = shards_of(run)
     dom_out = root / "domains"
     assign_domains(iter_samples(shards, load_images=False, verify_images=False), dom_out,
-                   DomainConfig(include=tuple(cfg.domains)))
+                   DomainConfig(include=list(cfg.domains)))
     ledgers = [str(run), str(dom_out)]
     prep = root / "prep"
     plan = prepare_experts(shards, ledgers, STEPS, str(dom_out), mc, str(prep))

@@ -153,3 +153,23 @@ def holds_peak(worker_dirs: Sequence[str]) -> dict[str, int]:
             rows += json.load(open(p))
     return {"peak_soups_held": peak_held(rows, "soup"), "peak_experts_held": peak_held(rows, "expert"),
             "n_hold_intervals": len(rows)}
+
+
+def train_expert(data_dir: str, base: str, plan: ExpertPlan, cfg: MixingConfig, out: str,
+                 external_command: str = "") -> str:
+    """Train one expert (or mixture) from `base` for exactly the planned steps: the built-in trainer
+    (`train_plan`), or the team's trainer as a command template (core.train.external placeholders: data_dir,
+    ckpt_dir, epochs, lr, plus max_steps, batch_size, init_from). Returns the final checkpoint directory."""
+    from core.mixing.pipeline import train_plan
+
+    if not external_command:
+        return train_plan(data_dir, base, plan, cfg, out)
+    from core.train.external import ExternalTrainer, ExternalTrainerConfig
+
+    ext = ExternalTrainerConfig(image="", command=external_command,
+                                extra={"max_steps": str(plan.steps), "batch_size": str(plan.batch_size),
+                                       "init_from": base})
+    cks = ExternalTrainer(ext, train={"epochs": plan.epochs, "lr": cfg.lr}).fit(data_dir, out)
+    if not cks:
+        raise RuntimeError(f"{plan.name}: the external trainer wrote no checkpoint directory under {out}")
+    return cks[-1]

@@ -44,20 +44,11 @@ def source_accounting(ingest_ledger_dir: str | os.PathLike, rows: int, kept: int
 
 
 def load_id_list(path: str) -> list[str]:
-    """Ids from a file: a JSON list, a JSON object with an "ids" (or "bad") list, or one id per line."""
-    import fsspec
+    """Known-bad ids (core.foundation.ids.load_id_list): a JSON list, an object's `bad` (else `ids`) list, Parquet
+    `sample_id`, or one id per line."""
+    from core.foundation.ids import load_id_list as load
 
-    with fsspec.open(path, "r") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    if isinstance(data, dict):
-        data = data.get("ids", data.get("bad"))
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of ids, an object with an 'ids' list, or lines")
-    return [str(x) for x in data]
+    return load(path, key="bad")
 
 
 def known_bad_recall(frames: Sequence[tuple[str, pd.DataFrame]], ids: Iterable[str]) -> list[dict[str, Any]]:

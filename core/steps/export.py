@@ -42,6 +42,7 @@ from typing import Any
 import fsspec
 
 from core.foundation.configs import check_ranges
+from core.foundation.ids import load_id_list  # noqa: F401  (the one id-list loader; re-exported for tasks/export.py)
 from core.foundation.ledger import LedgerWriter, check_balance, find_step_dir, read_ledger
 from core.foundation.log import progress
 from core.foundation.outputs import folder_lock, fresh_dir, swap_in, write_atomic, write_json_atomic
@@ -121,20 +122,6 @@ def removal_summary(run_dir: str | Sequence[str], steps: Sequence[str]) -> list[
             "by_reason": [{"decision": d, "reason": r, "count": int(c)} for (d, r), c in sorted(by_reason.items())],
         })
     return out
-
-
-def load_id_list(path: str) -> list[str]:
-    """Sample ids from a subset file: Parquet (`sample_id` column), JSON (list) or text (one id per line)."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with fsspec.open(path, "rb") as f:
-            return [str(x) for x in pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()]
-    with fsspec.open(path, "r", encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".json"):
-        return [str(x) for x in json.loads(text)]
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def load_rephrased(rephrased_dir: str, ids: set[str]) -> dict[str, str]:

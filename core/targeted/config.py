@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from core.foundation.configs import override, preset, register_preset
+from core.foundation.configs import ConfigJSON, override, preset, register_preset
 
 ANSWER_FORMATS = ("number", "short", "letter", "points")
 PPL_DIRECTIONS = ("drop_high", "drop_low", "none")
@@ -70,11 +70,15 @@ FAMILIES: dict[str, FamilyPrompt] = {
 
 
 @dataclass
-class TargetedConfig:
-    """Everything targeted generation needs. Required fields have no default.
+class TargetedConfig(ConfigJSON):
+    """Everything targeted generation needs. Required fields have no default. It crosses the Flyte boundary
+    whole; on the command line a partial JSON onto the `tiny` preset (`'{"budget_per_subgroup": 50}'`) or onto
+    another preset (`'{"preset": "qwen2.5-vl"}'`). `device` is also the generation workers' resource profile
+    (core/runs/steps.py `uses_gpu`: `cuda` one GPU per shard, `cpu` two CPUs, `auto` the run's).
 
     Subgroups
-    :param model: local directory of the generator VLM (HF layout; never downloaded).
+    :param model: local directory of the generator VLM (HF layout; never downloaded); the workflows fill it in
+        from their `model_dir` input (or the tiny model they build), leave it empty.
     :param subgroup_field: reference field naming the subgroup: `source`, `metadata.<key>`; "" = k-means
         on MiniLM embeddings of the reference questions with `n_clusters`.
     :param n_clusters: k of the question clustering (subgroup_field == "").

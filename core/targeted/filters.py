@@ -116,8 +116,8 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
                      ref_texts: dict[str, str], eval_qs: dict[str, dict[str, str]], encoder: Any = None) -> dict[str, Any]:
     """Run the three filters on the accepted generations of `gen_dir` (merged generation output); ledgers
     go to `out_dir` (`FILTER_STEPS[1:]`). Returns counts per step and reason."""
-    from core.foundation.step import Passing
-    from core.io.wds import iter_samples, list_shards
+    from core.foundation.step import Passing, shards_of
+    from core.io.wds import iter_samples
     from core.steps.dedup.config import DecontamConfig
     from core.steps.dedup.mining import decontaminate
     from core.steps.perplexity.config import tiny_perplexity_config
@@ -128,8 +128,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
     out = Path(out_dir)
     gen = Path(gen_dir)
     passed = set(passing_ids(read_ledger(step_dir(gen, "tg_generate"))))
-    shard_dir = gen / "shards"
-    urls = list_shards(str(shard_dir)) if shard_dir.is_dir() and any(shard_dir.glob("*.tar")) else []
+    urls = shards_of(gen)
     pcfg = tiny_perplexity_config(ppl_model)
     score_shards(urls, out, pcfg, prev=Passing.read(gen, "tg_generate"))
     if not step_dir(out, "perplexity").exists():  # nothing accepted: the step still publishes its (empty) ledger

@@ -246,6 +246,7 @@ def test_targeted_generation_rerun_generates_only_the_unfinished_shards(tmp_path
     from core.targeted.generate import STEP, TargetedGenerateStep
     from core.targeted.retrieve import RETRIEVED_COLUMNS, generated_id
     from tasks.targeted import generate_targeted_shard
+    from tasks.types import StepOut
     from tests.targeted_doubles import ScriptedVLM, pool_samples
 
     write_shards(pool_samples(8), str(tmp_path / "pool" / "shards"), max_samples=8)
@@ -264,7 +265,7 @@ def test_targeted_generation_rerun_generates_only_the_unfinished_shards(tmp_path
     def fan_out():
         return [generate_targeted_shard(shard=g, retrieved=FlyteDirectory(str(tmp_path / "ret")),
                                         subgroups=FlyteDirectory(str(tmp_path / "sub")),
-                                        pool=FlyteDirectory(str(tmp_path / "pool")),
+                                        pool=StepOut("ingest", FlyteDirectory(str(tmp_path / "pool"))),
                                         model=FlyteDirectory(str(tmp_path / "model"))) for g in gens]
 
     monkeypatch.setenv("MMCURATE_RESUME_ROOT", str(tmp_path / "root"))

@@ -180,6 +180,22 @@ def test_filters_reject_by_reason_and_export(tmp_path, pool, tmp_path_factory):
     exported = {i for s in man["shards"] for i in s["ids"]}
     assert generated_id("p004") in exported and len(exported) == 2  # p004 + one of the p001/p002 pair
     assert generated_id("p000") not in exported and generated_id("p003") not in exported
+    # the Flyte export task, given the StepOuts filter_generated_samples returns (the generation as the run, one
+    # StepOut per filter ledger, all in one folder), exports the same subset
+    from flytekit.types.directory import FlyteDirectory
+    from flytekit.types.file import FlyteFile
+
+    from core.targeted.filters import FILTER_STEPS
+    from tasks.export import export_dataset
+    from tasks.types import StepOut
+
+    filtered = FlyteDirectory(str(tmp_path / "f"))
+    ex = export_dataset(run=StepOut(FILTER_STEPS[0], FlyteDirectory(str(tmp_path / "g"))),
+                        steps=[StepOut(st, filtered) for st in FILTER_STEPS[1:]],
+                        subset_ids=FlyteFile(str(tmp_path / "f" / "targeted" / "kept_ids.json")),
+                        subset_name=cfg.subset_name)
+    task_man = json.loads(Path(ex.dir.path, "manifest.json").read_text())
+    assert {i for sh in task_man["shards"] for i in sh["ids"]} == exported and task_man["subset"] == "targeted_demo"
 
 
 def test_resume_with_another_config_is_refused(tmp_path, pool):

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from core.foundation.ids import load_id_list  # noqa: F401  (the one id-list loader; re-exported for old imports)
 from core.foundation.sample import Sample, strip_image_placeholders
 from core.models.tiny_lm import ensure_tiny_lm
 from core.steps.perplexity.encode import ROLE_MAP
@@ -28,16 +29,6 @@ def reference_texts(samples: Iterable[Sample]) -> list[Any]:
         out.append([{"role": ROLE_MAP[t.role], "content": t.value} for t in s.conversations])
         out.append("\n".join(p for p in (strip_image_placeholders(t.value) for t in s.conversations) if p))
     return out
-
-
-def load_id_list(path: str | os.PathLike, key: str = "clean") -> list[str]:
-    """Ids from a JSON list, or from `obj[key]` of a JSON object (e.g. the demo's ground_truth.json)."""
-    with open(path, encoding="utf-8") as f:
-        obj = json.load(f)
-    ids = obj[key] if isinstance(obj, dict) else obj
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise ValueError(f"{path}: expected a list of ids (or an object with a {key!r} list)")
-    return ids
 
 
 NO_MODEL = "NO_MODEL.json"  # marker of a reference LM that had no samples to learn from
