@@ -34,7 +34,7 @@ ISOLATED_ENV := MMCURATE_STATE=$(STATE) HOME=$(STATE)/home TMPDIR=$(STATE)/tmp X
 	TORCH_HOME=$(STATE)/torch RAY_TMPDIR=$(RAY_TMPDIR) \
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0 FLYTE_SDK_LOGGING_LEVEL=30 \
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} TOKENIZERS_PARALLELISM=false \
 	PYTHONPATH=$(CURDIR) PATH=$(VENV)/bin:$$PATH
 STATE_DIRS := $(STATE)/home $(STATE)/tmp $(STATE)/cache $(STATE)/config $(STATE)/hf $(STATE)/mpl $(STATE)/torch $(RAY_TMPDIR)
 
@@ -88,6 +88,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP) install --no-deps $(LMMS_EVAL_PIN)
 	@rm -f $(VENV)/.setup-*
 	@touch $@
+	@# the demo's project-made tiny models (deterministic, cached per machine by recipe; `make demo` then only
+	@# copies them). CI skips it (MMCURATE_SKIP_PREBUILD=1 in .ci/run): no test needs them prebuilt.
+	@if [ -z "$$MMCURATE_SKIP_PREBUILD" ]; then mkdir -p $(STATE_DIRS) && $(ISOLATED_ENV) $(PY) -m core.demo.prebuild; fi
 	@echo "setup done: $(VENV)"
 
 test: setup ## Run the test suite with all state under .state/ (extra args: PYTEST_ARGS=...)

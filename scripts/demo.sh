@@ -53,7 +53,7 @@ pyflyte --config flyte.config run workflows/curate.py curate \
   --source "$OUT/data/data.json" --image_root "$OUT/data/images" \
   --reference_source "$OUT/reference/data.json" --reference_image_root "$OUT/reference/images" \
   --reference_ids "$OUT/reference/ground_truth.json" --eval_cache "$OUT/eval_cache" \
-  --config "{\"decontaminate\": true, \"rephrase\": $( [ "${DEMO_REPHRASE:-1}" = 1 ] && echo true || echo false )}" \
+  --config "{\"decontam\": true, \"rephrase\": $( [ "${DEMO_REPHRASE:-1}" = 1 ] && echo true || echo false )}" \
   --output_dir "$OUT/run"
 echo "== run summary ($OUT/run/summary.json)"
 python - "$OUT/run/summary.json" <<'PY'

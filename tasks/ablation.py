@@ -12,7 +12,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source, workdir
 from tasks.steplog import step_finished, step_started
@@ -74,7 +74,7 @@ def checkpoint_uris(per_variant: List[List[FlyteDirectory]],
                            per_seed=seed_lists)
 
 
-@task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="1", mem="4Gi"))
+@task(container_image=CPU_IMAGE, enable_deck=True, deck_fields=DECK_FIELDS, requests=Resources(cpu="1", mem="4Gi"))
 def compare_variants(
     variants: List[str],
     checkpoints: List[List[str]],

@@ -18,8 +18,14 @@ import logging
 from typing import Any
 
 from flytekit import current_context
+from flytekit.deck import DeckField
 
 log = logging.getLogger(__name__)
+
+# The default decks flytekit adds to a deck-enabled task, less `Dependencies`: that one runs `pip list` and
+# `pip freeze` in subprocesses on every task (4-4.5 s per task under load, ~33 tasks per demo); the step pages
+# are ours (`save_decks`) and the image pins say what is installed.
+DECK_FIELDS = (DeckField.SOURCE_CODE, DeckField.TIMELINE, DeckField.INPUT, DeckField.OUTPUT)
 
 # Deck objects that existed when the running step began (identity, not name: two runs of a step in one
 # process make decks of the same name). Held, not just their ids, so an id is never reused while marked.

@@ -19,7 +19,7 @@ from flytekit.types.file import FlyteFile
 
 from core.steps.dedup.config import DecontamConfig, SemDedupConfig
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import resume_key, source, step_workdir, workdir
 from tasks.steplog import step_finished, step_started
@@ -95,7 +95,7 @@ def prune_cluster_group(group: FlyteFile, config: SemDedupConfig) -> FlyteFile:
 
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True, **CACHE)
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="16Gi"), enable_deck=True, deck_fields=DECK_FIELDS, **CACHE)
 def decide_semdedup(
     work: FlyteDirectory,
     scores: list[FlyteFile],
@@ -122,7 +122,7 @@ def decide_semdedup(
     return StepOut("semdedup", FlyteDirectory(str(out)))
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), enable_deck=True, retries=1, **CACHE)
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="64Gi", gpu="1"), enable_deck=True, deck_fields=DECK_FIELDS, retries=1, **CACHE)
 def dedup_embeddings(
     embeddings: StepOut,
     config: SemDedupConfig,
@@ -168,7 +168,7 @@ def ingest_eval_sets(cache_dir: str, benchmarks: List[str], max_items: int = 0,
     return StepOut("ingest", FlyteDirectory(str(out)))
 
 
-@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi"), enable_deck=True, retries=1, **CACHE)
+@task(container_image=GPU_IMAGE, requests=Resources(cpu="8", mem="32Gi"), enable_deck=True, deck_fields=DECK_FIELDS, retries=1, **CACHE)
 def decontam(
     embeddings: StepOut,
     evals: StepOut,

@@ -17,7 +17,7 @@ from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import GPU_IMAGE
 from tasks.paths import resume_key, step_url
 from tasks.resources import overrides
@@ -43,7 +43,7 @@ def ray_job_config(cfg: EmbedConfig, worker_mem: str = "64Gi") -> RayJobConfig:
     )
 
 
-_EMBED_OPTS = dict(container_image=GPU_IMAGE, enable_deck=True, cache=True,
+_EMBED_OPTS = dict(container_image=GPU_IMAGE, enable_deck=True, deck_fields=DECK_FIELDS, cache=True,
                    cache_version=task_version(__name__))
 
 

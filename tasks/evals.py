@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
 from tasks.steplog import step_finished, step_started
 
@@ -55,7 +55,7 @@ def plan_eval_jobs(checkpoints: list[str], benchmarks: list[str], group_size: in
     return EvalJobs([c for c, _ in jobs], [g for _, g in jobs])
 
 
-_EVAL_OPTS = dict(container_image=VLLM_IMAGE, retries=1, enable_deck=True)
+_EVAL_OPTS = dict(container_image=VLLM_IMAGE, retries=1, enable_deck=True, deck_fields=DECK_FIELDS)
 
 
 # The decorator states the production profile (core/runs/steps.py GPU_PROFILES["evaluate"]); workflows.evaluate
@@ -116,7 +116,7 @@ def _worker_deck(wdir: str) -> None:
                              table_html(bad[cols].head(50), "Unparsable or failed samples (first 50)")))  # fmt: skip
 
 
-@task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="2", mem="4Gi"))
+@task(container_image=CPU_IMAGE, enable_deck=True, deck_fields=DECK_FIELDS, requests=Resources(cpu="2", mem="4Gi"))
 def collect_eval_results(
     results: list[Optional[FlyteDirectory]], checkpoints: list[str], groups: list[str]
 ) -> FlyteDirectory:

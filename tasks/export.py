@@ -11,7 +11,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import resume_key, source, step_url
 from tasks.steplog import step_finished, step_started
@@ -42,7 +42,7 @@ def _rephrased_records(d: FlyteDirectory) -> str:
     return f"{src}/rephrase/records" if fs.isdir(f"{root}/rephrase/records") else src
 
 
-@task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True,
+@task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True, deck_fields=DECK_FIELDS,
       requests=Resources(cpu="2", mem="8Gi"))
 def export_dataset(
     run: StepOut,

@@ -17,7 +17,7 @@ from flytekit import Deck, Resources, task
 from flytekit.types.directory import FlyteDirectory
 
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
 from tasks.paths import source, workdir
 from tasks.steplog import step_finished, step_started
@@ -36,7 +36,7 @@ def filters_version() -> str:
     return h.hexdigest()[:16]
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), retries=1, enable_deck=True, cache=True,
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), retries=1, enable_deck=True, deck_fields=DECK_FIELDS, cache=True,
       cache_version=filters_version())
 def filter_samples(
     run: StepOut,

@@ -9,7 +9,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut
@@ -56,7 +56,7 @@ def fingerprint_source(source: str, image_root: str = "") -> str:
     return source_fingerprint(source, image_root)
 
 
-@task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True,
+@task(container_image=CPU_IMAGE, cache=True, cache_version=task_version(__name__), enable_deck=True, deck_fields=DECK_FIELDS,
       requests=Resources(cpu="2", mem="4Gi"))
 def ingest_dataset(
     source: str,

@@ -21,6 +21,7 @@ from core.mixing.domains import DomainConfig, field_domain_config
 from core.mixing.pipeline import MixingConfig
 from core.train.config import TrainConfig
 from tasks.cache import task_version
+from tasks.decks import DECK_FIELDS
 from tasks.images import CPU_IMAGE, TRAIN_IMAGE, VLLM_IMAGE
 from tasks.paths import source, workdir
 
@@ -39,7 +40,7 @@ def _ledgers(run: FlyteDirectory, domains: FlyteDirectory) -> list[str]:
     return [source(run), domains.download()]
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), enable_deck=True, cache=True,
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), enable_deck=True, deck_fields=DECK_FIELDS, cache=True,
       cache_version=MIXING_CODE)
 def assign_domains(run: FlyteDirectory, config: DomainConfig = field_domain_config(),
                    embeddings: Optional[FlyteDirectory] = None) -> FlyteDirectory:
@@ -216,7 +217,7 @@ class SoupAnalysis(NamedTuple):
     mix_plans: List[str]
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), enable_deck=True)
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), enable_deck=True, deck_fields=DECK_FIELDS)
 def analyze_soups(results: List[Optional[FlyteDirectory]], uris: List[str], run: FlyteDirectory,
                   domains: FlyteDirectory, prep: FlyteDirectory, config: MixingConfig) -> SoupAnalysis:
     """Reduce the soup evaluations: score table, best subsets, Pareto front, marginal contributions, replays
@@ -241,7 +242,7 @@ def analyze_soups(results: List[Optional[FlyteDirectory]], uris: List[str], run:
                         [json.dumps(p) for _, _, p in got["mixtures"]])
 
 
-@task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True, cache=True,
+@task(container_image=TRAIN_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True, deck_fields=DECK_FIELDS, cache=True,
       cache_version=MIXING_CODE)
 def score_domain_perplexity(prep: FlyteDirectory, domains: List[str], experts: List[FlyteDirectory],
                             base: FlyteDirectory, config: MixingConfig) -> FlyteDirectory:
@@ -275,7 +276,7 @@ class MixingOutputs(NamedTuple):
     recommended: FlyteDirectory
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), enable_deck=True)
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="4Gi"), enable_deck=True, deck_fields=DECK_FIELDS)
 def prove_proxy(soups: FlyteDirectory, mix_results: List[Optional[FlyteDirectory]], mix_uris: List[str],
                 proxy_subsets: List[str], run: FlyteDirectory, domains: FlyteDirectory, prep: FlyteDirectory,
                 config: MixingConfig, output_dir: str = "") -> MixingOutputs:

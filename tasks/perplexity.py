@@ -15,7 +15,7 @@ from flytekit.types.file import FlyteFile
 from core.steps.perplexity.config import PerplexityConfig, reference_perplexity_config
 from core.steps.perplexity.slices import SliceConfig, p90_slice_config
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
 from tasks.paths import local_ledger_root, resume_key, source, step_workdir, workdir
 from tasks.steplog import step_finished, step_started
@@ -57,7 +57,7 @@ def train_reference_lm(
     return FlyteDirectory(out)
 
 
-_SCORE_OPTS = dict(container_image=GPU_IMAGE, retries=1, enable_deck=True, cache=True,
+_SCORE_OPTS = dict(container_image=GPU_IMAGE, retries=1, enable_deck=True, deck_fields=DECK_FIELDS, cache=True,
                    cache_version=task_version(__name__))
 
 
@@ -101,7 +101,7 @@ def score_perplexity(
     return StepOut("perplexity", FlyteDirectory(sf.close()))
 
 
-@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True,
+@task(container_image=CPU_IMAGE, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True, deck_fields=DECK_FIELDS,
       cache=True, cache_version=task_version(__name__))
 def slice_by_perplexity(
     scores: StepOut,

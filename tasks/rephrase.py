@@ -12,7 +12,7 @@ from flytekit.types.file import FlyteFile
 
 from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import VLLM_IMAGE
 from tasks.paths import resume_key, step_workdir
 from tasks.steplog import step_finished, step_started
@@ -39,7 +39,7 @@ def _tiny_model_for(run_dir: str, work: str) -> str:
 # GPU request: this task runs vLLM in the vllm image; the workflows give the tiny preset its CPU profile
 # (tasks/resources.py `overrides`); resources never depend on the machine that serializes the task. Cached (seeded generation; the LLM pass is the expensive step): a
 # re-run that changes only a later knob (export shard size, ...) reuses the rephrased records.
-_REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, retries=2, cache=True,
+_REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, deck_fields=DECK_FIELDS, retries=2, cache=True,
                       cache_version=task_version(__name__))
 
 

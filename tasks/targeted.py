@@ -20,6 +20,7 @@ from core.foundation.configs import override
 from core.targeted.config import TargetedConfig, tiny_targeted_config
 from core.targeted.filters import FILTER_STEPS
 from tasks.cache import task_version
+from tasks.decks import DECK_FIELDS
 from tasks.images import CPU_IMAGE, VLLM_IMAGE
 from tasks.paths import resume_key, source, step_workdir, workdir
 from tasks.types import StepOut, local, passing
@@ -31,7 +32,7 @@ TINY = tiny_targeted_config()
 GENERATE_STEP = FILTER_STEPS[0]
 
 
-@task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="2", mem="8Gi"), **CACHE)
+@task(container_image=CPU_IMAGE, enable_deck=True, deck_fields=DECK_FIELDS, requests=Resources(cpu="2", mem="8Gi"), **CACHE)
 def split_reference(reference: StepOut, reference_ids: Optional[FlyteFile] = None,
                     config: TargetedConfig = TINY) -> FlyteDirectory:
     """Split the target task's reference set (its train/val split, never test items) into subgroups: by a
@@ -88,7 +89,7 @@ class RetrieveOutputs(NamedTuple):
     shards: List[str]
 
 
-@task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="4", mem="16Gi"), **CACHE)
+@task(container_image=CPU_IMAGE, enable_deck=True, deck_fields=DECK_FIELDS, requests=Resources(cpu="4", mem="16Gi"), **CACHE)
 def retrieve_images(subgroups: FlyteDirectory, reference_embeddings: StepOut, pool_embeddings: StepOut,
                     pool: StepOut, pool_decontam: Optional[StepOut] = None,
                     config: TargetedConfig = TINY) -> RetrieveOutputs:
@@ -161,7 +162,7 @@ class FilterOutputs(NamedTuple):
     kept_ids: FlyteFile
 
 
-@task(container_image=CPU_IMAGE, enable_deck=True, requests=Resources(cpu="4", mem="16Gi"), **CACHE)
+@task(container_image=CPU_IMAGE, enable_deck=True, deck_fields=DECK_FIELDS, requests=Resources(cpu="4", mem="16Gi"), **CACHE)
 def filter_generated_samples(generations: List[FlyteDirectory], subgroups: FlyteDirectory, ppl_model: FlyteDirectory,
                              eval_cache: str = "", benchmarks: Optional[List[str]] = None,
                              config: TargetedConfig = TINY) -> FilterOutputs:

@@ -29,7 +29,7 @@ from flytekitplugins.kfpytorch import Elastic
 from core.train.config import TrainConfig, default_train_config
 from core.train.external import parse_secret_spec
 from tasks.cache import task_version
-from tasks.decks import save_decks
+from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import TRAIN_IMAGE
 from tasks.paths import source
 from tasks.steplog import step_finished, step_started
@@ -66,7 +66,7 @@ def _output_dir(checkpoint_uri: str, key: str) -> tuple[str, Optional[str]]:
     return os.path.join(tempfile.gettempdir(), "mmcurate-train", key), None
 
 
-_TRAIN_OPTS = dict(container_image=TRAIN_IMAGE, enable_deck=True, retries=2, shared_memory=True, cache=True,
+_TRAIN_OPTS = dict(container_image=TRAIN_IMAGE, enable_deck=True, deck_fields=DECK_FIELDS, retries=2, shared_memory=True, cache=True,
                    cache_version=task_version(__name__),
                    task_config=Elastic(nnodes=1, nproc_per_node=1, increase_shared_mem=False))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -222,7 +223,6 @@ def test_make_register_refuses_a_dirty_tree():
 
 # ---------------------------------------------------------------- what a cluster accepts (protobufs, flyteidl)
 from tests.package_checks import (  # noqa: E402
-    _nodes,
     package_problems,
     reachable_tasks,
     read_entities,
@@ -230,7 +230,7 @@ from tests.package_checks import (  # noqa: E402
     task_gpus,
 )
 
-# Steps that need a GPU in production, and the CPU twins the tiny presets run instead.
+# Tasks that need a GPU in production (their decorators state it; the tiny presets override it per node).
 GPU_TASKS = ["tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.dedup.prune_cluster_group",
              "tasks.perplexity.score_perplexity", "tasks.rephrase.rephrase_samples", "tasks.train.train_mini_llava",
              "tasks.evals.evaluate_checkpoint_benchmarks", "tasks.mixing.train_expert", "tasks.mixing.evaluate_soup",
@@ -238,13 +238,7 @@ GPU_TASKS = ["tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "task
 # static; curate_demo/standard_ablation, embedding_*, semdedup_* and targeted generation's map (@dynamic bodies
 # whose profiles come from their inputs): see the dynamic tests
 TINY_PLANS = ["mixing_demo", "targeted_demo", "targeted_ablation_demo"]
-GPU_PLANS = ["nightly_eval", "perplexity_deciles", "targeted_qwen_vl"]
-# the curation steps' GPU tasks: their profile is a node override, there is no CPU twin any more
-STEP_GPU_TASKS = ["tasks.embed.embed_shards", "tasks.dedup.cluster_embeddings", "tasks.dedup.prune_cluster_group",
-                  "tasks.perplexity.score_perplexity", "tasks.rephrase.rephrase_samples"]
-# production workflows without a named plan of their own, and the tiny twins of each
-GPU_WORKFLOWS = ["workflows.mixing.mixing_search", "workflows.mixing.soup_mixing",
-                 "workflows.targeted.targeted_generation", "workflows.targeted.targeted_ablation"]
+GPU_PLANS = ["perplexity_deciles"]
 
 
 @pytest.fixture(scope="module")
@@ -262,18 +256,15 @@ def test_package_is_what_a_cluster_accepts(entities):
     assert entities.launch_plans["standard_ablation"].spec.workflow_id.name == "workflows.ablate.ablate"
 
 
-def test_gpu_requests_on_production_steps_none_on_their_cpu_twins(entities):
+def test_gpu_tasks_request_gpus_and_no_twin_exists(entities):
+    """The GPU tasks state their production profile; no `*_cpu` task or workflow is left (profiles, not twins:
+    the compiled dynamics of tests/tasks/test_profiles.py and the dynamic tests below prove the tiny plans never
+    request a GPU)."""
     for name in GPU_TASKS:
         assert task_gpus(entities.tasks[name]) >= 1, f"{name} requests no GPU"
-        if name in STEP_GPU_TASKS:  # profiles, not twins
-            assert name + "_cpu" not in entities.tasks, f"{name}_cpu is a twin task"
-        else:
-            assert task_gpus(entities.tasks[name + "_cpu"]) == 0, f"{name}_cpu requests a GPU"
-    assert not [n for n in entities.workflows if n.startswith(("workflows.dedup.", "workflows.embed.",
-                                                               "workflows.curate.", "workflows.ablate."))
-                and n.endswith(("_cpu", "_cpu_wf"))]
-    maps = {n: t for n, t in entities.tasks.items() if "map_evaluate_checkpoint_benchmarks" in n}
-    assert sorted(task_gpus(t) for t in maps.values()) == [0, 1], maps.keys()  # the GPU and the CPU eval workers
+    twins = [n for n in [*entities.tasks, *entities.workflows] if re.search(r"_cpu(_wf)?$|_cpu_", n)]
+    assert twins == [], twins
+    assert not (ROOT / "tasks" / "resources.py").read_text().count("def renamed")
 
 
 def test_tiny_plans_run_no_gpu_task_and_production_plans_do(entities):
@@ -281,39 +272,12 @@ def test_tiny_plans_run_no_gpu_task_and_production_plans_do(entities):
         wf = entities.launch_plans[plan].spec.workflow_id.name
         tasks = reachable_tasks(entities, wf)
         assert tasks and all(task_gpus(entities.tasks[t]) == 0 for t in tasks), (plan, tasks)
-    for plan in GPU_PLANS:
+    for plan in GPU_PLANS:  # static GPU nodes; the dynamic bodies are compiled in test_profiles.py
         tasks = reachable_tasks(entities, entities.launch_plans[plan].spec.workflow_id.name)
         assert any(task_gpus(entities.tasks[t]) for t in tasks), (plan, tasks)
-    for wf in GPU_WORKFLOWS:
-        tasks = reachable_tasks(entities, wf)
-        assert any(task_gpus(entities.tasks[t]) for t in tasks), (wf, tasks)
-        twin = reachable_tasks(entities, wf + "_cpu")
-        assert twin and not any(task_gpus(entities.tasks[t]) for t in twin), (wf + "_cpu", twin)
-    assert entities.launch_plans["mixing_demo"].spec.workflow_id.name == "workflows.mixing.mixing_search_cpu"
+    assert entities.launch_plans["mixing_demo"].spec.workflow_id.name == "workflows.mixing.mixing_search"
     assert (entities.launch_plans["targeted_ablation_demo"].spec.workflow_id.name
-            == "workflows.targeted.targeted_ablation_cpu")
-
-
-def test_map_tasks_carry_their_concurrency_caps(entities):
-    from workflows.evaluate import EVAL_CONCURRENCY
-
-    for wf in ("workflows.evaluate.evaluation", "workflows.evaluate.evaluation_cpu"):
-        arrays = [n for n in entities.workflows[wf].template.nodes if n.WhichOneof("target") == "array_node"]
-        assert [n.array_node.parallelism for n in arrays] == [EVAL_CONCURRENCY]
-    from workflows.mixing import EXPERT_CONCURRENCY
-
-    for wf in ("workflows.mixing.soup_mixing", "workflows.mixing.soup_mixing_cpu"):
-        # experts and mixtures: trainings (cap EXPERT_CONCURRENCY); soups and mixtures evaluated (EVAL_CONCURRENCY)
-        arrays = [n.array_node for n in _nodes(entities.workflows[wf].template.nodes)
-                  if n.WhichOneof("target") == "array_node"]
-        caps: dict = {}
-        for a in arrays:  # map task names: <module>.map_<task>_<hash>
-            name = a.node.task_node.reference_id.name.split(".")[-1].split("_", 1)[1].rsplit("_", 1)[0]
-            caps.setdefault(name, []).append(a.parallelism)
-        suffix = "_cpu" if wf.endswith("_cpu") else ""
-        assert caps == {f"train_expert{suffix}": [EXPERT_CONCURRENCY] * 2,
-                        f"evaluate_soup{suffix}": [EVAL_CONCURRENCY] * 2}, caps
-        assert {task_gpus(entities.tasks[a.node.task_node.reference_id.name]) for a in arrays} == {0 if suffix else 1}
+            == "workflows.targeted.targeted_ablation")
 
 
 def test_schedules_serialized_but_registered_inactive(entities):
@@ -486,20 +450,3 @@ def test_semdedup_map_task_cap_is_the_configs(tmp_path):
         assert list(spec_gpus(spec).values()) == [gpus]
 
 
-def test_targeted_generation_map_runs_the_cpu_twin_on_tiny_and_is_capped(tmp_path):
-    """generate_all (@dynamic): the tiny preset maps the CPU twin, qwen2.5-vl the GPU task; both capped."""
-    from flytekit.types.directory import FlyteDirectory
-
-    from tasks.targeted import targeted_config
-    from workflows.targeted import TINY_OVERRIDES, generate_all
-
-    d = FlyteDirectory(str(tmp_path))
-    for preset, overrides, gpus in (("tiny", TINY_OVERRIDES, 0), ("qwen2.5-vl", "{}", 1)):
-        cfg = targeted_config(preset, overrides)
-        spec = compile_dynamic(generate_all, shards=["gen-000000", "gen-000001"], retrieved=d, subgroups=d, pool=d,
-                               model=d, preset=preset, overrides=overrides)
-        arrays = [n for n in spec.nodes if n.WhichOneof("target") == "array_node"]
-        assert [n.array_node.parallelism for n in arrays] == [cfg.max_parallel_shards]
-        [task] = spec.tasks  # tasks.targeted.map_generate_targeted_shard[_cpu]_<hash>-arraynode
-        name = task.id.name.removeprefix("tasks.targeted.map_").rsplit("_", 1)[0]
-        assert (name, task_gpus(task)) == ("generate_targeted_shard" + ("_cpu" if preset == "tiny" else ""), gpus)
