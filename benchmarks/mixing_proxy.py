@@ -89,6 +89,7 @@ def main() -> None:
     st = check.stats
     print("\nSpearman vs trained mixture, overall held-out answer NLL (95% percentile bootstrap over mixtures):")
     for name, label in (("soup", "uniform soup (the proxy)"), ("experts_mean", "mean of expert scores (no merge)"),
+                        ("n_domains", "number of domains (null proxy)"),
                         ("reseeded", "same mixtures, other seed (ceiling)")):
         if name in st:
             print(f"  {label:<38} {_fmt(st[name])}")

@@ -88,6 +88,10 @@ def test_proxy_statistics_over_rows():
     assert "reseeded" not in st and st["soup:nll_y"]["rho"] == pytest.approx(1.0)
     assert overall(rows[0]["trained"]) == pytest.approx(-4.5)
     assert "soup@seed_mean" not in st  # no second training, no seed-mean reference
+    assert "n_domains" not in st
+    for i, r in enumerate(rows):  # the null proxy: more domains, worse training here
+        r["n_domains"] = 2 + (7 - i) // 3
+    assert proxy_statistics(rows, doms, n_boot=200)["n_domains"]["rho"] < -0.9
 
 
 def test_proxy_statistics_against_the_mean_of_two_trainings():
