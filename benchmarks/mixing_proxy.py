@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--lm_steps", type=int, default=300)
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant",
+                    help="experts' and mixtures' lr schedule: constant, or cosine decay to 0 over the plan's steps "
+                         "(the final iterate then carries less of the last batches' SGD noise)")
     ap.add_argument("--heldout", type=int, default=16, help="held-out samples per domain")
     ap.add_argument("--mixtures", type=int, default=12, help="mixtures of >= 2 domains to train, drawn by seed (0: all)")
     ap.add_argument("--compute", choices=("expert", "sum"), default="expert",
@@ -57,6 +60,7 @@ def main() -> None:
     args = ap.parse_args()
 
     mc = proxy_mixing_config(budget_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             lr_schedule=args.lr_schedule,
                              heldout_per_domain=args.heldout, mixture_compute=args.compute,
                              balance_domains=not args.unbalanced, seed=args.seed)
     cfg = ProxyCheckConfig(mixing=mc, n_samples=args.samples, domains=tuple(args.domains.split(",")),
@@ -71,7 +75,8 @@ def main() -> None:
 
     print(f"\nsettings: {args.samples} samples, domains {check.domains} (train {check.sizes}, held out "
           f"{check.heldout_sizes}), base {args.base_steps} steps, {args.steps} steps x {args.batch_size} per expert "
-          f"and per mixture ({args.compute} compute), lr {args.lr}, balanced {not args.unbalanced}, seed {args.seed}, "
+          f"and per mixture ({args.compute} compute), lr {args.lr} {args.lr_schedule}, balanced {not args.unbalanced}, "
+          f"seed {args.seed}, "
           f"{len(check.rows)} mixtures, {args.threads} torch thread(s)")
     gains = check.config["expert_self_gain"]
     print(f"base overall {check.config['base_overall']:.4f}; expert gain over the base on its own domain "
@@ -84,9 +89,14 @@ def main() -> None:
     st = check.stats
     print("\nSpearman vs trained mixture, overall held-out answer NLL (95% percentile bootstrap over mixtures):")
     for name, label in (("soup", "uniform soup (the proxy)"), ("experts_mean", "mean of expert scores (no merge)"),
+                        ("n_domains", "number of domains (null proxy)"),
                         ("reseeded", "same mixtures, other seed (ceiling)")):
         if name in st:
             print(f"  {label:<38} {_fmt(st[name])}")
+    if "soup@seed_mean" in st:
+        print("Spearman vs the mean of the two trainings (half the data-order noise variance in the reference):")
+        print(f"  {'uniform soup':<38} {_fmt(st['soup@seed_mean'])}")
+        print(f"  {'mean of expert scores (no merge)':<38} {_fmt(st['experts_mean@seed_mean'])}")
     print("per domain (soup):")
     for d in check.domains:
         print(f"  nll_{d:<34} {_fmt(st['soup:nll_' + d])}")

@@ -241,7 +241,13 @@ def proxy_statistics(rows: Sequence[dict[str, Any]], domains: Sequence[str], n_b
                      seed: int = 0) -> dict[str, dict[str, Any]]:
     """Spearman with bootstrap interval (over mixtures) of each proxy against the trained mixtures: the soup
     (`soup`, the claim), the mean of the experts' own scores (`experts_mean`, a proxy without merging) and,
-    when measured, a second training (`reseeded`, the ceiling); on the overall score and per domain."""
+    when measured, a second training (`reseeded`, the ceiling); on the overall score and per domain.
+
+    With a second training, also each proxy against the mean of the two trainings' overall scores
+    (`soup@seed_mean`, `experts_mean@seed_mean`): a reference with half the data-order noise variance, which
+    shows how much of a proxy's shortfall is the single training's own noise rather than the proxy's. With
+    `n_domains` in the rows, also the number of domains as a proxy (`n_domains`): a soup of more experts sits
+    closer to the base, so a soup's ranking is only informative where it beats that count."""
     trained = [overall(r["trained"]) for r in rows]
     out: dict[str, dict[str, Any]] = {}
     for name in ("soup", "experts_mean", "reseeded"):
@@ -252,4 +258,11 @@ def proxy_statistics(rows: Sequence[dict[str, Any]], domains: Sequence[str], n_b
             k = NLL_PREFIX + d
             out[f"{name}:{k}"] = spearman_interval([r[name][k] for r in rows], [r["trained"][k] for r in rows],
                                                    n_boot, seed=seed)
+    if rows and "n_domains" in rows[0]:  # the null proxy: rank a mixture by how many domains it has
+        out["n_domains"] = spearman_interval([r["n_domains"] for r in rows], trained, n_boot, seed=seed)
+    if rows and "reseeded" in rows[0]:
+        seed_mean = [(overall(r["trained"]) + overall(r["reseeded"])) / 2 for r in rows]
+        for name in ("soup", "experts_mean"):
+            out[f"{name}@seed_mean"] = spearman_interval([overall(r[name]) for r in rows], seed_mean, n_boot,
+                                                         seed=seed)
     return out

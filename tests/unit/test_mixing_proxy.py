@@ -87,6 +87,30 @@ def test_proxy_statistics_over_rows():
     assert st["experts_mean"]["rho"] == pytest.approx(-1.0)
     assert "reseeded" not in st and st["soup:nll_y"]["rho"] == pytest.approx(1.0)
     assert overall(rows[0]["trained"]) == pytest.approx(-4.5)
+    assert "soup@seed_mean" not in st  # no second training, no seed-mean reference
+    assert "n_domains" not in st
+    for i, r in enumerate(rows):  # the null proxy: more domains, worse training here
+        r["n_domains"] = 2 + (7 - i) // 3
+    assert proxy_statistics(rows, doms, n_boot=200)["n_domains"]["rho"] < -0.9
+
+
+def test_proxy_statistics_against_the_mean_of_two_trainings():
+    """With a second training, each proxy is also compared with the mean of the two trainings' overall scores
+    (the soup here ranks like the seed-free score, the experts' mean the reverse)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        true = -5 + 0.1 * i
+        t, r = true + rng.normal(scale=0.3), true + rng.normal(scale=0.3)
+        rows.append({"subset": f"m{i}", "trained": {"nll_x": t}, "reseeded": {"nll_x": r},
+                     "soup": {"nll_x": true - 0.2}, "experts_mean": {"nll_x": -true}})
+    st = proxy_statistics(rows, ["x"], n_boot=200)
+    from scipy.stats import spearmanr
+
+    mean = [(row["trained"]["nll_x"] + row["reseeded"]["nll_x"]) / 2 for row in rows]
+    assert st["soup@seed_mean"]["rho"] == pytest.approx(spearmanr(list(range(12)), mean).statistic)
+    assert st["experts_mean@seed_mean"]["rho"] == pytest.approx(-st["soup@seed_mean"]["rho"])
+    assert st["soup@seed_mean"]["n"] == 12 and st["soup@seed_mean"]["lo"] <= st["soup@seed_mean"]["rho"]
 
 
 # ---- domain names never become unsafe folder names ----------------------------------------------------
