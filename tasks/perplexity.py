@@ -46,12 +46,12 @@ def train_reference_lm(
     :return: A model directory loadable with AutoTokenizer / AutoModelForCausalLM.
     """
     t0 = step_started("reference_lm", steps=steps)
-    from core.io.wds import list_shards
+    from core.foundation.step import shards_of
     from core.steps.perplexity.reference import load_id_list
     from core.steps.perplexity.reference import train_reference_lm as train
 
     ids = load_id_list(reference_ids.download(), reference_key) if reference_ids is not None else None
-    out = train(list_shards(f"{source(run.dir).rstrip('/')}/shards"), workdir("reference_lm") / "model", ids,
+    out = train(shards_of(source(run.dir)), workdir("reference_lm") / "model", ids,
                 steps=steps, vocab_size=vocab_size, seed=seed)
     step_finished("reference_lm", t0, trained_on=len(ids) if ids is not None else "all")
     return FlyteDirectory(out)
