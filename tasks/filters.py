@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Optional
 
 from flytekit import Deck, Resources, task
@@ -19,7 +20,7 @@ from flytekit.types.directory import FlyteDirectory
 from tasks.cache import task_version
 from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
-from tasks.paths import source, workdir
+from tasks.paths import resume_key, source, step_workdir
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut, passing
 
@@ -63,11 +64,13 @@ def filter_samples(
     cfg = filter_config(filter_class(step), config_json)  # an unknown step or config key fails before any work
     selected = passing(prev)
     t0 = step_started(step, prev_step=prev.step if prev else "", config=config_json or "default")
-    out = workdir(f"{step}_out")
+    sf = step_workdir(step, resume_key("filter_samples", filters_version(), run=run, step=step, prev=prev,
+                                       config=cfg))  # a retry skips the shards already decided
+    out = Path(sf.path)
     summary = run_filter(step, shards_of(source(run.dir)), out, cfg, prev=selected)
     log.info("%s: %s", step, {k: v for k, v in summary.items() if k != "config"})
     counts = filter_counts(out / "ledger" / step)
     Deck(step, filter_report_html(step, counts, summary["config"]))
     save_decks(str(out), step)
-    step_finished(step, t0, str(out))
-    return StepOut(step, FlyteDirectory(str(out)))
+    step_finished(step, t0, sf.url)
+    return StepOut(step, FlyteDirectory(sf.close()))

@@ -283,6 +283,19 @@ def test_targeted_generation_rerun_generates_only_the_unfinished_shards(tmp_path
 
 
 # ---- export: one unit (output shards span input shards); a retry after it finished reuses it --------
+def test_image_filter_retry_decides_only_the_unfinished_shards(ppl_world, tmp_path, monkeypatch):
+    from core.steps.filters.image_filter import ImageFilter
+    from tasks.filters import filter_samples
+
+    run, _ = ppl_world  # 4 shards of text samples: every one kept, as a filter keeps text-only samples
+
+    def call():
+        return filter_samples(run=StepOut("ingest", FlyteDirectory(str(run))), step="image_filter").dir
+
+    out, _ = kill_then_retry(monkeypatch, tmp_path, ImageFilter, call, "image_filter")
+    assert set(ledger(out.path, "image_filter")["decision"]) == {"keep"}
+
+
 def test_export_retry_after_the_export_finished_reuses_it(tmp_path, monkeypatch):
     import core.steps.export as core_export
     from core.steps.export import ExportStep
