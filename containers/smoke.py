@@ -93,21 +93,22 @@ def export_core(run_dir: str, out: str) -> dict:
 
 def smoke_cpu(work: Path) -> dict:
     """Ingest and export through the Flyte tasks (local execution), as `pyflyte run` would in this image."""
+    from core.io.ingest import IngestOptions
     from core.steps.export import verify_export
     from tasks.export import export_dataset
     from tasks.ingest import ingest_dataset
 
     source, images = demo_dataset(work)
-    run = ingest_dataset(source=source, image_root=images, shard_max_samples=16)
-    run_dir = run.download() if hasattr(run, "download") else str(run)
+    run = ingest_dataset(source=source, image_root=images, config=IngestOptions(shard_max_samples=16))
+    run_dir = run.dir.download()  # a step task returns StepOut(step, dir)
     from core.foundation.ledger import read_ledger, step_dir
 
     led = read_ledger(step_dir(run_dir, "ingest"))
     counts = led.decision.value_counts().to_dict()
     log(f"ingest task: {counts} -> {run_dir}")
     assert counts.get("keep", 0) > 0 and counts.get("quarantine", 0) > 0, counts
-    exported = export_dataset(run_dir=run)
-    out = exported.download() if hasattr(exported, "download") else str(exported)
+    exported = export_dataset(run=run)
+    out = exported.dir.download()
     manifest = verify_export(out)  # re-reads every shard against manifest.json; raises on a mismatch
     log(f"export task: {manifest['n_samples']} samples in {manifest['n_shards']} shards, verified -> {out}")
     assert manifest["n_samples"] == counts["keep"] > 0, (manifest["n_samples"], counts)

@@ -10,6 +10,7 @@ from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
+from core.steps.export import ExportConfig, default_export_config
 from tasks.cache import task_version
 from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
@@ -50,9 +51,7 @@ def export_dataset(
     subset_ids: Optional[FlyteFile] = None,
     subset_name: str = "",
     rephrased: Optional[StepOut] = None,
-    max_samples: int = 1000,
-    max_bytes: int = 256 << 20,
-    image_format: str = "jpg",
+    config: ExportConfig = default_export_config(),
 ) -> StepOut:
     """Export the curated samples of a run as WebDataset shards in the training schema.
 
@@ -66,20 +65,19 @@ def export_dataset(
     :param subset_name: Name of the subset, recorded in the manifest (e.g. `ppl_decile_3`).
     :param rephrased: The rephrase step's output (its `rephrase/records/`: Parquet files sample_id,
         conversations_json) whose conversations replace the originals.
-    :param max_samples: Most samples per output shard.
-    :param max_bytes: Most bytes per output shard.
-    :param image_format: jpg (default: every single-image sample is `key.jpg`, non-JPEG sources re-encoded at
-        quality 95) | png (lossless, `key.png`) | keep (source bytes and extension).
+    :param config: ExportConfig (core/steps/export.py): `max_samples` and `max_bytes` per output shard, `image_format`
+        jpg (default: every single-image sample is `key.jpg`, non-JPEG sources re-encoded at quality 95) | png
+        (lossless, `key.png`) | keep (source bytes and extension); its `steps` and `subset_name` come from the inputs.
     :return: StepOut "export": a directory with `shards/<kind>/*.tar` (kinds text, image, images<n>), `README.md` (dataset card),
         `manifest.json` (ids, counts, sha256 per shard, removals) and `ledger/export/`.
     """
-    t0 = step_started("export", subset=subset_name or "-", max_samples=max_samples)
+    t0 = step_started("export", subset=subset_name or "-", max_samples=config.max_samples)
+    from core.foundation.configs import override
     from core.foundation.step import shards_of
-    from core.steps.export import ExportConfig, export_curated, export_report_html, load_id_list
+    from core.steps.export import export_curated, export_report_html, load_id_list
 
     names = [run.step] + [s.step for s in steps or []]
-    cfg = ExportConfig(steps=names if steps else None, max_samples=max_samples, max_bytes=max_bytes,
-                       subset_name=subset_name, image_format=image_format)  # validates before any download
+    cfg = override(config, steps=names if steps else None, subset_name=subset_name)  # validates before any download
     work = current_context().working_directory
     src = source(run.dir)
     dirs = [_local_ledgers(src, os.path.join(work, "run"))]
@@ -92,7 +90,7 @@ def export_dataset(
     # reuses it (`finished_export`); an unfinished export is rewritten whole (its output shards span input shards)
     out = step_url("export", resume_key("export_dataset", task_version(__name__), run=run, steps=steps,
                                         subset_ids=subset_ids, subset_name=subset_name, rephrased=rephrased,
-                                        max_samples=max_samples, max_bytes=max_bytes, image_format=image_format))
+                                        config=config))
     manifest = export_curated(shards_of(src), dirs, out, cfg, subset_ids=ids,
                               rephrased_dir=_rephrased_records(rephrased.dir) if rephrased is not None else None,
                               code_version=task_version(__name__), source=src, resume=True)

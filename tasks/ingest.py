@@ -8,6 +8,7 @@ import os
 from flytekit import Deck, Resources, current_context, task
 from flytekit.types.directory import FlyteDirectory
 
+from core.io.ingest import IngestOptions, default_ingest_options
 from tasks.cache import task_version
 from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
@@ -61,9 +62,7 @@ def fingerprint_source(source: str, image_root: str = "") -> str:
 def ingest_dataset(
     source: str,
     image_root: str,
-    shard_max_samples: int = 1000,
-    shard_max_bytes: int = 256 << 20,
-    max_text_chars: int = 200_000,
+    config: IngestOptions = default_ingest_options(),
     source_fingerprint: str = "",
     format: str = "auto",
 ) -> StepOut:
@@ -78,9 +77,8 @@ def ingest_dataset(
         JSONL, WebDataset shards (.tar) or Parquet files (docs/ingest.md).
     :param image_root: Folder (path or URL) that the records' image names are relative to (images carried
         inside WDS members or Parquet cells need none).
-    :param shard_max_samples: Most samples per output shard.
-    :param shard_max_bytes: Most bytes (images + json + tar headers) per output shard.
-    :param max_text_chars: Samples with more conversation text than this are quarantined (oversize_text).
+    :param config: IngestOptions (core/io/ingest.py): shard size in samples and bytes, the bounds at the door, the
+        image readers; on the CLI a partial JSON, e.g. `{"shard_max_samples": 100}`.
     :param source_fingerprint: `fingerprint_source(source, image_root)`: unused by the body, part of the cache
         key, so a cached ingest is not reused after the files at the same paths changed.
     :param format: `auto` (from the extension and each record), or a container `json|jsonl|wds|parquet`,
@@ -88,11 +86,10 @@ def ingest_dataset(
     :return: StepOut "ingest", the run directory: `shards/*.tar`, `shards/manifest.json`, `ledger/ingest/`.
     """
     t0 = step_started("ingest", source=source, image_root=image_root, format=format)
-    from core.io.ingest import IngestConfig, ingest
+    from core.io.ingest import ingest
 
     run_dir = os.path.join(current_context().working_directory, "run")
-    cfg = IngestConfig(source=source, image_root=image_root, run_dir=run_dir, shard_max_samples=shard_max_samples,
-                       shard_max_bytes=shard_max_bytes, max_text_chars=max_text_chars, format=format)
+    cfg = config.ingest_config(source, image_root, run_dir, format=format)
     res = ingest(cfg)
     log.info("ingest: %s", res.summary())
     _deck(res, run_dir)

@@ -46,7 +46,7 @@ def validate_curate_inputs(
     p = Problems("curate")
     check_run_inputs(p, source=source, image_root=image_root, format=format,
                      known_bad_ids=known_bad_ids.download() if known_bad_ids is not None else None,
-                     shard_max_samples=config.shard_max_samples, semdedup_config=config.semdedup_config,
+                     shard_max_samples=config.ingest_config.shard_max_samples, semdedup_config=config.semdedup_config,
                      decontam_config=config.decontam_config, reference_source=reference_source,
                      reference_image_root=reference_image_root)
     if config.decontam:
@@ -85,7 +85,7 @@ def validate_ablate_inputs(
     p = Problems("ablate")
     check_run_inputs(p, source=source, image_root=image_root, format=format,
                      known_bad_ids=known_bad_ids.download() if known_bad_ids is not None else None,
-                     shard_max_samples=config.shard_max_samples, semdedup_config=config.semdedup_config,
+                     shard_max_samples=config.ingest_config.shard_max_samples, semdedup_config=config.semdedup_config,
                      decontam_config=config.decontam_config, reference_source=reference_source,
                      reference_image_root=reference_image_root)
     p.check(bool(variants), "variants", "needs at least one variant (e.g. baseline)")

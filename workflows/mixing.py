@@ -18,6 +18,7 @@ from typing import NamedTuple
 from flytekit import LaunchPlan, Resources, dynamic, map_task, workflow
 from flytekit.types.directory import FlyteDirectory
 
+from core.io.ingest import IngestOptions, default_ingest_options
 from core.mixing.domains import DomainConfig, field_domain_config
 from core.mixing.pipeline import MixingConfig, tiny_mixing_config
 from tasks.ablation import build_tiny_vision_tower
@@ -121,7 +122,7 @@ def mixing_search(
     domain_config: DomainConfig = field_domain_config(),
     base_steps: int = 20,
     lm_steps: int = 300,
-    shard_max_samples: int = 1000,
+    ingest_config: IngestOptions = default_ingest_options(),
     external_command: str = "",
     output_dir: str = "",
 ) -> MixingResult:
@@ -137,11 +138,11 @@ def mixing_search(
         CLI: a partial JSON, e.g. `'{"include": ["chart", "document"]}'`.
     :param base_steps: Steps of the shared base (built-in trainer, on all domains' training data).
     :param lm_steps: Steps of the embedded tiny LM the base starts from.
-    :param shard_max_samples: Samples per ingested shard.
+    :param ingest_config: IngestOptions (samples per ingested shard, bounds at the door; JSON on the CLI).
     :param external_command: The team's trainer command template (empty: built-in trainer).
     :param output_dir: Optional path/URL for the final report.
     """
-    run = ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
+    run = ingest_dataset(source=source, image_root=image_root, config=ingest_config,
                          source_fingerprint=fingerprint_source(source=source, image_root=image_root))
     doms = assign_domains(run=run.dir, config=domain_config)
     prep = prepare_experts(run=run.dir, domains=doms, config=config)

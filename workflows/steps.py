@@ -18,6 +18,7 @@ from flytekit.types.file import FlyteFile
 
 from core.runs.steps import BY_NAME, STEP_NAMES, run_uses_gpu
 from core.steps.dedup.config import SemDedupConfig
+from core.steps.export import default_export_config
 from core.steps.filters import config_json, filter_class
 from tasks.dedup import cluster_embeddings, decide_semdedup, decontam, ingest_eval_sets, prune_cluster_group
 from tasks.embed import embed_node
@@ -77,7 +78,7 @@ def prune_groups(groups: list[FlyteFile], config: SemDedupConfig, gpu: bool = Tr
 def launch_ingest(run: RunNodes, prev: Optional[StepOut] = None) -> StepOut:
     # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
     fp = fingerprint_source(source=run.source, image_root=run.image_root)
-    return ingest_dataset(source=run.source, image_root=run.image_root, shard_max_samples=run.cfg("shard_max_samples"),
+    return ingest_dataset(source=run.source, image_root=run.image_root, config=run.config.ingest_config,
                           source_fingerprint=fp, format=run.format)
 
 
@@ -126,7 +127,7 @@ def reference_lm(run: RunNodes):
         ref = run.outs["ingest"]
         if run.reference_source:
             ref = ingest_dataset(source=run.reference_source, image_root=run.reference_image_root,
-                                 shard_max_samples=run.cfg("shard_max_samples"),
+                                 config=run.config.ingest_config,
                                  source_fingerprint=fingerprint_source(source=run.reference_source,
                                                                        image_root=run.reference_image_root))
         run.outs["reference_lm"] = train_reference_lm(run=ref, reference_ids=run.reference_ids,
@@ -154,7 +155,7 @@ def launch_rephrase(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
 def launch_export(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
     later = [out for name, out in run.outs.items() if name in STEP_NAMES and name not in ("ingest", "export")]
     return export_dataset(run=run.outs["ingest"], steps=later, rephrased=run.outs.get("rephrase"),
-                          max_samples=run.cfg("export_max_samples"))
+                          config=run.cfg("export_config", default_export_config()))
 
 
 LAUNCHERS: dict[str, Callable[[RunNodes, Optional[StepOut]], StepOut]] = {

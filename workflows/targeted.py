@@ -18,6 +18,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from core.foundation.configs import override
+from core.io.ingest import IngestOptions, default_ingest_options
 from core.runs.steps import run_uses_gpu
 from core.steps.dedup.config import DecontamConfig, tiny_decontam_config
 from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
@@ -88,8 +89,8 @@ def targeted_steps(
     return TargetedOutputs(export=ex, filtered=f.filters[0].dir, retrieved=ret.out_dir)
 
 
-def _ingest(source: str, image_root: str, shard_max_samples: int):
-    return ingest_dataset(source=source, image_root=image_root, shard_max_samples=shard_max_samples,
+def _ingest(source: str, image_root: str, ingest_config: IngestOptions):
+    return ingest_dataset(source=source, image_root=image_root, config=ingest_config,
                           source_fingerprint=fingerprint_source(source=source, image_root=image_root))
 
 
@@ -108,7 +109,7 @@ def targeted_generation(
     model_dir: Optional[FlyteDirectory] = None,
     tiny_vlm_steps: int = 300,
     lm_steps: int = 300,
-    shard_max_samples: int = 1000,
+    ingest_config: IngestOptions = default_ingest_options(),
 ) -> TargetedOutputs:
     """Generate task-shaped Q&A for a weak eval task: subgroups of its reference set, similar pool images per
     subgroup, a VLM writing new pairs with in-context examples, filters, export as a named subset.
@@ -131,10 +132,10 @@ def targeted_generation(
     :param model_dir: Generator model directory (required for the vllm backend; transformers builds the tiny one).
     :param tiny_vlm_steps: Training steps of the tiny VLM (when no model_dir is given).
     :param lm_steps: Training steps of the reference LM used for perplexity.
-    :param shard_max_samples: Samples per ingested shard.
+    :param ingest_config: IngestOptions of the reference and the pool (samples per shard, bounds; JSON on the CLI).
     """
-    ref = _ingest(reference_source, reference_image_root, shard_max_samples)
-    pool = _ingest(pool_source, pool_image_root, shard_max_samples)
+    ref = _ingest(reference_source, reference_image_root, ingest_config)
+    pool = _ingest(pool_source, pool_image_root, ingest_config)
     return targeted_steps(ref=ref, pool=pool, reference_ids=reference_ids, eval_cache=eval_cache,
                           benchmarks=benchmarks, embed_config=embed_config, decontam_config=decontam_config,
                           config=config, model_dir=model_dir, tiny_vlm_steps=tiny_vlm_steps, lm_steps=lm_steps)
@@ -249,7 +250,7 @@ targeted_demo = LaunchPlan.get_or_create(
 targeted_qwen_vl = LaunchPlan.get_or_create(
     targeted_generation, name="targeted_qwen_vl",
     default_inputs={"config": qwen_vl_targeted_config(), "embed_config": siglip2_embed_config(),
-                    "shard_max_samples": 5000},
+                    "ingest_config": IngestOptions(shard_max_samples=5000)},
 )
 targeted_ablation_demo = LaunchPlan.get_or_create(
     targeted_ablation, name="targeted_ablation_demo",

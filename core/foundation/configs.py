@@ -99,10 +99,15 @@ def load_config(cls: type[C], data: Any = None, preset: C | None = None) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for old, new in getattr(cls, "_renamed", {}).items():  # keys renamed in a release: still read, with a warning
         if old in values:
-            if new in values:
+            top, _, sub = new.partition(".")  # "export_config.max_samples": moved into a nested config
+            if (sub and sub in (values.get(top) or {})) or (not sub and new in values):
                 raise ConfigError(f"{name}: both {old!r} and its new name {new!r} given; keep {new!r}")
             log.warning("%s: key %r is now %r (the old name is read for now)", name, old, new)
-            values[new] = values.pop(old)
+            if sub:
+                nested = values.get(top)
+                values[top] = {**(nested if isinstance(nested, dict) else {}), sub: values.pop(old)}
+            else:
+                values[new] = values.pop(old)
     if "preset" in values and "preset" not in fields:  # {"preset": "siglip2", ...}: that preset is the base
         preset = _registered(cls, values.pop("preset"))
     unknown = [k for k in values if k not in fields]

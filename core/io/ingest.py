@@ -7,6 +7,7 @@ record gets exactly one ledger row: keep (with its shard) or quarantine (with a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import fsspec
 import fsspec.implementations.local
 
-from core.foundation.configs import check_ranges
+from core.foundation.configs import ConfigJSON, check_ranges, register_preset
 from core.foundation.ledger import LedgerWriter, step_dir
 from core.foundation.limits import (
     MAX_IMAGE_BYTES,
@@ -42,6 +43,42 @@ from core.io.wds.reader import MAX_JSON_BYTES
 
 log = logging.getLogger(__name__)
 STEP = "ingest"
+
+
+@dataclass
+class IngestOptions(ConfigJSON):
+    """The knobs of the ingest step (the `ingest_config` of a run; the source, its image root and its format are
+    inputs of their own): how big the shards are and the bounds at the door (`IngestConfig` documents each).
+
+    :param shard_max_samples: Most samples per output shard (the unit of every later step's fan-out and resume).
+    :param shard_max_bytes: Most bytes (images + json + tar headers) per output shard.
+    :param max_text_chars: Samples with more conversation text are quarantined (oversize_text).
+    :param max_image_pixels: Images with more pixels are quarantined (decompression_bomb).
+    :param max_image_bytes: Image files, tar members or Parquet cells larger than this are quarantined.
+    :param image_readers: Threads reading images ahead (1 = one after another).
+    """
+
+    shard_max_samples: int = 1000
+    shard_max_bytes: int = 256 << 20
+    max_text_chars: int = MAX_TEXT_CHARS
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    image_readers: int = 16
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"shard_max_samples": (1, None), "shard_max_bytes": (1, None), "max_text_chars": (1, None),
+                            "max_image_pixels": (1, None), "max_image_bytes": (1, None), "image_readers": (1, None)})
+
+    def ingest_config(self, source: str, image_root: str, run_dir: str, format: str = "auto") -> IngestConfig:
+        """The full `IngestConfig` of one call."""
+        return IngestConfig(source=source, image_root=image_root, run_dir=run_dir, format=format,
+                            **dataclasses.asdict(self))
+
+
+@register_preset(IngestOptions, "default", default=True)
+def default_ingest_options() -> IngestOptions:
+    """1,000-sample shards, the bounds of docs/security.md, 16 image readers."""
+    return IngestOptions()
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.foundation.configs import ConfigJSON, check_ranges, preset, register_preset
+from core.io.ingest import IngestOptions, default_ingest_options
 from core.runs.fanout import gpu_node_fanout
 from core.steps.dedup.config import (
     DecontamConfig,
@@ -21,6 +22,7 @@ from core.steps.dedup.config import (
     tiny_dedup_config,
 )
 from core.steps.embed.config import EmbedConfig, siglip2_embed_config, tiny_embed_config
+from core.steps.export import ExportConfig, default_export_config
 from core.steps.filters.image_filter import ImageFilterConfig, qwen2vl_image_filter_config
 from core.steps.perplexity.config import PerplexityConfig, reference_perplexity_config
 from core.steps.perplexity.slices import SliceConfig, p90_slice_config
@@ -35,7 +37,8 @@ BENCHMARKS = ["countbench", "docvqa", "chartqa", "realworldqa", "pixmo_points"]
 class CurateConfig(ConfigJSON):
     """Step switches and per-step configs of `curate` (ingest, embed and export always run).
 
-    :param shard_max_samples: Samples per ingested shard (the unit of streaming and resume).
+    :param ingest_config: IngestOptions (core/io/ingest.py): samples and bytes per ingested shard (the unit of every
+        later step's fan-out and resume), the bounds at the door, the image readers.
     :param image_filter: Drop samples with an image too small or too elongated to train on (`image_too_small`,
         `image_aspect_ratio`), before embedding spends anything on them.
     :param image_filter_config: Its thresholds (presets `qwen2vl` (default), `datacomp`, `cc3m`).
@@ -53,10 +56,10 @@ class CurateConfig(ConfigJSON):
     :param ppl_filter_config: The percentile range kept (range mode: `low_pct`, `high_pct`).
     :param rephrase: Rephrase question/answer turns with an LLM (validated; rejected ones keep the original).
     :param rephrase_config: Rephrasing LLM and validation (`tiny` preset: embedded CPU model; `qwen`: vLLM).
-    :param export_max_samples: Samples per exported shard.
+    :param export_config: ExportConfig (core/steps/export.py): samples and bytes per exported shard, image format.
     """
 
-    shard_max_samples: int = 1000
+    ingest_config: IngestOptions = field(default_factory=default_ingest_options)
     image_filter: bool = False
     image_filter_config: ImageFilterConfig = field(default_factory=qwen2vl_image_filter_config)
     embed_config: EmbedConfig = field(default_factory=tiny_embed_config)
@@ -71,10 +74,10 @@ class CurateConfig(ConfigJSON):
     ppl_filter_config: SliceConfig = field(default_factory=p90_slice_config)
     rephrase: bool = False
     rephrase_config: RephraseConfig = field(default_factory=tiny_rephrase_config)
-    export_max_samples: int = 1000
+    export_config: ExportConfig = field(default_factory=default_export_config)
 
     def __post_init__(self) -> None:
-        check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None), "export_max_samples": (1, None)})
+        check_ranges(self, {"lm_steps": (1, None)})
         if self.ppl_filter_config.mode != "range":
             raise ValueError(f"ppl_filter_config.mode={self.ppl_filter_config.mode!r}; curate keeps a percentile range "
                              "(mode 'range'); perplexity slices are the perplexity_slices workflow's")
@@ -82,7 +85,8 @@ class CurateConfig(ConfigJSON):
 # the names before every step had one name (ledger = switch = config field prefix = launcher): still read
 # (a plain class attribute, not a field: load_config maps them with a warning)
 CurateConfig._renamed = {"decontaminate": "decontam", "dedup_config": "semdedup_config",
-                         "ppl_config": "perplexity_config"}
+                         "ppl_config": "perplexity_config", "shard_max_samples": "ingest_config.shard_max_samples",
+                         "export_max_samples": "export_config.max_samples"}
 
 
 @register_preset(CurateConfig, "demo", default=True)
@@ -97,17 +101,19 @@ def mammoth_v1_curate_config() -> CurateConfig:
     embeddings on 32 GPU Ray workers, SemDeDup removing exactly 10% over 1200
     clusters, decontamination at the SigLIP2 threshold 0.95 (switch on with decontam + eval_cache), perplexity
     drop above p90 scored on one 8-GPU node (8 Ray actors, one model each), 5000-sample ingest and export shards."""
-    return CurateConfig(shard_max_samples=5000, embed_config=siglip2_embed_config(num_actors=32),
+    return CurateConfig(ingest_config=IngestOptions(shard_max_samples=5000),
+                        embed_config=siglip2_embed_config(num_actors=32),
                         perplexity_config=preset(PerplexityConfig, "reference", fanout=gpu_node_fanout()),
                         semdedup_config=target_dedup_config(0.10, n_clusters=1200),
-                        decontam_config=preset(DecontamConfig, "default"), export_max_samples=5000)
+                        decontam_config=preset(DecontamConfig, "default"),
+                        export_config=ExportConfig(max_samples=5000))
 
 
 @dataclass
 class AblateConfig(ConfigJSON):
     """The shared steps and the per-variant training/eval recipe of `ablate` (variants and benchmarks are inputs).
 
-    :param shard_max_samples: Samples per ingested shard.
+    :param ingest_config: IngestOptions (core/io/ingest.py): samples per ingested shard, the bounds at the door.
     :param embed_config: Embedding model (`tiny`: the embedded CPU model, a CPU run: every step gets the CPU profile).
     :param semdedup_config: SemDeDup config used to compute M (the variants' targets then threshold M).
     :param decontam_config: Decontamination threshold and mined neighbours per eval item (decontam, mined).
@@ -119,7 +125,7 @@ class AblateConfig(ConfigJSON):
         seed-to-seed spread is the noise floor every variant's delta is read against (1 = no noise floor).
     """
 
-    shard_max_samples: int = 1000
+    ingest_config: IngestOptions = field(default_factory=default_ingest_options)
     embed_config: EmbedConfig = field(default_factory=tiny_embed_config)
     semdedup_config: SemDedupConfig = field(default_factory=tiny_dedup_config)
     decontam_config: DecontamConfig = field(default_factory=tiny_decontam_config)
@@ -129,11 +135,10 @@ class AblateConfig(ConfigJSON):
     baseline_seeds: int = 1
 
     def __post_init__(self) -> None:
-        check_ranges(self, {"shard_max_samples": (1, None), "lm_steps": (1, None),
-                            "eval_max_samples": (0, None), "baseline_seeds": (1, None)})
+        check_ranges(self, {"lm_steps": (1, None), "eval_max_samples": (0, None), "baseline_seeds": (1, None)})
 
 
-AblateConfig._renamed = {"dedup_config": "semdedup_config"}
+AblateConfig._renamed = {"dedup_config": "semdedup_config", "shard_max_samples": "ingest_config.shard_max_samples"}
 
 
 @register_preset(AblateConfig, "tiny", default=True)

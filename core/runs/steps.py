@@ -46,7 +46,7 @@ class Step:
 
 
 CURATE_STEPS: tuple[Step, ...] = (
-    Step("ingest", None, None, True, False, "read the source into WDS shards; quarantine what cannot be read"),
+    Step("ingest", None, "ingest_config", True, False, "read the source into WDS shards; quarantine what cannot be read"),
     Step("image_filter", "image_filter", "image_filter_config", True, False,
          "drop images too small or too elongated to train on"),
     Step("embed", None, "embed_config", True, True, "image and text embeddings (SigLIP2 in production)"),
@@ -55,7 +55,7 @@ CURATE_STEPS: tuple[Step, ...] = (
     Step("perplexity", "perplexity", "perplexity_config", True, True, "score conversations with a reference LM"),
     Step("ppl_filter", "perplexity", "ppl_filter_config", False, False, "keep a perplexity percentile range"),
     Step("rephrase", "rephrase", "rephrase_config", True, True, "rephrase turns with an LLM, validated"),
-    Step("export", None, None, True, False, "WebDataset shards in the training schema + dataset card"),
+    Step("export", None, "export_config", True, False, "WebDataset shards in the training schema + dataset card"),
 )
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in CURATE_STEPS)
 BY_NAME: dict[str, Step] = {s.name: s for s in CURATE_STEPS}

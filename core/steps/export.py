@@ -41,7 +41,7 @@ from typing import Any
 
 import fsspec
 
-from core.foundation.configs import check_ranges
+from core.foundation.configs import ConfigJSON, check_ranges, register_preset
 from core.foundation.ids import load_id_list  # noqa: F401  (the one id-list loader; re-exported for tasks/export.py)
 from core.foundation.ledger import LedgerWriter, check_balance, find_step_dir, read_ledger
 from core.foundation.log import progress
@@ -66,8 +66,8 @@ class ExportError(RuntimeError):
 
 
 @dataclass
-class ExportConfig:
-    """How to export a run.
+class ExportConfig(ConfigJSON):
+    """How to export a run (the `export_config` of a run; `steps` and `subset_name` are set per call by the task).
 
     `steps` are the ledger steps in pipeline order (the last one decides what is kept); None infers the
     order from the ledgers (steps sorted by how many samples they decided, then validated by
@@ -88,6 +88,12 @@ class ExportConfig:
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None)})
+
+
+@register_preset(ExportConfig, "default", default=True)
+def default_export_config() -> ExportConfig:
+    """1,000-sample shards of at most 256 MiB, JPEG images (the loader schema's fixed `jpg` key)."""
+    return ExportConfig()
 
 
 # ---- ledgers --------------------------------------------------------------------------------------

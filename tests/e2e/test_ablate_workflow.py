@@ -29,7 +29,7 @@ def test_two_variant_grid_end_to_end(tmp_path, capsys):
         out = ablate(
             source=str(info.data_json), image_root=str(info.images_dir), variants=["baseline", "semdedup@0.2"],
             eval_cache=str(tmp_path / "evals"), benchmarks=["countbench", "chartqa"],
-            config=preset(AblateConfig, "tiny", shard_max_samples=20, lm_steps=20, train_config={"max_steps": 3, "batch_size": 4,
+            config=preset(AblateConfig, "tiny", ingest_config={"shard_max_samples": 20}, lm_steps=20, train_config={"max_steps": 3, "batch_size": 4,
                                                                                            "val_every_n_steps": 3},
                           eval_max_samples=2),
             known_bad_ids=FlyteFile(str(tmp_path / "bad.txt")),

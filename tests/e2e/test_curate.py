@@ -62,7 +62,7 @@ def _curate(demo: Path, output_dir: Path, config: dict | None = None, **kw):
     from core.runs.config import CurateConfig
     from workflows.curate import curate
 
-    sizes = dict(shard_max_samples=SHARD, lm_steps=LM_STEPS, export_max_samples=EXPORT_SHARD)
+    sizes = dict(ingest_config={"shard_max_samples": SHARD}, lm_steps=LM_STEPS, export_config={"max_samples": EXPORT_SHARD})
     cfg = preset(CurateConfig, "demo", **(sizes | (config or {})))
     args = dict(source=str(demo / "data" / "data.json"), image_root=str(demo / "data" / "images"),
                 output_dir=str(output_dir), config=cfg)

@@ -10,6 +10,8 @@ import os
 import pandas as pd
 import pytest
 
+from core.io.ingest import IngestOptions
+
 
 @pytest.mark.slow
 def test_mixing_search_end_to_end(tmp_path):
@@ -26,7 +28,8 @@ def test_mixing_search_end_to_end(tmp_path):
                              val_size=2, proxy_top=2, proxy_random=1)
     doms = ["chart", "counting", "document"]  # the demo records' `domain` field
     out = mixing_search(source=str(info.data_json), image_root=str(info.images_dir), eval_cache=str(tmp_path / "evals"),
-                        config=cfg, domain_config=field_domain_config(include=doms), base_steps=3, lm_steps=20, shard_max_samples=50)
+                        config=cfg, domain_config=field_domain_config(include=doms), base_steps=3, lm_steps=20,
+                        ingest_config=IngestOptions(shard_max_samples=50))
     soups = pd.read_csv(os.path.join(out.soups.path, "soup_scores.csv"), index_col=0)
     assert len(soups) == 7 and soups["overall"].notna().all()
     assert {"countbench", "nll_chart", "nll_counting", "nll_document"} <= set(soups.columns)

@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from core.io.ingest import IngestOptions
+
 
 @pytest.mark.slow
 def test_targeted_generation_end_to_end(tmp_path):
@@ -33,7 +35,8 @@ def test_targeted_generation_end_to_end(tmp_path):
                               pool_source=str(pool.data_json), pool_image_root=str(pool.images_dir),
                               reference_ids=FlyteFile(str(ref.ground_truth)), eval_cache=cache, benchmarks=["countbench"],
                               embed_config=demo["embed_config"], decontam_config=demo["decontam_config"],
-                              config=cfg, tiny_vlm_steps=5, lm_steps=20, shard_max_samples=50)
+                              config=cfg, tiny_vlm_steps=5, lm_steps=20,
+                              ingest_config=IngestOptions(shard_max_samples=50))
     manifest = json.load(open(os.path.join(out.export.dir.path, "manifest.json")))
     assert out.export.step == "export" and manifest["subset"] == cfg.subset_name
     gen = read_ledger(step_dir(out.retrieved.path, "tg_retrieve"))

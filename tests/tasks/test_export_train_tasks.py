@@ -10,6 +10,7 @@ from export_train_fixtures import make_tiny_clip_dir, make_tiny_lm
 from flytekit.types.directory import FlyteDirectory
 
 from core.foundation.configs import preset
+from core.steps.export import ExportConfig
 from core.train.config import TrainConfig
 from core.train.mini_llava import load_mini_llava
 from tasks.types import StepOut
@@ -38,7 +39,7 @@ def exported(flyte_env):
     from tasks.export import export_dataset
 
     run, kept = _make_run(flyte_env)
-    out = export_dataset(run=StepOut("ingest", FlyteDirectory(str(run))), max_samples=10)
+    out = export_dataset(run=StepOut("ingest", FlyteDirectory(str(run))), config=ExportConfig(max_samples=10))
     assert out.step == "export"
     return out.dir, kept
 

@@ -71,7 +71,7 @@ def test_validate_task_reports_every_bad_input_at_once(tmp_path):
 def test_curate_config_rejects_bad_values_when_built():
     """The numbers of `curate` live in CurateConfig: a bad one stops the build (the CLI's `--config`), naming the
     class, the field and its range; nested configs merge by the same rule and validate themselves."""
-    for change, needle in (({"shard_max_samples": 0}, "CurateConfig: shard_max_samples=0 out of range; valid: [1, inf)"),
+    for change, needle in (({"ingest_config": {"shard_max_samples": 0}}, "IngestOptions: shard_max_samples=0 out of range; valid: [1, inf)"),
                            ({"ppl_filter_config": {"high_pct": 150}},
                             "SliceConfig: high_pct=150.0 out of range; valid: (0, 100]"),
                            ({"ppl_filter_config": {"low_pct": 50, "high_pct": 40}}, "low_pct=50.0 must be below"),
@@ -94,8 +94,8 @@ def test_validate_task_accepts_good_inputs(tmp_path):
 
     generate_demo(str(tmp_path / "d"), n_samples=40, seed=0)
     write_fixtures(str(tmp_path / "ec"))
-    cfg = preset(CurateConfig, "demo", shard_max_samples=10, decontam=True,
-                 decontam_benchmarks=["docvqa", "chartqa"], lm_steps=10, export_max_samples=10)
+    cfg = preset(CurateConfig, "demo", ingest_config={"shard_max_samples": 10}, decontam=True,
+                 decontam_benchmarks=["docvqa", "chartqa"], lm_steps=10, export_config={"max_samples": 10})
     out = validate_curate_inputs(source=str(tmp_path / "d" / "data.json"), image_root=str(tmp_path / "d" / "images"),
                                  config=cfg, eval_cache=str(tmp_path / "ec"))
     assert out.startswith("inputs ok")
@@ -121,7 +121,7 @@ def test_validate_task_checks_format_known_bad_ids_and_inline_image_sources(tmp_
     ids = tmp_path / "bad.txt"
     ids.write_text("s0\n")
     kw = dict(source=str(shards), image_root="",
-              config=preset(CurateConfig, "demo", shard_max_samples=10, perplexity=False))
+              config=preset(CurateConfig, "demo", ingest_config={"shard_max_samples": 10}, perplexity=False))
     assert validate_curate_inputs(**kw, format="wds", known_bad_ids=FlyteFile(str(ids))).startswith("inputs ok")
     assert validate_curate_inputs(**kw).startswith("inputs ok")  # auto-detected from the .tar extension
     empty_ids = tmp_path / "none.txt"

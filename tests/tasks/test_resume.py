@@ -20,6 +20,7 @@ from flytekit.types.directory import FlyteDirectory
 from core.foundation.ledger import LedgerWriter, read_ledger, step_dir
 from core.foundation.sample import Sample
 from core.io.wds import list_shards, write_shards
+from core.steps.export import ExportConfig
 from tasks.types import StepOut
 from tests.ppl_helpers import clean_records
 
@@ -315,20 +316,20 @@ def test_export_retry_after_the_export_finished_reuses_it(tmp_path, monkeypatch)
     real_html = core_export.export_report_html
     monkeypatch.setattr(core_export, "export_report_html", deck_dies)
     with pytest.raises(Exception, match="preempted"):
-        export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), max_samples=5)
+        export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), config=ExportConfig(max_samples=5))
     assert processed == ["export"]
     monkeypatch.setattr(core_export, "export_report_html", real_html)
-    out = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), max_samples=5).dir
+    out = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), config=ExportConfig(max_samples=5)).dir
     assert processed == ["export"]  # reused, not written again
     manifest = json.loads((Path(out.path) / "manifest.json").read_text())
     assert manifest["n_samples"] == 12
     monkeypatch.setenv("MMCURATE_RESUME_ROOT", str(tmp_path / "clean_root"))
-    clean = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), max_samples=5).dir
+    clean = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), config=ExportConfig(max_samples=5)).dir
     assert processed == ["export", "export"]
     assert (Path(clean.path) / "manifest.json").read_bytes() == (Path(out.path) / "manifest.json").read_bytes()
     pd.testing.assert_frame_equal(ledger(out.path, "export"), ledger(clean.path, "export"))
     # another config: its own folder, exported again
-    other = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), max_samples=4).dir
+    other = export_dataset(run=StepOut("ingest", FlyteDirectory(str(tmp_path / "run"))), config=ExportConfig(max_samples=4)).dir
     assert other.path != clean.path and processed == ["export"] * 3
 
 
