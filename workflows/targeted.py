@@ -171,8 +171,8 @@ def targeted_ablation_steps(
                              eval_cache=eval_cache, benchmarks=benchmarks, embed_config=embed_config,
                              decontam_config=decontam_config, config=override(config, subset_name=variant_name),
                              model_dir=model_dir)
-    pool = _ingest(pool_source, pool_image_root, 1000)
-    ref = _ingest(reference_source, reference_image_root, 1000)
+    pool = _ingest(pool_source, pool_image_root, default_ingest_options())
+    ref = _ingest(reference_source, reference_image_root, default_ingest_options())
     base = export_dataset(run=pool, subset_name="baseline")
     mixed = mix_exports(exports=[base, tg.export], name=variant_name)
     lm = train_reference_lm(run=ref, reference_ids=reference_ids)
