@@ -92,22 +92,7 @@ def task_gpus(tmpl) -> int:
     for r in tmpl.container.resources.requests:
         if r.name == 2:  # core.Resources.ResourceName.GPU
             gpus = max(gpus, int(r.value))
-    custom = MessageToDict(tmpl.custom) if tmpl.HasField("custom") else {}
-
-    def walk(o):
-        nonlocal gpus
-        if isinstance(o, dict):
-            for k, v in o.items():
-                if k in GPU_KEYS and isinstance(v, (str, int, float)):
-                    gpus = max(gpus, int(float(v)))
-                else:
-                    walk(v)
-        elif isinstance(o, list):
-            for v in o:
-                walk(v)
-
-    walk(custom)
-    return gpus
+    return max(gpus, _custom_gpus(tmpl))
 
 
 def node_gpus(node, tasks: dict) -> int:
@@ -138,25 +123,19 @@ def spec_gpus(spec) -> dict:
 
 
 def _custom_gpus(tmpl) -> int:
-    """GPUs of a task's plugin config only (Ray worker groups); the container's own requests left out."""
+    """GPUs of a task's plugin config only (Ray worker groups, pod templates); the container's requests left out."""
     if tmpl is None or not tmpl.HasField("custom"):
         return 0
-    gpus = 0
 
-    def walk(o):
-        nonlocal gpus
+    def walk(o) -> int:
         if isinstance(o, dict):
-            for k, v in o.items():
-                if k in GPU_KEYS and isinstance(v, (str, int, float)):
-                    gpus = max(gpus, int(float(v)))
-                else:
-                    walk(v)
-        elif isinstance(o, list):
-            for v in o:
-                walk(v)
+            return max([int(float(v)) if k in GPU_KEYS and isinstance(v, (str, int, float)) else walk(v)
+                        for k, v in o.items()], default=0)
+        if isinstance(o, list):
+            return max([walk(v) for v in o], default=0)
+        return 0
 
-    walk(MessageToDict(tmpl.custom))
-    return gpus
+    return walk(MessageToDict(tmpl.custom))
 
 
 def task_image(tmpl) -> str:
