@@ -150,7 +150,7 @@ def test_curate_end_to_end_with_rephrase_and_reference(demo, local_ray, flyte_lo
 
     # a re-run with only another export shard size reuses every step before export, the LLM pass included
     calls = _count_calls(monkeypatch)
-    _curate(demo, tmp_path / "rerun", on | {"export_max_samples": EXPORT_SHARD + 10}, **ref)
+    _curate(demo, tmp_path / "rerun", on | {"export_config": {"max_samples": EXPORT_SHARD + 10}}, **ref)
     assert calls["rephrase"] == calls["ingest"] == calls["reference_lm"] == calls["perplexity"] == 0, calls
     assert calls["export"] == 1, calls
     again = json.loads((tmp_path / "rerun" / "export" / "manifest.json").read_text())

@@ -89,6 +89,7 @@ def test_flyte_task_runs_locally_on_ray_with_prev_ledger(ray_cluster, tmp_path):
 
     from core.foundation.ledger import LedgerWriter, read_ledger
     from tasks.embed import embed_shards as embed_task
+    from tasks.types import StepOut
 
     run = tmp_path / "run"
     samples = mixed_samples(20, seed=4, size=96)
@@ -100,8 +101,9 @@ def test_flyte_task_runs_locally_on_ray_with_prev_ledger(ray_cluster, tmp_path):
             led.add(s.id, "quarantine", "role_broken", shard=shard) if s.id == dropped else led.add(s.id, "keep", shard=shard)
 
     cfg = tiny_embed_config(cache_dir=str(tmp_path / "cache"), num_actors=2, batch_size=8)
-    out = embed_task(shards=FlyteDirectory(str(run)), prev=FlyteDirectory(str(run)), config=cfg)
-    out_dir = Path(out.path)
+    out = embed_task(shards=FlyteDirectory(str(run)), prev=StepOut("ingest", FlyteDirectory(str(run))), config=cfg)
+    assert out.step == "embed"
+    out_dir = Path(out.dir.path)
     assert len(list((out_dir / "embed").glob("*.parquet"))) == len(urls)
     ledger = read_ledger(out_dir / "ledger" / "embed")
     assert sorted(ledger.sample_id) == sorted(s.id for s in samples if s.id != dropped)
