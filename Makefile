@@ -86,11 +86,11 @@ $(STAMP): pyproject.toml $(LOCK)
 	@# lmms-eval is the parity reference of core/evals/exact.py (tests only). Its own requirements would move our pins
 	@# (it pins wandb 0.25 and ~50 more packages); the scoring functions the tests call import none of them.
 	$(PIP) install --no-deps $(LMMS_EVAL_PIN)
-	@rm -f $(VENV)/.setup-*
-	@touch $@
 	@# the demo's project-made tiny models (deterministic, cached per machine by recipe; `make demo` then only
 	@# copies them). CI skips it (MMCURATE_SKIP_PREBUILD=1 in .ci/run): no test needs them prebuilt.
-	@if [ -z "$$MMCURATE_SKIP_PREBUILD" ]; then mkdir -p $(STATE_DIRS) && $(ISOLATED_ENV) $(PY) -m core.demo.prebuild; fi
+	@if [ -z "$${MMCURATE_SKIP_PREBUILD:-}" ]; then mkdir -p $(STATE_DIRS) && $(ISOLATED_ENV) $(PY) -m core.demo.prebuild; fi
+	@rm -f $(VENV)/.setup-*
+	@touch $@
 	@echo "setup done: $(VENV)"
 
 test: setup ## Run the test suite with all state under .state/ (extra args: PYTEST_ARGS=...)

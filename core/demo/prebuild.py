@@ -29,7 +29,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # What scripts/demo.sh generates and what the tasks pass (tasks/perplexity.py train_reference_lm defaults,
-# CurateConfig/AblateConfig lm_steps and shard_max_samples of the demo presets).
+# CurateConfig/AblateConfig lm_steps and ingest_config of the demo presets).
 DEMO_N, DEMO_SEED, REFERENCE_N, REFERENCE_SEED = 300, 0, 300, 1
 REFERENCE_LM_PARAMS = {"vocab_size": 2000, "seed": 0}
 
@@ -39,7 +39,7 @@ def prebuild(work: str | os.PathLike) -> dict[str, float]:
     from core.demo.dataset import generate_demo, plant_eval_contamination
     from core.demo.eval_fixtures import write_fixtures
     from core.foundation.configs import preset
-    from core.io.ingest import IngestConfig, ingest
+    from core.io.ingest import ingest
     from core.io.wds import iter_samples, list_shards
     from core.runs.config import CurateConfig
     from core.steps.embed.config import tiny_embed_config
@@ -62,8 +62,7 @@ def prebuild(work: str | os.PathLike) -> dict[str, float]:
     runs = {}
     for name in ("data", "reference"):
         runs[name] = w / f"ingest_{name}"
-        ingest(IngestConfig(source=str(w / name / "data.json"), image_root=str(w / name / "images"),
-                            run_dir=str(runs[name]), shard_max_samples=cfg.shard_max_samples))
+        ingest(cfg.ingest_config.ingest_config(str(w / name / "data.json"), str(w / name / "images"), str(runs[name])))
 
     t0 = time.time()
     ids = load_id_list(w / "reference" / "ground_truth.json", "clean")
