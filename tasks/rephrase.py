@@ -103,12 +103,10 @@ def rephrase_samples(
         tokenizer = tokenizer_dir.path
     cfg = override(config, model=model, tokenizer=tokenizer)
     log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
-    if cfg.fanout.workers > 1:  # one model per Ray actor (core/runs/fanout.py)
-        from core.runs.fanout import StepSpec, run_fanout
+    from core.runs.fanout import StepSpec, run_fanout
 
-        done = run_fanout(StepSpec(RephraseStep, (out, cfg, selected)), shards_of(shards), cfg.fanout)
-    else:
-        done = RephraseStep(out, cfg, prev=selected).run(shards_of(shards))
+    # one model per Ray actor when cfg.fanout.workers > 1; else the step's own run, in this process
+    done = run_fanout(StepSpec(RephraseStep, (out, cfg, selected)), shards_of(shards), cfg.fanout)
     log.info("rephrase: %d shards rephrased, %d already done; %s", len(done.done), len(done.skipped), done.counts)
     jp, _hp, summary = write_report(out, model=cfg.model, tokenizer=cfg.tokenizer_path)
     log.info("rephrase report: %s", summary["verdict"])

@@ -196,15 +196,12 @@ def run_filter(step: str, shards: Sequence[str], out: str | os.PathLike, config:
                prev: Passing | None = None) -> dict[str, Any]:
     """Run the registered filter `step` over `shards` into `out` (resuming finished shards). Returns the
     run's summary (`StepSummary.as_dict()`: counts of the shards processed now) and the config used."""
-    cls = filter_class(step)
-    f = cls(out, filter_config(cls, config), prev)
-    fan = getattr(f.config, "fanout", None)
-    if fan is not None and fan.workers > 1:  # over a pool of Ray actors (core/runs/fanout.py)
-        from core.runs.fanout import StepSpec, run_fanout
+    from core.runs.fanout import FanOut, StepSpec, run_fanout
 
-        summary = run_fanout(StepSpec(cls, (out, f.config, prev)), shards, fan).as_dict()
-    else:
-        summary = f.run(shards).as_dict()
-    summary["config"] = dataclasses.asdict(f.config) if f.config is not None else {}
+    cls = filter_class(step)
+    cfg = filter_config(cls, config)
+    fan = getattr(cfg, "fanout", None) or FanOut()  # workers == 1: the step's own run, in this process
+    summary = run_fanout(StepSpec(cls, (out, cfg, prev)), shards, fan).as_dict()
+    summary["config"] = dataclasses.asdict(cfg) if cfg is not None else {}
     return summary
 
