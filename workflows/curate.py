@@ -49,8 +49,7 @@ def curate_steps(
                    reference_source=reference_source, reference_image_root=reference_image_root,
                    reference_ids=reference_ids)
     export = launch(run, active_steps(config))
-    steps = [out for name, out in run.outs.items() if name != "reference_lm"]
-    summary = summarize_run(steps=steps, output_dir=output_dir, known_bad_ids=known_bad_ids, config=config)
+    summary = summarize_run(steps=list(run.outs.values()), output_dir=output_dir, known_bad_ids=known_bad_ids, config=config)
     return CurateOutputs(export=export.dir, summary=summary)
 
 

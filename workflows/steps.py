@@ -52,6 +52,7 @@ class RunNodes:
     reference_ids: Optional[FlyteFile] = None
     gpu: Optional[bool] = None
     outs: dict = field(default_factory=dict)
+    lm: Any = None  # the reference LM (a promise), trained once per run by the first step that needs it
 
     @property
     def run_gpu(self) -> bool:
@@ -123,16 +124,15 @@ def launch_semdedup(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
 
 def reference_lm(run: RunNodes):
     """The reference LM of perplexity scoring (trained once per run, on the reference set or the run itself)."""
-    if "reference_lm" not in run.outs:
+    if run.lm is None:
         ref = run.outs["ingest"]
         if run.reference_source:
             ref = ingest_dataset(source=run.reference_source, image_root=run.reference_image_root,
                                  config=run.config.ingest_config,
                                  source_fingerprint=fingerprint_source(source=run.reference_source,
                                                                        image_root=run.reference_image_root))
-        run.outs["reference_lm"] = train_reference_lm(run=ref, reference_ids=run.reference_ids,
-                                                      steps=run.cfg("lm_steps"))
-    return run.outs["reference_lm"]
+        run.lm = train_reference_lm(run=ref, reference_ids=run.reference_ids, steps=run.cfg("lm_steps"))
+    return run.lm
 
 
 def launch_perplexity(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
@@ -153,7 +153,7 @@ def launch_rephrase(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
 
 
 def launch_export(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
-    later = [out for name, out in run.outs.items() if name in STEP_NAMES and name not in ("ingest", "export")]
+    later = [out for name, out in run.outs.items() if name not in ("ingest", "export")]
     return export_dataset(run=run.outs["ingest"], steps=later, rephrased=run.outs.get("rephrase"),
                           config=run.cfg("export_config", default_export_config()))
 
