@@ -235,3 +235,22 @@ def local_ledger_root(d: FlyteDirectory, step: str) -> str:
     current_context().file_access.get_data(f"{src.rstrip('/')}/ledger/{step}", str(local / "ledger" / step),
                                            is_multipart=True)
     return str(local)
+
+
+def for_actors(d: FlyteDirectory, fan: Any = None) -> str:
+    """Where a step reads a folder input: its URL when the step's fan-out runs actors on other pods
+    (`fan.pod_workers > 0`: the driver's local copy is on another node), else a local copy (downloaded)."""
+    if fan is not None and getattr(fan, "pod_workers", 0) and d.remote_source:
+        return d.remote_source
+    d.download()
+    return d.path
+
+
+def check_shared(sf: StepFolder, fan: Any = None) -> None:
+    """Refuse, before any work, a fan-out over worker pods into a step folder the pods cannot all write: the
+    actors of other nodes write their units into the folder itself, so it must be a path on a filesystem every
+    pod mounts (`MMCURATE_RESUME_ROOT=/fsx/...`), not a URL worked on through this pod's local mirror."""
+    if fan is not None and getattr(fan, "pod_workers", 0) and fan.workers > 1 and sf.remote:
+        raise ValueError(f"{sf.step}: fanout.pod_workers={fan.pod_workers} runs actors on {fan.pods} other pods, "
+                         f"which cannot write this pod's local mirror of {sf.url}; set {RESUME_ROOT_ENV} to a path "
+                         "on a filesystem all pods mount (e.g. FSx for Lustre), or use pod_workers=0 (one pod)")

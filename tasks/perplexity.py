@@ -17,7 +17,8 @@ from core.steps.perplexity.slices import SliceConfig, p90_slice_config
 from tasks.cache import task_version
 from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE, GPU_IMAGE
-from tasks.paths import local_ledger_root, resume_key, source, step_workdir, workdir
+from tasks.paths import check_shared, for_actors, local_ledger_root, resume_key, source, step_workdir, workdir
+from tasks.resources import ray_cluster
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut, passing
 
@@ -61,7 +62,11 @@ _SCORE_OPTS = dict(container_image=GPU_IMAGE, retries=1, enable_deck=True, deck_
                    cache_version=task_version(__name__))
 
 
-@task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), **_SCORE_OPTS)
+# A Ray task: its actors (`config.fanout`) run in its own pod or, with `fanout.pod_workers`, on KubeRay worker
+# pods; the workflows shape the cluster per run (`tasks.resources.fanout_node`). Locally flytekit joins or starts
+# a local Ray (`ray.init`), and a 1-worker fan-out runs in the task's process.
+@task(task_config=ray_cluster("perplexity", reference_perplexity_config(), True),
+      requests=Resources(cpu="8", mem="32Gi", gpu="1"), **_SCORE_OPTS)
 def score_perplexity(
     run: StepOut,
     model: FlyteDirectory,
@@ -89,9 +94,10 @@ def score_perplexity(
     from core.steps.perplexity.pipeline import score_shards
     from core.steps.perplexity.report import score_report_html
 
-    cfg = override(config, model=model.download())
+    cfg = override(config, model=for_actors(model, config.fanout))  # a URL for actors on other pods
     sf = step_workdir("perplexity", resume_key("score_perplexity", task_version(__name__), run=run, model=model,
                                                prev=prev, config=config))  # a retry skips scored shards
+    check_shared(sf, config.fanout)
     out = sf.path
     summary = score_shards(shards_of(source(run.dir)), out, cfg, prev=passing(prev))
     log.info("perplexity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})

@@ -14,7 +14,8 @@ from core.steps.rephrase.config import RephraseConfig, tiny_rephrase_config
 from tasks.cache import task_version
 from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import VLLM_IMAGE
-from tasks.paths import resume_key, step_workdir
+from tasks.paths import check_shared, for_actors, resume_key, step_workdir
+from tasks.resources import ray_cluster
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut, passing
 
@@ -43,7 +44,10 @@ _REPHRASE_OPTS = dict(container_image=VLLM_IMAGE, enable_deck=True, deck_fields=
                       cache_version=task_version(__name__))
 
 
-@task(requests=Resources(cpu="8", mem="32Gi", gpu="1"), limits=Resources(gpu="1"), **_REPHRASE_OPTS)
+# A Ray task: one model or vLLM engine per actor (`config.fanout`), in its own pod or, with `fanout.pod_workers`,
+# on KubeRay worker pods (the workflows shape the cluster per run: `tasks.resources.fanout_node`).
+@task(task_config=ray_cluster("rephrase", tiny_rephrase_config(), True), requests=Resources(cpu="8", mem="32Gi", gpu="1"),
+      limits=Resources(gpu="1"), **_REPHRASE_OPTS)
 def rephrase_samples(
     run: StepOut,
     config: RephraseConfig = tiny_rephrase_config(),
@@ -84,12 +88,12 @@ def rephrase_samples(
     sf = None if checkpoint_dir else step_workdir("rephrase", resume_key(  # default: a persistent step folder
         "rephrase_samples", task_version(__name__), run=run, config=config, model_dir=model_dir,
         tokenizer_dir=tokenizer_dir, prev=prev))
+    if sf is not None:
+        check_shared(sf, config.fanout)
     out = checkpoint_dir or sf.path
-    run.dir.download()
-    shards = run.dir.path
+    shards = for_actors(run.dir, config.fanout)  # a URL for actors on other pods
     if model_dir is not None:
-        model_dir.download()
-        model = model_dir.path
+        model = for_actors(model_dir, config.fanout)
     elif config.model:
         model = config.model
     elif config.backend == "transformers":
@@ -99,8 +103,7 @@ def rephrase_samples(
                          "nothing is downloaded)")
     tokenizer = config.tokenizer
     if tokenizer_dir is not None:
-        tokenizer_dir.download()
-        tokenizer = tokenizer_dir.path
+        tokenizer = for_actors(tokenizer_dir, config.fanout)
     cfg = override(config, model=model, tokenizer=tokenizer)
     log.info("rephrase: backend=%s model=%s chunk=%d", cfg.backend, cfg.model, cfg.chunk_size)
     from core.runs.fanout import StepSpec, run_fanout

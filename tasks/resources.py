@@ -33,3 +33,34 @@ def overrides(kind: str, config: Any, run_gpu: bool, **extra: Any) -> dict:
     p = profile(kind, config, run_gpu)
     r = resources(p)
     return dict(requests=r, limits=r, container_image=IMAGES[p.image], **extra)
+
+
+def ray_cluster(kind: str, config: Any, run_gpu: bool) -> Any:
+    """The KubeRay cluster of a fan-out task node (tasks whose decorator has a `RayJobConfig`): the head is the
+    task's pod (its requests are the node's `overrides`, so no head requests here); with
+    `config.fanout.pod_workers > 0` one worker group of `fanout.pods` pods, each sized for `pod_workers` actors
+    (core/runs/steps.py `worker_pods`); otherwise no worker pods (the actors run in the head's pod, which the
+    profile sized for all of them). Depends only on the config, never on this machine."""
+    from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
+
+    from core.runs.steps import worker_pods
+
+    pods = worker_pods(kind, config, run_gpu)
+    groups = []
+    if pods is not None:
+        n, p = pods
+        r = resources(p)
+        groups = [WorkerNodeConfig(group_name=f"{kind}-workers", replicas=n, requests=r, limits=r)]
+    return RayJobConfig(worker_node_config=groups, head_node_config=HeadNodeConfig(),
+                        shutdown_after_job_finishes=True, ttl_seconds_after_finished=600)
+
+
+def fanout_node(task: Any, kind: str, config: Any, run_gpu: bool, **inputs: Any) -> Any:
+    """A node of a fan-out task (a Ray task) for one step config, inside a workflow: the profile's requests and
+    image on the head pod, and the Ray cluster `ray_cluster` shapes. The node runs a shallow copy of the task:
+    flytekit's `with_overrides(task_config=...)` sets the config on the node's task object, and on the shared
+    task it would leak into every later node and serialization."""
+    import copy
+
+    return copy.copy(task)(config=config, **inputs).with_overrides(
+        **overrides(kind, config, run_gpu, task_config=ray_cluster(kind, config, run_gpu)))

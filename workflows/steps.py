@@ -28,7 +28,7 @@ from tasks.images import CPU_IMAGE
 from tasks.ingest import fingerprint_source, ingest_dataset
 from tasks.perplexity import score_perplexity, slice_by_perplexity, train_reference_lm
 from tasks.rephrase import rephrase_samples
-from tasks.resources import overrides
+from tasks.resources import fanout_node, overrides
 from tasks.types import StepOut
 
 
@@ -137,9 +137,10 @@ def reference_lm(run: RunNodes):
 
 def launch_perplexity(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
     cfg = run.cfg("perplexity_config")
-    kw = {} if cfg is None else {"config": cfg}  # ablate scores with the task's default config
-    return score_perplexity(run=run.outs["ingest"], model=reference_lm(run), prev=prev, **kw).with_overrides(
-        **overrides("perplexity", cfg, run.run_gpu))
+    inputs = dict(run=run.outs["ingest"], model=reference_lm(run), prev=prev)
+    if cfg is None:  # ablate scores with the task's default config (its decorator's Ray cluster)
+        return score_perplexity(**inputs).with_overrides(**overrides("perplexity", cfg, run.run_gpu))
+    return fanout_node(score_perplexity, "perplexity", cfg, run.run_gpu, **inputs)
 
 
 def launch_ppl_filter(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
@@ -148,8 +149,7 @@ def launch_ppl_filter(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
 
 def launch_rephrase(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
     cfg = run.config.rephrase_config
-    return rephrase_samples(run=run.outs["ingest"], config=cfg, prev=prev).with_overrides(
-        **overrides("rephrase", cfg, run.run_gpu)).out
+    return fanout_node(rephrase_samples, "rephrase", cfg, run.run_gpu, run=run.outs["ingest"], prev=prev).out
 
 
 def launch_export(run: RunNodes, prev: Optional[StepOut]) -> StepOut:

@@ -60,6 +60,11 @@ class FanOut(ConfigJSON):
     :param max_restarts: times Ray restarts a crashed actor (then its group is retried on it).
     :param max_task_retries: times Ray retries a group whose actor crashed under it.
     :param start_timeout_s: how long to wait for the actors to start (GPU workers may still be joining).
+    :param pod_workers: actors per Ray worker pod on a cluster. 0: every actor runs in the task's own pod (one
+        node; the pod is sized for all of them). k > 0: the task is the head of a KubeRay cluster with
+        `pods = ceil(workers / k)` worker pods of k actors each (many nodes); the step folder must then be one
+        every pod can write (`MMCURATE_RESUME_ROOT` on a filesystem shared by the pods). Locally the same
+        config runs its `workers` actors on the local Ray.
     """
 
     workers: int = 1
@@ -69,11 +74,17 @@ class FanOut(ConfigJSON):
     max_restarts: int = 2
     max_task_retries: int = 2
     start_timeout_s: float = 600.0
+    pod_workers: int = 0
 
     def __post_init__(self) -> None:
         check_ranges(self, {"workers": (1, None), "group_size": (1, None), "cpus_per_worker": (0, None),
                             "gpus_per_worker": (0, None), "max_restarts": (0, None), "max_task_retries": (0, None),
-                            "start_timeout_s": (0, None)})
+                            "start_timeout_s": (0, None), "pod_workers": (0, None)})
+
+    @property
+    def pods(self) -> int:
+        """Ray worker pods on a cluster (0: the actors run in the task's own pod)."""
+        return math.ceil(self.workers / self.pod_workers) if self.pod_workers else 0
 
     @property
     def threads(self) -> int:
@@ -105,6 +116,20 @@ def gpu_node_fanout() -> FanOut:
 def cpu_node_fanout() -> FanOut:
     """A CPU step (ingest, export) on one 32-core node: 32 one-core actors."""
     return FanOut(workers=32, group_size=4, cpus_per_worker=1.0)
+
+
+@register_preset(FanOut, "gpu_cluster")
+def gpu_cluster_fanout() -> FanOut:
+    """A GPU step over the whole 32-node x 8-GPU cluster: 256 one-GPU actors, 8 per worker pod (one node each,
+    8 CPUs per actor). Groups of 2 shards: 2,400 shards of a 12M run make 1,200 groups, ~5 per actor, so the
+    last groups to finish are short; a lost node redoes at most its 8 groups in flight."""
+    return FanOut(workers=256, group_size=2, cpus_per_worker=8.0, gpus_per_worker=1.0, pod_workers=8)
+
+
+@register_preset(FanOut, "cpu_cluster")
+def cpu_cluster_fanout() -> FanOut:
+    """A CPU step (partitioned ingest, export) over 32 CPU pods of 30 one-core actors each (960 actors)."""
+    return FanOut(workers=960, group_size=1, cpus_per_worker=1.0, pod_workers=30)
 
 
 @dataclass(frozen=True)
@@ -157,6 +182,7 @@ def run_sharded(
     max_restarts: int = 2,
     max_task_retries: int = 2,
     start_timeout_s: float = 600.0,
+    pod_workers: int = 0,
 ) -> StepSummary:
     """Run the step of `spec` over the units `urls` (see the module doc): in this process with `workers == 1`,
     else on a pool of `workers` Ray actors, `group_size` units per task. Returns the merged `StepSummary`
@@ -165,7 +191,7 @@ def run_sharded(
     Raises `FolderBusy` when another writer holds the step folder, `StepMismatch` when it was made with another
     config or code, `FanOutIncomplete` when units failed (the finished ones stay published)."""
     fan = FanOut(workers, group_size, cpus_per_worker, gpus_per_worker, max_restarts, max_task_retries,
-                 start_timeout_s)
+                 start_timeout_s, pod_workers)  # pod_workers shaped the cluster the task runs on; Ray places the actors
     step = spec.build()
     if fan.workers == 1:
         return step.run(urls)

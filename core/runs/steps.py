@@ -126,18 +126,42 @@ def uses_gpu(config: Any, run_gpu: bool) -> bool:
 
 
 def profile(kind: str, config: Any, run_gpu: bool) -> Profile:
-    """The profile of one task kind on a run: its GPU profile when `uses_gpu`, else TINY on the same image; a
-    config that fans out over `workers` Ray actors in the task's pod (`config.fanout`, core/runs/fanout.py) gets
-    the pod for all of them: CPUs and GPUs per worker times workers (+2 CPUs for the driver), memory per worker
-    times workers."""
+    """The profile of one task kind on a run (the task's own pod): its GPU profile when `uses_gpu`, else TINY on
+    the same image. A config that fans out over `workers` Ray actors (`config.fanout`, core/runs/fanout.py):
+    in the task's own pod (`pod_workers == 0`) the pod is sized for all of them; on worker pods
+    (`pod_workers > 0`) the task's pod is the Ray head, which runs the driver only (`DRIVER`), and
+    `worker_pods` sizes the workers."""
     gpu = GPU_PROFILES.get(kind, TINY)
     base = gpu if uses_gpu(config, run_gpu) else replace(TINY, image=gpu.image)
     fan = getattr(config, "fanout", None)
     if fan is None or fan.workers <= 1:
         return base
+    if fan.pod_workers:
+        return replace(DRIVER, image=base.image)
+    return _pod(base, fan, fan.workers)
+
+
+# The head of a multi-pod fan-out: the driver lists units, holds the folder lock and runs the reduce.
+DRIVER = Profile("4", "16Gi", 0)
+
+
+def worker_pods(kind: str, config: Any, run_gpu: bool) -> tuple[int, Profile] | None:
+    """(number of Ray worker pods, each one's profile) of a step config that fans out over worker pods
+    (`fanout.pod_workers > 0`); None when its actors run in the task's own pod."""
+    fan = getattr(config, "fanout", None)
+    if fan is None or fan.workers <= 1 or not fan.pod_workers:
+        return None
+    gpu = GPU_PROFILES.get(kind, TINY)
+    base = gpu if uses_gpu(config, run_gpu) else replace(TINY, image=gpu.image)
+    return fan.pods, _pod(base, fan, min(fan.pod_workers, fan.workers))
+
+
+def _pod(base: Profile, fan: Any, n: int) -> Profile:
+    """A pod holding `n` actors of `fan`: CPUs and GPUs per actor times n (+2 CPUs for Ray and the driver),
+    memory per actor times n (each actor's memory is the step's single-task profile)."""
     import math
 
-    gpus = math.ceil(fan.workers * fan.gpus_per_worker) if base.gpu else 0
-    cpus = max(float(base.cpu), fan.workers * max(fan.cpus_per_worker, 1.0) + 2)
-    mem_gi = int(base.mem.removesuffix("Gi")) * fan.workers
+    gpus = math.ceil(n * fan.gpus_per_worker) if base.gpu else 0
+    cpus = max(float(base.cpu), n * max(fan.cpus_per_worker, 1.0) + 2)
+    mem_gi = int(base.mem.removesuffix("Gi")) * n
     return Profile(f"{cpus:g}", f"{mem_gi}Gi", gpus, base.image)

@@ -374,8 +374,9 @@ def test_curate_tiny_preset_runs_no_gpu_task_production_does():
     score = next(n for n in prod.nodes if n.WhichOneof("target") == "task_node"
                  and n.task_node.reference_id.name == "tasks.perplexity.score_perplexity")
     req = {r.name: r.value for r in score.task_node.overrides.resources.requests}
-    want = profile("perplexity", prod_cfg.perplexity_config, run_gpu=True)  # the pod of the whole fan-out
-    assert req == {1: want.cpu, 2: str(want.gpu), 3: want.mem} and want.gpu == 8, req  # docs/scale.md assumes it
+    want = profile("perplexity", prod_cfg.perplexity_config, run_gpu=True)  # the head: the fan-out's driver
+    assert req == {1: want.cpu, 2: str(want.gpu), 3: want.mem} and want.gpu == 0, req  # docs/scale.md assumes it
+    assert gpus["tasks.perplexity.score_perplexity"] == 8  # each of its Ray worker pods holds 8 GPUs
     assert tasks["tasks.perplexity.score_perplexity"].container.image  # bound
 
 

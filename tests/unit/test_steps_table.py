@@ -107,14 +107,21 @@ def test_profile_overrides_state_gpu_zero_on_cpu():
 
 
 def test_a_fanned_out_step_gets_the_pod_for_all_its_workers():
-    """The production preset scores perplexity on one 8-GPU node: the profile asks for 8 GPUs, 8 x 8 + 2 CPUs."""
-    from core.runs.fanout import FanOut
+    """A fan-out in one pod (8 actors on one 8-GPU node): the profile asks for 8 GPUs, 8 x 8 + 2 CPUs; the production
+    preset's fan-out over 32 worker pods leaves the task's pod as the driver and sizes each worker pod so."""
+    from core.runs.fanout import FanOut, gpu_node_fanout
+    from core.runs.steps import DRIVER, worker_pods
 
     prod = preset(CurateConfig, "mammoth_v1")
-    fan = prod.perplexity_config.fanout
-    p = profile("perplexity", prod.perplexity_config, run_uses_gpu(prod.embed_config))
-    assert (fan.workers, fan.gpus_per_worker) == (8, 1.0) and p.gpu == 8 and float(p.cpu) == 8 * 8 + 2
+    one_node = override(prod.perplexity_config, fanout=gpu_node_fanout())
+    p = profile("perplexity", one_node, run_uses_gpu(prod.embed_config))
+    assert p.gpu == 8 and float(p.cpu) == 8 * 8 + 2
     assert p.mem == f"{int(GPU_PROFILES['perplexity'].mem.removesuffix('Gi')) * 8}Gi"
+    assert worker_pods("perplexity", one_node, True) is None
+    fan = prod.perplexity_config.fanout
+    assert (fan.workers, fan.pod_workers, fan.gpus_per_worker) == (256, 8, 1.0)
+    assert profile("perplexity", prod.perplexity_config, True) == dataclasses.replace(DRIVER, image="gpu")
+    assert worker_pods("perplexity", prod.perplexity_config, True) == (32, p)  # each worker pod = the one-node pod
     two_cpu = override(preset(CurateConfig, "demo").perplexity_config, fanout=FanOut(workers=2))
     assert profile("perplexity", two_cpu, run_gpu=False) == dataclasses.replace(TINY, cpu="4", mem="16Gi", image="gpu")
     assert profile("filter", override(preset(CurateConfig, "demo").image_filter_config,

@@ -119,12 +119,16 @@ class PerplexityStep(ShardStep):
 
     def setup(self) -> None:
         if self.scorer is None:
+            from core.foundation.configs import override
+            from core.io.fetch import local_dir
             from core.steps.perplexity.reference import NO_MODEL
 
-            if os.path.exists(os.path.join(str(self.config.model), NO_MODEL)):
+            # an actor on a worker pod gets the model's URL (the driver's path is on another node)
+            cfg = override(self.config, model=local_dir(str(self.config.model)))
+            if os.path.exists(os.path.join(str(cfg.model), NO_MODEL)):
                 raise ValueError(f"the reference LM at {self.config.model} was trained on no samples (its reference "
                                  "set is empty or entirely quarantined): give a reference_source with usable samples")
-            self.scorer = HFVLMScorer(self.config) if self.config.mode == "vlm" else PerplexityScorer(self.config)
+            self.scorer = HFVLMScorer(cfg) if cfg.mode == "vlm" else PerplexityScorer(cfg)
         self.bar = progress(desc=STEP, total=len(self.prev) if self.prev is not None else None, unit="sample")
 
     def process(self, unit: Unit, led: LedgerWriter) -> int:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.foundation.configs import ConfigJSON, check_ranges, register_preset
-from core.runs.fanout import FanOut, gpu_node_fanout, tiny_fanout
+from core.runs.fanout import FanOut, gpu_cluster_fanout, tiny_fanout
 
 DEFAULT_SYSTEM_PROMPT = (
     "You rewrite text from a visual question answering dataset so that it is as short as possible "
@@ -177,6 +177,8 @@ def qwen_rephrase_config(model: str = "", tokenizer: str = "") -> RephraseConfig
         tensor_parallel=1,
         device="cuda",
         overlap_io=True,  # vLLM generates in its engine process: validation/I/O hide behind it
-        fanout=gpu_node_fanout(),  # one vLLM engine per GPU of an 8-GPU node (started once per actor, ~60-90 s)
+        # one vLLM engine per GPU of the 32 x 8-GPU cluster (started once per actor, ~60-90 s), 8 per worker pod;
+        # one node only: preset(RephraseConfig, "qwen", fanout=gpu_node_fanout())
+        fanout=gpu_cluster_fanout(),
     )
 

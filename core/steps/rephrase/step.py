@@ -76,8 +76,13 @@ class RephraseStep(ShardStep):
     def setup(self) -> None:
         from core.steps.rephrase.generate import make_generator
 
-        self.generator = self.generator or make_generator(self.cfg)
-        self.counter = self.counter or TokenCounter(self.cfg.tokenizer_path)
+        from core.foundation.configs import override
+        from core.io.fetch import local_dir
+
+        # an actor on a worker pod gets URLs for the model and tokenizer (the driver's paths are on another node)
+        cfg = override(self.cfg, model=local_dir(self.cfg.model), tokenizer=local_dir(self.cfg.tokenizer))
+        self.generator = self.generator or make_generator(cfg)
+        self.counter = self.counter or TokenCounter(cfg.tokenizer_path)
         if self.scorer is None and self.cfg.similarity_model:
             self.scorer = SimilarityScorer(self.cfg.similarity_model, device=self.cfg.device)
 
