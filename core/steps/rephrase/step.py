@@ -74,10 +74,9 @@ class RephraseStep(ShardStep):
         return self.out / STEP / "work"
 
     def setup(self) -> None:
-        from core.steps.rephrase.generate import make_generator
-
         from core.foundation.configs import override
         from core.io.fetch import local_dir
+        from core.steps.rephrase.generate import make_generator
 
         # an actor on a worker pod gets URLs for the model and tokenizer (the driver's paths are on another node)
         cfg = override(self.cfg, model=local_dir(self.cfg.model), tokenizer=local_dir(self.cfg.tokenizer))
