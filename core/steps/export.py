@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ from core.foundation.outputs import folder_lock, fresh_dir, swap_in, write_atomi
 from core.foundation.sample import Sample, SampleError
 from core.foundation.step import Passing, ShardStep, Unit
 from core.io.images import decode_image, sniff_format
-from core.io.wds import ShardWriter, export_manifest, export_shards, image_member_names, iter_samples
+from core.io.wds import ShardWriter, export_manifest, export_shards, image_member_names, iter_samples, shard_name
+from core.runs.fanout import FanOut, StepSpec, run_fanout, tiny_fanout
 from core.steps.export_card import dataset_card
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,13 @@ class ExportConfig(ConfigJSON):
     `check_balance`). `subset_name` names a subset export in the manifest. `image_format` is the image
     encoding of the shards: "jpg" (default, one fixed `jpg` key for every single-image sample), "png"
     (lossless, fixed `png` key) or "keep" (source bytes, key = source format).
+
+    `max_samples` / `max_bytes` bound each output shard. `partition_shards` = k > 0 exports in units of k
+    consecutive input shards (docs/export.md "Partitioned export"): each unit writes its own output shards
+    (`<prefix>-u<unit>-NNNNNN.tar`), ledger part and manifest part, a reduce merges the manifest parts; 0 (default)
+    is one unit over all input shards. `fanout` (core/runs/fanout.py `FanOut`) spreads the units over workers: a
+    scheduling field (SCHEDULING_FIELDS), left out of the stamp and the manifest, so 1 or N workers give the same
+    bytes; used only when `partition_shards` > 0.
     """
 
     steps: list[str] | None = None
@@ -83,11 +91,26 @@ class ExportConfig(ConfigJSON):
     subset_name: str = ""
     verify_images: bool = False  # ingest already decoded every image; re-decode only when asked
     image_format: str = "jpg"
+    partition_shards: int = 0
+    fanout: FanOut = field(default_factory=tiny_fanout)
 
     def __post_init__(self) -> None:
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
-        check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None)})
+        if isinstance(self.fanout, dict):  # a JSON config (`--export_config '{"fanout": {"workers": 2}}'`)
+            self.fanout = FanOut(**self.fanout)
+        check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None), "partition_shards": (0, None)})
+
+
+def manifest_config(cfg: ExportConfig) -> dict[str, Any]:
+    """The config as the manifest and the dataset card record it: what the export's bytes depend on. `fanout`
+    (where and how fast it runs) is left out, and `partition_shards` when 0 (the one-unit export's manifest is
+    byte-identical to the one written before partitions existed)."""
+    out = asdict(cfg)
+    out.pop("fanout", None)
+    if not cfg.partition_shards:
+        out.pop("partition_shards", None)
+    return out
 
 
 @register_preset(ExportConfig, "default", default=True)
@@ -246,14 +269,21 @@ class ExportStep(ShardStep):
         return super().finish(n_units)
 
     def process(self, unit: Unit, led: LedgerWriter) -> _Written:
+        samples = iter_samples(self.shard_urls, quarantine=led, include_ids=self.include, expected=False,
+                               verify_images=self.cfg.verify_images)  # ids in no shard: `finish` (the base)
+        self.written = self.export_samples(samples, led, self.cfg.prefix, len(self.prev or ()))
+        return self.written
+
+    def export_samples(self, samples: Iterable[Sample], led: LedgerWriter, prefix: str, total: int | None,
+                       desc: str = "export") -> _Written:
+        """Write `samples` (in order) as loader-schema shards `shards/<kind>/<prefix>-NNNNNN.tar`, one ledger row
+        each into `led`: the per-sample work of an export unit, the same for one unit or a partition."""
         t0 = time.time()
-        cfg, rephrased, total = self.cfg, self.rephrased, len(self.prev or ())
+        cfg, rephrased = self.cfg, self.rephrased
         writers: dict[str, ShardWriter] = {}  # one per sample kind: shards/<kind>/<prefix>-000000.tar ...
         fallbacks: dict[str, int] = {}
         n_rephrased = n = 0
-        samples = iter_samples(self.shard_urls, quarantine=led, include_ids=self.include, expected=False,
-                               verify_images=cfg.verify_images)  # ids in no shard: `finish` (the base)
-        for s in progress(samples, desc="export", total=total, unit="sample"):
+        for s in progress(samples, desc=desc, total=total, unit="sample"):
             reason = ""
             try:
                 s = to_loader_schema(s, cfg.image_format)
@@ -270,12 +300,12 @@ class ExportStep(ShardStep):
                     log.warning("sample %s: rephrase rejected (%s); exporting the original text", s.id, e)
             kind = sample_kind(s)
             if kind not in writers:
-                writers[kind] = ShardWriter(f"{self.dest}/shards/{kind}", cfg.prefix, cfg.max_samples, cfg.max_bytes)
+                writers[kind] = ShardWriter(f"{self.dest}/shards/{kind}", prefix, cfg.max_samples, cfg.max_bytes)
             shard = f"{kind}/{writers[kind].write(s)}"
             led.add(s.id, "keep", reason, shard=shard, rephrased=s.id in rephrased and not reason)
             n += 1
             if n % 10_000 == 0:
-                log.info("export: %d/%d samples, %.0f samples/s", n, total, n / (time.time() - t0))
+                log.info("%s: %d/%s samples, %.0f samples/s", desc, n, total or "?", n / (time.time() - t0))
         shards = [(kind, info) for kind in sorted(writers) for info in writers[kind].close()]
         self.written = _Written(shards, n, n_rephrased, fallbacks)
         return self.written
@@ -374,7 +404,7 @@ def export_curated(
                           "n_shards": sum(1 for kk, _ in shards if kk == k)} for k in sorted({k for k, _ in shards})},
             "shards": [{"name": f"{k}/{Path(s.path).name}", "kind": k, "n_samples": s.n_samples,
                         "n_bytes": s.n_bytes, "sha256": s.sha256, "ids": s.ids} for k, s in shards],
-            "config": asdict(cfg),
+            "config": manifest_config(cfg),
             "loader_schema": {"image_format": cfg.image_format,
                               "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
                               "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep"
@@ -397,7 +427,7 @@ def finished_export(out_dir: str, cfg: ExportConfig) -> dict[str, Any] | None:
 
     out = out_dir.rstrip("/")
     manifest = export_manifest(out)
-    if manifest is None or manifest.get("config") != asdict(cfg):
+    if manifest is None or manifest.get("config") != manifest_config(cfg):
         return None
     fs, root = fsspec.core.url_to_fs(out)
     if not (fs.exists(f"{root}/{CARD}") and fs.exists(f"{root}/ledger/{STEP}/part-{STEP}.parquet")):
