@@ -21,6 +21,12 @@ re-encoded at quality 95), `png` (lossless; PNG sources copied, others re-encode
 their own extension: jpg, png, webp ...).
     manifest.json                      ids, counts, bytes, sha256 per shard; what each step removed
     ledger/export/part-export.parquet  one row per exported (or unexpectedly unreadable) sample
+
+Partitioned (`ExportConfig.partition_shards` = k > 0, docs/export.md): units of k consecutive input shards run
+through `core.runs.fanout.run_fanout` (`export_plan` gives the StepSpec and units); unit `u<i>` writes
+`shards/<kind>/<prefix>-u<i>-NNNNNN.tar`, `parts/u<i>.json` and `ledger/export/part-u<i>.parquet`; the reduce
+(`PartitionedExportStep.finish`) merges the parts into `manifest.json` and writes the card. Same samples and
+decisions as one unit; other shard boundaries.
 """
 
 from __future__ import annotations
@@ -248,7 +254,8 @@ class ExportStep(ShardStep):
 
     One unit because output shards are size-bounded and numbered across the input shards: an input shard
     is no unit of work, so an unfinished export is rewritten whole. A finished one is recognised by
-    `finished_export` (its manifest, card, ledger part and a stamp of this config and code)."""
+    `finished_export` (its manifest, card, ledger part and a stamp of this config and code). The partitioned
+    export (`PartitionedExportStep`, `partition_shards` > 0) makes groups of input shards the units instead."""
 
     name = STEP
 
