@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -399,7 +400,23 @@ class PartitionedExportStep(ExportStep):
     def unit_names(self) -> list[str]:
         return [name for name, _ in self.groups.values()]
 
+    def _drop_other_units(self) -> None:
+        """Remove the outputs of units that are not units of this export (a folder reused with another input
+        list): their ledger parts would count as decisions, their shards would sit beside the manifest."""
+        mine = set(self.unit_names())
+        dest = Path(self.dest)
+        pre = re.escape(self.cfg.prefix)
+        found = [(m.group(1), p) for p in (dest / "shards").glob("*/*.tar")
+                 if (m := re.fullmatch(rf"{pre}-(u\d{{6}})-\d{{6}}\.tar", p.name))]
+        found += [(p.stem, p) for p in self.parts_dir.glob("u*.json")]
+        found += [(p.stem.removeprefix("part-"), p) for p in self.ledger_dir.glob("part-u*.parquet")]
+        for unit, p in found:
+            if unit not in mine:
+                log.warning("export: removing %s (unit %s is not a unit of this export)", p, unit)
+                p.unlink(missing_ok=True)
+
     def finish(self, n_units: int) -> int:
+        self._drop_other_units()
         stats = merge_parts(self.parts_dir, self.unit_names())
         want = len(self.prev or ())
         missing = 0

@@ -216,6 +216,20 @@ def test_resume_after_a_failed_unit_redoes_only_unfinished_units(run, tmp_path, 
                                                                                          "u000002.json"]
     assert {s["name"] for s in verify_export(str(out))["shards"]} == {
         str(p.relative_to(out / "shards")) for p in (out / "shards").rglob("*.tar")}
+    # an unfinished folder (no manifest yet) reused (resume) with the first 6 input shards: u000000 and u000001
+    # are the same units and are kept, u000002 is no unit of this export and leaves nothing behind (ledger part,
+    # manifest part, shards). A finished folder would be returned as is: resume trusts a folder keyed by its inputs
+    (out / "manifest.json").unlink()
+    rdir, kept, reph = run
+    six = list_shards(str(rdir / "shards"))[:6]
+    ids = [i for i in kept if i in {s.id for s in iter_samples(six)}]
+    calls.clear()
+    few = export_curated(six, str(rdir), str(out), ExportConfig(partition_shards=3, max_samples=3), subset_ids=ids,
+                         rephrased_dir=reph, code_version="test", resume=True)
+    assert calls == [] and few["n_units"] == 2 and few["n_samples"] == len(ids) < len(kept)
+    fresh = export_curated(six, str(rdir), str(tmp_path / "fresh"), ExportConfig(partition_shards=3, max_samples=3),
+                           subset_ids=ids, rephrased_dir=reph, code_version="test")
+    assert few == fresh and _files(out) == _files(tmp_path / "fresh")
 
 
 def test_missing_id_fails_the_count_check_in_the_reduce(run, tmp_path):
