@@ -21,6 +21,12 @@ re-encoded at quality 95), `png` (lossless; PNG sources copied, others re-encode
 their own extension: jpg, png, webp ...).
     manifest.json                      ids, counts, bytes, sha256 per shard; what each step removed
     ledger/export/part-export.parquet  one row per exported (or unexpectedly unreadable) sample
+
+Partitioned (`ExportConfig.partition_shards` = k > 0, docs/export.md): units of k consecutive input shards run
+through `core.runs.fanout.run_fanout` (`export_plan` gives the StepSpec and units); unit `u<i>` writes
+`shards/<kind>/<prefix>-u<i>-NNNNNN.tar`, `parts/u<i>.json` and `ledger/export/part-u<i>.parquet`; the reduce
+(`PartitionedExportStep.finish`) merges the parts into `manifest.json` and writes the card. Same samples and
+decisions as one unit; other shard boundaries.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +52,12 @@ from core.foundation.configs import ConfigJSON, check_ranges, register_preset
 from core.foundation.ids import load_id_list  # noqa: F401  (the one id-list loader; re-exported for tasks/export.py)
 from core.foundation.ledger import LedgerWriter, check_balance, find_step_dir, read_ledger
 from core.foundation.log import progress
-from core.foundation.outputs import folder_lock, fresh_dir, swap_in, write_atomic, write_json_atomic
+from core.foundation.outputs import folder_lock, fresh_dir, swap_in, temp_path, write_atomic, write_json_atomic
 from core.foundation.sample import Sample, SampleError
 from core.foundation.step import Passing, ShardStep, Unit
 from core.io.images import decode_image, sniff_format
-from core.io.wds import ShardWriter, export_manifest, export_shards, image_member_names, iter_samples
+from core.io.wds import ShardWriter, export_manifest, export_shards, image_member_names, iter_samples, shard_name
+from core.runs.fanout import FanOut, StepSpec, run_fanout, tiny_fanout
 from core.steps.export_card import dataset_card
 
 log = logging.getLogger(__name__)
@@ -74,6 +82,13 @@ class ExportConfig(ConfigJSON):
     `check_balance`). `subset_name` names a subset export in the manifest. `image_format` is the image
     encoding of the shards: "jpg" (default, one fixed `jpg` key for every single-image sample), "png"
     (lossless, fixed `png` key) or "keep" (source bytes, key = source format).
+
+    `max_samples` / `max_bytes` bound each output shard. `partition_shards` = k > 0 exports in units of k
+    consecutive input shards (docs/export.md "Partitioned export"): each unit writes its own output shards
+    (`<prefix>-u<unit>-NNNNNN.tar`), ledger part and manifest part, a reduce merges the manifest parts; 0 (default)
+    is one unit over all input shards. `fanout` (core/runs/fanout.py `FanOut`) spreads the units over workers: a
+    scheduling field (SCHEDULING_FIELDS), left out of the stamp and the manifest, so 1 or N workers give the same
+    bytes; used only when `partition_shards` > 0.
     """
 
     steps: list[str] | None = None
@@ -83,11 +98,26 @@ class ExportConfig(ConfigJSON):
     subset_name: str = ""
     verify_images: bool = False  # ingest already decoded every image; re-decode only when asked
     image_format: str = "jpg"
+    partition_shards: int = 0
+    fanout: FanOut = field(default_factory=tiny_fanout)
 
     def __post_init__(self) -> None:
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
-        check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None)})
+        if isinstance(self.fanout, dict):  # a JSON config (`--export_config '{"fanout": {"workers": 2}}'`)
+            self.fanout = FanOut(**self.fanout)
+        check_ranges(self, {"max_samples": (1, None), "max_bytes": (1, None), "partition_shards": (0, None)})
+
+
+def manifest_config(cfg: ExportConfig) -> dict[str, Any]:
+    """The config as the manifest and the dataset card record it: what the export's bytes depend on. `fanout`
+    (where and how fast it runs) is left out, and `partition_shards` when 0 (the one-unit export's manifest is
+    byte-identical to the one written before partitions existed)."""
+    out = asdict(cfg)
+    out.pop("fanout", None)
+    if not cfg.partition_shards:
+        out.pop("partition_shards", None)
+    return out
 
 
 @register_preset(ExportConfig, "default", default=True)
@@ -225,7 +255,8 @@ class ExportStep(ShardStep):
 
     One unit because output shards are size-bounded and numbered across the input shards: an input shard
     is no unit of work, so an unfinished export is rewritten whole. A finished one is recognised by
-    `finished_export` (its manifest, card, ledger part and a stamp of this config and code)."""
+    `finished_export` (its manifest, card, ledger part and a stamp of this config and code). The partitioned
+    export (`PartitionedExportStep`, `partition_shards` > 0) makes groups of input shards the units instead."""
 
     name = STEP
 
@@ -246,14 +277,21 @@ class ExportStep(ShardStep):
         return super().finish(n_units)
 
     def process(self, unit: Unit, led: LedgerWriter) -> _Written:
+        samples = iter_samples(self.shard_urls, quarantine=led, include_ids=self.include, expected=False,
+                               verify_images=self.cfg.verify_images)  # ids in no shard: `finish` (the base)
+        self.written = self.export_samples(samples, led, self.cfg.prefix, len(self.prev or ()))
+        return self.written
+
+    def export_samples(self, samples: Iterable[Sample], led: LedgerWriter, prefix: str, total: int | None,
+                       desc: str = "export") -> _Written:
+        """Write `samples` (in order) as loader-schema shards `shards/<kind>/<prefix>-NNNNNN.tar`, one ledger row
+        each into `led`: the per-sample work of an export unit, the same for one unit or a partition."""
         t0 = time.time()
-        cfg, rephrased, total = self.cfg, self.rephrased, len(self.prev or ())
+        cfg, rephrased = self.cfg, self.rephrased
         writers: dict[str, ShardWriter] = {}  # one per sample kind: shards/<kind>/<prefix>-000000.tar ...
         fallbacks: dict[str, int] = {}
         n_rephrased = n = 0
-        samples = iter_samples(self.shard_urls, quarantine=led, include_ids=self.include, expected=False,
-                               verify_images=cfg.verify_images)  # ids in no shard: `finish` (the base)
-        for s in progress(samples, desc="export", total=total, unit="sample"):
+        for s in progress(samples, desc=desc, total=total, unit="sample"):
             reason = ""
             try:
                 s = to_loader_schema(s, cfg.image_format)
@@ -270,15 +308,275 @@ class ExportStep(ShardStep):
                     log.warning("sample %s: rephrase rejected (%s); exporting the original text", s.id, e)
             kind = sample_kind(s)
             if kind not in writers:
-                writers[kind] = ShardWriter(f"{self.dest}/shards/{kind}", cfg.prefix, cfg.max_samples, cfg.max_bytes)
+                writers[kind] = ShardWriter(f"{self.dest}/shards/{kind}", prefix, cfg.max_samples, cfg.max_bytes)
             shard = f"{kind}/{writers[kind].write(s)}"
             led.add(s.id, "keep", reason, shard=shard, rephrased=s.id in rephrased and not reason)
             n += 1
             if n % 10_000 == 0:
-                log.info("export: %d/%d samples, %.0f samples/s", n, total, n / (time.time() - t0))
+                log.info("%s: %d/%s samples, %.0f samples/s", desc, n, total or "?", n / (time.time() - t0))
         shards = [(kind, info) for kind in sorted(writers) for info in writers[kind].close()]
         self.written = _Written(shards, n, n_rephrased, fallbacks)
         return self.written
+
+
+# ---- partitioned export: units of `partition_shards` input shards, the manifest as a reduce ----------------
+PARTS = "parts"  # parts/<unit>.json: one unit's manifest part (its shards with ids, counts, bytes, sha256)
+_SHARDS_SLOT = "\x00shards\x00"  # where the streamed shard list goes in the manifest's JSON text
+
+
+def export_units(shard_urls: Sequence[str], partition_shards: int) -> list[str]:
+    """The unit URLs of a partitioned export: the first input shard of each group of `partition_shards`
+    consecutive input shards (input order). Unit i is named `u<i:06d>`."""
+    return [shard_urls[i] for i in range(0, len(shard_urls), partition_shards)]
+
+
+class PartitionedExportStep(ExportStep):
+    """The export in units of `cfg.partition_shards` consecutive input shards (`export_units`), in the folder `out`
+    itself (no staging swap: finished units survive a kill and are skipped on re-run).
+
+    Unit `u<i>` writes `shards/<kind>/<prefix>-u<i>-NNNNNN.tar` (every file name carries its unit, so no two
+    writers share one), then `parts/u<i>.json` (its manifest part), then its ledger part `part-u<i>.parquet`
+    (published last by the base: the completion record). A unit redone after a kill first removes what its
+    killed attempt left. `finish` (the driver, once) is the reduce: the missing-id accounting of the base when
+    the counts do not add up, the count check (ExportError), then `manifest.json` merged from the parts in unit
+    order (streamed: one part in memory at a time) and the dataset card from the merged counts.
+
+    `head` holds the manifest fields that come from the ledgers (`_Selection.head`)."""
+
+    def __init__(self, ledger_root: str | os.PathLike, wanted: Passing, cfg: ExportConfig, out: str,
+                 shard_urls: Sequence[str], rephrased: dict[str, str], head: dict[str, Any],
+                 code_version: str = "", source: str = ""):
+        super().__init__(ledger_root, wanted, cfg, out, shard_urls, rephrased)
+        if cfg.partition_shards < 1:
+            raise ValueError("PartitionedExportStep needs cfg.partition_shards >= 1")
+        self.head, self.code_version, self.source = head, code_version, source
+        k = cfg.partition_shards
+        self.groups = {shard_urls[i]: (f"u{i // k:06d}", list(shard_urls[i:i + k]))
+                       for i in range(0, len(shard_urls), k)}
+
+    @property
+    def parts_dir(self) -> Path:
+        return Path(self.dest) / PARTS
+
+    def unit_name(self, url: str) -> str:
+        if url not in self.groups:
+            raise ValueError(f"export: {url} starts no unit of {self.cfg.partition_shards} shards (`export_units`)")
+        return self.groups[url][0]
+
+    def done(self, unit: Unit) -> bool:
+        return self.is_done(unit.name) and (self.parts_dir / f"{unit.name}.json").is_file()
+
+    def _prefix(self, unit_name: str) -> str:
+        return f"{self.cfg.prefix}-{unit_name}"
+
+    def _clear_unit(self, unit_name: str) -> None:
+        """Remove what a killed attempt of the unit left (shards, their temp files, its manifest part)."""
+        root, pre = Path(self.dest) / "shards", self._prefix(unit_name)
+        for p in [*root.glob(f"*/{pre}-*.tar"), *root.glob(f"*/.{pre}-*.tmp"), self.parts_dir / f"{unit_name}.json"]:
+            p.unlink(missing_ok=True)
+
+    def clear_outputs(self) -> None:
+        """A recompute (another config or code) removes every unit's outputs, the manifest and the card."""
+        super().clear_outputs()
+        for sub in ("shards", PARTS):
+            shutil.rmtree(Path(self.dest) / sub, ignore_errors=True)
+        for f in (MANIFEST, CARD):
+            (Path(self.dest) / f).unlink(missing_ok=True)
+
+    def process(self, unit: Unit, led: LedgerWriter) -> dict[str, int]:
+        _, group = self.groups[unit.url]
+        self._clear_unit(unit.name)
+        total = sum(len(self.prev.by_shard.get(shard_name(u), ())) for u in group) if self.prev else 0
+        samples = iter_samples(group, quarantine=led, include_ids=self.include, expected=False,
+                               verify_images=self.cfg.verify_images)
+        w = self.export_samples(samples, led, self._prefix(unit.name), total or None, desc=f"export {unit.name}")
+        part = {"unit": unit.name, "inputs": [shard_name(u) for u in group], "n_samples": w.n,
+                "n_rephrased": w.n_rephrased, "rephrase_fallbacks": dict(sorted(w.fallbacks.items())),
+                "reasons": dict(sorted(led.reasons.items())), "shards": [_shard_entry(k, i) for k, i in w.shards]}
+        write_json_atomic(part, self.parts_dir / f"{unit.name}.json", indent=1, sort_keys=True)
+        self.written = None  # the unit's shard list lives in its part; nothing per sample stays in memory
+        return {"n_samples": w.n, "n_shards": len(w.shards)}
+
+    def unit_names(self) -> list[str]:
+        return [name for name, _ in self.groups.values()]
+
+    def _drop_other_units(self) -> None:
+        """Remove the outputs of units that are not units of this export (a folder reused with another input
+        list): their ledger parts would count as decisions, their shards would sit beside the manifest."""
+        mine = set(self.unit_names())
+        dest = Path(self.dest)
+        pre = re.escape(self.cfg.prefix)
+        found = [(m.group(1), p) for p in (dest / "shards").glob("*/*.tar")
+                 if (m := re.fullmatch(rf"{pre}-(u\d{{6}})-\d{{6}}\.tar", p.name))]
+        found += [(p.stem, p) for p in self.parts_dir.glob("u*.json")]
+        found += [(p.stem.removeprefix("part-"), p) for p in self.ledger_dir.glob("part-u*.parquet")]
+        for unit, p in found:
+            if unit not in mine:
+                log.warning("export: removing %s (unit %s is not a unit of this export)", p, unit)
+                p.unlink(missing_ok=True)
+
+    def finish(self, n_units: int) -> int:
+        self._drop_other_units()
+        stats = merge_parts(self.parts_dir, self.unit_names())
+        want = len(self.prev or ())
+        missing = 0
+        if n_units == 0 or stats["n_samples"] != want:  # the base: the empty part, ids that no unit decided
+            missing = ShardStep.finish(self, n_units)
+        if stats["n_samples"] != want:
+            quarantined = {r: c for r, c in stats["reasons"].items() if r not in stats["rephrase_fallbacks"]}
+            if missing:
+                quarantined[self.missing_reason] = quarantined.get(self.missing_reason, 0) + missing
+            raise ExportError(
+                f"exported {stats['n_samples']} samples but the ledger keeps {want}: unreadable or missing "
+                f"{quarantined} (see {self.dest}/ledger/{STEP})")
+        manifest = partitioned_manifest(self.head, self.cfg, stats)
+        write_atomic(Path(self.dest) / CARD, dataset_card(manifest, code_version=self.code_version,
+                                                          source=self.source))
+        _write_merged_manifest(manifest, self.parts_dir, self.unit_names(), Path(self.dest) / MANIFEST)
+        return missing
+
+
+def _shard_entry(kind: str, info: Any) -> dict[str, Any]:
+    """A shard's manifest record (the same in the one-unit and the partitioned manifest)."""
+    return {"name": f"{kind}/{Path(info.path).name}", "kind": kind, "n_samples": info.n_samples,
+            "n_bytes": info.n_bytes, "sha256": info.sha256, "ids": info.ids}
+
+
+def _read_part(parts_dir: Path, name: str) -> dict[str, Any]:
+    with open(parts_dir / f"{name}.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def merge_parts(parts_dir: str | os.PathLike, unit_names: Sequence[str]) -> dict[str, Any]:
+    """The reduce of a partitioned export's manifest parts, in unit order: sample, byte, shard and rephrase
+    counts, ledger reasons, per-kind counts, and the shard records without their `ids` (kind order, then unit
+    order, then write order). One part in memory at a time: memory grows with the number of output shards,
+    never with the number of samples."""
+    parts_dir = Path(parts_dir)
+    n = n_bytes = n_rephrased = 0
+    fallbacks: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for name in unit_names:
+        part = _read_part(parts_dir, name)
+        n += part["n_samples"]
+        n_rephrased += part["n_rephrased"]
+        for src, into in ((part["rephrase_fallbacks"], fallbacks), (part["reasons"], reasons)):
+            for k, v in src.items():
+                into[k] = into.get(k, 0) + v
+        for sh in part["shards"]:
+            n_bytes += sh["n_bytes"]
+            by_kind.setdefault(sh["kind"], []).append({k: v for k, v in sh.items() if k != "ids"})
+    shards = [sh for kind in sorted(by_kind) for sh in by_kind[kind]]
+    return {"n_samples": n, "n_bytes": n_bytes, "n_shards": len(shards), "n_rephrased": n_rephrased,
+            "rephrase_fallbacks": dict(sorted(fallbacks.items())), "reasons": dict(sorted(reasons.items())),
+            "n_units": len(unit_names),
+            "kinds": {k: {"n_samples": sum(s["n_samples"] for s in v), "n_shards": len(v)}
+                      for k, v in sorted(by_kind.items())},
+            "shards": shards}
+
+
+def partitioned_manifest(head: dict[str, Any], cfg: ExportConfig, stats: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a partitioned export from the ledgers' `head` and the merged parts (`merge_parts`); its
+    shard records lack `ids` (`manifest.json` on disk has them)."""
+    return {**head, **{k: v for k, v in stats.items() if k != "reasons"}, "config": manifest_config(cfg),
+            "loader_schema": _loader_schema(cfg)}
+
+
+def _write_merged_manifest(manifest: dict[str, Any], parts_dir: Path, unit_names: Sequence[str], path: Path) -> None:
+    """Write `manifest` as `json.dumps(..., indent=1, sort_keys=True)` would, its shard records (with ids) streamed
+    from the parts: one pass over the parts appends each record to a per-kind temp file, then the kinds are
+    concatenated in order into the manifest's temp file, renamed over `path` (atomic, as `write_json_atomic`)."""
+    head, _, tail = json.dumps({**manifest, "shards": _SHARDS_SLOT}, indent=1, sort_keys=True).partition(
+        json.dumps(_SHARDS_SLOT))
+    tmp = temp_path(path)
+    with tempfile.TemporaryDirectory(prefix=".manifest-", dir=path.parent) as scratch:
+        files: dict[str, Any] = {}
+        try:
+            for name in unit_names:
+                for sh in _read_part(parts_dir, name)["shards"]:
+                    if sh["kind"] not in files:
+                        files[sh["kind"]] = open(os.path.join(scratch, f"{len(files)}.json"), "w", encoding="utf-8")
+                    text = json.dumps(sh, indent=1, sort_keys=True).replace("\n", "\n  ")
+                    files[sh["kind"]].write(",\n  " + text)
+        finally:
+            for f in files.values():
+                f.close()
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(head)
+            if not files:
+                out.write("[]")
+            else:
+                out.write("[")
+                first = True
+                for kind in sorted(files):
+                    with open(files[kind].name, encoding="utf-8") as f:
+                        if first:
+                            f.read(1)  # the first record: no comma before it
+                            first = False
+                        shutil.copyfileobj(f, out)
+                out.write("\n ]")
+            out.write(tail)
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Selection:
+    """What an export takes, read from the ledgers once by the driver (`_select`)."""
+
+    dirs: list[str]
+    steps: list[str]
+    balance: list[Any]
+    kept: Passing
+    wanted: Passing
+    outside: int
+    rephrased: dict[str, str]
+    subset: bool
+
+    def head(self, cfg: ExportConfig) -> dict[str, Any]:
+        """The manifest fields that come from the ledgers, not from the written shards."""
+        return {
+            "format": 2,  # 2: shards/<kind>/ folders, shard names relative to shards/
+            "subset": cfg.subset_name if self.subset else "",
+            "selection": "subset" if self.subset else f"kept_by:{self.steps[-1]}",
+            "steps": self.steps,
+            "subset_outside_kept": self.outside,
+            "n_kept_by_last_step": len(self.kept.ids),
+            "balance": [b.as_dict() for b in self.balance],
+            "removed_by_step": removal_summary(self.dirs, self.steps),
+        }
+
+
+def _select(shard_urls: Sequence[str], run_dir: str | Sequence[str], cfg: ExportConfig,
+            subset_ids: Iterable[str] | None, rephrased_dir: str | None) -> _Selection:
+    """The ledgers' verdict: steps in order (balanced), the last step's kept ids, the wanted ids (kept, or the
+    subset), the rephrased conversations of the wanted ids."""
+    dirs = _run_dirs(run_dir)
+    steps = list(cfg.steps) if cfg.steps else ledger_steps(dirs)
+    if not steps:
+        raise ExportError(f"no step ledgers under {dirs}")
+    balance = check_balance(dirs, steps)
+    kept = Passing.read(dirs, steps[-1])
+    assert kept is not None
+    if subset_ids is not None:
+        wanted = Passing.of(subset_ids, "subset")
+        outside = len(wanted.ids - kept.ids)
+        if outside:
+            log.warning("subset %r: %d ids did not pass step %s", cfg.subset_name, outside, steps[-1])
+    else:
+        wanted, outside = kept, 0
+    rephrased = load_rephrased(rephrased_dir, set(wanted.ids)) if rephrased_dir else {}
+    log.info("export: %d samples wanted (%s), %d rephrased, from %d shards", len(wanted),
+             f"subset {cfg.subset_name!r}" if subset_ids is not None else f"kept by {steps[-1]}",
+             len(rephrased), len(shard_urls))
+    return _Selection(dirs, steps, balance, kept, wanted, outside, rephrased, subset_ids is not None)
+
+
+def _loader_schema(cfg: ExportConfig) -> dict[str, Any]:
+    return {"image_format": cfg.image_format,
+            "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
+            "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep" else cfg.image_format),
+            "json_image_names": "tar member names"}
 
 
 def export_curated(
@@ -313,25 +611,11 @@ def export_curated(
         log.info("export: %s already holds this export (same config and code), kept", out_dir)
         return done
     shard_urls = list(shard_urls)
-    dirs = _run_dirs(run_dir)
-    steps = list(cfg.steps) if cfg.steps else ledger_steps(dirs)
-    if not steps:
-        raise ExportError(f"no step ledgers under {dirs}")
-    balance = check_balance(dirs, steps)
-    kept = Passing.read(dirs, steps[-1])
-    assert kept is not None
-    kept_set = kept.ids
-    if subset_ids is not None:
-        wanted = Passing.of(subset_ids, "subset")
-        outside = len(wanted.ids - kept_set)
-        if outside:
-            log.warning("subset %r: %d ids did not pass step %s", cfg.subset_name, outside, steps[-1])
-    else:
-        wanted, outside = kept, 0
-    rephrased = load_rephrased(rephrased_dir, set(wanted.ids)) if rephrased_dir else {}
-    log.info("export: %d samples wanted (%s), %d rephrased, from %d shards", len(wanted),
-             f"subset {cfg.subset_name!r}" if subset_ids is not None else f"kept by {steps[-1]}",
-             len(rephrased), len(shard_urls))
+    sel = _select(shard_urls, run_dir, cfg, subset_ids, rephrased_dir)
+    if cfg.partition_shards:
+        return _export_partitioned(shard_urls, sel, out_dir, cfg, code_version, source, resume, t0)
+    dirs, steps, balance, kept_set = sel.dirs, sel.steps, sel.balance, sel.kept.ids
+    wanted, outside, rephrased = sel.wanted, sel.outside, sel.rephrased
 
     out = out_dir.rstrip("/")
     remote = _is_remote(out)
@@ -374,7 +658,7 @@ def export_curated(
                           "n_shards": sum(1 for kk, _ in shards if kk == k)} for k in sorted({k for k, _ in shards})},
             "shards": [{"name": f"{k}/{Path(s.path).name}", "kind": k, "n_samples": s.n_samples,
                         "n_bytes": s.n_bytes, "sha256": s.sha256, "ids": s.ids} for k, s in shards],
-            "config": asdict(cfg),
+            "config": manifest_config(cfg),
             "loader_schema": {"image_format": cfg.image_format,
                               "single_image_key": None if cfg.image_format == "keep" else cfg.image_format,
                               "multi_image_keys": "<i>." + ("<ext>" if cfg.image_format == "keep"
@@ -388,6 +672,57 @@ def export_curated(
     return manifest
 
 
+def export_plan(shard_urls: Sequence[str], run_dir: str | Sequence[str], out_dir: str, cfg: ExportConfig,
+                subset_ids: Iterable[str] | None = None, rephrased_dir: str | None = None, code_version: str = "",
+                source: str = "", on_mismatch: str | None = None,
+                selection: _Selection | None = None) -> tuple[StepSpec, list[str]]:
+    """The partitioned export (`cfg.partition_shards` > 0) as a fan-out: `(spec, units)` for
+    `core.runs.fanout.run_fanout(spec, units, cfg.fanout)`, which runs the units (in-process or on Ray actors)
+    and the reduce (`PartitionedExportStep.finish`: manifest and card) once on the driver. The ledgers are read
+    here, once (`_select`); the step gets the wanted ids and the rephrased texts through the spec.
+
+    `out_dir` must be a local folder (a task whose output is on object storage exports into its local mirror,
+    tasks/paths.py `step_workdir`, which pushes each finished unit). `export_curated` wraps this with the
+    folder's lock and its freshness rules; a direct caller owns `out_dir`."""
+    if cfg.partition_shards < 1:
+        raise ValueError("export_plan needs cfg.partition_shards >= 1 (0 is the one-unit export_curated)")
+    if _is_remote(out_dir):
+        raise ValueError(f"{out_dir}: a partitioned export writes a local folder (mirror it to object storage)")
+    shard_urls = list(shard_urls)
+    sel = selection or _select(shard_urls, run_dir, cfg, subset_ids, rephrased_dir)
+    out = os.path.abspath(out_dir.rstrip("/").removeprefix("file://"))
+    spec = StepSpec(PartitionedExportStep, (out, sel.wanted, cfg, out, shard_urls, sel.rephrased, sel.head(cfg)),
+                    {"code_version": code_version, "source": source}, on_mismatch=on_mismatch)
+    return spec, export_units(shard_urls, cfg.partition_shards)
+
+
+def _export_partitioned(shard_urls: list[str], sel: _Selection, out_dir: str, cfg: ExportConfig, code_version: str,
+                        source: str, resume: bool, t0: float) -> dict[str, Any]:
+    """`export_curated` with `partition_shards` > 0: built in `out_dir` itself under its writer lock (the one the
+    one-unit swap takes). The manifest and card are removed first (a reader finds no export rather than a mixed
+    one) and written last by the reduce; without `resume` every earlier output is removed too, with it the
+    finished units of an interrupted export with the same config and code are kept (another config or code:
+    all recomputed)."""
+    spec, units = export_plan(shard_urls, sel.dirs, out_dir, cfg, code_version=code_version, source=source,
+                              on_mismatch="recompute", selection=sel)
+    out = spec.args[0]
+    parent, name = os.path.split(out)
+    os.makedirs(out, exist_ok=True)
+    with folder_lock(parent, f"partitioned export into {out}", lock_name=f".{name}.writer.lock"):
+        for f in (MANIFEST, CARD):
+            Path(out, f).unlink(missing_ok=True)
+        if not resume:
+            for sub in ("shards", PARTS, f"ledger/{STEP}"):
+                shutil.rmtree(Path(out, sub), ignore_errors=True)
+        done = run_fanout(spec, units, cfg.fanout)
+    step = spec.build()
+    manifest = partitioned_manifest(step.head, cfg, merge_parts(step.parts_dir, step.unit_names()))
+    log.info("export done: %d samples in %d shards from %d units (%d done now, %d resumed), %.1f MB, %.1f s",
+             manifest["n_samples"], manifest["n_shards"], len(units), len(done.done), len(done.skipped),
+             manifest["n_bytes"] / 1e6, time.time() - t0)
+    return manifest
+
+
 def finished_export(out_dir: str, cfg: ExportConfig) -> dict[str, Any] | None:
     """The manifest of the export in `out_dir` (path or URL) when it is finished (manifest, dataset card and
     export ledger part published) and was made with `cfg` and this code (its stamp, core/foundation/stamp.py);
@@ -397,10 +732,11 @@ def finished_export(out_dir: str, cfg: ExportConfig) -> dict[str, Any] | None:
 
     out = out_dir.rstrip("/")
     manifest = export_manifest(out)
-    if manifest is None or manifest.get("config") != asdict(cfg):
+    if manifest is None or manifest.get("config") != manifest_config(cfg):
         return None
     fs, root = fsspec.core.url_to_fs(out)
-    if not (fs.exists(f"{root}/{CARD}") and fs.exists(f"{root}/ledger/{STEP}/part-{STEP}.parquet")):
+    part = f"part-{STEP}.parquet" if not cfg.partition_shards else "part-u*.parquet"  # a partition's: any unit
+    if not (fs.exists(f"{root}/{CARD}") and fs.glob(f"{root}/ledger/{STEP}/{part}")):
         return None
     probe = ExportStep(out, Passing.of([]), cfg, out, [], {})
     want = make_stamp(STEP, probe.stamp_config(), module_version(ExportStep.__module__))
