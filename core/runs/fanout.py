@@ -210,6 +210,8 @@ def _run_pool(step: ShardStep, spec: StepSpec, urls: list[str], fan: FanOut) -> 
                  len(finished), len(groups), min(fan.workers, len(groups)))
         for part in _pool_map(spec, groups, fan, errors):
             _merge(summary, part)
+            for name in part.done:  # the actors' units, announced in this process: a task's step folder on an
+                step.unit_published(name)  # object store pushes them now (tasks/paths.py StepFolder), not at close
     done_now = {u.name for u in todo if step.is_done(u.name)}  # the disk decides, not the messages
     unfinished = [u.name for u in todo if u.name not in done_now]
     if unfinished:

@@ -125,6 +125,22 @@ def test_two_workers_equal_sequential_and_missing_once(ray_local, shards, tmp_pa
     assert led.set_index("sample_id").loc["ghost", "reason"] == "missing_from_shard"
 
 
+def test_actors_units_are_announced_to_the_drivers_listeners(ray_local, shards, tmp_path):
+    """A task's step folder on an object store pushes each unit as it is announced (tasks/paths.py StepFolder):
+    units finished by actors are announced in the driver, each once, with its ledger part already there."""
+    from core.foundation.step import on_unit_published
+
+    seen: list[str] = []
+
+    def heard(step, name):
+        assert step.is_done(name)
+        seen.append(name)
+
+    with on_unit_published(heard):
+        s = run_sharded(StepSpec(Lengths, (tmp_path / "par",), {}), shards, workers=2, group_size=2)
+    assert sorted(seen) == sorted(s.done) and len(seen) == 5
+
+
 def test_unit_with_ledger_part_is_skipped(ray_local, shards, tmp_path):
     out = tmp_path / "run"
     step = Lengths(out)
