@@ -14,7 +14,7 @@ from core.steps.export import ExportConfig, default_export_config
 from tasks.cache import task_version
 from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
-from tasks.paths import resume_key, source, step_url
+from tasks.paths import resume_key, source, step_url, step_workdir
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut
 
@@ -86,16 +86,26 @@ def export_dataset(
     ids = None
     if subset_ids is not None:
         ids = load_id_list(subset_ids.download())
-    # this call's persistent folder (path or URL; export builds it whole): a retry after the export finished
-    # reuses it (`finished_export`); an unfinished export is rewritten whole (its output shards span input shards)
-    out = step_url("export", resume_key("export_dataset", task_version(__name__), run=run, steps=steps,
-                                        subset_ids=subset_ids, subset_name=subset_name, rephrased=rephrased,
-                                        config=config))
+    key = resume_key("export_dataset", task_version(__name__), run=run, steps=steps, subset_ids=subset_ids,
+                     subset_name=subset_name, rephrased=rephrased, config=config)
+    sf = None
+    if cfg.partition_shards:
+        # partitioned (docs/export.md): units of `partition_shards` input shards, each its own output shards, over
+        # `fanout` workers (Ray actors in this pod); the step folder (a local mirror of a URL root, each unit
+        # pushed as it finishes) resumes unit by unit
+        sf = step_workdir("export", key)
+        out = sf.path
+    else:
+        # this call's persistent folder (path or URL; export builds it whole): a retry after the export finished
+        # reuses it (`finished_export`); an unfinished export is rewritten whole (its output shards span input shards)
+        out = step_url("export", key)
     manifest = export_curated(shards_of(src), dirs, out, cfg, subset_ids=ids,
                               rephrased_dir=_rephrased_records(rephrased.dir) if rephrased is not None else None,
                               code_version=task_version(__name__), source=src, resume=True)
     log.info("exported %d samples in %d shards", manifest["n_samples"], manifest["n_shards"])
     Deck("export", export_report_html(manifest))
     save_decks(out, f"export_{subset_name}" if subset_name else "export")
+    if sf is not None:
+        out = sf.close()
     step_finished("export", t0, out, shards=manifest["n_shards"])
     return StepOut("export", FlyteDirectory(out))

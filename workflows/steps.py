@@ -154,8 +154,9 @@ def launch_rephrase(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
 
 def launch_export(run: RunNodes, prev: Optional[StepOut]) -> StepOut:
     later = [out for name, out in run.outs.items() if name not in ("ingest", "export")]
+    cfg = run.cfg("export_config", default_export_config())
     return export_dataset(run=run.outs["ingest"], steps=later, rephrased=run.outs.get("rephrase"),
-                          config=run.cfg("export_config", default_export_config()))
+                          config=cfg).with_overrides(**overrides("export", cfg, run.run_gpu))  # the fan-out's pod
 
 
 LAUNCHERS: dict[str, Callable[[RunNodes, Optional[StepOut]], StepOut]] = {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from core.foundation.configs import ConfigJSON, check_ranges, preset, register_preset
 from core.io.ingest import IngestOptions, default_ingest_options
-from core.runs.fanout import gpu_cluster_fanout
+from core.runs.fanout import cpu_node_fanout, gpu_cluster_fanout
 from core.steps.dedup.config import (
     DecontamConfig,
     SemDedupConfig,
@@ -101,13 +101,15 @@ def mammoth_v1_curate_config() -> CurateConfig:
     embeddings on 32 GPU Ray workers, SemDeDup removing exactly 10% over 1200
     clusters, decontamination at the SigLIP2 threshold 0.95 (switch on with decontam + eval_cache), perplexity
     drop above p90 scored over the cluster (256 Ray actors, one model and GPU each, on 32 worker pods: the step folder
-    must be on a filesystem the pods share, `MMCURATE_RESUME_ROOT`), 5000-sample ingest and export shards."""
+    must be on a filesystem the pods share, `MMCURATE_RESUME_ROOT`), 5000-sample ingest and export shards, the
+    export partitioned over 32 one-core actors of one pod."""
     return CurateConfig(ingest_config=IngestOptions(shard_max_samples=5000),
                         embed_config=siglip2_embed_config(num_actors=32),
                         perplexity_config=preset(PerplexityConfig, "reference", fanout=gpu_cluster_fanout()),
                         semdedup_config=target_dedup_config(0.10, n_clusters=1200),
                         decontam_config=preset(DecontamConfig, "default"),
-                        export_config=ExportConfig(max_samples=5000))
+                        # partitioned export: units of 8 input shards (300 at 12M) over 32 one-core actors in one pod
+                        export_config=ExportConfig(max_samples=5000, partition_shards=8, fanout=cpu_node_fanout()))
 
 
 @dataclass
