@@ -296,11 +296,13 @@ class DecontamStep(ShardStep):
         x = normalize_rows(ids, es.matrix[ok], inplace=True) if ids else np.zeros((0, 1), np.float32)
         return es, bad, ids, x
 
-    def visit_finished(self, unit: Unit) -> None:
-        self._seen.append(unit)  # its mining part is read by `finish`, not its embeddings
+    def pending(self, urls: Sequence[str]) -> tuple[list[Unit], list[Unit]]:
+        """The base's split; also remembers every unit in input order for the reduce (`run` and the fan-out's
+        driver both call it once with all the units; finished ones need no visit: `finish` reads their parts)."""
+        self._seen = self.units(urls)
+        return super().pending(urls)
 
     def process(self, unit: Unit, led: LedgerWriter) -> dict:
-        self._seen.append(unit)
         es, bad, ids, x = self._read(unit)
         write_parquet_atomic(mining_part(self.miners, ids, x), self.mining_part_path(unit.name))  # before the part
         cfg, names = self.cfg, list(self.eval_embeddings)
@@ -331,8 +333,8 @@ class DecontamStep(ShardStep):
         missing = super().finish(n_units)
         units, self._seen = self._seen, []
         if len(units) != n_units:
-            raise RuntimeError(f"{self.name}: the reduce saw {len(units)} of {n_units} units (each must be processed "
-                               "or visited before `finish`)")
+            raise RuntimeError(f"{self.name}: the reduce knows {len(units)} of {n_units} units (`pending` lists them "
+                               "before `finish`)")
         self.ensure_setup()  # the eval sets are checked and named even when no file was left to decide
         merge = MiningMerge(self.evals_ids, self.cfg.k)
         for unit in units:
