@@ -182,17 +182,19 @@ def decontam(
     :param embeddings: Training embeddings (the embed step's output).
     :param evals: Embeddings of the eval sets: the embed step's output for `ingest_eval_sets` shards, whose
         files `embed/<benchmark>-NNNNNN.parquet` name the benchmark.
-    :param config: DecontamConfig (threshold, k, kind).
+    :param config: DecontamConfig (threshold, k, kind; fanout: the files over Ray workers).
     :param prev: The previous step's output (its ledger selects the input ids); None: every embedded sample.
     :param run: Ingest output of the training data (its shards show the deck's gallery images).
     :param eval_run: `ingest_eval_sets` output (the eval items' images in the gallery).
-    :return: StepOut "decontam": mining/<benchmark>.parquet, ledger/decontam/ (reason
-        eval_contamination:<benchmark>).
+    :return: StepOut "decontam": mining/<benchmark>.parquet (merged from mining_parts/, one per file),
+        ledger/decontam/ (reason eval_contamination:<benchmark>).
     """
     t0 = step_started("decontam", prev_step=prev.step if prev else "")
     from core.evals.eval_shards import eval_embedding_sets
     from core.foundation.ledger import read_ledger, step_dir
-    from core.steps.dedup.mining import decontaminate
+    from core.runs.fanout import StepSpec, run_fanout
+    from core.steps.dedup.embeddings import embedding_files
+    from core.steps.dedup.mining import DecontamStep, decontam_counts
     from core.steps.dedup.report import decontam_report_html, shard_fetcher
 
     sf = step_workdir("decontam", resume_key("decontam", task_version(__name__), embeddings=embeddings,
@@ -200,7 +202,12 @@ def decontam(
                                              eval_run=eval_run))  # a retry skips the decided files
     out = sf.path
     eval_sets = eval_embedding_sets(evals.dir.download())
-    counts = decontaminate(embeddings.dir.download(), out, eval_sets, config, passing(prev))
+    files = [str(f) for f in embedding_files(embeddings.dir.download())]
+    # one faiss searcher per Ray actor when config.fanout.workers > 1 (each publishes its files' ledger and mining
+    # parts; the driver merges the mining parts); else the step's own run, in this process
+    summary = run_fanout(StepSpec(DecontamStep, (str(out), eval_sets, config), {"prev": passing(prev)}), files,
+                         config.fanout)
+    counts = decontam_counts(summary, list(eval_sets))
     log.info("decontam: %s", counts)
     fetch_train = fetch_eval = None
     if run is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from core.foundation.configs import ConfigJSON, register_preset
+from core.runs.fanout import FanOut, tiny_fanout
 
 KEEP_POLICIES = ("hard", "easy", "random")
 EMBEDDING_KINDS = ("image", "text", "joint_concat", "joint_mean")
@@ -141,6 +142,10 @@ class DecontamConfig(ConfigJSON):
     kind: embedding kind (see SemDedupConfig.kind); eval and training embeddings must share it.
     batch_size: training rows per search batch (memory: batch_size x n_eval floats).
     device: cpu | cuda | auto: faiss GPU indexes (faiss-gpu build) when cuda.
+    fanout: how the embeddings files spread over workers (core/runs/fanout.py `FanOut`: workers, files per
+        group, CPUs/GPUs per worker); the default scores in-process. Each worker scores its files and writes
+        their mining parts; the driver merges the parts (a reduce). Where and how fast it runs, never what it
+        makes: the step folder's stamp leaves it out.
     """
 
     threshold: float = 0.95
@@ -148,6 +153,7 @@ class DecontamConfig(ConfigJSON):
     kind: str = "image"
     batch_size: int = 65_536
     device: str = "auto"
+    fanout: FanOut = field(default_factory=tiny_fanout)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -3,7 +3,11 @@ that are near-duplicates of eval items), with faiss inner-product search on norm
 
 Training embeddings are streamed one Parquet file (shard) at a time, so memory is one shard plus the
 eval sets. `DecontamStep` is a `core.foundation.step.ShardStep` whose units are embeddings files: one ledger part per
-file, finished files skipped on re-run (but still mined).
+file, finished files skipped on re-run. It runs in this process or over Ray workers (`DecontamConfig.fanout`,
+core/runs/fanout.py). Mining is a reduce over per-unit statistics: each unit publishes the top-k neighbours of
+every eval item among its own rows (`mining_parts/part-<unit>.parquet`, before its ledger part), and `finish`
+merges those parts in unit order into `mining/<benchmark>.parquet`, reading no embeddings: the same bytes
+whatever the number of workers, and the same as one streamed pass over every file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from core.foundation.ledger import LedgerWriter
 from core.foundation.step import Passing, ShardStep, StepSummary, Unit, write_parquet_atomic
@@ -49,6 +54,17 @@ def _use_gpu(device: str) -> bool:
     return True
 
 
+def add_block(heap, d: np.ndarray, ids: np.ndarray, k: int) -> None:
+    """Merge one block's (n_eval, kk) results into a running `faiss.ResultHeap`, padded to k columns (-inf, -1).
+    `ids` must grow with the block order (ties are broken by id): a streamed pass and a merge of per-unit parts
+    that number rows in the same order keep the same neighbours."""
+    kk = d.shape[1]
+    if kk < k:  # pad so the heap always gets k columns
+        d = np.pad(d, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+    heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(ids, np.int64))
+
+
 class NeighbourMiner:
     """Running top-k training neighbours of each eval item across streamed training blocks."""
 
@@ -62,34 +78,41 @@ class NeighbourMiner:
         self.train_ids: list[str] = []
         self.gpu = gpu
 
+    def search(self, train_x_normalized: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The k best rows of one block for every eval item: (similarities, row indices in the block), shape
+        (n_eval, min(k, rows)), best first (a row index is -1 where faiss found none)."""
+        kk = min(self.k, len(train_x_normalized))
+        return _flat_ip(train_x_normalized, self.gpu).search(self.q, kk)
+
     def add(self, train_ids: list[str], train_x_normalized: np.ndarray) -> None:
         """Search one block of normalized training vectors."""
         if len(train_ids) == 0:
             return
-        kk = min(self.k, len(train_ids))
-        d, i = _flat_ip(train_x_normalized, self.gpu).search(self.q, kk)
-        if kk < self.k:  # pad so the heap always gets k columns
-            d = np.pad(d, ((0, 0), (0, self.k - kk)), constant_values=-np.inf)
-            i = np.pad(i, ((0, 0), (0, self.k - kk)), constant_values=-1)
+        d, i = self.search(train_x_normalized)
         off = len(self.train_ids)
-        self.heap.add_result(np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + off, -1).astype(np.int64))
+        add_block(self.heap, d, np.where(i >= 0, i + off, -1), self.k)
         self.train_ids.extend(train_ids)
 
     def result(self, benchmark: str) -> pa.Table:
         """Rows (benchmark, eval_id, rank, sample_id, similarity), best first per eval item."""
         self.heap.finalize()
-        d, i = self.heap.D, self.heap.I
-        rows = {"benchmark": [], "eval_id": [], "rank": [], "sample_id": [], "similarity": []}
-        for q, eid in enumerate(self.eval_ids):
-            for r in range(self.k):
-                if i[q, r] < 0:
-                    continue
-                rows["benchmark"].append(benchmark)
-                rows["eval_id"].append(eid)
-                rows["rank"].append(r)
-                rows["sample_id"].append(self.train_ids[i[q, r]])
-                rows["similarity"].append(float(d[q, r]))
-        return pa.table(rows, schema=MINED_SCHEMA)
+        return mined_table(benchmark, self.eval_ids, self.heap.D, self.heap.I, self.train_ids.__getitem__)
+
+
+def mined_table(benchmark: str, eval_ids: list[str], d: np.ndarray, i: np.ndarray, sample_id) -> pa.Table:
+    """The mining table of one benchmark from a finalized heap (d, i: (n_eval, k), best first); `sample_id(i)`
+    names a heap id; empty slots (id -1) are left out."""
+    rows = {"benchmark": [], "eval_id": [], "rank": [], "sample_id": [], "similarity": []}
+    for q, eid in enumerate(eval_ids):
+        for r in range(i.shape[1]):
+            if i[q, r] < 0:
+                continue
+            rows["benchmark"].append(benchmark)
+            rows["eval_id"].append(eid)
+            rows["rank"].append(r)
+            rows["sample_id"].append(sample_id(int(i[q, r])))
+            rows["similarity"].append(float(d[q, r]))
+    return pa.table(rows, schema=MINED_SCHEMA)
 
 
 MINED_SCHEMA = pa.schema(
@@ -127,14 +150,103 @@ def max_eval_similarity(
     return best, which, row
 
 
+# ---- mining as a reduce over per-unit parts ----------------------------------------------------------------
+MINING_PARTS = "mining_parts"  # <out>/mining_parts/part-<unit>.parquet: one unit's top-k per eval item
+PART_SCHEMA = pa.schema(
+    [("benchmark", pa.string()), ("eval_row", pa.int32()), ("rank", pa.int32()), ("row", pa.int64()),
+     ("sample_id", pa.string()), ("similarity", pa.float32())]
+)
+_UNIT_SHIFT = 32  # heap id of a part row = (unit position << 32) | row in the unit: grows in the streamed order
+
+
+def mining_part(miners: dict[str, NeighbourMiner], ids: list[str], x: np.ndarray) -> pa.Table:
+    """One unit's mining statistics: per benchmark and eval item, the unit's min(k, rows) best rows as faiss
+    returns them (row = position among the unit's valid rows, -1 where none; the float32 similarity as is)."""
+    cols: dict[str, list] = {f.name: [] for f in PART_SCHEMA}
+    if ids:
+        id_arr = np.asarray(ids, dtype=object)
+        for b, m in miners.items():
+            d, i = m.search(x)
+            nq, kk = d.shape
+            row = i.ravel()
+            cols["benchmark"].append(np.full(nq * kk, b, dtype=object))
+            cols["eval_row"].append(np.repeat(np.arange(nq, dtype=np.int32), kk))
+            cols["rank"].append(np.tile(np.arange(kk, dtype=np.int32), nq))
+            cols["row"].append(row.astype(np.int64))
+            cols["sample_id"].append(np.where(row >= 0, id_arr[np.maximum(row, 0)], None))
+            cols["similarity"].append(d.ravel().astype(np.float32))
+    return pa.table({f.name: pa.array(np.concatenate(cols[f.name]) if cols[f.name] else [], f.type)
+                     for f in PART_SCHEMA}, schema=PART_SCHEMA)
+
+
+class MiningMerge:
+    """The reduce of the mining parts: one running top-k heap per benchmark, fed the parts in unit order.
+
+    Memory: the heaps (n_eval x k) and the sample ids they hold, whatever the number of units. The heaps get
+    the same (similarity, id) blocks in the same order as one `NeighbourMiner` streamed over every file, with
+    ids in the same order, so the result is the same, ties included."""
+
+    def __init__(self, eval_ids: dict[str, list[str]], k: int):
+        import faiss
+
+        self.eval_ids, self.k = eval_ids, k
+        self.heaps = {b: faiss.ResultHeap(len(ids), k, keep_max=True) for b, ids in eval_ids.items()}
+        self.names: dict[str, dict[int, str]] = {b: {} for b in eval_ids}  # heap id -> sample id, live ones only
+        self.n_units = 0
+
+    def add(self, part: pa.Table, unit: str = "") -> None:
+        """Merge the next unit's part (see `mining_part`)."""
+        u, self.n_units = self.n_units, self.n_units + 1
+        if part.num_rows == 0:
+            return
+        bench = part.column("benchmark").to_numpy(zero_copy_only=False)
+        cols = {c: part.column(c).to_numpy(zero_copy_only=False) for c in ("eval_row", "rank", "row", "similarity",
+                                                                          "sample_id")}
+        for b, heap in self.heaps.items():
+            sel = np.flatnonzero(bench == b)
+            if len(sel) == 0:
+                continue
+            nq = len(self.eval_ids[b])
+            order = sel[np.lexsort((cols["rank"][sel], cols["eval_row"][sel]))]
+            kk = len(order) // max(nq, 1)
+            if nq == 0 or kk * nq != len(order) or not (cols["rank"][order].reshape(nq, kk) == np.arange(kk)).all():
+                raise ValueError(f"mining part {unit!r}: {len(order)} rows for {b!r} do not fit {nq} eval items "
+                                 f"(made with other eval sets? the step stamp should have refused)")
+            row = cols["row"][order]
+            gid = np.where(row >= 0, (u << _UNIT_SHIFT) | row, -1).reshape(nq, kk)
+            add_block(heap, cols["similarity"][order].reshape(nq, kk), gid, self.k)
+            self._name(b, u, row, cols["sample_id"][order])
+
+    def _name(self, b: str, u: int, row: np.ndarray, sample_ids: np.ndarray) -> None:
+        """Remember the sample ids of unit `u`'s rows that entered the heap of `b`; forget evicted ones now and
+        then (the map stays within a few heaps' size)."""
+        heap, names = self.heaps[b], self.names[b]
+        live = heap.I.ravel()
+        new = np.unique(live[(live >= 0) & ((live >> _UNIT_SHIFT) == u)])
+        if len(new):
+            uniq, first = np.unique(row, return_index=True)
+            at = first[np.searchsorted(uniq, new & ((1 << _UNIT_SHIFT) - 1))]
+            names.update(zip(new.tolist(), sample_ids[at].tolist()))
+        if len(names) > 4 * live.size + 1024:
+            keep = set(live.tolist())
+            self.names[b] = {g: s for g, s in names.items() if g in keep}
+
+    def result(self, benchmark: str) -> pa.Table:
+        """The mining table of `benchmark` (as `NeighbourMiner.result`)."""
+        heap = self.heaps[benchmark]
+        heap.finalize()
+        return mined_table(benchmark, self.eval_ids[benchmark], heap.D, heap.I, self.names[benchmark].__getitem__)
+
+
 class DecontamStep(ShardStep):
-    """Per embeddings file: drop training samples more similar than `cfg.threshold` to an eval item, while
-    mining the k nearest training samples of every eval item over all files (finished ones included).
+    """Per embeddings file: drop training samples more similar than `cfg.threshold` to an eval item, and publish
+    the file's mining part (its k nearest rows of every eval item); `finish` merges the parts of every file
+    (finished ones included) into `mining/<benchmark>.parquet`.
 
     Ledger rows: drop `eval_contamination:<benchmark>` (score = max similarity, extra = nearest eval id);
     keep (score, nearest eval id and benchmark); quarantine of invalid vectors; keep
     `decontam_skipped:no_<kind>_embedding` for samples without an embedding of `cfg.kind`; ids of `prev`
-    in no file: quarantine `missing_embedding`. `run` publishes `mining/<benchmark>.parquet` at the end."""
+    in no file: quarantine `missing_embedding`. `process` returns the unit's counts (`decontam_counts`)."""
 
     name = DECONTAM_STEP
     stamp_attrs = ("cfg", "eval_embeddings")  # resume only against the same eval sets (core/foundation/step.py stamp)
@@ -148,13 +260,16 @@ class DecontamStep(ShardStep):
             if not b or ":" in b:
                 raise ValueError(f"benchmark name {b!r} must be non-empty without ':'")
         self.eval_embeddings, self.cfg = eval_embeddings, cfg
-        self.counts = {"n_input": 0, "n_dropped": 0, "n_quarantined": 0, "by_benchmark": {b: 0 for b in eval_embeddings}}
+        self._seen: list[Unit] = []  # every unit of this run in input order (processed or finished): the reduce's
 
     def unit_name(self, url: str) -> str:
         return Path(url).stem
 
+    def mining_part_path(self, unit_name: str) -> Path:
+        return self.out / MINING_PARTS / f"part-{unit_name}.parquet"
+
     def setup(self) -> None:
-        """Eval sets (normalized) and one running top-k miner per benchmark."""
+        """Eval sets (normalized) and one top-k searcher per benchmark."""
         self.gpu = _use_gpu(self.cfg.device)
         self.evals_ids: dict[str, list[str]] = {}
         self.evals_x: dict[str, np.ndarray] = {}
@@ -167,24 +282,32 @@ class DecontamStep(ShardStep):
         self.miners = {b: NeighbourMiner(self.evals_ids[b], self.evals_x[b], self.cfg.k, self.gpu)
                        for b in self.eval_embeddings}
 
-    def _mine(self, unit: Unit):
-        """Read one file's input rows, add its valid normalized vectors to every miner."""
+    def clear_outputs(self) -> None:
+        super().clear_outputs()
+        for f in [*(self.out / MINING_PARTS).glob("*.parquet"), *(self.out / "mining").glob("*.parquet")]:
+            f.unlink()
+
+    def _read(self, unit: Unit):
+        """One file's input rows: (embeddings, invalid rows, valid ids, their normalized vectors)."""
         es = read_embeddings(unit.url, self.cfg.kind, self.include)
         bad = invalid_rows(es.ids, es.matrix)
         ok = np.array([i not in bad for i in es.ids], bool)
         ids = np.asarray(es.ids, dtype=object)[ok].astype(str).tolist() if es.ids else []
         x = normalize_rows(ids, es.matrix[ok], inplace=True) if ids else np.zeros((0, 1), np.float32)
-        for m in self.miners.values():
-            m.add(ids, x)
         return es, bad, ids, x
 
-    def visit_finished(self, unit: Unit) -> None:
-        self.ensure_setup()  # mining needs every file, also ones whose ledger part already exists
-        self._mine(unit)
+    def pending(self, urls: Sequence[str]) -> tuple[list[Unit], list[Unit]]:
+        """The base's split; also remembers every unit in input order for the reduce (`run` and the fan-out's
+        driver both call it once with all the units; finished ones need no visit: `finish` reads their parts)."""
+        self._seen = self.units(urls)
+        return super().pending(urls)
 
-    def process(self, unit: Unit, led: LedgerWriter) -> None:
-        es, bad, ids, x = self._mine(unit)
-        cfg, names, c = self.cfg, list(self.eval_embeddings), self.counts
+    def process(self, unit: Unit, led: LedgerWriter) -> dict:
+        es, bad, ids, x = self._read(unit)
+        write_parquet_atomic(mining_part(self.miners, ids, x), self.mining_part_path(unit.name))  # before the part
+        cfg, names = self.cfg, list(self.eval_embeddings)
+        c = {"n_input": len(es.ids) + len(es.missing), "n_dropped": 0, "n_quarantined": 0,
+             "by_benchmark": {b: 0 for b in names}}
         best, which, row = max_eval_similarity(x, self.evals_x, cfg.batch_size, self.gpu) if ids else (np.zeros(0),) * 3
         shard_of = dict(zip(es.ids, es.shards))
         for sid, sh in zip(es.missing, es.missing_shards):
@@ -201,15 +324,42 @@ class DecontamStep(ShardStep):
                 c["by_benchmark"][b] += 1
             else:
                 led.add(sid, "keep", "", float(best[j]), shard_of[sid], eval_id=near, benchmark=b)
-        c["n_input"] += len(es.ids) + len(es.missing)
+        return c
 
-    def run(self, urls: Sequence[str]) -> StepSummary:
-        self.ensure_setup()  # the eval sets are checked and mined even when no file is left to decide
-        summary = super().run(urls)
-        self.counts["n_quarantined"] += summary.missing
-        for b, m in self.miners.items():
-            write_parquet_atomic(m.result(b), self.out / "mining" / f"{b}.parquet")
-        return summary
+    def finish(self, n_units: int) -> int:
+        """The reduce: missing ids (the base's), then the mining parts of every unit, in input order, merged
+        into `mining/<benchmark>.parquet`. Reads the eval sets and the parts, never the training embeddings
+        (but rebuilds a finished unit's part from its file when the part was lost)."""
+        missing = super().finish(n_units)
+        units, self._seen = self._seen, []
+        if len(units) != n_units:
+            raise RuntimeError(f"{self.name}: the reduce knows {len(units)} of {n_units} units (`pending` lists them "
+                               "before `finish`)")
+        self.ensure_setup()  # the eval sets are checked and named even when no file was left to decide
+        merge = MiningMerge(self.evals_ids, self.cfg.k)
+        for unit in units:
+            p = self.mining_part_path(unit.name)
+            if not p.exists():
+                log.warning("%s: unit %s is finished but its mining part is gone: rebuilding it from %s", self.name,
+                            unit.name, unit.url)
+                _, _, ids, x = self._read(unit)
+                write_parquet_atomic(mining_part(self.miners, ids, x), p)
+            merge.add(pq.read_table(p), unit.name)
+        for b in self.eval_embeddings:
+            write_parquet_atomic(merge.result(b), self.out / "mining" / f"{b}.parquet")
+        return missing
+
+
+def decontam_counts(summary: StepSummary, benchmarks: Sequence[str]) -> dict:
+    """The step's counts of the units decided now (n_input, n_dropped, n_quarantined, by_benchmark) from a
+    `StepSummary` (the per-unit counts `DecontamStep.process` returned, and the missing ids)."""
+    out = {"n_input": 0, "n_dropped": 0, "n_quarantined": summary.missing, "by_benchmark": {b: 0 for b in benchmarks}}
+    for c in summary.results.values():
+        for k in ("n_input", "n_dropped", "n_quarantined"):
+            out[k] += c[k]
+        for b, n in c["by_benchmark"].items():
+            out["by_benchmark"][b] += n
+    return out
 
 
 def decontaminate(
@@ -219,14 +369,18 @@ def decontaminate(
     cfg: DecontamConfig,
     prev: Passing | None = None,
 ) -> dict:
-    """Mine and decontaminate against several eval sets in one streamed pass over training embeddings files.
+    """Mine and decontaminate against several eval sets in one streamed pass over training embeddings files,
+    in this process or over `cfg.fanout.workers` Ray workers (core/runs/fanout.py `run_fanout`).
 
     eval_embeddings: {benchmark: path (or list of files) of that eval set's embeddings, same Parquet format}.
     `prev`: the previous step's passing ids (None = every embedded sample). Writes
-    `<run>/mining/<benchmark>.parquet` (k nearest training samples per eval item, with similarities) and
+    `<run>/mining/<benchmark>.parquet` (k nearest training samples per eval item, with similarities),
+    `<run>/mining_parts/part-<file>.parquet` (each file's share of it) and
     `<run>/ledger/decontam/part-<file>.parquet` (see `DecontamStep`); finished files keep their ledger part
     on re-run. Returns counts (n_input, n_dropped, n_quarantined, by_benchmark) of the files decided now.
     """
-    step = DecontamStep(run_dir, eval_embeddings, cfg, prev)
-    step.run([str(f) for f in embedding_files(embeddings_dir)])
-    return step.counts
+    from core.runs.fanout import StepSpec, run_fanout
+
+    spec = StepSpec(DecontamStep, (str(run_dir), eval_embeddings, cfg), {"prev": prev})
+    summary = run_fanout(spec, [str(f) for f in embedding_files(embeddings_dir)], cfg.fanout)
+    return decontam_counts(summary, list(eval_embeddings))
