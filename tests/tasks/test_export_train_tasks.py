@@ -54,6 +54,33 @@ def test_export_task(exported):
     assert "config_name: \"images2\"" in card and "code version: `" in card
 
 
+def test_partitioned_export_task_exports_the_same_samples(exported, flyte_env):
+    """`partition_shards > 0` runs the partitioned export in the task's resumable step folder: the same samples
+    and bytes per kind as the default export (other shard boundaries), a manifest of the same totals."""
+    import webdataset as wds
+
+    from tasks.export import export_dataset
+
+    out, kept = exported
+    run, _ = _make_run(flyte_env / "p")  # the same run as `exported` (deterministic), in a folder of its own
+    part = export_dataset(run=StepOut("ingest", FlyteDirectory(str(run))),
+                          config=ExportConfig(max_samples=10, partition_shards=1)).dir
+    a = json.loads(open(os.path.join(out.path, "manifest.json")).read())
+    b = json.loads(open(os.path.join(part.path, "manifest.json")).read())
+    assert b["n_samples"] == a["n_samples"] == len(kept) and b["config"]["partition_shards"] == 1
+
+    def members(root):
+        got = {}
+        for kind in sorted(os.listdir(os.path.join(root, "shards"))):
+            for t in sorted(os.listdir(os.path.join(root, "shards", kind))):
+                for s in wds.WebDataset(os.path.join(root, "shards", kind, t), shardshuffle=False):
+                    got[s["__key__"]] = {k: v for k, v in s.items() if not k.startswith("__")}
+        return got
+
+    assert members(part.path) == members(out.path)
+    assert "part-u000000.parquet" in os.listdir(os.path.join(part.path, "ledger", "export"))
+
+
 @pytest.mark.slow
 def test_train_task_runs_ddp_under_torch_elastic(exported, flyte_env):
     """The task body under torch elastic with 2 local workers (DDP over gloo), as on a 2-GPU node."""
