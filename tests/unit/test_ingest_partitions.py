@@ -6,6 +6,7 @@ duplicate ids within and across partitions, every partition size (down to 1 reco
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -108,6 +109,13 @@ def outcome(run):
     assert acc["balanced"] and acc["source_records"] == acc["ledger_rows"] == len(led)
     check_balance(run, ["ingest"])
     assert set(kept) == set(led[led.decision == "keep"].sample_id)
+    manifest = json.loads((run / "shards" / "manifest.json").read_text())
+    assert sorted(s["path"] for s in manifest["shards"]) == sorted(shards)
+    for s in manifest["shards"]:  # the reduce's rewritten shards are described as they are on disk
+        data = open(s["path"], "rb").read()
+        assert s["sha256"] == hashlib.sha256(data).hexdigest() and s["n_bytes"] == len(data)
+        assert s["n_samples"] == sum(1 for _ in iter_samples([s["path"]]))
+    assert manifest["summary"]["kept"] == len(kept) and manifest["summary"]["records"] == len(led)
     return rows, kept, led
 
 
@@ -323,3 +331,52 @@ def test_one_pass_after_partitioned_leaves_no_partition_parts(tmp_path, images):
     assert not (step_dir(run, "ingest") / "part-ingest.parquet").exists()
     assert all(p.name.startswith("shard-p") for p in (run / "shards").glob("*.tar"))
     outcome(run)
+
+
+# ---- hostile inputs: the bounds at the door hold per partition -----------------------------------------------
+@pytest.mark.parametrize("name", ["deep_array", "bigint_array", "deep_jsonl", "bigint_jsonl", "big_metadata",
+                                  "big_meta_parquet", "many_turns", "sparse_member", "big_member", "fifo_image"])
+def test_hostile_inputs_partitioned_one_record_each(name, tmp_path):
+    """The hostile cases of tests/hostile_inputs.py, ingested one record per partition in a capped child: the
+    same quarantine reasons, the other records kept, bounded memory (the plan scan is the bounded splitter)."""
+    import dataclasses
+
+    from tests.capped import run_capped
+    from tests.hostile_inputs import CASES, run_case
+
+    case = CASES[name](tmp_path)
+    case = dataclasses.replace(case, config={**case.config, "partition_records": 1})
+    res = run_capped(run_case, case, tmp_path / "run", headroom_mb=2048, timeout_s=120)
+    out = res.value
+    assert {k: out["reasons"].get(k) for k in case.expected} == case.expected, out["details"]
+    assert out["kept"] == sorted(case.good)
+    assert out["source_records"] == len(case.good) + len(case.expected)
+    assert res.grown_mb < 500, res
+
+
+def test_source_and_shards_on_s3(tmp_path, images, moto_s3):
+    """JSONL byte ranges and JSON item ranges read from an object store, shards written there (a kept
+    duplicate removed from its remote shard by the reduce), the ledger local: the one-pass result."""
+    import fsspec
+
+    for kind, make in (("jsonl", jsonl), ("json", json_array)):
+        local = make(tmp_path / f"d.{kind}", records())
+        src = f"s3://{moto_s3.bucket}/src/d.{kind}"
+        with fsspec.open(src, "wb") as f:
+            f.write(local.read_bytes())
+        base = tmp_path / f"one-{kind}"
+        ingest(IngestConfig(source=str(local), image_root=str(images), run_dir=str(base), source_name="d"))
+        want_rows, want_kept, _ = outcome(base)
+        run, led_run = f"s3://{moto_s3.bucket}/run-{kind}", tmp_path / f"led-{kind}"
+        ingest(IngestConfig(source=src, image_root=str(images), run_dir=run, ledger_dir=str(led_run),
+                            partition_records=3, shard_max_samples=2))
+        led = read_ledger(step_dir(led_run, "ingest"))
+        assert set(zip(led.sample_id, led.decision, led.reason)) == want_rows
+        shards = list_shards(f"{run}/shards")
+        assert shards and all(s.rsplit("/", 1)[-1].startswith("shard-p") for s in shards)
+        kept = {s.id: (s.to_json_bytes(), tuple(s.image_bytes)) for s in iter_samples(shards)}
+        assert kept == want_kept
+        with fsspec.open(f"{run}/shards/manifest.json") as f:
+            m = json.load(f)
+        assert sum(s["n_samples"] for s in m["shards"]) == len(kept) == m["summary"]["kept"]
+        assert read_source_accounting(step_dir(led_run, "ingest"))["balanced"]
