@@ -3,6 +3,10 @@
 Streaming: a JSON array is parsed item by item with ijson, JSONL line by line, so a 20 GB file is
 never loaded whole. Shard assignment is sequential in input order (deterministic). Every input
 record gets exactly one ledger row: keep (with its shard) or quarantine (with a reason).
+
+With `partition_records > 0` the source is cut into partitions (core/io/partition.py) ingested as units of
+the shard fan-out (`IngestStep`), each into its own shards and ledger part; a reduce resolves the ids
+decided in several partitions as the one pass does (docs/ingest.md, "Partitioned ingest").
 """
 
 from __future__ import annotations
@@ -449,7 +453,6 @@ def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     counted = count_records(cfg.source, cfg.format, limits, flagged)  # validates the containers before any work
     log.info("ingest: %d records counted in %d file(s) of %s", sum(counted.values()), len(counted), cfg.source)
     rows: dict[str, int] = {f: 0 for f in counted}
-    n = 0
     led_dir = step_dir(cfg.ledger_dir or cfg.run_dir, STEP)
     writer = ShardWriter(f"{cfg.run_dir.rstrip('/')}/shards", cfg.prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
     records = read_ahead(iter_source(cfg.source, cfg.format, cfg.caption_prompt, limits, flagged),

@@ -22,7 +22,7 @@ from core.io.ingest import IngestConfig, IngestStep, ingest, read_source_account
 from core.io.partition import Partition, iter_partition, plan_partitions
 from core.io.sources import iter_source
 from core.io.wds import iter_samples, list_shards
-from core.runs.fanout import FanOut, FanOutIncomplete
+from core.runs.fanout import FanOut
 
 
 def img(color, fmt="JPEG"):
