@@ -43,7 +43,7 @@ from core.foundation.outputs import folder_lock, write_json_atomic, write_parque
 from core.foundation.sample import MAX_TEXT_CHARS, MAX_TURNS, Sample, SampleError
 from core.foundation.step import EMPTY_PART, SCHEDULING_FIELDS, ShardStep, Unit
 from core.io.images import DEFAULT_MAX_PIXELS, decode_image
-from core.io.partition import Partition, iter_partition, merge_runs, plan_partitions, write_run
+from core.io.partition import Partition, iter_partition, merge_runs, plan_partitions, read_run, write_run
 from core.io.pool import read_ahead
 from core.io.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
 from core.io.wds import ShardInfo, ShardWriter, shard_name
@@ -487,6 +487,7 @@ def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
 # ---------------------------------------------------------------------------------------------------------
 # partitioned ingest: one fan-out unit per source partition (core/io/partition.py), then a reduce
 # ---------------------------------------------------------------------------------------------------------
+MAX_DUPLICATE_ROUNDS = 8  # reduce rounds: a rewritten id can equal a later record's id (then that one is a duplicate)
 PARTS_DIR = "_partitions"  # in ledger/ingest/: per-partition side files (no .parquet suffix: ledger readers skip them)
 
 
@@ -624,10 +625,16 @@ class IngestStep(ShardStep):
     # -- the reduce ---------------------------------------------------------------------------------------
     def finish(self, n_units: int) -> int:
         super().finish(n_units)  # an empty part when the source has no file
-        with_dups = self._find_duplicates()
-        for p in self._parts:
-            if p.order in with_dups:
-                self._rewrite_duplicates(p)
+        for _ in range(MAX_DUPLICATE_ROUNDS):
+            with_dups = self._find_duplicates()
+            if not with_dups:
+                break
+            for p in self._parts:
+                if p.order in with_dups:
+                    self._rewrite_duplicates(p)
+        else:  # ids built to collide with rewritten ids round after round (the one pass fails on them too)
+            raise SourceAccountingError(f"ingest: ledger ids still decided twice after {MAX_DUPLICATE_ROUNDS} "
+                                        f"rounds of duplicate rewriting in {self.ledger_dir}")
         self._write_accounting()
         return 0
 
@@ -669,13 +676,11 @@ class IngestStep(ShardStep):
 
     def _rewrite_duplicates(self, p: Partition) -> None:
         """Apply the partition's `.dups.jsonl` (at most one row per record of the partition): first remove the
-        kept duplicates from their shards, then rewrite its ledger part. Idempotent: a part already rewritten
-        holds none of the ids any more."""
-        import pyarrow as pa
+        kept duplicates from their shards, then rewrite its ledger part, then its id run. Idempotent: a part
+        already rewritten holds none of the ids any more."""
         import pyarrow.parquet as pq
 
         from core.foundation.ledger import SCHEMA
-        from core.foundation.sample import sample_key
 
         dups: dict[str, tuple[int, int, int]] = {}
         with open(self._dups_file(p.order)) as f:
@@ -685,8 +690,24 @@ class IngestStep(ShardStep):
         part = self.part(p.name)
         cols = pq.read_table(part, schema=SCHEMA).to_pydict()
         hit = [i for i, sid in enumerate(cols["sample_id"]) if sid in dups]
-        if not hit:
-            return
+        stem = PurePosixPath(p.file).stem if p.multi else self.src_name
+        if hit:
+            self._rewrite_part(p, part, cols, hit, dups, stem)
+        # last, the run: the partition's ids as its part now holds them (a rewritten row's reason stands from
+        # now on: PRE), so the next round sees an id that a rewrite made equal to a later record's id
+        run = [(duplicate_ledger_id(sid, index, stem, p.multi), order, PRE, index, offset)
+               if sid in dups else (sid, order, stage, index, offset)
+               for sid, order, stage, index, offset in read_run(self.parts_dir / f"{p.name}.ids")]
+        run.sort()
+        write_run(self.parts_dir / f"{p.name}.ids", run)
+
+    def _rewrite_part(self, p: Partition, part: Any, cols: dict[str, list], hit: list[int],
+                      dups: dict[str, tuple[int, int, int]], stem: str) -> None:
+        import pyarrow as pa
+
+        from core.foundation.ledger import SCHEMA
+        from core.foundation.sample import sample_key
+
         drop: dict[str, set[str]] = {}
         for i in hit:
             if cols["decision"][i] == "keep":
@@ -698,7 +719,6 @@ class IngestStep(ShardStep):
             if keys:
                 sh.update(_drop_from_shard(sh["path"], keys))
         write_json_atomic(info, info_path, indent=1)
-        stem = PurePosixPath(p.file).stem if p.multi else self.src_name
         for i in hit:
             sid = cols["sample_id"][i]
             stage, index, offset = dups[sid]

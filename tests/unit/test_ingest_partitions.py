@@ -380,3 +380,14 @@ def test_source_and_shards_on_s3(tmp_path, images, moto_s3):
             m = json.load(f)
         assert sum(s["n_samples"] for s in m["shards"]) == len(kept) == m["summary"]["kept"]
         assert read_source_accounting(step_dir(led_run, "ingest"))["balanced"]
+
+
+def test_rewritten_id_equal_to_a_later_id_is_resolved_as_the_one_pass_does(tmp_path, images):
+    """`a`, `a`, `a#dup1`: the one pass renames the second `a` to `a#dup1`, so the third record (whose own id
+    is `a#dup1`) is a duplicate too (`a#dup1#dup2`). One record per partition: the reduce's second round
+    sees the rewritten id meet the later one and does the same."""
+    recs = [{"id": i, "image": "a.jpg", "conversations": conv(f"x{n}")} for n, i in
+            enumerate(["a", "a", "a#dup1", "b", "a#dup1"])]
+    rows = same_as_one_pass(tmp_path, json_array(tmp_path / "d.json", recs), images, sizes=(1, 2))
+    assert rows == {("a", "keep", ""), ("a#dup1", "quarantine", "duplicate_id"), ("b", "keep", ""),
+                    ("a#dup1#dup2", "quarantine", "duplicate_id"), ("a#dup1#dup4", "quarantine", "duplicate_id")}
