@@ -391,3 +391,34 @@ def test_rewritten_id_equal_to_a_later_id_is_resolved_as_the_one_pass_does(tmp_p
     rows = same_as_one_pass(tmp_path, json_array(tmp_path / "d.json", recs), images, sizes=(1, 2))
     assert rows == {("a", "keep", ""), ("a#dup1", "quarantine", "duplicate_id"), ("b", "keep", ""),
                     ("a#dup1#dup2", "quarantine", "duplicate_id"), ("a#dup1#dup4", "quarantine", "duplicate_id")}
+
+
+def test_ray_fanout_failure_then_resume_redoes_only_the_failed_units(tmp_path, images, ray_local):
+    """2 Ray workers: the partitions whose file cannot be read (storage gone: their units point at a missing
+    path) fail, `FanOutIncomplete` names them, the others are published, no reduce runs; a re-run with the
+    file readable redoes only those."""
+    import dataclasses
+
+    from core.runs.fanout import FanOutIncomplete, StepSpec, run_fanout
+
+    src = tmp_path / "src"
+    src.mkdir()
+    json_array(src / "a.json", records("a")[:10])
+    jsonl(src / "b.jsonl", records("b"))
+    run = tmp_path / "run"
+    cfg = IngestConfig(source=str(src), image_root=str(images), run_dir=str(run), partition_records=4)
+    parts = plan_partitions(cfg.source, cfg.format, cfg.limits(), cfg.partition_records)
+    b_names = [p.name for p in parts if p.file.endswith("b.jsonl")]
+    broken = [dataclasses.replace(p, file=str(tmp_path / "gone.jsonl")) if p.name in b_names else p for p in parts]
+    fan = FanOut(workers=2, group_size=1)
+    with pytest.raises(FanOutIncomplete) as e:
+        run_fanout(StepSpec(IngestStep, (cfg,)), [p.unit for p in broken], fan)
+    assert sorted(e.value.unfinished) == b_names, e.value.errors
+    assert not (run / "shards" / "manifest.json").exists()
+    summary = run_fanout(StepSpec(IngestStep, (cfg,)), [p.unit for p in parts], fan)
+    assert sorted(summary.done) == b_names and len(summary.skipped) == len(parts) - len(b_names)
+    rows, kept, _ = outcome(run)
+    base = tmp_path / "one"
+    ingest(IngestConfig(source=str(src), image_root=str(images), run_dir=str(base)))
+    want_rows, want_kept, _ = outcome(base)
+    assert rows == want_rows and kept == want_kept
