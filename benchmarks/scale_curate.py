@@ -8,8 +8,9 @@ shards). Torch/OpenMP threads are 1 per worker in both arms, so the comparison i
 Steps: embed (tiny preset), perplexity (the project's tiny LM, trained here on 300 samples), export per
 input shard (a ShardStep of this script built on export's own `to_loader_schema` + `ShardWriter`: the
 project's export is one unit over all shards today), decontam scoring (embeddings of the 1-worker embed arm;
-eval set = one of its files), rephrase (tiny preset, the same tiny LM). Ingest runs once, one process (it is
-not a ShardStep: partitioned ingest is issue 24 item 2).
+eval set = one of its files), rephrase (tiny preset, the same tiny LM), ingest (partitioned: `ingest` with
+`partition_records = --shard-samples`, its `IngestStep` units over the same fan-out, into `w1/ingest` and
+`w2/ingest`, from the generated data.json; the data for the other steps is ingested once, in one pass).
 
 Each arm runs in a child process; its time runs from the child's first import to the end of `run_sharded`,
 less the Ray start-up (printed on its own: on a cluster Ray is up before the step): the driver's imports,
@@ -33,7 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-STEPS = ("embed", "perplexity", "export", "decontam", "rephrase")
+STEPS = ("ingest", "embed", "perplexity", "export", "decontam", "rephrase")
+LM_STEPS = ("perplexity", "rephrase")  # the steps that need the tiny LM trained by `prepare`
 OWN_RAY_TMPDIR = f"/tmp/mmc-scale-{os.getpid()}"  # short: Ray's socket paths under it are length-capped
 
 
@@ -99,8 +101,23 @@ def spec_and_units(step: str, root: Path, out: Path):
     raise ValueError(step)
 
 
+def ingest_arm(workers: int, root: Path, group_size: int, shard_samples: int):
+    """Partitioned ingest of the generated data.json into `w<workers>/ingest`: (units, records, counts)."""
+    from core.foundation.ledger import step_dir
+    from core.io.ingest import IngestConfig, ingest, read_source_accounting
+    from core.runs.fanout import FanOut
+
+    data = root / "data"
+    cfg = IngestConfig(str(data / "data.json"), str(data / "images"), str(root / f"w{workers}" / "ingest"),
+                       shard_max_samples=shard_samples, partition_records=shard_samples,
+                       fanout=FanOut(workers=workers, group_size=group_size))
+    res = ingest(cfg, progress_every=0)
+    units = len(read_source_accounting(step_dir(cfg.run_dir, "ingest"))["partitions"])
+    return units, res.n_records, {"keep": res.n_kept, "quarantine": res.n_quarantined}
+
+
 # ---- one arm, in a child process ----------------------------------------------------------------------
-def arm(step: str, workers: int, root: Path, group_size: int) -> None:
+def arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int = 250) -> None:
     t_start = time.perf_counter()  # both arms pay their imports (torch, the step's modules) inside the time
     from core.runs.fanout import limit_threads
 
@@ -111,7 +128,8 @@ def arm(step: str, workers: int, root: Path, group_size: int) -> None:
     from core.runs.fanout import run_sharded
 
     out = root / f"w{workers}" / step
-    spec, urls, n = spec_and_units(step, root, out)
+    if step != "ingest":
+        spec, urls, n = spec_and_units(step, root, out)
     ray_s = 0.0
     if workers > 1:
         import ray
@@ -129,10 +147,14 @@ def arm(step: str, workers: int, root: Path, group_size: int) -> None:
     fan_log = logging.getLogger("core.runs.fanout")
     fan_log.setLevel(logging.INFO)
     fan_log.addHandler(Started())
-    s = run_sharded(spec, urls, workers=workers, group_size=group_size)
+    if step == "ingest":
+        units, n, counts = ingest_arm(workers, root, group_size, shard_samples)
+    else:
+        s = run_sharded(spec, urls, workers=workers, group_size=group_size)
+        units, counts = len(s.done), s.counts
     wall = time.perf_counter() - t_start - ray_s  # Ray start-up is not the step's: a cluster has Ray up already
-    print(json.dumps({"step": step, "workers": workers, "n": n, "units": len(s.done), "seconds": wall,
-                      "ray_start_s": ray_s, "actors_ready_s": sum(started), "counts": s.counts}))
+    print(json.dumps({"step": step, "workers": workers, "n": n, "units": units, "seconds": wall,
+                      "ray_start_s": ray_s, "actors_ready_s": sum(started), "counts": counts}))
 
 
 def tree_usage(pid: int, cpu: dict[int, float]) -> int:
@@ -163,11 +185,12 @@ def tree_usage(pid: int, cpu: dict[int, float]) -> int:
     return total
 
 
-def run_arm(step: str, workers: int, root: Path, group_size: int) -> dict:
+def run_arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int = 250) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
     env.setdefault("RAY_TMPDIR", OWN_RAY_TMPDIR)  # not the shared /tmp/ray of other users
     p = subprocess.Popen([sys.executable, __file__, "--arm", step, "--workers", str(workers), "--root", str(root),
-                          "--group-size", str(group_size)], stdout=subprocess.PIPE, env=env, text=True)
+                          "--group-size", str(group_size), "--shard-samples", str(shard_samples)],
+                         stdout=subprocess.PIPE, env=env, text=True)
     peak = [0]
     cpu: dict[int, float] = {}
 
@@ -193,18 +216,22 @@ def same_ledger(root: Path, step: str) -> bool:
 
     a, b = (read_ledger(step_dir(root / f"w{w}" / step, "export" if step == "export" else step)) for w in (1, 2))
     cols = ["sample_id", "decision", "reason", "score", "shard", "extra"]
-    return a.sort_values("sample_id")[cols].reset_index(drop=True).equals(b.sort_values("sample_id")[cols].reset_index(drop=True))
+    same = a.sort_values("sample_id")[cols].reset_index(drop=True).equals(b.sort_values("sample_id")[cols].reset_index(drop=True))
+    if step == "ingest":  # and the one-pass ingest of the same data decided the same (sample_id, decision, reason)
+        one = read_ledger(step_dir(root / "run", "ingest"))
+        same = same and set(zip(one.sample_id, one.decision, one.reason)) == set(zip(a.sample_id, a.decision, a.reason))
+    return same
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------------
-def prepare(root: Path, n: int, shard_samples: int) -> dict:
+def prepare(root: Path, n: int, shard_samples: int, lm: bool = True) -> dict:
     from core.demo.dataset import generate_demo
     from core.foundation.step import shards_of
     from core.io.ingest import IngestConfig, ingest
     from core.steps.perplexity.reference import train_reference_lm
 
     t = {"generate_s": 0.0, "ingest_s": float("nan"), "lm_s": 0.0}
-    if (root / "run" / "ledger" / "ingest").is_dir() and (root / "lm").is_dir():  # a kept --root: reuse its data
+    if (root / "run" / "ledger" / "ingest").is_dir() and ((root / "lm").is_dir() or not lm):  # a kept --root: reuse
         return t
     t0 = time.perf_counter()
     info = generate_demo(str(root / "data"), n, seed=0)
@@ -212,6 +239,8 @@ def prepare(root: Path, n: int, shard_samples: int) -> dict:
     t0 = time.perf_counter()
     ingest(IngestConfig(info.data_json, info.images_dir, str(root / "run"), shard_max_samples=shard_samples))
     t["ingest_s"] = time.perf_counter() - t0
+    if not lm:
+        return t
     t0 = time.perf_counter()
     clean = json.loads(Path(info.ground_truth).read_text())["clean"][:300]
     train_reference_lm(shards_of(root / "run"), root / "lm", clean, steps=100)
@@ -230,22 +259,23 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.arm:
-        return arm(a.arm, a.workers, Path(a.root), a.group_size)
+        return arm(a.arm, a.workers, Path(a.root), a.group_size, a.shard_samples)
     import shutil
     import tempfile
 
     root = Path(a.root or tempfile.mkdtemp(prefix="scale-curate-"))
     try:
         print(f"load before: {os.getloadavg()}")
-        t = prepare(root, a.samples, a.shard_samples)
+        steps = a.steps.split(",")
+        t = prepare(root, a.samples, a.shard_samples, lm=any(s in LM_STEPS for s in steps))
         for w in (1, 2):  # fresh output folders for both arms
             shutil.rmtree(root / f"w{w}", ignore_errors=True)
         print(f"N={a.samples}: generate {t['generate_s']:.1f}s, ingest (1 process) {t['ingest_s']:.1f}s "
               f"({a.samples / t['ingest_s']:.0f} samples/s), tiny LM {t['lm_s']:.1f}s")
         rows, effs = [], []
-        for step in a.steps.split(","):
-            r1 = run_arm(step, 1, root, a.group_size)
-            r2 = run_arm(step, 2, root, a.group_size)
+        for step in steps:
+            r1 = run_arm(step, 1, root, a.group_size, a.shard_samples)
+            r2 = run_arm(step, 2, root, a.group_size, a.shard_samples)
             eff = r1["seconds"] / r2["seconds"] / 2
             effs.append(eff)
             rows.append((step, r1, r2, eff, same_ledger(root, step)))

@@ -26,6 +26,7 @@ header; a record over a bound is one quarantine row, never an exception or an un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tarfile
@@ -91,6 +92,50 @@ class SourceRecord:
 class SourceFormat:
     container: str
     dialect: str = "auto"  # auto = per record: "messages" when the record has messages and no conversations
+
+
+@dataclass(frozen=True)
+class Span:
+    """A contiguous range of one file's records (a source partition, core/io/partition.py): records
+    `first .. first + n - 1` (their indices in the whole file), which lie in bytes `start .. stop` (JSON array:
+    from the first item's first byte to the next item's first byte; JSONL: whole lines) or row groups
+    `start .. stop` (Parquet); `stop == -1`: to the end of the file."""
+
+    first: int
+    n: int
+    start: int
+    stop: int = -1
+
+
+class _SpanReader:
+    """A read-only file view of bytes `start .. stop` of `f` (`stop == -1`: to the end), with `prefix` before
+    and `suffix` after (a JSON array item range becomes `[` + items + `null]`, an array of its own)."""
+
+    def __init__(self, f, start: int, stop: int, prefix: bytes = b"", suffix: bytes = b""):
+        f.seek(start)
+        self.f, self.left = f, (stop - start if stop >= 0 else -1)
+        self.head, self.tail = prefix, suffix
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        out = b""
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            n -= len(out)
+        if n > 0 and self.left != 0:
+            want = n if self.left < 0 else min(n, self.left)
+            data = self.f.read(want)
+            if self.left > 0:
+                self.left = self.left - len(data) if data else 0
+            if not data:
+                self.left = 0
+            out += data
+            n -= len(data)
+        if n > 0 and self.left == 0 and self.tail:
+            piece, self.tail = self.tail[:n], self.tail[n:]
+            out += piece
+        return out
 
 
 def parse_format(spec: str) -> tuple[str, str]:
@@ -326,28 +371,36 @@ def _json_item(raw: bytes, limits: InputLimits = DEFAULT_LIMITS) -> Any:
         raise SampleError("too_deep", "JSON nesting exceeds the interpreter's recursion limit") from None
 
 
-def _iter_json(path: str, limits: InputLimits = DEFAULT_LIMITS, clean: bool = False) -> Iterator[SourceRecord]:
+def _iter_json(path: str, limits: InputLimits = DEFAULT_LIMITS, clean: bool = False,
+               span: Span | None = None) -> Iterator[SourceRecord]:
     """A JSON array's records. `clean`: the count pass scanned this file with the same `limits` and found
     no item over a bound and no over-long number; then ijson streams it (fast; its memory grows with the square of an item's depth,
     which is why it never sees an unchecked file). At ijson's first error, and for any file not known
     clean, the byte splitter delimits every item (bounding depth and size before a parser sees it) and json
     parses the item alone: a malformed or hostile item is quarantined alone (with its byte offset) and
-    every later item is still read."""
+    every later item is still read. `span`: only the items of that range (read as an array of their own:
+    `[` + the range's bytes + `null]`), with their indices and byte offsets in the whole file."""
     i = 0
+    first, n, shift = (span.first, span.n, span.start - 1) if span is not None else (0, -1, 0)
     if clean:
-        with fsspec.open(path, "rb") as f:
+        with _open_span(path, span) as f:
             try:
                 for rec in ijson.items(f, "item", use_float=True):
-                    yield SourceRecord(path, i, record=rec)
+                    if i == n:
+                        break  # the `null` closing a span
+                    yield SourceRecord(path, first + i, record=rec)
                     i += 1
                 return
             except (ijson.JSONError, UnicodeDecodeError, ValueError):
                 pass  # resync below
-    with fsspec.open(path, "rb") as f:
+    with _open_span(path, span) as f:
         for idx, off, raw, err in split_json_array(f, max_depth=limits.max_json_depth,
                                                    max_item_bytes=limits.max_record_bytes):
+            if idx == n:
+                break
             if idx < i:
                 continue
+            idx, off = first + idx, off + shift
             if err:
                 reason, _, detail = err.partition(": ")
                 if reason == "truncated":
@@ -359,6 +412,18 @@ def _iter_json(path: str, limits: InputLimits = DEFAULT_LIMITS, clean: bool = Fa
             except SampleError as e:
                 yield SourceRecord(path, idx, problem=(e.reason, f"item {idx} at byte {off}: {e.detail[:300]}"),
                                    offset=off)
+
+
+@contextlib.contextmanager
+def _open_span(path: str, span: Span | None, jsonl: bool = False) -> Iterator[Any]:
+    """The file, or the view of a span of it (a JSON item range wrapped into an array of its own)."""
+    with fsspec.open(path, "rb") as f:
+        if span is None:
+            yield f
+        elif jsonl:
+            yield _SpanReader(f, span.start, span.stop)
+        else:
+            yield _SpanReader(f, span.start, span.stop, b"[", b"null]" if span.stop >= 0 else b"")
 
 
 def iter_lines(f, max_bytes: int, chunk_size: int = 1 << 20) -> Iterator[bytes | int]:
@@ -386,9 +451,9 @@ def iter_lines(f, max_bytes: int, chunk_size: int = 1 << 20) -> Iterator[bytes |
         yield n if over else b"".join(cur)
 
 
-def _iter_jsonl(path: str, limits: InputLimits = DEFAULT_LIMITS) -> Iterator[SourceRecord]:
-    with fsspec.open(path, "rb") as f:
-        for idx, line in enumerate(iter_lines(f, limits.max_record_bytes)):
+def _iter_jsonl(path: str, limits: InputLimits = DEFAULT_LIMITS, span: Span | None = None) -> Iterator[SourceRecord]:
+    with _open_span(path, span, jsonl=True) as f:
+        for idx, line in enumerate(iter_lines(f, limits.max_record_bytes), span.first if span is not None else 0):
             if isinstance(line, int):
                 yield SourceRecord(path, idx, problem=(
                     "oversize_record", f"line record {idx}: {line} bytes > max_record_bytes={limits.max_record_bytes}"))
@@ -589,13 +654,15 @@ def _drop_nulls(x: Any) -> Any:
     return x
 
 
-def _iter_parquet(path: str, batch_rows: int = 256) -> Iterator[SourceRecord]:
+def _iter_parquet(path: str, batch_rows: int = 256, span: Span | None = None) -> Iterator[SourceRecord]:
+    """A Parquet file's rows; `span`: only row groups `span.start .. span.stop`, whose first row is `span.first`."""
     import pyarrow.parquet as pq
 
-    i = 0
+    i = 0 if span is None else span.first
     with fsspec.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        for batch in pf.iter_batches(batch_size=batch_rows):
+        groups = None if span is None else list(range(span.start, span.stop))
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups):
             for row in batch.to_pylist():
                 sid = str(row.get("id") if row.get("id") is not None else f"{PurePosixPath(path).stem}#{i}")
                 try:
@@ -719,21 +786,31 @@ def iter_source(source: str, format: str = "auto", caption_prompt: str = DEFAULT
     container, dialect = parse_format(format)
     for path in list_source_files(source):
         kind = container if container != "auto" else detect_container(path)
-        if kind == "json":
-            it = _iter_json(path, limits, clean=flagged is not None and flagged.get(path) == {})
-        elif kind == "jsonl":
-            it = _iter_jsonl(path, limits)
-        elif kind == "wds":
-            it = _iter_wds(path, caption_prompt, limits)
-        else:
-            it = _iter_parquet(path)
-        for r in it:
-            if r.record is not None:
-                try:
-                    r.record = normalize(r.record, dialect, implicit_images=r.implicit_images)
-                except SampleError as e:
-                    r.problem = (e.reason, e.detail)  # the raw record stays: its id keys the ledger row
-            yield r
+        yield from iter_file(path, kind, dialect, caption_prompt, limits,
+                             clean=flagged is not None and flagged.get(path) == {})
+
+
+def iter_file(path: str, kind: str, dialect: str = "auto", caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+              limits: InputLimits = DEFAULT_LIMITS, clean: bool = False, span: Span | None = None
+              ) -> Iterator[SourceRecord]:
+    """The records of one file of container `kind` (normalized as `iter_source` yields them), or of the `span`
+    of it (JSON array, JSONL, Parquet; a partition, core/io/partition.py): the same records, with the same
+    indices and positions, as the file's whole read yields for that range. `clean`: see `_iter_json`."""
+    if kind == "json":
+        it = _iter_json(path, limits, clean=clean, span=span)
+    elif kind == "jsonl":
+        it = _iter_jsonl(path, limits, span=span)
+    elif kind == "wds":
+        it = _iter_wds(path, caption_prompt, limits)
+    else:
+        it = _iter_parquet(path, span=span)
+    for r in it:
+        if r.record is not None:
+            try:
+                r.record = normalize(r.record, dialect, implicit_images=r.implicit_images)
+            except SampleError as e:
+                r.problem = (e.reason, e.detail)  # the raw record stays: its id keys the ledger row
+        yield r
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -748,44 +825,50 @@ def count_records(source: str, format: str = "auto", limits: InputLimits = DEFAU
     readers' (and must be the readers', so both delimit the same items). `flagged`, when given, receives
     per JSON array file {item index: error} for the items over a bound (`split_json_array`), and at -1 a
     run of more digits than `max_int_digits` somewhere in the file (only the bounded parser checks ints)."""
-    import pyarrow.parquet as pq
-
     container, _ = parse_format(format)
     out: dict[str, int] = {}
     for path in list_source_files(source):
         kind = container if container != "auto" else detect_container(path)
-        n = 0
-        with fsspec.open(path, "rb") as f:
-            if kind == "json":
-                try:
-                    bad: dict[int, str] = {}
-                    watch = _DigitWatch(f, limits.max_int_digits)
-                    for idx, _, _, err in split_json_array(watch, keep_bytes=False, max_depth=limits.max_json_depth,
-                                                           max_item_bytes=limits.max_record_bytes):
-                        n += 1
-                        if err:
-                            bad[idx] = err
-                    if watch.found:  # -1: the file as a whole is for the bounded path
-                        bad[-1] = f"a run of more than max_int_digits={limits.max_int_digits} digits"
-                    if flagged is not None:
-                        flagged[path] = bad
-                except SourceError as e:
-                    raise SourceError(f"{path}: {e}") from None
-            elif kind == "jsonl":
-                for _ in iter_lines(f, limits.max_record_bytes):
-                    n += 1
-            elif kind == "wds":
-                last = None
-                try:
-                    with tarfile.open(fileobj=f, mode="r|") as tar:
-                        for m in tar:
-                            if not m.isdir():  # as _tar_groups: every other member belongs to a group
-                                key = _wds_split(m.name)[0]
-                                n += key != last
-                                last = key
-                except (tarfile.TarError, EOFError, OSError):
-                    n += 1  # the `__truncated__` marker row
-            else:
-                n = pq.ParquetFile(f).metadata.num_rows
-        out[path] = n
+        out[path] = count_file(path, kind, limits, flagged)
     return out
+
+
+def count_file(path: str, kind: str, limits: InputLimits = DEFAULT_LIMITS,
+               flagged: dict[str, dict[int, str]] | None = None) -> int:
+    """The records of one file of container `kind`, counted without the parsers (`count_records`)."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    with fsspec.open(path, "rb") as f:
+        if kind == "json":
+            try:
+                bad: dict[int, str] = {}
+                watch = _DigitWatch(f, limits.max_int_digits)
+                for idx, _, _, err in split_json_array(watch, keep_bytes=False, max_depth=limits.max_json_depth,
+                                                       max_item_bytes=limits.max_record_bytes):
+                    n += 1
+                    if err:
+                        bad[idx] = err
+                if watch.found:  # -1: the file as a whole is for the bounded path
+                    bad[-1] = f"a run of more than max_int_digits={limits.max_int_digits} digits"
+                if flagged is not None:
+                    flagged[path] = bad
+            except SourceError as e:
+                raise SourceError(f"{path}: {e}") from None
+        elif kind == "jsonl":
+            for _ in iter_lines(f, limits.max_record_bytes):
+                n += 1
+        elif kind == "wds":
+            last = None
+            try:
+                with tarfile.open(fileobj=f, mode="r|") as tar:
+                    for m in tar:
+                        if not m.isdir():  # as _tar_groups: every other member belongs to a group
+                            key = _wds_split(m.name)[0]
+                            n += key != last
+                            last = key
+            except (tarfile.TarError, EOFError, OSError):
+                n += 1  # the `__truncated__` marker row
+        else:
+            n = pq.ParquetFile(f).metadata.num_rows
+    return n
