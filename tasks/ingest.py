@@ -12,6 +12,7 @@ from core.io.ingest import IngestOptions, default_ingest_options
 from tasks.cache import task_version
 from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import CPU_IMAGE
+from tasks.paths import resume_key, step_workdir
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut
 
@@ -88,11 +89,22 @@ def ingest_dataset(
     t0 = step_started("ingest", source=source, image_root=image_root, format=format)
     from core.io.ingest import ingest
 
-    run_dir = os.path.join(current_context().working_directory, "run")
+    sf = None
+    if config.partition_records > 0:
+        # partitioned (docs/ingest.md): partitions are fan-out units (`config.fanout` workers: Ray actors in this
+        # pod); a persistent step folder, so a retry redoes only the partitions without a ledger part
+        sf = step_workdir("ingest", resume_key("ingest_dataset", task_version(__name__), source=source,
+                                               image_root=image_root, config=config,
+                                               source_fingerprint=source_fingerprint, format=format))
+        run_dir = sf.path
+    else:  # one pass, rewritten whole by a retry
+        run_dir = os.path.join(current_context().working_directory, "run")
     cfg = config.ingest_config(source, image_root, run_dir, format=format)
     res = ingest(cfg)
     log.info("ingest: %s", res.summary())
     _deck(res, run_dir)
     save_decks(run_dir, "ingest")
+    if sf is not None:
+        run_dir = sf.close()
     step_finished("ingest", t0, run_dir)
     return StepOut("ingest", FlyteDirectory(run_dir))

@@ -79,8 +79,9 @@ def prune_groups(groups: list[FlyteFile], config: SemDedupConfig, gpu: bool = Tr
 def launch_ingest(run: RunNodes, prev: Optional[StepOut] = None) -> StepOut:
     # the fingerprint (sizes, mtimes) joins the cache key: a re-run after the files changed re-ingests
     fp = fingerprint_source(source=run.source, image_root=run.image_root)
-    return ingest_dataset(source=run.source, image_root=run.image_root, config=run.config.ingest_config,
-                          source_fingerprint=fp, format=run.format)
+    cfg = run.config.ingest_config
+    return ingest_dataset(source=run.source, image_root=run.image_root, config=cfg, source_fingerprint=fp,
+                          format=run.format).with_overrides(**overrides("ingest", cfg, run.run_gpu))  # the fan-out's pod
 
 
 def launch_filter(run: RunNodes, prev: Optional[StepOut], name: str) -> StepOut:

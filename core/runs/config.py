@@ -101,9 +101,11 @@ def mammoth_v1_curate_config() -> CurateConfig:
     embeddings on 32 GPU Ray workers, SemDeDup removing exactly 10% over 1200
     clusters, decontamination at the SigLIP2 threshold 0.95 (switch on with decontam + eval_cache), perplexity
     drop above p90 scored over the cluster (256 Ray actors, one model and GPU each, on 32 worker pods: the step folder
-    must be on a filesystem the pods share, `MMCURATE_RESUME_ROOT`), 5000-sample ingest and export shards, the
-    export partitioned over 32 one-core actors of one pod."""
-    return CurateConfig(ingest_config=IngestOptions(shard_max_samples=5000),
+    must be on a filesystem the pods share, `MMCURATE_RESUME_ROOT`), 5000-sample ingest and export shards, ingest and
+    export partitioned over 32 one-core actors of one pod each."""
+    # partitioned ingest: partitions of 5,000 records (2,400 at 12M) over 32 one-core actors in one pod
+    return CurateConfig(ingest_config=IngestOptions(shard_max_samples=5000, partition_records=5000,
+                                                    fanout=cpu_node_fanout()),
                         embed_config=siglip2_embed_config(num_actors=32),
                         perplexity_config=preset(PerplexityConfig, "reference", fanout=gpu_cluster_fanout()),
                         semdedup_config=target_dedup_config(0.10, n_clusters=1200),

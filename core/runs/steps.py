@@ -88,6 +88,7 @@ GPU_PROFILES: dict[str, Profile] = {
     "embed": Profile("2", "8Gi", 0, "gpu"),  # the Ray driver; its GPUs are on the Ray workers (ray_job_config)
     "cluster": Profile("8", "64Gi", 1, "gpu"),
     "prune": Profile("4", "32Gi", 1, "gpu"),
+    "ingest": Profile("2", "4Gi", 0, "cpu"),  # CPU only; per actor of a partitioned ingest's fan-out
     "decontam": Profile("8", "32Gi", 0, "gpu"),  # a streamed faiss pass: CPU-bound, no GPU requested
     "perplexity": Profile("8", "32Gi", 1, "gpu"),
     "rephrase": Profile("8", "32Gi", 1, "vllm"),

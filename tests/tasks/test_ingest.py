@@ -169,3 +169,32 @@ def test_cached_ingest_reruns_when_the_files_change(dataset, tmp_path, flyte_loc
     src.write_text(json.dumps(records[:2]))
     third = run()
     assert len(calls) == 2 and len(third) == 2 < len(first)
+
+
+def test_partitioned_ingest_task_decides_as_the_one_pass_and_resumes_in_its_step_folder(dataset, monkeypatch):
+    """`partition_records > 0` runs the partitioned ingest in the task's persistent step folder: the same
+    (id, decision, reason) rows as the one pass; a re-run of the same call (a Flyte retry) finds every
+    partition finished and redoes none."""
+    import core.io.ingest
+    from core.foundation.configs import override
+    from core.io.ingest import default_ingest_options
+    from tasks.ingest import ingest_dataset
+
+    tmp, img, records = dataset
+    src = tmp / "data.json"
+    src.write_text(json.dumps(records))
+    one = ingest_dataset(source=str(src), image_root=str(img))
+    opts = override(default_ingest_options(), partition_records=2)
+    part = ingest_dataset(source=str(src), image_root=str(img), config=opts)
+    a, b = (read_ledger(step_dir(o.dir.path, "ingest")) for o in (one, part))
+    assert set(zip(a.sample_id, a.decision, a.reason)) == set(zip(b.sample_id, b.decision, b.reason))
+    assert len(b) == len(records) and "/ingest/" in part.dir.path  # the resumable step folder, not the work dir
+    from flytekit.core.local_cache import LocalTaskCache
+
+    monkeypatch.setattr(LocalTaskCache, "get", staticmethod(lambda *a, **kw: None))  # a retry: no cache answers
+    done = []
+    real = core.io.ingest.IngestStep.process
+    monkeypatch.setattr(core.io.ingest.IngestStep, "process", lambda self, u, led: done.append(u) or real(self, u, led))
+    again = ingest_dataset(source=str(src), image_root=str(img), config=opts)
+    assert again.dir.path == part.dir.path and done == []  # every partition resumed
+    assert read_ledger(step_dir(again.dir.path, "ingest")).equals(b)
