@@ -5,12 +5,14 @@ step through `run_sharded` twice, on the same inputs, into fresh folders: `worke
 own `run`) and `workers=2` (a local Ray with 2 CPUs, a pool of 2 one-CPU actors, groups of `--group-size`
 shards). Torch/OpenMP threads are 1 per worker in both arms, so the comparison is about the engine.
 
-Steps: embed (tiny preset), perplexity (the project's tiny LM, trained here on 300 samples), export per
-input shard (a ShardStep of this script built on export's own `to_loader_schema` + `ShardWriter`: the
-project's export is one unit over all shards today), decontam scoring (embeddings of the 1-worker embed arm;
-eval set = one of its files), rephrase (tiny preset, the same tiny LM), ingest (partitioned: `ingest` with
-`partition_records = --shard-samples`, its `IngestStep` units over the same fan-out, into `w1/ingest` and
-`w2/ingest`, from the generated data.json; the data for the other steps is ingested once, in one pass).
+Steps: ingest (partitioned: `ingest` with `partition_records = --shard-samples`, its `IngestStep` units over the
+same fan-out, into `w1/ingest` and `w2/ingest`, from the generated data.json; the data for the other steps is
+ingested once, in one pass), embed (tiny preset), perplexity (the project's tiny LM, trained here on 300
+samples), export (the project's partitioned export, `partition_shards=1`: one unit per input shard, its reduce
+writes the manifest and card), decontam scoring (embeddings of the 1-worker embed arm; eval set = the first
+files holding `--eval-items` embeddings, 10,000 by default: about the size of the default decontam benchmarks,
+and the search cost per sample grows with it), rephrase (tiny preset, the same tiny LM; `--rephrase-shards K`
+runs it on the first K shards only: it costs ~20 ms of CPU per sample).
 
 Each arm runs in a child process; its time runs from the child's first import to the end of `run_sharded`,
 less the Ray start-up (printed on its own: on a cluster Ray is up before the step): the driver's imports,
@@ -40,30 +42,7 @@ OWN_RAY_TMPDIR = f"/tmp/mmc-scale-{os.getpid()}"  # short: Ray's socket paths un
 
 
 # ---- the steps, as StepSpecs --------------------------------------------------------------------------
-def _export_step_class():
-    from core.foundation.step import ShardStep
-    from core.io.wds import ShardWriter
-    from core.steps.export import sample_kind, to_loader_schema
-
-    class ShardExport(ShardStep):
-        """Export per input shard: its samples in loader schema to `export/shards/<kind>/<unit>-NNNNNN.tar`."""
-
-        name = "export"
-
-        def process(self, unit, led):
-            writers: dict[str, ShardWriter] = {}
-            for s in self.read(unit, led, load_images=True):
-                s = to_loader_schema(s, "jpg")
-                kind = sample_kind(s)
-                if kind not in writers:
-                    writers[kind] = ShardWriter(str(self.out / "export" / "shards" / kind), unit.name, 1000)
-                led.add(s.id, "keep", shard=f"{kind}/{writers[kind].write(s)}")
-            return sum(len(w.close()) for w in writers.values())
-
-    return ShardExport
-
-
-def spec_and_units(step: str, root: Path, out: Path):
+def spec_and_units(step: str, root: Path, out: Path, eval_items: int = 10_000, rephrase_shards: int = 0):
     """(StepSpec, unit URLs, number of input samples) of `step` writing into `out`."""
     from core.foundation.step import Passing, shards_of
     from core.runs.fanout import StepSpec
@@ -82,8 +61,12 @@ def spec_and_units(step: str, root: Path, out: Path):
         from core.steps.perplexity.pipeline import PerplexityStep
 
         return StepSpec(PerplexityStep, (out, tiny_perplexity_config(str(root / "lm"))), {"prev": prev}), shards, len(prev)
-    if step == "export":
-        return StepSpec(_export_step_class(), (out,), {"prev": prev}), shards, len(prev)
+    if step == "export":  # the project's partitioned export, one unit per input shard (its reduce: manifest, card)
+        from core.steps.export import ExportConfig, export_plan
+
+        spec, units = export_plan(shards, str(run), str(out / "export"),
+                                  ExportConfig(steps=["ingest"], partition_shards=1))
+        return spec, units, len(prev)
     if step == "decontam":
         from core.steps.dedup.config import tiny_decontam_config
         from core.steps.dedup.mining import DecontamStep
@@ -91,12 +74,22 @@ def spec_and_units(step: str, root: Path, out: Path):
         src = root / "w1" / "embed"  # the 1-worker arm's embeddings: the same inputs for both arms
         files = sorted(str(p) for p in (src / "embed").glob("*.parquet"))
         prev = Passing.read(src, "embed")
-        return StepSpec(DecontamStep, (out, {"bench": files[0]}, tiny_decontam_config()), {"prev": prev}), files, len(prev)
+        # the eval set: the first files holding >= eval_items embeddings (a stand-in of the size of the default
+        # decontam benchmarks; the search cost per sample grows with it), at most half the files
+        per_file = max(1, len(prev) // max(1, len(files)))
+        k = max(1, min(len(files) // 2, -(-eval_items // per_file)))
+        return (StepSpec(DecontamStep, (out, {"bench": files[:k]}, tiny_decontam_config()), {"prev": prev}), files,
+                len(prev))
     if step == "rephrase":
+        from core.io.wds import shard_name
         from core.steps.rephrase.config import tiny_rephrase_config
         from core.steps.rephrase.step import RephraseStep
 
         lm = str(root / "lm")
+        if rephrase_shards:  # the first shards only (rephrase costs ~20 ms of CPU per sample with the tiny LM)
+            shards = shards[:rephrase_shards]
+            names = {shard_name(u) for u in shards}
+            prev = Passing(prev.step, {k: v for k, v in prev.by_shard.items() if k in names})
         return StepSpec(RephraseStep, (out, tiny_rephrase_config(lm, lm)), {"prev": prev}), shards, len(prev)
     raise ValueError(step)
 
@@ -117,7 +110,8 @@ def ingest_arm(workers: int, root: Path, group_size: int, shard_samples: int):
 
 
 # ---- one arm, in a child process ----------------------------------------------------------------------
-def arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int = 250) -> None:
+def arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int = 250, eval_items: int = 10_000,
+        rephrase_shards: int = 0) -> None:
     t_start = time.perf_counter()  # both arms pay their imports (torch, the step's modules) inside the time
     from core.runs.fanout import limit_threads
 
@@ -129,7 +123,7 @@ def arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int
 
     out = root / f"w{workers}" / step
     if step != "ingest":
-        spec, urls, n = spec_and_units(step, root, out)
+        spec, urls, n = spec_and_units(step, root, out, eval_items, rephrase_shards)
     ray_s = 0.0
     if workers > 1:
         import ray
@@ -185,11 +179,13 @@ def tree_usage(pid: int, cpu: dict[int, float]) -> int:
     return total
 
 
-def run_arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int = 250) -> dict:
+def run_arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int = 250, eval_items: int = 10_000,
+            rephrase_shards: int = 0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
     env.setdefault("RAY_TMPDIR", OWN_RAY_TMPDIR)  # not the shared /tmp/ray of other users
     p = subprocess.Popen([sys.executable, __file__, "--arm", step, "--workers", str(workers), "--root", str(root),
-                          "--group-size", str(group_size), "--shard-samples", str(shard_samples)],
+                          "--group-size", str(group_size), "--shard-samples", str(shard_samples),
+                          "--eval-items", str(eval_items), "--rephrase-shards", str(rephrase_shards)],
                          stdout=subprocess.PIPE, env=env, text=True)
     peak = [0]
     cpu: dict[int, float] = {}
@@ -214,7 +210,7 @@ def run_arm(step: str, workers: int, root: Path, group_size: int, shard_samples:
 def same_ledger(root: Path, step: str) -> bool:
     from core.foundation.ledger import read_ledger, step_dir
 
-    a, b = (read_ledger(step_dir(root / f"w{w}" / step, "export" if step == "export" else step)) for w in (1, 2))
+    a, b = (read_ledger(step_dir(root / f"w{w}" / step / ("export" if step == "export" else ""), step)) for w in (1, 2))
     cols = ["sample_id", "decision", "reason", "score", "shard", "extra"]
     same = a.sort_values("sample_id")[cols].reset_index(drop=True).equals(b.sort_values("sample_id")[cols].reset_index(drop=True))
     if step == "ingest":  # and the one-pass ingest of the same data decided the same (sample_id, decision, reason)
@@ -254,12 +250,15 @@ def main() -> None:
     ap.add_argument("--shard-samples", type=int, default=250, help="samples per ingested shard (a unit)")
     ap.add_argument("--group-size", type=int, default=1, help="shards per fan-out group")
     ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--eval-items", type=int, default=10_000,
+                    help="decontam eval-set size (~ the default benchmarks: DocVQA val 5,349, ChartQA test 2,500, ...)")
+    ap.add_argument("--rephrase-shards", type=int, default=0, help="rephrase only the first K shards (0: all)")
     ap.add_argument("--root", default="", help="work folder (default: a fresh temporary one, removed after)")
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.arm:
-        return arm(a.arm, a.workers, Path(a.root), a.group_size, a.shard_samples)
+        return arm(a.arm, a.workers, Path(a.root), a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards)
     import shutil
     import tempfile
 
@@ -274,8 +273,8 @@ def main() -> None:
               f"({a.samples / t['ingest_s']:.0f} samples/s), tiny LM {t['lm_s']:.1f}s")
         rows, effs = [], []
         for step in steps:
-            r1 = run_arm(step, 1, root, a.group_size, a.shard_samples)
-            r2 = run_arm(step, 2, root, a.group_size, a.shard_samples)
+            r1 = run_arm(step, 1, root, a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards)
+            r2 = run_arm(step, 2, root, a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards)
             eff = r1["seconds"] / r2["seconds"] / 2
             effs.append(eff)
             rows.append((step, r1, r2, eff, same_ledger(root, step)))
