@@ -11,6 +11,7 @@ GPU per embedding actor and per generation shard.
 """
 
 from functools import partial
+from types import SimpleNamespace
 from typing import List, NamedTuple, Optional
 
 from flytekit import LaunchPlan, Resources, dynamic, map_task, workflow
@@ -84,7 +85,8 @@ def targeted_steps(
         **overrides("generate", config, run_gpu))
     lm = train_reference_lm(run=ref, reference_ids=reference_ids, steps=lm_steps)
     f = filter_generated_samples(generations=gens, subgroups=sub, ppl_model=lm, eval_cache=eval_cache,
-                                 benchmarks=benchmarks, config=config)
+                                 benchmarks=benchmarks, config=config).with_overrides(
+        **overrides("tg_filter", SimpleNamespace(fanout=config.filter_fanout), run_gpu))  # its pod
     ex = export_dataset(run=f.generated, steps=f.filters, subset_ids=f.kept_ids, subset_name=config.subset_name)
     return TargetedOutputs(export=ex, filtered=f.filters[0].dir, retrieved=ret.out_dir)
 

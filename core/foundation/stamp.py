@@ -31,7 +31,7 @@ STAMP_FILE = "_step.json"
 SCHEDULING_FIELDS = frozenset({
     "device", "num_actors", "num_gpus", "cpus_per_actor", "decode_workers", "prefetch_batches",
     "actor_start_timeout_s", "max_shard_retries", "cache_dir", "overlap_io", "gpu_memory_utilization",
-    "tensor_parallel", "max_parallel_shards", "num_workers", "fanout",
+    "tensor_parallel", "max_parallel_shards", "num_workers", "fanout", "filter_fanout",
 })
 MISMATCH_ACTIONS = ("refuse", "recompute")
 

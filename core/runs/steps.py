@@ -95,6 +95,7 @@ GPU_PROFILES: dict[str, Profile] = {
     "train": Profile("8", "64Gi", 1, "train"),
     "evaluate": Profile("8", "64Gi", 1, "vllm"),
     "generate": Profile("8", "48Gi", 1, "vllm"),
+    "tg_filter": Profile("4", "16Gi", 0, "cpu"),  # targeted generation's filters: CPU; per actor of their fan-out
     "expert": Profile("8", "64Gi", 1, "train"),
     "soup": Profile("8", "64Gi", 1, "vllm"),
 }

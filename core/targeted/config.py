@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from core.foundation.configs import ConfigJSON, override, preset, register_preset
+from core.runs.fanout import FanOut, tiny_fanout
 
 ANSWER_FORMATS = ("number", "short", "letter", "points")
 PPL_DIRECTIONS = ("drop_high", "drop_low", "none")
@@ -98,6 +99,8 @@ class TargetedConfig(ConfigJSON):
     :param k_shot: in-context examples (reference Q/A of the subgroup) per prompt.
     :param shard_size: retrieved images per generation shard (the unit of resume and of the map task).
     :param max_parallel_shards: concurrency cap of the generation map task.
+    :param filter_fanout: How the filters' per-shard steps (perplexity scoring, text decontamination) spread over
+        workers in the filter task's pod (core/runs/fanout.py `FanOut`; default in-process). Scheduling only.
     :param seed: base seed; each request's seed derives from it and the generated sample id.
     Filters
     :param ppl_direction: `drop_high` (drop above the `ppl_percentile`-th percentile: disfluent text),
@@ -130,6 +133,7 @@ class TargetedConfig(ConfigJSON):
     batch_size: int = 8
     shard_size: int = 256
     max_parallel_shards: int = 4
+    filter_fanout: FanOut = field(default_factory=tiny_fanout)
     device: str = "auto"
     tensor_parallel: int = 1
     gpu_memory_utilization: float = 0.9
@@ -144,6 +148,8 @@ class TargetedConfig(ConfigJSON):
 
     def __post_init__(self) -> None:
         self.prompts = {k: (FamilyPrompt(**v) if isinstance(v, dict) else v) for k, v in self.prompts.items()}
+        if isinstance(self.filter_fanout, dict):
+            self.filter_fanout = FanOut(**self.filter_fanout)
         self.validate()
 
     def validate(self) -> None:

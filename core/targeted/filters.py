@@ -116,6 +116,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
                      ref_texts: dict[str, str], eval_qs: dict[str, dict[str, str]], encoder: Any = None) -> dict[str, Any]:
     """Run the three filters on the accepted generations of `gen_dir` (merged generation output); ledgers
     go to `out_dir` (`FILTER_STEPS[1:]`). Returns counts per step and reason."""
+    from core.foundation.configs import override
     from core.foundation.step import Passing, shards_of
     from core.io.wds import iter_samples
     from core.steps.dedup.config import DecontamConfig
@@ -129,7 +130,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
     gen = Path(gen_dir)
     passed = set(passing_ids(read_ledger(step_dir(gen, "tg_generate"))))
     urls = shards_of(gen)
-    pcfg = tiny_perplexity_config(ppl_model)
+    pcfg = override(tiny_perplexity_config(ppl_model), fanout=cfg.filter_fanout)  # scoring over the fan-out
     score_shards(urls, out, pcfg, prev=Passing.read(gen, "tg_generate"))
     if not step_dir(out, "perplexity").exists():  # nothing accepted: the step still publishes its (empty) ledger
         with LedgerWriter(step_dir(out, "perplexity") / "part-empty.parquet", "perplexity"):
@@ -161,7 +162,7 @@ def filter_generated(gen_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg
             write_text_embeddings(f, list(qs), encoder.embed(list(qs.values())))
             evals[b] = str(f)
     if evals and kept2:
-        dc = DecontamConfig(threshold=cfg.decontam_threshold, k=1, kind="text", device="cpu")
+        dc = DecontamConfig(threshold=cfg.decontam_threshold, k=1, kind="text", device="cpu", fanout=cfg.filter_fanout)
         decontaminate(emb / "generated.parquet", out, evals, dc, Passing.read(out, DEDUP_STEP))
     else:  # nothing to compare: every input is kept with the reason why the check did not run
         with LedgerWriter(step_dir(out, "decontam") / "part-all.parquet", "decontam") as led:
