@@ -239,6 +239,34 @@ def test_changed_perplexity_knob_reruns_only_perplexity_filter_and_after(demo, l
     assert manifest["third"] == manifest["second"] != manifest["first"]
 
 
+@pytest.mark.slow
+def test_curate_on_every_local_core_decides_as_the_in_process_run(demo, local_ray, tmp_path):
+    """The same `curate` with every per-sample step fanned out over 2 local Ray actors (`fanout` preset `local`),
+    ingest partitioned at the source and export partitioned over input shards: every step decides the same
+    (sample_id, decision, reason) rows as the in-process run; only shard names and export shard boundaries
+    differ (docs/ingest.md, docs/export.md). The run is what `pyflyte run` executes locally."""
+    on = dict(image_filter=True, rephrase=True, rephrase_config="tiny", decontam=True,
+              decontam_benchmarks=["docvqa", "chartqa"])
+    local = {"fanout": {"preset": "local"}}
+    fanned = dict(on, ingest_config={"shard_max_samples": SHARD, "partition_records": 20, **local},
+                  image_filter_config=local, decontam_config=local, perplexity_config=local, rephrase_config=local,
+                  export_config={"max_samples": EXPORT_SHARD, "partition_shards": 1, **local})
+    fanned["rephrase_config"] = {"preset": "tiny", **local}
+    runs = {}
+    for label, cfg in (("in_process", on), ("two_workers", fanned)):
+        _curate(demo, tmp_path / label, cfg, eval_cache=str(demo / "eval_cache"))
+        runs[label] = pd.read_parquet(tmp_path / label / "ledger.parquet")
+    cols = ["step", "sample_id", "decision", "reason"]
+    a, b = (runs[k][cols].sort_values(cols).reset_index(drop=True) for k in ("in_process", "two_workers"))
+    assert a.equals(b)
+    assert set(a.step) == {"ingest", "image_filter", "embed", "decontam", "semdedup", "perplexity", "ppl_filter",
+                           "rephrase", "export"}
+    ingest_shards = set(runs["two_workers"].query("step == 'ingest' and decision == 'keep'").shard)
+    assert len(ingest_shards) > 1 and all("-p0" in s for s in ingest_shards)  # partitioned: its own shard names
+    summaries = [json.loads((tmp_path / k / "summary.json").read_text()) for k in runs]
+    assert summaries[0]["final_samples"] == summaries[1]["final_samples"] > 0
+
+
 def _ledger(root: Path, step: str, rows: dict[str, str]) -> FlyteDirectory:
     with LedgerWriter(step_dir(root, step) / f"part-{step}.parquet", step) as led:
         for sid, decision in rows.items():
