@@ -184,7 +184,7 @@ class Meter:
                 f"server {self.server / n * 1000:4.2f} ms")
 
 
-def read_ceiling(fs, root: str, names: list[str], readers: int) -> None:
+def read_ceiling(fs, root: str, names: list[str], readers: int, async_reads: bool = True) -> None:
     """Read every image through the concurrent reader alone (core/io/pool.py on s3fs's loop, no ingest work)."""
     from functools import partial
 
@@ -192,7 +192,7 @@ def read_ceiling(fs, root: str, names: list[str], readers: int) -> None:
     from core.io.pool import read_ahead
     from core.io.remote import async_image_reader
 
-    aread = async_image_reader(fs, partial(_safe_image_path, root), 1 << 30)
+    aread = async_image_reader(fs, partial(_safe_image_path, root), 1 << 30) if async_reads else None
     with closing(read_ahead(names, lambda n: (n, [n]), partial(_read_image, fs, root, False, 1 << 30), readers,
                             aread=aread)) as it:
         for ahead in it:
@@ -243,12 +243,18 @@ def main() -> None:
     ap.add_argument("--readers", type=int, default=16, help="image_readers of the concurrent run")
     ap.add_argument("--server", choices=("keepalive", "moto"), default="keepalive",
                     help="keepalive: moto's S3 app, HTTP/1.1 keep-alive; moto: moto_server as shipped")
+    ap.add_argument("--reader", choices=("async", "threads"), default="async",
+                    help="async: S3 reads as coroutines on s3fs's loop (as ingest does); threads: the thread pool "
+                         "calling the sync read (ingest before core/io/remote.py), for comparison")
     a = ap.parse_args()
 
     import s3fs
 
+    import core.io.ingest
     from core.io.ingest import IngestConfig, ingest
 
+    if a.reader == "threads":
+        core.io.ingest.async_image_reader = lambda *args: None  # read_ahead falls back to its thread pool
     proc, url = start_server(a.server)
     try:
         use_endpoint(url)
@@ -271,10 +277,10 @@ def main() -> None:
         warm.write_text("".join(src.read_text().splitlines(keepends=True)[:20]))
         ingest(IngestConfig(source=str(warm), image_root=root, run_dir=str(work / "warm"), image_readers=a.readers))
         meter = Meter(proc.pid)
-        print(f"{a.n} images of {a.px}x{a.px} px, S3 server: {a.server} ({url}), {os.cpu_count()} cores, load average "
-              f"{os.getloadavg()[0]:.1f}")
+        print(f"{a.n} images of {a.px}x{a.px} px, S3 server: {a.server} ({url}), reader: {a.reader}, "
+              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
         with meter:
-            read_ceiling(fs, root, names, a.readers)
+            read_ceiling(fs, root, names, a.readers, a.reader == "async")
         print(f"  ceiling, no added latency: reads alone, {a.readers} readers   {meter.line(a.n)}")
         with meter:
             ingest(IngestConfig(source=str(src), image_root=root, run_dir=str(work / "nolatency"),

@@ -67,12 +67,17 @@ class _OnLoop:
         self.fn, self.loop = aread.fn, aread.loop
         self.sem = asyncio.Semaphore(limit)  # binds to the loop on first use (Python >= 3.10)
         self.started: set[asyncio.Task] = set()
+        self.closed = False  # set on the loop by `_shutdown`: a read that has not started never starts
 
     async def _run(self, name: str) -> bytes:
+        if self.closed:
+            raise asyncio.CancelledError
         task = asyncio.current_task()
         self.started.add(task)
         try:
             async with self.sem:
+                if self.closed:
+                    raise asyncio.CancelledError
                 return await self.fn(name)
         finally:
             self.started.discard(task)
@@ -80,18 +85,18 @@ class _OnLoop:
     def submit(self, name: str) -> Future:
         return asyncio.run_coroutine_threadsafe(self._run(name), self.loop)
 
-    async def _cancel_started(self) -> None:
+    async def _shutdown(self) -> None:
+        self.closed = True
         tasks = list(self.started)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def close(self, futures: Iterable[Future]) -> None:
-        """Cancel what is queued, then cancel the started reads and wait until they have ended."""
-        for fut in futures:
-            fut.cancel()  # a task not started yet never runs its body
-        if self.loop.is_running() and not _on_loop(self.loop):
-            asyncio.run_coroutine_threadsafe(self._cancel_started(), self.loop).result()
+    def close(self) -> None:
+        """On the loop, in one step: no queued read starts any more, running ones are cancelled; returns when
+        they have ended (all in one coroutine, so no read slips in between cancellations made from this thread)."""
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result()
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -139,7 +144,7 @@ def read_ahead(items: Iterable[T], prepare: Callable[[T], tuple[Any, Sequence[st
         if _on_loop(aread.loop):
             raise RuntimeError("read_ahead with aread must not run on aread.loop: its reads would wait on themselves")
         on_loop = _OnLoop(aread, max_workers)
-        submit, shutdown = on_loop.submit, lambda: on_loop.close(f for a in pending for f in a._futures.values())
+        submit, shutdown = on_loop.submit, on_loop.close
     else:
         pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="read-ahead")
         submit, shutdown = partial(pool.submit, read), lambda: pool.shutdown(wait=True, cancel_futures=True)
