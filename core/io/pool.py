@@ -5,8 +5,8 @@ Reading one image from an object store is one request of ~10-50 ms of latency an
 after another, latency is the whole cost (ingest at 30 ms per GET: ~100 h for 12M images). A bounded pool
 keeps `max_workers` requests in flight per worker process, for at most `window` records ahead: threads for a
 blocking `read` (local disk), or, given `aread` (an async filesystem such as s3fs), coroutines on that
-filesystem's own event loop (no thread per request, no hop from a pool thread to the loop and back: on an
-object store the client's CPU per request is the cap, so it is spent on the request only).
+filesystem's own event loop, where its requests run anyway (no thread per request, no hop from a pool thread
+to the loop and back; see core/io/remote.py).
 
 Decisions stay exactly those of a serial read: the consumer asks for each name in order (`Ahead.read`), and a
 read's exception is raised at that point, as the serial read raised it; reads of records the consumer never
