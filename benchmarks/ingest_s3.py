@@ -1,5 +1,5 @@
 """Ingest from an S3-compatible store with per-request latency: images/s with the concurrent image reader
-(`IngestConfig.image_readers`, core/io/pool.py) vs the serial one (`image_readers=1`),
+(`IngestConfig.image_readers`, core/io/pool.py + core/io/remote.py) vs the serial one (`image_readers=1`),
 measured in the same run, with the CPU each side spends per image.
 
 A moto S3 server runs in its own process on 127.0.0.1 (out of this process, so its request handling does not
@@ -17,10 +17,7 @@ GET, where an S3 endpoint keeps connections open. On a 2-core machine client and
 so their CPU per request, not the reader, caps the concurrent run; the run prints both, the reads/s that
 server and client manage with no added latency (the ceiling), and the same two ingests from an in-memory
 fsspec root whose reads wait the same latency (no server CPU): what the reader alone gains.
-
-Client CPU per GET is ~1.3 ms, nearly all botocore (request building, SigV4, event hooks, response parsing);
-running the reads as coroutines on s3fs's own loop instead of 16 threads each calling `cat_file` saved ~7% of
-it and no images/s (the ingest thread and the loop thread then trade the GIL), so ingest keeps the threads.
+`--reader threads` runs ingest's former S3 reader (16 threads each calling s3fs's sync `cat_file`) for comparison.
 
     PYTHONPATH=. .venv/bin/python benchmarks/ingest_s3.py [--n 400] [--latency 0.02] [--readers 16] [--server moto]
 """
@@ -188,14 +185,17 @@ class Meter:
                 f"server {self.server / n * 1000:4.2f} ms")
 
 
-def read_ceiling(fs, root: str, names: list[str], readers: int) -> None:
-    """Read every image through the concurrent reader alone (core/io/pool.py and ingest's read, no ingest work)."""
+def read_ceiling(fs, root: str, names: list[str], readers: int, async_reads: bool = True) -> None:
+    """Read every image through the concurrent reader alone (core/io/pool.py on s3fs's loop, no ingest work)."""
     from functools import partial
 
-    from core.io.ingest import _read_image
+    from core.io.ingest import _read_image, _safe_image_path
     from core.io.pool import read_ahead
+    from core.io.remote import async_image_reader
 
-    with closing(read_ahead(names, lambda n: (n, [n]), partial(_read_image, fs, root, False, 1 << 30), readers)) as it:
+    aread = async_image_reader(fs, partial(_safe_image_path, root), 1 << 30) if async_reads else None
+    with closing(read_ahead(names, lambda n: (n, [n]), partial(_read_image, fs, root, False, 1 << 30), readers,
+                            aread=aread)) as it:
         for ahead in it:
             ahead.read(ahead.item)
 
@@ -244,11 +244,18 @@ def main() -> None:
     ap.add_argument("--readers", type=int, default=16, help="image_readers of the concurrent run")
     ap.add_argument("--server", choices=("keepalive", "moto"), default="keepalive",
                     help="keepalive: moto's S3 app, HTTP/1.1 keep-alive; moto: moto_server as shipped")
+    ap.add_argument("--reader", choices=("async", "threads"), default="async",
+                    help="async: S3 reads as coroutines on s3fs's loop (as ingest does); threads: the thread pool "
+                         "calling the sync read (ingest before core/io/remote.py), for comparison")
     a = ap.parse_args()
 
     import s3fs
 
+    import core.io.ingest
     from core.io.ingest import IngestConfig, ingest
+
+    if a.reader == "threads":
+        core.io.ingest.async_image_reader = lambda *args: None  # read_ahead falls back to its thread pool
     proc, url = start_server(a.server)
     try:
         use_endpoint(url)
@@ -271,10 +278,10 @@ def main() -> None:
         warm.write_text("".join(src.read_text().splitlines(keepends=True)[:20]))
         ingest(IngestConfig(source=str(warm), image_root=root, run_dir=str(work / "warm"), image_readers=a.readers))
         meter = Meter(proc.pid)
-        print(f"{a.n} images of {a.px}x{a.px} px, S3 server: {a.server} ({url}), "
+        print(f"{a.n} images of {a.px}x{a.px} px, S3 server: {a.server} ({url}), reader: {a.reader}, "
               f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
         with meter:
-            read_ceiling(fs, root, names, a.readers)
+            read_ceiling(fs, root, names, a.readers, a.reader == "async")
         print(f"  ceiling, no added latency: reads alone, {a.readers} readers   {meter.line(a.n)}")
         with meter:
             ingest(IngestConfig(source=str(src), image_root=root, run_dir=str(work / "nolatency"),

@@ -37,6 +37,7 @@ from core.foundation.outputs import folder_lock, write_json_atomic
 from core.foundation.sample import MAX_TEXT_CHARS, MAX_TURNS, Sample, SampleError
 from core.io.images import DEFAULT_MAX_PIXELS, decode_image
 from core.io.pool import read_ahead
+from core.io.remote import async_image_reader
 from core.io.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
 from core.io.wds import ShardInfo, ShardWriter
 from core.io.wds.reader import MAX_JSON_BYTES
@@ -356,9 +357,13 @@ def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     n = 0
     led_dir = step_dir(cfg.ledger_dir or cfg.run_dir, STEP)
     writer = ShardWriter(f"{cfg.run_dir.rstrip('/')}/shards", cfg.prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
+    # an object store's reads run as coroutines on its client's loop (core/io/remote.py); local reads in threads
+    aread = None if local_img else async_image_reader(fs_img, partial(_safe_image_path, cfg.image_root),
+                                                      cfg.max_image_bytes)
     records = read_ahead(iter_source(cfg.source, cfg.format, cfg.caption_prompt, limits, flagged),
                          partial(_parse_ahead, cfg, src_name),
-                         partial(_read_image, fs_img, cfg.image_root, local_img, cfg.max_image_bytes), cfg.image_readers)
+                         partial(_read_image, fs_img, cfg.image_root, local_img, cfg.max_image_bytes), cfg.image_readers,
+                         aread=aread)
     with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led, closing(records):
         for ahead in records:
             r = ahead.item
