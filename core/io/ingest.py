@@ -45,6 +45,7 @@ from core.foundation.step import EMPTY_PART, SCHEDULING_FIELDS, ShardStep, Unit
 from core.io.images import DEFAULT_MAX_PIXELS, decode_image
 from core.io.partition import Partition, iter_partition, merge_runs, plan_partitions, read_run, write_run
 from core.io.pool import read_ahead
+from core.io.remote import async_image_reader
 from core.io.sources import DEFAULT_CAPTION_PROMPT, count_records, iter_source, parse_format
 from core.io.wds import ShardInfo, ShardWriter, shard_name
 from core.io.wds.reader import MAX_JSON_BYTES
@@ -455,9 +456,13 @@ def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     rows: dict[str, int] = {f: 0 for f in counted}
     led_dir = step_dir(cfg.ledger_dir or cfg.run_dir, STEP)
     writer = ShardWriter(f"{cfg.run_dir.rstrip('/')}/shards", cfg.prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
+    # an object store's reads run as coroutines on its client's loop (core/io/remote.py); local reads in threads
+    aread = None if local_img else async_image_reader(fs_img, partial(_safe_image_path, cfg.image_root),
+                                                      cfg.max_image_bytes)
     records = read_ahead(iter_source(cfg.source, cfg.format, cfg.caption_prompt, limits, flagged),
                          partial(_parse_ahead, cfg, src_name),
-                         partial(_read_image, fs_img, cfg.image_root, local_img, cfg.max_image_bytes), cfg.image_readers)
+                         partial(_read_image, fs_img, cfg.image_root, local_img, cfg.max_image_bytes), cfg.image_readers,
+                         aread=aread)
     with LedgerWriter(led_dir / "part-ingest.parquet", STEP) as led, closing(records):
         n = _decide_records(cfg, records, writer, led, len(counted) > 1, src_name, rows, t0, progress_every)
         shards = writer.close()
