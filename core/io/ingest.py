@@ -196,6 +196,16 @@ _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), 
                (stat.S_ISSOCK, "a socket"))
 
 
+def _image_fs(cfg: IngestConfig) -> Any:
+    """The filesystem of the image root. On S3 its connection pool holds as many connections as there are image
+    readers (aiobotocore's default of 10 would cap the reads in flight at 10, whatever `image_readers` says)."""
+    root = cfg.image_root or "."
+    kw = {}
+    if fsspec.core.split_protocol(root)[0] in ("s3", "s3a"):
+        kw = {"config_kwargs": {"max_pool_connections": max(10, cfg.image_readers)}}
+    return fsspec.core.url_to_fs(root, **kw)[0]
+
+
 def _read_local_image(path: str, name: str, max_bytes: int) -> bytes:
     """A local image file's bytes: regular files only, at most `max_bytes`. Opened non-blocking and checked
     on the open descriptor (`fstat`), so a FIFO never blocks and no file swapped in after a check is read;
@@ -447,7 +457,7 @@ def _ingest(cfg: IngestConfig, progress_every: int = 5000) -> IngestResult:
     """
     t0 = time.time()
     src_name = cfg.source_name or PurePosixPath(cfg.source.rstrip("/")).stem
-    fs_img, _ = fsspec.core.url_to_fs(cfg.image_root or ".")
+    fs_img = _image_fs(cfg)
     local_img = isinstance(fs_img, fsspec.implementations.local.LocalFileSystem)
     limits = cfg.limits()
     flagged: dict[str, dict[int, str]] = {}  # JSON-array items the count pass found over a bound
@@ -601,7 +611,7 @@ class IngestStep(ShardStep):
         stale = fs.glob(f"{root}/{prefix}-*.tar")  # a killed attempt's shards of this partition
         if stale:
             fs.rm(stale)
-        fs_img, _ = fsspec.core.url_to_fs(cfg.image_root or ".")
+        fs_img = _image_fs(cfg)
         local_img = isinstance(fs_img, fsspec.implementations.local.LocalFileSystem)
         run: list[tuple[str, int, int, int, int]] = []
 
@@ -609,10 +619,12 @@ class IngestStep(ShardStep):
             run.append((rid, p.order, stage, r.index, -1 if r.offset is None else r.offset))
 
         writer = ShardWriter(self.shards_url, prefix, cfg.shard_max_samples, cfg.shard_max_bytes)
+        aread = None if local_img else async_image_reader(fs_img, partial(_safe_image_path, cfg.image_root),
+                                                          cfg.max_image_bytes)  # as the one pass reads
         records = read_ahead(iter_partition(p, cfg.caption_prompt, cfg.limits()),
                              partial(_parse_ahead, cfg, self.src_name),
                              partial(_read_image, fs_img, cfg.image_root, local_img, cfg.max_image_bytes),
-                             cfg.image_readers)
+                             cfg.image_readers, aread=aread)
         rows: dict[str, int] = {}
         with closing(records):
             n = _decide_records(cfg, records, writer, led, p.multi, self.src_name, rows, time.time(),
