@@ -3,7 +3,10 @@
 Generates N demo samples (core/demo), ingests them into shards of `--shard-samples`, then runs every per-sample
 step through `run_sharded` twice, on the same inputs, into fresh folders: `workers=1` (in-process, the step's
 own `run`) and `workers=2` (a local Ray with 2 CPUs, a pool of 2 one-CPU actors, groups of `--group-size`
-shards). Torch/OpenMP threads are 1 per worker in both arms, so the comparison is about the engine.
+shards). Torch/OpenMP threads are 1 per worker in both arms, and each arm is pinned to as many cores as it has
+workers (`os.sched_setaffinity`, inherited by Ray's processes and the actors; `--no-pin` to leave them free): a
+worker is one core, so a step whose single process already spreads over more than one core (embed's decode and
+prefetch threads, ingest's image readers) is not credited with the fan-out's gain, nor the fan-out with it.
 
 Steps: ingest (partitioned: `ingest` with `partition_records = --shard-samples`, its `IngestStep` units over the
 same fan-out, into `w1/ingest` and `w2/ingest`, from the generated data.json; the data for the other steps is
@@ -151,18 +154,22 @@ def arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int
                       "ray_start_s": ray_s, "actors_ready_s": sum(started), "counts": counts}))
 
 
-def tree_usage(pid: int, cpu: dict[int, float]) -> int:
+def tree_usage(pid: int, cpu: dict[int, float], names: dict[int, str] | None = None) -> int:
     """Summed RSS (bytes) of `pid` and all its descendants, from /proc; records each one's CPU seconds
-    (utime + stime, last seen) in `cpu`."""
+    (utime + stime, last seen) in `cpu` and its name (`comm`: python, raylet, gcs_server, ray::GroupWorker...) in
+    `names`."""
     kids: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     ticks: dict[int, float] = {}
+    comm: dict[int, str] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                head, tail = f.read().rsplit(")", 1)
+                fields = tail.split()
+                comm[int(d)] = head.split("(", 1)[1]
             with open(f"/proc/{d}/statm") as f:
                 rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
@@ -175,24 +182,41 @@ def tree_usage(pid: int, cpu: dict[int, float]) -> int:
         total += rss.get(p, 0)
         if p in ticks:
             cpu[p] = max(cpu.get(p, 0.0), ticks[p])
+            if names is not None and comm.get(p) and not comm[p].startswith("ray::IDLE"):
+                names[p] = comm[p]
         todo.extend(kids.get(p, []))
     return total
 
 
+def arm_cores(workers: int, pin: bool) -> list[int] | None:
+    """The cores an arm may use: the first `workers` of this process's allowed CPUs when pinning (a worker is one
+    core: the 1-worker arm's helper threads, such as embed's decode and prefetch threads or ingest's image readers,
+    cannot borrow the second core), None when not pinning."""
+    if not pin:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < workers:
+        raise SystemExit(f"--pin needs {workers} allowed CPUs, this process has {allowed}")
+    return allowed[:workers]
+
+
 def run_arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int = 250, eval_items: int = 10_000,
-            rephrase_shards: int = 0) -> dict:
+            rephrase_shards: int = 0, pin: bool = True) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
     env.setdefault("RAY_TMPDIR", OWN_RAY_TMPDIR)  # not the shared /tmp/ray of other users
+    cores = arm_cores(workers, pin)  # inherited by every process of the arm: Ray's daemons and actors included
     p = subprocess.Popen([sys.executable, __file__, "--arm", step, "--workers", str(workers), "--root", str(root),
                           "--group-size", str(group_size), "--shard-samples", str(shard_samples),
                           "--eval-items", str(eval_items), "--rephrase-shards", str(rephrase_shards)],
-                         stdout=subprocess.PIPE, env=env, text=True)
+                         stdout=subprocess.PIPE, env=env, text=True,
+                         preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     peak = [0]
     cpu: dict[int, float] = {}
+    names: dict[int, str] = {}
 
     def sample() -> None:
         while p.poll() is None:
-            peak[0] = max(peak[0], tree_usage(p.pid, cpu))
+            peak[0] = max(peak[0], tree_usage(p.pid, cpu, names))
             time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -204,6 +228,12 @@ def run_arm(step: str, workers: int, root: Path, group_size: int, shard_samples:
     res = json.loads(out.strip().splitlines()[-1])
     res["peak_rss_mb"] = peak[0] / 2**20
     res["cpu_s"] = sum(cpu.values())  # every process of the arm's tree, as last sampled (misses its last 0.1 s)
+    res["cores"] = cores
+    by_name: dict[str, float] = {}
+    for pid, c in cpu.items():  # the arm's CPU by process kind: where a 2-worker arm's extra CPU goes
+        kind = "driver" if pid == p.pid else names.get(pid, "other")
+        by_name[kind] = by_name.get(kind, 0.0) + c
+    res["cpu_by"] = {k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])}
     return res
 
 
@@ -253,6 +283,8 @@ def main() -> None:
     ap.add_argument("--eval-items", type=int, default=10_000,
                     help="decontam eval-set size (~ the default benchmarks: DocVQA val 5,349, ChartQA test 2,500, ...)")
     ap.add_argument("--rephrase-shards", type=int, default=0, help="rephrase only the first K shards (0: all)")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin the arms to 1 and 2 cores (default: pinned, so a worker is one core)")
     ap.add_argument("--root", default="", help="work folder (default: a fresh temporary one, removed after)")
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
@@ -264,7 +296,8 @@ def main() -> None:
 
     root = Path(a.root or tempfile.mkdtemp(prefix="scale-curate-"))
     try:
-        print(f"load before: {os.getloadavg()}")
+        print(f"load before: {os.getloadavg()}; arms pinned to 1 and 2 cores: {a.pin} "
+              f"({arm_cores(1, a.pin)}, {arm_cores(2, a.pin)})")
         steps = a.steps.split(",")
         t = prepare(root, a.samples, a.shard_samples, lm=any(s in LM_STEPS for s in steps))
         for w in (1, 2):  # fresh output folders for both arms
@@ -273,8 +306,8 @@ def main() -> None:
               f"({a.samples / t['ingest_s']:.0f} samples/s), tiny LM {t['lm_s']:.1f}s")
         rows, effs = [], []
         for step in steps:
-            r1 = run_arm(step, 1, root, a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards)
-            r2 = run_arm(step, 2, root, a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards)
+            r1 = run_arm(step, 1, root, a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards, a.pin)
+            r2 = run_arm(step, 2, root, a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards, a.pin)
             eff = r1["seconds"] / r2["seconds"] / 2
             effs.append(eff)
             rows.append((step, r1, r2, eff, same_ledger(root, step)))
@@ -284,6 +317,7 @@ def main() -> None:
                   f"eff {eff:.2f}  same ledger: {rows[-1][4]}  load {os.getloadavg()[0]:.1f}", flush=True)
             print(f"{'':<11} 2w actors started in {r2['actors_ready_s']:.1f}s;  CPU s of the arm's processes (Ray's "
                   f"included): 1w {r1['cpu_s']:.1f}  2w {r2['cpu_s']:.1f}", flush=True)
+            print(f"{'':<11} CPU s by process: 1w {r1['cpu_by']}  2w {r2['cpu_by']}", flush=True)
         print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
         print(f"ratio: {min(effs):.2f}")
     finally:
