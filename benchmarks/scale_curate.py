@@ -300,8 +300,11 @@ def main() -> None:
               f"({arm_cores(1, a.pin)}, {arm_cores(2, a.pin)})")
         steps = a.steps.split(",")
         t = prepare(root, a.samples, a.shard_samples, lm=any(s in LM_STEPS for s in steps))
-        for w in (1, 2):  # fresh output folders for both arms
-            shutil.rmtree(root / f"w{w}", ignore_errors=True)
+        for w in (1, 2):  # fresh output folders for both arms, of the steps run now (decontam alone, with a kept
+            for step in steps:  # --root, reads the 1-worker embed arm of an earlier run)
+                shutil.rmtree(root / f"w{w}" / step, ignore_errors=True)
+        if "decontam" in steps and "embed" not in steps and not (root / "w1" / "embed").is_dir():
+            raise SystemExit("decontam reads the 1-worker embed arm's output: run embed too (or keep --root)")
         print(f"N={a.samples}: generate {t['generate_s']:.1f}s, ingest (1 process) {t['ingest_s']:.1f}s "
               f"({a.samples / t['ingest_s']:.0f} samples/s), tiny LM {t['lm_s']:.1f}s")
         rows, effs = [], []

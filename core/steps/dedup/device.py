@@ -6,7 +6,10 @@ from contextlib import contextmanager
 
 
 def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when torch sees a GPU, else `cpu`; `cuda` without a GPU is an error."""
+    """`auto` -> `cuda` when torch sees a GPU, else `cpu`; `cuda` without a GPU is an error. `cpu` is answered
+    without importing torch (~2 s of CPU in a fresh worker process)."""
+    if device == "cpu":
+        return device
     import torch
 
     if device == "auto":

@@ -46,6 +46,8 @@ def _use_gpu(device: str) -> bool:
 
     from core.steps.dedup.semdedup import resolve_device
 
+    if device != "cuda" and faiss.get_num_gpus() == 0:  # a CPU faiss build searches on CPU whatever torch sees:
+        return False  # no torch import (~2 s of CPU per worker process) to learn it
     if resolve_device(device) != "cuda":
         return False
     if faiss.get_num_gpus() == 0:
