@@ -201,3 +201,26 @@ def test_fanout_is_not_part_of_the_stamp(world, tmp_path):
     decontaminate(world["files"], out, world["evals"], cfg(1), world["prev"])
     config = read_stamp(step_dir(out, "decontam"))["config"]
     assert "fanout" not in config and config["k"] == K
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_a_worker_decides_without_importing_torch(world, tmp_path, device):
+    """A decontam worker on a CPU faiss build (each fan-out actor, and the reduce) never imports torch to learn
+    there is no GPU: ~2 s of CPU per worker process, which the fan-out would pay once per actor."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys
+from core.runs.fanout import FanOut
+from core.steps.dedup.config import DecontamConfig
+from core.steps.dedup.mining import decontaminate
+cfg = DecontamConfig(threshold=0.95, k=2, device={device!r}, fanout=FanOut(workers=1))
+counts = decontaminate({json.dumps(world["files"])}, {str(tmp_path / "out")!r}, {json.dumps(world["evals"])}, cfg)
+print(json.dumps({{"torch": "torch" in sys.modules, "n": counts["n_input"]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["n"] > 0 and got["torch"] is False, got
