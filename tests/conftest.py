@@ -85,6 +85,17 @@ def _isolate() -> None:
 _isolate()
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local Ray with 2 CPUs for the module's fan-out tests (2 workers), shut down after the module."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray():
     """Shut Ray down at the end of the session if any test started it (no stray raylets)."""

@@ -32,16 +32,6 @@ SIZES = (40, 3, 25, 0, 31, 12)  # a file with fewer rows than k, an empty one
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Six embeddings files (111 rows), two eval sets. Planted: exact copies of eval items (dropped), one vector
     repeated in three files near eval item d1 (equal similarities across files: the reduce's tie-break), a NaN

@@ -250,16 +250,6 @@ def test_empty_input_gives_an_empty_partitioned_export(run, tmp_path):
     assert json.loads((tmp_path / "e" / "manifest.json").read_text())["shards"] == []
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_two_ray_workers_write_the_same_bytes_as_one(run, tmp_path, ray_local):
     """`export_plan` + `run_fanout`: 2 actors (groups of 1 unit) == in-process, every file byte for byte."""
     rdir, kept, reph = run

@@ -240,16 +240,6 @@ def test_multi_file_json_same_as_one_pass(tmp_path, images):
 
 
 # ---- workers, resume, bounded reduce ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_two_ray_workers_equal_one(tmp_path, images, ray_local):
     src = json_array(tmp_path / "d.json", records(), malformed=(15,))
     out = {}
