@@ -20,7 +20,7 @@ from tasks.cache import task_version
 from tasks.decks import DECK_FIELDS, save_decks
 from tasks.images import GPU_IMAGE
 from tasks.paths import resume_key, step_url
-from tasks.resources import overrides
+from tasks.resources import overrides, ray_node
 from tasks.steplog import step_finished, step_started
 from tasks.types import StepOut, passing
 
@@ -95,13 +95,9 @@ def embed_shards(
 
 
 def embed_node(config: EmbedConfig, **inputs):
-    """An `embed_shards` node (inside a workflow) with the Ray cluster and profile `config` asks for.
-
-    The node runs a shallow copy of the task: flytekit's `with_overrides(task_config=...)` sets the config on the
-    node's task object, and on the shared task it would leak into every later node and serialization."""
-    import copy
-
-    return copy.copy(embed_shards)(config=config, **inputs).with_overrides(**embed_overrides(config))
+    """An `embed_shards` node (inside a workflow) with the Ray cluster and profile `config` asks for
+    (`tasks.resources.ray_node`: a shallow copy of the task per node)."""
+    return ray_node(embed_shards, embed_overrides(config), config=config, **inputs)
 
 
 def embed_overrides(config: EmbedConfig) -> dict:

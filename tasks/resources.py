@@ -55,12 +55,17 @@ def ray_cluster(kind: str, config: Any, run_gpu: bool) -> Any:
                         shutdown_after_job_finishes=True, ttl_seconds_after_finished=600)
 
 
-def fanout_node(task: Any, kind: str, config: Any, run_gpu: bool, **inputs: Any) -> Any:
-    """A node of a fan-out task (a Ray task) for one step config, inside a workflow: the profile's requests and
-    image on the head pod, and the Ray cluster `ray_cluster` shapes. The node runs a shallow copy of the task:
-    flytekit's `with_overrides(task_config=...)` sets the config on the node's task object, and on the shared
-    task it would leak into every later node and serialization."""
+def ray_node(task: Any, node_overrides: dict, **inputs: Any) -> Any:
+    """A node of a Ray task inside a workflow, with `node_overrides` (its `task_config` included). The node runs a
+    shallow copy of the task: flytekit's `with_overrides(task_config=...)` sets the config on the node's task
+    object, and on the shared task it would leak into every later node and serialization."""
     import copy
 
-    return copy.copy(task)(config=config, **inputs).with_overrides(
-        **overrides(kind, config, run_gpu, task_config=ray_cluster(kind, config, run_gpu)))
+    return copy.copy(task)(**inputs).with_overrides(**node_overrides)
+
+
+def fanout_node(task: Any, kind: str, config: Any, run_gpu: bool, **inputs: Any) -> Any:
+    """A node of a fan-out task (a Ray task) for one step config: the profile's requests and image on the head
+    pod, and the Ray cluster `ray_cluster` shapes (`ray_node`)."""
+    return ray_node(task, overrides(kind, config, run_gpu, task_config=ray_cluster(kind, config, run_gpu)),
+                    config=config, **inputs)
