@@ -109,6 +109,8 @@ def read_embeddings(
     shards: list[str] = []
     missing: list[str] = []
     missing_shards: list[str] = []
+    include = (include_ids if include_ids is None or isinstance(include_ids, (set, frozenset))
+               else set(include_ids))
     files = embedding_files(path)
     from core.steps.embed.store import check_one_model  # lazily: core.steps.embed's package imports its pipeline
 
@@ -131,7 +133,10 @@ def read_embeddings(
             if "shard" in names
             else np.full(len(sid), f.stem, dtype=object)
         )
-        sel = np.ones(len(sid), bool) if include_ids is None else np.isin(sid, list(include_ids))
+        # a hash lookup per row: the include set is every passing id of the run (12M at scale), so nothing
+        # per file may walk or sort it (np.isin(sid, list(include)) did: ~0.1 s per file at 100k ids)
+        sel = (np.ones(len(sid), bool) if include is None
+               else np.fromiter((s in include for s in sid.tolist()), bool, len(sid)))
         valid = sel.copy()
         mats = []
         for c in cols:
