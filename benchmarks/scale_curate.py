@@ -18,7 +18,9 @@ and the search cost per sample grows with it), rephrase (tiny preset, the same t
 runs it on the first K shards only: it costs ~20 ms of CPU per sample).
 
 Each arm runs in a child process; its time runs from the child's first import to the end of `run_sharded`,
-less the Ray start-up (printed on its own: on a cluster Ray is up before the step): the driver's imports,
+less the Ray start-up (`import ray` and `ray.init`, printed on its own: on a cluster Ray is up before the step,
+and a Flyte Ray task has imported and connected it before its body): the driver's imports (torch only for the
+steps that use it: embed, perplexity, rephrase),
 starting the actors, their imports and model loads, the work, the reduce. Peak RSS is the largest summed RSS of the child's process tree (driver, Ray's own processes, actors),
 sampled every 0.1 s from /proc. The two arms' ledgers are compared (`same`).
 
@@ -41,6 +43,7 @@ from pathlib import Path
 
 STEPS = ("ingest", "embed", "perplexity", "export", "decontam", "rephrase")
 LM_STEPS = ("perplexity", "rephrase")  # the steps that need the tiny LM trained by `prepare`
+TORCH_STEPS = ("embed", "perplexity", "rephrase")  # the steps whose work imports torch (the others never do)
 OWN_RAY_TMPDIR = f"/tmp/mmc-scale-{os.getpid()}"  # short: Ray's socket paths under it are length-capped
 
 
@@ -119,27 +122,32 @@ def arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int
     from core.runs.fanout import limit_threads
 
     limit_threads(1)  # before torch is imported: 1 thread in this process as in each actor
-    import torch
+    if step in TORCH_STEPS:  # a step without torch (ingest, export, decontam) never imports it, as its task
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
     from core.runs.fanout import run_sharded
 
     out = root / f"w{workers}" / step
     if step != "ingest":
         spec, urls, n = spec_and_units(step, root, out, eval_items, rephrase_shards)
     ray_s = 0.0
-    if workers > 1:
+    if workers > 1:  # a Flyte Ray task imports Ray and connects before its body: both are the start-up
+        t = time.perf_counter()
         import ray
 
-        t = time.perf_counter()
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         ray_s = time.perf_counter() - t
     started: list[float] = []  # how long the actors took to start (process, imports), from the fan-out's log
+    phases: dict[str, float] = {}  # the 2-worker driver's timeline: pool and reduce (from the fan-out's log)
 
     class Started(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if hasattr(record, "actors_ready_s"):
                 started.append(record.actors_ready_s)
+            for k in ("pool_s", "reduce_s"):
+                if hasattr(record, k):
+                    phases[k] = getattr(record, k)
 
     fan_log = logging.getLogger("core.runs.fanout")
     fan_log.setLevel(logging.INFO)
@@ -150,8 +158,10 @@ def arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int
         s = run_sharded(spec, urls, workers=workers, group_size=group_size)
         units, counts = len(s.done), s.counts
     wall = time.perf_counter() - t_start - ray_s  # Ray start-up is not the step's: a cluster has Ray up already
+    before = wall - phases.get("pool_s", 0.0) - phases.get("reduce_s", 0.0)  # imports, the step's inputs, stamp
     print(json.dumps({"step": step, "workers": workers, "n": n, "units": units, "seconds": wall,
-                      "ray_start_s": ray_s, "actors_ready_s": sum(started), "counts": counts}))
+                      "ray_start_s": ray_s, "actors_ready_s": sum(started), "counts": counts,
+                      "phases": {"before_pool_s": before, **phases} if phases else {}}))
 
 
 def tree_usage(pid: int, cpu: dict[int, float], names: dict[int, str] | None = None) -> int:
@@ -318,8 +328,12 @@ def main() -> None:
                   f"({r1['seconds']:6.1f}s, {r1['peak_rss_mb']:5.0f} MB)  2w {r2['n'] / r2['seconds']:8.1f}/s "
                   f"({r2['seconds']:6.1f}s, {r2['peak_rss_mb']:5.0f} MB, ray start {r2['ray_start_s']:.1f}s)  "
                   f"eff {eff:.2f}  same ledger: {rows[-1][4]}  load {os.getloadavg()[0]:.1f}", flush=True)
-            print(f"{'':<11} 2w actors started in {r2['actors_ready_s']:.1f}s;  CPU s of the arm's processes (Ray's "
-                  f"included): 1w {r1['cpu_s']:.1f}  2w {r2['cpu_s']:.1f}", flush=True)
+            ph = r2.get("phases") or {}
+            timeline = (f"2w driver: {ph['before_pool_s']:.1f}s before the pool (imports, inputs, stamp), pool "
+                        f"{ph['pool_s']:.1f}s (actors started in {r2['actors_ready_s']:.1f}s), reduce "
+                        f"{ph['reduce_s']:.1f}s" if ph else f"2w actors started in {r2['actors_ready_s']:.1f}s")
+            print(f"{'':<11} {timeline};  CPU s of the arm's processes (Ray's included): 1w {r1['cpu_s']:.1f}  "
+                  f"2w {r2['cpu_s']:.1f}", flush=True)
             print(f"{'':<11} CPU s by process: 1w {r1['cpu_by']}  2w {r2['cpu_by']}", flush=True)
         print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
         print(f"ratio: {min(effs):.2f}")

@@ -134,15 +134,21 @@ def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
     return Path(run_dir) / "ledger" / step
 
 
-def read_ledger(path: str | os.PathLike) -> "pd.DataFrame":  # noqa: F821
-    """Read one ledger file, a step directory, or a run's whole `ledger/` tree into a DataFrame."""
+def read_ledger(path: str | os.PathLike, columns: Sequence[str] | None = None) -> "pd.DataFrame":  # noqa: F821
+    """Read one ledger file, a step directory, or a run's whole `ledger/` tree into a DataFrame; `columns`
+    (None: all) reads only those, as a reduce that needs ids and decisions should (the `detail` and `extra`
+    strings are most of a ledger's bytes)."""
     import pandas as pd
 
+    names = list(SCHEMA.names) if columns is None else list(columns)
+    unknown = sorted(set(names) - set(SCHEMA.names))
+    if unknown:
+        raise ValueError(f"unknown ledger columns {unknown}; the ledger has {SCHEMA.names}")
     p = Path(path)
     files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
     if not files:
-        return pd.DataFrame({n: pd.Series(dtype=_pd_dtype(t)) for n, t in zip(SCHEMA.names, SCHEMA.types)})
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).to_pandas()
+        return pd.DataFrame({n: pd.Series(dtype=_pd_dtype(SCHEMA.field(n).type)) for n in names})
+    return pa.concat_tables([pq.read_table(f, schema=SCHEMA, columns=names) for f in files]).to_pandas()
 
 
 def _pd_dtype(t: pa.DataType) -> str:

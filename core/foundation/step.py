@@ -169,7 +169,8 @@ class Passing:
         None when `prev_step` is empty or `prev` is None (the step then takes every sample of its units)."""
         if not prev_step or prev is None:
             return None
-        return cls.from_ledger(read_ledger(find_step_dir(prev, prev_step)), prev_step)
+        return cls.from_ledger(read_ledger(find_step_dir(prev, prev_step), columns=["sample_id", "decision", "shard"]),
+                               prev_step)
 
     @classmethod
     def from_ledger(cls, ledger: Any, step: str = "") -> Passing:
@@ -438,7 +439,8 @@ class ShardStep:
             LedgerWriter(self.ledger_dir / f"{EMPTY_PART}.parquet", self.name).close()
         if self.prev is None:
             return 0
-        decided = set(read_ledger(self.ledger_dir)["sample_id"]) if self.ledger_dir.is_dir() else set()
+        decided = (set(read_ledger(self.ledger_dir, columns=["sample_id"])["sample_id"]) if self.ledger_dir.is_dir()
+                   else set())
         missing = sorted(self.prev.ids - decided)
         if missing:
             k = len(list(self.ledger_dir.glob(f"{MISSING_PART}*.parquet")))

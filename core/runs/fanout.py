@@ -217,10 +217,13 @@ def _run_pool(step: ShardStep, spec: StepSpec, urls: list[str], fan: FanOut) -> 
     if unfinished:
         summary.seconds = time.perf_counter() - t0
         raise FanOutIncomplete(step.name, unfinished, errors, summary)
+    t_pool = time.perf_counter()
     for unit in step.units(urls):  # every unit is finished now: steps that aggregate over all units see them
         step.visit_finished(unit)
     summary.missing = step.finish(len(urls))
     summary.seconds = time.perf_counter() - t0
+    log.info("%s: pool %.1fs (from the driver's first look at the units), reduce %.1fs", step.name, t_pool - t0,
+             summary.seconds - (t_pool - t0), extra={"pool_s": t_pool - t0, "reduce_s": summary.seconds - (t_pool - t0)})
     return summary
 
 

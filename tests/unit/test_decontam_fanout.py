@@ -171,6 +171,25 @@ def test_the_reduce_reads_parts_not_embeddings(ray_local, world, tmp_path, monke
     assert outputs(out) == first
 
 
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_driver_merges_each_part_as_its_unit_is_announced(ray_local, world, tmp_path, monkeypatch, workers):
+    """The mining merge is not a serial pass after the workers: the driver feeds it every leading unit as the
+    unit is announced, so `finish` starts with every part merged (and the bytes are those of the streamed pass)."""
+    at_finish = []
+    real_finish = mining.DecontamStep.finish
+
+    def finish(self, n_units):
+        at_finish.append((self._merged, n_units))
+        return real_finish(self, n_units)
+
+    monkeypatch.setattr(mining.DecontamStep, "finish", finish)
+    out = tmp_path / "dc"
+    decontaminate(world["files"], out, world["evals"], cfg(workers), world["prev"])
+    assert at_finish == [(len(SIZES), len(SIZES))]
+    ref = streamed_mining(world, tmp_path / "ref")
+    assert all(outputs(out)[k] == v for k, v in ref.items())
+
 def test_lost_mining_part_of_a_finished_file_is_rebuilt(world, tmp_path, caplog):
     out = tmp_path / "dc"
     decontaminate(world["files"], out, world["evals"], cfg(1), world["prev"])

@@ -53,3 +53,20 @@ def test_failed_writer_publishes_nothing(tmp_path):
             led.add("a", "keep")
             raise RuntimeError("crash mid-shard")
     assert not (tmp_path / "y.parquet").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_read_ledger_reads_only_the_columns_asked(tmp_path):
+    """A reduce that needs ids (the missing-id pass, `Passing.read`) reads those columns, not every `detail` and
+    `extra` string of the step."""
+    from core.foundation.ledger import LedgerWriter, read_ledger
+
+    d = tmp_path / "ledger" / "s"
+    with LedgerWriter(d / "part-a.parquet", "s") as led:
+        led.add("x", "keep", "", 0.5, "sh0", note="a long detail")
+        led.add("y", "drop", "why", None, "sh0")
+    df = read_ledger(d, columns=["sample_id", "decision"])
+    assert list(df.columns) == ["sample_id", "decision"] and df.values.tolist() == [["x", "keep"], ["y", "drop"]]
+    (tmp_path / "empty").mkdir()
+    assert list(read_ledger(tmp_path / "empty", columns=["sample_id"]).columns) == ["sample_id"]
+    with pytest.raises(ValueError, match="unknown ledger columns"):
+        read_ledger(d, columns=["sample_id", "nope"])

@@ -5,8 +5,9 @@ Training embeddings are streamed one Parquet file (shard) at a time, so memory i
 eval sets. `DecontamStep` is a `core.foundation.step.ShardStep` whose units are embeddings files: one ledger part per
 file, finished files skipped on re-run. It runs in this process or over Ray workers (`DecontamConfig.fanout`,
 core/runs/fanout.py). Mining is a reduce over per-unit statistics: each unit publishes the top-k neighbours of
-every eval item among its own rows (`mining_parts/part-<unit>.parquet`, before its ledger part), and `finish`
-merges those parts in unit order into `mining/<benchmark>.parquet`, reading no embeddings: the same bytes
+every eval item among its own rows (`mining_parts/part-<unit>.parquet`, before its ledger part), and the driver
+merges those parts in unit order into `mining/<benchmark>.parquet`, reading no embeddings: the leading finished
+units as they are announced (while the workers go on with later ones), the rest in `finish`. The same bytes
 whatever the number of workers, and the same as one streamed pass over every file.
 """
 
@@ -209,8 +210,11 @@ class MiningMerge:
             if len(sel) == 0:
                 continue
             nq = len(self.eval_ids[b])
-            order = sel[np.lexsort((cols["rank"][sel], cols["eval_row"][sel]))]
-            kk = len(order) // max(nq, 1)
+            kk = len(sel) // max(nq, 1)
+            er, rk = cols["eval_row"][sel], cols["rank"][sel]
+            in_order = (kk * nq == len(sel) and (er == np.repeat(np.arange(nq, dtype=er.dtype), kk)).all()
+                        and (rk == np.tile(np.arange(kk, dtype=rk.dtype), nq)).all())
+            order = sel if in_order else sel[np.lexsort((rk, er))]  # `mining_part` writes them in order
             if nq == 0 or kk * nq != len(order) or not (cols["rank"][order].reshape(nq, kk) == np.arange(kk)).all():
                 raise ValueError(f"mining part {unit!r}: {len(order)} rows for {b!r} do not fit {nq} eval items "
                                  f"(made with other eval sets? the step stamp should have refused)")
@@ -263,6 +267,9 @@ class DecontamStep(ShardStep):
                 raise ValueError(f"benchmark name {b!r} must be non-empty without ':'")
         self.eval_embeddings, self.cfg = eval_embeddings, cfg
         self._seen: list[Unit] = []  # every unit of this run in input order (processed or finished): the reduce's
+        self._published: set[str] = set()  # units whose mining part is on disk (finished before, or announced)
+        self._merge: MiningMerge | None = None  # the reduce's merge, fed the leading published units as they come
+        self._merged = 0  # how many of `_seen` it holds
 
     def unit_name(self, url: str) -> str:
         return Path(url).stem
@@ -302,7 +309,37 @@ class DecontamStep(ShardStep):
         """The base's split; also remembers every unit in input order for the reduce (`run` and the fan-out's
         driver both call it once with all the units; finished ones need no visit: `finish` reads their parts)."""
         self._seen = self.units(urls)
-        return super().pending(urls)
+        todo, finished = super().pending(urls)
+        self._published, self._merge, self._merged = {u.name for u in finished}, None, 0
+        return todo, finished
+
+    def unit_published(self, unit_name: str) -> None:
+        """Also feed the merge every part it can take now: the driver merges the leading finished units (in
+        input order) while the actors work on later ones, so `finish` is left with little to merge."""
+        super().unit_published(unit_name)
+        self._published.add(unit_name)
+        self._merge_parts()
+
+    def _merge_parts(self, every: bool = False) -> None:
+        """Merge the parts of `_seen[_merged:]` in input order up to the first unit not yet published (`every`:
+        all of them; a lost part of a finished unit is rebuilt from its file)."""
+        if not self._seen:  # an actor announcing its own units, or no `pending` yet: nothing to merge here
+            return
+        if self._merge is None:
+            self.ensure_setup()
+            self._merge = MiningMerge(self.evals_ids, self.cfg.k)
+        while self._merged < len(self._seen):
+            unit = self._seen[self._merged]
+            if not every and unit.name not in self._published:
+                return
+            p = self.mining_part_path(unit.name)
+            if not p.exists():
+                log.warning("%s: unit %s is finished but its mining part is gone: rebuilding it from %s", self.name,
+                            unit.name, unit.url)
+                _, _, ids, x = self._read(unit)
+                write_parquet_atomic(mining_part(self.miners, ids, x), p)
+            self._merge.add(pq.read_table(p), unit.name)
+            self._merged += 1
 
     def process(self, unit: Unit, led: LedgerWriter) -> dict:
         es, bad, ids, x = self._read(unit)
@@ -333,20 +370,13 @@ class DecontamStep(ShardStep):
         into `mining/<benchmark>.parquet`. Reads the eval sets and the parts, never the training embeddings
         (but rebuilds a finished unit's part from its file when the part was lost)."""
         missing = super().finish(n_units)
-        units, self._seen = self._seen, []
-        if len(units) != n_units:
-            raise RuntimeError(f"{self.name}: the reduce knows {len(units)} of {n_units} units (`pending` lists them "
-                               "before `finish`)")
+        if len(self._seen) != n_units:
+            raise RuntimeError(f"{self.name}: the reduce knows {len(self._seen)} of {n_units} units (`pending` lists "
+                               "them before `finish`)")
         self.ensure_setup()  # the eval sets are checked and named even when no file was left to decide
-        merge = MiningMerge(self.evals_ids, self.cfg.k)
-        for unit in units:
-            p = self.mining_part_path(unit.name)
-            if not p.exists():
-                log.warning("%s: unit %s is finished but its mining part is gone: rebuilding it from %s", self.name,
-                            unit.name, unit.url)
-                _, _, ids, x = self._read(unit)
-                write_parquet_atomic(mining_part(self.miners, ids, x), p)
-            merge.add(pq.read_table(p), unit.name)
+        self._merge_parts(every=True)
+        merge = self._merge or MiningMerge(self.evals_ids, self.cfg.k)  # no unit at all: empty tables
+        self._seen, self._published, self._merge, self._merged = [], set(), None, 0
         for b in self.eval_embeddings:
             write_parquet_atomic(merge.result(b), self.out / "mining" / f"{b}.parquet")
         return missing
