@@ -26,6 +26,10 @@ sampled every 0.1 s from /proc. The two arms' ledgers are compared (`same`).
 
     PYTHONPATH=. .venv/bin/python benchmarks/scale_curate.py --samples 2000
 
+`--repeat R` runs each arm R times, interleaved (1w, 2w, 1w, 2w, ...), each into a fresh folder, and compares the
+fastest run of each arm (the host is shared: a slow spell adds to a run, never takes away); every run's time
+and the efficiency of each pair are printed too.
+
 Last line: `ratio: E`, E = the lowest parallel efficiency (speedup / 2) among the steps.
 """
 
@@ -293,6 +297,9 @@ def main() -> None:
     ap.add_argument("--eval-items", type=int, default=10_000,
                     help="decontam eval-set size (~ the default benchmarks: DocVQA val 5,349, ChartQA test 2,500, ...)")
     ap.add_argument("--rephrase-shards", type=int, default=0, help="rephrase only the first K shards (0: all)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each arm, interleaved; the fastest of each is compared (a shared host's slow spells "
+                         "add to a run, never take away), every run is printed")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin the arms to 1 and 2 cores (default: pinned, so a worker is one core)")
     ap.add_argument("--root", default="", help="work folder (default: a fresh temporary one, removed after)")
@@ -319,8 +326,14 @@ def main() -> None:
               f"({a.samples / t['ingest_s']:.0f} samples/s), tiny LM {t['lm_s']:.1f}s")
         rows, effs = [], []
         for step in steps:
-            r1 = run_arm(step, 1, root, a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards, a.pin)
-            r2 = run_arm(step, 2, root, a.group_size, a.shard_samples, a.eval_items, a.rephrase_shards, a.pin)
+            runs: dict[int, list[dict]] = {1: [], 2: []}
+            for rep in range(a.repeat):  # interleaved (1w, 2w, 1w, 2w...): a slow spell of the host hits both
+                for w in (1, 2):
+                    if rep:  # every run into a fresh folder
+                        shutil.rmtree(root / f"w{w}" / step, ignore_errors=True)
+                    runs[w].append(run_arm(step, w, root, a.group_size, a.shard_samples, a.eval_items,
+                                           a.rephrase_shards, a.pin))
+            r1, r2 = (min(runs[w], key=lambda r: r["seconds"]) for w in (1, 2))  # the least disturbed run of each
             eff = r1["seconds"] / r2["seconds"] / 2
             effs.append(eff)
             rows.append((step, r1, r2, eff, same_ledger(root, step)))
@@ -335,6 +348,10 @@ def main() -> None:
             print(f"{'':<11} {timeline};  CPU s of the arm's processes (Ray's included): 1w {r1['cpu_s']:.1f}  "
                   f"2w {r2['cpu_s']:.1f}", flush=True)
             print(f"{'':<11} CPU s by process: 1w {r1['cpu_by']}  2w {r2['cpu_by']}", flush=True)
+            if a.repeat > 1:
+                print(f"{'':<11} runs (s): 1w {[round(r['seconds'], 1) for r in runs[1]]}  "
+                      f"2w {[round(r['seconds'], 1) for r in runs[2]]}; efficiency per pair "
+                      f"{[round(x['seconds'] / y['seconds'] / 2, 2) for x, y in zip(runs[1], runs[2])]}", flush=True)
         print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
         print(f"ratio: {min(effs):.2f}")
     finally:

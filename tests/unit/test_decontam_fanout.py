@@ -233,3 +233,22 @@ print(json.dumps({{"torch": "torch" in sys.modules, "n": counts["n_input"]}}))
                          cwd=str(Path(__file__).resolve().parents[2]))
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["n"] > 0 and got["torch"] is False, got
+
+
+def test_the_merge_takes_parts_with_plain_or_dictionary_strings(world, tmp_path):
+    """`read_part` hands the merge dictionary codes (no per-row string); a part read plainly merges to the same
+    table, also when it comes in several chunks (here: batches of 7 rows)."""
+    out = tmp_path / "dc"
+    decontaminate(world["files"], out, world["evals"], cfg(1), world["prev"])
+    eval_ids = {b: read_embeddings(p, "image").ids for b, p in world["evals"].items()}
+    parts = [out / MINING_PARTS / f"part-shard-{f:06d}.parquet" for f in range(len(SIZES))]
+    results = []
+    for read in (mining.read_part, pq.read_table):
+        merge = mining.MiningMerge(eval_ids, K)
+        for p in parts:
+            t = read(p)
+            merge.add(pa.Table.from_batches(t.to_batches(max_chunksize=7), t.schema) if t.num_rows else t, p.stem)
+        results.append({b: merge.result(b) for b in eval_ids})
+    for b in eval_ids:
+        assert results[0][b].equals(results[1][b])
+        assert results[0][b].equals(pq.read_table(out / "mining" / f"{b}.parquet"))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.foundation.ledger import LedgerWriter
@@ -182,6 +183,25 @@ def mining_part(miners: dict[str, NeighbourMiner], ids: list[str], x: np.ndarray
                      for f in PART_SCHEMA}, schema=PART_SCHEMA)
 
 
+def read_part(path: str | os.PathLike) -> pa.Table:
+    """A mining part with its string columns as dictionary codes (a part repeats each of its unit's ids up to
+    n_eval x k times; `MiningMerge.add` needs the codes, and names only the rows that enter a heap)."""
+    return pq.read_table(path, read_dictionary=["benchmark", "sample_id"])
+
+
+def _has_dictionaries(t: pa.Table) -> bool:
+    return any(pa.types.is_dictionary(f.type) for f in t.schema)
+
+
+def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
+    """(int64 code per row, -1 for null; the distinct values) of a string column, plain or dictionary-encoded."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_dictionary(arr.type):
+        arr = pc.dictionary_encode(arr)
+    codes = pc.fill_null(arr.indices.cast(pa.int64()), -1).to_numpy()
+    return codes, arr.dictionary.to_pylist()
+
+
 class MiningMerge:
     """The reduce of the mining parts: one running top-k heap per benchmark, fed the parts in unit order.
 
@@ -198,17 +218,19 @@ class MiningMerge:
         self.n_units = 0
 
     def add(self, part: pa.Table, unit: str = "") -> None:
-        """Merge the next unit's part (see `mining_part`)."""
+        """Merge the next unit's part (see `mining_part`; `read_part` reads one with its strings as dictionary
+        codes, so a part of n_eval x k rows costs no per-row string)."""
         u, self.n_units = self.n_units, self.n_units + 1
         if part.num_rows == 0:
             return
-        bench = part.column("benchmark").to_numpy(zero_copy_only=False)
-        cols = {c: part.column(c).to_numpy(zero_copy_only=False) for c in ("eval_row", "rank", "row", "similarity",
-                                                                          "sample_id")}
+        part = part.unify_dictionaries().combine_chunks() if _has_dictionaries(part) else part.combine_chunks()
+        bench_codes, bench_names = _codes(part.column("benchmark"))
+        id_codes, id_names = _codes(part.column("sample_id"))
+        cols = {c: part.column(c).to_numpy() for c in ("eval_row", "rank", "row", "similarity")}
         for b, heap in self.heaps.items():
-            sel = np.flatnonzero(bench == b)
-            if len(sel) == 0:
+            if b not in bench_names:
                 continue
+            sel = np.flatnonzero(bench_codes == bench_names.index(b))
             nq = len(self.eval_ids[b])
             kk = len(sel) // max(nq, 1)
             er, rk = cols["eval_row"][sel], cols["rank"][sel]
@@ -221,18 +243,23 @@ class MiningMerge:
             row = cols["row"][order]
             gid = np.where(row >= 0, (u << _UNIT_SHIFT) | row, -1).reshape(nq, kk)
             add_block(heap, cols["similarity"][order].reshape(nq, kk), gid, self.k)
-            self._name(b, u, row, cols["sample_id"][order])
+            self._name(b, u, row, id_codes[order], id_names)
 
-    def _name(self, b: str, u: int, row: np.ndarray, sample_ids: np.ndarray) -> None:
-        """Remember the sample ids of unit `u`'s rows that entered the heap of `b`; forget evicted ones now and
-        then (the map stays within a few heaps' size)."""
+    def _name(self, b: str, u: int, row: np.ndarray, id_codes: np.ndarray, id_names: list) -> None:
+        """Remember the sample ids of unit `u`'s rows that entered the heap of `b` (`id_codes[j]`: the index in
+        `id_names` of the sample id of part row j, whose unit row is `row[j]`); forget evicted ones now and then
+        (the map stays within a few heaps' size)."""
         heap, names = self.heaps[b], self.names[b]
         live = heap.I.ravel()
-        new = np.unique(live[(live >= 0) & ((live >> _UNIT_SHIFT) == u)])
+        new = live[(live >= 0) & ((live >> _UNIT_SHIFT) == u)] & ((1 << _UNIT_SHIFT) - 1)  # unit rows, repeated
         if len(new):
-            uniq, first = np.unique(row, return_index=True)
-            at = first[np.searchsorted(uniq, new & ((1 << _UNIT_SHIFT) - 1))]
-            names.update(zip(new.tolist(), sample_ids[at].tolist()))
+            ok = np.flatnonzero(row >= 0)
+            code_of = np.full(int(row[ok].max()) + 1, -1, np.int64)  # unit row -> its sample id's code
+            code_of[row[ok]] = id_codes[ok]
+            taken = np.zeros(len(code_of), bool)
+            taken[new] = True
+            rows = np.flatnonzero(taken)
+            names.update(zip(((u << _UNIT_SHIFT) | rows).tolist(), (id_names[c] for c in code_of[rows].tolist())))
         if len(names) > 4 * live.size + 1024:
             keep = set(live.tolist())
             self.names[b] = {g: s for g, s in names.items() if g in keep}
@@ -338,7 +365,7 @@ class DecontamStep(ShardStep):
                             unit.name, unit.url)
                 _, _, ids, x = self._read(unit)
                 write_parquet_atomic(mining_part(self.miners, ids, x), p)
-            self._merge.add(pq.read_table(p), unit.name)
+            self._merge.add(read_part(p), unit.name)
             self._merged += 1
 
     def process(self, unit: Unit, led: LedgerWriter) -> dict:
