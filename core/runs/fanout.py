@@ -209,7 +209,6 @@ def _run_pool(step: ShardStep, spec: StepSpec, urls: list[str], fan: FanOut) -> 
         log.info("%s: %d units (%d done already) in %d groups over %d actors", step.name, len(urls),
                  len(finished), len(groups), min(fan.workers, len(groups)))
         TT = []
-        import json as _j
         for part in _pool_map(spec, groups, fan, errors):
             TT.append(part.results.pop("__t") + (time.time(),))
             _merge(summary, part)
