@@ -208,19 +208,10 @@ def _run_pool(step: ShardStep, spec: StepSpec, urls: list[str], fan: FanOut) -> 
         groups = groups_of([u.url for u in todo], fan.group_size)
         log.info("%s: %d units (%d done already) in %d groups over %d actors", step.name, len(urls),
                  len(finished), len(groups), min(fan.workers, len(groups)))
-        TT = []
         for part in _pool_map(spec, groups, fan, errors):
-            TT.append(part.results.pop("__t") + (time.time(),))
             _merge(summary, part)
             for name in part.done:  # the actors' units, announced in this process: a task's step folder on an
                 step.unit_published(name)  # object store pushes them now (tasks/paths.py StepFolder), not at close
-        import collections
-        by = collections.defaultdict(list)
-        for pid, a, b, c, got in TT: by[pid].append((a, b, c, got))
-        T0 = min(a for _, a, _, _, _ in TT)
-        for pid, v in by.items():
-            print("ACTOR", pid, "first start %.2f last end %.2f busy %.2f cpu %.2f n %d" % (min(x[0] for x in v) - T0, max(x[1] for x in v) - T0, sum(x[1]-x[0] for x in v), sum(x[2] for x in v), len(v)), file=sys.stderr)
-        print("DRIVER loop ends %.2f, pool t0 offset %.2f" % (time.time() - T0, T0 - (time.time() - (time.perf_counter() - t0))), file=sys.stderr)
     done_now = {u.name for u in todo if step.is_done(u.name)}  # the disk decides, not the messages
     unfinished = [u.name for u in todo if u.name not in done_now]
     if unfinished:
@@ -267,10 +258,7 @@ class GroupWorker:
         return os.getpid()
 
     def run_group(self, urls: list[str]) -> StepSummary:
-        t0 = time.time(); c0 = time.process_time()
-        r = self.step.process_units(urls)
-        r.results["__t"] = (os.getpid(), t0, time.time(), time.process_time() - c0)
-        return r
+        return self.step.process_units(urls)
 
 
 def _ray_init(fan: FanOut) -> bool:
