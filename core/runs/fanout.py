@@ -4,10 +4,13 @@ A per-shard step (`core.foundation.step.ShardStep`: embed, perplexity, rephrase,
 shard, targeted generation...) runs through `run_sharded`:
 
 - `workers == 1`: in this process, exactly the step's own `run` (no Ray, no start-up cost: the demo path).
-- `workers > 1`: the units are split, in order, into groups of `group_size`; a `ray.util.ActorPool` of
+- `workers > 1`: the units are split, in order, into groups of `group_size`; a pool of
   `workers` actors (each reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs) builds the step once
   per actor (the model is loaded once per actor, by the step's `setup`, before its first unfinished unit)
-  and processes its groups with `ShardStep.process_units`: every unit publishes its artifacts, then its
+  and processes its groups with `ShardStep.process_units`, two queued on each actor (it starts the next as it
+  ends one, without waiting for the driver; the driver hands out the rest as groups end, so a slow actor gets
+  fewer; an actor lost for good gets none, and the groups it held go once more to another actor, which skips
+  their published units): every unit publishes its artifacts, then its
   ledger part, itself (unit-atomic, as in `run`). The driver holds the folder's writer lock and checked
   the stamp before any actor starts; after the pool it visits every finished unit (`visit_finished`, for
   steps that aggregate over all units) and runs the reduce (`finish`: missing ids, the empty part) once.
@@ -35,6 +38,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -275,12 +279,14 @@ def _ray_init(fan: FanOut) -> bool:
     return True
 
 
+QUEUE_DEPTH = 2  # groups queued on each actor: it starts the next one as it ends one, without a driver round trip
+
+
 def _pool_map(spec: StepSpec, groups: list[list[str]], fan: FanOut, errors: list[str]):
     """Yield each group's `StepSummary` as it finishes; errors (a group that raised, an actor that died for
     good) are appended to `errors`."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
-    from ray.util import ActorPool
 
     owns = _ray_init(fan)
     try:
@@ -304,16 +310,43 @@ def _pool_map(spec: StepSpec, groups: list[list[str]], fan: FanOut, errors: list
                 raise RuntimeError(f"no fan-out actor started within {fan.start_timeout_s}s: each needs "
                                    f"{fan.cpus_per_worker} CPU and {fan.gpus_per_worker} GPU; cluster has "
                                    f"{ray.cluster_resources()}")
-            pool = ActorPool(actors)  # a started actor that is still loading gets its group when it is ready
-            for g in groups:
-                pool.submit(lambda a, urls: a.run_group.remote(urls), g)
-            while pool.has_next():
+            todo = deque((g, False) for g in groups)  # (group, lost once with a dead actor already)
+            running: dict[Any, tuple] = {}  # group's result ref -> (its actor, the group, lost once)
+            dead: set = set()
+
+            def feed(actor) -> None:  # the actor's next group, queued behind the one it runs
+                if todo and actor not in dead:
+                    g, lost = todo.popleft()
+                    running[actor.run_group.remote(g)] = (actor, g, lost)
+
+            for _ in range(QUEUE_DEPTH):  # a started actor that is still loading runs its groups when it is ready
+                for a in actors:
+                    feed(a)
+            while running:
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                actor, group, lost = running.pop(ref)
                 try:
-                    yield pool.get_next_unordered()
-                except (RayActorError, RayTaskError) as e:  # after Ray's own restarts and retries
-                    cause = getattr(e, "cause", None) or e  # a group that raised: the step's own exception
+                    part = ray.get(ref)
+                except RayActorError as e:  # dead for good (after Ray's restarts), with the groups queued on it
+                    dead.add(actor)
+                    if not lost and len(dead) < len(actors):  # once more, on another actor: it skips the units
+                        log.warning("fan-out: an actor is lost, its group goes to another one: %s", str(e)[:500])
+                        todo.appendleft((group, True))  # the lost group published (a killer group stops there)
+                        for a in actors:
+                            if a not in dead and sum(x[0] is a for x in running.values()) < QUEUE_DEPTH:
+                                feed(a)
+                        continue
+                    log.error("fan-out: an actor is lost: %s", str(e)[:2000])
+                    errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+                    continue
+                except RayTaskError as e:  # a group that raised (after Ray's retries): the step's own exception
+                    cause = getattr(e, "cause", None) or e
                     log.error("fan-out: a group failed: %s", str(e)[:2000])
                     errors.append(f"{type(cause).__name__}: {str(cause)[:300]}")
+                    feed(actor)
+                    continue
+                feed(actor)  # before the caller merges this result: the actor never waits on the driver
+                yield part
         finally:
             for a in actors:
                 ray.kill(a)

@@ -173,6 +173,20 @@ def test_actor_crash_mid_unit_is_retried_unit_once(ray_local, shards, tmp_path):
     assert s.missing == seq.missing == 1
 
 
+
+def test_an_actor_lost_for_good_leaves_its_groups_to_the_others(ray_local, shards, tmp_path):
+    """No restart left (max_restarts=0): the actor that dies mid-unit is gone with the groups queued on it; they go
+    once more to the other actor, which skips the unit published before the crash and finishes the rest."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    spec = StepSpec(Lengths, (tmp_path / "run",), {"prev": passing(), "marks": str(marks), "crash_on": "s009"})
+    s = run_sharded(spec, shards, workers=2, group_size=2, max_restarts=0, max_task_retries=0)
+    assert (marks / "crashed").exists()
+    assert marks_of(marks) == {f"shard-{i:06d}": 1 for i in range(5)}  # every unit finished exactly once
+    assert "shard-000000" in s.skipped
+    seq = run_sharded(StepSpec(Lengths, (tmp_path / "seq",), {"prev": passing()}), shards, workers=1)
+    assert tree(tmp_path / "seq") == tree(tmp_path / "run") and s.missing == seq.missing == 1
+
 def test_failing_unit_leaves_others_published_and_no_reduce(ray_local, shards, tmp_path):
     out = tmp_path / "run"
     spec = StepSpec(Lengths, (out,), {"prev": passing(), "fail_on": "s020"})  # in shard-000003
