@@ -59,7 +59,7 @@ def spec_and_units(step: str, root: Path, out: Path, eval_items: int = 10_000, r
 
     run = root / "run"
     shards = shards_of(run)
-    prev = Passing.read(run, "ingest")
+    prev = Passing.read(run, "ingest") if step != "decontam" else None  # decontam's input is embed's output
     if step == "embed":
         from core.steps.embed.config import tiny_embed_config
         from core.steps.embed.pipeline import EmbedStep
@@ -168,37 +168,63 @@ def arm(step: str, workers: int, root: Path, group_size: int, shard_samples: int
                       "phases": {"before_pool_s": before, **phases} if phases else {}}))
 
 
+def _children(pid: int) -> list[int] | None:
+    """`pid`'s child processes from /proc/<pid>/task/*/children (None where the kernel does not list them)."""
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(k) for k in f.read().split())
+    except FileNotFoundError:
+        return None if not os.path.isdir(f"/proc/{pid}") else kids  # gone meanwhile: no children
+    except OSError:
+        return kids
+    return kids
+
+
+def _all_children() -> dict[int, list[int]]:
+    """Parent -> children of every process (a full /proc scan: the fallback where `_children` is None)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    return kids
+
+
 def tree_usage(pid: int, cpu: dict[int, float], names: dict[int, str] | None = None) -> int:
     """Summed RSS (bytes) of `pid` and all its descendants, from /proc; records each one's CPU seconds
     (utime + stime, last seen) in `cpu` and its name (`comm`: python, raylet, gcs_server, ray::GroupWorker...) in
-    `names`."""
-    kids: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    ticks: dict[int, float] = {}
-    comm: dict[int, str] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                head, tail = f.read().rsplit(")", 1)
-                fields = tail.split()
-                comm[int(d)] = head.split("(", 1)[1]
-            with open(f"/proc/{d}/statm") as f:
-                rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(int(fields[1]), []).append(int(d))
-        ticks[int(d)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    total, todo = 0, [pid]
+    `names`. Walks the tree through the kernel's children lists (a few files per process of the tree, not a scan
+    of every process: the sampler runs on the arm's cores too, and a 2-worker arm has none to spare)."""
+    total, todo, seen = 0, [pid], set()
+    everyone: dict[int, list[int]] | None = None
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
-        if p in ticks:
-            cpu[p] = max(cpu.get(p, 0.0), ticks[p])
-            if names is not None and comm.get(p) and not comm[p].startswith("ray::IDLE"):
-                names[p] = comm[p]
-        todo.extend(kids.get(p, []))
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                head, tail = f.read().rsplit(")", 1)
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+        fields = tail.split()
+        cpu[p] = max(cpu.get(p, 0.0), (int(fields[11]) + int(fields[12])) / tick)
+        comm = head.split("(", 1)[1]
+        if names is not None and comm and not comm.startswith("ray::IDLE"):
+            names[p] = comm
+        kids = _children(p)
+        if kids is None:
+            everyone = everyone if everyone is not None else _all_children()
+            kids = everyone.get(p, [])
+        todo.extend(kids)
     return total
 
 
