@@ -69,7 +69,7 @@ from typing import Any, ClassVar
 
 import fsspec
 
-from core.foundation.ledger import LedgerWriter, find_step_dir, read_ledger, step_dir
+from core.foundation.ledger import LedgerWriter, find_step_dir, ledger_table, step_dir
 from core.foundation.outputs import (
     FolderBusy,
     folder_lock,
@@ -169,8 +169,20 @@ class Passing:
         None when `prev_step` is empty or `prev` is None (the step then takes every sample of its units)."""
         if not prev_step or prev is None:
             return None
-        return cls.from_ledger(read_ledger(find_step_dir(prev, prev_step), columns=["sample_id", "decision", "shard"]),
-                               prev_step)
+        return cls.from_table(ledger_table(find_step_dir(prev, prev_step), ["sample_id", "decision", "shard"]),
+                              prev_step)
+
+    @classmethod
+    def from_table(cls, ledger: Any, step: str = "") -> Passing:
+        """From a ledger as an Arrow table (`core.foundation.ledger.ledger_table`; no pandas, which any
+        `pyarrow.compute` call imports: ~0.2 s for a driver that needs none)."""
+        from core.foundation.ledger import PASSING
+
+        by: dict[str, list[str]] = {}
+        for sid, decision, shard in zip(*(ledger.column(c).to_pylist() for c in ("sample_id", "decision", "shard"))):
+            if decision in PASSING:
+                by.setdefault(str(shard or ""), []).append(str(sid))
+        return cls(step, by)
 
     @classmethod
     def from_ledger(cls, ledger: Any, step: str = "") -> Passing:
@@ -439,8 +451,8 @@ class ShardStep:
             LedgerWriter(self.ledger_dir / f"{EMPTY_PART}.parquet", self.name).close()
         if self.prev is None:
             return 0
-        decided = (set(read_ledger(self.ledger_dir, columns=["sample_id"])["sample_id"]) if self.ledger_dir.is_dir()
-                   else set())
+        decided = (set(ledger_table(self.ledger_dir, ["sample_id"]).column("sample_id").to_pylist())
+                   if self.ledger_dir.is_dir() else set())
         missing = sorted(self.prev.ids - decided)
         if missing:
             k = len(list(self.ledger_dir.glob(f"{MISSING_PART}*.parquet")))
