@@ -189,10 +189,6 @@ def read_part(path: str | os.PathLike) -> pa.Table:
     return pq.read_table(path, read_dictionary=["benchmark", "sample_id"])
 
 
-def _has_dictionaries(t: pa.Table) -> bool:
-    return any(pa.types.is_dictionary(f.type) for f in t.schema)
-
-
 def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
     """(int64 code per row, -1 for null; the distinct values) of a string column, plain or dictionary-encoded."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -223,7 +219,7 @@ class MiningMerge:
         u, self.n_units = self.n_units, self.n_units + 1
         if part.num_rows == 0:
             return
-        part = part.unify_dictionaries().combine_chunks() if _has_dictionaries(part) else part.combine_chunks()
+        part = part.unify_dictionaries().combine_chunks()  # one chunk, one dictionary per column (no-op: plain)
         bench_codes, bench_names = _codes(part.column("benchmark"))
         id_codes, id_names = _codes(part.column("sample_id"))
         cols = {c: part.column(c).to_numpy() for c in ("eval_row", "rank", "row", "similarity")}
