@@ -134,16 +134,28 @@ def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
     return Path(run_dir) / "ledger" / step
 
 
-def ledger_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
-    """One ledger file, a step directory or a run's whole `ledger/` tree as one Arrow table (parts in path order),
-    `columns` only (None: all): what a reduce reads when it needs ids and decisions (no pandas, no `detail` and
-    `extra` strings, which are most of a ledger's bytes)."""
+def ledger_files(path: str | os.PathLike) -> list[Path]:
+    """The Parquet files of a ledger file, step directory or `ledger/` tree, in the order every reader uses."""
+    p = Path(path)
+    return sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+
+
+def _ledger_columns(columns: Sequence[str] | None) -> list[str]:
     names = list(SCHEMA.names) if columns is None else list(columns)
     unknown = sorted(set(names) - set(SCHEMA.names))
     if unknown:
         raise ValueError(f"unknown ledger columns {unknown}; the ledger has {SCHEMA.names}")
-    p = Path(path)
-    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    return names
+
+
+def ledger_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
+    """One ledger file, a step directory or a run's whole `ledger/` tree as one Arrow table (parts in path order),
+    `columns` only (None: all): what a reduce reads when it needs ids and decisions (no pandas, no `detail` and
+    `extra` strings, which are most of a ledger's bytes)."""
+    return _read_parts(ledger_files(path), _ledger_columns(columns))
+
+
+def _read_parts(files: list[Path], names: list[str]) -> pa.Table:
     schema = pa.schema([SCHEMA.field(n) for n in names])
     if not files:
         return schema.empty_table()
@@ -166,11 +178,10 @@ def read_ledger(path: str | os.PathLike, columns: Sequence[str] | None = None) -
     only those, see `ledger_table`)."""
     import pandas as pd
 
-    table = ledger_table(path, columns)
-    p = Path(path)
-    if p.is_dir() and not any(p.rglob("*.parquet")):  # no part at all: typed empty columns
-        return pd.DataFrame({f.name: pd.Series(dtype=_pd_dtype(f.type)) for f in table.schema})
-    return table.to_pandas()
+    names, files = _ledger_columns(columns), ledger_files(path)
+    if not files:  # no part at all: typed empty columns
+        return pd.DataFrame({n: pd.Series(dtype=_pd_dtype(SCHEMA.field(n).type)) for n in names})
+    return _read_parts(files, names).to_pandas()
 
 
 def _pd_dtype(t: pa.DataType) -> str:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from core.foundation.ledger import PASSING, SCHEMA, LedgerError, StepBalance, find_step_dir
+from core.foundation.ledger import PASSING, SCHEMA, LedgerError, StepBalance, find_step_dir, ledger_files
 
 BATCH_ROWS = 65_536  # rows per scanned batch
 BUCKET_ROWS = 262_144  # ids per spill bucket: what the balance proof holds in memory at once (x2)
@@ -42,12 +42,6 @@ N_EXAMPLES = 5  # ids quoted in a LedgerError
 # the dataset parts dictionary-encode only the columns with few distinct values (ids and extras are mostly
 # unique: building their dictionary costs time, then falls back to plain); ledger.parquet keeps pandas' defaults
 DICTIONARY_COLUMNS = ["step", "decision", "reason", "shard"]
-
-
-def ledger_files(path: str | os.PathLike) -> list[Path]:
-    """The Parquet files of a ledger file, step directory or `ledger/` tree, in `read_ledger`'s order."""
-    p = Path(path)
-    return sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
 
 
 def iter_ledger_batches(path: str | os.PathLike, columns: Sequence[str] | None = None,
