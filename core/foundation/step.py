@@ -285,6 +285,13 @@ class ShardStep:
     def visit_finished(self, unit: Unit) -> None:
         """Called for a unit skipped because its ledger part exists (steps that aggregate over all units)."""
 
+    def prepare_reduce(self) -> None:
+        """Called by a fan-out's driver (core/runs/fanout.py) after `pending`, while its actors start and before
+        any unit is announced: load what the reduce (`unit_published`, `finish`) will need, so that the work
+        falls where the driver's cores wait for the actors instead of competing with them later. Raising
+        here stops the run before any unit is processed. Default: nothing (an in-process `run` never calls
+        it: its reduce loads lazily)."""
+
     def unit_name(self, url: str) -> str:
         from core.io.wds import shard_name
 

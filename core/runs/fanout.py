@@ -39,7 +39,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -212,7 +212,7 @@ def _run_pool(step: ShardStep, spec: StepSpec, urls: list[str], fan: FanOut) -> 
         groups = groups_of([u.url for u in todo], fan.group_size)
         log.info("%s: %d units (%d done already) in %d groups over %d actors", step.name, len(urls),
                  len(finished), len(groups), min(fan.workers, len(groups)))
-        for part in _pool_map(spec, groups, fan, errors):
+        for part in _pool_map(spec, groups, fan, errors, while_starting=step.prepare_reduce):
             _merge(summary, part)
             for name in part.done:  # the actors' units, announced in this process: a task's step folder on an
                 step.unit_published(name)  # object store pushes them now (tasks/paths.py StepFolder), not at close
@@ -282,9 +282,11 @@ def _ray_init(fan: FanOut) -> bool:
 QUEUE_DEPTH = 2  # groups queued on each actor: it starts the next one as it ends one, without a driver round trip
 
 
-def _pool_map(spec: StepSpec, groups: list[list[str]], fan: FanOut, errors: list[str]):
+def _pool_map(spec: StepSpec, groups: list[list[str]], fan: FanOut, errors: list[str],
+              while_starting: Callable[[], None] | None = None):
     """Yield each group's `StepSummary` as it finishes; errors (a group that raised, an actor that died for
-    good) are appended to `errors`."""
+    good) are appended to `errors`. `while_starting` runs on the driver once the actors are asked for, before
+    waiting for them (the reduce's loading overlaps their start-up; if it raises, the actors are killed)."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -303,6 +305,10 @@ def _pool_map(spec: StepSpec, groups: list[list[str]], fan: FanOut, errors: list
         actors = [cls.remote(spec_ref, fan.threads) for _ in range(n)]
         try:
             t0 = time.perf_counter()
+            if while_starting is not None:
+                while_starting()
+                log.info("fan-out: the driver's reduce loaded in %.1fs while the actors start",
+                         time.perf_counter() - t0, extra={"prepare_reduce_s": time.perf_counter() - t0})
             ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=n, timeout=fan.start_timeout_s)
             log.info("fan-out: %d/%d actors started in %.1fs", len(ready), n, time.perf_counter() - t0,
                      extra={"actors_ready_s": time.perf_counter() - t0})

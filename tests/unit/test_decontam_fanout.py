@@ -183,10 +183,20 @@ def test_the_driver_merges_each_part_as_its_unit_is_announced(ray_local, world, 
         at_finish.append((self._merged, n_units))
         return real_finish(self, n_units)
 
+    opened = []  # was the merge open (eval sets loaded) when the unit was announced?
+    real_published = mining.DecontamStep.unit_published
+
+    def published(self, name):
+        opened.append(self._merge is not None)
+        return real_published(self, name)
+
     monkeypatch.setattr(mining.DecontamStep, "finish", finish)
+    monkeypatch.setattr(mining.DecontamStep, "unit_published", published)
     out = tmp_path / "dc"
     decontaminate(world["files"], out, world["evals"], cfg(workers), world["prev"])
     assert at_finish == [(len(SIZES), len(SIZES))]
+    # 2 workers: the driver opened it while the actors started (`prepare_reduce`); in-process: at the first unit
+    assert opened == [workers == 2] + [True] * (len(SIZES) - 1)
     ref = streamed_mining(world, tmp_path / "ref")
     assert all(outputs(out)[k] == v for k, v in ref.items())
 

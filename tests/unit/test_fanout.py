@@ -187,6 +187,32 @@ def test_an_actor_lost_for_good_leaves_its_groups_to_the_others(ray_local, shard
     seq = run_sharded(StepSpec(Lengths, (tmp_path / "seq",), {"prev": passing()}), shards, workers=1)
     assert tree(tmp_path / "seq") == tree(tmp_path / "run") and s.missing == seq.missing == 1
 
+class Prepared(Lengths):
+    """`Lengths` whose driver records when it loads its reduce (`fail_on="prepare"`: the loading raises)."""
+
+    calls: list = []  # (process id, ledger parts on disk then), in the driver's process
+
+    def prepare_reduce(self):
+        Prepared.calls.append((os.getpid(), sorted(p.name for p in self.ledger_dir.glob("*.parquet"))))
+        if self.fail_on == "prepare":
+            raise RuntimeError("eval set unreadable")
+
+
+def test_the_driver_loads_its_reduce_once_while_the_actors_start(ray_local, shards, tmp_path):
+    """`prepare_reduce` runs once, on the driver, before any unit is processed; if it raises, the run stops there
+    (no unit decided, the actors killed); an in-process run never calls it (its reduce loads lazily)."""
+    Prepared.calls.clear()
+    s = run_sharded(StepSpec(Prepared, (tmp_path / "run",), {"prev": passing()}), shards, workers=2, group_size=1)
+    assert Prepared.calls == [(os.getpid(), [])] and len(s.done) == 5 and s.missing == 1
+    Prepared.calls.clear()
+    run_sharded(StepSpec(Prepared, (tmp_path / "seq",), {"prev": passing()}), shards, workers=1)
+    assert Prepared.calls == []
+    out = tmp_path / "bad"
+    with pytest.raises(RuntimeError, match="eval set unreadable"):
+        run_sharded(StepSpec(Prepared, (out,), {"fail_on": "prepare"}), shards, workers=2, group_size=1)
+    assert Prepared.calls == [(os.getpid(), [])] and not list(step_dir(out, "lengths").glob("*.parquet"))
+
+
 def test_failing_unit_leaves_others_published_and_no_reduce(ray_local, shards, tmp_path):
     out = tmp_path / "run"
     spec = StepSpec(Lengths, (out,), {"prev": passing(), "fail_on": "s020"})  # in shard-000003

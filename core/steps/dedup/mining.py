@@ -336,6 +336,12 @@ class DecontamStep(ShardStep):
         self._published, self._merge, self._merged = {u.name for u in finished}, None, 0
         return todo, finished
 
+    def prepare_reduce(self) -> None:
+        """The fan-out's driver loads the eval sets and opens the merge while its actors start."""
+        self.ensure_setup()
+        if self._seen and self._merge is None:
+            self._merge = MiningMerge(self.evals_ids, self.cfg.k)
+
     def unit_published(self, unit_name: str) -> None:
         """Also feed the merge every part it can take now: the driver merges the leading finished units (in
         input order) while the actors work on later ones, so `finish` is left with little to merge."""
