@@ -28,7 +28,9 @@ sampled every 0.1 s from /proc. The two arms' ledgers are compared (`same`).
 
 `--repeat R` runs each arm R times, interleaved (1w, 2w, 1w, 2w, ...), each into a fresh folder, and compares the
 fastest run of each arm (the host is shared: a slow spell adds to a run, never takes away); every run's time
-and the efficiency of each pair are printed too.
+and the efficiency of each pair (and their median) are printed too. A short step repeats its pair beyond R, up to
+`--max-repeat` pairs, until each arm has run `--min-arm-seconds` (60) in all, as timeit's autorange does: the
+fastest of three runs of 10 s is still at the mercy of one slow minute of the host; a step of minutes keeps R.
 
 Last line: `ratio: E`, E = the lowest parallel efficiency (speedup / 2) among the steps.
 """
@@ -39,6 +41,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -326,6 +329,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each arm, interleaved; the fastest of each is compared (a shared host's slow spells "
                          "add to a run, never take away), every run is printed")
+    ap.add_argument("--min-arm-seconds", type=float, default=60.0,
+                    help="a short step repeats its pair of arms (beyond --repeat, at most --max-repeat pairs) until "
+                         "each arm has run this long in all: the fastest of a few short runs, as timeit's autorange")
+    ap.add_argument("--max-repeat", type=int, default=5, help="most pairs of arms per step (see --min-arm-seconds)")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin the arms to 1 and 2 cores (default: pinned, so a worker is one core)")
     ap.add_argument("--root", default="", help="work folder (default: a fresh temporary one, removed after)")
@@ -353,9 +360,12 @@ def main() -> None:
         rows, effs = [], []
         for step in steps:
             runs: dict[int, list[dict]] = {1: [], 2: []}
-            for rep in range(a.repeat):  # interleaved (1w, 2w, 1w, 2w...): a slow spell of the host hits both
+            rep = 0  # interleaved (1w, 2w, 1w, 2w...): a slow spell of the host hits both
+            while rep < a.repeat or (rep < a.max_repeat and min(sum(r["seconds"] for r in runs[w]) for w in (1, 2))
+                                     < a.min_arm_seconds):
+                rep += 1
                 for w in (1, 2):
-                    if rep:  # every run into a fresh folder
+                    if rep > 1:  # every run into a fresh folder
                         shutil.rmtree(root / f"w{w}" / step, ignore_errors=True)
                     runs[w].append(run_arm(step, w, root, a.group_size, a.shard_samples, a.eval_items,
                                            a.rephrase_shards, a.pin))
@@ -374,10 +384,11 @@ def main() -> None:
             print(f"{'':<11} {timeline};  CPU s of the arm's processes (Ray's included): 1w {r1['cpu_s']:.1f}  "
                   f"2w {r2['cpu_s']:.1f}", flush=True)
             print(f"{'':<11} CPU s by process: 1w {r1['cpu_by']}  2w {r2['cpu_by']}", flush=True)
-            if a.repeat > 1:
+            if rep > 1:
+                pairs = [x["seconds"] / y["seconds"] / 2 for x, y in zip(runs[1], runs[2])]
                 print(f"{'':<11} runs (s): 1w {[round(r['seconds'], 1) for r in runs[1]]}  "
                       f"2w {[round(r['seconds'], 1) for r in runs[2]]}; efficiency per pair "
-                      f"{[round(x['seconds'] / y['seconds'] / 2, 2) for x, y in zip(runs[1], runs[2])]}", flush=True)
+                      f"{[round(x, 2) for x in pairs]} (median {statistics.median(pairs):.2f})", flush=True)
         print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
         print(f"ratio: {min(effs):.2f}")
     finally:
