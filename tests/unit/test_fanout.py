@@ -187,6 +187,7 @@ def test_an_actor_lost_for_good_leaves_its_groups_to_the_others(ray_local, shard
     seq = run_sharded(StepSpec(Lengths, (tmp_path / "seq",), {"prev": passing()}), shards, workers=1)
     assert tree(tmp_path / "seq") == tree(tmp_path / "run") and s.missing == seq.missing == 1
 
+
 class Prepared(Lengths):
     """`Lengths` whose driver records when it loads its reduce (`fail_on="prepare"`: the loading raises)."""
 

@@ -339,8 +339,15 @@ class DecontamStep(ShardStep):
     def prepare_reduce(self) -> None:
         """The fan-out's driver loads the eval sets and opens the merge while its actors start."""
         self.ensure_setup()
-        if self._seen and self._merge is None:
+        if self._seen:
+            self._open_merge()
+
+    def _open_merge(self) -> MiningMerge:
+        """The reduce's merge, opened (eval sets loaded) on first use."""
+        if self._merge is None:
+            self.ensure_setup()
             self._merge = MiningMerge(self.evals_ids, self.cfg.k)
+        return self._merge
 
     def unit_published(self, unit_name: str) -> None:
         """Also feed the merge every part it can take now: the driver merges the leading finished units (in
@@ -354,9 +361,7 @@ class DecontamStep(ShardStep):
         all of them; a lost part of a finished unit is rebuilt from its file)."""
         if not self._seen:  # an actor announcing its own units, or no `pending` yet: nothing to merge here
             return
-        if self._merge is None:
-            self.ensure_setup()
-            self._merge = MiningMerge(self.evals_ids, self.cfg.k)
+        merge = self._open_merge()
         while self._merged < len(self._seen):
             unit = self._seen[self._merged]
             if not every and unit.name not in self._published:
@@ -367,7 +372,7 @@ class DecontamStep(ShardStep):
                             unit.name, unit.url)
                 _, _, ids, x = self._read(unit)
                 write_parquet_atomic(mining_part(self.miners, ids, x), p)
-            self._merge.add(read_part(p), unit.name)
+            merge.add(read_part(p), unit.name)
             self._merged += 1
 
     def process(self, unit: Unit, led: LedgerWriter) -> dict:
@@ -404,7 +409,7 @@ class DecontamStep(ShardStep):
                                "them before `finish`)")
         self.ensure_setup()  # the eval sets are checked and named even when no file was left to decide
         self._merge_parts(every=True)
-        merge = self._merge or MiningMerge(self.evals_ids, self.cfg.k)  # no unit at all: empty tables
+        merge = self._open_merge()  # no unit at all: empty tables
         self._seen, self._published, self._merge, self._merged = [], set(), None, 0
         for b in self.eval_embeddings:
             write_parquet_atomic(merge.result(b), self.out / "mining" / f"{b}.parquet")
