@@ -186,14 +186,11 @@ class Passing:
 
     @classmethod
     def from_ledger(cls, ledger: Any, step: str = "") -> Passing:
-        """From a ledger DataFrame (`core.foundation.ledger.read_ledger`)."""
-        from core.foundation.ledger import PASSING
+        """From a ledger DataFrame (`core.foundation.ledger.read_ledger`): the rule of `from_table`."""
+        import pyarrow as pa
 
-        ok = ledger[ledger["decision"].isin(PASSING)]
-        by: dict[str, list[str]] = {}
-        for sid, shard in zip(ok["sample_id"].tolist(), ok["shard"].fillna("").tolist()):
-            by.setdefault(str(shard), []).append(str(sid))
-        return cls(step, by)
+        cols = ["sample_id", "decision", "shard"]
+        return cls.from_table(pa.Table.from_pandas(ledger[cols], preserve_index=False), step)
 
     @classmethod
     def of(cls, ids: Iterable[str], step: str = "") -> Passing:
