@@ -7,7 +7,8 @@ shard, targeted generation...) runs through `run_sharded`:
 - `workers > 1`: the units are split, in order, into groups of `group_size`; a pool of
   `workers` actors (each reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs) builds the step once
   per actor (the model is loaded once per actor, by the step's `setup`, before its first unfinished unit)
-  and processes its groups with `ShardStep.process_units`, two queued on each actor (it starts the next as it
+  and processes its groups with `ShardStep.process_units`, two queued on each actor as soon as it has started
+  (one still starting, e.g. on a GPU node that is joining, holds nobody back) (it starts the next as it
   ends one, without waiting for the driver; the driver hands out the rest as groups end, so a slow actor gets
   fewer; an actor lost for good gets none, and the groups it held go once more to another actor, which skips
   their published units): every unit publishes its artifacts, then its
@@ -309,27 +310,47 @@ def _pool_map(spec: StepSpec, groups: list[list[str]], fan: FanOut, errors: list
                 while_starting()
                 log.info("fan-out: the driver's reduce loaded in %.1fs while the actors start",
                          time.perf_counter() - t0, extra={"prepare_reduce_s": time.perf_counter() - t0})
-            ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=n, timeout=fan.start_timeout_s)
-            log.info("fan-out: %d/%d actors started in %.1fs", len(ready), n, time.perf_counter() - t0,
-                     extra={"actors_ready_s": time.perf_counter() - t0})
-            if not ready:
-                raise RuntimeError(f"no fan-out actor started within {fan.start_timeout_s}s: each needs "
-                                   f"{fan.cpus_per_worker} CPU and {fan.gpus_per_worker} GPU; cluster has "
-                                   f"{ray.cluster_resources()}")
+            deadline = t0 + fan.start_timeout_s
+            starting = {a.ready.remote(): a for a in actors}  # an actor gets groups once it has started
+            started: set = set()
             todo = deque((g, False) for g in groups)  # (group, lost once with a dead actor already)
             running: dict[Any, tuple] = {}  # group's result ref -> (its actor, the group, lost once)
             dead: set = set()
 
             def feed(actor) -> None:  # the actor's next group, queued behind the one it runs
-                if todo and actor not in dead:
+                if todo and actor in started and actor not in dead:
                     g, lost = todo.popleft()
                     running[actor.run_group.remote(g)] = (actor, g, lost)
 
-            for _ in range(QUEUE_DEPTH):  # a started actor that is still loading runs its groups when it is ready
-                for a in actors:
-                    feed(a)
-            while running:
-                (ref,), _ = ray.wait(list(running), num_returns=1)
+            while running or (todo and starting):
+                # an actor that has started works at once: the others (a GPU node still joining) do not hold it
+                timeout = None if running else max(0.0, deadline - time.perf_counter())
+                done, _ = ray.wait([*running, *starting], num_returns=1, timeout=timeout)
+                if not done:  # nothing running and no actor started in time
+                    if not started:
+                        raise RuntimeError(f"no fan-out actor started within {fan.start_timeout_s}s: each needs "
+                                           f"{fan.cpus_per_worker} CPU and {fan.gpus_per_worker} GPU; cluster has "
+                                           f"{ray.cluster_resources()}")
+                    errors.append(f"no live actor: the started ones are lost, {len(starting)} did not start "
+                                  f"within {fan.start_timeout_s}s")
+                    break
+                (ref,) = done
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except (RayActorError, RayTaskError) as e:  # its constructor raised, or its process died
+                        dead.add(actor)
+                        log.error("fan-out: an actor failed to start: %s", str(e)[:2000])
+                        errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+                        continue
+                    started.add(actor)
+                    if not starting:
+                        log.info("fan-out: %d/%d actors started in %.1fs", len(started), n, time.perf_counter() - t0,
+                                 extra={"actors_ready_s": time.perf_counter() - t0})
+                    for _ in range(QUEUE_DEPTH):  # it starts the next group as it ends one
+                        feed(actor)
+                    continue
                 actor, group, lost = running.pop(ref)
                 try:
                     part = ray.get(ref)
@@ -338,7 +359,7 @@ def _pool_map(spec: StepSpec, groups: list[list[str]], fan: FanOut, errors: list
                     if not lost and len(dead) < len(actors):  # once more, on another actor: it skips the units
                         log.warning("fan-out: an actor is lost, its group goes to another one: %s", str(e)[:500])
                         todo.appendleft((group, True))  # the lost group published (a killer group stops there)
-                        for a in actors:
+                        for a in started:
                             if a not in dead and sum(x[0] is a for x in running.values()) < QUEUE_DEPTH:
                                 feed(a)
                         continue

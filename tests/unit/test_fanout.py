@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -186,6 +187,41 @@ def test_an_actor_lost_for_good_leaves_its_groups_to_the_others(ray_local, shard
     assert "shard-000000" in s.skipped
     seq = run_sharded(StepSpec(Lengths, (tmp_path / "seq",), {"prev": passing()}), shards, workers=1)
     assert tree(tmp_path / "seq") == tree(tmp_path / "run") and s.missing == seq.missing == 1
+
+
+class SlowStart(Lengths):
+    """`Lengths` whose first actor to build it (it creates `flag`, holding its process id) takes `slow` seconds to
+    start: a GPU node still joining the cluster."""
+
+    def __init__(self, out, prev=None, marks: str = "", flag: str = "", slow: float = 0.0):
+        super().__init__(out, prev, marks)
+        import ray
+
+        if not slow or ray.get_runtime_context().get_actor_id() is None:  # the driver's copy starts at once
+            return
+        try:
+            fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        time.sleep(slow)
+
+
+def test_a_started_actor_works_without_waiting_for_a_slow_one(ray_local, shards, tmp_path):
+    """Each actor gets groups as soon as it has started: one that takes 60 s to start holds nobody back (the
+    old driver waited for every actor before handing out any group, then gave the slow one its share)."""
+    marks, flag = tmp_path / "marks", tmp_path / "slow.pid"
+    marks.mkdir()
+    spec = StepSpec(SlowStart, (tmp_path / "run",), {"prev": passing(), "marks": str(marks), "flag": str(flag),
+                                                     "slow": 60.0})
+    s = run_sharded(spec, shards, workers=2, group_size=1)
+    slow_pid = flag.read_text()
+    assert slow_pid and len(s.done) == 5 and s.missing == 1
+    assert marks_of(marks) == {f"shard-{i:06d}": 1 for i in range(5)}
+    assert not [p.name for p in marks.iterdir() if p.name.split(".")[1] == slow_pid]  # the slow one did none
+    seq = run_sharded(StepSpec(Lengths, (tmp_path / "seq",), {"prev": passing()}), shards, workers=1)
+    assert tree(tmp_path / "seq") == tree(tmp_path / "run")
 
 
 class Prepared(Lengths):
