@@ -220,7 +220,7 @@ def test_a_started_actor_works_without_waiting_for_a_slow_one(ray_local, shards,
     assert slow_pid and len(s.done) == 5 and s.missing == 1
     assert marks_of(marks) == {f"shard-{i:06d}": 1 for i in range(5)}
     assert not [p.name for p in marks.iterdir() if p.name.split(".")[1] == slow_pid]  # the slow one did none
-    seq = run_sharded(StepSpec(Lengths, (tmp_path / "seq",), {"prev": passing()}), shards, workers=1)
+    run_sharded(StepSpec(Lengths, (tmp_path / "seq",), {"prev": passing()}), shards, workers=1)
     assert tree(tmp_path / "seq") == tree(tmp_path / "run")
 
 
