@@ -105,18 +105,15 @@ class NeighbourMiner:
 
 def mined_table(benchmark: str, eval_ids: list[str], d: np.ndarray, i: np.ndarray, sample_id) -> pa.Table:
     """The mining table of one benchmark from a finalized heap (d, i: (n_eval, k), best first); `sample_id(i)`
-    names a heap id; empty slots (id -1) are left out."""
-    rows = {"benchmark": [], "eval_id": [], "rank": [], "sample_id": [], "similarity": []}
-    for q, eid in enumerate(eval_ids):
-        for r in range(i.shape[1]):
-            if i[q, r] < 0:
-                continue
-            rows["benchmark"].append(benchmark)
-            rows["eval_id"].append(eid)
-            rows["rank"].append(r)
-            rows["sample_id"].append(sample_id(int(i[q, r])))
-            rows["similarity"].append(float(d[q, r]))
-    return pa.table(rows, schema=MINED_SCHEMA)
+    names a heap id; empty slots (id -1) are left out. Rows by eval item, then rank."""
+    i = np.asarray(i)
+    q, r = np.nonzero(i >= 0)  # row-major: eval item by eval item, rank by rank
+    return pa.table({"benchmark": pa.array([benchmark] * len(q), pa.string()),
+                     "eval_id": pa.array(np.asarray(eval_ids, dtype=object)[q], pa.string()),
+                     "rank": pa.array(r, pa.int64()),
+                     "sample_id": pa.array([sample_id(g) for g in i[q, r].tolist()], pa.string()),
+                     "similarity": pa.array(np.asarray(d, np.float32)[q, r], pa.float32())},
+                    schema=MINED_SCHEMA)
 
 
 MINED_SCHEMA = pa.schema(
