@@ -7,8 +7,8 @@ shard, targeted generation...) runs through `run_sharded`:
 - `workers > 1`: the units are split, in order, into groups of `group_size`; a pool of
   `workers` actors (each reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs) builds the step once
   per actor (the model is loaded once per actor, by the step's `setup`, before its first unfinished unit)
-  and processes its groups with `ShardStep.process_units`, two queued on each actor as soon as it has started
-  (one still starting, e.g. on a GPU node that is joining, holds nobody back) (it starts the next as it
+  and processes its groups with `ShardStep.process_units`, two queued on each actor as soon as it has started,
+  so one still starting (a GPU node that is joining) holds nobody back (an actor starts the next group as it
   ends one, without waiting for the driver; the driver hands out the rest as groups end, so a slow actor gets
   fewer; an actor lost for good gets none, and the groups it held go once more to another actor, which skips
   their published units): every unit publishes its artifacts, then its
