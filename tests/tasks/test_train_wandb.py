@@ -65,12 +65,22 @@ def _key(item) -> str:
 
 
 def offline_runs(wandb_dir: Path) -> list[dict]:
-    """Every offline run under WANDB_DIR: project, entity, config, and the history rows merged by step."""
+    """Every offline run under WANDB_DIR: project, entity, config, and the history rows merged by step.
+
+    `run.finish()` returns once wandb-core has handled the exit record, not once its writer has flushed the
+    run file (a ~2 KB run can still sit in the writer's buffer: seen in CI as a file holding only its header).
+    `wandb.teardown()` stops the service, which closes the file; a run file without its exit record then fails
+    here by name instead of reading as an empty run."""
+    import wandb
+
+    wandb.teardown()
     runs = []
     for f in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
         run = {"project": None, "entity": None, "config": {}, "history": {}}
+        kinds = []
         for rec in _records(f):
             kind = rec.WhichOneof("record_type")
+            kinds.append(kind)
             if kind == "run":
                 run["project"], run["entity"] = rec.run.project, rec.run.entity
                 run["config"].update({_key(i): json.loads(i.value_json) for i in rec.run.config.update})
@@ -79,6 +89,7 @@ def offline_runs(wandb_dir: Path) -> list[dict]:
             elif kind == "history":
                 row = {_key(i): json.loads(i.value_json) for i in rec.history.item}
                 run["history"].setdefault(rec.history.step.num, {}).update(row)
+        assert kinds and kinds[-1] == "exit", f"{f} ({f.stat().st_size} bytes) is incomplete: records {kinds}"
         runs.append(run)
     return runs
 
